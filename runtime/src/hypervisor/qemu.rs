@@ -1,0 +1,1 @@
+//! The QEMU backend (placeholder: implemented in its own change).

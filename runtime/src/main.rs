@@ -1,0 +1,5 @@
+mod hypervisor;
+
+fn main() {
+    println!("podvisor");
+}
