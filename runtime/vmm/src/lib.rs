@@ -1,1 +1,2 @@
 //! Built-in VMM (placeholder).
+pub mod devices;
