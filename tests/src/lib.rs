@@ -1,1 +1,5 @@
-//! e2e harness (placeholder).
+//! End-to-end test support shared by Podvisor's tests: a real OCI registry with images the
+//! tests build themselves ([`registry`], [`images`]).
+
+pub mod images;
+pub mod registry;

@@ -1,1 +1,0 @@
-//! The QEMU backend (placeholder: implemented in its own change).

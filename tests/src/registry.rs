@@ -1,0 +1,406 @@
+//! A real OCI distribution registry for tests: Debian's `docker-registry` (distribution v2.8)
+//! listening on 127.0.0.1 with a free port and a temporary storage directory, optionally behind
+//! htpasswd basic auth, stopped when dropped. Test images are built with [`crate::images`] and
+//! pushed with `skopeo copy`.
+//!
+//! ```no_run
+//! use podvisor_e2e::registry::TestRegistry;
+//! let reg = TestRegistry::start()?;
+//! let image = reg.push_busybox("busybox:1")?; // "127.0.0.1:<port>/busybox:1"
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::images::{
+    sha256_digest, Compression, LayerBuilder, OciLayout, TestImage, MEDIA_TYPE_INDEX,
+    MEDIA_TYPE_MANIFEST,
+};
+
+/// The registry binary of Debian's `docker-registry` package.
+pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
+/// skopeo pushes the test images.
+pub const SKOPEO_BIN: &str = "/usr/bin/skopeo";
+
+/// Why registry tests cannot run here (a missing tool), or None.
+pub fn missing_tools() -> Option<String> {
+    for tool in [REGISTRY_BIN, SKOPEO_BIN, crate::images::BUSYBOX] {
+        if !Path::new(tool).exists() {
+            return Some(format!(
+                "{tool} is missing (apt-get install docker-registry skopeo busybox-static)"
+            ));
+        }
+    }
+    None
+}
+
+/// True when the test should run. Prints the skip reason otherwise; panics instead of
+/// skipping when `PODVISOR_REQUIRE_E2E=1`.
+pub fn registry_tests_can_run() -> bool {
+    match missing_tools() {
+        None => true,
+        Some(reason) => {
+            if std::env::var("PODVISOR_REQUIRE_E2E").as_deref() == Ok("1") {
+                panic!("PODVISOR_REQUIRE_E2E=1 but {reason}");
+            }
+            eprintln!("skipping: {reason}");
+            false
+        }
+    }
+}
+
+/// A running `docker-registry`.
+pub struct TestRegistry {
+    child: Child,
+    port: u16,
+    credentials: Option<(String, String)>,
+    // Keeps the storage, config and log alive until the registry is stopped.
+    dir: tempfile::TempDir,
+}
+
+impl TestRegistry {
+    /// Starts an anonymous registry.
+    pub fn start() -> Result<Self> {
+        Self::start_inner(None)
+    }
+
+    /// Starts a registry that requires HTTP basic auth with these credentials (bcrypt htpasswd).
+    pub fn start_with_basic_auth(username: &str, password: &str) -> Result<Self> {
+        Self::start_inner(Some((username.to_owned(), password.to_owned())))
+    }
+
+    fn start_inner(credentials: Option<(String, String)>) -> Result<Self> {
+        // A port picked by the kernel can be taken by someone else before the registry binds
+        // it: retry a few times.
+        let mut last_error = None;
+        for _ in 0..3 {
+            match Self::try_start(credentials.clone()) {
+                Ok(registry) => return Ok(registry),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("registry did not start")))
+    }
+
+    fn try_start(credentials: Option<(String, String)>) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("podvisor-registry-").tempdir()?;
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let storage = dir.path().join("storage");
+        std::fs::create_dir_all(&storage)?;
+        let auth = match &credentials {
+            Some((username, password)) => {
+                // Cost 4 (the minimum) keeps every request's bcrypt check cheap.
+                let hash = bcrypt::hash(password, 4).context("bcrypt")?;
+                let htpasswd = dir.path().join("htpasswd");
+                std::fs::write(&htpasswd, format!("{username}:{hash}\n"))?;
+                format!(
+                    "auth:\n  htpasswd:\n    realm: podvisor-test\n    path: {}\n",
+                    htpasswd.display()
+                )
+            }
+            None => String::new(),
+        };
+        let config = format!(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
+             http:\n  addr: 127.0.0.1:{port}\n{auth}",
+            storage.display()
+        );
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("registry.log"))?;
+        let child = Command::new(REGISTRY_BIN)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {REGISTRY_BIN}"))?;
+        let mut registry = Self { child, port, credentials, dir };
+        registry.wait_ready()?;
+        Ok(registry)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "docker-registry exited ({status}): {}",
+                    std::fs::read_to_string(self.dir.path().join("registry.log"))
+                        .unwrap_or_default()
+                );
+            }
+            if let Ok(status) = self.http_status("/v2/") {
+                if status == 200 || status == 401 {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("docker-registry on port {} not ready after 15 s", self.port)
+    }
+
+    /// Status code of an anonymous GET on this registry.
+    pub fn http_status(&self, path: &str) -> Result<u16> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n", self.port)?;
+        let mut response = [0u8; 64];
+        let read = stream.read(&mut response)?;
+        let head = String::from_utf8_lossy(&response[..read]);
+        head.split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .context("bad HTTP response")
+    }
+
+    /// `127.0.0.1:<port>`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The basic-auth credentials, if the registry requires them.
+    pub fn credentials(&self) -> Option<(&str, &str)> {
+        self.credentials.as_ref().map(|(user, password)| (user.as_str(), password.as_str()))
+    }
+
+    /// The registry's storage root (`docker/registry/v2/…` beneath it).
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("storage")
+    }
+
+    /// Where the registry keeps a blob's bytes: tests tamper with it to make the registry serve
+    /// corrupt content.
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.storage_dir()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(hex.get(..2).unwrap_or(""))
+            .join(hex)
+            .join("data")
+    }
+
+    /// `127.0.0.1:<port>/<name>`, with `:latest` added when `name` has no tag.
+    pub fn reference(&self, name: &str) -> String {
+        let has_tag = name.rsplit_once('/').map_or(name, |(_, last)| last).contains(':');
+        if has_tag || name.contains('@') {
+            format!("{}/{name}", self.host())
+        } else {
+            format!("{}/{name}:latest", self.host())
+        }
+    }
+
+    fn skopeo(&self) -> Command {
+        let mut command = Command::new(SKOPEO_BIN);
+        command.arg("--insecure-policy");
+        command
+    }
+
+    /// Pushes `tag` of an OCI layout to `name` (all platforms of an index); returns the
+    /// reference.
+    pub fn push_layout(&self, layout: &Path, tag: &str, name: &str) -> Result<String> {
+        let reference = self.reference(name);
+        let mut command = self.skopeo();
+        command
+            .args(["copy", "--all", "--quiet", "--dest-tls-verify=false"])
+            .arg("--preserve-digests");
+        if let Some((user, password)) = self.credentials() {
+            command.arg(format!("--dest-creds={user}:{password}"));
+        }
+        command.arg(format!("oci:{}:{tag}", layout.display())).arg(format!("docker://{reference}"));
+        let output = command.output().context("run skopeo copy")?;
+        if !output.status.success() {
+            bail!("skopeo copy to {reference} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(reference)
+    }
+
+    /// Builds `image` into a temporary OCI layout and pushes it as `name`.
+    pub fn push_image(&self, name: &str, image: &TestImage) -> Result<String> {
+        let dir = tempfile::tempdir()?;
+        let mut layout = OciLayout::create(dir.path())?;
+        let manifest = layout.write_image(image)?;
+        layout.tag("t", MEDIA_TYPE_MANIFEST, &manifest.digest, manifest.size)?;
+        self.push_layout(dir.path(), "t", name)
+    }
+
+    /// A busybox image (`/bin/busybox` + applet symlinks, Cmd `sh`), gzip layer.
+    pub fn push_busybox(&self, name: &str) -> Result<String> {
+        self.push_image(name, &TestImage::busybox()?)
+    }
+
+    /// Busybox with zstd-compressed layers.
+    pub fn push_busybox_zstd(&self, name: &str) -> Result<String> {
+        let mut image = TestImage::busybox()?;
+        image.compression = Compression::Zstd;
+        self.push_image(name, &image)
+    }
+
+    /// Three layers. Lower: busybox root plus `/etc/removed.txt`, `/data/old/{a,b}.txt`,
+    /// `/data/keep.txt`. Middle: whites out `/etc/removed.txt`, makes `/data/old` opaque and
+    /// adds `/data/old/new.txt`. Upper: a hard link `/data/hardlink` -> `/data/keep.txt`, a
+    /// symlink `/data/link` -> `keep.txt` and `/data/owned.txt` owned by 1234:1234 mode 0600.
+    ///
+    /// After unpacking: `etc/removed.txt`, `data/old/a.txt`, `data/old/b.txt` are gone;
+    /// `data/old/new.txt` holds "new\n"; `data/keep.txt` holds "keep\n".
+    pub fn push_multilayer(&self, name: &str) -> Result<String> {
+        self.push_image(name, &multilayer_image()?)
+    }
+
+    /// An index with linux/amd64 (busybox) and linux/arm64 entries. The arm64 image has a
+    /// `/arch` file saying "arm64"; the amd64 one "amd64".
+    pub fn push_multiarch(&self, name: &str) -> Result<String> {
+        let dir = tempfile::tempdir()?;
+        let mut layout = OciLayout::create(dir.path())?;
+        let amd64 = TestImage::new(vec![
+            LayerBuilder::new().busybox_root()?.finish()?,
+            LayerBuilder::new().file("arch", b"amd64\n", 0o644)?.finish()?,
+        ]);
+        let mut arm64 =
+            TestImage::new(vec![LayerBuilder::new().file("arch", b"arm64\n", 0o644)?.finish()?]);
+        arm64.architecture = "arm64".to_owned();
+        let amd64 = layout.write_image(&amd64)?;
+        let arm64 = layout.write_image(&arm64)?;
+        let (digest, size) = layout.write_index(&[(arm64, "arm64"), (amd64, "amd64")])?;
+        layout.tag("t", MEDIA_TYPE_INDEX, &digest, size)?;
+        self.push_layout(dir.path(), "t", name)
+    }
+
+    /// An index with only a linux/arm64 entry (no amd64 manifest).
+    pub fn push_arm64_only(&self, name: &str) -> Result<String> {
+        let dir = tempfile::tempdir()?;
+        let mut layout = OciLayout::create(dir.path())?;
+        let mut arm64 =
+            TestImage::new(vec![LayerBuilder::new().file("arch", b"arm64\n", 0o644)?.finish()?]);
+        arm64.architecture = "arm64".to_owned();
+        let arm64 = layout.write_image(&arm64)?;
+        let (digest, size) = layout.write_index(&[(arm64, "arm64")])?;
+        layout.tag("t", MEDIA_TYPE_INDEX, &digest, size)?;
+        self.push_layout(dir.path(), "t", name)
+    }
+
+    /// Busybox whose config User is `user` (e.g. "1234:1234", or "app" which exists in its
+    /// /etc/passwd as uid 1000, gid 1000, home /home/app owned by it).
+    pub fn push_with_user(&self, name: &str, user: &str) -> Result<String> {
+        let image = TestImage::new(vec![
+            LayerBuilder::new().busybox_root()?.finish()?,
+            LayerBuilder::new()
+                .file(
+                    "etc/passwd",
+                    b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n\
+                      nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+                    0o644,
+                )?
+                .file("etc/group", b"root:x:0:\napp:x:1000:\nnogroup:x:65534:\n", 0o644)?
+                .finish()?,
+        ])
+        .with_config("User", json!(user));
+        self.push_image(name, &image)
+    }
+
+    /// The raw manifest (or index) `reference` names, as the registry serves it.
+    pub fn raw_manifest(&self, reference: &str) -> Result<Vec<u8>> {
+        let mut command = self.skopeo();
+        command.args(["inspect", "--raw", "--tls-verify=false"]);
+        if let Some((user, password)) = self.credentials() {
+            command.arg(format!("--creds={user}:{password}"));
+        }
+        command.arg(format!("docker://{reference}"));
+        let output = command.output().context("run skopeo inspect")?;
+        if !output.status.success() {
+            bail!("skopeo inspect {reference} failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(output.stdout)
+    }
+
+    /// `sha256:…` of the manifest (or index) `reference` names.
+    pub fn manifest_digest(&self, reference: &str) -> Result<String> {
+        Ok(sha256_digest(&self.raw_manifest(reference)?))
+    }
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        // Best effort: the child is ours; a failed kill means it already exited.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The image [`TestRegistry::push_multilayer`] pushes.
+pub fn multilayer_image() -> Result<TestImage> {
+    let lower = LayerBuilder::new()
+        .busybox_root()?
+        .file("etc/removed.txt", b"removed\n", 0o644)?
+        .dir("data", 0o755)?
+        .dir("data/old", 0o755)?
+        .file("data/old/a.txt", b"a\n", 0o644)?
+        .file("data/old/b.txt", b"b\n", 0o644)?
+        .file("data/keep.txt", b"keep\n", 0o644)?
+        .finish()?;
+    let middle = LayerBuilder::new()
+        .whiteout("etc/removed.txt")?
+        .dir("data/old", 0o755)?
+        .opaque("data/old")?
+        .file("data/old/new.txt", b"new\n", 0o644)?
+        .finish()?;
+    let upper = LayerBuilder::new()
+        .hardlink("data/hardlink", "data/keep.txt")?
+        .symlink("data/link", "keep.txt")?
+        .file_owned("data/owned.txt", b"owned\n", 0o600, 1234, 1234)?
+        .finish()?;
+    Ok(TestImage::new(vec![lower, middle, upper]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushes_every_test_image() -> Result<()> {
+        if !registry_tests_can_run() {
+            return Ok(());
+        }
+        let reg = TestRegistry::start()?;
+        let busybox = reg.push_busybox("busybox:1")?;
+        assert_eq!(busybox, format!("{}/busybox:1", reg.host()));
+        reg.push_busybox_zstd("zstd")?;
+        reg.push_multilayer("multi:1")?;
+        reg.push_with_user("user:uid", "1234:1234")?;
+        let index = reg.push_multiarch("multiarch:1")?;
+        let raw: serde_json::Value = serde_json::from_slice(&reg.raw_manifest(&index)?)?;
+        assert_eq!(raw["manifests"].as_array().map(Vec::len), Some(2));
+        let zstd: serde_json::Value =
+            serde_json::from_slice(&reg.raw_manifest(&reg.reference("zstd"))?)?;
+        assert_eq!(zstd["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
+        let layer = zstd["layers"][0]["digest"].as_str().context("digest")?;
+        assert!(reg.blob_data_path(layer).exists());
+        Ok(())
+    }
+
+    #[test]
+    fn basic_auth_registry_refuses_anonymous() -> Result<()> {
+        if !registry_tests_can_run() {
+            return Ok(());
+        }
+        let reg = TestRegistry::start_with_basic_auth("alice", "s3cret")?;
+        assert_eq!(reg.http_status("/v2/")?, 401);
+        reg.push_busybox("private:1")?;
+        reg.manifest_digest(&reg.reference("private:1"))?;
+        Ok(())
+    }
+}
