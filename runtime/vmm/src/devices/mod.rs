@@ -18,3 +18,10 @@ pub trait BusDevice: Send {
     /// Guest write of `data` at `offset` from the device's base address.
     fn write(&mut self, offset: u64, data: &[u8]);
 }
+
+pub mod virtio;
+pub mod vsock;
+
+pub use virtio::mmio::MmioTransport;
+pub use virtio::{Interrupt, VirtioDevice};
+pub use vsock::VsockDevice;
