@@ -29,7 +29,7 @@ pub struct DriverQueue {
     pub desc: GuestAddress,
     pub avail: GuestAddress,
     pub used: GuestAddress,
-    next_desc: u16,
+    pub next_desc: u16,
     avail_idx: u16,
     used_seen: u16,
 }
@@ -37,7 +37,7 @@ pub struct DriverQueue {
 pub struct VirtioTestDriver {
     pub mem: GuestMemory,
     pub transport: Arc<Mutex<MmioTransport>>,
-    pub irq: EventFd,
+    pub _irq: EventFd,
     pub queues: Vec<DriverQueue>,
     next_data: u64,
 }
@@ -50,7 +50,7 @@ impl VirtioTestDriver {
         VirtioTestDriver {
             mem,
             transport: Arc::new(Mutex::new(transport)),
-            irq,
+            _irq: irq,
             queues: Vec::new(),
             next_data: DATA_AREA,
         }

@@ -333,3 +333,6 @@ impl MutEventSubscriber for VsockDevice {
     }
 }
 
+
+#[cfg(test)]
+mod tests;
