@@ -19,9 +19,11 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+pub mod block;
 pub mod virtio;
 pub mod vsock;
 
 pub use virtio::mmio::MmioTransport;
 pub use virtio::{Interrupt, VirtioDevice};
 pub use vsock::VsockDevice;
+pub use block::BlockDevice;
