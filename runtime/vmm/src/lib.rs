@@ -1,2 +1,191 @@
-//! Built-in VMM (placeholder).
+//! Podvisor's built-in micro-VM monitor: one process per VM (`podvisor vmm --config <json>
+//! --control <sock> [--jail <uid>:<gid>]`), built from rust-vmm crates on KVM.
+//!
+//! Modules: [`layout`] (every guest-physical address), [`memory`] (memfd guest RAM),
+//! [`arch`] (kernel loading, boot CPU state, CPUID, MP table), [`bus`] + [`legacy`] (PIO
+//! serial and i8042), [`devices`] (virtio-mmio devices), [`vcpu`] + [`vstate`] (vCPU threads
+//! and the run/pause/stop protocol), [`vmm`] (building and running a VM), [`control`] (control
+//! socket), [`seccomp`] and [`jail`] (hardening), [`host`] (what KVM here can do).
+
+pub mod arch;
+pub mod bus;
+pub mod config;
+pub mod control;
 pub mod devices;
+pub mod guest_program;
+pub mod host;
+pub mod jail;
+pub mod layout;
+pub mod legacy;
+pub mod memory;
+pub mod seccomp;
+pub mod vcpu;
+pub mod vmm;
+pub mod vstate;
+
+#[cfg(test)]
+mod kvm_tests;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crate::config::VmmConfig;
+use crate::vstate::ExitReason;
+
+/// Errors of the `vmm` subcommand before the VM runs.
+#[derive(Debug, thiserror::Error)]
+pub enum MainError {
+    #[error(
+        "usage: podvisor vmm --config <file.json> --control <socket> [--jail <uid>:<gid>] ({0})"
+    )]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Vmm(#[from] vmm::VmmError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    #[error("setting up the devices: {0}")]
+    Devices(String),
+}
+
+/// Parsed command line of the `vmm` subcommand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Args {
+    pub config: PathBuf,
+    pub control: PathBuf,
+    pub jail: Option<(u32, u32)>,
+}
+
+/// Parses `--config X --control Y [--jail U:G]`; leading words before the first option (the
+/// program name, `vmm`) are ignored.
+pub fn parse_args(args: &[String]) -> Result<Args, MainError> {
+    let usage = |m: &str| MainError::Usage(m.to_string());
+    let mut iter = args.iter().skip_while(|a| !a.starts_with("--"));
+    let (mut config, mut control, mut jail) = (None, None, None);
+    while let Some(flag) = iter.next() {
+        let mut value = || iter.next().ok_or_else(|| usage(&format!("{flag} needs a value")));
+        match flag.as_str() {
+            "--config" => config = Some(PathBuf::from(value()?)),
+            "--control" => control = Some(PathBuf::from(value()?)),
+            "--jail" => jail = Some(jail::parse_ids(value()?)?),
+            other => return Err(usage(&format!("unknown argument {other:?}"))),
+        }
+    }
+    Ok(Args {
+        config: config.ok_or_else(|| usage("--config is required"))?,
+        control: control.ok_or_else(|| usage("--control is required"))?,
+        jail,
+    })
+}
+
+/// Entry point of `podvisor vmm ...`: runs one VM until it exits. Exit codes: 0 when the guest
+/// or the host stopped it cleanly, 1 when the VM failed, 2 when it could not be set up,
+/// [`seccomp::SECCOMP_EXIT_CODE`] when a thread made a forbidden syscall.
+pub fn main_with_args(args: Vec<String>) -> ExitCode {
+    let started = vstate::now_ns();
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    match parse_args(&args).and_then(|args| run(&args, started)) {
+        Ok(reason) => {
+            tracing::info!(?reason, "VM exited");
+            ExitCode::from(reason.exit_code())
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Adds the configured virtio devices to `vmm`.
+fn add_devices(vmm: &mut vmm::Vmm, config: &VmmConfig) -> Result<(), MainError> {
+    let unsupported =
+        |what: &str| MainError::Devices(format!("{what} is not available in the built-in VMM yet"));
+    if config.vsock.is_some() {
+        return Err(unsupported("virtio-vsock"));
+    }
+    if !config.drives.is_empty() {
+        return Err(unsupported("virtio-blk"));
+    }
+    if !config.nets.is_empty() {
+        return Err(unsupported("virtio-net"));
+    }
+    if !config.fs.is_empty() {
+        return Err(unsupported("virtio-fs"));
+    }
+    let _ = vmm;
+    Ok(())
+}
+
+fn run(args: &Args, started: u64) -> Result<ExitReason, MainError> {
+    let config = VmmConfig::from_file(&args.config)?;
+    let mut vmm = vmm::Vmm::new(&config)?;
+    add_devices(&mut vmm, &config)?;
+    let boot = vmm.load()?;
+    tracing::info!(
+        kernel = %config.kernel.display(),
+        entry = format_args!("{:#x}", boot.entry),
+        cmdline = %boot.cmdline,
+        "guest loaded"
+    );
+    let filters = seccomp::filters(config.seccomp)?;
+    let control = control::ControlServer::bind(&args.control, vmm.run_control(), started)?;
+
+    if let Some((uid, gid)) = args.jail {
+        let run_dir = args.control.parent().unwrap_or(Path::new("/")).to_path_buf();
+        jail::enter(&jail::JailSpec {
+            uid,
+            gid,
+            root: run_dir.join("jail-root"),
+            binds: vec![run_dir.clone(), PathBuf::from("/dev/kvm")],
+            owned_dir: Some(run_dir),
+        })?;
+    }
+
+    vmm.add_subscriber(std::sync::Arc::new(std::sync::Mutex::new(control)));
+    let (vcpu_filter, vmm_filter) = filters.unzip();
+    vmm.start(vcpu_filter, vmm_filter)?;
+    let reason = vmm.run_until_exit();
+    let _ = std::fs::remove_file(&args.control);
+    Ok(reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn args_parse_with_or_without_the_subcommand() {
+        let want = Args { config: "c.json".into(), control: "s.sock".into(), jail: None };
+        assert_eq!(
+            parse_args(&strings(&["--config", "c.json", "--control", "s.sock"])).unwrap(),
+            want
+        );
+        assert_eq!(
+            parse_args(&strings(&["podvisor", "vmm", "--control", "s.sock", "--config", "c.json"]))
+                .unwrap(),
+            want
+        );
+        let jailed =
+            parse_args(&strings(&["--config", "c", "--control", "s", "--jail", "100:101"]))
+                .unwrap();
+        assert_eq!(jailed.jail, Some((100, 101)));
+        assert!(parse_args(&strings(&["--config", "c"])).is_err());
+        assert!(parse_args(&strings(&["--config"])).is_err());
+        assert!(parse_args(&strings(&["--config", "c", "--control", "s", "--x"])).is_err());
+    }
+}

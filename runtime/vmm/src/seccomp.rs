@@ -1,0 +1,227 @@
+//! Per-thread seccomp allowlists (seccompiler), installed before any guest code runs:
+//! - vCPU threads: KVM_RUN and what devices do on a guest MMIO/PIO access (file and socket
+//!   I/O on already open fds, eventfd writes, memory management);
+//! - the VMM thread (event loop): the same plus accepting control connections, opening drive
+//!   files for swap, connecting to guest-initiated vsock sockets, and thread management.
+//!
+//! Everything else hits the mismatch action: by default SIGSYS, whose handler prints the
+//! syscall number and exits with [`SECCOMP_EXIT_CODE`].
+
+use std::collections::BTreeMap;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+
+use crate::config::SeccompMode;
+
+/// Exit code of a VMM killed by its seccomp filter (as Firecracker's).
+pub const SECCOMP_EXIT_CODE: i32 = 148;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("building the {thread} seccomp filter: {source}")]
+    Build { thread: &'static str, source: seccompiler::BackendError },
+    #[error("installing the SIGSYS handler: {0}")]
+    SigsysHandler(std::io::Error),
+}
+
+/// Syscalls every VMM thread needs once running.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_ioctl,
+    libc::SYS_close,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_getrandom,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_shutdown,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Additional syscalls of the VMM (event-loop) thread.
+const VMM_THREAD: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_accept,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_socketpair,
+    libc::SYS_openat,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_create1,
+    libc::SYS_pipe2,
+    libc::SYS_dup3,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_prctl,
+    libc::SYS_rt_sigaction,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_settime,
+    libc::SYS_wait4,
+];
+
+fn build(
+    thread: &'static str,
+    syscalls: impl Iterator<Item = i64>,
+    mismatch: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls.map(|nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
+        .map_err(|source| SeccompError::Build { thread, source })?;
+    BpfProgram::try_from(filter).map_err(|source| SeccompError::Build { thread, source })
+}
+
+/// The (vCPU, VMM thread) filters for `mode`; `None` for [`SeccompMode::Off`].
+pub fn filters(mode: SeccompMode) -> Result<Option<(BpfProgram, BpfProgram)>, SeccompError> {
+    let mismatch = match mode {
+        SeccompMode::Off => return Ok(None),
+        SeccompMode::Trap => {
+            install_sigsys_handler()?;
+            SeccompAction::Trap
+        }
+        SeccompMode::Kill => SeccompAction::KillProcess,
+        SeccompMode::Log => SeccompAction::Log,
+    };
+    let vcpu = build("vCPU", COMMON.iter().copied(), mismatch.clone())?;
+    let vmm = build("VMM", COMMON.iter().chain(VMM_THREAD).copied(), mismatch)?;
+    Ok(Some((vcpu, vmm)))
+}
+
+/// Formats `n` in decimal into `buf`, returning the used tail (async-signal-safe).
+fn format_decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+extern "C" fn sigsys_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // siginfo for SIGSYS: si_signo, si_errno, si_code (+ padding) = 16 bytes, then
+    // _sigsys { void *_call_addr; int _syscall; unsigned _arch; }.
+    // SAFETY: the kernel passes a valid siginfo_t for an SA_SIGINFO handler; offset 24 is
+    // inside it (siginfo_t is 128 bytes) and holds the syscall number for SIGSYS.
+    let nr = unsafe { *(info as *const u8).add(24).cast::<i32>() };
+    let mut digits = [0u8; 20];
+    let digits = format_decimal(nr.max(0) as u64, &mut digits);
+    let parts: [&[u8]; 3] = [b"podvisor-vmm: seccomp blocked syscall ", digits, b"; exiting\n"];
+    for part in parts {
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffers are valid.
+        unsafe { libc::write(2, part.as_ptr().cast(), part.len()) };
+    }
+    // SAFETY: see above.
+    unsafe { libc::_exit(SECCOMP_EXIT_CODE) };
+}
+
+fn install_sigsys_handler() -> Result<(), SeccompError> {
+    // SAFETY: a zeroed sigaction is valid; we set the handler, SA_SIGINFO and an empty mask.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = sigsys_handler as *const () as usize;
+    action.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: `action` is initialised above and outlives the call.
+    let rc = unsafe { libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(SeccompError::SigsysHandler(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile_for_every_mode() {
+        assert!(filters(SeccompMode::Off).unwrap().is_none());
+        for mode in [SeccompMode::Kill, SeccompMode::Log] {
+            let (vcpu, vmm) = filters(mode).unwrap().unwrap();
+            assert!(!vcpu.is_empty() && vmm.len() > vcpu.len());
+        }
+    }
+
+    #[test]
+    fn decimal_formatting() {
+        let mut buf = [0u8; 20];
+        assert_eq!(format_decimal(0, &mut buf), b"0");
+        assert_eq!(format_decimal(318, &mut buf), b"318");
+        assert_eq!(format_decimal(u64::MAX, &mut buf), b"18446744073709551615");
+    }
+
+    #[test]
+    fn a_blocked_syscall_kills_only_the_filtered_process() {
+        // Build before forking (the child of a threaded process must not allocate), and fork
+        // so that the filter never applies to the test process.
+        let (vcpu, _) = filters(SeccompMode::Trap).unwrap().unwrap();
+        // SAFETY: the child only installs the filter and calls raw syscalls before _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            if seccompiler::apply_filter(&vcpu).is_ok() {
+                // SAFETY: getppid has no preconditions; it is not in the vCPU allowlist.
+                unsafe { libc::getppid() };
+            }
+            // SAFETY: terminating the forked child.
+            unsafe { libc::_exit(2) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), SECCOMP_EXIT_CODE);
+    }
+}

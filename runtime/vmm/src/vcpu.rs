@@ -1,0 +1,211 @@
+//! vCPU threads: KVM_RUN in a loop, dispatching port and MMIO exits to the buses, turning
+//! every other exit into a VM exit reason. A vCPU is kicked out of KVM_RUN with a real-time
+//! signal whose handler does nothing (the ioctl returns EINTR).
+
+use std::sync::{Arc, Barrier};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use seccompiler::BpfProgram;
+use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+use crate::bus::Bus;
+use crate::vstate::{ExitReason, RunState, VcpuControl, VmExit};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("registering the vCPU kick signal handler: {0}")]
+    SignalHandler(vmm_sys_util::errno::Error),
+    #[error("spawning vCPU thread {id}: {source}")]
+    Spawn { id: u8, source: std::io::Error },
+}
+
+/// KVM_SYSTEM_EVENT_* types.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+
+/// The signal that kicks a vCPU out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_signal_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler; idempotent.
+pub fn register_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), noop_signal_handler).map_err(VcpuError::SignalHandler)
+}
+
+/// What the run loop does after an exit.
+#[derive(Debug, PartialEq, Eq)]
+enum Emulation {
+    Continue,
+    Exit(ExitReason),
+}
+
+/// One vCPU with what it needs to run.
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: Arc<VmExit>,
+    pub control: Arc<VcpuControl>,
+}
+
+impl Vcpu {
+    /// Starts the vCPU thread: it installs `filter` (if any), waits on `barrier` with the
+    /// other threads, then runs the guest until the VM exits.
+    pub fn start(
+        self,
+        filter: Option<BpfProgram>,
+        barrier: Arc<Barrier>,
+    ) -> Result<JoinHandle<()>, VcpuError> {
+        let id = self.id;
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let installed = match filter {
+                    Some(f) => seccompiler::apply_filter(&f)
+                        .map_err(|e| format!("installing the vCPU{id} seccomp filter: {e}")),
+                    None => Ok(()),
+                };
+                barrier.wait();
+                let control = self.control.clone();
+                match installed {
+                    Ok(()) => self.run(),
+                    Err(e) => self.exit.request(ExitReason::Error(e)),
+                }
+                control.mark_finished();
+            })
+            .map_err(|source| VcpuError::Spawn { id, source })
+    }
+
+    fn run(mut self) {
+        loop {
+            match self.control.state() {
+                RunState::Stopping => return,
+                RunState::Paused => {
+                    if self.control.wait_while_paused() == RunState::Stopping {
+                        return;
+                    }
+                    continue;
+                }
+                RunState::Running => {}
+            }
+            let outcome = match self.fd.run() {
+                Ok(exit) => {
+                    if self.id == 0 {
+                        self.control.note_exit();
+                    }
+                    handle_exit(exit, &self.pio, &self.mmio, self.id)
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    Emulation::Continue
+                }
+                Err(e) => {
+                    Emulation::Exit(ExitReason::Error(format!("vCPU{} KVM_RUN: {e}", self.id)))
+                }
+            };
+            if let Emulation::Exit(reason) = outcome {
+                self.exit.request(reason);
+                return;
+            }
+        }
+    }
+}
+
+/// Handles one exit; pure dispatch so that odd guest behaviour becomes an exit reason, never a
+/// panic.
+fn handle_exit(exit: VcpuExit<'_>, pio: &Bus, mmio: &Bus, id: u8) -> Emulation {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            pio.write(u64::from(port), data);
+            Emulation::Continue
+        }
+        VcpuExit::IoIn(port, data) => {
+            // Nothing at this port: an ISA bus floats high.
+            if !pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+            Emulation::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !mmio.read(addr, data) {
+                data.fill(0);
+            }
+            Emulation::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            mmio.write(addr, data);
+            Emulation::Continue
+        }
+        VcpuExit::Intr | VcpuExit::IrqWindowOpen => Emulation::Continue,
+        // HLT only exits without an in-kernel LAPIC; treat it as the guest being done.
+        VcpuExit::Hlt | VcpuExit::Shutdown => Emulation::Exit(ExitReason::GuestShutdown),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            SYSTEM_EVENT_SHUTDOWN => Emulation::Exit(ExitReason::GuestShutdown),
+            SYSTEM_EVENT_RESET => Emulation::Exit(ExitReason::GuestReset),
+            other => Emulation::Exit(ExitReason::Error(format!(
+                "vCPU{id}: guest system event {other} (crash)"
+            ))),
+        },
+        VcpuExit::FailEntry(reason, cpu) => Emulation::Exit(ExitReason::Error(format!(
+            "vCPU{id}: KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+        ))),
+        VcpuExit::InternalError => Emulation::Exit(ExitReason::Error(format!(
+            "vCPU{id}: KVM internal error (an instruction KVM could not emulate)"
+        ))),
+        other => {
+            Emulation::Exit(ExitReason::Error(format!("vCPU{id}: unexpected KVM exit {other:?}")))
+        }
+    }
+}
+
+/// Kicks every running vCPU thread out of KVM_RUN so it re-reads the run state.
+pub fn kick_all(threads: &[JoinHandle<()>]) {
+    for thread in threads.iter().filter(|t| !t.is_finished()) {
+        // A thread that exits between the check and the signal is fine: ESRCH is ignored.
+        let _ = thread.kill(kick_signal());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::tests::Recorder;
+    use std::sync::Mutex;
+
+    #[test]
+    fn io_dispatch_and_floating_reads() {
+        let mut pio = Bus::new();
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        pio.insert(dev.clone(), 0x3f8, 8).unwrap();
+        let mmio = Bus::new();
+        assert_eq!(handle_exit(VcpuExit::IoOut(0x3f9, &[7]), &pio, &mmio, 0), Emulation::Continue);
+        assert_eq!(dev.lock().unwrap().writes, vec![(1, vec![7])]);
+        let mut data = [0u8; 2];
+        handle_exit(VcpuExit::IoIn(0x80, &mut data), &pio, &mmio, 0);
+        assert_eq!(data, [0xff, 0xff]);
+        let mut data = [9u8; 4];
+        handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut data), &pio, &mmio, 0);
+        assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn terminal_exits_become_reasons() {
+        let (pio, mmio) = (Bus::new(), Bus::new());
+        let shutdown = handle_exit(VcpuExit::Shutdown, &pio, &mmio, 0);
+        assert_eq!(shutdown, Emulation::Exit(ExitReason::GuestShutdown));
+        let reset = handle_exit(VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, &[]), &pio, &mmio, 0);
+        assert_eq!(reset, Emulation::Exit(ExitReason::GuestReset));
+        assert!(matches!(
+            handle_exit(VcpuExit::InternalError, &pio, &mmio, 1),
+            Emulation::Exit(ExitReason::Error(e)) if e.contains("vCPU1")
+        ));
+        assert!(matches!(
+            handle_exit(VcpuExit::Unknown, &pio, &mmio, 0),
+            Emulation::Exit(ExitReason::Error(_))
+        ));
+    }
+}
