@@ -20,10 +20,12 @@ pub trait BusDevice: Send {
 }
 
 pub mod block;
+pub mod net;
 pub mod virtio;
 pub mod vsock;
 
+pub use block::BlockDevice;
 pub use virtio::mmio::MmioTransport;
 pub use virtio::{Interrupt, VirtioDevice};
 pub use vsock::VsockDevice;
-pub use block::BlockDevice;
+pub use net::NetDevice;

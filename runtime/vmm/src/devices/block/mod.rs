@@ -70,20 +70,13 @@ impl Backing {
             .write(!read_only)
             .open(path)
             .map_err(|e| BlockError::Open(path.into(), e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| BlockError::Metadata(path.into(), e))?;
+        let meta = file.metadata().map_err(|e| BlockError::Metadata(path.into(), e))?;
         // Like Firecracker: an id unique per backing file, from its device and inode.
         let id_text = format!("{}{}{}", meta.dev(), meta.rdev(), meta.ino());
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = id_text.len().min(id.len());
         id[..n].copy_from_slice(&id_text.as_bytes()[..n]);
-        Ok(Backing {
-            path: path.into(),
-            file,
-            capacity: meta.len() / SECTOR_SIZE,
-            id,
-        })
+        Ok(Backing { path: path.into(), file, capacity: meta.len() / SECTOR_SIZE, id })
     }
 }
 
@@ -166,13 +159,8 @@ impl BlockDevice {
             let head = chain.head_index();
             let used_len = match ChainBuffers::parse(chain, usize::from(QUEUE_SIZE)) {
                 Ok(buffers) => {
-                    let outcome = execute(
-                        &self.backing,
-                        self.read_only,
-                        &mut self.metrics,
-                        mem,
-                        &buffers,
-                    );
+                    let outcome =
+                        execute(&self.backing, self.read_only, &mut self.metrics, mem, &buffers);
                     finish(&mut self.metrics, mem, &buffers, outcome)
                 }
                 Err(err) => {
@@ -195,12 +183,13 @@ impl BlockDevice {
 }
 
 /// Writes the status byte (last writable byte) and returns the used length.
-fn finish(metrics: &mut BlockMetrics, mem: &GuestMemory, buffers: &ChainBuffers, outcome: Option<Outcome>) -> u32 {
-    let Some(Outcome::Done {
-        status,
-        data_written,
-    }) = outcome
-    else {
+fn finish(
+    metrics: &mut BlockMetrics,
+    mem: &GuestMemory,
+    buffers: &ChainBuffers,
+    outcome: Option<Outcome>,
+) -> u32 {
+    let Some(Outcome::Done { status, data_written }) = outcome else {
         metrics.malformed_chains += 1;
         return 0;
     };
@@ -231,10 +220,7 @@ fn execute(
     let mut header = [0u8; REQUEST_HEADER_SIZE];
     if let Err(err) = buffers.read_at(mem, 0, &mut header) {
         tracing::warn!("virtio-blk: short request header: {err}");
-        return Some(Outcome::Done {
-            status: VIRTIO_BLK_S_IOERR,
-            data_written: 0,
-        });
+        return Some(Outcome::Done { status: VIRTIO_BLK_S_IOERR, data_written: 0 });
     }
     let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
     let mut sector_bytes = [0u8; 8];
@@ -255,50 +241,33 @@ fn execute(
                     if ok {
                         metrics.read_bytes += in_len as u64;
                     }
-                    Outcome::Done {
-                        status: status(ok),
-                        data_written: if ok { in_len } else { 0 },
-                    }
+                    Outcome::Done { status: status(ok), data_written: if ok { in_len } else { 0 } }
                 }
-                None => Outcome::Done {
-                    status: VIRTIO_BLK_S_IOERR,
-                    data_written: 0,
-                },
+                None => Outcome::Done { status: VIRTIO_BLK_S_IOERR, data_written: 0 },
             }
         }
         VIRTIO_BLK_T_OUT => {
             metrics.write_requests += 1;
             let ok = !read_only
-                && check_range(backing, sector, out_len)
-                    .is_some_and(|offset| copy_guest_to_file(backing, offset, out_len, mem, buffers));
+                && check_range(backing, sector, out_len).is_some_and(|offset| {
+                    copy_guest_to_file(backing, offset, out_len, mem, buffers)
+                });
             if ok {
                 metrics.write_bytes += out_len as u64;
             }
-            Outcome::Done {
-                status: status(ok),
-                data_written: 0,
-            }
+            Outcome::Done { status: status(ok), data_written: 0 }
         }
         VIRTIO_BLK_T_FLUSH => {
             metrics.flush_requests += 1;
             let ok = read_only || backing.file.sync_all().is_ok();
-            Outcome::Done {
-                status: status(ok),
-                data_written: 0,
-            }
+            Outcome::Done { status: status(ok), data_written: 0 }
         }
         VIRTIO_BLK_T_GET_ID => {
             let n = in_len.min(backing.id.len());
             let ok = buffers.write_at(mem, 0, &backing.id[..n]).is_ok();
-            Outcome::Done {
-                status: status(ok),
-                data_written: if ok { n } else { 0 },
-            }
+            Outcome::Done { status: status(ok), data_written: if ok { n } else { 0 } }
         }
-        _ => Outcome::Done {
-            status: VIRTIO_BLK_S_UNSUPP,
-            data_written: 0,
-        },
+        _ => Outcome::Done { status: VIRTIO_BLK_S_UNSUPP, data_written: 0 },
     };
     Some(outcome)
 }
@@ -318,7 +287,13 @@ fn check_range(backing: &Backing, sector: u64, len: usize) -> Option<u64> {
     sector.checked_mul(SECTOR_SIZE)
 }
 
-fn copy_file_to_guest(backing: &Backing, offset: u64, len: usize, mem: &GuestMemory, buffers: &ChainBuffers) -> bool {
+fn copy_file_to_guest(
+    backing: &Backing,
+    offset: u64,
+    len: usize,
+    mem: &GuestMemory,
+    buffers: &ChainBuffers,
+) -> bool {
     let mut buf = vec![0u8; IO_CHUNK.min(len)];
     let mut done = 0usize;
     while done < len {
@@ -335,15 +310,18 @@ fn copy_file_to_guest(backing: &Backing, offset: u64, len: usize, mem: &GuestMem
     true
 }
 
-fn copy_guest_to_file(backing: &Backing, offset: u64, len: usize, mem: &GuestMemory, buffers: &ChainBuffers) -> bool {
+fn copy_guest_to_file(
+    backing: &Backing,
+    offset: u64,
+    len: usize,
+    mem: &GuestMemory,
+    buffers: &ChainBuffers,
+) -> bool {
     let mut buf = vec![0u8; IO_CHUNK.min(len)];
     let mut done = 0usize;
     while done < len {
         let n = IO_CHUNK.min(len - done);
-        if buffers
-            .read_at(mem, REQUEST_HEADER_SIZE + done, &mut buf[..n])
-            .is_err()
-        {
+        if buffers.read_at(mem, REQUEST_HEADER_SIZE + done, &mut buf[..n]).is_err() {
             return false;
         }
         if let Err(err) = backing.file.write_all_at(&buf[..n], offset + done as u64) {
@@ -382,11 +360,7 @@ impl VirtioDevice for BlockDevice {
             return Err(ActivateError::QueueCount { expected: 1, got });
         };
         self.interrupt = Some(ctx.interrupt.clone());
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(Active { mem: ctx.mem, queue, interrupt: ctx.interrupt });
         Ok(())
     }
 

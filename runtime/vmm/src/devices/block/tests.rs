@@ -36,12 +36,7 @@ impl Harness {
         let device = Arc::new(Mutex::new(BlockDevice::new(&path, read_only).unwrap()));
         let mut driver = VirtioTestDriver::new(device.clone());
         driver.activate(0);
-        Harness {
-            _dir: dir,
-            path,
-            device,
-            driver,
-        }
+        Harness { _dir: dir, path, device, driver }
     }
 
     fn header(&mut self, request_type: u32, sector: u64) -> GuestAddress {
@@ -52,7 +47,12 @@ impl Harness {
     }
 
     /// Submits a request, returns (status, used len, data buffer address).
-    fn request(&mut self, request_type: u32, sector: u64, data: Option<(&[u8], bool)>) -> (u8, u32, GuestAddress) {
+    fn request(
+        &mut self,
+        request_type: u32,
+        sector: u64,
+        data: Option<(&[u8], bool)>,
+    ) -> (u8, u32, GuestAddress) {
         let hdr = self.header(request_type, sector);
         let status = self.driver.alloc(1);
         self.driver.mem.write_obj(0xffu8, status).unwrap();
@@ -183,7 +183,8 @@ fn malformed_chains_never_touch_the_file() {
     h.driver.add_chain(0, &[(status, 1, true), (hdr, 16, false), (data, 512, false)]);
     // Data outside guest memory.
     let hdr = h.header(VIRTIO_BLK_T_IN, 0);
-    h.driver.add_chain(0, &[(hdr, 16, false), (GuestAddress(1 << 40), 512, true), (status, 1, true)]);
+    h.driver
+        .add_chain(0, &[(hdr, 16, false), (GuestAddress(1 << 40), 512, true), (status, 1, true)]);
     // Loop.
     let slot = h.driver.queues[0].next_desc;
     h.driver.add_raw_chain(0, &[(hdr.0, 16, F_NEXT, slot)]);

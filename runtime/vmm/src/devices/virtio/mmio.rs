@@ -70,11 +70,7 @@ pub struct MmioTransport {
 impl MmioTransport {
     /// Puts `device` behind a transport; `irq_evt` is the eventfd the core registered with
     /// KVM irqfd for this device's interrupt line.
-    pub fn new(
-        mem: GuestMemory,
-        irq_evt: EventFd,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-    ) -> Self {
+    pub fn new(mem: GuestMemory, irq_evt: EventFd, device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
         let mut transport = MmioTransport {
             device,
             mem,
@@ -257,14 +253,12 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            REG_QUEUE_NUM_MAX => self
-                .queues
-                .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.max_size())),
-            REG_QUEUE_READY => self
-                .queues
-                .get(self.queue_sel as usize)
-                .map_or(0, |q| u32::from(q.ready())),
+            REG_QUEUE_NUM_MAX => {
+                self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.max_size()))
+            }
+            REG_QUEUE_READY => {
+                self.queues.get(self.queue_sel as usize).map_or(0, |q| u32::from(q.ready()))
+            }
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => self.status(),
             REG_CONFIG_GENERATION => self.interrupt.config_generation(),
@@ -313,14 +307,22 @@ impl MmioTransport {
             }
             REG_INTERRUPT_ACK => self.interrupt.ack(value),
             REG_STATUS => self.set_status(value),
-            REG_QUEUE_DESC_LOW => self.update_queue(|q| q.set_desc_table_address(Some(value), None)),
-            REG_QUEUE_DESC_HIGH => self.update_queue(|q| q.set_desc_table_address(None, Some(value))),
-            REG_QUEUE_AVAIL_LOW => self.update_queue(|q| q.set_avail_ring_address(Some(value), None)),
+            REG_QUEUE_DESC_LOW => {
+                self.update_queue(|q| q.set_desc_table_address(Some(value), None))
+            }
+            REG_QUEUE_DESC_HIGH => {
+                self.update_queue(|q| q.set_desc_table_address(None, Some(value)))
+            }
+            REG_QUEUE_AVAIL_LOW => {
+                self.update_queue(|q| q.set_avail_ring_address(Some(value), None))
+            }
             REG_QUEUE_AVAIL_HIGH => {
                 self.update_queue(|q| q.set_avail_ring_address(None, Some(value)))
             }
             REG_QUEUE_USED_LOW => self.update_queue(|q| q.set_used_ring_address(Some(value), None)),
-            REG_QUEUE_USED_HIGH => self.update_queue(|q| q.set_used_ring_address(None, Some(value))),
+            REG_QUEUE_USED_HIGH => {
+                self.update_queue(|q| q.set_used_ring_address(None, Some(value)))
+            }
             _ => tracing::debug!("virtio-mmio: write of unknown register {offset:#x}"),
         }
     }

@@ -228,15 +228,9 @@ impl ChainBuffers {
             if count > max_descriptors {
                 return Err(ChainError::TooLong(max_descriptors));
             }
-            let buffer = Buffer {
-                addr: desc.addr(),
-                len: desc.len(),
-            };
+            let buffer = Buffer { addr: desc.addr(), len: desc.len() };
             if !mem.check_range(buffer.addr, buffer.len as usize) && buffer.len != 0 {
-                return Err(ChainError::BadAddress {
-                    addr: buffer.addr.0,
-                    len: buffer.len,
-                });
+                return Err(ChainError::BadAddress { addr: buffer.addr.0, len: buffer.len });
             }
             if desc.is_write_only() {
                 writable.push(buffer);
@@ -253,11 +247,7 @@ impl ChainBuffers {
         if !ended {
             return Err(ChainError::Malformed);
         }
-        Ok(ChainBuffers {
-            head_index,
-            readable,
-            writable,
-        })
+        Ok(ChainBuffers { head_index, readable, writable })
     }
 
     /// Total device-readable bytes.
@@ -271,14 +261,15 @@ impl ChainBuffers {
     }
 
     /// Reads `buf.len()` bytes of the readable part starting at `offset`.
-    pub fn read_at(&self, mem: &GuestMemory, offset: usize, buf: &mut [u8]) -> Result<(), ChainError> {
+    pub fn read_at(
+        &self,
+        mem: &GuestMemory,
+        offset: usize,
+        buf: &mut [u8],
+    ) -> Result<(), ChainError> {
         let have = self.readable_len();
         if offset.checked_add(buf.len()).is_none_or(|end| end > have) {
-            return Err(ChainError::ShortReadable {
-                offset,
-                need: buf.len(),
-                have,
-            });
+            return Err(ChainError::ShortReadable { offset, need: buf.len(), have });
         }
         copy_chain(&self.readable, offset, buf.len(), |addr, range| {
             mem.read_slice(&mut buf[range], addr)
@@ -286,14 +277,15 @@ impl ChainBuffers {
     }
 
     /// Writes `data` into the writable part starting at `offset`.
-    pub fn write_at(&self, mem: &GuestMemory, offset: usize, data: &[u8]) -> Result<(), ChainError> {
+    pub fn write_at(
+        &self,
+        mem: &GuestMemory,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), ChainError> {
         let have = self.writable_len();
         if offset.checked_add(data.len()).is_none_or(|end| end > have) {
-            return Err(ChainError::ShortWritable {
-                offset,
-                need: data.len(),
-                have,
-            });
+            return Err(ChainError::ShortWritable { offset, need: data.len(), have });
         }
         copy_chain(&self.writable, offset, data.len(), |addr, range| {
             mem.write_slice(&data[range], addr)
@@ -303,7 +295,12 @@ impl ChainBuffers {
 
 /// Calls `copy(guest_addr, range_in_caller_buffer)` for each piece of `len` bytes at
 /// `offset` of the concatenation of `buffers` (already bounds-checked by the caller).
-fn copy_chain<F>(buffers: &[Buffer], offset: usize, len: usize, mut copy: F) -> Result<(), ChainError>
+fn copy_chain<F>(
+    buffers: &[Buffer],
+    offset: usize,
+    len: usize,
+    mut copy: F,
+) -> Result<(), ChainError>
 where
     F: FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), vm_memory::GuestMemoryError>,
 {
@@ -322,10 +319,7 @@ where
         let addr = buffer
             .addr
             .checked_add(skip as u64)
-            .ok_or(ChainError::BadAddress {
-                addr: buffer.addr.0,
-                len: buffer.len,
-            })?;
+            .ok_or(ChainError::BadAddress { addr: buffer.addr.0, len: buffer.len })?;
         copy(addr, done..done + chunk).map_err(|e| ChainError::Memory(e.to_string()))?;
         done += chunk;
         skip = 0;

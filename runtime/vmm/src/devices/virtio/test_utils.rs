@@ -154,9 +154,7 @@ impl VirtioTestDriver {
         }
         q.next_desc = ((head as usize + descs.len()) % q.size as usize) as u16;
         let ring_slot = u64::from(q.avail_idx % q.size);
-        self.mem
-            .write_obj(head, q.avail.unchecked_add(4 + ring_slot * 2))
-            .unwrap();
+        self.mem.write_obj(head, q.avail.unchecked_add(4 + ring_slot * 2)).unwrap();
         q.avail_idx = q.avail_idx.wrapping_add(1);
         self.mem.write_obj(q.avail_idx, q.avail.unchecked_add(2)).unwrap();
         head

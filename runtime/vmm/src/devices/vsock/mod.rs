@@ -199,9 +199,9 @@ impl VsockDevice {
             };
             let written = buffers.write_at(mem, 0, &hdr.to_bytes()).and_then(|()| match &payload {
                 RxPayload::None => Ok(HEADER_SIZE),
-                RxPayload::Data(data) => buffers
-                    .write_at(mem, HEADER_SIZE, data)
-                    .map(|()| HEADER_SIZE + data.len()),
+                RxPayload::Data(data) => {
+                    buffers.write_at(mem, HEADER_SIZE, data).map(|()| HEADER_SIZE + data.len())
+                }
             });
             let len = match written {
                 Ok(len) => len as u32,
@@ -283,10 +283,7 @@ impl VirtioDevice for VsockDevice {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         if ctx.queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: ctx.queues.len(),
-            });
+            return Err(ActivateError::QueueCount { expected: 3, got: ctx.queues.len() });
         }
         self.active = Some(Active {
             mem: ctx.mem,
@@ -332,7 +329,6 @@ impl MutEventSubscriber for VsockDevice {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests;

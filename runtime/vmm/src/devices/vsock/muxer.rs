@@ -243,9 +243,7 @@ impl Muxer {
 
     fn forget_fd(&mut self, fd: RawFd) {
         self.fd_to_conn.remove(&fd);
-        let _ = self
-            .epoll
-            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 
     fn watch(&self, fd: RawFd) -> std::io::Result<()> {
@@ -260,10 +258,8 @@ impl Muxer {
     }
 
     fn header(&self, key: ConnKey, op: u16) -> Header {
-        let (fwd_cnt, buf_alloc) = self
-            .conns
-            .get(&key)
-            .map_or((0, CONN_BUF_ALLOC), |c| (c.fwd_cnt.0, CONN_BUF_ALLOC));
+        let (fwd_cnt, buf_alloc) =
+            self.conns.get(&key).map_or((0, CONN_BUF_ALLOC), |c| (c.fwd_cnt.0, CONN_BUF_ALLOC));
         Header {
             src_cid: HOST_CID,
             dst_cid: self.guest_cid,
@@ -338,14 +334,14 @@ impl Muxer {
                 return;
             }
         };
-        if let Err(err) = stream.set_nonblocking(true).and_then(|()| self.watch(stream.as_raw_fd())) {
+        if let Err(err) = stream.set_nonblocking(true).and_then(|()| self.watch(stream.as_raw_fd()))
+        {
             tracing::warn!("vsock: setting up connection to {path:?}: {err}");
             self.queue_rst(key);
             return;
         }
         self.fd_to_conn.insert(stream.as_raw_fd(), key);
-        self.conns
-            .insert(key, Connection::new(stream, ConnState::Established, hdr));
+        self.conns.insert(key, Connection::new(stream, ConnState::Established, hdr));
         self.counters.conns_added += 1;
         let response = self.header(key, OP_RESPONSE);
         self.control.push_back(response);
@@ -459,13 +455,7 @@ impl Muxer {
                         tracing::warn!("vsock: new host client: {err}");
                         continue;
                     }
-                    self.handshakes.insert(
-                        fd,
-                        Handshake {
-                            stream,
-                            line: Vec::new(),
-                        },
-                    );
+                    self.handshakes.insert(fd, Handshake { stream, line: Vec::new() });
                     // Data may already be there (edge already passed).
                     self.read_connect_line(fd);
                 }
@@ -514,7 +504,8 @@ impl Muxer {
         let local_port = self.allocate_local_port(peer_port);
         let key = (local_port, peer_port);
         self.fd_to_conn.insert(fd, key);
-        let mut conn = Connection::new(handshake.stream, ConnState::AwaitingResponse, &Header::default());
+        let mut conn =
+            Connection::new(handshake.stream, ConnState::AwaitingResponse, &Header::default());
         // Bytes after the CONNECT line are left in the socket for after the handshake.
         conn.host_readable = true;
         self.conns.insert(key, conn);
@@ -537,7 +528,9 @@ impl Muxer {
         let Some(conn) = self.conns.get_mut(&key) else {
             return;
         };
-        if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR) {
+        if set
+            .intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP | EventSet::ERROR)
+        {
             conn.host_readable = true;
         }
         if set.contains(EventSet::OUT) && conn.state == ConnState::Established {
@@ -552,10 +545,7 @@ impl Muxer {
     /// Whether some packet is ready for the guest's rx queue.
     pub fn has_rx(&self) -> bool {
         !self.control.is_empty()
-            || self
-                .conns
-                .values()
-                .any(|c| c.credit_update_due || c.wants_to_send_data())
+            || self.conns.values().any(|c| c.credit_update_due || c.wants_to_send_data())
     }
 
     /// Produces the next packet for the guest, reading at most `max_payload` bytes from a
@@ -619,9 +609,7 @@ fn parse_connect_line(line: &[u8]) -> Result<u32, String> {
     let port = text
         .strip_prefix("CONNECT ")
         .ok_or_else(|| format!("expected `CONNECT <port>`, got {text:?}"))?;
-    port.trim()
-        .parse::<u32>()
-        .map_err(|e| format!("bad port {port:?}: {e}"))
+    port.trim().parse::<u32>().map_err(|e| format!("bad port {port:?}: {e}"))
 }
 
 #[cfg(test)]

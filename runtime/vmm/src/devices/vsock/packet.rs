@@ -51,7 +51,18 @@ pub struct Header {
 impl Header {
     /// Decodes the wire format.
     pub fn from_bytes(b: &[u8; HEADER_SIZE]) -> Self {
-        let u64_at = |o: usize| u64::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3], b[o + 4], b[o + 5], b[o + 6], b[o + 7]]);
+        let u64_at = |o: usize| {
+            u64::from_le_bytes([
+                b[o],
+                b[o + 1],
+                b[o + 2],
+                b[o + 3],
+                b[o + 4],
+                b[o + 5],
+                b[o + 6],
+                b[o + 7],
+            ])
+        };
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
         Header {

@@ -136,10 +136,7 @@ fn config_space_holds_the_guest_cid() {
 #[test]
 fn reserved_cid_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(matches!(
-        VsockDevice::new(2, &dir.path().join("s")),
-        Err(VsockError::ReservedCid(2))
-    ));
+    assert!(matches!(VsockDevice::new(2, &dir.path().join("s")), Err(VsockError::ReservedCid(2))));
 }
 
 #[test]
@@ -162,8 +159,7 @@ fn host_initiated_connection_carries_data_both_ways() {
     hdr.len = 5;
     let hdr_addr = h.driver.buffer_with(&hdr.to_bytes());
     let data_addr = h.driver.buffer_with(b"world");
-    h.driver
-        .add_chain(TX, &[(hdr_addr, HEADER_SIZE as u32, false), (data_addr, 5, false)]);
+    h.driver.add_chain(TX, &[(hdr_addr, HEADER_SIZE as u32, false), (data_addr, 5, false)]);
     h.driver.kick(TX);
     let mut buf = [0u8; 5];
     client.read_exact(&mut buf).unwrap();
@@ -445,8 +441,7 @@ fn malformed_tx_chains_are_dropped() {
     let slot = h.driver.queues[TX].next_desc;
     h.driver.add_raw_chain(TX, &[(addr.0, 64, crate::devices::virtio::test_utils::F_NEXT, slot)]);
     // Next index out of the table.
-    h.driver
-        .add_raw_chain(TX, &[(addr.0, 64, crate::devices::virtio::test_utils::F_NEXT, 9999)]);
+    h.driver.add_raw_chain(TX, &[(addr.0, 64, crate::devices::virtio::test_utils::F_NEXT, 9999)]);
     // Wrong CID: well-formed but rejected.
     let mut bad = guest_hdr(1, 2, OP_REQUEST);
     bad.src_cid = 77;
