@@ -1,0 +1,126 @@
+//! The VMM as a process (`podvisor-vmm`, same code as `podvisor vmm`): seccomp filters on,
+//! control socket, jail, exit codes. Needs /dev/kvm; skips with the reason otherwise.
+
+mod common;
+
+use common::{config, kvm_available, spawn};
+use podvisor_vmm::control::Request;
+use podvisor_vmm::guest_program::asm;
+use podvisor_vmm::layout::SERIAL_PORT_BASE;
+
+/// Prints `text` on COM1, then halts with interrupts off (stays "running", costs no CPU).
+fn print_and_halt(text: &[u8]) -> Vec<u8> {
+    asm::program(&[&asm::mov_dx(SERIAL_PORT_BASE as u16), &asm::out_text(text), &asm::HLT])
+}
+
+#[test]
+fn control_socket_status_pause_resume_stop_under_seccomp() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &print_and_halt(b"ready\n"), 64);
+    let mut vmm = spawn(dir, &cfg, &[]);
+    vmm.wait_console(b"ready\n");
+
+    let status = vmm.request(&Request::Status);
+    assert!(status.ok, "{status:?}");
+    let s = status.status.unwrap();
+    assert_eq!((s.state.as_str(), s.vcpus, s.memory_mib), ("running", 1, 64));
+    assert_eq!(s.pid, vmm.child.id());
+    assert!(s.first_exit_unix_ns.unwrap() >= s.started_unix_ns);
+
+    assert!(vmm.request(&Request::Pause).ok);
+    assert_eq!(vmm.request(&Request::Status).status.unwrap().state, "paused");
+    assert!(vmm.request(&Request::Resume).ok);
+    assert_eq!(vmm.request(&Request::Status).status.unwrap().state, "running");
+    let swap = vmm.request(&Request::SwapDrive {
+        id: "nope".into(),
+        path: "/dev/null".into(),
+        read_only: true,
+    });
+    assert!(!swap.ok && swap.error.unwrap().contains("nope"));
+
+    assert!(vmm.request(&Request::Stop).ok);
+    let (code, stderr) = vmm.wait_exit();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert!(stderr.contains("HostStop"), "stderr: {stderr}");
+}
+
+#[test]
+fn guest_reset_exits_zero_and_bad_setups_exit_two() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let code = asm::program(&[
+        &asm::mov_dx(SERIAL_PORT_BASE as u16),
+        &asm::out_text(b"bye"),
+        &asm::mov_al(0xfe),
+        &asm::out_imm_al(0x64),
+    ]);
+    let cfg = config(dir.path(), &code, 32);
+    let mut vmm = spawn(dir, &cfg, &[]);
+    let (code, stderr) = vmm.wait_exit();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert!(stderr.contains("GuestReset"), "stderr: {stderr}");
+    assert_eq!(std::fs::read(&vmm.console).unwrap(), b"bye");
+
+    // A kernel that is not an ELF: a clear error, exit code 2.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &asm::HLT, 32);
+    std::fs::write(&cfg.kernel, b"not an elf").unwrap();
+    let (code, stderr) = spawn(dir, &cfg, &[]).wait_exit();
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("loading the kernel ELF"), "stderr: {stderr}");
+
+    // Unknown arguments and bad configs too.
+    let dir = tempfile::tempdir().unwrap();
+    cfg = config(dir.path(), &asm::HLT, 1);
+    let (code, stderr) = spawn(dir, &cfg, &[]).wait_exit();
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("memory_mib"), "stderr: {stderr}");
+}
+
+#[test]
+fn jailed_vmm_runs_unprivileged_in_its_own_mount_namespace() {
+    if !kvm_available() {
+        return;
+    }
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP: the jail test needs root (to switch uid and mount)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &print_and_halt(b"jailed\n"), 32);
+    let mut vmm = spawn(dir, &cfg, &["--jail", "65534:65534"]);
+    vmm.wait_console(b"jailed\n");
+    let pid = vmm.child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_string();
+    assert_eq!(uid_line.split_whitespace().skip(1).collect::<Vec<_>>(), ["65534"; 4]);
+    let cap_eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap().to_string();
+    assert!(cap_eff.ends_with("0000000000000000"), "{cap_eff}");
+    assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"));
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_ne!(ours, theirs);
+    // Its root holds only the run directory and /dev/kvm.
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let mut top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    let run_top =
+        vmm.run_dir.components().nth(1).unwrap().as_os_str().to_string_lossy().into_owned();
+    let mut want = vec!["dev".to_string(), run_top];
+    want.sort();
+    want.dedup();
+    assert_eq!(top, want);
+    assert!(root.join("dev/kvm").exists());
+
+    assert!(vmm.request(&Request::Stop).ok);
+    let (code, stderr) = vmm.wait_exit();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+}
