@@ -107,23 +107,68 @@ pub fn main_with_args(args: Vec<String>) -> ExitCode {
     }
 }
 
-/// Adds the configured virtio devices to `vmm`.
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next()?;
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Adds the configured virtio devices to `vmm`, in a fixed order (vsock, drives, nets, fs) so
+/// that their MMIO windows and IRQs are predictable.
 fn add_devices(vmm: &mut vmm::Vmm, config: &VmmConfig) -> Result<(), MainError> {
-    let unsupported =
-        |what: &str| MainError::Devices(format!("{what} is not available in the built-in VMM yet"));
-    if config.vsock.is_some() {
-        return Err(unsupported("virtio-vsock"));
+    use std::sync::{Arc, Mutex};
+    let err = |what: String| MainError::Devices(what);
+    if let Some(vsock) = &config.vsock {
+        let device = devices::VsockDevice::new(u64::from(vsock.guest_cid), &vsock.uds)
+            .map_err(|e| err(format!("vsock on {}: {e}", vsock.uds.display())))?;
+        let device = Arc::new(Mutex::new(device));
+        vmm.add_virtio_device(device.clone())?;
+        vmm.add_subscriber(device);
     }
-    if !config.drives.is_empty() {
-        return Err(unsupported("virtio-blk"));
+    for drive in &config.drives {
+        let device = devices::BlockDevice::new(&drive.path, drive.read_only)
+            .map_err(|e| err(format!("drive {} ({}): {e}", drive.id, drive.path.display())))?;
+        let device = Arc::new(Mutex::new(device));
+        vmm.add_virtio_device(device.clone())?;
+        let read_only = drive.read_only;
+        vmm.add_drive_swapper(
+            &drive.id,
+            Box::new(move |path, want_read_only| {
+                if want_read_only != read_only {
+                    return Err(format!(
+                        "the drive is {}; a swap keeps its mode",
+                        if read_only { "read-only" } else { "read-write" }
+                    ));
+                }
+                let mut device = device.lock().unwrap_or_else(|p| p.into_inner());
+                device.swap_backing(path).map_err(|e| e.to_string())
+            }),
+        );
     }
-    if !config.nets.is_empty() {
-        return Err(unsupported("virtio-net"));
+    for net in &config.nets {
+        let mac = parse_mac(&net.mac)
+            .ok_or_else(|| err(format!("net {}: bad MAC address {:?}", net.id, net.mac)))?;
+        let device = devices::NetDevice::new(&net.tap, mac)
+            .map_err(|e| err(format!("net {} on tap {}: {e}", net.id, net.tap)))?;
+        let device = Arc::new(Mutex::new(device));
+        vmm.add_virtio_device(device.clone())?;
+        vmm.add_subscriber(device);
     }
-    if !config.fs.is_empty() {
-        return Err(unsupported("virtio-fs"));
+    for fs in &config.fs {
+        let device = devices::VhostUserFsDevice::new(&fs.socket, &fs.tag)
+            .map_err(|e| err(format!("virtio-fs {} ({}): {e}", fs.tag, fs.socket.display())))?;
+        let device = Arc::new(Mutex::new(device));
+        vmm.add_virtio_device(device.clone())?;
+        vmm.add_subscriber(device);
     }
-    let _ = vmm;
     Ok(())
 }
 
@@ -187,5 +232,15 @@ mod tests {
         assert!(parse_args(&strings(&["--config", "c"])).is_err());
         assert!(parse_args(&strings(&["--config"])).is_err());
         assert!(parse_args(&strings(&["--config", "c", "--control", "s", "--x"])).is_err());
+    }
+
+    #[test]
+    fn mac_addresses() {
+        assert_eq!(parse_mac("02:00:0a:ff:00:01"), Some([2, 0, 0xa, 0xff, 0, 1]));
+        for bad in
+            ["", "02:00:0a:ff:00", "02:00:0a:ff:00:01:02", "2:00:0a:ff:00:01", "zz:00:00:00:00:00"]
+        {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
     }
 }

@@ -124,3 +124,30 @@ fn jailed_vmm_runs_unprivileged_in_its_own_mount_namespace() {
     let (code, stderr) = vmm.wait_exit();
     assert_eq!(code, Some(0), "stderr: {stderr}");
 }
+
+#[test]
+fn vsock_device_is_visible_over_mmio_and_its_socket_exists() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = podvisor_vmm::layout::MMIO_DEVICES_START as u32;
+    let mut code = asm::program(&[&asm::mov_dx(SERIAL_PORT_BASE as u16), &asm::mov_ebx(base)]);
+    for reg in [0x0u8, 0x4, 0x8] {
+        code.extend_from_slice(&asm::mov_eax_rbx_disp8(reg));
+        code.extend_from_slice(&asm::out_eax_bytes());
+    }
+    code.extend_from_slice(&asm::HLT);
+    let mut cfg = config(dir.path(), &code, 32);
+    let uds = dir.path().join("run/vsock.sock");
+    cfg.vsock = Some(podvisor_vmm::config::VsockConfig { guest_cid: 3, uds: uds.clone() });
+    let mut vmm = spawn(dir, &cfg, &[]);
+    let mut want = b"virt".to_vec();
+    want.extend_from_slice(&2u32.to_le_bytes());
+    want.extend_from_slice(&19u32.to_le_bytes()); // virtio-vsock
+    vmm.wait_console(&want);
+    assert!(uds.exists(), "the hybrid-vsock socket is bound");
+    assert!(vmm.request(&Request::Stop).ok);
+    let (code, stderr) = vmm.wait_exit();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+}
