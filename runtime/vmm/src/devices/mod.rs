@@ -20,12 +20,14 @@ pub trait BusDevice: Send {
 }
 
 pub mod block;
+pub mod fs;
 pub mod net;
 pub mod virtio;
 pub mod vsock;
 
 pub use block::BlockDevice;
+pub use fs::VhostUserFsDevice;
+pub use net::NetDevice;
 pub use virtio::mmio::MmioTransport;
 pub use virtio::{Interrupt, VirtioDevice};
 pub use vsock::VsockDevice;
-pub use net::NetDevice;

@@ -275,7 +275,7 @@ fn execute(
 /// The byte offset of `sector` if `len` bytes from there lie within the disk and `len` is
 /// whole sectors.
 fn check_range(backing: &Backing, sector: u64, len: usize) -> Option<u64> {
-    if len as u64 % SECTOR_SIZE != 0 {
+    if !(len as u64).is_multiple_of(SECTOR_SIZE) {
         tracing::warn!("virtio-blk: request of {len} bytes is not whole sectors");
         return None;
     }

@@ -198,18 +198,24 @@ impl NetDevice {
             };
             let head = chain.head_index();
             let used_len = match ChainBuffers::parse(chain, usize::from(QUEUE_SIZE)) {
-                Ok(buffers) if buffers.readable.is_empty() && buffers.writable_len() >= frame.len() => {
+                Ok(buffers)
+                    if buffers.readable.is_empty() && buffers.writable_len() >= frame.len() =>
+                {
                     match buffers.write_at(mem, 0, &frame) {
                         Ok(()) => {
                             self.metrics.rx_frames += 1;
-                            self.metrics.rx_bytes += (frame.len() - VNET_HDR_SIZE.min(frame.len())) as u64;
+                            self.metrics.rx_bytes +=
+                                (frame.len() - VNET_HDR_SIZE.min(frame.len())) as u64;
                             frame.len() as u32
                         }
                         Err(_) => 0,
                     }
                 }
                 Ok(_) => {
-                    tracing::warn!("virtio-net: rx chain {head} cannot hold a {}-byte frame", frame.len());
+                    tracing::warn!(
+                        "virtio-net: rx chain {head} cannot hold a {}-byte frame",
+                        frame.len()
+                    );
                     self.metrics.rx_dropped += 1;
                     self.metrics.malformed_chains += 1;
                     0
@@ -257,16 +263,9 @@ impl VirtioDevice for NetDevice {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         if ctx.queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: ctx.queues.len(),
-            });
+            return Err(ActivateError::QueueCount { expected: 2, got: ctx.queues.len() });
         }
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queues: ctx.queues,
-            interrupt: ctx.interrupt,
-        });
+        self.active = Some(Active { mem: ctx.mem, queues: ctx.queues, interrupt: ctx.interrupt });
         self.backend_readable = true;
         Ok(())
     }
@@ -294,7 +293,9 @@ impl MutEventSubscriber for NetDevice {
 
     fn init(&mut self, ops: &mut EventOps) {
         let fd = self.backend.as_raw_fd();
-        if let Err(err) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN | EventSet::EDGE_TRIGGERED)) {
+        if let Err(err) =
+            ops.add(Events::with_data_raw(fd, 0, EventSet::IN | EventSet::EDGE_TRIGGERED))
+        {
             tracing::error!("virtio-net: registering the tap with the event loop: {err}");
         }
     }

@@ -70,7 +70,8 @@ pub fn open_tap(name: &str) -> Result<File, TapError> {
     }
     let hdr_size = VNET_HDR_SIZE as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_size as *const libc::c_int) };
+    let ret =
+        unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_size as *const libc::c_int) };
     if ret < 0 {
         return Err(TapError::SetVnetHdrSize(std::io::Error::last_os_error()));
     }

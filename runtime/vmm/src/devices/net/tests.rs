@@ -35,11 +35,7 @@ impl Harness {
         let device = Arc::new(Mutex::new(device));
         let mut driver = VirtioTestDriver::new(device.clone());
         driver.activate(0);
-        Harness {
-            device,
-            driver,
-            rx_heads: HashMap::new(),
-        }
+        Harness { device, driver, rx_heads: HashMap::new() }
     }
 
     /// Device + the host end of a frame socketpair.
@@ -56,7 +52,8 @@ impl Harness {
         };
         assert_eq!(ret, 0);
         // SAFETY: both fds were just created by socketpair and are owned by nobody else.
-        let (dev_fd, host_fd) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (dev_fd, host_fd) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let host = UnixDatagram::from(host_fd);
         host.set_nonblocking(false).unwrap();
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -173,7 +170,9 @@ impl PacketSocket {
         }
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain socket(2) call with constant arguments.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, i32::from(proto)) };
+        let fd = unsafe {
+            libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, i32::from(proto))
+        };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -213,7 +212,8 @@ impl PacketSocket {
         let mut buf = vec![0u8; 4096];
         while Instant::now() < deadline {
             // SAFETY: the pointer/length pair describes `buf`, valid for the call.
-            let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n >= 14 && buf[12..14] == ETHERTYPE_TEST.to_be_bytes() {
                 return Some(buf[..n as usize].to_vec());
             }
@@ -239,13 +239,14 @@ fn tx_and_rx_over_a_real_tap() {
             return;
         }
     };
-    let up = std::process::Command::new("ip")
-        .args(["link", "set", "dev", &name, "up"])
-        .status();
+    let up = std::process::Command::new("ip").args(["link", "set", "dev", &name, "up"]).status();
     let socket = match (up, PacketSocket::bind(&name)) {
         (Ok(status), Ok(socket)) if status.success() => socket,
         (up, socket) => {
-            eprintln!("SKIP tx_and_rx_over_a_real_tap: bringing {name} up: {up:?} / {:?}", socket.err());
+            eprintln!(
+                "SKIP tx_and_rx_over_a_real_tap: bringing {name} up: {up:?} / {:?}",
+                socket.err()
+            );
             return;
         }
     };
@@ -266,10 +267,10 @@ fn tx_and_rx_over_a_real_tap() {
     while got.is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
         h.device.lock().unwrap().process_backend_events();
-        got = h
-            .guest_recv()
-            .into_iter()
-            .find(|f| f.len() >= VNET_HDR_SIZE + 14 && f[VNET_HDR_SIZE + 12..VNET_HDR_SIZE + 14] == ETHERTYPE_TEST.to_be_bytes());
+        got = h.guest_recv().into_iter().find(|f| {
+            f.len() >= VNET_HDR_SIZE + 14
+                && f[VNET_HDR_SIZE + 12..VNET_HDR_SIZE + 14] == ETHERTYPE_TEST.to_be_bytes()
+        });
     }
     let got = got.expect("frame from the tap in the rx ring");
     assert_eq!(&got[VNET_HDR_SIZE..], &inbound[VNET_HDR_SIZE..]);

@@ -335,7 +335,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         // Registers below the config space are 32-bit and must be accessed as such.
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             tracing::warn!("virtio-mmio: {}-byte read at {offset:#x}", data.len());
             data.fill(0);
             return;
@@ -355,7 +355,7 @@ impl BusDevice for MmioTransport {
             tracing::warn!("virtio-mmio: {}-byte write at {offset:#x}", data.len());
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         self.write_register(offset, u32::from_le_bytes(bytes));

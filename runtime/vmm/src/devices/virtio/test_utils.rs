@@ -19,6 +19,23 @@ const DATA_AREA: u64 = 0x100_0000;
 pub const F_NEXT: u16 = 1;
 pub const F_WRITE: u16 = 2;
 
+/// Guest memory backed by a memfd, as the core builds it (vhost-user needs the fd).
+pub fn memfd_guest_memory() -> GuestMemory {
+    let name = std::ffi::CString::new("podvisor-test-guest").unwrap();
+    // SAFETY: `name` is a valid NUL-terminated string; the returned fd is checked.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).unwrap();
+    GuestMemory::from_ranges_with_files(&[(
+        GuestAddress(0),
+        MEM_SIZE,
+        Some(vm_memory::FileOffset::new(file, 0)),
+    )])
+    .expect("memfd guest memory")
+}
+
 pub fn guest_memory() -> GuestMemory {
     GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("test guest memory")
 }
@@ -44,7 +61,10 @@ pub struct VirtioTestDriver {
 
 impl VirtioTestDriver {
     pub fn new(device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
-        let mem = guest_memory();
+        Self::with_memory(guest_memory(), device)
+    }
+
+    pub fn with_memory(mem: GuestMemory, device: Arc<Mutex<dyn VirtioDevice>>) -> Self {
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let transport = MmioTransport::new(mem.clone(), irq.try_clone().expect("dup"), device);
         VirtioTestDriver {
