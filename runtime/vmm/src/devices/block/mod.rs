@@ -18,7 +18,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::{Queue, QueueT};
 
 use super::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory, Interrupt,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory, Interrupt,
     VirtioDevice, FEATURE_VERSION_1, TYPE_BLOCK,
 };
 
@@ -155,7 +155,7 @@ impl BlockDevice {
         };
         let mem = &active.mem;
         let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = pop_chain(&mut active.queue, mem, &active.interrupt) {
             let head = chain.head_index();
             let used_len = match ChainBuffers::parse(chain, usize::from(QUEUE_SIZE)) {
                 Ok(buffers) => {

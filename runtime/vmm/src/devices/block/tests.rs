@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use super::*;
 use crate::devices::virtio::test_utils::{VirtioTestDriver, F_NEXT, F_WRITE};
@@ -221,4 +221,21 @@ fn large_read_spans_chunks() {
     let (status, used, data) = h.request(VIRTIO_BLK_T_IN, 0, Some((&vec![0u8; len], true)));
     assert_eq!((status, used), (OK, len as u32 + 1));
     assert!(h.driver.read_mem(data, len).iter().all(|&b| b == 0x11));
+}
+
+#[test]
+fn corrupt_avail_index_asks_for_reset() {
+    let mut h = Harness::new(false);
+    // The driver claims 1000 new chains on a 256-entry queue.
+    let avail = h.driver.queues[0].avail;
+    h.driver.mem.write_obj(1000u16, avail.unchecked_add(2)).unwrap();
+    h.driver.kick(0);
+    assert!(h.driver.needs_reset());
+    assert!(h.driver.take_used(0).is_empty());
+    assert_ne!(h.driver.interrupt_status() & super::super::virtio::INTERRUPT_CONFIG, 0);
+    // Reset and re-initialise: the device works again.
+    h.driver.write_reg(0x70, 0);
+    h.driver.activate(0);
+    let (status, _, _) = h.request(VIRTIO_BLK_T_IN, 2, Some((&[0u8; 512], true)));
+    assert_eq!(status, OK);
 }

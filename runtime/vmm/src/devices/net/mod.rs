@@ -20,7 +20,7 @@ use vmm_sys_util::epoll::EventSet;
 
 pub use self::tap::{TapError, VNET_HDR_SIZE};
 use super::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory, Interrupt,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory, Interrupt,
     VirtioDevice, FEATURE_VERSION_1, TYPE_NET,
 };
 
@@ -106,7 +106,7 @@ impl NetDevice {
         };
         let mem = &active.mem;
         let mut used_any = false;
-        while let Some(chain) = active.queues[TX].pop_descriptor_chain(mem) {
+        while let Some(chain) = pop_chain(&mut active.queues[TX], mem, &active.interrupt) {
             let head = chain.head_index();
             match ChainBuffers::parse(chain, usize::from(QUEUE_SIZE)) {
                 Ok(buffers) => {
@@ -190,7 +190,7 @@ impl NetDevice {
                 break;
             };
             let mem = &active.mem;
-            let Some(chain) = active.queues[RX].pop_descriptor_chain(mem) else {
+            let Some(chain) = pop_chain(&mut active.queues[RX], mem, &active.interrupt) else {
                 // No buffers: keep the frame; the tap holds the rest until the guest
                 // adds buffers (rx queue notify).
                 self.pending_frame = Some(frame);

@@ -43,6 +43,10 @@ const REG_QUEUE_AVAIL_LOW: u64 = 0x090;
 const REG_QUEUE_AVAIL_HIGH: u64 = 0x094;
 const REG_QUEUE_USED_LOW: u64 = 0x0a0;
 const REG_QUEUE_USED_HIGH: u64 = 0x0a4;
+const REG_SHM_LEN_LOW: u64 = 0x0b0;
+const REG_SHM_LEN_HIGH: u64 = 0x0b4;
+const REG_SHM_BASE_LOW: u64 = 0x0b8;
+const REG_SHM_BASE_HIGH: u64 = 0x0bc;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
 const REG_CONFIG: u64 = 0x100;
 
@@ -262,6 +266,9 @@ impl MmioTransport {
             REG_INTERRUPT_STATUS => self.interrupt.status(),
             REG_STATUS => self.status(),
             REG_CONFIG_GENERATION => self.interrupt.config_generation(),
+            // No shared memory regions (no virtio-fs DAX window): a length of -1 tells the
+            // driver the selected region does not exist.
+            REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
             _ => {
                 tracing::debug!("virtio-mmio: read of unknown register {offset:#x}");
                 0
@@ -369,19 +376,25 @@ mod tests {
 
     #[test]
     fn identity_registers() {
-        let driver = VirtioTestDriver::new(Arc::new(Mutex::new(DummyDevice::new(2))));
+        let mut driver = VirtioTestDriver::new(Arc::new(Mutex::new(DummyDevice::new(2))));
+        assert_eq!(driver.read_reg(REG_MAGIC), MMIO_MAGIC_VALUE);
+        assert_eq!(driver.read_reg(REG_VERSION), 2);
+        assert_eq!(driver.read_reg(REG_DEVICE_ID), 0xff);
+        assert_eq!(driver.read_reg(REG_VENDOR_ID), VENDOR_ID);
+        assert_eq!(driver.read_reg(REG_SHM_LEN_LOW), u32::MAX);
+        assert_eq!(driver.read_reg(REG_SHM_LEN_HIGH), u32::MAX);
+        // Narrow or unaligned register accesses read as zero and are ignored on write.
         let mut t = driver.transport.lock().unwrap();
-        let mut buf = [0u8; 4];
-        t.read(REG_MAGIC, &mut buf);
-        assert_eq!(u32::from_le_bytes(buf), MMIO_MAGIC_VALUE);
-        t.read(REG_VERSION, &mut buf);
-        assert_eq!(u32::from_le_bytes(buf), 2);
-        t.read(REG_DEVICE_ID, &mut buf);
-        assert_eq!(u32::from_le_bytes(buf), 0xff);
-        // Unaligned or narrow reads of registers read as zero, never panic.
         let mut narrow = [0xffu8; 2];
         t.read(REG_MAGIC, &mut narrow);
         assert_eq!(narrow, [0, 0]);
+        let mut unaligned = [0xffu8; 4];
+        t.read(REG_MAGIC + 1, &mut unaligned);
+        assert_eq!(unaligned, [0; 4]);
+        t.write(REG_STATUS, &[1]);
+        t.write(REG_STATUS + 2, &[1, 0, 0, 0]);
+        drop(t);
+        assert_eq!(driver.read_reg(REG_STATUS), 0);
     }
 
     #[test]

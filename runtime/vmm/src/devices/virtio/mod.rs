@@ -5,7 +5,7 @@ pub mod mmio;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -149,6 +149,26 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, queue_index: u32);
     /// Stops the device and drops its queues (status was set to 0).
     fn reset(&mut self);
+}
+
+/// Pops the next available chain. A corrupt available ring (an index more than a queue
+/// ahead of the device) cannot be processed safely: the device asks for a reset instead.
+pub fn pop_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemory,
+    interrupt: &Interrupt,
+) -> Option<DescriptorChain<&'a GuestMemory>> {
+    if interrupt.needs_reset() {
+        return None;
+    }
+    match queue.iter(mem) {
+        Ok(mut chains) => chains.next(),
+        Err(err) => {
+            tracing::warn!("virtio: available ring unusable: {err}");
+            interrupt.signal_needs_reset();
+            None
+        }
+    }
 }
 
 /// Copies the `data.len()` bytes of `config` at `offset` (zero past its end).

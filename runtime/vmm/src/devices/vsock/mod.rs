@@ -18,7 +18,7 @@ use vmm_sys_util::epoll::EventSet;
 use self::muxer::{Muxer, MuxerError, RxPayload};
 use self::packet::*;
 use super::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory, Interrupt,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory, Interrupt,
     VirtioDevice, FEATURE_VERSION_1, TYPE_VSOCK,
 };
 
@@ -108,7 +108,7 @@ impl VsockDevice {
             return;
         };
         let mem = &active.mem;
-        let Some(chain) = active.queues[EVENT].pop_descriptor_chain(mem) else {
+        let Some(chain) = pop_chain(&mut active.queues[EVENT], mem, &active.interrupt) else {
             tracing::warn!("vsock: no event buffer for TRANSPORT_RESET");
             return;
         };
@@ -140,7 +140,7 @@ impl VsockDevice {
         };
         let mem = &active.mem;
         let mut used_any = false;
-        while let Some(chain) = active.queues[TX].pop_descriptor_chain(mem) {
+        while let Some(chain) = pop_chain(&mut active.queues[TX], mem, &active.interrupt) {
             let head = chain.head_index();
             match ChainBuffers::parse(chain, usize::from(QUEUE_SIZE)) {
                 Ok(buffers) => {
@@ -172,7 +172,7 @@ impl VsockDevice {
         while active.held_rx.is_some() || self.muxer.has_rx() {
             let buffers = match active.held_rx.take() {
                 Some(buffers) => buffers,
-                None => match active.queues[RX].pop_descriptor_chain(mem) {
+                None => match pop_chain(&mut active.queues[RX], mem, &active.interrupt) {
                     None => break,
                     Some(chain) => {
                         let head = chain.head_index();
