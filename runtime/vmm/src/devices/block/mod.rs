@@ -18,8 +18,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::{Queue, QueueT};
 
 use super::virtio::{
-    pop_chain, read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory, Interrupt,
-    VirtioDevice, FEATURE_VERSION_1, TYPE_BLOCK,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory,
+    Interrupt, VirtioDevice, FEATURE_VERSION_1, TYPE_BLOCK,
 };
 
 /// Sector size of the virtio-blk protocol.

@@ -20,8 +20,8 @@ use vmm_sys_util::epoll::EventSet;
 
 pub use self::tap::{TapError, VNET_HDR_SIZE};
 use super::virtio::{
-    pop_chain, read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory, Interrupt,
-    VirtioDevice, FEATURE_VERSION_1, TYPE_NET,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory,
+    Interrupt, VirtioDevice, FEATURE_VERSION_1, TYPE_NET,
 };
 
 /// Queue size of rx and tx.

@@ -18,8 +18,8 @@ use vmm_sys_util::epoll::EventSet;
 use self::muxer::{Muxer, MuxerError, RxPayload};
 use self::packet::*;
 use super::virtio::{
-    pop_chain, read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory, Interrupt,
-    VirtioDevice, FEATURE_VERSION_1, TYPE_VSOCK,
+    pop_chain, read_config_bytes, ActivateContext, ActivateError, ChainBuffers, GuestMemory,
+    Interrupt, VirtioDevice, FEATURE_VERSION_1, TYPE_VSOCK,
 };
 
 /// Queue size of each of the three queues.
@@ -93,6 +93,12 @@ impl VsockDevice {
     /// Counters so far.
     pub fn metrics(&self) -> (VsockMetrics, muxer::MuxerCounters) {
         (self.metrics, self.muxer.counters())
+    }
+
+    /// How long a host client's `CONNECT` waits for the guest before it is closed
+    /// (default 2 s, as in Firecracker).
+    pub fn set_connect_timeout(&mut self, timeout: std::time::Duration) {
+        self.muxer.set_connect_timeout(timeout);
     }
 
     /// Live connections.

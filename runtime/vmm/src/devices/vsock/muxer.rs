@@ -17,8 +17,10 @@ use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::packet::*;
 
@@ -32,6 +34,11 @@ const MAX_CONNECT_LINE: usize = 32;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Epoll token of the listening socket.
 const LISTENER_TOKEN: u64 = u64::MAX;
+/// Epoll token of the request timer.
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+/// How long a host-initiated connection waits for the guest's OP_RESPONSE (as in
+/// Firecracker); then the host client is closed and the guest gets an RST.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Failures setting the muxer up.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +55,9 @@ pub enum MuxerError {
     /// Registering the listener with epoll.
     #[error("epoll_ctl(listener): {0}")]
     EpollAdd(std::io::Error),
+    /// Creating the request timer.
+    #[error("timerfd: {0}")]
+    Timer(vmm_sys_util::errno::Error),
 }
 
 /// Connection key: (host-side port, guest-side port).
@@ -55,8 +65,8 @@ type ConnKey = (u32, u32);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ConnState {
-    /// Host-initiated: OP_REQUEST sent, waiting for the guest's OP_RESPONSE.
-    AwaitingResponse,
+    /// Host-initiated: OP_REQUEST sent at this time, waiting for the guest's OP_RESPONSE.
+    AwaitingResponse(Instant),
     Established,
 }
 
@@ -176,6 +186,11 @@ pub struct Muxer {
     uds_path: PathBuf,
     listener: UnixListener,
     epoll: Epoll,
+    request_timer: TimerFd,
+    request_timer_armed: bool,
+    connect_timeout: Duration,
+    /// Where the last rx scan stopped, so connections take turns.
+    last_served: Option<ConnKey>,
     handshakes: HashMap<RawFd, Handshake>,
     conns: BTreeMap<ConnKey, Connection>,
     fd_to_conn: HashMap<RawFd, ConnKey>,
@@ -200,11 +215,23 @@ impl Muxer {
                 EpollEvent::new(EventSet::IN, LISTENER_TOKEN),
             )
             .map_err(MuxerError::EpollAdd)?;
+        let request_timer = TimerFd::new().map_err(MuxerError::Timer)?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                request_timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TIMER_TOKEN),
+            )
+            .map_err(MuxerError::EpollAdd)?;
         Ok(Muxer {
             guest_cid,
             uds_path: uds_path.into(),
             listener,
             epoll,
+            request_timer,
+            request_timer_armed: false,
+            connect_timeout: CONNECT_TIMEOUT,
+            last_served: None,
             handshakes: HashMap::new(),
             conns: BTreeMap::new(),
             fd_to_conn: HashMap::new(),
@@ -352,7 +379,7 @@ impl Muxer {
             self.queue_rst(key);
             return;
         };
-        if conn.state != ConnState::AwaitingResponse {
+        if !matches!(conn.state, ConnState::AwaitingResponse(_)) {
             self.remove(key);
             self.queue_rst(key);
             return;
@@ -432,6 +459,12 @@ impl Muxer {
                     self.accept_clients();
                     continue;
                 }
+                if token == TIMER_TOKEN {
+                    let _ = self.request_timer.wait();
+                    self.request_timer_armed = false;
+                    self.expire_requests();
+                    continue;
+                }
                 let fd = token as RawFd;
                 let set = event.event_set();
                 if self.handshakes.contains_key(&fd) {
@@ -504,14 +537,59 @@ impl Muxer {
         let local_port = self.allocate_local_port(peer_port);
         let key = (local_port, peer_port);
         self.fd_to_conn.insert(fd, key);
-        let mut conn =
-            Connection::new(handshake.stream, ConnState::AwaitingResponse, &Header::default());
+        let mut conn = Connection::new(
+            handshake.stream,
+            ConnState::AwaitingResponse(Instant::now()),
+            &Header::default(),
+        );
         // Bytes after the CONNECT line are left in the socket for after the handshake.
         conn.host_readable = true;
         self.conns.insert(key, conn);
         self.counters.conns_added += 1;
         let request = self.header(key, OP_REQUEST);
         self.control.push_back(request);
+        self.arm_request_timer(self.connect_timeout);
+    }
+
+    /// How long host-initiated connections wait for the guest (default [`CONNECT_TIMEOUT`]).
+    pub fn set_connect_timeout(&mut self, timeout: Duration) {
+        self.connect_timeout = timeout;
+    }
+
+    fn arm_request_timer(&mut self, after: Duration) {
+        if self.request_timer_armed {
+            return;
+        }
+        match self.request_timer.reset(after, None) {
+            Ok(()) => self.request_timer_armed = true,
+            Err(err) => tracing::error!("vsock: arming the request timer: {err}"),
+        }
+    }
+
+    /// Closes host-initiated connections the guest did not answer in time.
+    fn expire_requests(&mut self) {
+        let now = Instant::now();
+        let mut next_deadline: Option<Duration> = None;
+        let mut expired = Vec::new();
+        for (key, conn) in &self.conns {
+            if let ConnState::AwaitingResponse(since) = conn.state {
+                let age = now.saturating_duration_since(since);
+                if age >= self.connect_timeout {
+                    expired.push(*key);
+                } else {
+                    let left = self.connect_timeout - age;
+                    next_deadline = Some(next_deadline.map_or(left, |d| d.min(left)));
+                }
+            }
+        }
+        for key in expired {
+            tracing::debug!("vsock: guest did not answer the connection request {key:?}");
+            self.remove(key);
+            self.queue_rst(key);
+        }
+        if let Some(after) = next_deadline {
+            self.arm_request_timer(after.max(Duration::from_millis(1)));
+        }
     }
 
     fn allocate_local_port(&mut self, peer_port: u32) -> u32 {
@@ -554,7 +632,18 @@ impl Muxer {
         if let Some(hdr) = self.control.pop_front() {
             return Some((hdr, RxPayload::None));
         }
-        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        // Start after the connection served last, so none is starved.
+        let keys: Vec<ConnKey> = match self.last_served {
+            Some(last) => {
+                use std::ops::Bound::{Excluded, Included, Unbounded};
+                self.conns
+                    .range((Excluded(last), Unbounded))
+                    .chain(self.conns.range((Unbounded, Included(last))))
+                    .map(|(k, _)| *k)
+                    .collect()
+            }
+            None => self.conns.keys().copied().collect(),
+        };
         for key in keys {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
@@ -588,6 +677,7 @@ impl Muxer {
                     self.counters.bytes_to_guest += n as u64;
                     let mut hdr = self.header(key, OP_RW);
                     hdr.len = n as u32;
+                    self.last_served = Some(key);
                     return Some((hdr, RxPayload::Data(buf)));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => conn.host_readable = false,

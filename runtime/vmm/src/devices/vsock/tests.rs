@@ -476,3 +476,48 @@ fn malformed_rx_chains_are_returned_empty() {
     h.add_rx_buffers(1, RX_BUF);
     assert_eq!(h.guest_recv()[0].0.op, OP_REQUEST);
 }
+
+#[test]
+fn unanswered_connect_times_out() {
+    let mut h = Harness::new();
+    h.device.lock().unwrap().set_connect_timeout(Duration::from_millis(50));
+    h.add_rx_buffers(4, RX_BUF);
+    let mut client = UnixStream::connect(&h.uds).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    h.host_events();
+    let req = h.guest_recv()[0].0;
+    assert_eq!(req.op, OP_REQUEST);
+    std::thread::sleep(Duration::from_millis(80));
+    h.host_events();
+    let pkts = h.guest_recv();
+    assert_eq!(pkts.len(), 1);
+    assert_eq!(pkts[0].0.op, OP_RST);
+    assert_eq!(pkts[0].0.src_port, req.src_port);
+    let mut buf = [0u8; 4];
+    assert_eq!(client.read(&mut buf).unwrap(), 0);
+    // A late RESPONSE is answered with RST.
+    h.guest_send(guest_hdr(1024, req.src_port, OP_RESPONSE), &[]);
+    assert_eq!(h.guest_recv()[0].0.op, OP_RST);
+}
+
+#[test]
+fn busy_connections_take_turns() {
+    let mut h = Harness::new();
+    h.add_rx_buffers(4, RX_BUF);
+    let (mut a, port_a) = host_connect(&mut h, 1);
+    let (mut b, port_b) = host_connect(&mut h, 2);
+    a.write_all(&[b'a'; 3 * 4096]).unwrap();
+    b.write_all(&[b'b'; 3 * 4096]).unwrap();
+    h.host_events();
+    let pkts = h.guest_recv();
+    assert!(pkts.len() >= 2);
+    h.add_rx_buffers(6, RX_BUF);
+    let pkts: Vec<_> = pkts.into_iter().chain(h.guest_recv()).collect();
+    let order: Vec<u32> = pkts.iter().filter(|p| p.0.op == OP_RW).map(|p| p.0.src_port).collect();
+    assert_eq!(order.len(), 6, "{order:?}");
+    for pair in order.windows(2) {
+        assert_ne!(pair[0], pair[1], "connections must alternate: {order:?}");
+    }
+    assert!(order.contains(&port_a) && order.contains(&port_b));
+}
