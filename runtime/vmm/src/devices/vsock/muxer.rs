@@ -352,7 +352,7 @@ impl Muxer {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", hdr.dst_port));
-        let stream = match UnixStream::connect(&path) {
+        let stream = match connect_nonblocking(Path::new(&path)) {
             Ok(stream) => stream,
             Err(err) => {
                 tracing::debug!("vsock: guest connect to {path:?}: {err}");
@@ -361,8 +361,7 @@ impl Muxer {
                 return;
             }
         };
-        if let Err(err) = stream.set_nonblocking(true).and_then(|()| self.watch(stream.as_raw_fd()))
-        {
+        if let Err(err) = self.watch(stream.as_raw_fd()) {
             tracing::warn!("vsock: setting up connection to {path:?}: {err}");
             self.queue_rst(key);
             return;
@@ -691,6 +690,22 @@ impl Muxer {
         }
         None
     }
+}
+
+/// Connects without blocking: this runs on a vCPU thread, and a blocking connect to a
+/// listener with a full backlog would stall the vCPU. A full backlog fails (EAGAIN) and
+/// the guest gets an RST.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    connect(fd.as_raw_fd(), &addr)?;
+    Ok(UnixStream::from(fd))
 }
 
 fn parse_connect_line(line: &[u8]) -> Result<u32, String> {
