@@ -1,15 +1,33 @@
 //! Guest-visible devices of the built-in VMM.
 //!
 //! Every device sits on the MMIO (or PIO) bus behind [`BusDevice`]. Virtio devices are
-//! exposed through the virtio-mmio v2 transport in [`virtio::mmio::MmioTransport`], which
-//! implements [`BusDevice`] and forwards to a [`virtio::VirtioDevice`] (vsock, blk, net,
-//! vhost-user-fs).
+//! exposed through the virtio-mmio v2 transport, [`MmioTransport`], which implements
+//! [`BusDevice`] and drives a [`VirtioDevice`]:
 //!
-//! Threading model: queue notifications (a write to QueueNotify) are processed
-//! synchronously on the vCPU thread that did the write; host-side events (a vsock peer
-//! writes to its unix socket, a tap has a frame) are handled by each device's
-//! `event-manager` subscriber, which the core runs on its event-loop thread. Both paths lock
-//! the same device state, so the transport owns the device behind an `Arc<Mutex<_>>`.
+//! | device | type | built with |
+//! |---|---|---|
+//! | [`VsockDevice`] | 19 | `VsockDevice::new(cid, uds_path)` (hybrid vsock, Firecracker's protocol) |
+//! | [`BlockDevice`] | 2 | `BlockDevice::new(path, read_only)`; `swap_backing(path)` |
+//! | [`NetDevice`] | 1 | `NetDevice::new(tap_name, mac)` |
+//! | [`VhostUserFsDevice`] | 26 | `VhostUserFsDevice::new(virtiofsd_socket, tag)` |
+//!
+//! Wiring, per device: wrap it in `Arc<Mutex<_>>`, give a clone to
+//! `MmioTransport::new(guest_memory, irq_eventfd, device)` (the transport is the bus
+//! device of the 4 KiB MMIO window; `irq_eventfd` is registered with KVM irqfd), and add
+//! another clone to the `event-manager` loop as a `MutEventSubscriber` (vsock, net, fs; blk
+//! has no host-side events).
+//!
+//! Threading: queue notifications (a guest write to QueueNotify) are processed
+//! synchronously on the vCPU thread that wrote it (vsock tx, blk I/O, net tx, the
+//! vhost-user setup at DRIVER_OK); host-side readiness (a vsock peer wrote to its unix
+//! socket, the tap has a frame, virtiofsd used buffers) is handled on the event-loop
+//! thread. Both lock the same device mutex. Nothing on either path blocks on the guest or
+//! on a peer, except file I/O (blk) and vhost-user request/reply with virtiofsd.
+//!
+//! Guest input is never trusted: every descriptor chain is walked by
+//! [`virtio::ChainBuffers::parse`] (bounds, loops, length, direction) before any access; a
+//! bad chain is returned to the guest unprocessed (or with an error status), and a corrupt
+//! available ring sets DEVICE_NEEDS_RESET.
 
 /// A device on the MMIO or PIO bus; called on the vCPU thread on a guest access.
 pub trait BusDevice: Send {

@@ -5,6 +5,10 @@
 //! ([`BlockDevice::swap_backing`]), which updates the capacity and raises a
 //! configuration-change interrupt so the guest re-reads it.
 
+mod metrics;
+
+pub use self::metrics::BlockMetrics;
+
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -40,19 +44,6 @@ pub enum BlockError {
     /// Reading the backing file's metadata.
     #[error("stat {0}: {1}")]
     Metadata(PathBuf, std::io::Error),
-}
-
-/// Request counters.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct BlockMetrics {
-    pub read_requests: u64,
-    pub write_requests: u64,
-    pub flush_requests: u64,
-    pub read_bytes: u64,
-    pub write_bytes: u64,
-    pub io_errors: u64,
-    pub unsupported: u64,
-    pub malformed_chains: u64,
 }
 
 struct Backing {

@@ -8,11 +8,11 @@
 //! virtiofsd signals the call eventfds; the event loop (`MutEventSubscriber`) turns those
 //! into the virtio-mmio interrupt, so InterruptStatus is set before the guest looks.
 
-use std::os::fd::AsRawFd;
+mod event_handler;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -20,7 +20,6 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::virtio::{
@@ -262,22 +261,6 @@ impl VirtioDevice for VhostUserFsDevice {
                 if let Err(err) = self.frontend.get_vring_base(index) {
                     tracing::warn!("virtio-fs: stopping ring {index}: {err}");
                 }
-            }
-        }
-    }
-}
-
-impl MutEventSubscriber for VhostUserFsDevice {
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        self.process_call_events();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        for (index, evt) in self.call_evts.iter().enumerate() {
-            if let Err(err) =
-                ops.add(Events::with_data_raw(evt.as_raw_fd(), index as u32, EventSet::IN))
-            {
-                tracing::error!("virtio-fs: registering call eventfd {index}: {err}");
             }
         }
     }

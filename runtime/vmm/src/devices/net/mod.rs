@@ -6,17 +6,20 @@
 //! Guest tx is processed on the vCPU thread that kicked the queue; tap readiness comes
 //! through the core's event loop (`MutEventSubscriber`, register `Arc<Mutex<NetDevice>>`).
 
+mod event_handler;
 pub mod tap;
+
+mod metrics;
+
+pub use self::metrics::NetMetrics;
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::epoll::EventSet;
 
 pub use self::tap::{TapError, VNET_HDR_SIZE};
 use super::virtio::{
@@ -30,18 +33,6 @@ const RX: usize = 0;
 const TX: usize = 1;
 /// Largest frame (header included) moved in either direction.
 pub const MAX_FRAME: usize = VNET_HDR_SIZE + 65535;
-
-/// Frame counters.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct NetMetrics {
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub rx_dropped: u64,
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    pub tx_dropped: u64,
-    pub malformed_chains: u64,
-}
 
 struct Active {
     mem: GuestMemory,
@@ -281,23 +272,6 @@ impl VirtioDevice for NetDevice {
     fn reset(&mut self) {
         self.active = None;
         self.pending_frame = None;
-    }
-}
-
-impl MutEventSubscriber for NetDevice {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.backend.as_raw_fd() {
-            self.process_backend_events();
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let fd = self.backend.as_raw_fd();
-        if let Err(err) =
-            ops.add(Events::with_data_raw(fd, 0, EventSet::IN | EventSet::EDGE_TRIGGERED))
-        {
-            tracing::error!("virtio-net: registering the tap with the event loop: {err}");
-        }
     }
 }
 

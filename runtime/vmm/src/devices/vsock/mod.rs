@@ -5,15 +5,18 @@
 //! readiness arrives through the muxer's epoll fd, which [`VsockDevice`] exposes to the
 //! core's `event-manager` loop (`MutEventSubscriber`, register `Arc<Mutex<VsockDevice>>`).
 
+mod event_handler;
 pub mod muxer;
 pub mod packet;
+
+mod metrics;
+
+pub use self::metrics::VsockMetrics;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{Queue, QueueT};
-use vmm_sys_util::epoll::EventSet;
 
 use self::muxer::{Muxer, MuxerError, RxPayload};
 use self::packet::*;
@@ -41,15 +44,6 @@ pub enum VsockError {
     /// The host-side socket could not be set up.
     #[error(transparent)]
     Muxer(#[from] MuxerError),
-}
-
-/// Counters of malformed or rejected guest traffic.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct VsockMetrics {
-    pub tx_packets: u64,
-    pub rx_packets: u64,
-    pub malformed_chains: u64,
-    pub rejected_packets: u64,
 }
 
 struct Active {
@@ -318,21 +312,6 @@ impl VirtioDevice for VsockDevice {
     fn reset(&mut self) {
         self.active = None;
         self.muxer.clear();
-    }
-}
-
-impl MutEventSubscriber for VsockDevice {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.muxer.epoll_fd() {
-            self.process_host_events();
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let fd = self.muxer.epoll_fd();
-        if let Err(err) = ops.add(Events::with_data_raw(fd, 0, EventSet::IN)) {
-            tracing::error!("vsock: registering the muxer with the event loop: {err}");
-        }
     }
 }
 
