@@ -584,7 +584,18 @@ impl Muxer {
         for key in expired {
             tracing::debug!("vsock: guest did not answer the connection request {key:?}");
             self.remove(key);
-            self.queue_rst(key);
+            // A REQUEST still waiting for an rx buffer (driver not up yet) is withdrawn;
+            // one the guest has seen is cancelled with an RST.
+            let undelivered = self
+                .control
+                .iter()
+                .position(|h| h.op == OP_REQUEST && (h.src_port, h.dst_port) == key);
+            match undelivered {
+                Some(index) => {
+                    self.control.remove(index);
+                }
+                None => self.queue_rst(key),
+            }
         }
         if let Some(after) = next_deadline {
             self.arm_request_timer(after.max(Duration::from_millis(1)));

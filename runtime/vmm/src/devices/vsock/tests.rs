@@ -601,3 +601,45 @@ fn bulk_transfer_both_ways_keeps_data_intact() {
     host_writer.join().unwrap();
     assert!(host_reader.join().unwrap(), "host received corrupted data");
 }
+
+#[test]
+fn connect_before_the_driver_is_up_is_withdrawn_on_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vm.vsock");
+    let device = Arc::new(Mutex::new(VsockDevice::new(GUEST_CID, &uds).unwrap()));
+    device.lock().unwrap().set_connect_timeout(Duration::from_millis(30));
+    let mut client = UnixStream::connect(&uds).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    device.lock().unwrap().process_host_events();
+    std::thread::sleep(Duration::from_millis(60));
+    device.lock().unwrap().process_host_events();
+    let mut buf = [0u8; 4];
+    assert_eq!(client.read(&mut buf).unwrap(), 0);
+    // The driver comes up late: it sees neither the stale REQUEST nor an RST.
+    let mut driver = VirtioTestDriver::new(device.clone());
+    driver.activate(0);
+    let addr = driver.alloc(RX_BUF as usize);
+    driver.add_chain(RX, &[(addr, RX_BUF, true)]);
+    driver.kick(RX);
+    assert!(driver.take_used(RX).is_empty());
+}
+
+#[test]
+fn connect_before_the_driver_is_up_is_delivered_at_activation() {
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vm.vsock");
+    let device = Arc::new(Mutex::new(VsockDevice::new(GUEST_CID, &uds).unwrap()));
+    let mut client = UnixStream::connect(&uds).unwrap();
+    client.write_all(b"CONNECT 1024\n").unwrap();
+    device.lock().unwrap().process_host_events();
+    let mut driver = VirtioTestDriver::new(device.clone());
+    driver.activate(0);
+    let addr = driver.alloc(RX_BUF as usize);
+    driver.add_chain(RX, &[(addr, RX_BUF, true)]);
+    driver.kick(RX);
+    let used = driver.take_used(RX);
+    assert_eq!(used.len(), 1);
+    let bytes = driver.read_mem(addr, HEADER_SIZE);
+    assert_eq!(Header::from_bytes(bytes[..].try_into().unwrap()).op, OP_REQUEST);
+}
