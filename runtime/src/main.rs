@@ -1,5 +1,165 @@
-mod hypervisor;
+//! `podvisor`: the daemon (CRI server), the host check, and the built-in VMM process.
 
-fn main() {
-    println!("podvisor");
+mod agent_client;
+mod check;
+mod config;
+mod cri;
+mod hypervisor;
+mod images;
+mod procwait;
+mod sandbox;
+mod store;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{info, warn};
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::hypervisor::qemu::{Accel, QemuConfig, QemuHypervisor};
+use crate::hypervisor::Hypervisor;
+
+#[derive(Parser)]
+#[command(name = "podvisor", version, about = "A Kubernetes CRI runtime whose pods are micro-VMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve CRI runtime.v1 (RuntimeService + ImageService) on a unix socket.
+    Daemon(DaemonArgs),
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// TOML config file (every key optional).
+    #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// The CRI socket (overrides `listen`).
+    #[arg(long)]
+    listen: Option<PathBuf>,
+    /// Persistent state directory (overrides `root`).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Runtime state directory (overrides `state`).
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Daemon(args) => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("podvisor: starting the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(daemon(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("podvisor: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn load_config(args: &DaemonArgs) -> anyhow::Result<Config> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(p) = &args.listen {
+        config.listen = p.clone();
+    }
+    if let Some(p) = &args.root {
+        config.root = p.clone();
+    }
+    if let Some(p) = &args.state {
+        config.state = p.clone();
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn select_hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
+    let accel = match config.qemu.accel.as_str() {
+        "kvm" => Accel::Kvm,
+        "tcg" => Accel::Tcg,
+        _ => Accel::Auto,
+    };
+    let qemu = QemuHypervisor::new(QemuConfig {
+        qemu_binary: config.qemu.binary.clone(),
+        vhost_vsock_binary: config.qemu.vhost_device_vsock.clone(),
+        virtiofsd_binary: config.qemu.virtiofsd.clone(),
+        accel,
+        ..QemuConfig::default()
+    })?;
+    let (resolved, why) = qemu.accel();
+    info!(backend = "qemu", accel = resolved.as_str(), reason = why, "hypervisor selected");
+    Ok(Arc::new(qemu))
+}
+
+async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    for dir in [&config.root, &config.state] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let config = Arc::new(config);
+    for (what, path) in [("kernel", config.kernel_path()), ("initrd", config.initrd_path())] {
+        if !path.exists() {
+            warn!(path = %path.display(), "guest {what} not found: pods cannot start (run `make kernel guest`, or set vm.{what})");
+        }
+    }
+    let hypervisor = select_hypervisor(&config)?;
+    let image_store = images::open_store(&config)?;
+    let manager = sandbox::SandboxManager::new(config.clone(), hypervisor, image_store.resolver());
+    manager.recover().await.context("recovering sandboxes")?;
+
+    if let Some(dir) = config.listen.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&config.listen) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing stale socket {}", config.listen.display()))
+        }
+        _ => {}
+    }
+    let listener = UnixListener::bind(&config.listen).with_context(|| format!("listening on {}", config.listen.display()))?;
+    info!(socket = %config.listen.display(), root = %config.root.display(), state = %config.state.display(), "podvisor serving CRI runtime.v1");
+
+    let runtime_service = cri::runtime::RuntimeServiceImpl::new(manager.clone());
+    let image_service = image_store.cri_service();
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        // Pods keep running: their VMs are separate processes and the state is on disk.
+        info!("shutting down; pod VMs keep running");
+    };
+    tonic::transport::Server::builder()
+        .add_service(k8s_cri::v1::runtime_service_server::RuntimeServiceServer::new(runtime_service))
+        .add_service(k8s_cri::v1::image_service_server::ImageServiceServer::new(image_service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .context("serving CRI")?;
+    let _ = std::fs::remove_file(&config.listen);
+    Ok(())
 }

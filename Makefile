@@ -1,0 +1,69 @@
+# Podvisor: `make run` and `make test` do everything on a fresh Debian 12 machine.
+SHELL := /bin/bash
+BUILD := $(CURDIR)/build
+export PATH := $(HOME)/.cargo/bin:/usr/local/bin:$(PATH)
+# Slow artefacts (the guest kernel) are cached here, keyed by their inputs.
+export PODVISOR_CACHE ?= /var/cache/podvisor
+# The agent is built into its own target dir: it is static (crt-static) and release-only.
+AGENT_TARGET_DIR ?= $(CURDIR)/target/agent
+
+APT_PACKAGES := qemu-system-x86 linux-source-6.1 flex bison bc libelf-dev libssl-dev \
+	erofs-utils docker-registry skopeo umoci busybox-static containernetworking-plugins \
+	libseccomp-dev libcap-ng-dev protobuf-compiler cpio iproute2 pkg-config apache2-utils \
+	build-essential
+VHOST_DEVICE_VSOCK_VERSION := 0.3.0
+VIRTIOFSD_VERSION := 1.14.0
+
+.PHONY: all deps kernel guest build build-debug run test lint unit e2e bench clean
+
+all: build kernel guest
+
+## deps: Debian packages and the two vhost-user daemons (idempotent).
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@command -v vhost-device-vsock >/dev/null || cargo install --locked --root /usr/local vhost-device-vsock --version $(VHOST_DEVICE_VSOCK_VERSION)
+	@command -v virtiofsd >/dev/null || cargo install --locked --root /usr/local virtiofsd --version $(VIRTIOFSD_VERSION)
+
+## kernel: the guest vmlinux (about 15 minutes the first time, then cached).
+kernel: deps
+	@mkdir -p $(BUILD)
+	@vmlinux=$$(kernel-config/build.sh) && cp -f "$$vmlinux" $(BUILD)/vmlinux.tmp && mv -f $(BUILD)/vmlinux.tmp $(BUILD)/vmlinux
+	@echo "kernel: $(BUILD)/vmlinux"
+
+## guest: the static agent and the initramfs whose /init it is.
+guest: deps
+	CARGO_TARGET_DIR=$(AGENT_TARGET_DIR) guest-agent/mkinitramfs.sh $(BUILD)
+
+## build: the daemon (release).
+build: deps
+	cargo build --release -p podvisor
+	@mkdir -p $(BUILD) && cp -f target/release/podvisor $(BUILD)/podvisor
+
+build-debug: deps
+	cargo build -p podvisor
+	@mkdir -p $(BUILD) && cp -f target/debug/podvisor $(BUILD)/podvisor
+
+## run: build everything and start the daemon in the foreground with the defaults.
+run: build kernel guest
+	$(BUILD)/podvisor daemon
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+## test: the same set-up, then every test (unit, agent-on-host, device models, KVM, e2e).
+test: build-debug kernel guest lint
+	PODVISOR_REQUIRE_E2E=1 PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux \
+		PODVISOR_INITRD=$(BUILD)/initramfs.cpio cargo test --workspace -- --test-threads=2
+
+## bench: figures for the record (pod start latency, memory, pulls, VMM overhead).
+bench: build kernel guest
+	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
+		cargo run --release -p podvisor-e2e --bin podvisor-bench
+
+clean:
+	rm -rf $(BUILD) target

@@ -1,0 +1,206 @@
+//! The daemon's configuration: a TOML file where every key is optional, overridden by flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The default config file; a missing default file is not an error.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/podvisor/config.toml";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The CRI unix socket.
+    pub listen: PathBuf,
+    /// Persistent state: sandbox/container records and the image store.
+    pub root: PathBuf,
+    /// Runtime state: VM run directories and per-sandbox shared directories.
+    pub state: PathBuf,
+    /// `tracing` filter, e.g. `info` or `podvisor=debug`.
+    pub log_level: String,
+    /// `auto` (built-in VMM where KVM can boot Linux, else QEMU), `builtin` or `qemu`.
+    pub hypervisor: String,
+    pub vm: VmSection,
+    pub qemu: QemuSection,
+    pub images: ImagesSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmSection {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Guest kernel; empty = `vmlinux` next to the podvisor binary, else /usr/share/podvisor.
+    pub kernel: PathBuf,
+    /// Guest initramfs; empty = `initramfs.cpio` next to the binary, else /usr/share/podvisor.
+    pub initrd: PathBuf,
+    /// Extra guest kernel command line arguments.
+    pub kernel_args: String,
+    /// How long RunPodSandbox waits for the agent to answer after the VM started.
+    pub boot_timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuSection {
+    pub binary: PathBuf,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
+    pub vhost_device_vsock: PathBuf,
+    pub virtiofsd: PathBuf,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImagesSection {
+    /// Registries (host or host:port) reached over plain HTTP; localhost always is.
+    pub insecure_registries: Vec<String>,
+    /// A docker `config.json` with registry credentials.
+    pub docker_config: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: PathBuf::from("/run/podvisor/podvisor.sock"),
+            root: PathBuf::from("/var/lib/podvisor"),
+            state: PathBuf::from("/run/podvisor"),
+            log_level: "info".into(),
+            hypervisor: "auto".into(),
+            vm: VmSection::default(),
+            qemu: QemuSection::default(),
+            images: ImagesSection::default(),
+        }
+    }
+}
+
+impl Default for VmSection {
+    fn default() -> Self {
+        Self {
+            vcpus: 1,
+            memory_mib: 256,
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            kernel_args: String::new(),
+            boot_timeout_seconds: 60,
+        }
+    }
+}
+
+impl Default for QemuSection {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: "auto".into(),
+            vhost_device_vsock: PathBuf::from("vhost-device-vsock"),
+            virtiofsd: PathBuf::from("virtiofsd"),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`; when `path` is the default and does not exist, returns the defaults.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_CONFIG_PATH) => {
+                return Ok(Self::default())
+            }
+            Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
+        };
+        Self::parse(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !matches!(self.hypervisor.as_str(), "auto" | "builtin" | "qemu") {
+            return Err(ConfigError::Invalid(format!(
+                "hypervisor must be auto, builtin or qemu, not {:?}",
+                self.hypervisor
+            )));
+        }
+        if !matches!(self.qemu.accel.as_str(), "auto" | "kvm" | "tcg") {
+            return Err(ConfigError::Invalid(format!(
+                "qemu.accel must be auto, kvm or tcg, not {:?}",
+                self.qemu.accel
+            )));
+        }
+        if self.vm.vcpus == 0 || self.vm.vcpus > 64 {
+            return Err(ConfigError::Invalid("vm.vcpus must be 1..=64".into()));
+        }
+        if self.vm.memory_mib < 64 {
+            return Err(ConfigError::Invalid("vm.memory_mib must be at least 64".into()));
+        }
+        Ok(())
+    }
+
+    /// The guest kernel: the configured path, else next to the binary, else /usr/share/podvisor.
+    pub fn kernel_path(&self) -> PathBuf {
+        guest_artefact(&self.vm.kernel, "vmlinux")
+    }
+
+    pub fn initrd_path(&self) -> PathBuf {
+        guest_artefact(&self.vm.initrd, "initramfs.cpio")
+    }
+}
+
+fn guest_artefact(configured: &Path, name: &str) -> PathBuf {
+    if !configured.as_os_str().is_empty() {
+        return configured.to_path_buf();
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
+        let beside = dir.join(name);
+        if beside.exists() {
+            return beside;
+        }
+    }
+    Path::new("/usr/share/podvisor").join(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.listen, PathBuf::from("/run/podvisor/podvisor.sock"));
+        assert_eq!(c.vm.memory_mib, 256);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let c = Config::parse("hypervisor = \"qemu\"\n[vm]\nmemory_mib = 128\n[images]\ninsecure_registries = [\"reg:5000\"]\n").unwrap();
+        assert_eq!(c.hypervisor, "qemu");
+        assert_eq!(c.vm.memory_mib, 128);
+        assert_eq!(c.vm.vcpus, 1);
+        assert_eq!(c.images.insecure_registries, vec!["reg:5000".to_string()]);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(Config::parse("hypervisr = \"qemu\"").is_err());
+        let c = Config::parse("hypervisor = \"xen\"").unwrap();
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        assert!(Config::load(Path::new("/nonexistent/podvisor.toml")).is_err());
+    }
+}

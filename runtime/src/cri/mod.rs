@@ -1,0 +1,13 @@
+//! The CRI server: thin handlers that validate and translate, then call the sandbox manager
+//! (RuntimeService) or the image store (ImageService).
+
+// pub mod image; (wired when the image store lands)
+pub mod runtime;
+
+use crate::sandbox::SandboxError;
+
+impl From<SandboxError> for tonic::Status {
+    fn from(e: SandboxError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}

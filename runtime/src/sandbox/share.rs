@@ -1,0 +1,262 @@
+//! A sandbox's shared directory, served into the guest by virtio-fs.
+//!
+//! The guest must see only what it was given, yet images and volumes are added while the VM
+//! runs. As Kata does: `mounts/` is a private-then-shared bind mount where the daemon
+//! bind-mounts what a container needs; `shared/` is a read-only slave bind of `mounts/`, and
+//! virtiofsd serves `shared/`. New mounts under `mounts/` propagate into `shared/` (and into
+//! virtiofsd's own mount namespace), while nothing the guest does can write through.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("creating {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("creating mount target {path}: {source}")]
+    CreateTarget { path: PathBuf, source: std::io::Error },
+    #[error("mounting {what} at {path}: {source}")]
+    Mount { what: String, path: PathBuf, source: nix::Error },
+    #[error("unmounting {path}: {source}")]
+    Unmount { path: PathBuf, source: nix::Error },
+    #[error("{path} still has mounts under it after unmounting; not removing it")]
+    StillMounted { path: PathBuf },
+    #[error("removing {path}: {source}")]
+    Remove { path: PathBuf, source: std::io::Error },
+    #[error("invalid share-relative path {0:?}")]
+    BadRelativePath(String),
+}
+
+/// The per-sandbox shared directory pair.
+#[derive(Debug, Clone)]
+pub struct SandboxShare {
+    base: PathBuf,
+}
+
+impl SandboxShare {
+    pub fn new(base: &Path) -> Self {
+        Self { base: base.to_path_buf() }
+    }
+
+    /// Where the daemon mounts things (read-write for the daemon only).
+    pub fn mounts_dir(&self) -> PathBuf {
+        self.base.join("mounts")
+    }
+
+    /// What virtiofsd serves to the guest (read-only view of `mounts`).
+    pub fn shared_dir(&self) -> PathBuf {
+        self.base.join("shared")
+    }
+
+    /// Sets up both directories and their propagation. Idempotent.
+    pub fn create(&self) -> Result<(), ShareError> {
+        let mounts = self.mounts_dir();
+        let shared = self.shared_dir();
+        for dir in [&mounts, &shared] {
+            std::fs::create_dir_all(dir).map_err(|source| ShareError::CreateDir { path: dir.clone(), source })?;
+        }
+        if !is_mount_point(&mounts) {
+            bind(&mounts, &mounts, MsFlags::empty())?;
+            // Private first, so our mounts never propagate into the host's peer groups.
+            remount_propagation(&mounts, MsFlags::MS_PRIVATE)?;
+            remount_propagation(&mounts, MsFlags::MS_SHARED)?;
+        }
+        if !is_mount_point(&shared) {
+            bind(&mounts, &shared, MsFlags::empty())?;
+            remount_propagation(&shared, MsFlags::MS_SLAVE)?;
+            remount_read_only(&shared)?;
+        }
+        Ok(())
+    }
+
+    /// Bind-mounts `source` (a directory or a file) at `rel` under the share, read-only if
+    /// asked. Returns the path the guest sees, relative to its shared-dir mount point.
+    /// Mounting the same `rel` twice is a no-op.
+    pub fn bind(&self, source: &Path, rel: &str, read_only: bool) -> Result<PathBuf, ShareError> {
+        let rel_path = checked_relative(rel)?;
+        let target = self.mounts_dir().join(&rel_path);
+        if is_mount_point(&target) {
+            return Ok(rel_path);
+        }
+        let is_dir = std::fs::metadata(source).map(|m| m.is_dir()).unwrap_or(true);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| ShareError::CreateTarget { path: parent.into(), source })?;
+        }
+        let made = if is_dir {
+            std::fs::create_dir_all(&target)
+        } else {
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&target).map(|_| ())
+        };
+        made.map_err(|source| ShareError::CreateTarget { path: target.clone(), source })?;
+        bind(source, &target, MsFlags::MS_REC)?;
+        if read_only {
+            remount_read_only(&target)?;
+        }
+        Ok(rel_path)
+    }
+
+    /// Unmounts what was bound at `rel` (and below) and removes the mount point.
+    pub fn unbind(&self, rel: &str) -> Result<(), ShareError> {
+        let target = self.mounts_dir().join(checked_relative(rel)?);
+        detach_all_under(&target)?;
+        remove_if_unmounted(&target)
+    }
+
+    /// Unmounts everything and removes the directories. Safe to call again.
+    pub fn destroy(&self) -> Result<(), ShareError> {
+        detach_all_under(&self.base)?;
+        remove_if_unmounted(&self.base)
+    }
+}
+
+fn checked_relative(rel: &str) -> Result<PathBuf, ShareError> {
+    let p = Path::new(rel);
+    let ok = !rel.is_empty()
+        && p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    if ok {
+        Ok(p.to_path_buf())
+    } else {
+        Err(ShareError::BadRelativePath(rel.into()))
+    }
+}
+
+fn bind(source: &Path, target: &Path, extra: MsFlags) -> Result<(), ShareError> {
+    mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | extra, None::<&str>).map_err(|e| {
+        ShareError::Mount { what: format!("bind of {}", source.display()), path: target.into(), source: e }
+    })
+}
+
+fn remount_propagation(target: &Path, flag: MsFlags) -> Result<(), ShareError> {
+    mount(None::<&str>, target, None::<&str>, flag, None::<&str>)
+        .map_err(|e| ShareError::Mount { what: format!("{flag:?}"), path: target.into(), source: e })
+}
+
+fn remount_read_only(target: &Path) -> Result<(), ShareError> {
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .map_err(|e| ShareError::Mount { what: "read-only remount".into(), path: target.into(), source: e })
+}
+
+/// Mount points at or below `path`, deepest first, from /proc/self/mountinfo.
+fn mounts_under(path: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|p| p.starts_with(path))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    use std::os::unix::ffi::OsStringExt;
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+pub fn is_mount_point(path: &Path) -> bool {
+    let Ok(canonical) = std::fs::canonicalize(path) else { return false };
+    mounts_under(&canonical).iter().any(|p| p == &canonical)
+}
+
+fn detach_all_under(path: &Path) -> Result<(), ShareError> {
+    let Ok(canonical) = std::fs::canonicalize(path) else { return Ok(()) };
+    for m in mounts_under(&canonical) {
+        match umount2(&m, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::Error::EINVAL) | Err(nix::Error::ENOENT) => {}
+            Err(source) => return Err(ShareError::Unmount { path: m, source }),
+        }
+    }
+    Ok(())
+}
+
+/// Removes `path` only when no mount is left below it: a recursive delete must never walk
+/// into a bind-mounted image or volume.
+fn remove_if_unmounted(path: &Path) -> Result<(), ShareError> {
+    let Ok(canonical) = std::fs::canonicalize(path) else { return Ok(()) };
+    if !mounts_under(&canonical).is_empty() {
+        return Err(ShareError::StillMounted { path: canonical });
+    }
+    let res = match std::fs::symlink_metadata(&canonical) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&canonical),
+        Ok(_) => std::fs::remove_file(&canonical),
+        Err(e) => Err(e),
+    };
+    match res {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ShareError::Remove { path: canonical, source: e }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn relative_paths_are_checked() {
+        assert!(checked_relative("images/abc").is_ok());
+        assert!(checked_relative("../x").is_err());
+        assert!(checked_relative("/abs").is_err());
+        assert!(checked_relative("").is_err());
+    }
+
+    #[test]
+    fn mountinfo_unescaping() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), PathBuf::from("/a b"));
+    }
+
+    #[test]
+    fn binds_propagate_read_only_and_destroy_leaves_sources_intact() {
+        if !is_root() {
+            eprintln!("skipped: needs root for mounts");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("image");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("file"), b"content").unwrap();
+        let share = SandboxShare::new(&dir.path().join("sb"));
+        share.create().unwrap();
+        share.create().unwrap();
+        let rel = share.bind(&src, "images/one", true).unwrap();
+        share.bind(&src, "images/one", true).unwrap();
+        let seen = share.shared_dir().join(&rel).join("file");
+        assert_eq!(std::fs::read(&seen).unwrap(), b"content");
+        // Read-only in both views.
+        assert!(std::fs::write(share.mounts_dir().join(&rel).join("new"), b"x").is_err());
+        assert!(std::fs::write(share.shared_dir().join("new"), b"x").is_err());
+        share.unbind("images/one").unwrap();
+        assert!(!seen.exists());
+        share.bind(&src, "images/two", true).unwrap();
+        share.destroy().unwrap();
+        share.destroy().unwrap();
+        assert!(!dir.path().join("sb").exists());
+        assert_eq!(std::fs::read(src.join("file")).unwrap(), b"content");
+    }
+}

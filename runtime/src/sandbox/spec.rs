@@ -1,0 +1,478 @@
+//! Builds the OCI runtime spec for a container from its CRI config and its image's config.
+//! The host builds the whole spec; the agent only fills in the rootfs path and cgroup path.
+
+use std::path::{Path, PathBuf};
+
+use k8s_cri::v1 as cri;
+use oci_spec::runtime::{
+    Capability, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace,
+    LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder,
+    PosixRlimitBuilder, PosixRlimitType, Spec, UserBuilder,
+};
+
+/// Where the agent writes the pod's hostname/hosts/resolv.conf inside the guest.
+pub const GUEST_SANDBOX_FILES: &str = "/run/podvisor/sandbox";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("container config has no command and the image has no entrypoint or cmd")]
+    NoCommand,
+    #[error("user {0:?} not found in the image's /etc/passwd")]
+    UnknownUser(String),
+    #[error("group {0:?} not found in the image's /etc/group")]
+    UnknownGroup(String),
+    #[error("invalid user {0:?}")]
+    InvalidUser(String),
+    #[error("mount with an empty container path")]
+    EmptyMountPath,
+    #[error("building the spec: {0}")]
+    Build(#[from] oci_spec::OciSpecError),
+    #[error("encoding the spec: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// What the container's image says about how to run it.
+#[derive(Debug, Clone, Default)]
+pub struct ImageDefaults {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub working_dir: String,
+    /// `user`, `uid`, `user:group`, `uid:gid`, as in the image config.
+    pub user: String,
+    /// The unpacked image root, for resolving user and group names.
+    pub rootfs: PathBuf,
+    /// The image's StopSignal, if it set one.
+    pub stop_signal: Option<String>,
+}
+
+/// A mount the sandbox manager resolved to a guest path (volumes come through the share).
+#[derive(Debug, Clone)]
+pub struct GuestMount {
+    pub guest_source: PathBuf,
+    pub container_path: String,
+    pub read_only: bool,
+}
+
+/// The default capabilities of a Kubernetes container (containerd's defaults).
+const DEFAULT_CAPABILITIES: &[Capability] = &[
+    Capability::Chown,
+    Capability::DacOverride,
+    Capability::Fsetid,
+    Capability::Fowner,
+    Capability::Mknod,
+    Capability::NetRaw,
+    Capability::Setgid,
+    Capability::Setuid,
+    Capability::Setfcap,
+    Capability::Setpcap,
+    Capability::NetBindService,
+    Capability::SysChroot,
+    Capability::Kill,
+    Capability::AuditWrite,
+];
+
+/// The process's argv by Kubernetes' rules: `command` replaces the entrypoint, `args` the cmd.
+pub fn process_args(config: &cri::ContainerConfig, image: &ImageDefaults) -> Result<Vec<String>, SpecError> {
+    let args = if !config.command.is_empty() {
+        config.command.iter().chain(config.args.iter()).cloned().collect::<Vec<_>>()
+    } else if !config.args.is_empty() {
+        image.entrypoint.iter().chain(config.args.iter()).cloned().collect()
+    } else {
+        image.entrypoint.iter().chain(image.cmd.iter()).cloned().collect()
+    };
+    if args.is_empty() {
+        return Err(SpecError::NoCommand);
+    }
+    Ok(args)
+}
+
+/// Image env first, then the container's, a later key replacing an earlier one.
+pub fn merge_env(image_env: &[String], config: &cri::ContainerConfig) -> Vec<String> {
+    let mut merged: Vec<(String, String)> = Vec::new();
+    let pairs = image_env
+        .iter()
+        .map(|kv| (kv.split('=').next().unwrap_or_default().to_string(), kv.clone()))
+        .chain(config.envs.iter().map(|kv| (kv.key.clone(), format!("{}={}", kv.key, kv.value))));
+    for (key, entry) in pairs {
+        match merged.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = entry,
+            None => merged.push((key, entry)),
+        }
+    }
+    if !merged.iter().any(|(k, _)| k == "PATH") {
+        merged.push(("PATH".into(), "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
+    }
+    merged.into_iter().map(|(_, entry)| entry).collect()
+}
+
+/// The resolved identity of the container's process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+}
+
+/// Resolves the process identity: the security context's run_as_user/run_as_username/
+/// run_as_group, else the image's User; names are looked up in the image's /etc/passwd and
+/// /etc/group (the host reads the unpacked image, so the agent never has to).
+pub fn resolve_identity(
+    security: Option<&cri::LinuxContainerSecurityContext>,
+    image: &ImageDefaults,
+) -> Result<Identity, SpecError> {
+    let passwd = std::fs::read_to_string(image.rootfs.join("etc/passwd")).unwrap_or_default();
+    let group = std::fs::read_to_string(image.rootfs.join("etc/group")).unwrap_or_default();
+
+    let (user_part, group_part): (String, Option<String>) = match security {
+        Some(sc) if sc.run_as_user.is_some() => (sc.run_as_user.as_ref().map(|v| v.value.to_string()).unwrap_or_default(), None),
+        Some(sc) if !sc.run_as_username.is_empty() => (sc.run_as_username.clone(), None),
+        _ => match image.user.split_once(':') {
+            Some((u, g)) => (u.to_string(), Some(g.to_string())),
+            None => (image.user.clone(), None),
+        },
+    };
+    let (uid, mut gid, username) = if user_part.is_empty() {
+        (0, 0, Some("root".to_string()))
+    } else if let Ok(uid) = user_part.parse::<u32>() {
+        // A numeric uid need not exist in passwd; its primary group then is the uid's entry or 0.
+        let entry = passwd_entries(&passwd).find(|e| e.1 == uid);
+        (uid, entry.as_ref().map(|e| e.2).unwrap_or(0), entry.map(|e| e.0))
+    } else {
+        let entry = passwd_entries(&passwd)
+            .find(|e| e.0 == user_part)
+            .ok_or_else(|| SpecError::UnknownUser(user_part.clone()))?;
+        (entry.1, entry.2, Some(entry.0))
+    };
+    if let Some(g) = group_part.filter(|g| !g.is_empty()) {
+        gid = match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => group_entries(&group)
+                .find(|e| e.0 == g)
+                .map(|e| e.1)
+                .ok_or(SpecError::UnknownGroup(g))?,
+        };
+    }
+    if let Some(rg) = security.and_then(|sc| sc.run_as_group.as_ref()) {
+        gid = u32::try_from(rg.value).map_err(|_| SpecError::InvalidUser(rg.value.to_string()))?;
+    }
+    let mut additional_gids: Vec<u32> = Vec::new();
+    if let Some(name) = username {
+        for (_, g, members) in group_entries(&group) {
+            if g != gid && members.iter().any(|m| *m == name) {
+                additional_gids.push(g);
+            }
+        }
+    }
+    if let Some(sc) = security {
+        for g in &sc.supplemental_groups {
+            let g = u32::try_from(*g).map_err(|_| SpecError::InvalidUser(g.to_string()))?;
+            if !additional_gids.contains(&g) {
+                additional_gids.push(g);
+            }
+        }
+    }
+    Ok(Identity { uid, gid, additional_gids })
+}
+
+/// (name, uid, gid) per line of an /etc/passwd.
+fn passwd_entries(text: &str) -> impl Iterator<Item = (String, u32, u32)> + '_ {
+    text.lines().filter_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 4 {
+            return None;
+        }
+        Some((f[0].to_string(), f[2].parse().ok()?, f[3].parse().ok()?))
+    })
+}
+
+/// (name, gid, members) per line of an /etc/group.
+fn group_entries(text: &str) -> impl Iterator<Item = (String, u32, Vec<String>)> + '_ {
+    text.lines().filter_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 3 {
+            return None;
+        }
+        let members = f.get(3).map(|m| m.split(',').filter(|s| !s.is_empty()).map(String::from).collect()).unwrap_or_default();
+        Some((f[0].to_string(), f[2].parse().ok()?, members))
+    })
+}
+
+fn bind_mount(source: &Path, destination: &str, read_only: bool) -> Result<Mount, SpecError> {
+    let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
+    options.push(if read_only { "ro" } else { "rw" }.to_string());
+    Ok(MountBuilder::default()
+        .destination(destination)
+        .typ("bind")
+        .source(source)
+        .options(options)
+        .build()?)
+}
+
+/// Inputs of [`build_spec`] that come from the sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxContext {
+    pub hostname: String,
+    /// CRI namespace mode of the pod's PID namespace (0 = POD, 1 = CONTAINER, 2 = NODE).
+    pub pid_mode: i32,
+}
+
+/// Builds the container's OCI spec as JSON.
+pub fn build_spec(
+    config: &cri::ContainerConfig,
+    image: &ImageDefaults,
+    sandbox: &SandboxContext,
+    mounts: &[GuestMount],
+) -> Result<Vec<u8>, SpecError> {
+    let mut spec = Spec::default();
+    let linux_cfg = config.linux.as_ref();
+    let security = linux_cfg.and_then(|l| l.security_context.as_ref());
+    let identity = resolve_identity(security, image)?;
+    let privileged = security.map(|s| s.privileged).unwrap_or(false);
+
+    let mut process = spec.process().clone().unwrap_or_default();
+    process.set_args(Some(process_args(config, image)?));
+    process.set_env(Some(merge_env(&image.env, config)));
+    let cwd = if !config.working_dir.is_empty() {
+        config.working_dir.clone()
+    } else if !image.working_dir.is_empty() {
+        image.working_dir.clone()
+    } else {
+        "/".to_string()
+    };
+    process.set_cwd(PathBuf::from(cwd));
+    process.set_terminal(Some(config.tty));
+    process.set_user(
+        UserBuilder::default()
+            .uid(identity.uid)
+            .gid(identity.gid)
+            .additional_gids(identity.additional_gids.clone())
+            .build()?,
+    );
+    process.set_no_new_privileges(Some(security.map(|s| s.no_new_privs).unwrap_or(false)));
+    process.set_rlimits(Some(vec![PosixRlimitBuilder::default()
+        .typ(PosixRlimitType::RlimitNofile)
+        .hard(1_048_576u64)
+        .soft(1_048_576u64)
+        .build()?]));
+
+    // Capabilities: the defaults, plus/minus the security context; privileged gets them all.
+    let mut caps: Vec<Capability> = if privileged {
+        all_capabilities()
+    } else {
+        DEFAULT_CAPABILITIES.to_vec()
+    };
+    if let Some(c) = security.and_then(|s| s.capabilities.as_ref()) {
+        let parse = |name: &str| -> Option<Capability> {
+            let n = name.trim().to_ascii_uppercase();
+            let n = if n.starts_with("CAP_") { n } else { format!("CAP_{n}") };
+            serde_json::from_value(serde_json::Value::String(n)).ok()
+        };
+        if c.add_capabilities.iter().any(|n| n.eq_ignore_ascii_case("ALL")) {
+            caps = all_capabilities();
+        } else {
+            for cap in c.add_capabilities.iter().filter_map(|n| parse(n)) {
+                if !caps.contains(&cap) {
+                    caps.push(cap);
+                }
+            }
+        }
+        if c.drop_capabilities.iter().any(|n| n.eq_ignore_ascii_case("ALL")) {
+            caps.clear();
+        } else {
+            let drop: Vec<Capability> = c.drop_capabilities.iter().filter_map(|n| parse(n)).collect();
+            caps.retain(|cap| !drop.contains(cap));
+        }
+    }
+    let cap_set: oci_spec::runtime::Capabilities = caps.into_iter().collect();
+    process.set_capabilities(Some(
+        LinuxCapabilitiesBuilder::default()
+            .bounding(cap_set.clone())
+            .effective(cap_set.clone())
+            .permitted(cap_set)
+            .build()?,
+    ));
+    spec.set_process(Some(process));
+    spec.set_hostname(Some(sandbox.hostname.clone()));
+
+    if let Some(root) = spec.root_mut() {
+        root.set_readonly(Some(security.map(|s| s.readonly_rootfs).unwrap_or(false)));
+    }
+
+    // Mounts: the defaults, the pod's hostname/hosts/resolv.conf, then the CRI mounts
+    // (which may replace a default at the same path).
+    let mut all_mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
+    if privileged {
+        for m in all_mounts.iter_mut() {
+            if m.destination() == Path::new("/sys") || m.destination() == Path::new("/sys/fs/cgroup") {
+                let opts: Vec<String> = m.options().clone().unwrap_or_default().into_iter().filter(|o| o != "ro").collect();
+                m.set_options(Some(opts));
+            }
+        }
+    }
+    let files = Path::new(GUEST_SANDBOX_FILES);
+    for (file, dest) in [("hostname", "/etc/hostname"), ("hosts", "/etc/hosts"), ("resolv.conf", "/etc/resolv.conf")] {
+        if !mounts.iter().any(|m| m.container_path == dest) {
+            all_mounts.push(bind_mount(&files.join(file), dest, false)?);
+        }
+    }
+    for m in mounts {
+        if m.container_path.is_empty() {
+            return Err(SpecError::EmptyMountPath);
+        }
+        all_mounts.retain(|existing| existing.destination() != Path::new(&m.container_path));
+        all_mounts.push(bind_mount(&m.guest_source, &m.container_path, m.read_only)?);
+    }
+    spec.set_mounts(Some(all_mounts));
+
+    if let Some(linux) = spec.linux_mut() {
+        // The VM is the pod: containers share its network, IPC and UTS namespaces; each gets
+        // its own mount and cgroup namespaces, and a PID namespace unless the pod shares one
+        // (NODE means the VM's, which is the pod's too).
+        let keep_pid = sandbox.pid_mode == cri::NamespaceMode::Container as i32;
+        let namespaces: Vec<LinuxNamespace> = linux
+            .namespaces()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|ns| match ns.typ() {
+                LinuxNamespaceType::Network | LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts => false,
+                LinuxNamespaceType::Pid => keep_pid,
+                _ => true,
+            })
+            .collect();
+        linux.set_namespaces(Some(namespaces));
+        if privileged {
+            linux.set_masked_paths(None);
+            linux.set_readonly_paths(None);
+        }
+        if let Some(res) = linux_cfg.and_then(|l| l.resources.as_ref()) {
+            linux.set_resources(Some(resources(res)?));
+        }
+    }
+    Ok(serde_json::to_vec(&spec)?)
+}
+
+fn all_capabilities() -> Vec<Capability> {
+    use Capability::*;
+    vec![
+        AuditControl, AuditRead, AuditWrite, BlockSuspend, Bpf, CheckpointRestore, Chown,
+        DacOverride, DacReadSearch, Fowner, Fsetid, IpcLock, IpcOwner, Kill, Lease,
+        LinuxImmutable, MacAdmin, MacOverride, Mknod, NetAdmin, NetBindService, NetBroadcast,
+        NetRaw, Perfmon, Setgid, Setfcap, Setpcap, Setuid, SysAdmin, SysBoot, SysChroot,
+        SysModule, SysNice, SysPacct, SysPtrace, SysRawio, SysResource, SysTime, SysTtyConfig,
+        Syslog, WakeAlarm,
+    ]
+}
+
+/// CRI Linux resources → OCI cgroup resources (applied by the agent inside the guest).
+fn resources(r: &cri::LinuxContainerResources) -> Result<oci_spec::runtime::LinuxResources, SpecError> {
+    let mut cpu = LinuxCpuBuilder::default();
+    if r.cpu_shares > 0 {
+        cpu = cpu.shares(r.cpu_shares as u64);
+    }
+    if r.cpu_quota > 0 {
+        cpu = cpu.quota(r.cpu_quota);
+    }
+    if r.cpu_period > 0 {
+        cpu = cpu.period(r.cpu_period as u64);
+    }
+    if !r.cpuset_cpus.is_empty() {
+        cpu = cpu.cpus(r.cpuset_cpus.clone());
+    }
+    if !r.cpuset_mems.is_empty() {
+        cpu = cpu.mems(r.cpuset_mems.clone());
+    }
+    let mut memory = LinuxMemoryBuilder::default();
+    if r.memory_limit_in_bytes > 0 {
+        memory = memory.limit(r.memory_limit_in_bytes);
+    }
+    if r.memory_swap_limit_in_bytes > 0 {
+        memory = memory.swap(r.memory_swap_limit_in_bytes);
+    }
+    let mut builder = LinuxResourcesBuilder::default().cpu(cpu.build()?).memory(memory.build()?);
+    if !r.unified.is_empty() {
+        builder = builder.unified(r.unified.clone().into_iter().collect::<std::collections::HashMap<_, _>>());
+    }
+    Ok(builder.build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(dir: &Path) -> ImageDefaults {
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nweb:x:1000:1001::/home/web:/bin/sh\n").unwrap();
+        std::fs::write(dir.join("etc/group"), "root:x:0:\nweb:x:1001:\nextra:x:2000:web\n").unwrap();
+        ImageDefaults {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["serve".into()],
+            env: vec!["PATH=/bin".into(), "A=image".into()],
+            working_dir: "/srv".into(),
+            user: String::new(),
+            rootfs: dir.to_path_buf(),
+            stop_signal: None,
+        }
+    }
+
+    #[test]
+    fn args_follow_kubernetes_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let mut c = cri::ContainerConfig::default();
+        assert_eq!(process_args(&c, &img).unwrap(), vec!["/entry", "serve"]);
+        c.args = vec!["x".into()];
+        assert_eq!(process_args(&c, &img).unwrap(), vec!["/entry", "x"]);
+        c.command = vec!["/bin/sh".into()];
+        assert_eq!(process_args(&c, &img).unwrap(), vec!["/bin/sh", "x"]);
+        let empty = ImageDefaults::default();
+        assert!(matches!(process_args(&cri::ContainerConfig::default(), &empty), Err(SpecError::NoCommand)));
+    }
+
+    #[test]
+    fn env_is_merged_by_key() {
+        let c = cri::ContainerConfig {
+            envs: vec![cri::KeyValue { key: "A".into(), value: "pod".into() }, cri::KeyValue { key: "B".into(), value: "1".into() }],
+            ..Default::default()
+        };
+        assert_eq!(merge_env(&["PATH=/bin".into(), "A=image".into()], &c), vec!["PATH=/bin", "A=pod", "B=1"]);
+    }
+
+    #[test]
+    fn identity_from_image_user_and_security_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut img = image(dir.path());
+        assert_eq!(resolve_identity(None, &img).unwrap(), Identity { uid: 0, gid: 0, additional_gids: vec![] });
+        img.user = "web".into();
+        assert_eq!(resolve_identity(None, &img).unwrap(), Identity { uid: 1000, gid: 1001, additional_gids: vec![2000] });
+        img.user = "1234:1234".into();
+        assert_eq!(resolve_identity(None, &img).unwrap(), Identity { uid: 1234, gid: 1234, additional_gids: vec![] });
+        img.user = "nobody-here".into();
+        assert!(matches!(resolve_identity(None, &img), Err(SpecError::UnknownUser(_))));
+        let sc = cri::LinuxContainerSecurityContext {
+            run_as_user: Some(cri::Int64Value { value: 7 }),
+            run_as_group: Some(cri::Int64Value { value: 8 }),
+            supplemental_groups: vec![9],
+            ..Default::default()
+        };
+        assert_eq!(resolve_identity(Some(&sc), &img).unwrap(), Identity { uid: 7, gid: 8, additional_gids: vec![9] });
+    }
+
+    #[test]
+    fn spec_shares_pod_namespaces_and_mounts_sandbox_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let c = cri::ContainerConfig { tty: true, ..Default::default() };
+        let ctx = SandboxContext { hostname: "pod-a".into(), pid_mode: cri::NamespaceMode::Container as i32 };
+        let json = build_spec(&c, &img, &ctx, &[]).unwrap();
+        let spec: Spec = serde_json::from_slice(&json).unwrap();
+        let ns: Vec<LinuxNamespaceType> = spec.linux().as_ref().unwrap().namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect();
+        assert!(ns.contains(&LinuxNamespaceType::Pid));
+        assert!(ns.contains(&LinuxNamespaceType::Mount));
+        assert!(!ns.contains(&LinuxNamespaceType::Network));
+        assert_eq!(spec.hostname().as_deref(), Some("pod-a"));
+        assert_eq!(spec.process().as_ref().unwrap().cwd(), Path::new("/srv"));
+        assert!(spec.mounts().as_ref().unwrap().iter().any(|m| m.destination() == Path::new("/etc/resolv.conf")));
+    }
+}

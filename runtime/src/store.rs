@@ -1,0 +1,104 @@
+//! Atomic persistence of the daemon's records as JSON files: write to a temporary file in the
+//! same directory, fsync, rename, fsync the directory. A crash leaves either the old or the
+//! new record, never a torn one.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("creating directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("renaming {from} to {to}: {source}")]
+    Rename { from: PathBuf, to: PathBuf, source: std::io::Error },
+    #[error("encoding {path}: {source}")]
+    Encode { path: PathBuf, source: serde_json::Error },
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("decoding {path}: {source}")]
+    Decode { path: PathBuf, source: serde_json::Error },
+    #[error("removing {path}: {source}")]
+    Remove { path: PathBuf, source: std::io::Error },
+}
+
+/// Writes `value` as JSON to `path` atomically.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { path: dir.into(), source })?;
+    let data = serde_json::to_vec_pretty(value)
+        .map_err(|source| StoreError::Encode { path: path.into(), source })?;
+    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let write = |tmp: &Path| -> std::io::Result<()> {
+        let mut f = File::create(tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()
+    };
+    if let Err(source) = write(&tmp) {
+        let _ = fs::remove_file(&tmp);
+        return Err(StoreError::Write { path: tmp, source });
+    }
+    fs::rename(&tmp, path).map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        StoreError::Rename { from: tmp.clone(), to: path.into(), source }
+    })?;
+    // Make the rename itself durable.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads a JSON record.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
+    let data = fs::read(path).map_err(|source| StoreError::Read { path: path.into(), source })?;
+    serde_json::from_slice(&data).map_err(|source| StoreError::Decode { path: path.into(), source })
+}
+
+/// Removes a file or directory tree; a missing one is fine.
+pub fn remove_path(path: &Path) -> Result<(), StoreError> {
+    let res = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) => Err(e),
+    };
+    match res {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(StoreError::Remove { path: path.into(), source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b/rec.json");
+        write_json(&p, &vec![1, 2, 3]).unwrap();
+        write_json(&p, &vec![4]).unwrap();
+        let v: Vec<i32> = read_json(&p).unwrap();
+        assert_eq!(v, vec![4]);
+        // No temporary file is left behind.
+        assert_eq!(fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+        remove_path(&p).unwrap();
+        remove_path(&p).unwrap();
+    }
+
+    #[test]
+    fn corrupt_record_is_a_decode_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("rec.json");
+        fs::write(&p, b"{not json").unwrap();
+        assert!(matches!(read_json::<Vec<i32>>(&p), Err(StoreError::Decode { .. })));
+    }
+}
