@@ -1,0 +1,571 @@
+//! The built-in backend: one `podvisor vmm` process per VM (crate `podvisor-vmm`), plus one
+//! virtiofsd per shared directory (the VMM's vhost-user-fs frontend connects to it).
+//!
+//! Run directory layout: `vmm.json` (the VMM's config), `control.sock` (control socket: status,
+//! pause/resume, stop, swap_drive; see `podvisor_vmm::control`), `vsock.sock` (hybrid vsock,
+//! bound by the VMM's muxer), `virtiofs-<tag>.sock`, and `<name>.log` for each process's
+//! output. Every process runs in its own process group so a daemon restart leaves VMs running;
+//! [`VmHandle::processes`] lists the VMM first.
+//!
+//! Stop: a `stop` request on the control socket (the VMM stops its vCPUs and exits 0), then
+//! [`terminate_processes`] for whatever is left (helpers, or a VMM that did not answer).
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use podvisor_vmm::config::{DriveConfig, FsConfig, NetConfig, SeccompMode, VmmConfig, VsockConfig};
+use podvisor_vmm::control::{self, Request, Response};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use super::{
+    process_alive, process_start_time, terminate_processes, Hypervisor, HypervisorError, Result,
+    VmConfig, VmHandle, VmProcess,
+};
+
+/// The guest's vsock CID (the host side only sees the hybrid socket, so one CID fits all).
+pub const GUEST_CID: u32 = 3;
+
+/// How to run the VMM.
+#[derive(Debug, Clone)]
+pub struct BuiltinConfig {
+    /// The program and leading arguments that run the VMM: by default this very binary with
+    /// the `vmm` subcommand.
+    pub vmm_command: Vec<OsString>,
+    pub virtiofsd_binary: PathBuf,
+    /// `--jail <uid>:<gid>`: the VMM drops to this uid/gid in its own mount namespace.
+    pub jail: Option<(u32, u32)>,
+    pub seccomp: SeccompMode,
+    /// How long the VMM (and virtiofsd) may take to come up.
+    pub startup_timeout: Duration,
+}
+
+impl Default for BuiltinConfig {
+    fn default() -> Self {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("podvisor"));
+        Self {
+            vmm_command: vec![exe.into(), "vmm".into()],
+            virtiofsd_binary: "virtiofsd".into(),
+            jail: None,
+            seccomp: SeccompMode::default(),
+            startup_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Files of one VM's run directory.
+#[derive(Debug, Clone)]
+pub struct BuiltinLayout {
+    pub run_dir: PathBuf,
+}
+
+impl BuiltinLayout {
+    pub fn new(run_dir: &Path) -> Self {
+        Self { run_dir: run_dir.to_path_buf() }
+    }
+    pub fn config(&self) -> PathBuf {
+        self.run_dir.join("vmm.json")
+    }
+    pub fn control(&self) -> PathBuf {
+        self.run_dir.join("control.sock")
+    }
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.run_dir.join("vsock.sock")
+    }
+    pub fn virtiofs_socket(&self, tag: &str) -> PathBuf {
+        self.run_dir.join(format!("virtiofs-{tag}.sock"))
+    }
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.run_dir.join(format!("{name}.log"))
+    }
+}
+
+/// The VMM's config for `config`.
+pub fn vmm_config(config: &VmConfig, seccomp: SeccompMode) -> Result<VmmConfig> {
+    let layout = BuiltinLayout::new(&config.run_dir);
+    let vcpus = u8::try_from(config.vcpus)
+        .map_err(|_| HypervisorError::InvalidConfig(format!("{} vCPUs", config.vcpus)))?;
+    let vmm = VmmConfig {
+        vcpus,
+        memory_mib: config.memory_mib,
+        kernel: config.kernel.clone(),
+        initrd: Some(config.initrd.clone()),
+        cmdline: config.extra_kernel_args.clone(),
+        console_log: config.console_log.clone(),
+        vsock: Some(VsockConfig { guest_cid: GUEST_CID, uds: layout.vsock_uds() }),
+        drives: config
+            .block_devices
+            .iter()
+            .map(|d| DriveConfig { id: d.id.clone(), path: d.path.clone(), read_only: d.read_only })
+            .collect(),
+        nets: config
+            .net_devices
+            .iter()
+            .map(|n| NetConfig { id: n.id.clone(), tap: n.tap.clone(), mac: n.mac.clone() })
+            .collect(),
+        fs: config
+            .shared_dirs
+            .iter()
+            .map(|d| FsConfig { tag: d.tag.clone(), socket: layout.virtiofs_socket(&d.tag) })
+            .collect(),
+        seccomp,
+    };
+    vmm.validate().map_err(|e| HypervisorError::InvalidConfig(e.to_string()))?;
+    Ok(vmm)
+}
+
+/// The built-in [`Hypervisor`].
+#[derive(Debug)]
+pub struct BuiltinHypervisor {
+    config: BuiltinConfig,
+}
+
+impl BuiltinHypervisor {
+    pub fn new(config: BuiltinConfig) -> Result<Self> {
+        if config.vmm_command.is_empty() {
+            return Err(HypervisorError::InvalidConfig("empty VMM command".into()));
+        }
+        Ok(Self { config })
+    }
+
+    /// Sends one control request to the VM's VMM.
+    pub async fn control(&self, vm: &VmHandle, request: Request) -> Result<Response> {
+        let path = BuiltinLayout::new(&vm.run_dir).control();
+        tokio::task::spawn_blocking(move || {
+            control::request(&path, &request, Duration::from_secs(5))
+                .map_err(|e| HypervisorError::Stop(e.to_string()))
+        })
+        .await
+        .map_err(|e| HypervisorError::Stop(format!("control request task: {e}")))?
+    }
+
+    /// Swaps the backing file of drive `id` (the guest sees a capacity change).
+    pub async fn swap_drive(
+        &self,
+        vm: &VmHandle,
+        id: &str,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<()> {
+        let request = Request::SwapDrive { id: id.into(), path: path.into(), read_only };
+        let answer = self.control(vm, request).await?;
+        if answer.ok {
+            Ok(())
+        } else {
+            Err(HypervisorError::Stop(answer.error.unwrap_or_else(|| "swap_drive failed".into())))
+        }
+    }
+
+    async fn start_processes(
+        &self,
+        config: &VmConfig,
+        vmm: &VmmConfig,
+        starting: &mut Starting,
+    ) -> Result<()> {
+        let layout = BuiltinLayout::new(&config.run_dir);
+        let deadline = Instant::now() + self.config.startup_timeout;
+        for dir in &config.shared_dirs {
+            let name = format!("virtiofsd-{}", dir.tag);
+            let mut socket = OsString::from("--socket-path=");
+            socket.push(layout.virtiofs_socket(&dir.tag));
+            let mut shared = OsString::from("--shared-dir=");
+            shared.push(&dir.host_path);
+            let mut args = vec![socket, shared, format!("--cache={}", dir.cache).into()];
+            if dir.read_only {
+                args.push("--readonly".into());
+            }
+            starting.spawn(
+                &name,
+                self.config.virtiofsd_binary.as_os_str(),
+                &args,
+                layout.log(&name),
+            )?;
+            starting.wait_for_path(&name, &layout.virtiofs_socket(&dir.tag), deadline).await?;
+        }
+
+        let config_path = layout.config();
+        let json = serde_json::to_vec_pretty(vmm).map_err(|e| {
+            HypervisorError::InvalidConfig(format!("serialising the VMM config: {e}"))
+        })?;
+        std::fs::write(&config_path, json)
+            .map_err(|source| HypervisorError::RunDir { path: config_path.clone(), source })?;
+        let mut args: Vec<OsString> = self.config.vmm_command[1..].to_vec();
+        args.extend([
+            "--config".into(),
+            config_path.into(),
+            "--control".into(),
+            layout.control().into(),
+        ]);
+        if let Some((uid, gid)) = self.config.jail {
+            args.extend(["--jail".into(), format!("{uid}:{gid}").into()]);
+        }
+        starting.spawn("vmm", &self.config.vmm_command[0], &args, layout.log("vmm"))?;
+        // The control socket answers once the event loop runs, i.e. after the vCPUs started.
+        starting.wait_for_status(&layout.control(), deadline).await?;
+        starting.wait_for_path("vmm", &layout.vsock_uds(), deadline).await
+    }
+}
+
+#[async_trait]
+impl Hypervisor for BuiltinHypervisor {
+    fn name(&self) -> &'static str {
+        "builtin"
+    }
+
+    async fn start(&self, config: &VmConfig) -> Result<VmHandle> {
+        let vmm = vmm_config(config, self.config.seccomp)?;
+        prepare_run_dir(config)?;
+        let mut starting = Starting::new(self.config.startup_timeout);
+        if let Err(e) = self.start_processes(config, &vmm, &mut starting).await {
+            starting.abort().await;
+            return Err(e);
+        }
+        Ok(VmHandle {
+            backend: self.name().to_string(),
+            run_dir: config.run_dir.clone(),
+            vsock_uds: BuiltinLayout::new(&config.run_dir).vsock_uds(),
+            processes: starting.finish(),
+        })
+    }
+
+    async fn stop(&self, vm: &VmHandle, grace: Duration) -> Result<()> {
+        if let Some(vmm) = vm.processes.first().filter(|p| process_alive(p)) {
+            // A VMM that does not answer is terminated below.
+            if self.control(vm, Request::Stop).await.is_ok() {
+                let deadline = Instant::now() + grace;
+                while process_alive(vmm) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        terminate_processes(&vm.processes, grace).await;
+        if let Some(p) = vm.processes.iter().find(|p| process_alive(p)) {
+            return Err(HypervisorError::Stop(format!(
+                "{} (pid {}) survived SIGKILL",
+                p.name, p.pid
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Creates the run directory (private) and the console log's directory, and removes sockets a
+/// previous run left, so that a socket appearing means this run created it.
+fn prepare_run_dir(config: &VmConfig) -> Result<()> {
+    let run_dir_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| HypervisorError::RunDir { path, source }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.run_dir)
+        .map_err(run_dir_err(&config.run_dir))?;
+    if let Some(parent) = config.console_log.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(run_dir_err(parent))?;
+    }
+    let layout = BuiltinLayout::new(&config.run_dir);
+    let mut stale = vec![layout.control(), layout.vsock_uds()];
+    stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
+    for path in stale {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(HypervisorError::RunDir { path, source: e })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+struct Spawned {
+    child: Child,
+    process: VmProcess,
+    log: PathBuf,
+}
+
+/// The processes of a VM being started; on failure they are stopped again.
+struct Starting {
+    spawned: Vec<Spawned>,
+    timeout: Duration,
+}
+
+impl Starting {
+    fn new(timeout: Duration) -> Self {
+        Self { spawned: Vec::new(), timeout }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &str,
+        program: &std::ffi::OsStr,
+        args: &[OsString],
+        log: PathBuf,
+    ) -> Result<()> {
+        let spawn_err = |source| HypervisorError::Spawn { what: name.to_string(), source };
+        let log_file: File =
+            OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
+        let log_file2 = log_file.try_clone().map_err(spawn_err)?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_file2)
+            // Its own process group: signals aimed at the daemon's group spare the VM.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(spawn_err)?;
+        let pid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .ok_or_else(|| spawn_err(std::io::Error::other("the spawned process has no pid")))?;
+        // Not reaped yet (only we wait for it), so /proc/<pid> exists.
+        let start_time = process_start_time(pid).ok_or_else(|| {
+            spawn_err(std::io::Error::other(format!("cannot read /proc/{pid}/stat")))
+        })?;
+        tracing::debug!(name, pid, ?args, "spawned");
+        self.spawned.push(Spawned {
+            child,
+            process: VmProcess { name: name.into(), pid, start_time },
+            log,
+        });
+        Ok(())
+    }
+
+    fn check_running(&mut self) -> Result<()> {
+        for s in &mut self.spawned {
+            let status = match s.child.try_wait() {
+                Ok(None) => continue,
+                Ok(Some(status)) => status.to_string(),
+                Err(e) => format!("unknown: {e}"),
+            };
+            return Err(HypervisorError::EarlyExit {
+                what: s.process.name.clone(),
+                status,
+                log: s.log.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn timeout_error(&self, what: &str, path: &Path) -> HypervisorError {
+        HypervisorError::SocketTimeout {
+            what: what.into(),
+            path: path.to_path_buf(),
+            timeout: self.timeout,
+        }
+    }
+
+    async fn wait_for_path(&mut self, what: &str, path: &Path, deadline: Instant) -> Result<()> {
+        loop {
+            self.check_running()?;
+            if path.exists() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error(what, path));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn wait_for_status(&mut self, socket: &Path, deadline: Instant) -> Result<()> {
+        loop {
+            self.check_running()?;
+            let path = socket.to_path_buf();
+            let answer = tokio::task::spawn_blocking(move || {
+                control::request(&path, &Request::Status, Duration::from_secs(1))
+            })
+            .await;
+            if let Ok(Ok(response)) = answer {
+                if response.ok {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error("vmm", socket));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn abort(self) {
+        let processes: Vec<VmProcess> = self.spawned.iter().map(|s| s.process.clone()).collect();
+        terminate_processes(&processes, Duration::from_secs(1)).await;
+        for mut s in self.spawned {
+            let _ = tokio::time::timeout(Duration::from_secs(1), s.child.wait()).await;
+        }
+    }
+
+    /// Hands the processes over (VMM first). Background tasks reap them and stop the helpers
+    /// once the VMM has exited.
+    fn finish(mut self) -> Vec<VmProcess> {
+        let vmm = self
+            .spawned
+            .iter()
+            .position(|s| s.process.name == "vmm")
+            .map(|i| self.spawned.remove(i));
+        let helpers: Vec<VmProcess> = self.spawned.iter().map(|s| s.process.clone()).collect();
+        let mut processes: Vec<VmProcess> = vmm.iter().map(|s| s.process.clone()).collect();
+        processes.extend(helpers.iter().cloned());
+        for mut s in self.spawned {
+            tokio::spawn(async move {
+                let _ = s.child.wait().await;
+            });
+        }
+        if let Some(mut vmm) = vmm {
+            tokio::spawn(async move {
+                let status = vmm.child.wait().await;
+                tracing::info!(pid = vmm.process.pid, ?status, "built-in VMM exited");
+                terminate_processes(&helpers, Duration::from_secs(2)).await;
+            });
+        }
+        processes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::HostCapabilities;
+    use crate::hypervisor::{BlockDevice, SharedDir};
+
+    fn vm_config(run_dir: &Path) -> VmConfig {
+        VmConfig {
+            sandbox_id: "sb".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            extra_kernel_args: "quiet".into(),
+            run_dir: run_dir.to_path_buf(),
+            console_log: run_dir.join("console.log"),
+            shared_dirs: vec![SharedDir {
+                tag: "rootfs".into(),
+                host_path: "/srv".into(),
+                read_only: true,
+                cache: "always".into(),
+            }],
+            block_devices: vec![BlockDevice {
+                id: "d0".into(),
+                path: "/d.img".into(),
+                read_only: true,
+            }],
+            net_devices: vec![],
+        }
+    }
+
+    #[test]
+    fn vmm_config_maps_every_device() {
+        let c = vmm_config(&vm_config(Path::new("/run/vm")), SeccompMode::Trap).unwrap();
+        assert_eq!(c.vsock, Some(VsockConfig { guest_cid: 3, uds: "/run/vm/vsock.sock".into() }));
+        assert_eq!(
+            c.fs,
+            vec![FsConfig { tag: "rootfs".into(), socket: "/run/vm/virtiofs-rootfs.sock".into() }]
+        );
+        assert_eq!(c.drives.len(), 1);
+        assert_eq!((c.cmdline.as_str(), c.initrd.as_deref()), ("quiet", Some(Path::new("/i"))));
+        let mut bad = vm_config(Path::new("/run/vm"));
+        bad.vcpus = 300;
+        assert!(matches!(
+            vmm_config(&bad, SeccompMode::Trap),
+            Err(HypervisorError::InvalidConfig(_))
+        ));
+    }
+
+    /// The VMM command for tests: `$PODVISOR_BIN vmm`, else the workspace's debug `podvisor`
+    /// if it has the `vmm` subcommand.
+    fn vmm_command() -> Option<Vec<OsString>> {
+        let bin = std::env::var_os("PODVISOR_BIN").map(PathBuf::from).or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            Some(exe.parent()?.parent()?.join("podvisor"))
+        })?;
+        let out = std::process::Command::new(&bin).arg("vmm").output().ok()?;
+        // `podvisor vmm` without arguments prints the VMM's usage error.
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--config")
+            .then(|| vec![bin.into(), "vmm".into()])
+    }
+
+    fn require(reason: &str) {
+        assert!(std::env::var("PODVISOR_REQUIRE_E2E").as_deref() != Ok("1"), "{reason}");
+        println!("SKIP: {reason}");
+    }
+
+    /// Starts the VMM process on a tiny guest program through the trait, checks it over the
+    /// control socket, pauses/resumes it and stops it.
+    #[tokio::test]
+    async fn starts_and_stops_a_tiny_guest() {
+        use podvisor_vmm::guest_program::{asm, elf};
+        if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+            return require("/dev/kvm unavailable");
+        }
+        let Some(vmm_command) = vmm_command() else {
+            return require("no podvisor binary with the `vmm` subcommand (set PODVISOR_BIN)");
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = vm_config(&dir.path().join("run"));
+        config.kernel = dir.path().join("prog.elf");
+        let code = asm::program(&[&asm::mov_dx(0x3f8), &asm::out_text(b"tiny"), &asm::HLT]);
+        std::fs::write(&config.kernel, elf(&code)).unwrap();
+        config.initrd = dir.path().join("initrd");
+        std::fs::write(&config.initrd, b"not really an initramfs").unwrap();
+        config.shared_dirs.clear();
+        config.block_devices.clear();
+        let hv = BuiltinHypervisor::new(BuiltinConfig { vmm_command, ..BuiltinConfig::default() })
+            .unwrap();
+        let vm = hv.start(&config).await.unwrap();
+        assert!(vm.vsock_uds.exists());
+        assert!(hv.is_running(&vm));
+        assert_eq!(vm.processes[0].name, "vmm");
+        let status = hv.control(&vm, Request::Status).await.unwrap().status.unwrap();
+        assert_eq!(status.pid as i32, vm.processes[0].pid);
+        assert!(hv.control(&vm, Request::Pause).await.unwrap().ok);
+        assert!(hv.control(&vm, Request::Resume).await.unwrap().ok);
+        assert!(hv.swap_drive(&vm, "nope", Path::new("/dev/null"), true).await.is_err());
+        hv.stop(&vm, Duration::from_secs(5)).await.unwrap();
+        assert!(!hv.is_running(&vm));
+        assert_eq!(std::fs::read(&config.console_log).unwrap(), b"tiny");
+        hv.cleanup(&vm).await.unwrap();
+        assert!(!config.run_dir.exists());
+    }
+
+    /// Boots the project's vmlinux + initramfs with the built-in VMM and pings the agent over
+    /// vsock. Skips where KVM cannot run Linux (the reason comes from `HostCapabilities`).
+    #[tokio::test]
+    async fn full_boot_agent_answers_ping_over_vsock() {
+        let caps = HostCapabilities::detect();
+        if !caps.kvm_can_boot_linux {
+            println!("SKIP: the built-in VMM cannot boot Linux here: {}", caps.kvm_reason);
+            return;
+        }
+        let (Some(kernel), Some(initrd)) =
+            (std::env::var_os("PODVISOR_KERNEL"), std::env::var_os("PODVISOR_INITRD"))
+        else {
+            return require("PODVISOR_KERNEL / PODVISOR_INITRD not set (run `make kernel guest`)");
+        };
+        let Some(vmm_command) = vmm_command() else {
+            return require("no podvisor binary with the `vmm` subcommand (set PODVISOR_BIN)");
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = vm_config(&dir.path().join("run"));
+        config.kernel = kernel.into();
+        config.initrd = initrd.into();
+        config.shared_dirs.clear();
+        config.block_devices.clear();
+        config.extra_kernel_args = String::new();
+        let hv = BuiltinHypervisor::new(BuiltinConfig { vmm_command, ..BuiltinConfig::default() })
+            .unwrap();
+        let vm = hv.start(&config).await.unwrap();
+        let client = crate::agent_client::connect(&vm.vsock_uds, Duration::from_secs(60)).await;
+        let console = std::fs::read_to_string(&config.console_log).unwrap_or_default();
+        hv.stop(&vm, Duration::from_secs(5)).await.unwrap();
+        client.unwrap_or_else(|e| panic!("agent did not answer: {e}\nconsole:\n{console}"));
+    }
+}
