@@ -115,6 +115,8 @@ impl VirtioTestDriver {
                 break;
             }
             let base = QUEUE_AREA + u64::from(index) * QUEUE_STRIDE;
+            // Fresh, zeroed rings, as a driver allocates them at every initialisation.
+            self.mem.write_slice(&vec![0u8; QUEUE_STRIDE as usize], GuestAddress(base)).unwrap();
             let queue = DriverQueue {
                 size: max,
                 desc: GuestAddress(base),
