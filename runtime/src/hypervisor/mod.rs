@@ -30,6 +30,8 @@ pub enum HypervisorError {
     VsockConnect { port: u32, path: PathBuf, source: std::io::Error },
     #[error("guest vsock port {port} refused the connection (answer {answer:?})")]
     VsockRefused { port: u32, answer: String },
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(String),
     #[error("the {backend} backend does not support {feature} yet")]
     Unsupported { backend: &'static str, feature: &'static str },
 }

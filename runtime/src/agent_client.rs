@@ -1,0 +1,170 @@
+//! The host's gRPC client of `podvisor-agent`.
+//!
+//! The agent is reached through the VM's hybrid-vsock socket ([`connect`]) or, when it runs on
+//! the host in tests, through a plain unix socket ([`connect_unix`]). Both wait for the agent:
+//! right after [`Hypervisor::start`](crate::hypervisor::Hypervisor::start) the guest is still
+//! booting, so they retry until `Ping` answers or the timeout passes.
+//!
+//! Reconnection: the returned client's [`Channel`] owns one HTTP/2 connection over one stream.
+//! If that stream breaks (agent restarted, VM gone), the RPCs in flight fail with an error
+//! status and the next RPC dials again through the same connector (once per RPC; there is no
+//! background retry loop). A caller that wants to wait for the agent to come back calls
+//! [`connect`] again. The client is cheap to clone; clones share the connection.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use podvisor_proto::agent::agent_client::AgentClient;
+use podvisor_proto::agent::PingRequest;
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::hypervisor::vsock;
+
+/// How long one dial + Ping may take before it is abandoned and retried. A guest that has not
+/// set up its vsock device yet can leave a `CONNECT` unanswered; a fresh attempt gets through
+/// once it has.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Pause between attempts while the agent is not up.
+const RETRY_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Errors of the agent client.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentClientError {
+    #[error(
+        "the agent behind {path} did not answer Ping within {timeout:?} (last error: {last_error})"
+    )]
+    Timeout { path: PathBuf, timeout: Duration, last_error: String },
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type DialFuture = Pin<Box<dyn Future<Output = Result<TokioIo<UnixStream>, BoxError>> + Send>>;
+
+/// Connects to the agent on guest vsock port [`podvisor_proto::AGENT_VSOCK_PORT`] through the
+/// VM's hybrid-vsock socket, waiting up to `timeout` for it to answer `Ping`.
+pub async fn connect(
+    vsock_uds: &Path,
+    timeout: Duration,
+) -> Result<AgentClient<Channel>, AgentClientError> {
+    let uds = vsock_uds.to_path_buf();
+    let dial = move || -> DialFuture {
+        let uds = uds.clone();
+        Box::pin(async move {
+            let stream = vsock::connect(&uds, podvisor_proto::AGENT_VSOCK_PORT).await?;
+            Ok(TokioIo::new(stream))
+        })
+    };
+    connect_with(vsock_uds, timeout, dial).await
+}
+
+/// Connects to an agent serving gRPC on a unix socket (the agent run on the host, in tests),
+/// waiting up to `timeout` for it to answer `Ping`.
+pub async fn connect_unix(
+    path: &Path,
+    timeout: Duration,
+) -> Result<AgentClient<Channel>, AgentClientError> {
+    let socket = path.to_path_buf();
+    let dial = move || -> DialFuture {
+        let socket = socket.clone();
+        Box::pin(async move { Ok(TokioIo::new(UnixStream::connect(&socket).await?)) })
+    };
+    connect_with(path, timeout, dial).await
+}
+
+async fn connect_with<D>(
+    target: &Path,
+    timeout: Duration,
+    dial: D,
+) -> Result<AgentClient<Channel>, AgentClientError>
+where
+    D: Fn() -> DialFuture + Clone + Send + Sync + 'static,
+{
+    // The URI is required by HTTP/2 but never resolved: the connector below dials.
+    let endpoint = Endpoint::from_static("http://podvisor-agent");
+    let deadline = Instant::now() + timeout;
+    let mut last_error = String::from("no attempt was made");
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(AgentClientError::Timeout {
+                path: target.to_path_buf(),
+                timeout,
+                last_error,
+            });
+        }
+        let attempt_timeout = remaining.min(ATTEMPT_TIMEOUT);
+        let attempt = async {
+            let dial = dial.clone();
+            let connector = tower::service_fn(move |_: Uri| dial());
+            let channel = endpoint.connect_with_connector(connector).await.map_err(error_chain)?;
+            let mut client = AgentClient::new(channel);
+            client.ping(PingRequest {}).await.map_err(|status| status.to_string())?;
+            Ok::<_, String>(client)
+        };
+        match tokio::time::timeout(attempt_timeout, attempt).await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => last_error = e,
+            Err(_) => last_error = format!("no answer within {attempt_timeout:?}"),
+        }
+        tracing::trace!(target = %target.display(), %last_error, "agent not reachable yet");
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        tokio::time::sleep(remaining.min(RETRY_INTERVAL)).await;
+    }
+}
+
+/// An error with its sources: tonic's transport errors say little at the top level.
+fn error_chain(e: impl std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn absent_socket_times_out_with_the_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("none.sock");
+        let started = Instant::now();
+        let err = connect(&path, Duration::from_millis(300)).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let text = err.to_string();
+        assert!(text.contains("none.sock") && text.contains("No such file"), "{text}");
+        let err = connect_unix(&path, Duration::from_millis(100)).await.unwrap_err();
+        assert!(err.to_string().contains("No such file"), "{err}");
+    }
+
+    /// A hybrid-vsock socket whose guest refuses the port (what vhost-device-vsock does while
+    /// nothing listens in the guest): the client keeps retrying, then reports the refusal.
+    #[tokio::test]
+    async fn refused_port_is_retried_then_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("vsock.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let accepts = tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((stream, _)) = listener.accept().await {
+                n += 1;
+                drop(stream);
+                if n == 3 {
+                    break;
+                }
+            }
+            n
+        });
+        let err = connect(&path, Duration::from_millis(800)).await.unwrap_err();
+        assert!(err.to_string().contains("refused"), "{err}");
+        assert_eq!(accepts.await.unwrap(), 3);
+    }
+}

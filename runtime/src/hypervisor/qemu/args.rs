@@ -1,0 +1,449 @@
+//! Command lines of QEMU and its vhost-user helpers, built from a [`VmConfig`] without touching
+//! the system, so that every device's arguments can be unit-tested.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use crate::hypervisor::{HypervisorError, Result, SharedDir, VmConfig};
+
+/// The guest's vsock context id. Every VM has its own vhost-device-vsock, so all can use 3.
+pub const GUEST_CID: u32 = 3;
+
+/// virtio-fs limits tags to 36 bytes (`struct virtio_fs_config`).
+const MAX_FS_TAG_LEN: usize = 36;
+
+/// The accelerator QEMU is started with, once `Auto` has been resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvedAccel {
+    Kvm,
+    Tcg,
+}
+
+impl ResolvedAccel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolvedAccel::Kvm => "kvm",
+            ResolvedAccel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Where a VM's sockets, pid files and logs live inside its run directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDirLayout {
+    pub run_dir: PathBuf,
+}
+
+impl RunDirLayout {
+    pub fn new(run_dir: &Path) -> Self {
+        Self { run_dir: run_dir.to_path_buf() }
+    }
+    /// vhost-user socket between QEMU and vhost-device-vsock.
+    pub fn vhost_vsock_socket(&self) -> PathBuf {
+        self.run_dir.join("vhost-vsock.sock")
+    }
+    /// The hybrid-vsock socket the host connects to.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.run_dir.join("vsock.sock")
+    }
+    /// QEMU's QMP monitor: its greeting tells that the machine is built and running.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.run_dir.join("qmp.sock")
+    }
+    pub fn virtiofs_socket(&self, tag: &str) -> PathBuf {
+        self.run_dir.join(format!("virtiofs-{tag}.sock"))
+    }
+    pub fn qemu_log(&self) -> PathBuf {
+        self.run_dir.join("qemu.log")
+    }
+    pub fn vhost_vsock_log(&self) -> PathBuf {
+        self.run_dir.join("vhost-device-vsock.log")
+    }
+    pub fn virtiofsd_log(&self, tag: &str) -> PathBuf {
+        self.run_dir.join(format!("virtiofsd-{tag}.log"))
+    }
+}
+
+/// Checks what QEMU would otherwise reject late (or misparse) before anything is spawned.
+pub fn validate(config: &VmConfig) -> Result<()> {
+    let invalid = |msg: String| Err(HypervisorError::InvalidConfig(msg));
+    if config.vcpus == 0 {
+        return invalid("vcpus must be at least 1".into());
+    }
+    if config.memory_mib < 64 {
+        return invalid(format!(
+            "memory_mib {} is below the 64 MiB a guest needs",
+            config.memory_mib
+        ));
+    }
+    for (what, path) in [("kernel", &config.kernel), ("initrd", &config.initrd)] {
+        if !path.is_file() {
+            return invalid(format!("{what} {} is not a file", path.display()));
+        }
+    }
+    let mut tags = std::collections::HashSet::new();
+    for dir in &config.shared_dirs {
+        if dir.tag.is_empty() || dir.tag.len() > MAX_FS_TAG_LEN || !is_plain_id(&dir.tag) {
+            return invalid(format!(
+                "virtio-fs tag {:?} must be 1-{MAX_FS_TAG_LEN} characters of [A-Za-z0-9_.-]",
+                dir.tag
+            ));
+        }
+        if !tags.insert(dir.tag.as_str()) {
+            return invalid(format!("virtio-fs tag {:?} is used twice", dir.tag));
+        }
+        if !dir.host_path.is_dir() {
+            return invalid(format!(
+                "shared directory {} (tag {}) is not a directory",
+                dir.host_path.display(),
+                dir.tag
+            ));
+        }
+        if !matches!(dir.cache.as_str(), "auto" | "always" | "never" | "metadata") {
+            return invalid(format!(
+                "virtio-fs cache mode {:?} (tag {}) is not one of auto, always, never, metadata",
+                dir.cache, dir.tag
+            ));
+        }
+    }
+    let mut ids = std::collections::HashSet::new();
+    for dev in &config.block_devices {
+        if !is_plain_id(&dev.id) || !ids.insert(format!("blk-{}", dev.id)) {
+            return invalid(format!("block device id {:?} is empty, invalid or repeated", dev.id));
+        }
+        if !dev.path.exists() {
+            return invalid(format!(
+                "block device {} ({}) does not exist",
+                dev.id,
+                dev.path.display()
+            ));
+        }
+    }
+    for dev in &config.net_devices {
+        if !is_plain_id(&dev.id) || !ids.insert(format!("net-{}", dev.id)) {
+            return invalid(format!("net device id {:?} is empty, invalid or repeated", dev.id));
+        }
+        // IFNAMSIZ is 16 including the terminating NUL.
+        if dev.tap.is_empty() || dev.tap.len() > 15 || !is_plain_id(&dev.tap) {
+            return invalid(format!("tap name {:?} is not a valid interface name", dev.tap));
+        }
+        if !is_mac(&dev.mac) {
+            return invalid(format!(
+                "MAC address {:?} of net device {} is malformed",
+                dev.mac, dev.id
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_plain_id(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// QEMU option values are comma-separated: a literal comma is written twice.
+fn escape_opt(value: &OsStr) -> OsString {
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// `prefix` followed by a path escaped for a QEMU option list.
+fn opt_with_path(prefix: &str, path: &Path, suffix: &str) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(escape_opt(path.as_os_str()));
+    s.push(suffix);
+    s
+}
+
+/// `vhost-device-vsock` for one VM (0.3 syntax).
+pub fn vhost_vsock_args(layout: &RunDirLayout) -> Vec<OsString> {
+    vec![
+        "--guest-cid".into(),
+        GUEST_CID.to_string().into(),
+        "--socket".into(),
+        layout.vhost_vsock_socket().into(),
+        "--uds-path".into(),
+        layout.vsock_uds().into(),
+    ]
+}
+
+/// `virtiofsd` for one shared directory. No `--tag`: QEMU 7.x names the tag itself.
+pub fn virtiofsd_args(layout: &RunDirLayout, dir: &SharedDir) -> Vec<OsString> {
+    let mut socket = OsString::from("--socket-path=");
+    socket.push(layout.virtiofs_socket(&dir.tag));
+    let mut shared = OsString::from("--shared-dir=");
+    shared.push(&dir.host_path);
+    let mut args = vec![socket, shared, format!("--cache={}", dir.cache).into()];
+    if dir.read_only {
+        args.push("--readonly".into());
+    }
+    args
+}
+
+/// The guest kernel command line: ours, then the caller's extra arguments. `reboot=t` makes a
+/// guest reboot a triple fault, which `-no-reboot` turns into QEMU exiting: that is how the
+/// guest powers off (microvm without ACPI has no power-off device).
+pub fn kernel_cmdline(config: &VmConfig) -> String {
+    let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1");
+    let extra = config.extra_kernel_args.trim();
+    if !extra.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    cmdline
+}
+
+/// QEMU's full argument list (without the binary).
+pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout, accel: ResolvedAccel) -> Vec<OsString> {
+    let mem = config.memory_mib;
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+    push(&[
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on,memory-backend=mem",
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-m",
+        &format!("{mem}M"),
+        "-smp",
+        &config.vcpus.to_string(),
+        "-cpu",
+        "max",
+        "-accel",
+        accel.as_str(),
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        // The daemon talks to QEMU only through QMP; nothing may read the daemon's stdin.
+        "-monitor",
+        "none",
+    ]);
+    args.push("-kernel".into());
+    args.push(config.kernel.clone().into());
+    args.push("-initrd".into());
+    args.push(config.initrd.clone().into());
+    args.push("-append".into());
+    args.push(kernel_cmdline(config).into());
+
+    args.push("-chardev".into());
+    args.push(opt_with_path("file,id=console,append=on,path=", &config.console_log, ""));
+    args.push("-serial".into());
+    args.push("chardev:console".into());
+
+    args.push("-chardev".into());
+    args.push(opt_with_path("socket,id=qmp,server=on,wait=off,path=", &layout.qmp_socket(), ""));
+    args.push("-mon".into());
+    args.push("chardev=qmp,mode=control".into());
+
+    args.push("-chardev".into());
+    args.push(opt_with_path("socket,id=vsock,path=", &layout.vhost_vsock_socket(), ""));
+    args.push("-device".into());
+    args.push("vhost-user-vsock-device,chardev=vsock".into());
+
+    for dir in &config.shared_dirs {
+        let tag = &dir.tag;
+        args.push("-chardev".into());
+        args.push(opt_with_path(
+            &format!("socket,id=fs-{tag},path="),
+            &layout.virtiofs_socket(tag),
+            "",
+        ));
+        args.push("-device".into());
+        args.push(format!("vhost-user-fs-device,chardev=fs-{tag},tag={tag}").into());
+    }
+
+    for dev in &config.block_devices {
+        let id = &dev.id;
+        let readonly = if dev.read_only { "on" } else { "off" };
+        args.push("-drive".into());
+        args.push(opt_with_path(
+            &format!("if=none,id=blk-{id},format=raw,readonly={readonly},file="),
+            &dev.path,
+            "",
+        ));
+        args.push("-device".into());
+        // The serial (visible as /sys/block/vdX/serial, 20 bytes at most) lets the guest find
+        // the disk by id whatever order the MMIO transports are probed in.
+        let serial: String = id.chars().take(20).collect();
+        args.push(format!("virtio-blk-device,drive=blk-{id},serial={serial}").into());
+    }
+
+    for dev in &config.net_devices {
+        let id = &dev.id;
+        args.push("-netdev".into());
+        args.push(format!("tap,id=net-{id},ifname={},script=no,downscript=no", dev.tap).into());
+        args.push("-device".into());
+        args.push(format!("virtio-net-device,netdev=net-{id},mac={}", dev.mac).into());
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{BlockDevice, NetDevice};
+
+    fn config(dir: &Path) -> VmConfig {
+        let kernel = dir.join("vmlinux");
+        let initrd = dir.join("initrd");
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&initrd, b"i").unwrap();
+        VmConfig {
+            sandbox_id: "sb".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel,
+            initrd,
+            extra_kernel_args: " quiet ".into(),
+            run_dir: dir.join("run"),
+            console_log: dir.join("console,log"),
+            shared_dirs: vec![],
+            block_devices: vec![],
+            net_devices: vec![],
+        }
+    }
+
+    fn joined(args: &[OsString]) -> String {
+        args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn base_command_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path());
+        let layout = RunDirLayout::new(&cfg.run_dir);
+        let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg));
+        assert!(line.starts_with(
+            "-M microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on,memory-backend=mem \
+             -object memory-backend-memfd,id=mem,size=128M,share=on -m 128M -smp 1 -cpu max \
+             -accel tcg -nodefaults -no-user-config -nographic -no-reboot"
+        ));
+        assert!(line.contains("-append console=ttyS0 reboot=t panic=-1 quiet -chardev"));
+        // The comma in the console log's name is doubled.
+        assert!(line.contains(&format!(
+            "file,id=console,append=on,path={}/console,,log -serial chardev:console",
+            tmp.path().display()
+        )));
+        assert!(line.contains(&format!(
+            "socket,id=vsock,path={}/run/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock",
+            tmp.path().display()
+        )));
+        assert!(joined(&qemu_args(&cfg, &layout, ResolvedAccel::Kvm)).contains("-accel kvm "));
+        assert!(validate(&cfg).is_ok());
+    }
+
+    #[test]
+    fn devices() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cfg = config(tmp.path());
+        cfg.vcpus = 2;
+        cfg.shared_dirs.push(SharedDir {
+            tag: "podvisor".into(),
+            host_path: tmp.path().to_path_buf(),
+            read_only: true,
+            cache: "always".into(),
+        });
+        let disk = tmp.path().join("disk.img");
+        std::fs::write(&disk, [0u8; 512]).unwrap();
+        cfg.block_devices.push(BlockDevice {
+            id: "vol1".into(),
+            path: disk.clone(),
+            read_only: true,
+        });
+        cfg.net_devices.push(NetDevice {
+            id: "eth0".into(),
+            tap: "tap0".into(),
+            mac: "02:00:00:00:00:01".into(),
+        });
+        validate(&cfg).unwrap();
+        let layout = RunDirLayout::new(&cfg.run_dir);
+        let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg));
+        let run = cfg.run_dir.display();
+        assert!(line.contains("-smp 2 "));
+        assert!(line.contains(&format!(
+            "-chardev socket,id=fs-podvisor,path={run}/virtiofs-podvisor.sock \
+             -device vhost-user-fs-device,chardev=fs-podvisor,tag=podvisor"
+        )));
+        assert!(line.contains(&format!(
+            "-drive if=none,id=blk-vol1,format=raw,readonly=on,file={} \
+             -device virtio-blk-device,drive=blk-vol1,serial=vol1",
+            disk.display()
+        )));
+        assert!(line.contains(
+            "-netdev tap,id=net-eth0,ifname=tap0,script=no,downscript=no \
+             -device virtio-net-device,netdev=net-eth0,mac=02:00:00:00:00:01"
+        ));
+        assert_eq!(
+            joined(&virtiofsd_args(&layout, &cfg.shared_dirs[0])),
+            format!(
+                "--socket-path={run}/virtiofs-podvisor.sock --shared-dir={} --cache=always --readonly",
+                tmp.path().display()
+            )
+        );
+        assert_eq!(
+            joined(&vhost_vsock_args(&layout)),
+            format!("--guest-cid 3 --socket {run}/vhost-vsock.sock --uds-path {run}/vsock.sock")
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = config(tmp.path());
+        let share = |tag: &str, cache: &str| SharedDir {
+            tag: tag.into(),
+            host_path: tmp.path().to_path_buf(),
+            read_only: false,
+            cache: cache.into(),
+        };
+        let cases: Vec<Box<dyn Fn(&mut VmConfig)>> = vec![
+            Box::new(|c| c.vcpus = 0),
+            Box::new(|c| c.memory_mib = 1),
+            Box::new(|c| c.kernel = "/nonexistent/vmlinux".into()),
+            Box::new(move |c| c.shared_dirs = vec![share("a,b", "auto")]),
+            Box::new(move |c| c.shared_dirs = vec![share(&"x".repeat(37), "auto")]),
+            Box::new(move |c| c.shared_dirs = vec![share("a", "sometimes")]),
+            Box::new(move |c| c.shared_dirs = vec![share("a", "auto"), share("a", "auto")]),
+            Box::new(|c| {
+                c.net_devices =
+                    vec![NetDevice { id: "n".into(), tap: "t".into(), mac: "02:00".into() }]
+            }),
+            Box::new(|c| {
+                c.net_devices = vec![NetDevice {
+                    id: "n".into(),
+                    tap: "a-tap-name-that-is-too-long".into(),
+                    mac: "02:00:00:00:00:01".into(),
+                }]
+            }),
+            Box::new(|c| {
+                c.block_devices = vec![BlockDevice {
+                    id: "b".into(),
+                    path: "/nonexistent".into(),
+                    read_only: false,
+                }]
+            }),
+        ];
+        for (i, mutate) in cases.iter().enumerate() {
+            let mut cfg = base.clone();
+            mutate(&mut cfg);
+            assert!(
+                matches!(validate(&cfg), Err(HypervisorError::InvalidConfig(_))),
+                "case {i} was accepted"
+            );
+        }
+    }
+}

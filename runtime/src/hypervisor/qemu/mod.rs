@@ -1,0 +1,412 @@
+//! The QEMU backend: `qemu-system-x86_64 -M microvm` with vhost-user devices served by helper
+//! processes, one set per VM:
+//!
+//! - `vhost-device-vsock` gives the guest its vsock device and the host the hybrid-vsock socket
+//!   `<run_dir>/vsock.sock`;
+//! - one `virtiofsd` per [`SharedDir`](crate::hypervisor::SharedDir);
+//! - QEMU itself, whose QMP socket (`<run_dir>/qmp.sock`) tells when the machine runs.
+//!
+//! Every process is spawned in its own process group so that a daemon restart (or a Ctrl-C on
+//! its terminal) does not take the VMs down; their pids and start times go into
+//! [`VmHandle::processes`], QEMU first, so a restarted daemon can stop them. Helper output goes
+//! to `<run_dir>/<name>.log`, the guest console to [`VmConfig::console_log`].
+//!
+//! When QEMU exits on its own (the guest powered off: `reboot=t` plus `-no-reboot`), the daemon
+//! that started the VM stops its helpers too; [`Hypervisor::stop`] is still needed after a
+//! daemon restart, and is harmless otherwise.
+
+pub mod accel;
+pub mod args;
+
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+// probe_kvm is for `podvisor check` and Status.
+#[allow(unused_imports)]
+pub use accel::{probe_kvm, resolve_accel, Accel, KvmProbe};
+pub use args::ResolvedAccel;
+use args::RunDirLayout;
+
+use super::{
+    process_start_time, terminate_processes, Hypervisor, HypervisorError, Result, VmConfig,
+    VmHandle, VmProcess,
+};
+
+/// How to run QEMU and its helpers. Bare names are looked up in `PATH`, then in
+/// `$HOME/.cargo/bin` (where `cargo install` puts the vhost-user daemons).
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub qemu_binary: PathBuf,
+    pub vhost_vsock_binary: PathBuf,
+    pub virtiofsd_binary: PathBuf,
+    pub accel: Accel,
+    /// How long the helpers' sockets and QEMU's machine set-up may take.
+    pub startup_timeout: Duration,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            qemu_binary: "qemu-system-x86_64".into(),
+            vhost_vsock_binary: "vhost-device-vsock".into(),
+            virtiofsd_binary: "virtiofsd".into(),
+            accel: Accel::Auto,
+            startup_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// The QEMU [`Hypervisor`].
+#[derive(Debug)]
+pub struct QemuHypervisor {
+    qemu: PathBuf,
+    vhost_vsock: PathBuf,
+    virtiofsd: PathBuf,
+    accel: ResolvedAccel,
+    accel_reason: String,
+    startup_timeout: Duration,
+}
+
+impl QemuHypervisor {
+    /// Finds the binaries (failing with an install hint for a missing one) and settles the
+    /// accelerator once.
+    pub fn new(config: QemuConfig) -> Result<Self> {
+        let qemu = resolve_binary(&config.qemu_binary, "apt-get install qemu-system-x86")?;
+        let vhost_vsock =
+            resolve_binary(&config.vhost_vsock_binary, "cargo install vhost-device-vsock")?;
+        let virtiofsd = resolve_binary(
+            &config.virtiofsd_binary,
+            "apt-get install libseccomp-dev libcap-ng-dev && cargo install virtiofsd",
+        )?;
+        let (accel, accel_reason) = resolve_accel(config.accel);
+        Ok(Self {
+            qemu,
+            vhost_vsock,
+            virtiofsd,
+            accel,
+            accel_reason,
+            startup_timeout: config.startup_timeout,
+        })
+    }
+
+    /// The accelerator VMs are started with, and why it was chosen.
+    pub fn accel(&self) -> (ResolvedAccel, &str) {
+        (self.accel, &self.accel_reason)
+    }
+
+    async fn start_processes(&self, config: &VmConfig, starting: &mut Starting) -> Result<()> {
+        let layout = RunDirLayout::new(&config.run_dir);
+        let deadline = Instant::now() + self.startup_timeout;
+
+        starting.spawn(
+            "vhost-device-vsock",
+            &self.vhost_vsock,
+            args::vhost_vsock_args(&layout),
+            layout.vhost_vsock_log(),
+        )?;
+        starting
+            .wait_for_socket("vhost-device-vsock", &layout.vhost_vsock_socket(), deadline)
+            .await?;
+        starting.wait_for_socket("vhost-device-vsock", &layout.vsock_uds(), deadline).await?;
+
+        for dir in &config.shared_dirs {
+            let name = format!("virtiofsd-{}", dir.tag);
+            starting.spawn(
+                &name,
+                &self.virtiofsd,
+                args::virtiofsd_args(&layout, dir),
+                layout.virtiofsd_log(&dir.tag),
+            )?;
+            starting.wait_for_socket(&name, &layout.virtiofs_socket(&dir.tag), deadline).await?;
+        }
+
+        starting.spawn(
+            "qemu",
+            &self.qemu,
+            args::qemu_args(config, &layout, self.accel),
+            layout.qemu_log(),
+        )?;
+        starting.wait_for_socket("qemu", &layout.qmp_socket(), deadline).await?;
+        starting.wait_for_qmp_greeting(&layout.qmp_socket(), deadline).await
+    }
+}
+
+#[async_trait]
+impl Hypervisor for QemuHypervisor {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn start(&self, config: &VmConfig) -> Result<VmHandle> {
+        args::validate(config)?;
+        prepare_run_dir(config)?;
+        let mut starting = Starting::new(self.startup_timeout);
+        if let Err(e) = self.start_processes(config, &mut starting).await {
+            starting.abort().await;
+            return Err(e);
+        }
+        let processes = starting.finish();
+        Ok(VmHandle {
+            backend: self.name().to_string(),
+            run_dir: config.run_dir.clone(),
+            vsock_uds: RunDirLayout::new(&config.run_dir).vsock_uds(),
+            processes,
+        })
+    }
+
+    async fn stop(&self, vm: &VmHandle, grace: Duration) -> Result<()> {
+        terminate_processes(&vm.processes, grace).await;
+        if let Some(p) = vm.processes.iter().find(|p| super::process_alive(p)) {
+            return Err(HypervisorError::Stop(format!(
+                "{} (pid {}) survived SIGKILL",
+                p.name, p.pid
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Creates the run directory (private: its sockets reach the guest agent) and the console
+/// log's directory, and removes sockets a previous run may have left, so that waiting for a
+/// socket to appear means this run created it.
+fn prepare_run_dir(config: &VmConfig) -> Result<()> {
+    let run_dir_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| HypervisorError::RunDir { path, source }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.run_dir)
+        .map_err(run_dir_err(&config.run_dir))?;
+    if let Some(parent) = config.console_log.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(run_dir_err(parent))?;
+    }
+    let layout = RunDirLayout::new(&config.run_dir);
+    let mut stale = vec![layout.vhost_vsock_socket(), layout.vsock_uds(), layout.qmp_socket()];
+    stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
+    for path in stale {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(HypervisorError::RunDir { path, source: e })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Finds an executable: a path with a `/` as is, a bare name in `PATH` then `~/.cargo/bin`.
+fn resolve_binary(binary: &Path, hint: &str) -> Result<PathBuf> {
+    let is_executable = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    let missing = || HypervisorError::MissingBinary {
+        binary: binary.display().to_string(),
+        hint: format!("install it with `{hint}` or configure its path"),
+    };
+    if binary.components().count() > 1 || binary.is_absolute() {
+        return if is_executable(binary) { Ok(binary.to_path_buf()) } else { Err(missing()) };
+    }
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(binary)).find(|p| is_executable(p)).ok_or_else(missing)
+}
+
+/// A process spawned for a VM that is still starting.
+struct Spawned {
+    child: Child,
+    process: VmProcess,
+    log: PathBuf,
+}
+
+/// The processes of a VM being started: on failure they are all stopped again.
+struct Starting {
+    spawned: Vec<Spawned>,
+    /// The whole start-up's time budget, for error messages.
+    timeout: Duration,
+}
+
+impl Starting {
+    fn new(timeout: Duration) -> Self {
+        Self { spawned: Vec::new(), timeout }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &str,
+        binary: &Path,
+        args: Vec<OsString>,
+        log: PathBuf,
+    ) -> Result<()> {
+        let spawn_err = |source| HypervisorError::Spawn { what: name.to_string(), source };
+        let log_file: File =
+            OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
+        let log_file2 = log_file.try_clone().map_err(spawn_err)?;
+        let child = Command::new(binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_file2)
+            // Its own process group: signals aimed at the daemon's group spare the VM.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(spawn_err)?;
+        let pid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .ok_or_else(|| spawn_err(std::io::Error::other("the spawned process has no pid")))?;
+        // The child cannot have been reaped yet (only we wait for it), so /proc/<pid> exists.
+        let start_time = process_start_time(pid).ok_or_else(|| {
+            spawn_err(std::io::Error::other(format!("cannot read /proc/{pid}/stat")))
+        })?;
+        tracing::debug!(name, pid, ?args, "spawned");
+        self.spawned.push(Spawned {
+            child,
+            process: VmProcess { name: name.to_string(), pid, start_time },
+            log,
+        });
+        Ok(())
+    }
+
+    /// Fails if any process has exited, naming its log.
+    fn check_running(&mut self) -> Result<()> {
+        for s in &mut self.spawned {
+            let status = match s.child.try_wait() {
+                Ok(None) => continue,
+                Ok(Some(status)) => status.to_string(),
+                Err(e) => format!("unknown: {e}"),
+            };
+            return Err(HypervisorError::EarlyExit {
+                what: s.process.name.clone(),
+                status,
+                log: s.log.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn wait_for_socket(&mut self, what: &str, path: &Path, deadline: Instant) -> Result<()> {
+        loop {
+            self.check_running()?;
+            if path.exists() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout(what, path));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// QEMU sends the QMP greeting from its main loop, i.e. once the machine is built (kernel
+    /// loaded, vhost-user back-ends connected) and the vCPUs run.
+    async fn wait_for_qmp_greeting(&mut self, qmp: &Path, deadline: Instant) -> Result<()> {
+        let mut stream = loop {
+            self.check_running()?;
+            if let Ok(stream) = UnixStream::connect(qmp).await {
+                break stream;
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout("qemu", qmp));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let mut greeting = Vec::new();
+        loop {
+            self.check_running()?;
+            if greeting.contains(&b'\n') {
+                return if greeting.starts_with(b"{\"QMP\"") {
+                    Ok(())
+                } else {
+                    Err(HypervisorError::EarlyExit {
+                        what: "qemu".into(),
+                        status: format!(
+                            "unexpected QMP greeting {:?}",
+                            String::from_utf8_lossy(&greeting)
+                        ),
+                        log: self.log_of("qemu"),
+                    })
+                };
+            }
+            if Instant::now() >= deadline || greeting.len() > 64 * 1024 {
+                return Err(self.timeout("qemu", qmp));
+            }
+            match tokio::time::timeout(Duration::from_millis(50), stream.read_buf(&mut greeting))
+                .await
+            {
+                // QEMU closed the monitor: it is exiting, which check_running reports.
+                Ok(Ok(0)) | Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+                Ok(Ok(_)) | Err(_) => {}
+            }
+        }
+    }
+
+    fn log_of(&self, name: &str) -> PathBuf {
+        self.spawned
+            .iter()
+            .find(|s| s.process.name == name)
+            .map(|s| s.log.clone())
+            .unwrap_or_default()
+    }
+
+    fn timeout(&self, what: &str, path: &Path) -> HypervisorError {
+        tracing::warn!(what, log = %self.log_of(what).display(), "start-up timed out");
+        HypervisorError::SocketTimeout {
+            what: what.to_string(),
+            path: path.to_path_buf(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// Stops what was started and reaps it.
+    async fn abort(self) {
+        let processes: Vec<VmProcess> = self.spawned.iter().map(|s| s.process.clone()).collect();
+        terminate_processes(&processes, Duration::from_secs(1)).await;
+        for mut s in self.spawned {
+            let _ = tokio::time::timeout(Duration::from_secs(1), s.child.wait()).await;
+        }
+    }
+
+    /// Hands the processes over: QEMU first, then the helpers. Background tasks reap them, and
+    /// stop the helpers once QEMU has exited.
+    fn finish(mut self) -> Vec<VmProcess> {
+        let qemu_index = self.spawned.iter().position(|s| s.process.name == "qemu");
+        let qemu = qemu_index.map(|i| self.spawned.remove(i));
+        let helpers: Vec<VmProcess> = self.spawned.iter().map(|s| s.process.clone()).collect();
+        let mut processes: Vec<VmProcess> = qemu.iter().map(|s| s.process.clone()).collect();
+        processes.extend(helpers.iter().cloned());
+        for mut s in self.spawned {
+            tokio::spawn(async move {
+                let _ = s.child.wait().await;
+            });
+        }
+        if let Some(mut qemu) = qemu {
+            tokio::spawn(async move {
+                let status = qemu.child.wait().await;
+                tracing::info!(pid = qemu.process.pid, ?status, "qemu exited");
+                terminate_processes(&helpers, Duration::from_secs(2)).await;
+            });
+        }
+        processes
+    }
+}
+
+#[cfg(test)]
+mod tests;

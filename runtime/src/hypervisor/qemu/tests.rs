@@ -1,0 +1,296 @@
+//! Boots real QEMU/TCG guests. Artefacts: the guest kernel (env `PODVISOR_KERNEL`, default
+//! `/work/main/build/vmlinux`), the agent initramfs (env `PODVISOR_INITRD`, default
+//! `/work/main/build/initramfs.cpio`), and for the busybox guests `/bin/busybox` (static) and
+//! `cpio`. A test whose artefact is absent skips with a reason, unless `PODVISOR_REQUIRE_E2E=1`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command as StdCommand;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::hypervisor::{process_alive, BlockDevice, SharedDir};
+
+fn require_e2e() -> bool {
+    std::env::var("PODVISOR_REQUIRE_E2E").map(|v| v == "1").unwrap_or(false)
+}
+
+/// Returns the artefact, or None after printing why the test skips (panics under
+/// PODVISOR_REQUIRE_E2E=1).
+fn artefact(env: &str, default: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| default.into());
+    if path.is_file() {
+        return Some(path);
+    }
+    let reason = format!("{} not found (set {env})", path.display());
+    assert!(!require_e2e(), "PODVISOR_REQUIRE_E2E=1 but {reason}");
+    eprintln!("SKIP: {reason}");
+    None
+}
+
+fn kernel() -> Option<PathBuf> {
+    artefact("PODVISOR_KERNEL", "/work/main/build/vmlinux")
+}
+
+fn hypervisor() -> Option<QemuHypervisor> {
+    match QemuHypervisor::new(QemuConfig { accel: Accel::Auto, ..QemuConfig::default() }) {
+        Ok(hv) => Some(hv),
+        Err(e) => {
+            assert!(!require_e2e(), "PODVISOR_REQUIRE_E2E=1 but {e}");
+            eprintln!("SKIP: {e}");
+            None
+        }
+    }
+}
+
+/// An initramfs whose /init is `script` run by a static busybox.
+fn busybox_initrd(dir: &Path, script: &str) -> Option<PathBuf> {
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.is_file() {
+        assert!(!require_e2e(), "PODVISOR_REQUIRE_E2E=1 but /bin/busybox is missing");
+        eprintln!("SKIP: /bin/busybox not found (apt-get install busybox-static)");
+        return None;
+    }
+    let root = dir.join("initrd-root");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\nmkdir -p /proc /sys /dev /mnt\n\
+         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n{script}\n"
+    );
+    std::fs::write(root.join("init"), init).unwrap();
+    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.join("initrd.cpio");
+    let status = StdCommand::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
+            root.display(),
+            out.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success(), "cpio failed (apt-get install cpio)");
+    Some(out)
+}
+
+fn vm_config(dir: &Path, kernel: PathBuf, initrd: PathBuf) -> VmConfig {
+    VmConfig {
+        sandbox_id: "test".into(),
+        vcpus: 1,
+        memory_mib: 192,
+        kernel,
+        initrd,
+        extra_kernel_args: String::new(),
+        run_dir: dir.join("run"),
+        console_log: dir.join("console.log"),
+        shared_dirs: vec![],
+        block_devices: vec![],
+        net_devices: vec![],
+    }
+}
+
+/// Waits until the console log holds `marker`; returns the log.
+async fn wait_console(log: &Path, marker: &str, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(marker) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {marker:?} on the console within {timeout:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_qemu_exit(hv: &QemuHypervisor, vm: &VmHandle, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while hv.is_running(vm) {
+        assert!(Instant::now() < deadline, "QEMU still runs after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Processes whose command line mentions `needle` (the test's unique temp dir): catches
+/// helpers' own children (virtiofsd's sandbox) that VmHandle does not record.
+fn processes_mentioning(needle: &Path) -> Vec<String> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if pid == std::process::id() as i32 {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) {
+            found.push(format!("{pid}: {cmdline}"));
+        }
+    }
+    found
+}
+
+/// Stops and cleans up, then checks that nothing of the VM is left.
+async fn stop_and_check_nothing_left(hv: &QemuHypervisor, vm: &VmHandle, tmp: &Path) {
+    hv.stop(vm, Duration::from_secs(2)).await.unwrap();
+    assert!(vm.processes.iter().all(|p| !process_alive(p)), "{:?}", vm.processes);
+    // virtiofsd's sandboxed child dies with its parent (PR_SET_PDEATHSIG); give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !processes_mentioning(tmp).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(processes_mentioning(tmp), Vec::<String>::new());
+    hv.cleanup(vm).await.unwrap();
+    assert!(!vm.run_dir.exists(), "{} survived cleanup", vm.run_dir.display());
+    // Stopping and cleaning up a gone VM is fine.
+    hv.stop(vm, Duration::from_millis(100)).await.unwrap();
+    hv.cleanup(vm).await.unwrap();
+}
+
+/// A busybox guest with a virtio-fs share and a read-only disk, on 2 vCPUs: it proves the
+/// devices reach the guest, then reboots, which makes QEMU exit by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busybox_guest_sees_devices_and_powers_off() {
+    let (Some(kernel), Some(hv)) = (kernel(), hypervisor()) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let script = "mount -t virtiofs share /mnt && cat /mnt/hello.txt\n\
+                  echo \"vcpus=$(nproc) disk=$(cat /sys/block/vda/serial) ro=$(cat /sys/block/vda/ro)\"\n\
+                  echo PODVISOR-BUSYBOX-DONE\nreboot -f";
+    let Some(initrd) = busybox_initrd(tmp.path(), script) else { return };
+    let share = tmp.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("hello.txt"), "hello from the host\n").unwrap();
+    let disk = tmp.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut config = vm_config(tmp.path(), kernel, initrd);
+    config.vcpus = 2;
+    config.shared_dirs.push(SharedDir {
+        tag: "share".into(),
+        host_path: share,
+        read_only: true,
+        cache: "always".into(),
+    });
+    config.block_devices.push(BlockDevice { id: "disk0".into(), path: disk, read_only: true });
+
+    let started = Instant::now();
+    let vm = hv.start(&config).await.unwrap();
+    println!("start() returned after {:?}", started.elapsed());
+    assert_eq!(vm.processes[0].name, "qemu");
+    assert_eq!(vm.processes.len(), 3);
+    assert!(vm.vsock_uds.exists());
+    let console =
+        wait_console(&config.console_log, "PODVISOR-BUSYBOX-DONE", Duration::from_secs(120)).await;
+    println!("guest reached the end of /init after {:?}", started.elapsed());
+    assert!(console.contains("hello from the host"), "{console}");
+    assert!(console.contains("vcpus=2 disk=disk0 ro=1"), "{console}");
+    wait_qemu_exit(&hv, &vm, Duration::from_secs(30)).await;
+    stop_and_check_nothing_left(&hv, &vm, tmp.path()).await;
+}
+
+/// stop() on a running guest leaves no process, and cleanup no file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_running_vm_leaves_nothing() {
+    let (Some(kernel), Some(hv)) = (kernel(), hypervisor()) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(initrd) =
+        busybox_initrd(tmp.path(), "echo PODVISOR-IDLE\nwhile true; do sleep 1; done")
+    else {
+        return;
+    };
+    let share = tmp.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    let mut config = vm_config(tmp.path(), kernel, initrd);
+    config.shared_dirs.push(SharedDir {
+        tag: "podvisor".into(),
+        host_path: share,
+        read_only: false,
+        cache: "auto".into(),
+    });
+    let vm = hv.start(&config).await.unwrap();
+    wait_console(&config.console_log, "PODVISOR-IDLE", Duration::from_secs(120)).await;
+    assert!(hv.is_running(&vm));
+    stop_and_check_nothing_left(&hv, &vm, tmp.path()).await;
+    // The console log is the caller's: it stays.
+    assert!(config.console_log.exists());
+}
+
+/// A start that QEMU rejects (a directory as a disk) names QEMU's log and leaves no process.
+#[tokio::test]
+async fn failed_start_names_the_log_and_cleans_up() {
+    let (Some(kernel), Some(hv)) = (kernel(), hypervisor()) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut config = vm_config(tmp.path(), kernel.clone(), kernel);
+    config.block_devices.push(BlockDevice {
+        id: "dir".into(),
+        path: tmp.path().to_path_buf(),
+        read_only: true,
+    });
+    let result = hv.start(&config).await;
+    if let Ok(vm) = &result {
+        hv.stop(vm, Duration::from_secs(1)).await.unwrap();
+    }
+    let err = result.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, HypervisorError::EarlyExit { .. }), "{text}");
+    assert!(text.contains("qemu.log"), "{text}");
+    let log = std::fs::read_to_string(config.run_dir.join("qemu.log")).unwrap();
+    println!("{text}\nqemu.log: {log}");
+    assert!(log.contains("regular file"), "{log}");
+    assert_eq!(processes_mentioning(tmp.path()), Vec::<String>::new());
+}
+
+#[test]
+fn missing_binary_has_an_install_hint() {
+    let err = QemuHypervisor::new(QemuConfig {
+        vhost_vsock_binary: "/nonexistent/vhost-device-vsock".into(),
+        ..QemuConfig::default()
+    })
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, HypervisorError::MissingBinary { .. }));
+    // Whichever binary is missing first on this machine, its hint says how to install it.
+    assert!(text.contains("apt-get install") || text.contains("cargo install"), "{text}");
+}
+
+/// The real agent: boot, Ping (measuring boot→Ping), then Shutdown makes QEMU exit by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_answers_ping_then_shuts_the_vm_down() {
+    let (Some(kernel), Some(hv)) = (kernel(), hypervisor()) else { return };
+    let Some(initrd) = artefact("PODVISOR_INITRD", "/work/main/build/initramfs.cpio") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let config = vm_config(tmp.path(), kernel, initrd);
+    let started = Instant::now();
+    let vm = hv.start(&config).await.unwrap();
+    let vmm_up = started.elapsed();
+    let mut agent =
+        match crate::agent_client::connect(&vm.vsock_uds, Duration::from_secs(120)).await {
+            Ok(agent) => agent,
+            Err(e) => {
+                let console = std::fs::read_to_string(&config.console_log).unwrap_or_default();
+                hv.stop(&vm, Duration::from_secs(1)).await.unwrap();
+                panic!("{e}\nconsole:\n{console}");
+            }
+        };
+    let boot_to_ping = started.elapsed();
+    let pong = agent.ping(podvisor_proto::agent::PingRequest {}).await.unwrap().into_inner();
+    println!(
+        "accel {:?}: QEMU up after {vmm_up:?}, boot->Ping {boot_to_ping:?} \
+         (agent {} reports guest uptime {:.2}s)",
+        hv.accel().0,
+        pong.version,
+        pong.uptime_seconds
+    );
+    // The VM may go away before the answer: the result does not matter.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        agent.shutdown(podvisor_proto::agent::Empty {}),
+    )
+    .await;
+    wait_qemu_exit(&hv, &vm, Duration::from_secs(60)).await;
+    println!("QEMU exited by itself {:?} after boot", started.elapsed());
+    stop_and_check_nothing_left(&hv, &vm, tmp.path()).await;
+}
