@@ -1,0 +1,459 @@
+//! Pulling: manifests and blobs from a registry into the store, then the unpack.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
+use oci_client::manifest::{
+    OciDescriptor, OciImageIndex, OciImageManifest, IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
+};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::Digest;
+use tokio::io::AsyncWriteExt;
+use tracing::info;
+
+use crate::{
+    auth, digest_hex, parse_image_config, parse_reference, sha256_digest, Error, ImageRecord,
+    ImageStore, RegistryCredentials, Result,
+};
+
+/// Manifest media types asked for (schema 1 is not).
+const ACCEPTED_MANIFESTS: &[&str] = &[
+    OCI_IMAGE_MEDIA_TYPE,
+    OCI_IMAGE_INDEX_MEDIA_TYPE,
+    IMAGE_MANIFEST_MEDIA_TYPE,
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+];
+
+/// Layer media types whose content is a (possibly compressed) tar.
+const TAR_LAYERS: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+];
+
+/// Log download progress at most this often per layer.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Everything a failing registry call is reported against.
+struct Target<'a> {
+    host: &'a str,
+    reference: &'a str,
+}
+
+impl Target<'_> {
+    fn error(&self, error: OciDistributionError) -> Error {
+        let unauthorized = || Error::Unauthorized {
+            host: self.host.to_owned(),
+            reference: self.reference.to_owned(),
+        };
+        let unknown = || Error::ManifestUnknown {
+            host: self.host.to_owned(),
+            reference: self.reference.to_owned(),
+        };
+        match error {
+            OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
+                Error::RegistryUnreachable { host: self.host.to_owned(), message: error_chain(&e) }
+            }
+            OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::AuthenticationFailure(_) => unauthorized(),
+            OciDistributionError::RegistryError { envelope, url } => {
+                let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+                if codes
+                    .iter()
+                    .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
+                {
+                    unauthorized()
+                } else if codes.iter().any(|c| {
+                    matches!(
+                        c,
+                        OciErrorCode::ManifestUnknown
+                            | OciErrorCode::NameUnknown
+                            | OciErrorCode::NotFound
+                            | OciErrorCode::BlobUnknown
+                    )
+                }) {
+                    unknown()
+                } else {
+                    Error::Registry {
+                        host: self.host.to_owned(),
+                        reference: self.reference.to_owned(),
+                        message: format!("{url}: {envelope}"),
+                    }
+                }
+            }
+            OciDistributionError::ServerError { code: 401 | 403, .. } => unauthorized(),
+            OciDistributionError::ServerError { code: 404, .. } => unknown(),
+            OciDistributionError::DigestError(DigestError::VerificationError {
+                expected,
+                actual,
+            }) => Error::DigestMismatch { what: self.reference.to_owned(), expected, actual },
+            other => Error::Registry {
+                host: self.host.to_owned(),
+                reference: self.reference.to_owned(),
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+/// An error with its sources ("error sending request: connection refused").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// "os/arch[/variant]" of each index entry, for the no-matching-platform error.
+fn platforms(index: &OciImageIndex) -> String {
+    index
+        .manifests
+        .iter()
+        .map(|entry| match &entry.platform {
+            Some(p) => match &p.variant {
+                Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                None => format!("{}/{}", p.os, p.architecture),
+            },
+            None => "unknown".to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn is_index(media_type: Option<&str>, body: &serde_json::Value) -> bool {
+    match media_type {
+        Some(t) => t == OCI_IMAGE_INDEX_MEDIA_TYPE || t == IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+        None => body.get("manifests").is_some(),
+    }
+}
+
+impl ImageStore {
+    fn is_insecure(&self, registry: &str) -> bool {
+        let host = match registry.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => registry,
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost"
+            || host == "::1"
+            || host.starts_with("127.")
+            || self.config.insecure_registries.iter().any(|r| r == registry || r == host)
+    }
+
+    fn client_for(&self, registry: &str) -> Client {
+        let protocol =
+            if self.is_insecure(registry) { ClientProtocol::Http } else { ClientProtocol::Https };
+        Client::new(ClientConfig {
+            protocol,
+            // Platform selection is ours (it names the platforms found when none fits).
+            platform_resolver: None,
+            connect_timeout: Some(self.config.connect_timeout),
+            read_timeout: Some(self.config.read_timeout),
+            max_concurrent_download: self.config.max_concurrent_downloads,
+            ..Default::default()
+        })
+    }
+
+    fn registry_auth(
+        &self,
+        registry: &str,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<RegistryAuth> {
+        if let Some(credentials) = credentials {
+            return Ok(credentials.to_registry_auth());
+        }
+        if let Some(path) = &self.config.docker_config {
+            if let Some(found) = auth::from_docker_config(path, registry)? {
+                return Ok(found.to_registry_auth());
+            }
+        }
+        Ok(RegistryAuth::Anonymous)
+    }
+
+    /// Pulls `reference` (tag or digest; an index resolves to linux/amd64), verifies every
+    /// blob, unpacks the root file system and records the image. Concurrent pulls of the same
+    /// content share downloads and the unpack. Returns the image record (its `id` is what CRI
+    /// `PullImage` returns).
+    pub async fn pull(
+        &self,
+        reference: &str,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<ImageRecord> {
+        let parsed = parse_reference(reference)?;
+        let registry = parsed.resolve_registry().to_owned();
+        let whole = parsed.whole();
+        let target = Target { host: &registry, reference: &whole };
+        let registry_auth = self.registry_auth(parsed.registry(), credentials)?;
+        let client = self.client_for(&registry);
+        let started = Instant::now();
+
+        // Top-level manifest or index, by tag or digest.
+        let (top_bytes, _) = client
+            .pull_manifest_raw(&parsed, &registry_auth, ACCEPTED_MANIFESTS)
+            .await
+            .map_err(|e| target.error(e))?;
+        let top_digest = sha256_digest(&top_bytes);
+        if let Some(wanted) = parsed.digest() {
+            if wanted != top_digest {
+                return Err(Error::DigestMismatch {
+                    what: format!("manifest of {whole}"),
+                    expected: wanted.to_owned(),
+                    actual: top_digest,
+                });
+            }
+        }
+        let top_json: serde_json::Value = serde_json::from_slice(&top_bytes)
+            .map_err(|source| Error::ParseManifest { digest: top_digest.clone(), source })?;
+        let media_type = top_json.get("mediaType").and_then(|t| t.as_str());
+        let mut pinned = vec![top_digest.clone()];
+        let _top_pin = self.pin(&pinned);
+
+        let (manifest_digest, manifest_bytes, index_digest) = if is_index(media_type, &top_json) {
+            let index: OciImageIndex = serde_json::from_slice(&top_bytes)
+                .map_err(|source| Error::ParseManifest { digest: top_digest.clone(), source })?;
+            let Some(entry) = index.manifests.iter().find(|entry| {
+                entry.platform.as_ref().is_some_and(|p| {
+                    p.os == oci_spec::image::Os::Linux
+                        && p.architecture == oci_spec::image::Arch::Amd64
+                })
+            }) else {
+                return Err(Error::NoMatchingPlatform {
+                    reference: whole.clone(),
+                    platforms: platforms(&index),
+                });
+            };
+            digest_hex(&entry.digest)?;
+            let by_digest = parsed.clone_with_digest(entry.digest.clone());
+            let (bytes, _) = client
+                .pull_manifest_raw(&by_digest, &registry_auth, ACCEPTED_MANIFESTS)
+                .await
+                .map_err(|e| target.error(e))?;
+            (entry.digest.clone(), bytes.to_vec(), Some(top_digest.clone()))
+        } else {
+            (top_digest.clone(), top_bytes.to_vec(), None)
+        };
+        let manifest: OciImageManifest = serde_json::from_slice(&manifest_bytes)
+            .map_err(|source| Error::ParseManifest { digest: manifest_digest.clone(), source })?;
+        if let Some(t) = &manifest.media_type {
+            if t == OCI_IMAGE_INDEX_MEDIA_TYPE || t == IMAGE_MANIFEST_LIST_MEDIA_TYPE {
+                return Err(Error::UnsupportedManifest {
+                    reference: whole.clone(),
+                    reason: "index inside an index".to_owned(),
+                });
+            }
+        }
+        if manifest.layers.is_empty() {
+            return Err(Error::UnsupportedManifest {
+                reference: whole.clone(),
+                reason: "no layers".to_owned(),
+            });
+        }
+        for layer in &manifest.layers {
+            if !TAR_LAYERS.contains(&layer.media_type.as_str()) {
+                return Err(Error::UnsupportedLayer(layer.media_type.clone()));
+            }
+            digest_hex(&layer.digest)?;
+        }
+        let image_id = manifest.config.digest.clone();
+        digest_hex(&image_id)?;
+
+        pinned.push(manifest_digest.clone());
+        pinned.push(image_id.clone());
+        pinned.extend(manifest.layers.iter().map(|l| l.digest.clone()));
+        let _pin = self.pin(&pinned);
+
+        self.put_blob(&top_digest, &top_bytes, &format!("manifest of {whole}"))?;
+        self.put_blob(
+            &manifest_digest,
+            &manifest_bytes,
+            &format!("linux/amd64 manifest of {whole}"),
+        )?;
+
+        let blob_ref = parsed.clone_with_digest(manifest_digest.clone());
+        self.fetch_blob(&client, &blob_ref, &target, &manifest.config).await?;
+        let config_bytes = self.read_blob(&image_id)?;
+        let config = oci_spec::image::ImageConfiguration::from_reader(&config_bytes[..])
+            .map_err(|e| Error::ParseConfig { digest: image_id.clone(), reason: e.to_string() })?;
+        let diff_ids = config.rootfs().diff_ids().clone();
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(Error::LayerCountMismatch {
+                digest: image_id.clone(),
+                diff_ids: diff_ids.len(),
+                layers: manifest.layers.len(),
+            });
+        }
+        let user = parse_image_config(&image_id, &config_bytes)?.user;
+
+        let (client_ref, blob_ref_ref, target_ref) = (&client, &blob_ref, &target);
+        futures::stream::iter(manifest.layers.clone())
+            .map(|layer| async move {
+                self.fetch_blob(client_ref, blob_ref_ref, target_ref, &layer).await
+            })
+            .buffer_unordered(self.config.max_concurrent_downloads.max(1))
+            .try_collect::<Vec<PathBuf>>()
+            .await?;
+
+        let size = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>()
+            + manifest.config.size.max(0) as u64;
+        let mut record = ImageRecord {
+            id: image_id.clone(),
+            repo_tags: Vec::new(),
+            repo_digests: vec![format!(
+                "{}/{}@{top_digest}",
+                parsed.registry(),
+                parsed.repository()
+            )],
+            size,
+            user,
+            manifest_digest,
+            index_digests: index_digest.into_iter().collect(),
+            layers: manifest.layers.iter().map(|l| l.digest.clone()).collect(),
+            diff_ids,
+            pulled_at: crate::now_ns() / 1_000_000_000,
+        };
+        if parsed.digest().is_none() {
+            record.repo_tags.push(whole.clone());
+        }
+
+        // Unpack before the record exists: an image that cannot be unpacked is not pulled.
+        let job = self.unpack_job(&record)?;
+        tokio::task::spawn_blocking(move || job.run())
+            .await
+            .map_err(|e| Error::UnpackTask(e.to_string()))??;
+
+        let record = self.commit_record(record)?;
+        info!(
+            reference = %whole,
+            image = %record.id,
+            size = record.size,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "image pulled"
+        );
+        Ok(record)
+    }
+
+    /// Ensures the blob `descriptor` names is stored and verified, downloading it if needed.
+    async fn fetch_blob(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        target: &Target<'_>,
+        descriptor: &OciDescriptor,
+    ) -> Result<PathBuf> {
+        let digest = descriptor.digest.as_str();
+        let path = self.blob_path(digest)?;
+        let blob_lock = self.blob_lock(digest);
+        let _one_download = blob_lock.lock().await;
+        if path.exists() {
+            return Ok(path);
+        }
+        let temp = self.temp_path(&format!("blob-{}", digest_hex(digest)?));
+        let result = self.download_blob(client, reference, target, descriptor, &temp, &path).await;
+        if result.is_err() {
+            // Best effort: tmp/ is emptied on the next open anyway.
+            let _ = tokio::fs::remove_file(&temp).await;
+        }
+        result?;
+        self.blobs_downloaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(path)
+    }
+
+    async fn download_blob(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        target: &Target<'_>,
+        descriptor: &OciDescriptor,
+        temp: &std::path::Path,
+        path: &std::path::Path,
+    ) -> Result<()> {
+        let digest = descriptor.digest.as_str();
+        let expected_size = u64::try_from(descriptor.size).unwrap_or(0);
+        let mut stream =
+            client.pull_blob_stream(reference, descriptor).await.map_err(|e| target.error(e))?;
+        let total = stream.content_length.unwrap_or(expected_size);
+        let write_error = |source| Error::WriteBlob { path: temp.to_owned(), source };
+        let mut file = tokio::fs::File::create(temp).await.map_err(write_error)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut received = 0u64;
+        let started = Instant::now();
+        let mut last_report = Instant::now();
+        info!(digest, total, "downloading blob");
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                match e.get_ref().and_then(|inner| inner.downcast_ref::<DigestError>()) {
+                    Some(DigestError::VerificationError { expected, actual }) => {
+                        Error::DigestMismatch {
+                            what: format!("blob {digest}"),
+                            expected: expected.clone(),
+                            actual: actual.clone(),
+                        }
+                    }
+                    _ => Error::DownloadBlob { digest: digest.to_owned(), source: e },
+                }
+            })?;
+            hasher.update(&chunk);
+            received += chunk.len() as u64;
+            if expected_size > 0 && received > expected_size {
+                return Err(Error::SizeMismatch {
+                    digest: digest.to_owned(),
+                    expected: expected_size,
+                    actual: received,
+                });
+            }
+            file.write_all(&chunk).await.map_err(write_error)?;
+            if last_report.elapsed() >= PROGRESS_INTERVAL {
+                last_report = Instant::now();
+                info!(digest, received, total, "downloading blob");
+            }
+        }
+        file.sync_all().await.map_err(write_error)?;
+        drop(file);
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest {
+            return Err(Error::DigestMismatch {
+                what: format!("blob {digest}"),
+                expected: digest.to_owned(),
+                actual,
+            });
+        }
+        if expected_size > 0 && received != expected_size {
+            return Err(Error::SizeMismatch {
+                digest: digest.to_owned(),
+                expected: expected_size,
+                actual: received,
+            });
+        }
+        tokio::fs::rename(temp, path)
+            .await
+            .map_err(|source| Error::WriteBlob { path: path.to_owned(), source })?;
+        if let Some(parent) = path.parent() {
+            crate::sync_dir(parent)
+                .map_err(|source| Error::WriteBlob { path: parent.to_owned(), source })?;
+        }
+        info!(
+            digest,
+            received,
+            total,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "blob downloaded"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,388 @@
+//! Store tests against a real `docker-registry` on 127.0.0.1 with images built from
+//! busybox-static (see `podvisor_e2e::registry`). Skipped with a message when the tools are
+//! missing, unless PODVISOR_REQUIRE_E2E=1.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use podvisor_e2e::registry::{registry_tests_can_run, TestRegistry};
+
+use super::*;
+
+fn store(dir: &Path) -> ImageStore {
+    ImageStore::open(dir, ImageStoreConfig::default()).expect("open store")
+}
+
+fn blob_count(store: &ImageStore) -> usize {
+    std::fs::read_dir(store.dir().join("blobs/sha256")).unwrap().count()
+}
+
+fn tmp_is_empty(store: &ImageStore) -> bool {
+    std::fs::read_dir(store.dir().join("tmp")).unwrap().count() == 0
+}
+
+macro_rules! require_registry {
+    () => {
+        if !registry_tests_can_run() {
+            return;
+        }
+    };
+}
+
+#[tokio::test]
+async fn pull_by_tag_and_digest_then_resolve_and_remove() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_busybox("busybox:1").unwrap();
+    let manifest_digest = reg.manifest_digest(&reference).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+
+    let record = store.pull(&reference, None).await.unwrap();
+    assert_eq!(record.repo_tags, vec![reference.clone()]);
+    let repo_digest = format!("{}/busybox@{manifest_digest}", reg.host());
+    assert_eq!(record.repo_digests, vec![repo_digest.clone()]);
+    assert!(record.size > 500_000, "size {}", record.size);
+    assert_eq!(record.user, None);
+
+    let rootfs = store.rootfs_dir(&record.id).unwrap();
+    assert!(rootfs.join("bin/busybox").is_file());
+    assert_eq!(std::fs::read_link(rootfs.join("bin/sh")).unwrap(), Path::new("busybox"));
+    let tmp_mode = std::fs::metadata(rootfs.join("tmp")).unwrap().mode();
+    assert_eq!(tmp_mode & 0o7777, 0o1777);
+    let config = store.image_config(&record.id).unwrap();
+    assert_eq!(config.cmd, vec!["sh".to_owned()]);
+    assert_eq!(config.architecture, "amd64");
+    assert_eq!(config.labels.get("org.podvisor.test").map(String::as_str), Some("true"));
+
+    // By digest: same image, nothing downloaded again.
+    let downloads = store.blobs_downloaded();
+    let by_digest = store.pull(&repo_digest, None).await.unwrap();
+    assert_eq!(by_digest.id, record.id);
+    assert_eq!(store.blobs_downloaded(), downloads);
+    assert_eq!(store.list().len(), 1);
+
+    let hex = record.id.trim_start_matches("sha256:");
+    for name in [
+        reference.as_str(),
+        repo_digest.as_str(),
+        record.id.as_str(),
+        hex,
+        &hex[..12],
+        manifest_digest.as_str(),
+    ] {
+        assert_eq!(store.resolve(name).map(|r| r.id), Some(record.id.clone()), "{name}");
+    }
+    assert!(store.resolve("busybox").is_none());
+    assert!(store.resolve(&format!("{}/busybox:2", reg.host())).is_none());
+
+    // Records survive a restart.
+    drop(store);
+    let store = super::tests::store(dir.path());
+    assert_eq!(store.resolve(&reference).map(|r| r.id), Some(record.id.clone()));
+
+    let removed = store.remove(&reference).unwrap().unwrap();
+    assert_eq!(removed.id, record.id);
+    assert!(store.resolve(&record.id).is_none());
+    assert!(store.remove(&reference).unwrap().is_none(), "not found is Ok");
+    assert_eq!(blob_count(&store), 0, "GC leaves no orphan blobs");
+    assert!(!rootfs.exists());
+}
+
+#[tokio::test]
+async fn remove_by_id_and_by_digest_keeps_shared_blobs_of_other_images() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let busybox = reg.push_busybox("busybox:1").unwrap();
+    let multi = reg.push_multilayer("multi:1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let a = store.pull(&busybox, None).await.unwrap();
+    let b = store.pull(&multi, None).await.unwrap();
+    // The multi-layer image's lowest layer differs from busybox's: 1 + 3 layers, 2 configs,
+    // 2 manifests.
+    assert_eq!(blob_count(&store), 8);
+
+    store.remove(&a.id).unwrap().unwrap();
+    assert_eq!(blob_count(&store), 5);
+    let digest = b.repo_digests[0].clone();
+    store.remove(&digest).unwrap().unwrap();
+    assert_eq!(blob_count(&store), 0);
+    assert!(store.list().is_empty());
+    assert_eq!(store.gc().unwrap(), GcReport::default());
+}
+
+#[tokio::test]
+async fn multi_arch_index_resolves_to_linux_amd64() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_multiarch("multiarch:1").unwrap();
+    let index_digest = reg.manifest_digest(&reference).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let record = store.pull(&reference, None).await.unwrap();
+    assert_eq!(record.index_digests, vec![index_digest.clone()]);
+    assert_ne!(record.manifest_digest, index_digest);
+    assert_eq!(record.repo_digests, vec![format!("{}/multiarch@{index_digest}", reg.host())]);
+    let rootfs = store.rootfs_dir(&record.id).unwrap();
+    assert_eq!(std::fs::read(rootfs.join("arch")).unwrap(), b"amd64\n");
+    assert_eq!(store.image_config(&record.id).unwrap().architecture, "amd64");
+}
+
+#[tokio::test]
+async fn index_without_amd64_names_the_platforms_found() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_arm64_only("arm:1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let err = store.pull(&reference, None).await.unwrap_err();
+    assert!(matches!(err, Error::NoMatchingPlatform { .. }), "{err}");
+    assert!(err.to_string().contains("linux/arm64"), "{err}");
+    assert!(store.list().is_empty());
+}
+
+#[tokio::test]
+async fn multilayer_whiteouts_opaque_dirs_links_and_owners_are_applied() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_multilayer("multi:1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let record = store.pull(&reference, None).await.unwrap();
+    assert_eq!(record.layers.len(), 3);
+    let rootfs = store.rootfs_dir(&record.id).unwrap();
+    assert!(!rootfs.join("etc/removed.txt").exists());
+    assert!(!rootfs.join("etc/.wh.removed.txt").exists());
+    assert!(!rootfs.join("data/old/a.txt").exists());
+    assert!(!rootfs.join("data/old/b.txt").exists());
+    assert!(!rootfs.join("data/old/.wh..wh..opq").exists());
+    assert_eq!(std::fs::read(rootfs.join("data/old/new.txt")).unwrap(), b"new\n");
+    assert_eq!(std::fs::read(rootfs.join("data/keep.txt")).unwrap(), b"keep\n");
+    let keep = std::fs::metadata(rootfs.join("data/keep.txt")).unwrap();
+    let hardlink = std::fs::metadata(rootfs.join("data/hardlink")).unwrap();
+    assert_eq!(keep.ino(), hardlink.ino());
+    assert_eq!(std::fs::read_link(rootfs.join("data/link")).unwrap(), Path::new("keep.txt"));
+    let owned = std::fs::symlink_metadata(rootfs.join("data/owned.txt")).unwrap();
+    assert_eq!(owned.mode() & 0o7777, 0o600);
+    assert_eq!(owned.mtime(), 1_700_000_000);
+    if nix::unistd::geteuid().is_root() {
+        assert_eq!((owned.uid(), owned.gid()), (1234, 1234));
+    }
+}
+
+#[tokio::test]
+async fn non_root_user_is_recorded_as_uid_or_name() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let by_uid = reg.push_with_user("user:uid", "1234:1234").unwrap();
+    let by_name = reg.push_with_user("user:name", "app").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let record = store.pull(&by_uid, None).await.unwrap();
+    assert_eq!(record.user.as_deref(), Some("1234:1234"));
+    assert_eq!(record.uid(), Some(1234));
+    assert_eq!(record.username(), None);
+    let record = store.pull(&by_name, None).await.unwrap();
+    assert_eq!(record.uid(), None);
+    assert_eq!(record.username(), Some("app"));
+    assert_eq!(store.image_config(&record.id).unwrap().user.as_deref(), Some("app"));
+    let rootfs = store.rootfs_dir(&record.id).unwrap();
+    let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap();
+    assert!(passwd.contains("app:x:1000:1000"));
+}
+
+#[tokio::test]
+async fn zstd_layers_are_unpacked() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_busybox_zstd("zstd:1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let record = store.pull(&reference, None).await.unwrap();
+    let rootfs = store.rootfs_dir(&record.id).unwrap();
+    assert!(rootfs.join("bin/busybox").is_file());
+}
+
+#[tokio::test]
+async fn basic_auth_with_right_and_wrong_credentials() {
+    require_registry!();
+    let reg = TestRegistry::start_with_basic_auth("alice", "s3cret").unwrap();
+    let reference = reg.push_busybox("private:1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+
+    let err = store.pull(&reference, None).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
+    assert!(err.to_string().contains(&reg.host()), "{err}");
+
+    let wrong = RegistryCredentials::Basic { username: "alice".into(), password: "wrong".into() };
+    let err = store.pull(&reference, Some(&wrong)).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
+    assert!(store.list().is_empty());
+
+    let right = RegistryCredentials::from_fields("alice", "s3cret", "", "", "").unwrap().unwrap();
+    let record = store.pull(&reference, Some(&right)).await.unwrap();
+    assert!(store.rootfs_dir(&record.id).unwrap().join("bin/busybox").exists());
+
+    // The same credentials from a docker config.json.
+    let config_path = dir.path().join("config.json");
+    std::fs::write(
+        &config_path,
+        format!(r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#, reg.host()),
+    )
+    .unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let with_config = ImageStore::open(
+        other.path(),
+        ImageStoreConfig { docker_config: Some(config_path), ..Default::default() },
+    )
+    .unwrap();
+    with_config.pull(&reference, None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_of_one_image_download_each_blob_once() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_multilayer("multi:1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(store(dir.path()));
+    let pulls: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            let reference = reference.clone();
+            tokio::spawn(async move { store.pull(&reference, None).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for pull in pulls {
+        ids.push(pull.await.unwrap().unwrap().id);
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1);
+    // Three layers and the config.
+    assert_eq!(store.blobs_downloaded(), 4);
+    assert_eq!(store.list().len(), 1);
+    assert!(tmp_is_empty(&store));
+}
+
+#[tokio::test]
+async fn tampered_blob_is_rejected_and_nothing_is_kept() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_busybox("busybox:1").unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&reg.raw_manifest(&reference).unwrap()).unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let data_path = reg.blob_data_path(&layer);
+    let mut data = std::fs::read(&data_path).unwrap();
+    let middle = data.len() / 2;
+    data[middle] ^= 0xff;
+    std::fs::write(&data_path, data).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let err = store.pull(&reference, None).await.unwrap_err();
+    match &err {
+        Error::DigestMismatch { expected, actual, .. } => {
+            assert_eq!(expected, &layer);
+            assert_ne!(actual, &layer);
+        }
+        other => panic!("expected a digest mismatch, got {other}"),
+    }
+    assert!(store.list().is_empty());
+    assert!(!store.blob_path(&layer).unwrap().exists());
+    assert!(tmp_is_empty(&store));
+    assert_eq!(std::fs::read_dir(store.dir().join("rootfs")).unwrap().count(), 0);
+}
+
+#[tokio::test]
+async fn hostile_layer_is_refused_without_writing_outside() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let hostile = podvisor_e2e::images::LayerBuilder::new()
+        .file("ok.txt", b"ok", 0o644)
+        .unwrap()
+        .raw_entry(b"../../../../escaped", tar::EntryType::Regular, None, b"x")
+        .unwrap()
+        .finish()
+        .unwrap();
+    let image = podvisor_e2e::images::TestImage::new(vec![hostile]);
+    let reference = reg.push_image("hostile:1", &image).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let err = store.pull(&reference, None).await.unwrap_err();
+    assert!(matches!(err, Error::Unpack { source: UnpackError::UnsafePath { .. }, .. }), "{err}");
+    assert!(store.list().is_empty());
+    assert!(tmp_is_empty(&store));
+    assert!(!dir.path().join("escaped").exists());
+    assert!(!Path::new("/escaped").exists());
+}
+
+#[tokio::test]
+async fn registry_errors_name_their_cause() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+
+    let err = store.pull(&format!("{}/nothing:here", reg.host()), None).await.unwrap_err();
+    assert!(matches!(err, Error::ManifestUnknown { .. }), "{err}");
+
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let err = store.pull(&format!("127.0.0.1:{port}/busybox:1"), None).await.unwrap_err();
+    assert!(matches!(err, Error::RegistryUnreachable { .. }), "{err}");
+    assert!(err.to_string().contains(&format!("127.0.0.1:{port}")), "{err}");
+
+    let err = store.pull("Invalid//Reference", None).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidReference { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn fs_info_counts_bytes_and_inodes() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_busybox("busybox:1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let empty = store.fs_info().unwrap();
+    store.pull(&reference, None).await.unwrap();
+    let full = store.fs_info().unwrap();
+    assert_eq!(full.mountpoint, dir.path().join("images"));
+    assert!(full.used_bytes > empty.used_bytes + 2_000_000, "{full:?}");
+    // busybox applet symlinks alone are > 250 inodes.
+    assert!(full.inodes_used > empty.inodes_used + 250, "{full:?}");
+    assert!(full.timestamp_ns > 0);
+}
+
+#[test]
+fn digests_that_name_files_are_validated() {
+    assert!(digest_hex(&format!("sha256:{}", "a".repeat(64))).is_ok());
+    assert!(digest_hex("sha256:../../etc/passwd").is_err());
+    assert!(digest_hex(&format!("sha512:{}", "a".repeat(64))).is_err());
+    assert!(digest_hex(&format!("sha256:{}", "A".repeat(64))).is_err());
+}
+
+#[test]
+fn user_field_parses_to_uid_or_name() {
+    let mut record = ImageRecord {
+        id: String::new(),
+        repo_tags: vec![],
+        repo_digests: vec![],
+        size: 0,
+        user: Some("1234".into()),
+        manifest_digest: String::new(),
+        index_digests: vec![],
+        layers: vec![],
+        diff_ids: vec![],
+        pulled_at: 0,
+    };
+    assert_eq!(record.uid(), Some(1234));
+    record.user = Some("www:staff".into());
+    assert_eq!((record.uid(), record.username()), (None, Some("www")));
+    record.user = None;
+    assert_eq!((record.uid(), record.username()), (None, None));
+}
