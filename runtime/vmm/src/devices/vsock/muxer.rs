@@ -12,7 +12,7 @@
 //! without rx buffers simply waits without spinning.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -86,7 +86,7 @@ struct Connection {
     rx_cnt: Wrapping<u32>,
     /// Epoll said readable and no read returned EAGAIN since.
     host_readable: bool,
-    /// The host side reached EOF (SHUTDOWN was sent to the guest).
+    /// The host side reached EOF (SHUTDOWN(SEND) was sent to the guest).
     host_eof: bool,
     /// The guest will send no more data: shut the host write side once flushed.
     guest_shut_send: bool,
@@ -133,7 +133,7 @@ impl Connection {
     fn flush(&mut self) -> std::io::Result<()> {
         while !self.tx_pending.is_empty() {
             let (front, _) = self.tx_pending.as_slices();
-            match self.stream.write(front) {
+            match send_nosignal(&self.stream, front) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.tx_pending.drain(..n);
@@ -386,7 +386,18 @@ impl Muxer {
         conn.state = ConnState::Established;
         // The reply is a few bytes on a fresh socket: it fits in the socket buffer.
         let reply = format!("OK {}\n", key.0);
-        if let Err(err) = conn.stream.write_all(reply.as_bytes()) {
+        let sent = send_nosignal(&conn.stream, reply.as_bytes());
+        if let Err(err) =
+            sent.and_then(
+                |n| {
+                    if n == reply.len() {
+                        Ok(())
+                    } else {
+                        Err(ErrorKind::WriteZero.into())
+                    }
+                },
+            )
+        {
             tracing::debug!("vsock: host client went away before OK: {err}");
             self.remove(key);
             self.queue_rst(key);
@@ -408,7 +419,7 @@ impl Muxer {
             }
         }
         // Both directions closed: the connection is over (the guest expects our RST).
-        if conn.guest_shut_rcv && conn.guest_shut_send {
+        if (conn.guest_shut_rcv || conn.host_eof) && conn.guest_shut_send {
             self.remove(key);
             self.queue_rst(key);
         }
@@ -673,11 +684,13 @@ impl Muxer {
             let mut buf = vec![0u8; len];
             match conn.stream.read(&mut buf) {
                 Ok(0) => {
-                    // Host closed: tell the guest neither direction carries data any more;
-                    // the guest answers RST, which removes the connection.
+                    // The host side will send no more (closed, or only half-closed and
+                    // still reading): the guest reads EOF but may still send. When the
+                    // guest is done too it shuts down or resets, which ends the connection;
+                    // a guest write to a fully closed host side ends it with an RST.
                     conn.host_eof = true;
                     let mut hdr = self.header(key, OP_SHUTDOWN);
-                    hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+                    hdr.flags = SHUTDOWN_SEND;
                     return Some((hdr, RxPayload::None));
                 }
                 Ok(n) => {
@@ -701,6 +714,13 @@ impl Muxer {
         }
         None
     }
+}
+
+/// Writes to a host socket without raising SIGPIPE when its peer is gone (EPIPE instead),
+/// whatever the process's SIGPIPE disposition.
+fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> std::io::Result<usize> {
+    use nix::sys::socket::{send, MsgFlags};
+    Ok(send(stream.as_raw_fd(), buf, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT)?)
 }
 
 /// Connects without blocking: this runs on a vCPU thread, and a blocking connect to a

@@ -257,14 +257,16 @@ fn guest_initiated_connection_to_uds_port() {
     let pkts = h.guest_recv();
     assert_eq!(pkts[0].1, b"pong");
 
-    // Host closes: guest is told both directions are shut, answers RST.
+    // Host closes: guest is told the host sends no more; a guest write then finds the
+    // host side gone and the connection is reset.
     drop(server);
     h.host_events();
     let pkts = h.guest_recv();
     assert_eq!(pkts.len(), 1);
     assert_eq!(pkts[0].0.op, OP_SHUTDOWN);
-    assert_eq!(pkts[0].0.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
-    h.guest_send(guest_hdr(40000, 5000, OP_RST), &[]);
+    assert_eq!(pkts[0].0.flags, SHUTDOWN_SEND);
+    h.guest_send(guest_hdr(40000, 5000, OP_RW), b"late");
+    assert_eq!(h.guest_recv()[0].0.op, OP_RST);
     assert_eq!(h.device.lock().unwrap().connection_count(), 0);
 }
 
@@ -642,4 +644,28 @@ fn connect_before_the_driver_is_up_is_delivered_at_activation() {
     assert_eq!(used.len(), 1);
     let bytes = driver.read_mem(addr, HEADER_SIZE);
     assert_eq!(Header::from_bytes(bytes[..].try_into().unwrap()).op, OP_REQUEST);
+}
+
+#[test]
+fn host_half_close_still_gets_the_reply() {
+    let mut h = Harness::new();
+    h.add_rx_buffers(8, RX_BUF);
+    let (mut client, local) = host_connect(&mut h, 1024);
+    client.write_all(b"request").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    h.host_events();
+    let pkts = h.guest_recv();
+    assert_eq!(pkts.len(), 2, "{pkts:?}");
+    assert_eq!((pkts[0].0.op, pkts[0].1.as_slice()), (OP_RW, &b"request"[..]));
+    assert_eq!((pkts[1].0.op, pkts[1].0.flags), (OP_SHUTDOWN, SHUTDOWN_SEND));
+    // The guest answers, then closes its side.
+    h.guest_send(guest_hdr(1024, local, OP_RW), b"reply");
+    let mut hdr = guest_hdr(1024, local, OP_SHUTDOWN);
+    hdr.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    h.guest_send(hdr, &[]);
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"reply");
+    assert_eq!(h.guest_recv()[0].0.op, OP_RST);
+    assert_eq!(h.device.lock().unwrap().connection_count(), 0);
 }
