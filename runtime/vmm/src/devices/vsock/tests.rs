@@ -571,6 +571,8 @@ fn bulk_transfer_both_ways_keeps_data_intact() {
                     received += data.len();
                 }
                 OP_CREDIT_UPDATE => {}
+                // The host closes its end once it has read everything: EOF after the data.
+                OP_SHUTDOWN => assert_eq!(received, TOTAL, "EOF before all data"),
                 other => panic!("unexpected op {other}"),
             }
         }
