@@ -348,4 +348,6 @@ where
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 pub(crate) mod test_utils;
