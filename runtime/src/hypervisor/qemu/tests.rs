@@ -294,3 +294,78 @@ async fn agent_answers_ping_then_shuts_the_vm_down() {
     println!("QEMU exited by itself {:?} after boot", started.elapsed());
     stop_and_check_nothing_left(&hv, &vm, tmp.path()).await;
 }
+
+fn sh(cmd: &str) {
+    let status = StdCommand::new("sh").arg("-c").arg(cmd).status().unwrap();
+    assert!(status.success(), "{cmd} failed");
+}
+
+/// Unmounts the share's two mount points and everything under them when dropped (lazily: a
+/// failed test must not leave mounts behind).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for dir in ["shared", "mounts"] {
+            let _ = StdCommand::new("umount").arg("-R").arg("-l").arg(self.0.join(dir)).status();
+        }
+    }
+}
+
+/// The sandbox manager's layout (as Kata's): `mounts/` is a shared bind mount where the host
+/// bind-mounts image rootfs directories while the VM runs; `shared/` is a read-only slave bind
+/// of it, served by virtiofsd in its default namespace sandbox. Mounts made under `mounts/`
+/// after the VM started must show in the guest, with either cache mode. A directory the guest
+/// looked up *before* the host mounted over it keeps showing the covered directory (virtiofsd
+/// holds the old inode): the sandbox manager must mount on fresh paths only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtiofs_sees_bind_mounts_made_after_start() {
+    let (Some(kernel), Some(hv)) = (kernel(), hypervisor()) else { return };
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!require_e2e(), "PODVISOR_REQUIRE_E2E=1 but mounting needs root");
+        eprintln!("SKIP: mounting needs root");
+        return;
+    }
+    for cache in ["always", "auto"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = tmp.path().display();
+        // The guest waits for `go`, then reads through the mount made after boot. `early/` was
+        // listed by the guest before the host mounted over it.
+        let script = "mount -t virtiofs podvisor /mnt && ls /mnt/early >/dev/null && echo GUEST-READY\n\
+                      i=0; while [ ! -e /mnt/go ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n\
+                      echo \"late=[$(cat /mnt/c1/rootfs/marker)]\"\n\
+                      echo \"early=[$(cat /mnt/early/marker)]\"\n\
+                      echo GUEST-DONE\nwhile true; do sleep 1; done";
+        let Some(initrd) = busybox_initrd(tmp.path(), script) else { return };
+        let _unmount = Unmount(tmp.path().join("share"));
+        sh(&format!(
+            "mkdir -p {t}/share/mounts/early {t}/share/shared {t}/image && echo image-content > {t}/image/marker \
+             && mount --bind {t}/share/mounts {t}/share/mounts && mount --make-private {t}/share/mounts \
+             && mount --make-shared {t}/share/mounts \
+             && mount --bind {t}/share/mounts {t}/share/shared && mount --make-slave {t}/share/shared \
+             && mount -o remount,bind,ro {t}/share/shared"
+        ));
+        let mut config = vm_config(tmp.path(), kernel.clone(), initrd);
+        config.shared_dirs.push(SharedDir {
+            tag: "podvisor".into(),
+            host_path: tmp.path().join("share/shared"),
+            read_only: true,
+            cache: cache.into(),
+        });
+        let vm = hv.start(&config).await.unwrap();
+        wait_console(&config.console_log, "GUEST-READY", Duration::from_secs(120)).await;
+        sh(&format!(
+            "mkdir -p {t}/share/mounts/c1/rootfs && mount --bind -o ro {t}/image {t}/share/mounts/c1/rootfs \
+             && mount --bind -o ro {t}/image {t}/share/mounts/early && touch {t}/share/mounts/go"
+        ));
+        let console =
+            wait_console(&config.console_log, "GUEST-DONE", Duration::from_secs(120)).await;
+        let seen = |what: &str| {
+            console.lines().find(|l| l.starts_with(what)).unwrap_or("(missing)").to_string()
+        };
+        println!("cache={cache}: {} {}", seen("late="), seen("early="));
+        stop_and_check_nothing_left(&hv, &vm, tmp.path()).await;
+        assert!(console.contains("late=[image-content]"), "cache={cache}:\n{console}");
+        assert!(console.contains("early=[]"), "cache={cache}: the caveat changed:\n{console}");
+    }
+}
