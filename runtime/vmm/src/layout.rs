@@ -89,6 +89,20 @@ pub const I8042_PORT_BASE: u64 = 0x60;
 /// i8042 range: 0x60..=0x64.
 pub const I8042_PORT_SIZE: u64 = 0x5;
 
+// Invariants checked at compile time.
+const _: () = {
+    // The page directories end before the command line.
+    assert!(PDE_START + PDE_PAGES * 0x1000 <= CMDLINE_START);
+    // The MP table is in the EBDA, below the legacy hole.
+    assert!(MPTABLE_START >= EBDA_START && MPTABLE_START < 0xa0000);
+    // KVM's private pages sit above the LAPIC, inside the gap.
+    assert!(KVM_IDENTITY_MAP_START > APIC_START && KVM_TSS_START + 3 * 0x1000 <= MMIO_GAP_END);
+    // Legacy IRQs stay below the virtio IRQs.
+    assert!(SERIAL_IRQ < IRQ_BASE);
+    // The boot identity map covers every device window.
+    assert!(PDE_PAGES * 512 * 0x20_0000 >= MMIO_GAP_END);
+};
+
 /// The guest-physical address of virtio-mmio window `index`, or `None` past the last one.
 pub fn mmio_device_addr(index: u64) -> Option<u64> {
     (index < MMIO_DEVICES_MAX).then(|| MMIO_DEVICES_START + index * MMIO_DEVICE_SIZE)
@@ -141,9 +155,6 @@ mod tests {
         // The page tables sit right after each other, as the CR3 walk expects.
         assert_eq!(PDPTE_START, PML4_START + 0x1000);
         assert_eq!(PDE_START, PDPTE_START + 0x1000);
-        assert!(PDE_START + PDE_PAGES * 0x1000 <= CMDLINE_START);
-        // The MP table is in the EBDA, below the legacy hole.
-        assert!(MPTABLE_START >= EBDA_START && MPTABLE_START < 0xa0000);
     }
 
     #[test]
@@ -154,10 +165,6 @@ mod tests {
         assert_eq!(mmio_device_irq(0), Some(IRQ_BASE));
         assert_eq!(mmio_device_irq(MMIO_DEVICES_MAX - 1), Some(IRQ_MAX));
         assert!(mmio_device_irq(MMIO_DEVICES_MAX).is_none());
-        assert!(KVM_IDENTITY_MAP_START > APIC_START && KVM_TSS_START + 3 * 0x1000 <= MMIO_GAP_END);
-        assert!(SERIAL_IRQ < IRQ_BASE);
-        // The identity map covers every device window.
-        assert!(PDE_PAGES * 512 * 0x20_0000 >= MMIO_GAP_END);
     }
 
     #[test]

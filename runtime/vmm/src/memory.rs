@@ -34,7 +34,7 @@ pub enum MemoryError {
 /// Creates `size` bytes of guest RAM laid out by [`layout::ram_regions`], backed by one memfd
 /// (regions are consecutive offsets in it).
 pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
-    if size == 0 || size % 4096 != 0 {
+    if size == 0 || !size.is_multiple_of(4096) {
         return Err(MemoryError::BadSize(size));
     }
     let fd = nix::sys::memfd::memfd_create(

@@ -1,6 +1,6 @@
 //! Per-thread seccomp allowlists (seccompiler), installed before any guest code runs:
 //! - vCPU threads: KVM_RUN and what devices do on a guest MMIO/PIO access (file and socket
-//!   I/O on already open fds, eventfd writes, memory management);
+//!   I/O on already open fds, eventfd writes, memory management, vsock connects to the host);
 //! - the VMM thread (event loop): the same plus accepting control connections, opening drive
 //!   files for swap, connecting to guest-initiated vsock sockets, and thread management.
 //!
@@ -71,6 +71,13 @@ const COMMON: &[i64] = &[
     libc::SYS_sendto,
     libc::SYS_recvfrom,
     libc::SYS_shutdown,
+    // The vsock muxer connects to `<uds>_<port>` when the guest opens a connection (on the
+    // vCPU thread that kicked the tx queue); vhost-user activation creates eventfds.
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_eventfd2,
     libc::SYS_exit,
     libc::SYS_exit_group,
 ];
@@ -79,19 +86,14 @@ const COMMON: &[i64] = &[
 const VMM_THREAD: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_accept,
-    libc::SYS_socket,
-    libc::SYS_connect,
     libc::SYS_bind,
     libc::SYS_listen,
-    libc::SYS_getsockopt,
-    libc::SYS_setsockopt,
     libc::SYS_getsockname,
     libc::SYS_getpeername,
     libc::SYS_socketpair,
     libc::SYS_openat,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
-    libc::SYS_eventfd2,
     libc::SYS_epoll_create1,
     libc::SYS_pipe2,
     libc::SYS_dup3,
