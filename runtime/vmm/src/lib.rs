@@ -5,7 +5,8 @@
 //! [`arch`] (kernel loading, boot CPU state, CPUID, MP table), [`bus`] + [`legacy`] (PIO
 //! serial and i8042), [`devices`] (virtio-mmio devices), [`vcpu`] + [`vstate`] (vCPU threads
 //! and the run/pause/stop protocol), [`vmm`] (building and running a VM), [`control`] (control
-//! socket), [`seccomp`] and [`jail`] (hardening), [`host`] (what KVM here can do).
+//! socket), [`signals`] (SIGTERM/SIGINT = clean stop), [`seccomp`] and [`jail`] (hardening),
+//! [`host`] (what KVM here can do).
 
 pub mod arch;
 pub mod bus;
@@ -19,6 +20,7 @@ pub mod layout;
 pub mod legacy;
 pub mod memory;
 pub mod seccomp;
+pub mod signals;
 pub mod vcpu;
 pub mod vmm;
 pub mod vstate;
@@ -51,6 +53,8 @@ pub enum MainError {
     Jail(#[from] jail::JailError),
     #[error("setting up the devices: {0}")]
     Devices(String),
+    #[error("blocking SIGTERM/SIGINT for a clean stop: {0}")]
+    Signals(nix::Error),
 }
 
 /// Parsed command line of the `vmm` subcommand.
@@ -198,6 +202,9 @@ fn run(args: &Args, started: u64) -> Result<ExitReason, MainError> {
     }
 
     vmm.add_subscriber(std::sync::Arc::new(std::sync::Mutex::new(control)));
+    let stop_signals = signals::StopSignals::new(vmm.run_control().exit.clone())
+        .map_err(MainError::Signals)?;
+    vmm.add_subscriber(std::sync::Arc::new(std::sync::Mutex::new(stop_signals)));
     let (vcpu_filter, vmm_filter) = filters.unzip();
     vmm.start(vcpu_filter, vmm_filter)?;
     let reason = vmm.run_until_exit();

@@ -151,3 +151,20 @@ fn vsock_device_is_visible_over_mmio_and_its_socket_exists() {
     let (code, stderr) = vmm.wait_exit();
     assert_eq!(code, Some(0), "stderr: {stderr}");
 }
+
+#[test]
+fn sigterm_stops_the_vm_cleanly() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &print_and_halt(b"up\n"), 32);
+    let mut vmm = spawn(dir, &cfg, &[]);
+    vmm.wait_console(b"up\n");
+    let pid = nix::unistd::Pid::from_raw(vmm.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let (code, stderr) = vmm.wait_exit();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert!(stderr.contains("HostStop"), "stderr: {stderr}");
+    assert!(!vmm.control.exists(), "the control socket is removed on exit");
+}
