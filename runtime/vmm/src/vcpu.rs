@@ -2,7 +2,7 @@
 //! every other exit into a VM exit reason. A vCPU is kicked out of KVM_RUN with a real-time
 //! signal whose handler does nothing (the ioctl returns EINTR).
 
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -36,6 +36,33 @@ pub fn register_kick_handler() -> Result<(), VcpuError> {
     register_signal_handler(kick_signal(), noop_signal_handler).map_err(VcpuError::SignalHandler)
 }
 
+/// Holds the vCPU threads until the VMM thread has installed its own seccomp filter; then lets
+/// them run the guest, or tells them to return (start-up failed).
+#[derive(Default)]
+pub struct StartGate {
+    go: Mutex<Option<bool>>,
+    opened: Condvar,
+}
+
+impl StartGate {
+    /// Releases the waiting threads: `run` says whether they run the guest.
+    pub fn open(&self, run: bool) {
+        *self.go.lock().unwrap_or_else(|p| p.into_inner()) = Some(run);
+        self.opened.notify_all();
+    }
+
+    /// Blocks until [`StartGate::open`]; returns whether to run.
+    pub fn wait(&self) -> bool {
+        let mut go = self.go.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(run) = *go {
+                return run;
+            }
+            go = self.opened.wait(go).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 /// What the run loop does after an exit.
 #[derive(Debug, PartialEq, Eq)]
 enum Emulation {
@@ -54,12 +81,12 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Starts the vCPU thread: it installs `filter` (if any), waits on `barrier` with the
-    /// other threads, then runs the guest until the VM exits.
+    /// Starts the vCPU thread: it installs `filter` (if any), waits for `gate` to open, then
+    /// runs the guest until the VM exits.
     pub fn start(
         self,
         filter: Option<BpfProgram>,
-        barrier: Arc<Barrier>,
+        gate: Arc<StartGate>,
     ) -> Result<JoinHandle<()>, VcpuError> {
         let id = self.id;
         std::thread::Builder::new()
@@ -70,10 +97,11 @@ impl Vcpu {
                         .map_err(|e| format!("installing the vCPU{id} seccomp filter: {e}")),
                     None => Ok(()),
                 };
-                barrier.wait();
+                let run = gate.wait();
                 let control = self.control.clone();
                 match installed {
-                    Ok(()) => self.run(),
+                    Ok(()) if run => self.run(),
+                    Ok(()) => {}
                     Err(e) => self.exit.request(ExitReason::Error(e)),
                 }
                 control.mark_finished();

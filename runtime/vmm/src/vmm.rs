@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -351,7 +351,7 @@ impl Vmm {
     }
 
     /// Starts the vCPU threads. Each installs `vcpu_filter` first, the calling thread installs
-    /// `vmm_filter`, and only then does any guest code run (all wait on one barrier).
+    /// `vmm_filter`, and only then does any guest code run (the threads wait at a gate).
     pub fn start(
         &mut self,
         vcpu_filter: Option<BpfProgram>,
@@ -363,7 +363,7 @@ impl Vmm {
         vcpu::register_kick_handler()?;
         let pio = Arc::new(std::mem::take(&mut self.pio));
         let mmio = Arc::new(std::mem::take(&mut self.mmio));
-        let barrier = Arc::new(Barrier::new(self.vcpu_fds.len() + 1));
+        let gate = Arc::new(vcpu::StartGate::default());
         for (id, fd) in self.vcpu_fds.drain(..).enumerate() {
             let vcpu = Vcpu {
                 id: id as u8,
@@ -373,12 +373,11 @@ impl Vmm {
                 exit: self.run.exit.clone(),
                 control: self.run.control.clone(),
             };
-            match vcpu.start(vcpu_filter.clone(), barrier.clone()) {
+            match vcpu.start(vcpu_filter.clone(), gate.clone()) {
                 Ok(handle) => self.threads.push(handle),
                 Err(e) => {
-                    // Release the threads already waiting, and have them stop at once.
-                    self.run.control.set_state(RunState::Stopping);
-                    barrier.wait();
+                    // The threads already started return without running the guest.
+                    gate.open(false);
                     return Err(e.into());
                 }
             }
@@ -389,10 +388,7 @@ impl Vmm {
             Some(f) => seccompiler::apply_filter(f).map_err(VmmError::Seccomp),
             None => Ok(()),
         };
-        if installed.is_err() {
-            self.run.control.set_state(RunState::Stopping);
-        }
-        barrier.wait();
+        gate.open(installed.is_ok());
         installed
     }
 
