@@ -168,3 +168,21 @@ fn sigterm_stops_the_vm_cleanly() {
     assert!(stderr.contains("HostStop"), "stderr: {stderr}");
     assert!(!vmm.control.exists(), "the control socket is removed on exit");
 }
+
+#[test]
+fn an_instruction_kvm_cannot_handle_is_a_clean_error_exit() {
+    if !kvm_available() {
+        return;
+    }
+    // `int3` with an empty IDT: nested PVM's emulator gives up (KVM internal error, exit 1);
+    // hardware KVM triple-faults (guest shutdown, exit 0). Either way the VMM reports and exits.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &[0xcc], 32);
+    let (code, stderr) = spawn(dir, &cfg, &[]).wait_exit();
+    match code {
+        Some(1) => assert!(stderr.contains("KVM internal error"), "stderr: {stderr}"),
+        Some(0) => assert!(stderr.contains("GuestShutdown"), "stderr: {stderr}"),
+        other => panic!("exit {other:?}, stderr: {stderr}"),
+    }
+    println!("int3 ended with exit code {code:?}");
+}
