@@ -202,8 +202,8 @@ fn run(args: &Args, started: u64) -> Result<ExitReason, MainError> {
     }
 
     vmm.add_subscriber(std::sync::Arc::new(std::sync::Mutex::new(control)));
-    let stop_signals = signals::StopSignals::new(vmm.run_control().exit.clone())
-        .map_err(MainError::Signals)?;
+    let stop_signals =
+        signals::StopSignals::new(vmm.run_control().exit.clone()).map_err(MainError::Signals)?;
     vmm.add_subscriber(std::sync::Arc::new(std::sync::Mutex::new(stop_signals)));
     let (vcpu_filter, vmm_filter) = filters.unzip();
     vmm.start(vcpu_filter, vmm_filter)?;
