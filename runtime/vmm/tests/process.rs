@@ -186,3 +186,46 @@ fn an_instruction_kvm_cannot_handle_is_a_clean_error_exit() {
     }
     println!("int3 ended with exit code {code:?}");
 }
+
+/// The project's vmlinux: `$PODVISOR_KERNEL`, else `build/vmlinux` (from `make kernel`).
+fn project_kernel() -> Option<std::path::PathBuf> {
+    let path =
+        std::env::var_os("PODVISOR_KERNEL").map(std::path::PathBuf::from).unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/vmlinux")
+        });
+    path.exists().then_some(path)
+}
+
+/// Boots the real guest kernel far enough to check what the VMM handed it (e820, command
+/// line, MP table, KVM detection through CPUID) on the early console. Works on nested PVM too:
+/// the kernel gets there before it hits an instruction the emulator cannot run.
+#[test]
+fn linux_sees_our_e820_cmdline_mptable_and_kvm() {
+    if !kvm_available() {
+        return;
+    }
+    let Some(kernel) = project_kernel() else {
+        let reason = "no guest kernel (set PODVISOR_KERNEL or run `make kernel`)";
+        assert!(std::env::var("PODVISOR_REQUIRE_E2E").as_deref() != Ok("1"), "{reason}");
+        println!("SKIP: {reason}");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), &asm::HLT, 256);
+    cfg.kernel = kernel;
+    cfg.vcpus = 2;
+    cfg.cmdline = "earlyprintk=ttyS0 noxsave".into();
+    let mut vmm = spawn(dir, &cfg, &[]);
+    for line in [
+        "Command line: console=ttyS0 reboot=k panic=1 pci=off i8042.noaux earlyprintk=ttyS0",
+        "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
+        "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
+        "Hypervisor detected: KVM",
+        "found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]",
+    ] {
+        vmm.wait_console(line.as_bytes());
+    }
+    assert!(vmm.request(&Request::Stop).ok);
+    let (code, stderr) = vmm.wait_exit();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+}
