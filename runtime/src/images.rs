@@ -1,25 +1,67 @@
 //! Glue between the image store (crate `podvisor-image`) and the daemon: the CRI
 //! ImageService, and the sandbox manager's [`ImageResolver`].
-// TEMPORARY until podvisor-image's API lands: no images resolve.
+
 use std::sync::Arc;
+
+use anyhow::Context;
+use podvisor_image::{ImageStore, ImageStoreConfig};
+
 use crate::config::Config;
+use crate::cri::image::ImageServiceImpl;
+use crate::sandbox::spec::ImageDefaults;
 use crate::sandbox::{ImageResolver, ResolvedImage};
-pub struct Images;
-struct NoImages;
-impl ImageResolver for NoImages {
-    fn resolve(&self, _image: &str) -> Result<Option<ResolvedImage>, String> { Ok(None) }
+
+/// The daemon's image store.
+pub struct Images {
+    store: Arc<ImageStore>,
 }
-pub fn open_store(_c: &Config) -> anyhow::Result<Images> { Ok(Images) }
+
+pub fn open_store(config: &Config) -> anyhow::Result<Images> {
+    let store = ImageStore::open(
+        &config.root,
+        ImageStoreConfig {
+            insecure_registries: config.images.insecure_registries.clone(),
+            docker_config: config.images.docker_config.clone(),
+            ..ImageStoreConfig::default()
+        },
+    )
+    .with_context(|| format!("opening the image store under {}", config.root.display()))?;
+    Ok(Images { store: Arc::new(store) })
+}
+
 impl Images {
-    pub fn resolver(&self) -> Arc<dyn ImageResolver> { Arc::new(NoImages) }
-    pub fn cri_service(&self) -> Unimpl { Unimpl }
+    pub fn resolver(&self) -> Arc<dyn ImageResolver> {
+        Arc::new(StoreResolver { store: self.store.clone() })
+    }
+
+    pub fn cri_service(&self) -> ImageServiceImpl {
+        ImageServiceImpl::new(self.store.clone())
+    }
 }
-pub struct Unimpl;
-#[tonic::async_trait]
-impl k8s_cri::v1::image_service_server::ImageService for Unimpl {
-    async fn list_images(&self, _r: tonic::Request<k8s_cri::v1::ListImagesRequest>) -> Result<tonic::Response<k8s_cri::v1::ListImagesResponse>, tonic::Status> { Err(tonic::Status::unimplemented("")) }
-    async fn image_status(&self, _r: tonic::Request<k8s_cri::v1::ImageStatusRequest>) -> Result<tonic::Response<k8s_cri::v1::ImageStatusResponse>, tonic::Status> { Err(tonic::Status::unimplemented("")) }
-    async fn pull_image(&self, _r: tonic::Request<k8s_cri::v1::PullImageRequest>) -> Result<tonic::Response<k8s_cri::v1::PullImageResponse>, tonic::Status> { Err(tonic::Status::unimplemented("")) }
-    async fn remove_image(&self, _r: tonic::Request<k8s_cri::v1::RemoveImageRequest>) -> Result<tonic::Response<k8s_cri::v1::RemoveImageResponse>, tonic::Status> { Err(tonic::Status::unimplemented("")) }
-    async fn image_fs_info(&self, _r: tonic::Request<k8s_cri::v1::ImageFsInfoRequest>) -> Result<tonic::Response<k8s_cri::v1::ImageFsInfoResponse>, tonic::Status> { Err(tonic::Status::unimplemented("")) }
+
+struct StoreResolver {
+    store: Arc<ImageStore>,
+}
+
+impl ImageResolver for StoreResolver {
+    fn resolve(&self, image: &str) -> Result<Option<ResolvedImage>, String> {
+        let Some(record) = self.store.resolve(image) else { return Ok(None) };
+        let config = self.store.image_config(&record.id).map_err(|e| e.to_string())?;
+        let rootfs = self.store.rootfs_dir(&record.id).map_err(|e| e.to_string())?;
+        let image_ref = record.repo_digests.first().cloned().unwrap_or_else(|| record.id.clone());
+        Ok(Some(ResolvedImage {
+            id: record.id,
+            image_ref,
+            defaults: ImageDefaults {
+                entrypoint: config.entrypoint,
+                cmd: config.cmd,
+                env: config.env,
+                working_dir: config.working_dir.unwrap_or_default(),
+                user: config.user.unwrap_or_default(),
+                rootfs: rootfs.clone(),
+                stop_signal: config.stop_signal,
+            },
+            rootfs,
+        }))
+    }
 }

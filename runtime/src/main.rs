@@ -21,6 +21,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::hypervisor::builtin::{BuiltinConfig, BuiltinHypervisor};
 use crate::hypervisor::qemu::{Accel, QemuConfig, QemuHypervisor};
 use crate::hypervisor::Hypervisor;
 
@@ -35,6 +36,13 @@ struct Cli {
 enum Command {
     /// Serve CRI runtime.v1 (RuntimeService + ImageService) on a unix socket.
     Daemon(DaemonArgs),
+    /// Report what this host can do (KVM, QEMU, virtiofsd, vsock, CNI) and which backend runs.
+    Check,
+    /// Run one VM with the built-in VMM (started by the daemon, one process per sandbox).
+    Vmm {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -56,6 +64,8 @@ struct DaemonArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Check => check::run(),
+        Command::Vmm { args } => podvisor_vmm::main_with_args(args),
         Command::Daemon(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -90,7 +100,26 @@ fn load_config(args: &DaemonArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-fn select_hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
+/// Picks the backend: the configured one, or with `auto` the built-in VMM where KVM can boot
+/// a Linux guest and QEMU otherwise. Returns it with the reason, for the log and Status.
+fn select_hypervisor(config: &Config) -> anyhow::Result<(Arc<dyn Hypervisor>, String)> {
+    let caps = check::HostCapabilities::detect();
+    let (name, reason) = match config.hypervisor.as_str() {
+        "builtin" => ("builtin", "configured: hypervisor = \"builtin\"".to_string()),
+        "qemu" => ("qemu", "configured: hypervisor = \"qemu\"".to_string()),
+        _ => match caps.default_backend() {
+            (Some(name), reason) => (name, reason),
+            (None, reason) => anyhow::bail!("no hypervisor backend can run on this host: {reason}"),
+        },
+    };
+    if name == "builtin" {
+        let builtin = BuiltinHypervisor::new(BuiltinConfig {
+            virtiofsd_binary: config.qemu.virtiofsd.clone(),
+            ..BuiltinConfig::default()
+        })?;
+        info!(backend = "builtin", reason = %reason, "hypervisor selected");
+        return Ok((Arc::new(builtin), reason));
+    }
     let accel = match config.qemu.accel.as_str() {
         "kvm" => Accel::Kvm,
         "tcg" => Accel::Tcg,
@@ -104,8 +133,9 @@ fn select_hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
         ..QemuConfig::default()
     })?;
     let (resolved, why) = qemu.accel();
-    info!(backend = "qemu", accel = resolved.as_str(), reason = why, "hypervisor selected");
-    Ok(Arc::new(qemu))
+    let reason = format!("{reason}; accel {} ({why})", resolved.as_str());
+    info!(backend = "qemu", reason = %reason, "hypervisor selected");
+    Ok((Arc::new(qemu), reason))
 }
 
 async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
@@ -126,7 +156,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             warn!(path = %path.display(), "guest {what} not found: pods cannot start (run `make kernel guest`, or set vm.{what})");
         }
     }
-    let hypervisor = select_hypervisor(&config)?;
+    let (hypervisor, backend_reason) = select_hypervisor(&config)?;
     let image_store = images::open_store(&config)?;
     let manager = sandbox::SandboxManager::new(config.clone(), hypervisor, image_store.resolver());
     manager.recover().await.context("recovering sandboxes")?;
@@ -143,7 +173,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let listener = UnixListener::bind(&config.listen).with_context(|| format!("listening on {}", config.listen.display()))?;
     info!(socket = %config.listen.display(), root = %config.root.display(), state = %config.state.display(), "podvisor serving CRI runtime.v1");
 
-    let runtime_service = cri::runtime::RuntimeServiceImpl::new(manager.clone());
+    let runtime_service = cri::runtime::RuntimeServiceImpl::new(manager.clone(), backend_reason);
     let image_service = image_store.cri_service();
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

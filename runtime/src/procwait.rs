@@ -25,7 +25,9 @@ pub async fn wait_for_exit(process: &VmProcess) {
     if !process_alive(process) {
         return;
     }
-    match AsyncFd::new(owned) {
+    // SAFETY: the AsyncFd owns the pidfd, so it stays open for as long as it is registered.
+    let registered = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) };
+    match registered {
         Ok(async_fd) => {
             let _ = async_fd.readable().await;
         }

@@ -1,7 +1,7 @@
 //! The CRI server: thin handlers that validate and translate, then call the sandbox manager
 //! (RuntimeService) or the image store (ImageService).
 
-// pub mod image; (wired when the image store lands)
+pub mod image;
 pub mod runtime;
 
 use crate::sandbox::SandboxError;

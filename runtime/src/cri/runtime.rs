@@ -19,11 +19,13 @@ pub struct RuntimeServiceImpl {
     manager: Arc<SandboxManager>,
     /// Whether CNI networking is available (Status' NetworkReady condition).
     network_ready: bool,
+    /// Which hypervisor backend runs pods and why (Status verbose info).
+    backend_reason: String,
 }
 
 impl RuntimeServiceImpl {
-    pub fn new(manager: Arc<SandboxManager>) -> Self {
-        Self { manager, network_ready: false }
+    pub fn new(manager: Arc<SandboxManager>, backend_reason: String) -> Self {
+        Self { manager, network_ready: false, backend_reason }
     }
 }
 
@@ -394,6 +396,7 @@ impl RuntimeService for RuntimeServiceImpl {
         let mut info = HashMap::new();
         if req.into_inner().verbose {
             info.insert("hypervisor".to_string(), self.manager.hypervisor_name().to_string());
+            info.insert("hypervisorReason".to_string(), self.backend_reason.clone());
         }
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),

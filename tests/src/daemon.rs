@@ -1,0 +1,280 @@
+//! The real `podvisor` daemon for end-to-end tests, on temporary directories, with tonic CRI
+//! clients over its unix socket. Nothing is mocked: the daemon boots real guests (QEMU/TCG
+//! here) from the project's kernel and initramfs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn artefact(var: &str, default: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| repo_root().join(default))
+}
+
+/// The daemon binary, guest kernel and initramfs the tests use (`make test` sets these).
+pub fn podvisor_bin() -> PathBuf {
+    artefact("PODVISOR_BIN", "build/podvisor")
+}
+pub fn guest_kernel() -> PathBuf {
+    artefact("PODVISOR_KERNEL", "build/vmlinux")
+}
+pub fn guest_initrd() -> PathBuf {
+    artefact("PODVISOR_INITRD", "build/initramfs.cpio")
+}
+
+/// Why end-to-end tests cannot run here, or None.
+pub fn e2e_missing() -> Option<String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Some("end-to-end tests need root (mounts, VMs)".into());
+    }
+    for (what, path) in [("daemon", podvisor_bin()), ("guest kernel", guest_kernel()), ("guest initramfs", guest_initrd())] {
+        if !path.exists() {
+            return Some(format!("{what} {} not built (run `make test`)", path.display()));
+        }
+    }
+    if let Some(tools) = crate::registry::missing_tools() {
+        return Some(tools);
+    }
+    None
+}
+
+/// True when the e2e test should run; prints why not, and panics instead of skipping when
+/// `PODVISOR_REQUIRE_E2E=1` (as `make test` sets).
+pub fn e2e_can_run() -> bool {
+    match e2e_missing() {
+        None => true,
+        Some(why) if std::env::var("PODVISOR_REQUIRE_E2E").as_deref() == Ok("1") => {
+            panic!("end-to-end test cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
+/// A running daemon on its own temporary root/state/socket.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub extra_config: String,
+}
+
+impl TestDaemon {
+    /// Starts a daemon; `extra_config` is appended to its TOML config.
+    pub async fn start(extra_config: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("podvisor-e2e-").tempdir_in("/var/tmp").context("tempdir")?;
+        let mut daemon = Self { dir, child: None, extra_config: extra_config.to_string() };
+        daemon.spawn().await?;
+        Ok(daemon)
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("cri.sock")
+    }
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.path().join("daemon.log")
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let config = self.dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "log_level = \"info,podvisor=debug\"\n[vm]\nkernel = {:?}\ninitrd = {:?}\nmemory_mib = 256\n{}\n",
+                guest_kernel(),
+                guest_initrd(),
+                self.extra_config
+            ),
+        )?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_file())?;
+        let child = Command::new(podvisor_bin())
+            .arg("daemon")
+            .arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg(self.socket())
+            .arg("--root")
+            .arg(self.root())
+            .arg("--state")
+            .arg(self.state())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning podvisor daemon")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut client) = self.runtime().await {
+                if client.version(k8s_cri::v1::VersionRequest::default()).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                bail!("daemon exited with {status}:\n{}", self.log_tail());
+            }
+            if Instant::now() > deadline {
+                bail!("daemon did not answer within 30s:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Kills the daemon abruptly (SIGKILL), leaving its VMs running, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same directories.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    async fn channel(&self) -> Result<Channel> {
+        let socket = self.socket();
+        let channel = Endpoint::try_from("http://[::]:50051")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            }))
+            .await?;
+        Ok(channel)
+    }
+
+    pub async fn runtime(&self) -> Result<RuntimeServiceClient<Channel>> {
+        Ok(RuntimeServiceClient::new(self.channel().await?))
+    }
+
+    pub async fn images(&self) -> Result<ImageServiceClient<Channel>> {
+        Ok(ImageServiceClient::new(self.channel().await?))
+    }
+
+    /// Host processes whose command line mentions this daemon's state directory (QEMU,
+    /// vhost-device-vsock, virtiofsd of its VMs).
+    pub fn vm_processes(&self) -> Vec<(i32, String)> {
+        let needle = self.state().display().to_string();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) {
+                found.push((pid, cmdline));
+            }
+        }
+        found
+    }
+
+    /// Mount points under this daemon's directories.
+    pub fn mounts(&self) -> Vec<String> {
+        let needle = self.dir.path().display().to_string();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&needle))
+            .map(String::from)
+            .collect()
+    }
+
+    /// Asserts that no VM process, mount, socket or sandbox directory is left.
+    pub fn assert_nothing_left(&self) {
+        assert!(self.vm_processes().is_empty(), "VM processes left: {:?}", self.vm_processes());
+        assert!(self.mounts().is_empty(), "mounts left: {:?}", self.mounts());
+        let leftovers: Vec<PathBuf> = ["sandboxes"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(self.state().join(d)).into_iter().flatten().flatten().map(|e| e.path()))
+            .collect();
+        assert!(leftovers.is_empty(), "state left: {leftovers:?}");
+        let records: Vec<PathBuf> =
+            std::fs::read_dir(self.root().join("sandboxes")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        assert!(records.is_empty(), "records left: {records:?}");
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.kill();
+        // A failed test must not leave VMs or mounts behind on the machine.
+        for (pid, _) in self.vm_processes() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let mut mounts = self.mounts();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// A pod config for tests.
+pub fn pod_config(name: &str, log_dir: &Path) -> k8s_cri::v1::PodSandboxConfig {
+    k8s_cri::v1::PodSandboxConfig {
+        metadata: Some(k8s_cri::v1::PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "e2e".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_dir.display().to_string(),
+        labels: [("app".to_string(), name.to_string())].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// A container config for tests.
+pub fn container_config(name: &str, image: &str, command: &[&str]) -> k8s_cri::v1::ContainerConfig {
+    k8s_cri::v1::ContainerConfig {
+        metadata: Some(k8s_cri::v1::ContainerMetadata { name: name.into(), attempt: 0 }),
+        image: Some(k8s_cri::v1::ImageSpec { image: image.into(), ..Default::default() }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        labels: [("container".to_string(), name.to_string())].into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+/// Waits until `f` returns Some, polling every 100 ms, for at most `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
