@@ -410,7 +410,8 @@ mod tests {
             read_only: false,
             cache: cache.into(),
         };
-        let cases: Vec<Box<dyn Fn(&mut VmConfig)>> = vec![
+        type Mutation<'a> = Box<dyn Fn(&mut VmConfig) + 'a>;
+        let cases: Vec<Mutation<'_>> = vec![
             Box::new(|c| c.vcpus = 0),
             Box::new(|c| c.memory_mib = 1),
             Box::new(|c| c.kernel = "/nonexistent/vmlinux".into()),

@@ -211,6 +211,11 @@ async fn stop_running_vm_leaves_nothing() {
     let vm = hv.start(&config).await.unwrap();
     wait_console(&config.console_log, "PODVISOR-IDLE", Duration::from_secs(120)).await;
     assert!(hv.is_running(&vm));
+    // Each process leads its own group, so signals aimed at the daemon's group spare the VM.
+    for p in &vm.processes {
+        let pgid = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(p.pid))).unwrap();
+        assert_eq!(pgid.as_raw(), p.pid, "{}", p.name);
+    }
     stop_and_check_nothing_left(&hv, &vm, tmp.path()).await;
     // The console log is the caller's: it stays.
     assert!(config.console_log.exists());
