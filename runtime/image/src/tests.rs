@@ -386,3 +386,96 @@ fn user_field_parses_to_uid_or_name() {
     record.user = None;
     assert_eq!((record.uid(), record.username()), (None, None));
 }
+
+/// Mounts a tmpfs of `size` on `dir` for the full-disk test; None (test skipped) if not
+/// permitted here.
+fn mount_small_tmpfs(dir: &Path, size: &str) -> Option<()> {
+    let mounted = nix::mount::mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some(format!("size={size}").as_str()),
+    );
+    match mounted {
+        Ok(()) => Some(()),
+        Err(e) => {
+            if std::env::var("PODVISOR_REQUIRE_E2E").as_deref() == Ok("1") {
+                panic!("PODVISOR_REQUIRE_E2E=1 but cannot mount a tmpfs: {e}");
+            }
+            eprintln!("skipping full-disk test: cannot mount a tmpfs ({e})");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn full_disk_during_pull_leaves_the_store_consistent() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_busybox("busybox:1").unwrap();
+    // 512 KiB: the layer download fails; 1700 KiB: the layer fits, the unpack does not.
+    for size in ["512k", "1700k"] {
+        let dir = tempfile::tempdir().unwrap();
+        if mount_small_tmpfs(dir.path(), size).is_none() {
+            return;
+        }
+        let store = store(dir.path());
+        let err = store.pull(&reference, None).await.unwrap_err();
+        assert!(
+            err.to_string().contains("No space left") || format!("{err:?}").contains("StorageFull"),
+            "{size}: {err}"
+        );
+        assert!(store.list().is_empty());
+        assert!(tmp_is_empty(&store), "{size}");
+        assert_eq!(std::fs::read_dir(store.dir().join("rootfs")).unwrap().count(), 0);
+        drop(store);
+        let reopened = super::tests::store(dir.path());
+        reopened.gc().unwrap();
+        assert_eq!(blob_count(&reopened), 0);
+        drop(reopened);
+        nix::mount::umount(dir.path()).unwrap();
+    }
+}
+
+#[test]
+fn short_names_resolve_like_crictl() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let id = format!("sha256:{}", "ab".repeat(32));
+    let record = ImageRecord {
+        id: id.clone(),
+        repo_tags: vec!["docker.io/library/busybox:latest".into()],
+        repo_digests: vec![format!("docker.io/library/busybox@sha256:{}", "cd".repeat(32))],
+        size: 1,
+        user: None,
+        manifest_digest: format!("sha256:{}", "cd".repeat(32)),
+        index_digests: vec![],
+        layers: vec![],
+        diff_ids: vec![],
+        pulled_at: 0,
+    };
+    store.commit_record(record).unwrap();
+    for name in [
+        "busybox",
+        "busybox:latest",
+        "library/busybox",
+        "docker.io/library/busybox:latest",
+        "index.docker.io/library/busybox",
+        &format!("busybox@sha256:{}", "cd".repeat(32)),
+        "abab",
+        &id,
+    ] {
+        assert_eq!(store.resolve(name).map(|r| r.id), Some(id.clone()), "{name}");
+    }
+    assert!(store.resolve("busybox:1").is_none());
+    assert!(store.resolve("ab").is_none(), "prefixes need 3 digits");
+    // Moving the tag to another image leaves the first one untagged.
+    let other = format!("sha256:{}", "ef".repeat(32));
+    let mut second = store.resolve("busybox").unwrap();
+    second.id = other.clone();
+    second.repo_digests.clear();
+    store.commit_record(second).unwrap();
+    assert_eq!(store.resolve("busybox").map(|r| r.id), Some(other));
+    assert!(store.resolve(&id).unwrap().repo_tags.is_empty());
+}
