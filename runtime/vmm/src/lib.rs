@@ -6,9 +6,10 @@
 //! serial and i8042), [`devices`] (virtio-mmio devices), [`vcpu`] + [`vstate`] (vCPU threads
 //! and the run/pause/stop protocol), [`vmm`] (building and running a VM), [`control`] (control
 //! socket), [`signals`] (SIGTERM/SIGINT = clean stop), [`seccomp`] and [`jail`] (hardening),
-//! [`host`] (what KVM here can do).
+//! [`host`] (what KVM here can do), [`bench`] (`make bench` figures).
 
 pub mod arch;
+pub mod bench;
 pub mod bus;
 pub mod config;
 pub mod control;
