@@ -1,1 +1,213 @@
-fn main() {}
+//! `podvisor-agent`: PID 1 of every Podvisor sandbox VM. It serves `podvisor.agent.v1.Agent`
+//! (gRPC) on vsock port 1024 and runs OCI containers with youki's libcontainer.
+//!
+//! Modes:
+//! - no arguments as PID 1: guest mode (leave the initramfs, mount, serve on vsock);
+//! - `--listen unix:PATH [--shared-dir DIR] [--state-dir DIR]`: host mode, for tests;
+//! - `__libcontainer REQUEST`: the internal single-threaded libcontainer helper.
+
+mod container;
+mod helper;
+mod init;
+mod logging;
+mod reaper;
+mod rootfs;
+mod sandbox;
+mod server;
+mod stdio;
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use podvisor_proto::agent::agent_server::AgentServer;
+
+use crate::container::{Agent, Paths};
+use crate::reaper::Reaper;
+use crate::server::AgentService;
+
+/// Host mode: serve the agent protocol on a unix socket (tests, development).
+#[derive(Debug, Parser)]
+#[command(name = "podvisor-agent", version)]
+struct HostArgs {
+    /// Where to listen: `unix:/path/to/agent.sock`.
+    #[arg(long)]
+    listen: String,
+    /// The directory rootfs lower dirs are relative to (default: STATE_DIR/shared).
+    #[arg(long)]
+    shared_dir: Option<PathBuf>,
+    /// Where containers, sandbox files and libcontainer state live.
+    #[arg(long, default_value = "/run/podvisor-agent")]
+    state_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    #[error("--listen must be unix:PATH, got {0:?}")]
+    BadListen(String),
+    #[error("creating {0}: {1}")]
+    CreateDir(PathBuf, std::io::Error),
+    #[error("binding {0}: {1}")]
+    Bind(String, std::io::Error),
+    #[error("becoming a child subreaper: {0}")]
+    Subreaper(nix::Error),
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("installing the SIGCHLD handler: {0}")]
+    Reaper(std::io::Error),
+    #[error("serving: {0}")]
+    Serve(tonic::transport::Error),
+    #[error("duplicating the log descriptor: {0}")]
+    LogFd(std::io::Error),
+}
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == helper::HELPER_SUBCOMMAND) {
+        return helper::main(&args[2..]);
+    }
+    if nix::unistd::getpid().as_raw() == 1 && args.len() == 1 {
+        return guest_main();
+    }
+    match host_main(HostArgs::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("podvisor-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, MainError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(MainError::Runtime)
+}
+
+fn create_dir(path: &std::path::Path) -> Result<(), MainError> {
+    fs::create_dir_all(path).map_err(|e| MainError::CreateDir(path.to_path_buf(), e))
+}
+
+fn host_main(args: HostArgs) -> Result<(), MainError> {
+    let socket_path = args
+        .listen
+        .strip_prefix("unix:")
+        .map(PathBuf::from)
+        .ok_or_else(|| MainError::BadListen(args.listen.clone()))?;
+    // Orphaned container processes must be re-parented to the agent, which reaps them.
+    nix::sys::prctl::set_child_subreaper(true).map_err(MainError::Subreaper)?;
+    let log = File::from(
+        std::io::stderr()
+            .as_fd_owned()
+            .map_err(MainError::LogFd)?,
+    );
+    logging::init(log.try_clone().map_err(MainError::LogFd)?);
+    let paths = Paths {
+        shared_dir: args
+            .shared_dir
+            .clone()
+            .unwrap_or_else(|| args.state_dir.join("shared")),
+        run_dir: args.state_dir.clone(),
+        cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+    };
+    create_dir(&paths.containers_dir())?;
+    create_dir(&paths.shared_dir)?;
+    runtime()?.block_on(async move {
+        let reaper = Reaper::default();
+        reaper.spawn().map_err(MainError::Reaper)?;
+        let agent = Arc::new(Agent::new(paths, false, reaper, log));
+        let _ = fs::remove_file(&socket_path);
+        let listener = tokio::net::UnixListener::bind(&socket_path)
+            .map_err(|e| MainError::Bind(args.listen.clone(), e))?;
+        tracing::info!(socket = %socket_path.display(), "podvisor-agent serving (host mode)");
+        tonic::transport::Server::builder()
+            .add_service(AgentServer::new(AgentService::new(agent)))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+            .await
+            .map_err(MainError::Serve)
+    })
+}
+
+trait AsFdOwned {
+    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd>;
+}
+
+impl AsFdOwned for std::io::Stderr {
+    fn as_fd_owned(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        std::os::fd::AsFd::as_fd(self).try_clone_to_owned()
+    }
+}
+
+fn guest_main() -> ExitCode {
+    let switch_error = (!init::root_switched()).then(init::switch_root);
+    let mut errors = init::mount_kernel_filesystems();
+    if let Err(e) = init::detach_stdio() {
+        errors.push(e);
+    }
+    let console = match init::open_console() {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(e);
+            match File::options().write(true).open("/dev/null") {
+                Ok(f) => f,
+                Err(_) => return ExitCode::FAILURE,
+            }
+        }
+    };
+    let Ok(log) = console.try_clone() else {
+        return ExitCode::FAILURE;
+    };
+    logging::init(console);
+    if let Some(e) = switch_error {
+        tracing::error!("staying on the initramfs root (containers will fail to pivot): {e}");
+    }
+    errors.extend(init::enable_cgroup_controllers(std::path::Path::new(
+        "/sys/fs/cgroup",
+    )));
+    if let Err(e) = init::loopback_up() {
+        errors.push(e);
+    }
+    for e in errors {
+        tracing::warn!("init: {e}");
+    }
+    let paths = Paths {
+        run_dir: PathBuf::from("/run/podvisor"),
+        shared_dir: PathBuf::from(podvisor_proto::GUEST_SHARED_DIR),
+        cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+    };
+    let result = create_dir(&paths.containers_dir())
+        .and_then(|()| create_dir(&paths.shared_dir))
+        .and_then(|()| runtime())
+        .and_then(|rt| rt.block_on(serve_guest(paths, log)));
+    if let Err(e) = result {
+        tracing::error!("agent failed: {e}; powering off");
+    }
+    nix::unistd::sync();
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    ExitCode::FAILURE
+}
+
+async fn serve_guest(paths: Paths, log: File) -> Result<(), MainError> {
+    let reaper = Reaper::default();
+    reaper.spawn().map_err(MainError::Reaper)?;
+    let agent = Arc::new(Agent::new(paths, true, reaper, log));
+    let addr = tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, podvisor_proto::AGENT_VSOCK_PORT);
+    let listener = tokio_vsock::VsockListener::bind(addr)
+        .map_err(|e| MainError::Bind(format!("vsock port {}", podvisor_proto::AGENT_VSOCK_PORT), e))?;
+    tracing::info!(
+        port = podvisor_proto::AGENT_VSOCK_PORT,
+        "podvisor-agent serving on vsock"
+    );
+    tonic::transport::Server::builder()
+        .add_service(AgentServer::new(AgentService::new(agent)))
+        .serve_with_incoming(listener.incoming())
+        .await
+        .map_err(MainError::Serve)
+}

@@ -1,0 +1,642 @@
+//! The agent's containers and processes: what each RPC does, independent of gRPC.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxSeccomp, Process as OciProcess, Root, Spec};
+use podvisor_proto::agent::{ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest};
+
+use crate::helper::{self, HelperError, HelperOp, HelperStdio};
+use crate::reaper::{self, ExitStatus, ExitWatch, Reaper};
+use crate::rootfs::{self, RootfsError};
+use crate::sandbox::SandboxError;
+use crate::stdio::{self, OutputReader, ProcessIo, StdioError};
+
+/// How long libcontainer's init gets to send the terminal after creation.
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a SIGKILLed container may take to be reaped before removal goes on regardless.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The cgroup (under the cgroup2 root) every container's cgroup is created in.
+const CGROUP_PARENT: &str = "podvisor";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("container {0:?} not found")]
+    ContainerNotFound(String),
+    #[error("process {1:?} of container {0:?} not found")]
+    ProcessNotFound(String, String),
+    #[error("container {0:?} already exists")]
+    ContainerExists(String),
+    #[error("exec {1:?} already exists in container {0:?}")]
+    ExecExists(String, String),
+    #[error("invalid {0} {1:?}: use 1-128 characters of [A-Za-z0-9_.-], not starting with '.'")]
+    BadId(&'static str, String),
+    #[error("invalid OCI runtime spec: {0}")]
+    BadSpec(serde_json::Error),
+    #[error("invalid OCI process: {0}")]
+    BadProcess(serde_json::Error),
+    #[error("the OCI spec has no process")]
+    NoProcess,
+    #[error("invalid signal {0}")]
+    BadSignal(i32),
+    #[error("terminal size {0}x{1} is out of range")]
+    BadSize(u32, u32),
+    #[error("no rootfs given")]
+    NoRootfs,
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
+    #[error(transparent)]
+    Stdio(#[from] StdioError),
+    #[error("libcontainer: {0}")]
+    Helper(#[from] HelperError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("container {id:?} is {actual}, it must be {expected}")]
+    WrongState {
+        id: String,
+        actual: &'static str,
+        expected: &'static str,
+    },
+    #[error("writing {0}: {1}")]
+    Write(PathBuf, std::io::Error),
+    #[error("encoding {0}: {1}")]
+    Encode(&'static str, serde_json::Error),
+    #[error("binding the console socket {0}: {1}")]
+    ConsoleSocket(PathBuf, std::io::Error),
+    #[error("the container's terminal did not arrive within {0:?}")]
+    ConsoleTimeout(Duration),
+    #[error("libcontainer reported no pid")]
+    NoPid,
+    #[error("sending signal {0}: {1}")]
+    Signal(i32, nix::Error),
+}
+
+/// Where the agent keeps things.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// /run/podvisor in the guest; --state-dir on the host.
+    pub run_dir: PathBuf,
+    /// Where image layers (lower dirs) are found.
+    pub shared_dir: PathBuf,
+    /// The cgroup2 mount.
+    pub cgroup_root: PathBuf,
+}
+
+impl Paths {
+    pub fn containers_dir(&self) -> PathBuf {
+        self.run_dir.join("containers")
+    }
+    pub fn sandbox_dir(&self) -> PathBuf {
+        self.run_dir.join("sandbox")
+    }
+    fn libcontainer_root(&self) -> PathBuf {
+        self.run_dir.join("libcontainer")
+    }
+    fn cgroup_dir(&self, id: &str) -> PathBuf {
+        self.cgroup_root.join(CGROUP_PARENT).join(id)
+    }
+}
+
+/// One process of a container: the init or an exec.
+struct Process {
+    pid: i32,
+    exit: ExitWatch,
+    io: Arc<ProcessIo>,
+}
+
+impl Process {
+    fn exited(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Created,
+    Running,
+}
+
+struct Container {
+    id: String,
+    dir: PathBuf,
+    init: Arc<Process>,
+    phase: Mutex<Phase>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    seccomp: Option<Box<LinuxSeccomp>>,
+    /// Serialises libcontainer operations on this container.
+    op_lock: tokio::sync::Mutex<()>,
+}
+
+impl Container {
+    fn phase(&self) -> Phase {
+        *lock(&self.phase)
+    }
+
+    fn state_name(&self) -> &'static str {
+        if self.init.exited() {
+            "stopped"
+        } else {
+            match self.phase() {
+                Phase::Created => "created",
+                Phase::Running => "running",
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn validate_id(kind: &'static str, id: &str) -> Result<(), AgentError> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::BadId(kind, id.to_string()))
+    }
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, what: &'static str, value: &T) -> Result<(), AgentError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| AgentError::Encode(what, e))?;
+    fs::write(path, bytes).map_err(|e| AgentError::Write(path.to_path_buf(), e))
+}
+
+/// The agent's state.
+pub struct Agent {
+    paths: Paths,
+    guest: bool,
+    reaper: Reaper,
+    log: File,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    creating: Mutex<HashSet<String>>,
+}
+
+/// The stdio of a process being set up: pipes, or a console socket awaiting the pty master.
+enum PendingIo {
+    Pipes(stdio::PipeSet),
+    Tty(tokio::task::JoinHandle<Result<std::os::fd::OwnedFd, StdioError>>, PathBuf),
+}
+
+impl Agent {
+    pub fn new(paths: Paths, guest: bool, reaper: Reaper, log: File) -> Self {
+        Agent {
+            paths,
+            guest,
+            reaper,
+            log,
+            containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>, AgentError> {
+        lock(&self.containers)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AgentError::ContainerNotFound(id.to_string()))
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, AgentError> {
+        let container = self.container(id)?;
+        if exec_id.is_empty() {
+            return Ok(container.init.clone());
+        }
+        let execs = lock(&container.execs);
+        execs
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| AgentError::ProcessNotFound(id.to_string(), exec_id.to_string()))
+    }
+
+    async fn run_helper(&self, op: HelperOp, stdio: HelperStdio) -> Result<Option<i32>, AgentError> {
+        Ok(helper::run(&self.reaper, &self.log, &self.paths.libcontainer_root(), op, stdio).await?)
+    }
+
+    /// Prepares stdio for a new process: the fds for the helper and the agent's side.
+    fn prepare_io(
+        &self,
+        dir: &Path,
+        name: &str,
+        tty: bool,
+        with_stdin: bool,
+    ) -> Result<(PendingIo, HelperStdio), AgentError> {
+        if tty {
+            let path = dir.join(format!("{name}.console.sock"));
+            let _ = fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path)
+                .map_err(|e| AgentError::ConsoleSocket(path.clone(), e))?;
+            let task = tokio::spawn(stdio::receive_pty_master(listener));
+            Ok((PendingIo::Tty(task, path), HelperStdio::null()))
+        } else {
+            let (pipes, child) = stdio::pipes(with_stdin)?;
+            Ok((
+                PendingIo::Pipes(pipes),
+                HelperStdio {
+                    stdin: child.stdin,
+                    stdout: child.stdout,
+                    stderr: child.stderr,
+                },
+            ))
+        }
+    }
+
+    async fn finish_io(
+        pending: PendingIo,
+        with_stdin: bool,
+        stdin_once: bool,
+        exit: ExitWatch,
+    ) -> Result<Arc<ProcessIo>, AgentError> {
+        match pending {
+            PendingIo::Pipes(pipes) => Ok(ProcessIo::from_pipes(pipes, stdin_once, exit)?),
+            PendingIo::Tty(mut task, path) => {
+                let master = match tokio::time::timeout(CONSOLE_TIMEOUT, &mut task).await {
+                    Ok(Ok(master)) => master?,
+                    Ok(Err(_)) | Err(_) => {
+                        task.abort();
+                        return Err(AgentError::ConsoleTimeout(CONSOLE_TIMEOUT));
+                    }
+                };
+                let _ = fs::remove_file(path);
+                Ok(ProcessIo::from_tty(master, with_stdin, stdin_once, exit)?)
+            }
+        }
+    }
+
+    pub async fn create_container(&self, req: CreateContainerRequest) -> Result<u32, AgentError> {
+        let id = req.container_id.clone();
+        validate_id("container id", &id)?;
+        let mut spec: Spec = serde_json::from_slice(&req.oci_spec_json).map_err(AgentError::BadSpec)?;
+        let rootfs_req = req.rootfs.ok_or(AgentError::NoRootfs)?;
+        let lowers = rootfs::validate(&self.paths.shared_dir, &rootfs_req.lower_dirs)?;
+        let stdio_cfg = req.stdio.unwrap_or_default();
+        let process = spec.process_mut().as_mut().ok_or(AgentError::NoProcess)?;
+        process.set_terminal(Some(stdio_cfg.tty));
+        {
+            let containers = lock(&self.containers);
+            let mut creating = lock(&self.creating);
+            if containers.contains_key(&id) || !creating.insert(id.clone()) {
+                return Err(AgentError::ContainerExists(id));
+            }
+        }
+        let result = self.create_reserved(&id, spec, &lowers, rootfs_req.read_only, stdio_cfg).await;
+        lock(&self.creating).remove(&id);
+        let container = result?;
+        let pid = container.init.pid;
+        lock(&self.containers).insert(id, container);
+        Ok(pid as u32)
+    }
+
+    async fn create_reserved(
+        &self,
+        id: &str,
+        mut spec: Spec,
+        lowers: &[PathBuf],
+        read_only: bool,
+        stdio_cfg: podvisor_proto::agent::StdioConfig,
+    ) -> Result<Arc<Container>, AgentError> {
+        let dir = self.paths.containers_dir().join(id);
+        // A leftover of an earlier container with this id (e.g. a failed create).
+        rootfs::unmount_rootfs(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(|e| AgentError::Write(dir.clone(), e))?;
+        let rootfs_path = match rootfs::mount_rootfs(&dir, lowers, read_only) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e.into());
+            }
+        };
+        match self.create_mounted(id, &dir, &mut spec, rootfs_path, read_only, stdio_cfg).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                tracing::warn!(container = id, "create failed: {e}");
+                let _ = self
+                    .run_helper(HelperOp::Delete { id: id.to_string() }, HelperStdio::null())
+                    .await;
+                rootfs::unmount_rootfs(&dir);
+                let _ = fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_mounted(
+        &self,
+        id: &str,
+        dir: &Path,
+        spec: &mut Spec,
+        rootfs_path: PathBuf,
+        read_only: bool,
+        stdio_cfg: podvisor_proto::agent::StdioConfig,
+    ) -> Result<Arc<Container>, AgentError> {
+        let mut root = Root::default();
+        root.set_path(rootfs_path);
+        root.set_readonly(Some(read_only));
+        spec.set_root(Some(root));
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        linux.set_cgroups_path(Some(PathBuf::from(format!("/{CGROUP_PARENT}/{id}"))));
+        if let Some(namespaces) = linux.namespaces_mut() {
+            // Paths name guest objects the host cannot know: the agent owns them.
+            for ns in namespaces.iter_mut() {
+                ns.set_path(None);
+            }
+        }
+        let seccomp = linux.seccomp().clone().map(Box::new);
+        spec.set_linux(Some(linux));
+        write_json(&dir.join("config.json"), "config.json", spec)?;
+
+        let (pending, helper_stdio) = self.prepare_io(dir, "init", stdio_cfg.tty, stdio_cfg.stdin)?;
+        let console_socket = match &pending {
+            PendingIo::Tty(_, path) => Some(path.clone()),
+            PendingIo::Pipes(_) => None,
+        };
+        let started = Instant::now();
+        let pid = self
+            .run_helper(
+                HelperOp::Create {
+                    id: id.to_string(),
+                    bundle: dir.to_path_buf(),
+                    console_socket,
+                },
+                helper_stdio,
+            )
+            .await?
+            .ok_or(AgentError::NoPid)?;
+        let exit = self.reaper.register(pid, started);
+        let io = Self::finish_io(pending, stdio_cfg.stdin, stdio_cfg.stdin_once, exit.clone()).await;
+        let io = match io {
+            Ok(io) => io,
+            Err(e) => {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(e);
+            }
+        };
+        tracing::info!(container = id, pid, "created");
+        Ok(Arc::new(Container {
+            id: id.to_string(),
+            dir: dir.to_path_buf(),
+            init: Arc::new(Process { pid, exit, io }),
+            phase: Mutex::new(Phase::Created),
+            execs: Mutex::new(HashMap::new()),
+            seccomp,
+            op_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    pub async fn start_container(&self, id: &str) -> Result<(), AgentError> {
+        let container = self.container(id)?;
+        let _op = container.op_lock.lock().await;
+        if container.phase() != Phase::Created || container.init.exited() {
+            return Err(AgentError::WrongState {
+                id: id.to_string(),
+                actual: container.state_name(),
+                expected: "created",
+            });
+        }
+        self.run_helper(HelperOp::Start { id: id.to_string() }, HelperStdio::null())
+            .await?;
+        *lock(&container.phase) = Phase::Running;
+        tracing::info!(container = id, "started");
+        Ok(())
+    }
+
+    pub async fn exec_process(&self, req: ExecProcessRequest) -> Result<u32, AgentError> {
+        let container = self.container(&req.container_id)?;
+        validate_id("exec id", &req.exec_id)?;
+        let mut process: OciProcess =
+            serde_json::from_slice(&req.oci_process_json).map_err(AgentError::BadProcess)?;
+        let stdio_cfg = req.stdio.unwrap_or_default();
+        process.set_terminal(Some(stdio_cfg.tty));
+        let _op = container.op_lock.lock().await;
+        if container.phase() != Phase::Running || container.init.exited() {
+            return Err(AgentError::WrongState {
+                id: container.id.clone(),
+                actual: container.state_name(),
+                expected: "running",
+            });
+        }
+        if lock(&container.execs).contains_key(&req.exec_id) {
+            return Err(AgentError::ExecExists(container.id.clone(), req.exec_id));
+        }
+        let process_json = container.dir.join(format!("exec-{}.json", req.exec_id));
+        write_json(&process_json, "the exec process", &process)?;
+        let (pending, helper_stdio) = self.prepare_io(
+            &container.dir,
+            &format!("exec-{}", req.exec_id),
+            stdio_cfg.tty,
+            stdio_cfg.stdin,
+        )?;
+        let console_socket = match &pending {
+            PendingIo::Tty(_, path) => Some(path.clone()),
+            PendingIo::Pipes(_) => None,
+        };
+        let started = Instant::now();
+        let result = self
+            .run_helper(
+                HelperOp::Exec {
+                    id: container.id.clone(),
+                    process_json: process_json.clone(),
+                    console_socket,
+                    seccomp: container.seccomp.clone(),
+                },
+                helper_stdio,
+            )
+            .await;
+        let _ = fs::remove_file(&process_json);
+        let pid = result?.ok_or(AgentError::NoPid)?;
+        let exit = self.reaper.register(pid, started);
+        let io = match Self::finish_io(pending, stdio_cfg.stdin, stdio_cfg.stdin_once, exit.clone()).await {
+            Ok(io) => io,
+            Err(e) => {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(e);
+            }
+        };
+        tracing::info!(container = container.id, exec = req.exec_id, pid, "exec started");
+        lock(&container.execs).insert(req.exec_id, Arc::new(Process { pid, exit, io }));
+        Ok(pid as u32)
+    }
+
+    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<ExitStatus, AgentError> {
+        let process = self.process(id, exec_id)?;
+        match reaper::wait_exit(process.exit.clone()).await {
+            Some(status) => Ok(status),
+            // The reaper dropped the registration without a status: it cannot be waited on.
+            None => Err(AgentError::ProcessNotFound(id.to_string(), exec_id.to_string())),
+        }
+    }
+
+    pub fn read_output(&self, id: &str, exec_id: &str) -> Result<OutputReader, AgentError> {
+        Ok(self.process(id, exec_id)?.io.attach_reader()?)
+    }
+
+    pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<(), AgentError> {
+        let process = self.process(id, exec_id)?;
+        Ok(process.io.write_stdin(data).await?)
+    }
+
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
+        Ok(self.process(id, exec_id)?.io.close_stdin().await?)
+    }
+
+    pub fn resize_tty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<(), AgentError> {
+        let process = self.process(id, exec_id)?;
+        let (w, h) = match (u16::try_from(width), u16::try_from(height)) {
+            (Ok(w), Ok(h)) => (w, h),
+            _ => return Err(AgentError::BadSize(width, height)),
+        };
+        Ok(process.io.resize(w, h)?)
+    }
+
+    pub fn signal_process(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<(), AgentError> {
+        let sig = Signal::try_from(signal).map_err(|_| AgentError::BadSignal(signal))?;
+        let process = self.process(id, exec_id)?;
+        if all {
+            self.signal_all(id, sig);
+        }
+        if !process.exited() {
+            match kill(Pid::from_raw(process.pid), sig) {
+                Ok(()) | Err(nix::Error::ESRCH) => {}
+                Err(e) => return Err(AgentError::Signal(signal, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Signals every process in the container's cgroup (exec'd ones included).
+    fn signal_all(&self, id: &str, sig: Signal) {
+        let procs = self.paths.cgroup_dir(id).join("cgroup.procs");
+        let Ok(list) = fs::read_to_string(&procs) else {
+            return;
+        };
+        for pid in list.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = kill(Pid::from_raw(pid), sig);
+        }
+    }
+
+    pub async fn remove_container(&self, id: &str) -> Result<(), AgentError> {
+        let Some(container) = lock(&self.containers).remove(id) else {
+            return Ok(());
+        };
+        let _op = container.op_lock.lock().await;
+        if !container.init.exited() {
+            self.signal_all(id, Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(container.init.pid), Signal::SIGKILL);
+            if tokio::time::timeout(KILL_TIMEOUT, reaper::wait_exit(container.init.exit.clone()))
+                .await
+                .is_err()
+            {
+                tracing::warn!(container = id, "init not reaped after SIGKILL; removing anyway");
+            }
+        }
+        if let Err(e) = self
+            .run_helper(HelperOp::Delete { id: id.to_string() }, HelperStdio::null())
+            .await
+        {
+            tracing::warn!(container = id, "libcontainer delete: {e}");
+        }
+        rootfs::unmount_rootfs(&container.dir);
+        let _ = fs::remove_dir_all(&container.dir);
+        tracing::info!(container = id, "removed");
+        Ok(())
+    }
+
+    pub async fn destroy_sandbox(&self, grace: Duration) -> Result<(), AgentError> {
+        let containers: Vec<Arc<Container>> = lock(&self.containers).values().cloned().collect();
+        for c in &containers {
+            self.signal_all(&c.id, Signal::SIGTERM);
+            if !c.init.exited() {
+                let _ = kill(Pid::from_raw(c.init.pid), Signal::SIGTERM);
+            }
+        }
+        let waits = containers
+            .iter()
+            .map(|c| reaper::wait_exit(c.init.exit.clone()));
+        let _ = tokio::time::timeout(grace, futures::future::join_all(waits)).await;
+        for c in &containers {
+            self.remove_container(&c.id).await?;
+        }
+        Ok(())
+    }
+
+    /// Kills every container's processes (host-mode shutdown).
+    pub fn kill_all(&self) {
+        let containers: Vec<Arc<Container>> = lock(&self.containers).values().cloned().collect();
+        for c in containers {
+            self.signal_all(&c.id, Signal::SIGKILL);
+            if !c.init.exited() {
+                let _ = kill(Pid::from_raw(c.init.pid), Signal::SIGKILL);
+            }
+        }
+    }
+
+    pub fn container_stats(&self, id: &str) -> Result<ContainerStatsResponse, AgentError> {
+        self.container(id)?;
+        let dir = self.paths.cgroup_dir(id);
+        let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
+        let keyed = |text: &str, key: &str| -> u64 {
+            text.lines()
+                .filter_map(|l| l.split_once(' '))
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let single = |name: &str| -> u64 { read(name).trim().parse().unwrap_or(0) };
+        let cpu_usage_nanos = keyed(&read("cpu.stat"), "usage_usec").saturating_mul(1000);
+        let memory_usage_bytes = single("memory.current");
+        let inactive_file = keyed(&read("memory.stat"), "inactive_file");
+        let timestamp_unix_nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Ok(ContainerStatsResponse {
+            cpu_usage_nanos,
+            memory_working_set_bytes: memory_usage_bytes.saturating_sub(inactive_file),
+            memory_usage_bytes,
+            pids: single("pids.current"),
+            timestamp_unix_nanos,
+        })
+    }
+
+    pub fn create_sandbox(
+        &self,
+        req: &podvisor_proto::agent::CreateSandboxRequest,
+    ) -> Result<(), AgentError> {
+        Ok(crate::sandbox::create(
+            req,
+            &self.paths.sandbox_dir(),
+            &self.paths.shared_dir,
+            self.guest,
+        )?)
+    }
+
+    pub fn is_guest(&self) -> bool {
+        self.guest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked() {
+        for good in ["a", "abc-1.2_3", &"x".repeat(128)] {
+            assert!(validate_id("id", good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "a b", &"x".repeat(129)] {
+            assert!(validate_id("id", bad).is_err(), "{bad}");
+        }
+    }
+}

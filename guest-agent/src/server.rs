@@ -1,0 +1,233 @@
+//! The gRPC face of the agent: `podvisor.agent.v1.Agent`, mapping [`AgentError`]s to codes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use podvisor_proto::agent::agent_server::Agent as AgentRpc;
+use podvisor_proto::agent::{
+    ContainerRef, ContainerStatsResponse, CreateContainerRequest, CreateContainerResponse,
+    CreateSandboxRequest, DestroySandboxRequest, Empty, ExecProcessRequest, ExecProcessResponse,
+    PingRequest, PingResponse, ProcessRef, RemoveContainerRequest, ResizeTtyRequest,
+    SignalProcessRequest, WaitProcessResponse, WriteStdinRequest,
+};
+use tonic::{Code, Request, Response, Status};
+
+use crate::container::{Agent, AgentError};
+use crate::stdio::{OutputReader, StdioError};
+
+/// Delay between answering Shutdown and acting on it, so the answer can leave.
+const SHUTDOWN_DELAY: Duration = Duration::from_millis(100);
+
+impl From<AgentError> for Status {
+    fn from(e: AgentError) -> Self {
+        let code = match &e {
+            AgentError::ContainerNotFound(_) | AgentError::ProcessNotFound(..) => Code::NotFound,
+            AgentError::ContainerExists(_) | AgentError::ExecExists(..) => Code::AlreadyExists,
+            AgentError::BadId(..)
+            | AgentError::BadSpec(_)
+            | AgentError::BadProcess(_)
+            | AgentError::NoProcess
+            | AgentError::BadSignal(_)
+            | AgentError::BadSize(..)
+            | AgentError::NoRootfs
+            | AgentError::Rootfs(_)
+            | AgentError::Sandbox(crate::sandbox::SandboxError::BadHostname(_))
+            | AgentError::Sandbox(crate::sandbox::SandboxError::BadSysctl(_))
+            | AgentError::Sandbox(crate::sandbox::SandboxError::BadDnsEntry(_)) => {
+                Code::InvalidArgument
+            }
+            AgentError::WrongState { .. }
+            | AgentError::Stdio(StdioError::StdinClosed)
+            | AgentError::Stdio(StdioError::NoTty)
+            | AgentError::Stdio(StdioError::ReaderAttached) => Code::FailedPrecondition,
+            _ => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
+/// The tonic service.
+pub struct AgentService {
+    agent: Arc<Agent>,
+}
+
+impl AgentService {
+    pub fn new(agent: Arc<Agent>) -> Self {
+        AgentService { agent }
+    }
+}
+
+fn uptime_seconds() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|f| f.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+#[tonic::async_trait]
+impl AgentRpc for AgentService {
+    async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        Ok(Response::new(PingResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: uptime_seconds(),
+        }))
+    }
+
+    async fn create_sandbox(
+        &self,
+        request: Request<CreateSandboxRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.agent.create_sandbox(request.get_ref())?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        request: Request<DestroySandboxRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let grace = Duration::from_secs(request.get_ref().grace_period_seconds.into());
+        self.agent.destroy_sandbox(grace).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<CreateContainerRequest>,
+    ) -> Result<Response<CreateContainerResponse>, Status> {
+        let pid = self.agent.create_container(request.into_inner()).await?;
+        Ok(Response::new(CreateContainerResponse { pid }))
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<ContainerRef>,
+    ) -> Result<Response<Empty>, Status> {
+        self.agent
+            .start_container(&request.get_ref().container_id)
+            .await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<RemoveContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.agent
+            .remove_container(&request.get_ref().container_id)
+            .await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn exec_process(
+        &self,
+        request: Request<ExecProcessRequest>,
+    ) -> Result<Response<ExecProcessResponse>, Status> {
+        let pid = self.agent.exec_process(request.into_inner()).await?;
+        Ok(Response::new(ExecProcessResponse { pid }))
+    }
+
+    async fn signal_process(
+        &self,
+        request: Request<SignalProcessRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let req = request.into_inner();
+        let process = req.process.unwrap_or_default();
+        self.agent.signal_process(
+            &process.container_id,
+            &process.exec_id,
+            req.signal,
+            req.all,
+        )?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn wait_process(
+        &self,
+        request: Request<ProcessRef>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
+        let req = request.get_ref();
+        let status = self
+            .agent
+            .wait_process(&req.container_id, &req.exec_id)
+            .await?;
+        Ok(Response::new(WaitProcessResponse {
+            exit_code: status.code,
+            signal: status.signal,
+            exited_at_unix_nanos: status.exited_at_unix_nanos(),
+        }))
+    }
+
+    type ReadOutputStream = OutputReader;
+
+    async fn read_output(
+        &self,
+        request: Request<ProcessRef>,
+    ) -> Result<Response<Self::ReadOutputStream>, Status> {
+        let req = request.get_ref();
+        Ok(Response::new(
+            self.agent.read_output(&req.container_id, &req.exec_id)?,
+        ))
+    }
+
+    async fn write_stdin(
+        &self,
+        request: Request<WriteStdinRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let req = request.into_inner();
+        let process = req.process.unwrap_or_default();
+        self.agent
+            .write_stdin(&process.container_id, &process.exec_id, &req.data)
+            .await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn close_stdin(&self, request: Request<ProcessRef>) -> Result<Response<Empty>, Status> {
+        let req = request.get_ref();
+        self.agent
+            .close_stdin(&req.container_id, &req.exec_id)
+            .await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn resize_tty(
+        &self,
+        request: Request<ResizeTtyRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let req = request.into_inner();
+        let process = req.process.unwrap_or_default();
+        self.agent.resize_tty(
+            &process.container_id,
+            &process.exec_id,
+            req.width,
+            req.height,
+        )?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn container_stats(
+        &self,
+        request: Request<ContainerRef>,
+    ) -> Result<Response<ContainerStatsResponse>, Status> {
+        Ok(Response::new(
+            self.agent
+                .container_stats(&request.get_ref().container_id)?,
+        ))
+    }
+
+    async fn shutdown(&self, _: Request<Empty>) -> Result<Response<Empty>, Status> {
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SHUTDOWN_DELAY).await;
+            if agent.is_guest() {
+                tracing::info!("shutting down the VM");
+                nix::unistd::sync();
+                let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+            } else {
+                tracing::info!("shutting down (host mode)");
+                agent.kill_all();
+                std::process::exit(0);
+            }
+        });
+        Ok(Response::new(Empty {}))
+    }
+}
