@@ -73,6 +73,17 @@ fn busybox_initrd(dir: &Path, script: &str) -> Option<PathBuf> {
     Some(out)
 }
 
+/// SIGKILLs a VM's processes when dropped, so that a failing test leaves no VM behind.
+struct KillOnDrop(Vec<crate::hypervisor::VmProcess>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            crate::hypervisor::signal_process(p, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 fn vm_config(dir: &Path, kernel: PathBuf, initrd: PathBuf) -> VmConfig {
     VmConfig {
         sandbox_id: "test".into(),
@@ -176,6 +187,7 @@ async fn busybox_guest_sees_devices_and_powers_off() {
 
     let started = Instant::now();
     let vm = hv.start(&config).await.unwrap();
+    let _kill = KillOnDrop(vm.processes.clone());
     println!("start() returned after {:?}", started.elapsed());
     assert_eq!(vm.processes[0].name, "qemu");
     assert_eq!(vm.processes.len(), 3);
@@ -209,6 +221,7 @@ async fn stop_running_vm_leaves_nothing() {
         cache: "auto".into(),
     });
     let vm = hv.start(&config).await.unwrap();
+    let _kill = KillOnDrop(vm.processes.clone());
     wait_console(&config.console_log, "PODVISOR-IDLE", Duration::from_secs(120)).await;
     assert!(hv.is_running(&vm));
     // Each process leads its own group, so signals aimed at the daemon's group spare the VM.
@@ -270,6 +283,7 @@ async fn agent_answers_ping_then_shuts_the_vm_down() {
     let config = vm_config(tmp.path(), kernel, initrd);
     let started = Instant::now();
     let vm = hv.start(&config).await.unwrap();
+    let _kill = KillOnDrop(vm.processes.clone());
     let vmm_up = started.elapsed();
     let mut agent =
         match crate::agent_client::connect(&vm.vsock_uds, Duration::from_secs(120)).await {
@@ -358,6 +372,7 @@ async fn virtiofs_sees_bind_mounts_made_after_start() {
             cache: cache.into(),
         });
         let vm = hv.start(&config).await.unwrap();
+        let _kill = KillOnDrop(vm.processes.clone());
         wait_console(&config.console_log, "GUEST-READY", Duration::from_secs(120)).await;
         sh(&format!(
             "mkdir -p {t}/share/mounts/c1/rootfs && mount --bind -o ro {t}/image {t}/share/mounts/c1/rootfs \
