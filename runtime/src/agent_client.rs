@@ -171,4 +171,48 @@ mod tests {
         assert!(err.to_string().contains("refused"), "{err}");
         assert_eq!(accepts.await.unwrap(), 3);
     }
+
+    /// The real agent in host mode (env `PODVISOR_AGENT`, default
+    /// `/work/main/build/podvisor-agent`): connect_unix waits for it, and after the agent is
+    /// restarted the same client reconnects on its next RPC.
+    #[tokio::test]
+    async fn reconnects_after_the_agent_restarts() {
+        let agent = std::env::var_os("PODVISOR_AGENT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/work/main/build/podvisor-agent".into());
+        if !agent.is_file() {
+            let reason = format!("{} not found (set PODVISOR_AGENT)", agent.display());
+            assert!(std::env::var("PODVISOR_REQUIRE_E2E").as_deref() != Ok("1"), "{reason}");
+            eprintln!("SKIP: {reason}");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let socket = tmp.path().join("agent.sock");
+        let spawn = || {
+            tokio::process::Command::new(&agent)
+                .arg("--listen")
+                .arg(format!("unix:{}", socket.display()))
+                .arg("--state-dir")
+                .arg(tmp.path().join("state"))
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        };
+        let mut first = spawn();
+        let mut client = connect_unix(&socket, Duration::from_secs(20)).await.unwrap();
+        first.kill().await.unwrap();
+        let err = client.ping(PingRequest {}).await.unwrap_err();
+        println!("ping with the agent gone: {err}");
+        let _second = spawn();
+        // The next RPC after the break dials again (once per RPC): retry while it starts.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match client.ping(PingRequest {}).await {
+                Ok(_) => break,
+                Err(e) => assert!(Instant::now() < deadline, "no reconnection: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
