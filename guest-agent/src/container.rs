@@ -57,11 +57,7 @@ pub enum AgentError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error("container {id:?} is {actual}, it must be {expected}")]
-    WrongState {
-        id: String,
-        actual: &'static str,
-        expected: &'static str,
-    },
+    WrongState { id: String, actual: &'static str, expected: &'static str },
     #[error("writing {0}: {1}")]
     Write(PathBuf, std::io::Error),
     #[error("encoding {0}: {1}")]
@@ -157,9 +153,7 @@ fn validate_id(kind: &'static str, id: &str) -> Result<(), AgentError> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
     if ok {
         Ok(())
     } else {
@@ -167,7 +161,11 @@ fn validate_id(kind: &'static str, id: &str) -> Result<(), AgentError> {
     }
 }
 
-fn write_json<T: serde::Serialize>(path: &Path, what: &'static str, value: &T) -> Result<(), AgentError> {
+fn write_json<T: serde::Serialize>(
+    path: &Path,
+    what: &'static str,
+    value: &T,
+) -> Result<(), AgentError> {
     let bytes = serde_json::to_vec(value).map_err(|e| AgentError::Encode(what, e))?;
     fs::write(path, bytes).map_err(|e| AgentError::Write(path.to_path_buf(), e))
 }
@@ -219,7 +217,11 @@ impl Agent {
             .ok_or_else(|| AgentError::ProcessNotFound(id.to_string(), exec_id.to_string()))
     }
 
-    async fn run_helper(&self, op: HelperOp, stdio: HelperStdio) -> Result<Option<i32>, AgentError> {
+    async fn run_helper(
+        &self,
+        op: HelperOp,
+        stdio: HelperStdio,
+    ) -> Result<Option<i32>, AgentError> {
         Ok(helper::run(&self.reaper, &self.log, &self.paths.libcontainer_root(), op, stdio).await?)
     }
 
@@ -242,11 +244,7 @@ impl Agent {
             let (pipes, child) = stdio::pipes(with_stdin)?;
             Ok((
                 PendingIo::Pipes(pipes),
-                HelperStdio {
-                    stdin: child.stdin,
-                    stdout: child.stdout,
-                    stderr: child.stderr,
-                },
+                HelperStdio { stdin: child.stdin, stdout: child.stdout, stderr: child.stderr },
             ))
         }
     }
@@ -276,7 +274,8 @@ impl Agent {
     pub async fn create_container(&self, req: CreateContainerRequest) -> Result<u32, AgentError> {
         let id = req.container_id.clone();
         validate_id("container id", &id)?;
-        let mut spec: Spec = serde_json::from_slice(&req.oci_spec_json).map_err(AgentError::BadSpec)?;
+        let mut spec: Spec =
+            serde_json::from_slice(&req.oci_spec_json).map_err(AgentError::BadSpec)?;
         let rootfs_req = req.rootfs.ok_or(AgentError::NoRootfs)?;
         let lowers = rootfs::validate(&self.paths.shared_dir, &rootfs_req.lower_dirs)?;
         let stdio_cfg = req.stdio.unwrap_or_default();
@@ -289,7 +288,8 @@ impl Agent {
                 return Err(AgentError::ContainerExists(id));
             }
         }
-        let result = self.create_reserved(&id, spec, &lowers, rootfs_req.read_only, stdio_cfg).await;
+        let result =
+            self.create_reserved(&id, spec, &lowers, rootfs_req.read_only, stdio_cfg).await;
         lock(&self.creating).remove(&id);
         let container = result?;
         let pid = container.init.pid;
@@ -321,9 +321,7 @@ impl Agent {
             Ok(c) => Ok(c),
             Err(e) => {
                 tracing::warn!(container = id, "create failed: {e}");
-                let _ = self
-                    .run_helper(HelperOp::Delete { id: id.to_string() }, HelperStdio::null())
-                    .await;
+                self.delete_libcontainer_state(id).await;
                 rootfs::unmount_rootfs(&dir);
                 let _ = fs::remove_dir_all(&dir);
                 Err(e)
@@ -356,7 +354,8 @@ impl Agent {
         spec.set_linux(Some(linux));
         write_json(&dir.join("config.json"), "config.json", spec)?;
 
-        let (pending, helper_stdio) = self.prepare_io(dir, "init", stdio_cfg.tty, stdio_cfg.stdin)?;
+        let (pending, helper_stdio) =
+            self.prepare_io(dir, "init", stdio_cfg.tty, stdio_cfg.stdin)?;
         let console_socket = match &pending {
             PendingIo::Tty(_, path) => Some(path.clone()),
             PendingIo::Pipes(_) => None,
@@ -364,17 +363,14 @@ impl Agent {
         let started = Instant::now();
         let pid = self
             .run_helper(
-                HelperOp::Create {
-                    id: id.to_string(),
-                    bundle: dir.to_path_buf(),
-                    console_socket,
-                },
+                HelperOp::Create { id: id.to_string(), bundle: dir.to_path_buf(), console_socket },
                 helper_stdio,
             )
             .await?
             .ok_or(AgentError::NoPid)?;
         let exit = self.reaper.register(pid, started);
-        let io = Self::finish_io(pending, stdio_cfg.stdin, stdio_cfg.stdin_once, exit.clone()).await;
+        let io =
+            Self::finish_io(pending, stdio_cfg.stdin, stdio_cfg.stdin_once, exit.clone()).await;
         let io = match io {
             Ok(io) => io,
             Err(e) => {
@@ -394,6 +390,18 @@ impl Agent {
         }))
     }
 
+    /// Force-deletes libcontainer's state and cgroup of `id`, if it has any.
+    async fn delete_libcontainer_state(&self, id: &str) {
+        if !self.paths.libcontainer_root().join(id).exists() {
+            return;
+        }
+        if let Err(e) =
+            self.run_helper(HelperOp::Delete { id: id.to_string() }, HelperStdio::null()).await
+        {
+            tracing::warn!(container = id, "libcontainer delete: {e}");
+        }
+    }
+
     pub async fn start_container(&self, id: &str) -> Result<(), AgentError> {
         let container = self.container(id)?;
         let _op = container.op_lock.lock().await;
@@ -404,8 +412,7 @@ impl Agent {
                 expected: "created",
             });
         }
-        self.run_helper(HelperOp::Start { id: id.to_string() }, HelperStdio::null())
-            .await?;
+        self.run_helper(HelperOp::Start { id: id.to_string() }, HelperStdio::null()).await?;
         *lock(&container.phase) = Phase::Running;
         tracing::info!(container = id, "started");
         Ok(())
@@ -456,7 +463,9 @@ impl Agent {
         let _ = fs::remove_file(&process_json);
         let pid = result?.ok_or(AgentError::NoPid)?;
         let exit = self.reaper.register(pid, started);
-        let io = match Self::finish_io(pending, stdio_cfg.stdin, stdio_cfg.stdin_once, exit.clone()).await {
+        let io = match Self::finish_io(pending, stdio_cfg.stdin, stdio_cfg.stdin_once, exit.clone())
+            .await
+        {
             Ok(io) => io,
             Err(e) => {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -481,7 +490,12 @@ impl Agent {
         Ok(self.process(id, exec_id)?.io.attach_reader()?)
     }
 
-    pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) -> Result<(), AgentError> {
+    pub async fn write_stdin(
+        &self,
+        id: &str,
+        exec_id: &str,
+        data: &[u8],
+    ) -> Result<(), AgentError> {
         let process = self.process(id, exec_id)?;
         Ok(process.io.write_stdin(data).await?)
     }
@@ -490,7 +504,13 @@ impl Agent {
         Ok(self.process(id, exec_id)?.io.close_stdin().await?)
     }
 
-    pub fn resize_tty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<(), AgentError> {
+    pub fn resize_tty(
+        &self,
+        id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), AgentError> {
         let process = self.process(id, exec_id)?;
         let (w, h) = match (u16::try_from(width), u16::try_from(height)) {
             (Ok(w), Ok(h)) => (w, h),
@@ -499,7 +519,13 @@ impl Agent {
         Ok(process.io.resize(w, h)?)
     }
 
-    pub fn signal_process(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> Result<(), AgentError> {
+    pub fn signal_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), AgentError> {
         let sig = Signal::try_from(signal).map_err(|_| AgentError::BadSignal(signal))?;
         let process = self.process(id, exec_id)?;
         if all {
@@ -540,12 +566,7 @@ impl Agent {
                 tracing::warn!(container = id, "init not reaped after SIGKILL; removing anyway");
             }
         }
-        if let Err(e) = self
-            .run_helper(HelperOp::Delete { id: id.to_string() }, HelperStdio::null())
-            .await
-        {
-            tracing::warn!(container = id, "libcontainer delete: {e}");
-        }
+        self.delete_libcontainer_state(id).await;
         rootfs::unmount_rootfs(&container.dir);
         let _ = fs::remove_dir_all(&container.dir);
         tracing::info!(container = id, "removed");
@@ -560,9 +581,7 @@ impl Agent {
                 let _ = kill(Pid::from_raw(c.init.pid), Signal::SIGTERM);
             }
         }
-        let waits = containers
-            .iter()
-            .map(|c| reaper::wait_exit(c.init.exit.clone()));
+        let waits = containers.iter().map(|c| reaper::wait_exit(c.init.exit.clone()));
         let _ = tokio::time::timeout(grace, futures::future::join_all(waits)).await;
         for c in &containers {
             self.remove_container(&c.id).await?;
@@ -570,13 +589,12 @@ impl Agent {
         Ok(())
     }
 
-    /// Kills every container's processes (host-mode shutdown).
-    pub fn kill_all(&self) {
-        let containers: Vec<Arc<Container>> = lock(&self.containers).values().cloned().collect();
-        for c in containers {
-            self.signal_all(&c.id, Signal::SIGKILL);
-            if !c.init.exited() {
-                let _ = kill(Pid::from_raw(c.init.pid), Signal::SIGKILL);
+    /// Removes every container (host-mode shutdown: leave no processes, mounts or cgroups).
+    pub async fn remove_all(&self) {
+        let ids: Vec<String> = lock(&self.containers).keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.remove_container(&id).await {
+                tracing::warn!(container = id, "removing at shutdown: {e}");
             }
         }
     }

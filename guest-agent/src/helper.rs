@@ -43,11 +43,7 @@ const HELPER_TIMEOUT: Duration = Duration::from_secs(120);
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum HelperOp {
     /// Create a container from `bundle/config.json`; its init waits for `Start`.
-    Create {
-        id: String,
-        bundle: PathBuf,
-        console_socket: Option<PathBuf>,
-    },
+    Create { id: String, bundle: PathBuf, console_socket: Option<PathBuf> },
     /// Let a created container's init run the user's program.
     Start { id: String },
     /// Run the process described by `process_json` in the running container `id`.
@@ -103,11 +99,7 @@ pub struct HelperStdio {
 
 impl HelperStdio {
     pub fn null() -> Self {
-        HelperStdio {
-            stdin: None,
-            stdout: None,
-            stderr: None,
-        }
+        HelperStdio { stdin: None, stdout: None, stderr: None }
     }
 }
 
@@ -133,11 +125,8 @@ pub async fn run(
     op: HelperOp,
     stdio_fds: HelperStdio,
 ) -> Result<Option<i32>, HelperError> {
-    let request = serde_json::to_string(&HelperRequest {
-        root: root.to_path_buf(),
-        op,
-    })
-    .map_err(HelperError::Encode)?;
+    let request = serde_json::to_string(&HelperRequest { root: root.to_path_buf(), op })
+        .map_err(HelperError::Encode)?;
     let (reply_read, reply_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
             .map_err(HelperError::Pipe)?;
@@ -213,21 +202,12 @@ pub fn main(args: &[OsString]) -> ExitCode {
         unsafe { (File::from_raw_fd(REPLY_FD), File::from_raw_fd(LOG_FD)) };
     crate::logging::init(log_sink);
     let reply = match args.first().and_then(|a| a.to_str()) {
-        None => HelperReply {
-            pid: None,
-            error: Some("missing helper request".into()),
-        },
+        None => HelperReply { pid: None, error: Some("missing helper request".into()) },
         Some(json) => match serde_json::from_str::<HelperRequest>(json) {
-            Err(e) => HelperReply {
-                pid: None,
-                error: Some(format!("bad helper request: {e}")),
-            },
+            Err(e) => HelperReply { pid: None, error: Some(format!("bad helper request: {e}")) },
             Ok(request) => match execute(request) {
                 Ok(pid) => HelperReply { pid, error: None },
-                Err(e) => HelperReply {
-                    pid: None,
-                    error: Some(e),
-                },
+                Err(e) => HelperReply { pid: None, error: Some(e) },
             },
         },
     };
@@ -245,11 +225,7 @@ pub fn main(args: &[OsString]) -> ExitCode {
 fn execute(request: HelperRequest) -> Result<Option<i32>, String> {
     let root = request.root;
     match request.op {
-        HelperOp::Create {
-            id,
-            bundle,
-            console_socket,
-        } => {
+        HelperOp::Create { id, bundle, console_socket } => {
             let container = ContainerBuilder::new(id, SyscallType::default())
                 .with_executor(AgentExecutor { seccomp: None })
                 .with_root_path(root)
@@ -267,17 +243,10 @@ fn execute(request: HelperRequest) -> Result<Option<i32>, String> {
         HelperOp::Start { id } => {
             let mut container =
                 Container::load(root.join(&id)).map_err(|e| format!("loading {id}: {e}"))?;
-            container
-                .start()
-                .map_err(|e| format!("starting {id}: {e}"))?;
+            container.start().map_err(|e| format!("starting {id}: {e}"))?;
             Ok(container.pid().map(|p| p.as_raw()))
         }
-        HelperOp::Exec {
-            id,
-            process_json,
-            console_socket,
-            seccomp,
-        } => {
+        HelperOp::Exec { id, process_json, console_socket, seccomp } => {
             let pid = ContainerBuilder::new(id, SyscallType::default())
                 .with_executor(AgentExecutor { seccomp })
                 .with_root_path(root)
@@ -295,9 +264,7 @@ fn execute(request: HelperRequest) -> Result<Option<i32>, String> {
         HelperOp::Delete { id } => {
             let mut container =
                 Container::load(root.join(&id)).map_err(|e| format!("loading {id}: {e}"))?;
-            container
-                .delete(true)
-                .map_err(|e| format!("deleting {id}: {e}"))?;
+            container.delete(true).map_err(|e| format!("deleting {id}: {e}"))?;
             Ok(None)
         }
     }

@@ -115,20 +115,8 @@ pub fn mount_kernel_filesystems() -> Vec<InitError> {
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
         ),
-        (
-            "shm",
-            "/dev/shm",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=1777"),
-        ),
-        (
-            "tmpfs",
-            "/run",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=0755"),
-        ),
+        ("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
         ("cgroup2", "/sys/fs/cgroup", "cgroup2", common, None),
     ];
     for (source, target, fstype, flags, data) in steps {
@@ -193,10 +181,9 @@ pub fn enable_cgroup_controllers(cgroup_root: &Path) -> Vec<InitError> {
         }
     };
     for controller in controllers.split_whitespace() {
-        if let Err(e) = fs::write(
-            cgroup_root.join("cgroup.subtree_control"),
-            format!("+{controller}"),
-        ) {
+        if let Err(e) =
+            fs::write(cgroup_root.join("cgroup.subtree_control"), format!("+{controller}"))
+        {
             errors.push(InitError::CgroupController(controller.to_string(), e));
         }
     }

@@ -59,6 +59,8 @@ enum MainError {
     Runtime(std::io::Error),
     #[error("installing the SIGCHLD handler: {0}")]
     Reaper(std::io::Error),
+    #[error("installing a signal handler: {0}")]
+    Signal(std::io::Error),
     #[error("serving: {0}")]
     Serve(tonic::transport::Error),
     #[error("duplicating the log descriptor: {0}")]
@@ -102,17 +104,10 @@ fn host_main(args: HostArgs) -> Result<(), MainError> {
         .ok_or_else(|| MainError::BadListen(args.listen.clone()))?;
     // Orphaned container processes must be re-parented to the agent, which reaps them.
     nix::sys::prctl::set_child_subreaper(true).map_err(MainError::Subreaper)?;
-    let log = File::from(
-        std::io::stderr()
-            .as_fd_owned()
-            .map_err(MainError::LogFd)?,
-    );
+    let log = File::from(std::io::stderr().as_fd_owned().map_err(MainError::LogFd)?);
     logging::init(log.try_clone().map_err(MainError::LogFd)?);
     let paths = Paths {
-        shared_dir: args
-            .shared_dir
-            .clone()
-            .unwrap_or_else(|| args.state_dir.join("shared")),
+        shared_dir: args.shared_dir.clone().unwrap_or_else(|| args.state_dir.join("shared")),
         run_dir: args.state_dir.clone(),
         cgroup_root: PathBuf::from("/sys/fs/cgroup"),
     };
@@ -122,6 +117,7 @@ fn host_main(args: HostArgs) -> Result<(), MainError> {
         let reaper = Reaper::default();
         reaper.spawn().map_err(MainError::Reaper)?;
         let agent = Arc::new(Agent::new(paths, false, reaper, log));
+        spawn_termination_handler(agent.clone())?;
         let _ = fs::remove_file(&socket_path);
         let listener = tokio::net::UnixListener::bind(&socket_path)
             .map_err(|e| MainError::Bind(args.listen.clone(), e))?;
@@ -132,6 +128,23 @@ fn host_main(args: HostArgs) -> Result<(), MainError> {
             .await
             .map_err(MainError::Serve)
     })
+}
+
+/// Host mode: SIGTERM or SIGINT removes every container, then exits.
+fn spawn_termination_handler(agent: Arc<Agent>) -> Result<(), MainError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(MainError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(MainError::Signal)?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("terminating: removing all containers");
+        agent.remove_all().await;
+        std::process::exit(0);
+    });
+    Ok(())
 }
 
 trait AsFdOwned {
@@ -167,9 +180,7 @@ fn guest_main() -> ExitCode {
     if let Some(e) = switch_error {
         tracing::error!("staying on the initramfs root (containers will fail to pivot): {e}");
     }
-    errors.extend(init::enable_cgroup_controllers(std::path::Path::new(
-        "/sys/fs/cgroup",
-    )));
+    errors.extend(init::enable_cgroup_controllers(std::path::Path::new("/sys/fs/cgroup")));
     if let Err(e) = init::loopback_up() {
         errors.push(e);
     }
@@ -199,12 +210,10 @@ async fn serve_guest(paths: Paths, log: File) -> Result<(), MainError> {
     reaper.spawn().map_err(MainError::Reaper)?;
     let agent = Arc::new(Agent::new(paths, true, reaper, log));
     let addr = tokio_vsock::VsockAddr::new(libc::VMADDR_CID_ANY, podvisor_proto::AGENT_VSOCK_PORT);
-    let listener = tokio_vsock::VsockListener::bind(addr)
-        .map_err(|e| MainError::Bind(format!("vsock port {}", podvisor_proto::AGENT_VSOCK_PORT), e))?;
-    tracing::info!(
-        port = podvisor_proto::AGENT_VSOCK_PORT,
-        "podvisor-agent serving on vsock"
-    );
+    let listener = tokio_vsock::VsockListener::bind(addr).map_err(|e| {
+        MainError::Bind(format!("vsock port {}", podvisor_proto::AGENT_VSOCK_PORT), e)
+    })?;
+    tracing::info!(port = podvisor_proto::AGENT_VSOCK_PORT, "podvisor-agent serving on vsock");
     tonic::transport::Server::builder()
         .add_service(AgentServer::new(AgentService::new(agent)))
         .serve_with_incoming(listener.incoming())

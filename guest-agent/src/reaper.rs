@@ -36,21 +36,12 @@ impl ExitStatus {
     fn from_wait_status(status: WaitStatus) -> Option<(Pid, ExitStatus)> {
         let now = SystemTime::now();
         match status {
-            WaitStatus::Exited(pid, code) => Some((
-                pid,
-                ExitStatus {
-                    code,
-                    signal: 0,
-                    exited_at: now,
-                },
-            )),
+            WaitStatus::Exited(pid, code) => {
+                Some((pid, ExitStatus { code, signal: 0, exited_at: now }))
+            }
             WaitStatus::Signaled(pid, sig, _) => Some((
                 pid,
-                ExitStatus {
-                    code: 128 + sig as i32,
-                    signal: sig as i32,
-                    exited_at: now,
-                },
+                ExitStatus { code: 128 + sig as i32, signal: sig as i32, exited_at: now },
             )),
             _ => None,
         }
@@ -124,9 +115,7 @@ impl Reaper {
         }
         tracing::debug!(pid, code = exit.code, "reaped an unregistered process");
         let now = Instant::now();
-        state
-            .unclaimed
-            .retain(|_, (_, reaped)| now.duration_since(*reaped) < UNCLAIMED_TTL);
+        state.unclaimed.retain(|_, (_, reaped)| now.duration_since(*reaped) < UNCLAIMED_TTL);
         state.unclaimed.insert(pid, (exit, now));
     }
 
@@ -156,11 +145,7 @@ mod tests {
     use super::*;
 
     fn status(code: i32) -> ExitStatus {
-        ExitStatus {
-            code,
-            signal: 0,
-            exited_at: SystemTime::now(),
-        }
+        ExitStatus { code, signal: 0, exited_at: SystemTime::now() }
     }
 
     #[test]

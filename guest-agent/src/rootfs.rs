@@ -27,9 +27,7 @@ pub enum RootfsError {
 fn lower_path(shared_dir: &Path, lower: &str) -> Result<PathBuf, RootfsError> {
     let relative = Path::new(lower);
     let clean = !lower.is_empty()
-        && relative
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        && relative.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     if !clean {
         return Err(RootfsError::BadLowerDir(lower.to_string()));
     }
@@ -48,10 +46,8 @@ pub fn validate(shared_dir: &Path, lower_dirs: &[String]) -> Result<Vec<PathBuf>
     if lower_dirs.is_empty() {
         return Err(RootfsError::NoLowerDirs);
     }
-    let lowers = lower_dirs
-        .iter()
-        .map(|l| lower_path(shared_dir, l))
-        .collect::<Result<Vec<_>, _>>()?;
+    let lowers =
+        lower_dirs.iter().map(|l| lower_path(shared_dir, l)).collect::<Result<Vec<_>, _>>()?;
     if let Some(bad) = lowers.iter().find(|p| p.to_string_lossy().contains([',', ':'])) {
         return Err(RootfsError::UnsupportedLowerDir(bad.display().to_string()));
     }
@@ -70,29 +66,22 @@ pub fn mount_rootfs(
 ) -> Result<PathBuf, RootfsError> {
     let target = container_dir.join("rootfs");
     create_dir(&target)?;
-    let lowerdir = lowers
-        .iter()
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(":");
+    let lowerdir =
+        lowers.iter().map(|p| p.to_string_lossy().into_owned()).collect::<Vec<_>>().join(":");
     let result = match (read_only, lowers) {
         // overlayfs needs two lowers when it has no upper: bind a single layer instead.
-        (true, [only]) => mount(
-            Some(only.as_path()),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .and_then(|()| {
-            mount(
-                None::<&str>,
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-        }),
+        (true, [only]) => {
+            mount(Some(only.as_path()), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .and_then(|()| {
+                    mount(
+                        None::<&str>,
+                        &target,
+                        None::<&str>,
+                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                        None::<&str>,
+                    )
+                })
+        }
         (true, _) => mount(
             Some("overlay"),
             &target,
@@ -144,18 +133,9 @@ mod tests {
     fn lower_dirs_cannot_escape_the_shared_dir() {
         let shared = Path::new("/nonexistent-shared");
         for bad in ["", "/etc", "../x", "a/../../b"] {
-            assert!(matches!(
-                lower_path(shared, bad),
-                Err(RootfsError::BadLowerDir(_))
-            ));
+            assert!(matches!(lower_path(shared, bad), Err(RootfsError::BadLowerDir(_))));
         }
-        assert!(matches!(
-            lower_path(shared, "a:b"),
-            Err(RootfsError::UnsupportedLowerDir(_))
-        ));
-        assert!(matches!(
-            validate(shared, &[]),
-            Err(RootfsError::NoLowerDirs)
-        ));
+        assert!(matches!(lower_path(shared, "a:b"), Err(RootfsError::UnsupportedLowerDir(_))));
+        assert!(matches!(validate(shared, &[]), Err(RootfsError::NoLowerDirs)));
     }
 }

@@ -28,9 +28,7 @@ pub enum SandboxError {
 fn valid_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 fn valid_dns_entry(entry: &str) -> bool {
@@ -40,9 +38,7 @@ fn valid_dns_entry(entry: &str) -> bool {
 /// /proc/sys path of a sysctl, refusing names that could leave /proc/sys.
 fn sysctl_path(name: &str) -> Result<PathBuf, SandboxError> {
     let ok = !name.is_empty()
-        && name
-            .split(['.', '/'])
-            .all(|part| !part.is_empty() && part != ".." && part != ".")
+        && name.split(['.', '/']).all(|part| !part.is_empty() && part != ".." && part != ".")
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'/' | b'_' | b'-'));
@@ -96,12 +92,7 @@ pub fn create(
     if !req.hostname.is_empty() && !valid_hostname(&req.hostname) {
         return Err(SandboxError::BadHostname(req.hostname.clone()));
     }
-    for entry in req
-        .dns_servers
-        .iter()
-        .chain(&req.dns_searches)
-        .chain(&req.dns_options)
-    {
+    for entry in req.dns_servers.iter().chain(&req.dns_searches).chain(&req.dns_options) {
         if !valid_dns_entry(entry) {
             return Err(SandboxError::BadDnsEntry(entry.clone()));
         }

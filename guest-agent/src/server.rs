@@ -102,9 +102,7 @@ impl AgentRpc for AgentService {
         &self,
         request: Request<ContainerRef>,
     ) -> Result<Response<Empty>, Status> {
-        self.agent
-            .start_container(&request.get_ref().container_id)
-            .await?;
+        self.agent.start_container(&request.get_ref().container_id).await?;
         Ok(Response::new(Empty {}))
     }
 
@@ -112,9 +110,7 @@ impl AgentRpc for AgentService {
         &self,
         request: Request<RemoveContainerRequest>,
     ) -> Result<Response<Empty>, Status> {
-        self.agent
-            .remove_container(&request.get_ref().container_id)
-            .await?;
+        self.agent.remove_container(&request.get_ref().container_id).await?;
         Ok(Response::new(Empty {}))
     }
 
@@ -132,12 +128,7 @@ impl AgentRpc for AgentService {
     ) -> Result<Response<Empty>, Status> {
         let req = request.into_inner();
         let process = req.process.unwrap_or_default();
-        self.agent.signal_process(
-            &process.container_id,
-            &process.exec_id,
-            req.signal,
-            req.all,
-        )?;
+        self.agent.signal_process(&process.container_id, &process.exec_id, req.signal, req.all)?;
         Ok(Response::new(Empty {}))
     }
 
@@ -146,10 +137,7 @@ impl AgentRpc for AgentService {
         request: Request<ProcessRef>,
     ) -> Result<Response<WaitProcessResponse>, Status> {
         let req = request.get_ref();
-        let status = self
-            .agent
-            .wait_process(&req.container_id, &req.exec_id)
-            .await?;
+        let status = self.agent.wait_process(&req.container_id, &req.exec_id).await?;
         Ok(Response::new(WaitProcessResponse {
             exit_code: status.code,
             signal: status.signal,
@@ -164,9 +152,7 @@ impl AgentRpc for AgentService {
         request: Request<ProcessRef>,
     ) -> Result<Response<Self::ReadOutputStream>, Status> {
         let req = request.get_ref();
-        Ok(Response::new(
-            self.agent.read_output(&req.container_id, &req.exec_id)?,
-        ))
+        Ok(Response::new(self.agent.read_output(&req.container_id, &req.exec_id)?))
     }
 
     async fn write_stdin(
@@ -175,17 +161,13 @@ impl AgentRpc for AgentService {
     ) -> Result<Response<Empty>, Status> {
         let req = request.into_inner();
         let process = req.process.unwrap_or_default();
-        self.agent
-            .write_stdin(&process.container_id, &process.exec_id, &req.data)
-            .await?;
+        self.agent.write_stdin(&process.container_id, &process.exec_id, &req.data).await?;
         Ok(Response::new(Empty {}))
     }
 
     async fn close_stdin(&self, request: Request<ProcessRef>) -> Result<Response<Empty>, Status> {
         let req = request.get_ref();
-        self.agent
-            .close_stdin(&req.container_id, &req.exec_id)
-            .await?;
+        self.agent.close_stdin(&req.container_id, &req.exec_id).await?;
         Ok(Response::new(Empty {}))
     }
 
@@ -195,12 +177,7 @@ impl AgentRpc for AgentService {
     ) -> Result<Response<Empty>, Status> {
         let req = request.into_inner();
         let process = req.process.unwrap_or_default();
-        self.agent.resize_tty(
-            &process.container_id,
-            &process.exec_id,
-            req.width,
-            req.height,
-        )?;
+        self.agent.resize_tty(&process.container_id, &process.exec_id, req.width, req.height)?;
         Ok(Response::new(Empty {}))
     }
 
@@ -208,10 +185,7 @@ impl AgentRpc for AgentService {
         &self,
         request: Request<ContainerRef>,
     ) -> Result<Response<ContainerStatsResponse>, Status> {
-        Ok(Response::new(
-            self.agent
-                .container_stats(&request.get_ref().container_id)?,
-        ))
+        Ok(Response::new(self.agent.container_stats(&request.get_ref().container_id)?))
     }
 
     async fn shutdown(&self, _: Request<Empty>) -> Result<Response<Empty>, Status> {
@@ -224,7 +198,7 @@ impl AgentRpc for AgentService {
                 let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
             } else {
                 tracing::info!("shutting down (host mode)");
-                agent.kill_all();
+                agent.remove_all().await;
                 std::process::exit(0);
             }
         });

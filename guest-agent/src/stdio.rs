@@ -86,9 +86,9 @@ async fn read_some(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usi
 async fn write_all(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()> {
     while !data.is_empty() {
         let mut guard = fd.ready(Interest::WRITABLE).await?;
-        match guard.try_io(|inner| {
-            nix::unistd::write(inner.get_ref(), data).map_err(std::io::Error::from)
-        }) {
+        match guard
+            .try_io(|inner| nix::unistd::write(inner.get_ref(), data).map_err(std::io::Error::from))
+        {
             Ok(Ok(n)) => data = &data[n..],
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Ok(Err(e)) => return Err(e),
@@ -124,16 +124,8 @@ pub fn pipes(with_stdin: bool) -> Result<(PipeSet, ChildStdio), StdioError> {
         (None, None)
     };
     Ok((
-        PipeSet {
-            stdin: stdin_agent,
-            stdout: out_r,
-            stderr: err_r,
-        },
-        ChildStdio {
-            stdin: stdin_child,
-            stdout: Some(out_w),
-            stderr: Some(err_w),
-        },
+        PipeSet { stdin: stdin_agent, stdout: out_r, stderr: err_r },
+        ChildStdio { stdin: stdin_child, stdout: Some(out_w), stderr: Some(err_w) },
     ))
 }
 
@@ -165,7 +157,11 @@ impl ProcessIo {
             None => None,
         };
         let (tx, rx) = mpsc::channel(BUFFERED_CHUNKS);
-        tokio::spawn(pump(vec![(stdout, OutputStream::Stdout), (stderr, OutputStream::Stderr)], tx, exit));
+        tokio::spawn(pump(
+            vec![(stdout, OutputStream::Stdout), (stderr, OutputStream::Stderr)],
+            tx,
+            exit,
+        ));
         Ok(Arc::new(ProcessIo {
             stdin: tokio::sync::Mutex::new(stdin),
             tty: None,
@@ -213,12 +209,7 @@ impl ProcessIo {
 
     pub fn resize(&self, width: u16, height: u16) -> Result<(), StdioError> {
         let tty = self.tty.as_ref().ok_or(StdioError::NoTty)?;
-        let size = libc::winsize {
-            ws_row: height,
-            ws_col: width,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
+        let size = libc::winsize { ws_row: height, ws_col: width, ws_xpixel: 0, ws_ypixel: 0 };
         // SAFETY: TIOCSWINSZ reads a winsize that lives for the call from a valid pty fd.
         let rc = unsafe { libc::ioctl(tty.get_ref().as_raw_fd(), libc::TIOCSWINSZ, &size) };
         if rc < 0 {
@@ -235,10 +226,7 @@ impl ProcessIo {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or(StdioError::ReaderAttached)?;
-        Ok(OutputReader {
-            rx: Some(rx),
-            io: self.clone(),
-        })
+        Ok(OutputReader { rx: Some(rx), io: self.clone() })
     }
 }
 
@@ -260,10 +248,7 @@ async fn pump(
                 match read_some(&fd, &mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        let chunk = OutputChunk {
-                            stream: stream as i32,
-                            data: buf[..n].to_vec(),
-                        };
+                        let chunk = OutputChunk { stream: stream as i32, data: buf[..n].to_vec() };
                         if tx_chunks.send(Some(chunk)).await.is_err() {
                             return;
                         }
@@ -342,15 +327,10 @@ impl Drop for OutputReader {
 }
 
 /// Accepts one connection on a console socket and receives the pty master libcontainer sends.
-pub async fn receive_pty_master(
-    listener: tokio::net::UnixListener,
-) -> Result<OwnedFd, StdioError> {
+pub async fn receive_pty_master(listener: tokio::net::UnixListener) -> Result<OwnedFd, StdioError> {
     let (stream, _) = listener.accept().await.map_err(StdioError::ConsoleSocket)?;
     loop {
-        stream
-            .readable()
-            .await
-            .map_err(StdioError::ConsoleSocket)?;
+        stream.readable().await.map_err(StdioError::ConsoleSocket)?;
         match stream.try_io(Interest::READABLE, || recv_fd(stream.as_raw_fd())) {
             Ok(fd) => return Ok(fd),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
