@@ -1,0 +1,342 @@
+//! The agent as PID 1 of a real VM: QEMU (TCG, microvm) boots the guest kernel with the
+//! agent's initramfs, vhost-device-vsock carries the gRPC connection (Firecracker-style hybrid
+//! vsock socket) and virtiofsd shares a busybox layer for the container rootfs.
+//!
+//! Artefacts: PODVISOR_KERNEL (default build/vmlinux) and PODVISOR_INITRAMFS (default
+//! build/initramfs.cpio, made by guest-agent/mkinitramfs.sh build), qemu-system-x86_64,
+//! vhost-device-vsock and virtiofsd (PATH or ~/.cargo/bin). Skips when any is absent unless
+//! PODVISOR_REQUIRE_E2E=1.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use podvisor_proto::agent::agent_client::AgentClient;
+use podvisor_proto::agent::{
+    ContainerRef, CreateContainerRequest, CreateSandboxRequest, Empty, ExecProcessRequest,
+    PingRequest, ProcessRef, RemoveContainerRequest, Rootfs, StdioConfig,
+};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::{Channel, Endpoint};
+
+const BUSYBOX: &str = "/bin/busybox";
+
+fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+struct Artefacts {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    qemu: PathBuf,
+    vsock: PathBuf,
+    virtiofsd: PathBuf,
+}
+
+fn artefacts() -> Result<Artefacts, String> {
+    let file = |env: &str, default: &str| -> Result<PathBuf, String> {
+        let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| repo_path(default));
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!("{} is missing (set {env})", path.display()))
+        }
+    };
+    let tool = |name: &str| find_tool(name).ok_or_else(|| format!("{name} is not installed"));
+    if !nix::unistd::geteuid().is_root() {
+        return Err("not root".into());
+    }
+    if !Path::new(BUSYBOX).is_file() {
+        return Err(format!("{BUSYBOX} is missing"));
+    }
+    Ok(Artefacts {
+        kernel: file("PODVISOR_KERNEL", "build/vmlinux")?,
+        initramfs: file("PODVISOR_INITRAMFS", "build/initramfs.cpio")?,
+        qemu: tool("qemu-system-x86_64")?,
+        vsock: tool("vhost-device-vsock")?,
+        virtiofsd: tool("virtiofsd")?,
+    })
+}
+
+/// Kills the VM and its device back-ends when the test ends.
+struct Vm {
+    children: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Vm {
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+}
+
+async fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} did not appear", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn boot(a: &Artefacts) -> Vm {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    let layer = shared.join("busybox");
+    for d in ["bin", "proc", "dev", "sys", "tmp", "etc"] {
+        std::fs::create_dir_all(layer.join(d)).unwrap();
+    }
+    std::fs::copy(BUSYBOX, layer.join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "cat", "hostname", "sleep", "touch", "ls"] {
+        std::os::unix::fs::symlink("busybox", layer.join("bin").join(applet)).unwrap();
+    }
+    let mut vm = Vm { children: Vec::new(), dir };
+    let d = vm.dir.path().to_path_buf();
+    vm.children.push(
+        Command::new(&a.vsock)
+            .arg("--guest-cid=3")
+            .arg(format!("--socket={}", d.join("vhu.sock").display()))
+            .arg(format!("--uds-path={}", d.join("vm.vsock").display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    vm.children.push(
+        Command::new(&a.virtiofsd)
+            .arg(format!("--socket-path={}", d.join("vfs.sock").display()))
+            .arg(format!("--shared-dir={}", shared.display()))
+            .args(["--cache=always", "--readonly", "--sandbox=none"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&d.join("vhu.sock")).await;
+    wait_for(&d.join("vfs.sock")).await;
+    vm.children.push(
+        Command::new(&a.qemu)
+            .args([
+                "-M",
+                "microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on,memory-backend=mem",
+            ])
+            .args(["-accel", "tcg", "-cpu", "max", "-m", "256", "-smp", "1"])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+            .arg("-chardev")
+            .arg(format!("socket,id=vsk,path={}", d.join("vhu.sock").display()))
+            .args(["-device", "vhost-user-vsock-device,chardev=vsk"])
+            .arg("-chardev")
+            .arg(format!("socket,id=vfs,path={}", d.join("vfs.sock").display()))
+            .args(["-device", "vhost-user-fs-device,chardev=vfs,tag=podvisor"])
+            .arg("-chardev")
+            .arg(format!("file,id=ser,path={}", d.join("console.log").display()))
+            .args(["-serial", "chardev:ser"])
+            .arg("-kernel")
+            .arg(&a.kernel)
+            .arg("-initrd")
+            .arg(&a.initramfs)
+            .args(["-append", "console=ttyS0 reboot=t panic=-1 quiet"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    vm
+}
+
+/// Connects through the hybrid vsock socket: `CONNECT 1024\n` -> `OK <port>\n`.
+async fn hybrid_vsock(path: PathBuf) -> std::io::Result<tokio::net::UnixStream> {
+    let mut stream = tokio::net::UnixStream::connect(path).await?;
+    stream.write_all(format!("CONNECT {}\n", podvisor_proto::AGENT_VSOCK_PORT).as_bytes()).await?;
+    let mut line = Vec::new();
+    loop {
+        let byte = stream.read_u8().await?;
+        if byte == b'\n' {
+            break;
+        }
+        line.push(byte);
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            String::from_utf8_lossy(&line).into_owned(),
+        ));
+    }
+    Ok(stream)
+}
+
+async fn connect(vm: &Vm) -> AgentClient<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let path = vm.dir.path().join("vm.vsock");
+    loop {
+        let p = path.clone();
+        let channel = Endpoint::from_static("http://agent.invalid")
+            .connect_with_connector(tower::service_fn(move |_| {
+                let p = p.clone();
+                async move { hybrid_vsock(p).await.map(TokioIo::new) }
+            }))
+            .await;
+        if let Ok(channel) = channel {
+            let mut client = AgentClient::new(channel);
+            if client.ping(PingRequest {}).await.is_ok() {
+                return client;
+            }
+        }
+        assert!(Instant::now() < deadline, "agent did not answer; console:\n{}", vm.console());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn read_stdout(client: &mut AgentClient<Channel>, id: &str, exec_id: &str) -> String {
+    let mut stream = client
+        .read_output(ProcessRef { container_id: id.into(), exec_id: exec_id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        if chunk.stream == podvisor_proto::agent::OutputStream::Stdout as i32 {
+            out.extend_from_slice(&chunk.data);
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
+    let a = match artefacts() {
+        Ok(a) => a,
+        Err(why) if std::env::var("PODVISOR_REQUIRE_E2E").as_deref() == Ok("1") => {
+            panic!("guest-mode test cannot run: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipping: {why}");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let vm = boot(&a).await;
+    let mut client = connect(&vm).await;
+    eprintln!("agent answered after {:?}", started.elapsed());
+
+    client
+        .create_sandbox(CreateSandboxRequest {
+            sandbox_id: "sb".into(),
+            hostname: "guest-pod".into(),
+            dns_servers: vec!["10.96.0.10".into()],
+            mount_shared_fs: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let spec = json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": ["sh", "-c", "echo hello from the guest; hostname; touch /written && echo wrote; cat /proc/self/cgroup"],
+            "env": ["PATH=/bin"],
+            "cwd": "/"
+        },
+        "root": {"path": "rootfs"},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}
+        ],
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}]}
+    });
+    let id = "guest-c1";
+    let t = Instant::now();
+    client
+        .create_container(CreateContainerRequest {
+            container_id: id.into(),
+            oci_spec_json: spec.to_string().into_bytes(),
+            rootfs: Some(Rootfs { lower_dirs: vec!["busybox".into()], read_only: false }),
+            stdio: Some(StdioConfig::default()),
+        })
+        .await
+        .unwrap();
+    client.start_container(ContainerRef { container_id: id.into() }).await.unwrap();
+    let out = read_stdout(&mut client, id, "").await;
+    let status = client
+        .wait_process(ProcessRef { container_id: id.into(), exec_id: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!("container ran in {:?}: {out:?}", t.elapsed());
+    assert_eq!(status.exit_code, 0, "{out}");
+    assert!(out.starts_with("hello from the guest\nguest-pod\nwrote\n"), "{out}");
+    assert!(out.contains("0::/podvisor/guest-c1"), "{out}");
+
+    // Exec needs a running container.
+    let id2 = "guest-c2";
+    let mut sleeper = spec.clone();
+    sleeper["process"]["args"] = json!(["sleep", "1000"]);
+    client
+        .create_container(CreateContainerRequest {
+            container_id: id2.into(),
+            oci_spec_json: sleeper.to_string().into_bytes(),
+            rootfs: Some(Rootfs { lower_dirs: vec!["busybox".into()], read_only: true }),
+            stdio: Some(StdioConfig::default()),
+        })
+        .await
+        .unwrap();
+    client.start_container(ContainerRef { container_id: id2.into() }).await.unwrap();
+    client
+        .exec_process(ExecProcessRequest {
+            container_id: id2.into(),
+            exec_id: "e1".into(),
+            oci_process_json: json!({"args": ["sh", "-c", "echo exec ok; touch /x || exit 7"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}})
+                .to_string()
+                .into_bytes(),
+            stdio: Some(StdioConfig::default()),
+        })
+        .await
+        .unwrap();
+    assert_eq!(read_stdout(&mut client, id2, "e1").await, "exec ok\n");
+    let status = client
+        .wait_process(ProcessRef { container_id: id2.into(), exec_id: "e1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.exit_code, 7);
+    client.remove_container(RemoveContainerRequest { container_id: id2.into() }).await.unwrap();
+
+    // Shutdown powers the VM off: QEMU exits (-no-reboot).
+    let _ = client.shutdown(Empty {}).await;
+    let mut vm = vm;
+    let qemu = vm.children.last_mut().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(_)) = qemu.try_wait() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "QEMU still running after Shutdown; console:\n{}",
+            vm.console()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("whole guest test took {:?}", started.elapsed());
+    eprintln!("guest console:\n{}", vm.console());
+}
