@@ -18,7 +18,7 @@ pub mod unpack;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -443,6 +443,12 @@ impl ImageStore {
             std::fs::create_dir_all(&path)
                 .map_err(|source| Error::CreateDir { path: path.clone(), source })?;
         }
+        // Unpacked images hold set-id binaries owned by root: keep host users out.
+        for private in ["rootfs", "tmp"] {
+            let path = dir.join(private);
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                .map_err(|source| Error::CreateDir { path, source })?;
+        }
         // Nothing under tmp/ was ever trusted.
         let tmp = dir.join("tmp");
         let leftovers =
@@ -570,6 +576,15 @@ impl ImageStore {
 
     fn blob_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
         lock(&self.blob_locks).entry(digest.to_owned()).or_default().clone()
+    }
+
+    /// Drops the per-blob lock from the map once nobody else holds or waits for it.
+    fn release_blob_lock(&self, digest: &str, blob_lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut locks = lock(&self.blob_locks);
+        // One reference in the map, one here: nobody else is waiting.
+        if Arc::strong_count(&blob_lock) <= 2 {
+            locks.remove(digest);
+        }
     }
 
     /// All images.

@@ -359,19 +359,25 @@ impl ImageStore {
         let digest = descriptor.digest.as_str();
         let path = self.blob_path(digest)?;
         let blob_lock = self.blob_lock(digest);
-        let _one_download = blob_lock.lock().await;
-        if path.exists() {
-            return Ok(path);
-        }
-        let temp = self.temp_path(&format!("blob-{}", digest_hex(digest)?));
-        let result = self.download_blob(client, reference, target, descriptor, &temp, &path).await;
-        if result.is_err() {
-            // Best effort: tmp/ is emptied on the next open anyway.
-            let _ = tokio::fs::remove_file(&temp).await;
-        }
-        result?;
-        self.blobs_downloaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(path)
+        let result = {
+            let _one_download = blob_lock.lock().await;
+            if path.exists() {
+                Ok(())
+            } else {
+                let temp = self.temp_path(&format!("blob-{}", digest_hex(digest)?));
+                let result =
+                    self.download_blob(client, reference, target, descriptor, &temp, &path).await;
+                if result.is_err() {
+                    // Best effort: tmp/ is emptied on the next open anyway.
+                    let _ = tokio::fs::remove_file(&temp).await;
+                } else {
+                    self.blobs_downloaded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                result
+            }
+        };
+        self.release_blob_lock(digest, blob_lock);
+        result.map(|()| path)
     }
 
     async fn download_blob(
