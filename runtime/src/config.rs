@@ -114,7 +114,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_CONFIG_PATH) => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && path == Path::new(DEFAULT_CONFIG_PATH) =>
+            {
                 return Ok(Self::default())
             }
             Err(source) => return Err(ConfigError::Read { path: path.to_path_buf(), source }),
@@ -162,7 +165,9 @@ fn guest_artefact(configured: &Path, name: &str) -> PathBuf {
     if !configured.as_os_str().is_empty() {
         return configured.to_path_buf();
     }
-    if let Some(dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
+    if let Some(dir) =
+        std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
         let beside = dir.join(name);
         if beside.exists() {
             return beside;

@@ -166,17 +166,20 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     match std::fs::remove_file(&config.listen) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing stale socket {}", config.listen.display()))
+            return Err(e)
+                .with_context(|| format!("removing stale socket {}", config.listen.display()))
         }
         _ => {}
     }
-    let listener = UnixListener::bind(&config.listen).with_context(|| format!("listening on {}", config.listen.display()))?;
+    let listener = UnixListener::bind(&config.listen)
+        .with_context(|| format!("listening on {}", config.listen.display()))?;
     info!(socket = %config.listen.display(), root = %config.root.display(), state = %config.state.display(), "podvisor serving CRI runtime.v1");
 
     let runtime_service = cri::runtime::RuntimeServiceImpl::new(manager.clone(), backend_reason);
     let image_service = image_store.cri_service();
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
@@ -185,7 +188,9 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         info!("shutting down; pod VMs keep running");
     };
     tonic::transport::Server::builder()
-        .add_service(k8s_cri::v1::runtime_service_server::RuntimeServiceServer::new(runtime_service))
+        .add_service(k8s_cri::v1::runtime_service_server::RuntimeServiceServer::new(
+            runtime_service,
+        ))
         .add_service(k8s_cri::v1::image_service_server::ImageServiceServer::new(image_service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await

@@ -26,7 +26,8 @@ pub async fn wait_for_exit(process: &VmProcess) {
         return;
     }
     // SAFETY: the AsyncFd owns the pidfd, so it stays open for as long as it is registered.
-    let registered = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) };
+    let registered =
+        unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) };
     match registered {
         Ok(async_fd) => {
             let _ = async_fd.readable().await;
@@ -48,7 +49,8 @@ mod tests {
     async fn notices_exit_of_a_process() {
         let mut child = std::process::Command::new("sleep").arg("0.3").spawn().unwrap();
         let pid = child.id() as i32;
-        let p = VmProcess { name: "sleep".into(), pid, start_time: process_start_time(pid).unwrap() };
+        let p =
+            VmProcess { name: "sleep".into(), pid, start_time: process_start_time(pid).unwrap() };
         let reaper = std::thread::spawn(move || child.wait());
         tokio::time::timeout(Duration::from_secs(5), wait_for_exit(&p)).await.unwrap();
         reaper.join().unwrap().unwrap();

@@ -34,7 +34,10 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError
     let data = serde_json::to_vec_pretty(value)
         .map_err(|source| StoreError::Encode { path: path.into(), source })?;
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    // Unique per write: concurrent writers in one process must not share a temporary file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{file_name}.tmp-{}-{seq}", std::process::id()));
     let write = |tmp: &Path| -> std::io::Result<()> {
         let mut f = File::create(tmp)?;
         f.write_all(&data)?;

@@ -36,7 +36,11 @@ pub fn e2e_missing() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {
         return Some("end-to-end tests need root (mounts, VMs)".into());
     }
-    for (what, path) in [("daemon", podvisor_bin()), ("guest kernel", guest_kernel()), ("guest initramfs", guest_initrd())] {
+    for (what, path) in [
+        ("daemon", podvisor_bin()),
+        ("guest kernel", guest_kernel()),
+        ("guest initramfs", guest_initrd()),
+    ] {
         if !path.exists() {
             return Some(format!("{what} {} not built (run `make test`)", path.display()));
         }
@@ -72,7 +76,10 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Starts a daemon; `extra_config` is appended to its TOML config.
     pub async fn start(extra_config: &str) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("podvisor-e2e-").tempdir_in("/var/tmp").context("tempdir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("podvisor-e2e-")
+            .tempdir_in("/var/tmp")
+            .context("tempdir")?;
         let mut daemon = Self { dir, child: None, extra_config: extra_config.to_string() };
         daemon.spawn().await?;
         Ok(daemon)
@@ -161,7 +168,11 @@ impl TestDaemon {
         let channel = Endpoint::try_from("http://[::]:50051")?
             .connect_with_connector(tower::service_fn(move |_: Uri| {
                 let socket = socket.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
             }))
             .await?;
         Ok(channel)
@@ -176,15 +187,16 @@ impl TestDaemon {
     }
 
     /// Host processes whose command line mentions this daemon's state directory (QEMU,
-    /// vhost-device-vsock, virtiofsd of its VMs).
+    /// vhost-device-vsock, virtiofsd of its VMs), other than the daemon itself.
     pub fn vm_processes(&self) -> Vec<(i32, String)> {
         let needle = self.state().display().to_string();
+        let daemon = format!("{} daemon ", podvisor_bin().display());
         let mut found = Vec::new();
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
             let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(&needle) {
+            if cmdline.contains(&needle) && !cmdline.starts_with(&daemon) {
                 found.push((pid, cmdline));
             }
         }
@@ -207,13 +219,23 @@ impl TestDaemon {
     pub fn assert_nothing_left(&self) {
         assert!(self.vm_processes().is_empty(), "VM processes left: {:?}", self.vm_processes());
         assert!(self.mounts().is_empty(), "mounts left: {:?}", self.mounts());
-        let leftovers: Vec<PathBuf> = ["sandboxes"]
+        let leftovers: Vec<PathBuf> = ["sandboxes", "vms"]
             .iter()
-            .flat_map(|d| std::fs::read_dir(self.state().join(d)).into_iter().flatten().flatten().map(|e| e.path()))
+            .flat_map(|d| {
+                std::fs::read_dir(self.state().join(d))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path())
+            })
             .collect();
         assert!(leftovers.is_empty(), "state left: {leftovers:?}");
-        let records: Vec<PathBuf> =
-            std::fs::read_dir(self.root().join("sandboxes")).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        let records: Vec<PathBuf> = std::fs::read_dir(self.root().join("sandboxes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         assert!(records.is_empty(), "records left: {records:?}");
     }
 }
@@ -223,7 +245,10 @@ impl Drop for TestDaemon {
         self.kill();
         // A failed test must not leave VMs or mounts behind on the machine.
         for (pid, _) in self.vm_processes() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         let mut mounts = self.mounts();
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));

@@ -10,18 +10,28 @@ use podvisor_e2e::registry::TestRegistry;
 async fn pull(daemon: &TestDaemon, image: &str) -> String {
     let mut images = daemon.images().await.unwrap();
     images
-        .pull_image(cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }), ..Default::default() })
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
+            ..Default::default()
+        })
         .await
         .unwrap_or_else(|e| panic!("pull {image}: {e}\n{}", daemon.log_tail()))
         .into_inner()
         .image_ref
 }
 
-async fn run_pod(daemon: &TestDaemon, name: &str, log_dir: &std::path::Path) -> (String, cri::PodSandboxConfig) {
+async fn run_pod(
+    daemon: &TestDaemon,
+    name: &str,
+    log_dir: &std::path::Path,
+) -> (String, cri::PodSandboxConfig) {
     let config = pod_config(name, log_dir);
     let mut rt = daemon.runtime().await.unwrap();
     let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(config.clone()), runtime_handler: String::new() })
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
         .await
         .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", daemon.log_tail()))
         .into_inner()
@@ -62,17 +72,28 @@ async fn container_status(daemon: &TestDaemon, id: &str) -> cri::ContainerStatus
         .unwrap()
 }
 
-async fn exec(daemon: &TestDaemon, id: &str, cmd: &[&str], timeout: i64) -> Result<cri::ExecSyncResponse, tonic::Status> {
+async fn exec(
+    daemon: &TestDaemon,
+    id: &str,
+    cmd: &[&str],
+    timeout: i64,
+) -> Result<cri::ExecSyncResponse, tonic::Status> {
     let mut rt = daemon.runtime().await.unwrap();
-    rt.exec_sync(cri::ExecSyncRequest { container_id: id.into(), cmd: cmd.iter().map(|s| s.to_string()).collect(), timeout })
-        .await
-        .map(|r| r.into_inner())
+    rt.exec_sync(cri::ExecSyncRequest {
+        container_id: id.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        timeout,
+    })
+    .await
+    .map(|r| r.into_inner())
 }
 
 async fn remove_pod(daemon: &TestDaemon, id: &str) {
     let mut rt = daemon.runtime().await.unwrap();
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.into() }).await.unwrap();
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() }).await.unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() })
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +123,10 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
 
     // A second pod with the same name/namespace/attempt is refused.
     let dup = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(pod_cfg.clone()), runtime_handler: String::new() })
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_cfg.clone()),
+            runtime_handler: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(dup.code(), tonic::Code::AlreadyExists, "{dup}");
@@ -120,8 +144,15 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
     assert!(missing.message().contains("nothing:here"), "{missing}");
 
     // The container ignores SIGTERM, so StopContainer must escalate to SIGKILL.
-    let script = "trap '' TERM; echo hello-from-pod; echo to-stderr >&2; while true; do sleep 1; done";
-    let cid = create_and_start(&daemon, &pod, &pod_cfg, container_config("app", &image, &["/bin/sh", "-c", script])).await;
+    let script =
+        "trap '' TERM; echo hello-from-pod; echo to-stderr >&2; while true; do sleep 1; done";
+    let cid = create_and_start(
+        &daemon,
+        &pod,
+        &pod_cfg,
+        container_config("app", &image, &["/bin/sh", "-c", script]),
+    )
+    .await;
     let st = container_status(&daemon, &cid).await;
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
     assert!(st.started_at > 0);
@@ -145,7 +176,8 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
         let log = log.clone();
         async move {
             let t = std::fs::read_to_string(&log).unwrap_or_default();
-            (t.contains(" stdout F hello-from-pod") && t.contains(" stderr F to-stderr")).then_some(t)
+            (t.contains(" stdout F hello-from-pod") && t.contains(" stderr F to-stderr"))
+                .then_some(t)
         }
     })
     .await
@@ -158,7 +190,9 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
         .list_containers(cri::ListContainersRequest {
             filter: Some(cri::ContainerFilter {
                 pod_sandbox_id: pod.clone(),
-                state: Some(cri::ContainerStateValue { state: cri::ContainerState::ContainerRunning as i32 }),
+                state: Some(cri::ContainerStateValue {
+                    state: cri::ContainerState::ContainerRunning as i32,
+                }),
                 ..Default::default()
             }),
         })
@@ -169,18 +203,31 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
     assert_eq!(filtered.len(), 1);
 
     let stop_started = Instant::now();
-    rt.stop_container(cri::StopContainerRequest { container_id: cid.clone(), timeout: 2 }).await.unwrap();
+    rt.stop_container(cri::StopContainerRequest { container_id: cid.clone(), timeout: 2 })
+        .await
+        .unwrap();
     let stop_took = stop_started.elapsed();
-    assert!(stop_took >= Duration::from_secs(2), "SIGTERM was ignored, so stop must wait the timeout: {stop_took:?}");
+    assert!(
+        stop_took >= Duration::from_secs(2),
+        "SIGTERM was ignored, so stop must wait the timeout: {stop_took:?}"
+    );
     let st = container_status(&daemon, &cid).await;
     assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
     assert_eq!(st.exit_code, 137, "killed by SIGKILL");
     assert!(st.finished_at >= st.started_at);
     // Stopping again is fine.
-    rt.stop_container(cri::StopContainerRequest { container_id: cid.clone(), timeout: 2 }).await.unwrap();
+    rt.stop_container(cri::StopContainerRequest { container_id: cid.clone(), timeout: 2 })
+        .await
+        .unwrap();
 
     // A container that exits by itself reports its code.
-    let quick = create_and_start(&daemon, &pod, &pod_cfg, container_config("quick", &image, &["/bin/sh", "-c", "exit 7"])).await;
+    let quick = create_and_start(
+        &daemon,
+        &pod,
+        &pod_cfg,
+        container_config("quick", &image, &["/bin/sh", "-c", "exit 7"]),
+    )
+    .await;
     let code = wait_for(Duration::from_secs(20), || {
         let daemon = &daemon;
         let quick = quick.clone();
@@ -194,13 +241,21 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
 
     rt.remove_container(cri::RemoveContainerRequest { container_id: cid.clone() }).await.unwrap();
     rt.remove_container(cri::RemoveContainerRequest { container_id: cid.clone() }).await.unwrap();
-    let gone = rt.container_status(cri::ContainerStatusRequest { container_id: cid.clone(), verbose: false }).await.unwrap_err();
+    let gone = rt
+        .container_status(cri::ContainerStatusRequest { container_id: cid.clone(), verbose: false })
+        .await
+        .unwrap_err();
     assert_eq!(gone.code(), tonic::Code::NotFound);
 
     remove_pod(&daemon, &pod).await;
     // Idempotent, and unknown ids are not errors either.
     remove_pod(&daemon, &pod).await;
-    let pods = rt.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap().into_inner().items;
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
     assert!(pods.is_empty());
     daemon.assert_nothing_left();
 }
@@ -215,7 +270,8 @@ async fn two_pods_run_in_parallel() {
     let daemon = TestDaemon::start("").await.unwrap();
     pull(&daemon, &image).await;
     let log_dir = daemon.dir.path().join("logs");
-    let ((a, a_cfg), (b, b_cfg)) = tokio::join!(run_pod(&daemon, "pod-a", &log_dir), run_pod(&daemon, "pod-b", &log_dir));
+    let ((a, a_cfg), (b, b_cfg)) =
+        tokio::join!(run_pod(&daemon, "pod-a", &log_dir), run_pod(&daemon, "pod-b", &log_dir));
     assert_ne!(a, b);
     let cmd = ["/bin/sh", "-c", "echo up; sleep 3600"];
     let (ca, cb) = tokio::join!(
@@ -223,7 +279,8 @@ async fn two_pods_run_in_parallel() {
         create_and_start(&daemon, &b, &b_cfg, container_config("c", &image, &cmd))
     );
     // Each pod is its own VM: hostnames differ, and a file written in one is not in the other.
-    let (ha, hb) = tokio::join!(exec(&daemon, &ca, &["hostname"], 10), exec(&daemon, &cb, &["hostname"], 10));
+    let (ha, hb) =
+        tokio::join!(exec(&daemon, &ca, &["hostname"], 10), exec(&daemon, &cb, &["hostname"], 10));
     assert_eq!(String::from_utf8_lossy(&ha.unwrap().stdout).trim(), "pod-a");
     assert_eq!(String::from_utf8_lossy(&hb.unwrap().stdout).trim(), "pod-b");
     exec(&daemon, &ca, &["sh", "-c", "echo secret > /tmp/mark"], 10).await.unwrap();
@@ -261,7 +318,13 @@ async fn daemon_restart_keeps_pods_running() {
     let log_dir = daemon.dir.path().join("logs");
     let (pod, pod_cfg) = run_pod(&daemon, "survivor", &log_dir).await;
     let script = "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.5; done";
-    let cid = create_and_start(&daemon, &pod, &pod_cfg, container_config("ticker", &image, &["/bin/sh", "-c", script])).await;
+    let cid = create_and_start(
+        &daemon,
+        &pod,
+        &pod_cfg,
+        container_config("ticker", &image, &["/bin/sh", "-c", script]),
+    )
+    .await;
     exec(&daemon, &cid, &["sh", "-c", "echo kept > /tmp/state"], 10).await.unwrap();
 
     // A crash of the daemon does not take the pod down.
@@ -270,7 +333,12 @@ async fn daemon_restart_keeps_pods_running() {
     daemon.restart().await.unwrap();
 
     let mut rt = daemon.runtime().await.unwrap();
-    let pods = rt.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap().into_inner().items;
+    let pods = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
     assert_eq!(pods.len(), 1);
     assert_eq!(pods[0].state, cri::PodSandboxState::SandboxReady as i32);
     let st = container_status(&daemon, &cid).await;
@@ -283,7 +351,10 @@ async fn daemon_restart_keeps_pods_running() {
     let before = std::fs::read_to_string(&log).unwrap_or_default().lines().count();
     let grew = wait_for(Duration::from_secs(20), || {
         let log = log.clone();
-        async move { (std::fs::read_to_string(&log).unwrap_or_default().lines().count() > before + 2).then_some(()) }
+        async move {
+            (std::fs::read_to_string(&log).unwrap_or_default().lines().count() > before + 2)
+                .then_some(())
+        }
     })
     .await;
     assert!(grew.is_some(), "log did not grow after restart:\n{}", daemon.log_tail());
@@ -305,23 +376,51 @@ async fn bad_requests_get_clear_errors() {
             Err(e) => e.code(),
         }
     }
-    assert_eq!(code(rt.run_pod_sandbox(cri::RunPodSandboxRequest::default()).await.map(|_| ())), tonic::Code::InvalidArgument);
+    assert_eq!(
+        code(rt.run_pod_sandbox(cri::RunPodSandboxRequest::default()).await.map(|_| ())),
+        tonic::Code::InvalidArgument
+    );
     let mut no_name = pod_config("x", daemon.dir.path());
     no_name.metadata.as_mut().unwrap().name.clear();
     assert_eq!(
-        code(rt.run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(no_name), ..Default::default() }).await.map(|_| ())),
+        code(
+            rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(no_name),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+        ),
         tonic::Code::InvalidArgument
     );
     assert_eq!(
-        code(rt.pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: "nope".into(), verbose: false }).await.map(|_| ())),
+        code(
+            rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: "nope".into(),
+                verbose: false
+            })
+            .await
+            .map(|_| ())
+        ),
         tonic::Code::NotFound
     );
     assert_eq!(
-        code(rt.container_status(cri::ContainerStatusRequest { container_id: "nope".into(), verbose: false }).await.map(|_| ())),
+        code(
+            rt.container_status(cri::ContainerStatusRequest {
+                container_id: "nope".into(),
+                verbose: false
+            })
+            .await
+            .map(|_| ())
+        ),
         tonic::Code::NotFound
     );
     assert_eq!(
-        code(rt.start_container(cri::StartContainerRequest { container_id: "nope".into() }).await.map(|_| ())),
+        code(
+            rt.start_container(cri::StartContainerRequest { container_id: "nope".into() })
+                .await
+                .map(|_| ())
+        ),
         tonic::Code::NotFound
     );
     assert_eq!(
@@ -337,12 +436,51 @@ async fn bad_requests_get_clear_errors() {
         tonic::Code::NotFound
     );
     // Stopping and removing what does not exist is not an error (kubelet retries these).
-    assert_eq!(code(rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: "nope".into() }).await.map(|_| ())), tonic::Code::Ok);
-    assert_eq!(code(rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: "nope".into() }).await.map(|_| ())), tonic::Code::Ok);
-    assert_eq!(code(rt.stop_container(cri::StopContainerRequest { container_id: "nope".into(), timeout: 1 }).await.map(|_| ())), tonic::Code::Ok);
-    assert_eq!(code(rt.remove_container(cri::RemoveContainerRequest { container_id: "nope".into() }).await.map(|_| ())), tonic::Code::Ok);
     assert_eq!(
-        code(rt.exec_sync(cri::ExecSyncRequest { container_id: "nope".into(), cmd: vec!["true".into()], timeout: 1 }).await.map(|_| ())),
+        code(
+            rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: "nope".into() })
+                .await
+                .map(|_| ())
+        ),
+        tonic::Code::Ok
+    );
+    assert_eq!(
+        code(
+            rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: "nope".into() })
+                .await
+                .map(|_| ())
+        ),
+        tonic::Code::Ok
+    );
+    assert_eq!(
+        code(
+            rt.stop_container(cri::StopContainerRequest {
+                container_id: "nope".into(),
+                timeout: 1
+            })
+            .await
+            .map(|_| ())
+        ),
+        tonic::Code::Ok
+    );
+    assert_eq!(
+        code(
+            rt.remove_container(cri::RemoveContainerRequest { container_id: "nope".into() })
+                .await
+                .map(|_| ())
+        ),
+        tonic::Code::Ok
+    );
+    assert_eq!(
+        code(
+            rt.exec_sync(cri::ExecSyncRequest {
+                container_id: "nope".into(),
+                cmd: vec!["true".into()],
+                timeout: 1
+            })
+            .await
+            .map(|_| ())
+        ),
         tonic::Code::NotFound
     );
     // The daemon is still serving.

@@ -8,8 +8,8 @@ use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
 use crate::sandbox::{
-    container::ContainerRequest, ContainerRecord, ContainerState, DnsSettings, PodMetadata, SandboxManager,
-    SandboxRecord, SandboxRequest, SandboxState,
+    container::ContainerRequest, ContainerRecord, ContainerState, DnsSettings, PodMetadata,
+    SandboxManager, SandboxRecord, SandboxRequest, SandboxState,
 };
 
 pub const RUNTIME_NAME: &str = "podvisor";
@@ -128,31 +128,54 @@ impl RuntimeService for RuntimeServiceImpl {
         }))
     }
 
-    async fn run_pod_sandbox(&self, req: Request<cri::RunPodSandboxRequest>) -> CriResult<cri::RunPodSandboxResponse> {
+    async fn run_pod_sandbox(
+        &self,
+        req: Request<cri::RunPodSandboxRequest>,
+    ) -> CriResult<cri::RunPodSandboxResponse> {
         let req = req.into_inner();
         let config = req.config.ok_or_else(|| Status::invalid_argument("config is required"))?;
-        let meta = config.metadata.ok_or_else(|| Status::invalid_argument("config.metadata is required"))?;
+        let meta = config
+            .metadata
+            .ok_or_else(|| Status::invalid_argument("config.metadata is required"))?;
         if meta.name.is_empty() || meta.namespace.is_empty() {
-            return Err(Status::invalid_argument("metadata.name and metadata.namespace are required"));
+            return Err(Status::invalid_argument(
+                "metadata.name and metadata.namespace are required",
+            ));
         }
         let linux = config.linux.unwrap_or_default();
-        let ns = linux.security_context.as_ref().and_then(|s| s.namespace_options.clone()).unwrap_or_default();
+        let ns = linux
+            .security_context
+            .as_ref()
+            .and_then(|s| s.namespace_options.clone())
+            .unwrap_or_default();
         if ns.network == cri::NamespaceMode::Node as i32 {
             // Host networking would put the pod on the node's network stack, outside its VM.
-            return Err(Status::invalid_argument("host network pods are not supported by a VM runtime"));
+            return Err(Status::invalid_argument(
+                "host network pods are not supported by a VM runtime",
+            ));
         }
         let dns = config.dns_config.unwrap_or_default();
-        let hostname = if config.hostname.is_empty() { meta.name.clone() } else { config.hostname.clone() };
+        let hostname =
+            if config.hostname.is_empty() { meta.name.clone() } else { config.hostname.clone() };
         let id = self
             .manager
             .run_sandbox(SandboxRequest {
-                metadata: PodMetadata { name: meta.name, uid: meta.uid, namespace: meta.namespace, attempt: meta.attempt },
+                metadata: PodMetadata {
+                    name: meta.name,
+                    uid: meta.uid,
+                    namespace: meta.namespace,
+                    attempt: meta.attempt,
+                },
                 labels: config.labels,
                 annotations: config.annotations,
                 log_directory: config.log_directory,
                 hostname,
                 runtime_handler: req.runtime_handler,
-                dns: DnsSettings { servers: dns.servers, searches: dns.searches, options: dns.options },
+                dns: DnsSettings {
+                    servers: dns.servers,
+                    searches: dns.searches,
+                    options: dns.options,
+                },
                 network_mode: ns.network,
                 pid_mode: ns.pid,
                 ipc_mode: ns.ipc,
@@ -162,7 +185,10 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id: id }))
     }
 
-    async fn stop_pod_sandbox(&self, req: Request<cri::StopPodSandboxRequest>) -> CriResult<cri::StopPodSandboxResponse> {
+    async fn stop_pod_sandbox(
+        &self,
+        req: Request<cri::StopPodSandboxRequest>,
+    ) -> CriResult<cri::StopPodSandboxResponse> {
         let id = req.into_inner().pod_sandbox_id;
         if id.is_empty() {
             return Err(Status::invalid_argument("pod_sandbox_id is required"));
@@ -171,7 +197,10 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
-    async fn remove_pod_sandbox(&self, req: Request<cri::RemovePodSandboxRequest>) -> CriResult<cri::RemovePodSandboxResponse> {
+    async fn remove_pod_sandbox(
+        &self,
+        req: Request<cri::RemovePodSandboxRequest>,
+    ) -> CriResult<cri::RemovePodSandboxResponse> {
         let id = req.into_inner().pod_sandbox_id;
         if id.is_empty() {
             return Err(Status::invalid_argument("pod_sandbox_id is required"));
@@ -180,7 +209,10 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
 
-    async fn pod_sandbox_status(&self, req: Request<cri::PodSandboxStatusRequest>) -> CriResult<cri::PodSandboxStatusResponse> {
+    async fn pod_sandbox_status(
+        &self,
+        req: Request<cri::PodSandboxStatusRequest>,
+    ) -> CriResult<cri::PodSandboxStatusResponse> {
         let req = req.into_inner();
         let rec = self.manager.sandbox(&req.pod_sandbox_id)?;
         let mut info = HashMap::new();
@@ -209,7 +241,10 @@ impl RuntimeService for RuntimeServiceImpl {
         }))
     }
 
-    async fn list_pod_sandbox(&self, req: Request<cri::ListPodSandboxRequest>) -> CriResult<cri::ListPodSandboxResponse> {
+    async fn list_pod_sandbox(
+        &self,
+        req: Request<cri::ListPodSandboxRequest>,
+    ) -> CriResult<cri::ListPodSandboxResponse> {
         let filter = req.into_inner().filter.unwrap_or_default();
         let items = self
             .manager
@@ -231,7 +266,10 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::ListPodSandboxResponse { items }))
     }
 
-    async fn create_container(&self, req: Request<cri::CreateContainerRequest>) -> CriResult<cri::CreateContainerResponse> {
+    async fn create_container(
+        &self,
+        req: Request<cri::CreateContainerRequest>,
+    ) -> CriResult<cri::CreateContainerResponse> {
         let req = req.into_inner();
         if req.pod_sandbox_id.is_empty() {
             return Err(Status::invalid_argument("pod_sandbox_id is required"));
@@ -247,12 +285,18 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::CreateContainerResponse { container_id: id }))
     }
 
-    async fn start_container(&self, req: Request<cri::StartContainerRequest>) -> CriResult<cri::StartContainerResponse> {
+    async fn start_container(
+        &self,
+        req: Request<cri::StartContainerRequest>,
+    ) -> CriResult<cri::StartContainerResponse> {
         self.manager.start_container(&req.into_inner().container_id).await?;
         Ok(Response::new(cri::StartContainerResponse {}))
     }
 
-    async fn stop_container(&self, req: Request<cri::StopContainerRequest>) -> CriResult<cri::StopContainerResponse> {
+    async fn stop_container(
+        &self,
+        req: Request<cri::StopContainerRequest>,
+    ) -> CriResult<cri::StopContainerResponse> {
         let req = req.into_inner();
         if req.container_id.is_empty() {
             return Err(Status::invalid_argument("container_id is required"));
@@ -261,7 +305,10 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::StopContainerResponse {}))
     }
 
-    async fn remove_container(&self, req: Request<cri::RemoveContainerRequest>) -> CriResult<cri::RemoveContainerResponse> {
+    async fn remove_container(
+        &self,
+        req: Request<cri::RemoveContainerRequest>,
+    ) -> CriResult<cri::RemoveContainerResponse> {
         let id = req.into_inner().container_id;
         if id.is_empty() {
             return Err(Status::invalid_argument("container_id is required"));
@@ -270,14 +317,19 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }
 
-    async fn list_containers(&self, req: Request<cri::ListContainersRequest>) -> CriResult<cri::ListContainersResponse> {
+    async fn list_containers(
+        &self,
+        req: Request<cri::ListContainersRequest>,
+    ) -> CriResult<cri::ListContainersResponse> {
         let filter = req.into_inner().filter.unwrap_or_default();
         let containers = self
             .manager
             .list_containers()
             .into_iter()
             .filter(|c| filter.id.is_empty() || c.id.starts_with(&filter.id))
-            .filter(|c| filter.pod_sandbox_id.is_empty() || c.sandbox_id.starts_with(&filter.pod_sandbox_id))
+            .filter(|c| {
+                filter.pod_sandbox_id.is_empty() || c.sandbox_id.starts_with(&filter.pod_sandbox_id)
+            })
             .filter(|c| filter.state.as_ref().is_none_or(|st| st.state == container_state(c.state)))
             .filter(|c| labels_match(&c.labels, &filter.label_selector))
             .map(|c| cri::Container {
@@ -296,7 +348,10 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::ListContainersResponse { containers }))
     }
 
-    async fn container_status(&self, req: Request<cri::ContainerStatusRequest>) -> CriResult<cri::ContainerStatusResponse> {
+    async fn container_status(
+        &self,
+        req: Request<cri::ContainerStatusRequest>,
+    ) -> CriResult<cri::ContainerStatusResponse> {
         let req = req.into_inner();
         let rec = self.manager.container(&req.container_id)?;
         let mut info = HashMap::new();
@@ -306,7 +361,10 @@ impl RuntimeService for RuntimeServiceImpl {
                 serde_json::json!({ "sandboxID": rec.sandbox_id, "pid": rec.pid, "process": serde_json::from_str::<serde_json::Value>(&rec.oci_process_json).ok() }).to_string(),
             );
         }
-        Ok(Response::new(cri::ContainerStatusResponse { status: Some(container_status(&rec)), info }))
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(container_status(&rec)),
+            info,
+        }))
     }
 
     async fn update_container_resources(
@@ -316,18 +374,28 @@ impl RuntimeService for RuntimeServiceImpl {
         Err(Status::unimplemented("UpdateContainerResources is not supported yet"))
     }
 
-    async fn reopen_container_log(&self, req: Request<cri::ReopenContainerLogRequest>) -> CriResult<cri::ReopenContainerLogResponse> {
+    async fn reopen_container_log(
+        &self,
+        req: Request<cri::ReopenContainerLogRequest>,
+    ) -> CriResult<cri::ReopenContainerLogResponse> {
         self.manager.reopen_container_log(&req.into_inner().container_id)?;
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
 
-    async fn exec_sync(&self, req: Request<cri::ExecSyncRequest>) -> CriResult<cri::ExecSyncResponse> {
+    async fn exec_sync(
+        &self,
+        req: Request<cri::ExecSyncRequest>,
+    ) -> CriResult<cri::ExecSyncResponse> {
         let req = req.into_inner();
         if req.container_id.is_empty() {
             return Err(Status::invalid_argument("container_id is required"));
         }
         let out = self.manager.exec_sync(&req.container_id, req.cmd, req.timeout).await?;
-        Ok(Response::new(cri::ExecSyncResponse { stdout: out.stdout, stderr: out.stderr, exit_code: out.exit_code }))
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout: out.stdout,
+            stderr: out.stderr,
+            exit_code: out.exit_code,
+        }))
     }
 
     async fn exec(&self, _req: Request<cri::ExecRequest>) -> CriResult<cri::ExecResponse> {
@@ -338,24 +406,34 @@ impl RuntimeService for RuntimeServiceImpl {
         Err(Status::unimplemented("Attach is not supported yet"))
     }
 
-    async fn port_forward(&self, _req: Request<cri::PortForwardRequest>) -> CriResult<cri::PortForwardResponse> {
+    async fn port_forward(
+        &self,
+        _req: Request<cri::PortForwardRequest>,
+    ) -> CriResult<cri::PortForwardResponse> {
         Err(Status::unimplemented("PortForward is not supported yet"))
     }
 
-    async fn container_stats(&self, req: Request<cri::ContainerStatsRequest>) -> CriResult<cri::ContainerStatsResponse> {
+    async fn container_stats(
+        &self,
+        req: Request<cri::ContainerStatsRequest>,
+    ) -> CriResult<cri::ContainerStatsResponse> {
         let id = req.into_inner().container_id;
         let rec = self.manager.container(&id)?;
         let s = self.manager.container_stats(&rec.id).await?;
         Ok(Response::new(cri::ContainerStatsResponse { stats: Some(to_cri_stats(&rec, &s)) }))
     }
 
-    async fn list_container_stats(&self, req: Request<cri::ListContainerStatsRequest>) -> CriResult<cri::ListContainerStatsResponse> {
+    async fn list_container_stats(
+        &self,
+        req: Request<cri::ListContainerStatsRequest>,
+    ) -> CriResult<cri::ListContainerStatsResponse> {
         let filter = req.into_inner().filter.unwrap_or_default();
         let mut stats = Vec::new();
         for c in self.manager.list_containers() {
             if c.state != ContainerState::Running
                 || !(filter.id.is_empty() || c.id.starts_with(&filter.id))
-                || !(filter.pod_sandbox_id.is_empty() || c.sandbox_id.starts_with(&filter.pod_sandbox_id))
+                || !(filter.pod_sandbox_id.is_empty()
+                    || c.sandbox_id.starts_with(&filter.pod_sandbox_id))
                 || !labels_match(&c.labels, &filter.label_selector)
             {
                 continue;
@@ -367,7 +445,10 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::ListContainerStatsResponse { stats }))
     }
 
-    async fn pod_sandbox_stats(&self, _req: Request<cri::PodSandboxStatsRequest>) -> CriResult<cri::PodSandboxStatsResponse> {
+    async fn pod_sandbox_stats(
+        &self,
+        _req: Request<cri::PodSandboxStatsRequest>,
+    ) -> CriResult<cri::PodSandboxStatsResponse> {
         Err(Status::unimplemented("PodSandboxStats is not supported yet"))
     }
 
@@ -378,19 +459,35 @@ impl RuntimeService for RuntimeServiceImpl {
         Err(Status::unimplemented("ListPodSandboxStats is not supported yet"))
     }
 
-    async fn update_runtime_config(&self, _req: Request<cri::UpdateRuntimeConfigRequest>) -> CriResult<cri::UpdateRuntimeConfigResponse> {
+    async fn update_runtime_config(
+        &self,
+        _req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> CriResult<cri::UpdateRuntimeConfigResponse> {
         // The only field is the pod CIDR, which matters once CNI networking exists.
         Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
     }
 
     async fn status(&self, req: Request<cri::StatusRequest>) -> CriResult<cri::StatusResponse> {
         let conditions = vec![
-            cri::RuntimeCondition { r#type: "RuntimeReady".into(), status: true, reason: String::new(), message: String::new() },
+            cri::RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: true,
+                reason: String::new(),
+                message: String::new(),
+            },
             cri::RuntimeCondition {
                 r#type: "NetworkReady".into(),
                 status: self.network_ready,
-                reason: if self.network_ready { String::new() } else { "NetworkPluginNotReady".into() },
-                message: if self.network_ready { String::new() } else { "CNI networking is not implemented yet: pods get no network interface".into() },
+                reason: if self.network_ready {
+                    String::new()
+                } else {
+                    "NetworkPluginNotReady".into()
+                },
+                message: if self.network_ready {
+                    String::new()
+                } else {
+                    "CNI networking is not implemented yet: pods get no network interface".into()
+                },
             },
         ];
         let mut info = HashMap::new();
@@ -401,37 +498,62 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),
             info,
-            runtime_handlers: vec![cri::RuntimeHandler { name: String::new(), features: Some(cri::RuntimeHandlerFeatures::default()) }],
+            runtime_handlers: vec![cri::RuntimeHandler {
+                name: String::new(),
+                features: Some(cri::RuntimeHandlerFeatures::default()),
+            }],
             features: Some(cri::RuntimeFeatures::default()),
         }))
     }
 
-    async fn checkpoint_container(&self, _req: Request<cri::CheckpointContainerRequest>) -> CriResult<cri::CheckpointContainerResponse> {
+    async fn checkpoint_container(
+        &self,
+        _req: Request<cri::CheckpointContainerRequest>,
+    ) -> CriResult<cri::CheckpointContainerResponse> {
         Err(Status::unimplemented("CheckpointContainer is not supported"))
     }
 
-    type GetContainerEventsStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
+    type GetContainerEventsStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>,
+    >;
 
-    async fn get_container_events(&self, _req: Request<cri::GetEventsRequest>) -> CriResult<Self::GetContainerEventsStream> {
+    async fn get_container_events(
+        &self,
+        _req: Request<cri::GetEventsRequest>,
+    ) -> CriResult<Self::GetContainerEventsStream> {
         Err(Status::unimplemented("GetContainerEvents is not supported yet"))
     }
 
-    async fn list_metric_descriptors(&self, _req: Request<cri::ListMetricDescriptorsRequest>) -> CriResult<cri::ListMetricDescriptorsResponse> {
+    async fn list_metric_descriptors(
+        &self,
+        _req: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> CriResult<cri::ListMetricDescriptorsResponse> {
         Ok(Response::new(cri::ListMetricDescriptorsResponse { descriptors: vec![] }))
     }
 
-    async fn list_pod_sandbox_metrics(&self, _req: Request<cri::ListPodSandboxMetricsRequest>) -> CriResult<cri::ListPodSandboxMetricsResponse> {
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _req: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> CriResult<cri::ListPodSandboxMetricsResponse> {
         Ok(Response::new(cri::ListPodSandboxMetricsResponse { pod_metrics: vec![] }))
     }
 
-    async fn runtime_config(&self, _req: Request<cri::RuntimeConfigRequest>) -> CriResult<cri::RuntimeConfigResponse> {
+    async fn runtime_config(
+        &self,
+        _req: Request<cri::RuntimeConfigRequest>,
+    ) -> CriResult<cri::RuntimeConfigResponse> {
         Ok(Response::new(cri::RuntimeConfigResponse {
-            linux: Some(cri::LinuxRuntimeConfiguration { cgroup_driver: cri::CgroupDriver::Cgroupfs as i32 }),
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
         }))
     }
 }
 
-fn to_cri_stats(c: &ContainerRecord, s: &podvisor_proto::agent::ContainerStatsResponse) -> cri::ContainerStats {
+fn to_cri_stats(
+    c: &ContainerRecord,
+    s: &podvisor_proto::agent::ContainerStatsResponse,
+) -> cri::ContainerStats {
     let attributes = cri::ContainerAttributes {
         id: c.id.clone(),
         metadata: Some(container_metadata(c)),

@@ -2,6 +2,7 @@
 //! same whichever backend runs the VM: the built-in rust-vmm VMM or QEMU. Both give the host a
 //! Firecracker-style hybrid-vsock unix socket to reach the guest agent (see [`vsock`]).
 
+pub mod builtin;
 pub mod qemu;
 pub mod vsock;
 
@@ -121,18 +122,13 @@ pub trait Hypervisor: Send + Sync {
 
     /// Removes what [`Hypervisor::start`] left on disk (the run directory). Call after stop.
     async fn cleanup(&self, vm: &VmHandle) -> Result<()> {
-        remove_dir_if_exists(&vm.run_dir).map_err(|source| HypervisorError::RunDir {
-            path: vm.run_dir.clone(),
-            source,
-        })
+        remove_dir_if_exists(&vm.run_dir)
+            .map_err(|source| HypervisorError::RunDir { path: vm.run_dir.clone(), source })
     }
 
     /// Whether the VMM process still runs.
     fn is_running(&self, vm: &VmHandle) -> bool {
-        vm.processes
-            .first()
-            .map(process_alive)
-            .unwrap_or(false)
+        vm.processes.first().map(process_alive).unwrap_or(false)
     }
 
     /// Adds a device to a running VM (hotplug). Backends without it say so.

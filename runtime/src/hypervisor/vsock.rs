@@ -32,5 +32,8 @@ pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream> {
         }
         answer.push(byte[0]);
     }
-    Err(HypervisorError::VsockRefused { port, answer: String::from_utf8_lossy(&answer).into_owned() })
+    Err(HypervisorError::VsockRefused {
+        port,
+        answer: String::from_utf8_lossy(&answer).into_owned(),
+    })
 }

@@ -38,17 +38,22 @@ impl SandboxManager {
         let _op = guard.lock().await;
         let sandbox = self.sandbox(&sandbox.id)?;
         if sandbox.state != SandboxState::Ready {
-            return Err(SandboxError::FailedPrecondition(format!("pod sandbox {} is not ready", sandbox.id)));
+            return Err(SandboxError::FailedPrecondition(format!(
+                "pod sandbox {} is not ready",
+                sandbox.id
+            )));
         }
         let meta = req.config.metadata.clone().unwrap_or_default();
         if meta.name.is_empty() {
-            return Err(SandboxError::InvalidArgument("container metadata.name is required".into()));
+            return Err(SandboxError::InvalidArgument(
+                "container metadata.name is required".into(),
+            ));
         }
-        if let Some(existing) = self
-            .list_containers()
-            .into_iter()
-            .find(|c| c.sandbox_id == sandbox.id && c.metadata.name == meta.name && c.metadata.attempt == meta.attempt)
-        {
+        if let Some(existing) = self.list_containers().into_iter().find(|c| {
+            c.sandbox_id == sandbox.id
+                && c.metadata.name == meta.name
+                && c.metadata.attempt == meta.attempt
+        }) {
             return Err(SandboxError::AlreadyExists(format!(
                 "container {} attempt {} already exists in pod sandbox {} as {}",
                 meta.name, meta.attempt, sandbox.id, existing.id
@@ -58,11 +63,10 @@ impl SandboxManager {
         if image_name.is_empty() {
             return Err(SandboxError::InvalidArgument("container image is required".into()));
         }
-        let image = self
-            .images
-            .resolve(&image_name)
-            .map_err(SandboxError::Image)?
-            .ok_or_else(|| SandboxError::NotFound(format!("image {image_name:?} not found: pull it first")))?;
+        let image =
+            self.images.resolve(&image_name).map_err(SandboxError::Image)?.ok_or_else(|| {
+                SandboxError::NotFound(format!("image {image_name:?} not found: pull it first"))
+            })?;
 
         let id = new_id();
         let share = self.share(&sandbox.id);
@@ -74,11 +78,16 @@ impl SandboxManager {
         let mut guest_mounts = Vec::new();
         for (n, m) in req.config.mounts.iter().enumerate() {
             if m.container_path.is_empty() || m.host_path.is_empty() {
-                return Err(SandboxError::InvalidArgument(format!("mount {n} needs container_path and host_path")));
+                return Err(SandboxError::InvalidArgument(format!(
+                    "mount {n} needs container_path and host_path"
+                )));
             }
             let host = std::path::Path::new(&m.host_path);
             if !host.exists() {
-                return Err(SandboxError::InvalidArgument(format!("mount source {} does not exist", m.host_path)));
+                return Err(SandboxError::InvalidArgument(format!(
+                    "mount source {} does not exist",
+                    m.host_path
+                )));
             }
             let rel = format!("volumes/{id}/{n}");
             let bound = match share.bind(host, &rel, m.readonly) {
@@ -101,7 +110,8 @@ impl SandboxManager {
             });
         }
 
-        let ctx = spec::SandboxContext { hostname: sandbox.hostname.clone(), pid_mode: sandbox.pid_mode };
+        let ctx =
+            spec::SandboxContext { hostname: sandbox.hostname.clone(), pid_mode: sandbox.pid_mode };
         let spec_json = match spec::build_spec(&req.config, &image.defaults, &ctx, &guest_mounts) {
             Ok(s) => s,
             Err(e) => {
@@ -168,8 +178,11 @@ impl SandboxManager {
             stop_signal: image.defaults.stop_signal.as_deref().map(parse_signal).unwrap_or(0),
             state: ContainerState::Created,
         };
-        self.save_container(&rec)?;
-        lock(&self.state).containers.insert(id.clone(), rec);
+        {
+            let mut st = lock(&self.state);
+            self.save_container(&rec)?;
+            st.containers.insert(id.clone(), rec);
+        }
         Ok(id)
     }
 
@@ -186,7 +199,9 @@ impl SandboxManager {
             )));
         }
         let mut agent = self.agent(&rec.sandbox_id, AGENT_TIMEOUT).await?;
-        if let Err(status) = agent.start_container(pb::ContainerRef { container_id: rec.id.clone() }).await {
+        if let Err(status) =
+            agent.start_container(pb::ContainerRef { container_id: rec.id.clone() }).await
+        {
             let _ = self.update_container(&rec.id, |c| {
                 c.state = ContainerState::Exited;
                 c.exit_code = 128;
@@ -238,10 +253,22 @@ impl SandboxManager {
         })
     }
 
-    async fn forward_output(self: Arc<Self>, sid: String, cid: String, writer: Option<Arc<logs::LogWriter>>) {
+    async fn forward_output(
+        self: Arc<Self>,
+        sid: String,
+        cid: String,
+        writer: Option<Arc<logs::LogWriter>>,
+    ) {
         loop {
             let stream = match self.agent(&sid, AGENT_TIMEOUT).await {
-                Ok(mut agent) => agent.read_output(pb::ProcessRef { container_id: cid.clone(), exec_id: String::new() }).await,
+                Ok(mut agent) => {
+                    agent
+                        .read_output(pb::ProcessRef {
+                            container_id: cid.clone(),
+                            exec_id: String::new(),
+                        })
+                        .await
+                }
                 Err(e) => Err(tonic::Status::unavailable(e.to_string())),
             };
             match stream {
@@ -251,7 +278,9 @@ impl SandboxManager {
                         match stream.message().await {
                             Ok(Some(chunk)) => {
                                 if let Some(w) = &writer {
-                                    if let Err(e) = w.write_chunk(chunk.stream as usize, &chunk.data) {
+                                    if let Err(e) =
+                                        w.write_chunk(chunk.stream as usize, &chunk.data)
+                                    {
                                         warn!(container = %cid, error = %e, "writing container log");
                                     }
                                 }
@@ -284,7 +313,14 @@ impl SandboxManager {
     async fn watch_exit(self: Arc<Self>, sid: String, cid: String) {
         loop {
             let waited = match self.agent(&sid, AGENT_TIMEOUT).await {
-                Ok(mut agent) => agent.wait_process(pb::ProcessRef { container_id: cid.clone(), exec_id: String::new() }).await,
+                Ok(mut agent) => {
+                    agent
+                        .wait_process(pb::ProcessRef {
+                            container_id: cid.clone(),
+                            exec_id: String::new(),
+                        })
+                        .await
+                }
                 Err(e) => Err(tonic::Status::unavailable(e.to_string())),
             };
             match waited {
@@ -309,7 +345,9 @@ impl SandboxManager {
             }
             c.state = ContainerState::Exited;
             c.exit_code = w.exit_code;
-            c.finished_at = if w.exited_at_unix_nanos > 0 { w.exited_at_unix_nanos } else { now_nanos() };
+            // The host's clock, not the guest's: the guest may have no RTC, and the exit is
+            // observed as it happens (the wait is a blocking stream).
+            c.finished_at = now_nanos();
             c.reason = if w.exit_code == 0 { "Completed" } else { "Error" }.into();
         });
         if let Err(e) = res {
@@ -335,17 +373,27 @@ impl SandboxManager {
         if timeout_seconds > 0 {
             let signal = if rec.stop_signal > 0 { rec.stop_signal } else { libc::SIGTERM };
             agent
-                .signal_process(pb::SignalProcessRequest { process: Some(process.clone()), signal, all: false })
+                .signal_process(pb::SignalProcessRequest {
+                    process: Some(process.clone()),
+                    signal,
+                    all: false,
+                })
                 .await
                 .map_err(|status| SandboxError::Agent { call: "SignalProcess", status })?;
             let wait = agent.wait_process(process.clone());
-            if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(timeout_seconds as u64), wait).await {
+            if let Ok(Ok(resp)) =
+                tokio::time::timeout(Duration::from_secs(timeout_seconds as u64), wait).await
+            {
                 self.record_exit(&rec.id, &resp.into_inner());
                 return Ok(());
             }
         }
         agent
-            .signal_process(pb::SignalProcessRequest { process: Some(process.clone()), signal: libc::SIGKILL, all: true })
+            .signal_process(pb::SignalProcessRequest {
+                process: Some(process.clone()),
+                signal: libc::SIGKILL,
+                all: true,
+            })
             .await
             .map_err(|status| SandboxError::Agent { call: "SignalProcess", status })?;
         match tokio::time::timeout(Duration::from_secs(10), agent.wait_process(process)).await {
@@ -354,7 +402,10 @@ impl SandboxManager {
                 Ok(())
             }
             Ok(Err(status)) => Err(SandboxError::Agent { call: "WaitProcess", status }),
-            Err(_) => Err(SandboxError::DeadlineExceeded(format!("container {} did not exit after SIGKILL", rec.id))),
+            Err(_) => Err(SandboxError::DeadlineExceeded(format!(
+                "container {} did not exit after SIGKILL",
+                rec.id
+            ))),
         }
     }
 
@@ -379,9 +430,12 @@ impl SandboxManager {
                 .map_err(|status| SandboxError::Agent { call: "RemoveContainer", status })?;
             self.share(&rec.sandbox_id).unbind(&format!("volumes/{}", rec.id))?;
         }
-        lock(&self.state).containers.remove(&rec.id);
+        {
+            let mut st = lock(&self.state);
+            st.containers.remove(&rec.id);
+            store::remove_path(&self.container_record_path(&rec.sandbox_id, &rec.id))?;
+        }
         lock(&self.log_writers).remove(&rec.id);
-        store::remove_path(&self.container_record_path(&rec.sandbox_id, &rec.id))?;
         drop(_op);
         lock(&self.container_locks).remove(&rec.id);
         Ok(())
@@ -389,16 +443,24 @@ impl SandboxManager {
 
     /// ExecSync: runs `cmd` in the container and returns its output and exit code.
     /// `timeout_seconds` 0 means no timeout.
-    pub async fn exec_sync(&self, id: &str, cmd: Vec<String>, timeout_seconds: i64) -> Result<ExecOutput> {
+    pub async fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout_seconds: i64,
+    ) -> Result<ExecOutput> {
         let rec = self.container(id)?;
         if rec.state != ContainerState::Running {
-            return Err(SandboxError::FailedPrecondition(format!("container {} is not running", rec.id)));
+            return Err(SandboxError::FailedPrecondition(format!(
+                "container {} is not running",
+                rec.id
+            )));
         }
         if cmd.is_empty() {
             return Err(SandboxError::InvalidArgument("exec needs a command".into()));
         }
-        let mut process: serde_json::Value =
-            serde_json::from_str(&rec.oci_process_json).unwrap_or_else(|_| serde_json::json!({"cwd": "/"}));
+        let mut process: serde_json::Value = serde_json::from_str(&rec.oci_process_json)
+            .unwrap_or_else(|_| serde_json::json!({"cwd": "/"}));
         process["args"] = serde_json::json!(cmd);
         process["terminal"] = serde_json::json!(false);
         let exec_id = uuid::Uuid::new_v4().simple().to_string();
@@ -424,10 +486,16 @@ impl SandboxManager {
                     .await
                     .map_err(|status| SandboxError::Agent { call: "ReadOutput", status })?
                     .into_inner();
-                while let Some(chunk) =
-                    stream.message().await.map_err(|status| SandboxError::Agent { call: "ReadOutput", status })?
+                while let Some(chunk) = stream
+                    .message()
+                    .await
+                    .map_err(|status| SandboxError::Agent { call: "ReadOutput", status })?
                 {
-                    let buf = if chunk.stream == pb::OutputStream::Stderr as i32 { &mut out.stderr } else { &mut out.stdout };
+                    let buf = if chunk.stream == pb::OutputStream::Stderr as i32 {
+                        &mut out.stderr
+                    } else {
+                        &mut out.stdout
+                    };
                     let room = EXEC_OUTPUT_LIMIT.saturating_sub(buf.len());
                     buf.extend_from_slice(&chunk.data[..chunk.data.len().min(room)]);
                 }
@@ -447,7 +515,11 @@ impl SandboxManager {
             Ok(res) => res,
             Err(_) => {
                 let _ = agent
-                    .signal_process(pb::SignalProcessRequest { process: Some(pref), signal: libc::SIGKILL, all: false })
+                    .signal_process(pb::SignalProcessRequest {
+                        process: Some(pref),
+                        signal: libc::SIGKILL,
+                        all: false,
+                    })
                     .await;
                 Err(SandboxError::DeadlineExceeded(format!(
                     "command {cmd:?} timed out after {timeout_seconds}s"
@@ -460,7 +532,10 @@ impl SandboxManager {
     pub fn reopen_container_log(&self, id: &str) -> Result<()> {
         let rec = self.container(id)?;
         if rec.state != ContainerState::Running {
-            return Err(SandboxError::FailedPrecondition(format!("container {} is not running", rec.id)));
+            return Err(SandboxError::FailedPrecondition(format!(
+                "container {} is not running",
+                rec.id
+            )));
         }
         let writer = lock(&self.log_writers).get(&rec.id).cloned();
         match writer {
@@ -481,7 +556,10 @@ impl SandboxManager {
     }
 
     /// The labels filter of List* calls: every selector pair must match.
-    pub fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String, String>) -> bool {
+    pub fn labels_match(
+        labels: &HashMap<String, String>,
+        selector: &HashMap<String, String>,
+    ) -> bool {
         selector.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 }

@@ -30,7 +30,8 @@ pub struct LogWriter {
 
 fn open(path: &Path) -> Result<std::fs::File, LogError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| LogError::CreateDir { path: dir.into(), source })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|source| LogError::CreateDir { path: dir.into(), source })?;
     }
     std::fs::OpenOptions::new()
         .create(true)
@@ -41,7 +42,11 @@ fn open(path: &Path) -> Result<std::fs::File, LogError> {
 
 impl LogWriter {
     pub fn open(path: &Path) -> Result<Self, LogError> {
-        Ok(Self { path: path.into(), file: Mutex::new(open(path)?), pending: Mutex::new([Vec::new(), Vec::new()]) })
+        Ok(Self {
+            path: path.into(),
+            file: Mutex::new(open(path)?),
+            pending: Mutex::new([Vec::new(), Vec::new()]),
+        })
     }
 
     pub fn path(&self) -> &Path {

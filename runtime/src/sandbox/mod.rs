@@ -68,7 +68,13 @@ impl SandboxError {
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Unimplemented(_) => Code::Unimplemented,
-            Self::Spec(SpecError::NoCommand | SpecError::UnknownUser(_) | SpecError::UnknownGroup(_) | SpecError::InvalidUser(_) | SpecError::EmptyMountPath) => Code::InvalidArgument,
+            Self::Spec(
+                SpecError::NoCommand
+                | SpecError::UnknownUser(_)
+                | SpecError::UnknownGroup(_)
+                | SpecError::InvalidUser(_)
+                | SpecError::EmptyMountPath,
+            ) => Code::InvalidArgument,
             Self::Agent { status, .. } => status.code(),
             Self::AgentConnect { .. } => Code::Unavailable,
             _ => Code::Internal,
@@ -144,7 +150,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl SandboxManager {
-    pub fn new(config: Arc<Config>, hypervisor: Arc<dyn Hypervisor>, images: Arc<dyn ImageResolver>) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        hypervisor: Arc<dyn Hypervisor>,
+        images: Arc<dyn ImageResolver>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
             hypervisor,
@@ -179,6 +189,12 @@ impl SandboxManager {
         self.config.state.join("sandboxes").join(id)
     }
 
+    /// The VM's run directory. Unix socket paths live here and must fit in sun_path (108
+    /// bytes), so it is short: a 16-hex-digit prefix of the random 64-digit id.
+    fn vm_run_dir(&self, id: &str) -> PathBuf {
+        self.config.state.join("vms").join(&id[..id.len().min(16)])
+    }
+
     fn share(&self, id: &str) -> SandboxShare {
         SandboxShare::new(&self.sandbox_state_dir(id).join("share"))
     }
@@ -195,25 +211,36 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// Updates a sandbox record in memory and on disk.
-    fn update_sandbox(&self, id: &str, f: impl FnOnce(&mut SandboxRecord)) -> Result<SandboxRecord> {
-        let rec = {
-            let mut st = lock(&self.state);
-            let rec = st.sandboxes.get_mut(id).ok_or_else(|| SandboxError::NotFound(format!("pod sandbox {id} not found")))?;
-            f(rec);
-            rec.clone()
-        };
+    /// Updates a sandbox record in memory and on disk. The write happens under the state lock:
+    /// records reach the disk in the order they changed, and never after their removal.
+    fn update_sandbox(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut SandboxRecord),
+    ) -> Result<SandboxRecord> {
+        let mut st = lock(&self.state);
+        let rec = st
+            .sandboxes
+            .get_mut(id)
+            .ok_or_else(|| SandboxError::NotFound(format!("pod sandbox {id} not found")))?;
+        f(rec);
+        let rec = rec.clone();
         self.save_sandbox(&rec)?;
         Ok(rec)
     }
 
-    fn update_container(&self, id: &str, f: impl FnOnce(&mut ContainerRecord)) -> Result<ContainerRecord> {
-        let rec = {
-            let mut st = lock(&self.state);
-            let rec = st.containers.get_mut(id).ok_or_else(|| SandboxError::NotFound(format!("container {id} not found")))?;
-            f(rec);
-            rec.clone()
-        };
+    fn update_container(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut ContainerRecord),
+    ) -> Result<ContainerRecord> {
+        let mut st = lock(&self.state);
+        let rec = st
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| SandboxError::NotFound(format!("container {id} not found")))?;
+        f(rec);
+        let rec = rec.clone();
         self.save_container(&rec)?;
         Ok(rec)
     }
@@ -256,10 +283,12 @@ impl SandboxManager {
             return Ok(client);
         }
         let rec = self.sandbox(sandbox_id)?;
-        let vm = rec.vm.ok_or_else(|| SandboxError::FailedPrecondition(format!("pod sandbox {sandbox_id} is not running")))?;
-        let client = crate::agent_client::connect(&vm.vsock_uds, timeout)
-            .await
-            .map_err(|e| SandboxError::AgentConnect { sandbox: sandbox_id.to_string(), message: e.to_string() })?;
+        let vm = rec.vm.ok_or_else(|| {
+            SandboxError::FailedPrecondition(format!("pod sandbox {sandbox_id} is not running"))
+        })?;
+        let client = crate::agent_client::connect(&vm.vsock_uds, timeout).await.map_err(|e| {
+            SandboxError::AgentConnect { sandbox: sandbox_id.to_string(), message: e.to_string() }
+        })?;
         lock(&self.agents).insert(sandbox_id.to_string(), client.clone());
         Ok(client)
     }
@@ -324,6 +353,15 @@ impl SandboxManager {
     }
 
     async fn boot_sandbox(&self, id: &str, req: &SandboxRequest) -> Result<()> {
+        let run_dir = self.vm_run_dir(id);
+        // The longest socket the backends create there ("virtiofs-<tag>.sock", "vsock.sock_<port>")
+        // must still fit in sun_path.
+        if run_dir.as_os_str().len() + 40 > 107 {
+            return Err(SandboxError::FailedPrecondition(format!(
+                "state directory {} is too long for unix socket paths; use a shorter --state",
+                self.config.state.display()
+            )));
+        }
         let share = self.share(id);
         share.create()?;
         let vm_config = VmConfig {
@@ -333,7 +371,7 @@ impl SandboxManager {
             kernel: self.config.kernel_path(),
             initrd: self.config.initrd_path(),
             extra_kernel_args: self.config.vm.kernel_args.clone(),
-            run_dir: self.sandbox_state_dir(id).join("vm"),
+            run_dir: self.vm_run_dir(id),
             console_log: self.sandbox_state_dir(id).join("console.log"),
             shared_dirs: vec![SharedDir {
                 tag: podvisor_proto::SHARED_FS_TAG.to_string(),
@@ -346,7 +384,22 @@ impl SandboxManager {
         };
         let vm = self.hypervisor.start(&vm_config).await?;
         self.update_sandbox(id, |r| r.vm = Some(vm))?;
-        let mut agent = self.agent(id, Duration::from_secs(self.config.vm.boot_timeout_seconds)).await?;
+        let mut agent =
+            match self.agent(id, Duration::from_secs(self.config.vm.boot_timeout_seconds)).await {
+                Ok(agent) => agent,
+                // The console is removed with the failed sandbox: keep its end in the error.
+                Err(SandboxError::AgentConnect { sandbox, message }) => {
+                    let console =
+                        std::fs::read_to_string(&vm_config.console_log).unwrap_or_default();
+                    let lines: Vec<&str> = console.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                    return Err(SandboxError::AgentConnect {
+                        sandbox,
+                        message: format!("{message}; guest console ends with:\n{tail}"),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
         agent
             .create_sandbox(pb::CreateSandboxRequest {
                 sandbox_id: id.to_string(),
@@ -384,18 +437,25 @@ impl SandboxManager {
         let id = rec.id;
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
-        let containers: Vec<String> =
-            self.list_containers().into_iter().filter(|c| c.sandbox_id == id).map(|c| c.id).collect();
+        let containers: Vec<String> = self
+            .list_containers()
+            .into_iter()
+            .filter(|c| c.sandbox_id == id)
+            .map(|c| c.id)
+            .collect();
         for cid in &containers {
             if let Err(e) = self.stop_container(cid, 0).await {
                 warn!(container = %cid, error = %e, "stopping container with its sandbox");
             }
         }
-        if self.sandbox(&id)?.vm.is_some() {
+        // NotReady before the VM goes, so the VM watcher knows this exit is expected.
+        let rec = self.update_sandbox(&id, |r| r.state = SandboxState::NotReady)?;
+        if rec.vm.is_some() {
             let agent = lock(&self.agents).get(&id).cloned();
             if let Some(mut agent) = agent {
                 // Best effort: the VM is stopped below either way.
-                let _ = tokio::time::timeout(Duration::from_secs(2), agent.shutdown(pb::Empty {})).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), agent.shutdown(pb::Empty {}))
+                    .await;
             }
         }
         self.teardown_vm(&id).await?;
@@ -412,10 +472,7 @@ impl SandboxManager {
                 }
             });
         }
-        self.update_sandbox(&id, |r| {
-            r.state = SandboxState::NotReady;
-            r.vm = None;
-        })?;
+        self.update_sandbox(&id, |r| r.vm = None)?;
         info!(sandbox = %id, "pod sandbox stopped");
         Ok(())
     }
@@ -434,20 +491,24 @@ impl SandboxManager {
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
         self.teardown_vm(&id).await?;
-        let containers: Vec<String> =
-            self.list_containers().into_iter().filter(|c| c.sandbox_id == id).map(|c| c.id).collect();
+        let containers: Vec<String> = self
+            .list_containers()
+            .into_iter()
+            .filter(|c| c.sandbox_id == id)
+            .map(|c| c.id)
+            .collect();
         {
             let mut st = lock(&self.state);
             for cid in &containers {
                 st.containers.remove(cid);
             }
             st.sandboxes.remove(&id);
+            store::remove_path(&self.sandbox_record_dir(&id))?;
         }
         for cid in &containers {
             lock(&self.log_writers).remove(cid);
             lock(&self.container_locks).remove(cid);
         }
-        store::remove_path(&self.sandbox_record_dir(&id))?;
         store::remove_path(&self.sandbox_state_dir(&id))?;
         lock(&self.sandbox_locks).remove(&id);
         info!(sandbox = %id, "pod sandbox removed");
@@ -457,7 +518,9 @@ impl SandboxManager {
     /// Watches the VMM process; if it dies while the sandbox is Ready, the sandbox becomes
     /// NotReady and its containers Exited (the VM took them down).
     fn watch_vm(self: &Arc<Self>, id: &str) {
-        let Some(vm) = lock(&self.state).sandboxes.get(id).and_then(|s| s.vm.clone()) else { return };
+        let Some(vm) = lock(&self.state).sandboxes.get(id).and_then(|s| s.vm.clone()) else {
+            return;
+        };
         let Some(vmm) = vm.processes.first().cloned() else { return };
         let this = Arc::clone(self);
         let id = id.to_string();
@@ -473,8 +536,12 @@ impl SandboxManager {
             warn!(sandbox = %id, pid = vmm.pid, "the sandbox VM exited unexpectedly");
             this.forget_agent(&id);
             let now = now_nanos();
-            let cids: Vec<String> =
-                this.list_containers().into_iter().filter(|c| c.sandbox_id == id && c.state != ContainerState::Exited).map(|c| c.id).collect();
+            let cids: Vec<String> = this
+                .list_containers()
+                .into_iter()
+                .filter(|c| c.sandbox_id == id && c.state != ContainerState::Exited)
+                .map(|c| c.id)
+                .collect();
             for cid in cids {
                 let _ = this.update_container(&cid, |c| {
                     c.state = ContainerState::Exited;
@@ -506,7 +573,9 @@ impl SandboxManager {
                 for c in cs.flatten() {
                     match store::read_json::<ContainerRecord>(&c.path()) {
                         Ok(c) => containers.push(c),
-                        Err(e) => warn!(path = %c.path().display(), error = %e, "skipping unreadable container record"),
+                        Err(e) => {
+                            warn!(path = %c.path().display(), error = %e, "skipping unreadable container record")
+                        }
                     }
                 }
             }
@@ -522,13 +591,21 @@ impl SandboxManager {
             if sb.state == SandboxState::Ready && alive {
                 info!(sandbox = %sb.id, "re-attached to running pod sandbox");
                 self.watch_vm(&sb.id);
-                for c in self.list_containers().into_iter().filter(|c| c.sandbox_id == sb.id && c.state == ContainerState::Running) {
+                for c in self
+                    .list_containers()
+                    .into_iter()
+                    .filter(|c| c.sandbox_id == sb.id && c.state == ContainerState::Running)
+                {
                     self.follow_container(&c);
                 }
             } else if sb.state == SandboxState::Ready || sb.vm.is_some() {
                 warn!(sandbox = %sb.id, "pod sandbox VM is gone; marking it not ready");
                 let now = now_nanos();
-                for c in self.list_containers().into_iter().filter(|c| c.sandbox_id == sb.id && c.state != ContainerState::Exited) {
+                for c in self
+                    .list_containers()
+                    .into_iter()
+                    .filter(|c| c.sandbox_id == sb.id && c.state != ContainerState::Exited)
+                {
                     let _ = self.update_container(&c.id, |c| {
                         c.state = ContainerState::Exited;
                         c.finished_at = now;

@@ -54,7 +54,8 @@ impl SandboxShare {
         let mounts = self.mounts_dir();
         let shared = self.shared_dir();
         for dir in [&mounts, &shared] {
-            std::fs::create_dir_all(dir).map_err(|source| ShareError::CreateDir { path: dir.clone(), source })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|source| ShareError::CreateDir { path: dir.clone(), source })?;
         }
         if !is_mount_point(&mounts) {
             bind(&mounts, &mounts, MsFlags::empty())?;
@@ -81,12 +82,18 @@ impl SandboxShare {
         }
         let is_dir = std::fs::metadata(source).map(|m| m.is_dir()).unwrap_or(true);
         if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| ShareError::CreateTarget { path: parent.into(), source })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|source| ShareError::CreateTarget { path: parent.into(), source })?;
         }
         let made = if is_dir {
             std::fs::create_dir_all(&target)
         } else {
-            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&target).map(|_| ())
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&target)
+                .map(|_| ())
         };
         made.map_err(|source| ShareError::CreateTarget { path: target.clone(), source })?;
         bind(source, &target, MsFlags::MS_REC)?;
@@ -112,8 +119,8 @@ impl SandboxShare {
 
 fn checked_relative(rel: &str) -> Result<PathBuf, ShareError> {
     let p = Path::new(rel);
-    let ok = !rel.is_empty()
-        && p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
+    let ok =
+        !rel.is_empty() && p.components().all(|c| matches!(c, std::path::Component::Normal(_)));
     if ok {
         Ok(p.to_path_buf())
     } else {
@@ -123,13 +130,20 @@ fn checked_relative(rel: &str) -> Result<PathBuf, ShareError> {
 
 fn bind(source: &Path, target: &Path, extra: MsFlags) -> Result<(), ShareError> {
     mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | extra, None::<&str>).map_err(|e| {
-        ShareError::Mount { what: format!("bind of {}", source.display()), path: target.into(), source: e }
+        ShareError::Mount {
+            what: format!("bind of {}", source.display()),
+            path: target.into(),
+            source: e,
+        }
     })
 }
 
 fn remount_propagation(target: &Path, flag: MsFlags) -> Result<(), ShareError> {
-    mount(None::<&str>, target, None::<&str>, flag, None::<&str>)
-        .map_err(|e| ShareError::Mount { what: format!("{flag:?}"), path: target.into(), source: e })
+    mount(None::<&str>, target, None::<&str>, flag, None::<&str>).map_err(|e| ShareError::Mount {
+        what: format!("{flag:?}"),
+        path: target.into(),
+        source: e,
+    })
 }
 
 fn remount_read_only(target: &Path) -> Result<(), ShareError> {
@@ -140,7 +154,11 @@ fn remount_read_only(target: &Path) -> Result<(), ShareError> {
         MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
         None::<&str>,
     )
-    .map_err(|e| ShareError::Mount { what: "read-only remount".into(), path: target.into(), source: e })
+    .map_err(|e| ShareError::Mount {
+        what: "read-only remount".into(),
+        path: target.into(),
+        source: e,
+    })
 }
 
 /// Mount points at or below `path`, deepest first, from /proc/self/mountinfo.
@@ -163,7 +181,10 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b))
+        {
             let v = (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -205,7 +226,9 @@ fn remove_if_unmounted(path: &Path) -> Result<(), ShareError> {
         Err(e) => Err(e),
     };
     match res {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ShareError::Remove { path: canonical, source: e }),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(ShareError::Remove { path: canonical, source: e })
+        }
         _ => Ok(()),
     }
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use k8s_cri::v1 as cri;
 use oci_spec::runtime::{
     Capability, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace,
-    LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder,
-    PosixRlimitBuilder, PosixRlimitType, Spec, UserBuilder,
+    LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
+    PosixRlimitType, Spec, UserBuilder,
 };
 
 /// Where the agent writes the pod's hostname/hosts/resolv.conf inside the guest.
@@ -73,7 +73,10 @@ const DEFAULT_CAPABILITIES: &[Capability] = &[
 ];
 
 /// The process's argv by Kubernetes' rules: `command` replaces the entrypoint, `args` the cmd.
-pub fn process_args(config: &cri::ContainerConfig, image: &ImageDefaults) -> Result<Vec<String>, SpecError> {
+pub fn process_args(
+    config: &cri::ContainerConfig,
+    image: &ImageDefaults,
+) -> Result<Vec<String>, SpecError> {
     let args = if !config.command.is_empty() {
         config.command.iter().chain(config.args.iter()).cloned().collect::<Vec<_>>()
     } else if !config.args.is_empty() {
@@ -101,7 +104,10 @@ pub fn merge_env(image_env: &[String], config: &cri::ContainerConfig) -> Vec<Str
         }
     }
     if !merged.iter().any(|(k, _)| k == "PATH") {
-        merged.push(("PATH".into(), "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
+        merged.push((
+            "PATH".into(),
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ));
     }
     merged.into_iter().map(|(_, entry)| entry).collect()
 }
@@ -125,7 +131,9 @@ pub fn resolve_identity(
     let group = std::fs::read_to_string(image.rootfs.join("etc/group")).unwrap_or_default();
 
     let (user_part, group_part): (String, Option<String>) = match security {
-        Some(sc) if sc.run_as_user.is_some() => (sc.run_as_user.as_ref().map(|v| v.value.to_string()).unwrap_or_default(), None),
+        Some(sc) if sc.run_as_user.is_some() => {
+            (sc.run_as_user.as_ref().map(|v| v.value.to_string()).unwrap_or_default(), None)
+        }
         Some(sc) if !sc.run_as_username.is_empty() => (sc.run_as_username.clone(), None),
         _ => match image.user.split_once(':') {
             Some((u, g)) => (u.to_string(), Some(g.to_string())),
@@ -193,7 +201,10 @@ fn group_entries(text: &str) -> impl Iterator<Item = (String, u32, Vec<String>)>
         if f.len() < 3 {
             return None;
         }
-        let members = f.get(3).map(|m| m.split(',').filter(|s| !s.is_empty()).map(String::from).collect()).unwrap_or_default();
+        let members = f
+            .get(3)
+            .map(|m| m.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+            .unwrap_or_default();
         Some((f[0].to_string(), f[2].parse().ok()?, members))
     })
 }
@@ -257,11 +268,8 @@ pub fn build_spec(
         .build()?]));
 
     // Capabilities: the defaults, plus/minus the security context; privileged gets them all.
-    let mut caps: Vec<Capability> = if privileged {
-        all_capabilities()
-    } else {
-        DEFAULT_CAPABILITIES.to_vec()
-    };
+    let mut caps: Vec<Capability> =
+        if privileged { all_capabilities() } else { DEFAULT_CAPABILITIES.to_vec() };
     if let Some(c) = security.and_then(|s| s.capabilities.as_ref()) {
         let parse = |name: &str| -> Option<Capability> {
             let n = name.trim().to_ascii_uppercase();
@@ -280,7 +288,8 @@ pub fn build_spec(
         if c.drop_capabilities.iter().any(|n| n.eq_ignore_ascii_case("ALL")) {
             caps.clear();
         } else {
-            let drop: Vec<Capability> = c.drop_capabilities.iter().filter_map(|n| parse(n)).collect();
+            let drop: Vec<Capability> =
+                c.drop_capabilities.iter().filter_map(|n| parse(n)).collect();
             caps.retain(|cap| !drop.contains(cap));
         }
     }
@@ -293,7 +302,9 @@ pub fn build_spec(
             .build()?,
     ));
     spec.set_process(Some(process));
-    spec.set_hostname(Some(sandbox.hostname.clone()));
+    // The container shares the VM's UTS namespace, whose hostname the agent set to the pod's;
+    // runtimes refuse a hostname without a private UTS namespace.
+    spec.set_hostname(None);
 
     if let Some(root) = spec.root_mut() {
         root.set_readonly(Some(security.map(|s| s.readonly_rootfs).unwrap_or(false)));
@@ -304,14 +315,26 @@ pub fn build_spec(
     let mut all_mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
     if privileged {
         for m in all_mounts.iter_mut() {
-            if m.destination() == Path::new("/sys") || m.destination() == Path::new("/sys/fs/cgroup") {
-                let opts: Vec<String> = m.options().clone().unwrap_or_default().into_iter().filter(|o| o != "ro").collect();
+            if m.destination() == Path::new("/sys")
+                || m.destination() == Path::new("/sys/fs/cgroup")
+            {
+                let opts: Vec<String> = m
+                    .options()
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|o| o != "ro")
+                    .collect();
                 m.set_options(Some(opts));
             }
         }
     }
     let files = Path::new(GUEST_SANDBOX_FILES);
-    for (file, dest) in [("hostname", "/etc/hostname"), ("hosts", "/etc/hosts"), ("resolv.conf", "/etc/resolv.conf")] {
+    for (file, dest) in [
+        ("hostname", "/etc/hostname"),
+        ("hosts", "/etc/hosts"),
+        ("resolv.conf", "/etc/resolv.conf"),
+    ] {
         if !mounts.iter().any(|m| m.container_path == dest) {
             all_mounts.push(bind_mount(&files.join(file), dest, false)?);
         }
@@ -336,7 +359,9 @@ pub fn build_spec(
             .unwrap_or_default()
             .into_iter()
             .filter(|ns| match ns.typ() {
-                LinuxNamespaceType::Network | LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts => false,
+                LinuxNamespaceType::Network | LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts => {
+                    false
+                }
                 LinuxNamespaceType::Pid => keep_pid,
                 _ => true,
             })
@@ -356,17 +381,54 @@ pub fn build_spec(
 fn all_capabilities() -> Vec<Capability> {
     use Capability::*;
     vec![
-        AuditControl, AuditRead, AuditWrite, BlockSuspend, Bpf, CheckpointRestore, Chown,
-        DacOverride, DacReadSearch, Fowner, Fsetid, IpcLock, IpcOwner, Kill, Lease,
-        LinuxImmutable, MacAdmin, MacOverride, Mknod, NetAdmin, NetBindService, NetBroadcast,
-        NetRaw, Perfmon, Setgid, Setfcap, Setpcap, Setuid, SysAdmin, SysBoot, SysChroot,
-        SysModule, SysNice, SysPacct, SysPtrace, SysRawio, SysResource, SysTime, SysTtyConfig,
-        Syslog, WakeAlarm,
+        AuditControl,
+        AuditRead,
+        AuditWrite,
+        BlockSuspend,
+        Bpf,
+        CheckpointRestore,
+        Chown,
+        DacOverride,
+        DacReadSearch,
+        Fowner,
+        Fsetid,
+        IpcLock,
+        IpcOwner,
+        Kill,
+        Lease,
+        LinuxImmutable,
+        MacAdmin,
+        MacOverride,
+        Mknod,
+        NetAdmin,
+        NetBindService,
+        NetBroadcast,
+        NetRaw,
+        Perfmon,
+        Setgid,
+        Setfcap,
+        Setpcap,
+        Setuid,
+        SysAdmin,
+        SysBoot,
+        SysChroot,
+        SysModule,
+        SysNice,
+        SysPacct,
+        SysPtrace,
+        SysRawio,
+        SysResource,
+        SysTime,
+        SysTtyConfig,
+        Syslog,
+        WakeAlarm,
     ]
 }
 
 /// CRI Linux resources → OCI cgroup resources (applied by the agent inside the guest).
-fn resources(r: &cri::LinuxContainerResources) -> Result<oci_spec::runtime::LinuxResources, SpecError> {
+fn resources(
+    r: &cri::LinuxContainerResources,
+) -> Result<oci_spec::runtime::LinuxResources, SpecError> {
     let mut cpu = LinuxCpuBuilder::default();
     if r.cpu_shares > 0 {
         cpu = cpu.shares(r.cpu_shares as u64);
@@ -392,7 +454,8 @@ fn resources(r: &cri::LinuxContainerResources) -> Result<oci_spec::runtime::Linu
     }
     let mut builder = LinuxResourcesBuilder::default().cpu(cpu.build()?).memory(memory.build()?);
     if !r.unified.is_empty() {
-        builder = builder.unified(r.unified.clone().into_iter().collect::<std::collections::HashMap<_, _>>());
+        builder = builder
+            .unified(r.unified.clone().into_iter().collect::<std::collections::HashMap<_, _>>());
     }
     Ok(builder.build()?)
 }
@@ -403,8 +466,13 @@ mod tests {
 
     fn image(dir: &Path) -> ImageDefaults {
         std::fs::create_dir_all(dir.join("etc")).unwrap();
-        std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nweb:x:1000:1001::/home/web:/bin/sh\n").unwrap();
-        std::fs::write(dir.join("etc/group"), "root:x:0:\nweb:x:1001:\nextra:x:2000:web\n").unwrap();
+        std::fs::write(
+            dir.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nweb:x:1000:1001::/home/web:/bin/sh\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("etc/group"), "root:x:0:\nweb:x:1001:\nextra:x:2000:web\n")
+            .unwrap();
         ImageDefaults {
             entrypoint: vec!["/entry".into()],
             cmd: vec!["serve".into()],
@@ -427,27 +495,45 @@ mod tests {
         c.command = vec!["/bin/sh".into()];
         assert_eq!(process_args(&c, &img).unwrap(), vec!["/bin/sh", "x"]);
         let empty = ImageDefaults::default();
-        assert!(matches!(process_args(&cri::ContainerConfig::default(), &empty), Err(SpecError::NoCommand)));
+        assert!(matches!(
+            process_args(&cri::ContainerConfig::default(), &empty),
+            Err(SpecError::NoCommand)
+        ));
     }
 
     #[test]
     fn env_is_merged_by_key() {
         let c = cri::ContainerConfig {
-            envs: vec![cri::KeyValue { key: "A".into(), value: "pod".into() }, cri::KeyValue { key: "B".into(), value: "1".into() }],
+            envs: vec![
+                cri::KeyValue { key: "A".into(), value: "pod".into() },
+                cri::KeyValue { key: "B".into(), value: "1".into() },
+            ],
             ..Default::default()
         };
-        assert_eq!(merge_env(&["PATH=/bin".into(), "A=image".into()], &c), vec!["PATH=/bin", "A=pod", "B=1"]);
+        assert_eq!(
+            merge_env(&["PATH=/bin".into(), "A=image".into()], &c),
+            vec!["PATH=/bin", "A=pod", "B=1"]
+        );
     }
 
     #[test]
     fn identity_from_image_user_and_security_context() {
         let dir = tempfile::tempdir().unwrap();
         let mut img = image(dir.path());
-        assert_eq!(resolve_identity(None, &img).unwrap(), Identity { uid: 0, gid: 0, additional_gids: vec![] });
+        assert_eq!(
+            resolve_identity(None, &img).unwrap(),
+            Identity { uid: 0, gid: 0, additional_gids: vec![] }
+        );
         img.user = "web".into();
-        assert_eq!(resolve_identity(None, &img).unwrap(), Identity { uid: 1000, gid: 1001, additional_gids: vec![2000] });
+        assert_eq!(
+            resolve_identity(None, &img).unwrap(),
+            Identity { uid: 1000, gid: 1001, additional_gids: vec![2000] }
+        );
         img.user = "1234:1234".into();
-        assert_eq!(resolve_identity(None, &img).unwrap(), Identity { uid: 1234, gid: 1234, additional_gids: vec![] });
+        assert_eq!(
+            resolve_identity(None, &img).unwrap(),
+            Identity { uid: 1234, gid: 1234, additional_gids: vec![] }
+        );
         img.user = "nobody-here".into();
         assert!(matches!(resolve_identity(None, &img), Err(SpecError::UnknownUser(_))));
         let sc = cri::LinuxContainerSecurityContext {
@@ -456,7 +542,10 @@ mod tests {
             supplemental_groups: vec![9],
             ..Default::default()
         };
-        assert_eq!(resolve_identity(Some(&sc), &img).unwrap(), Identity { uid: 7, gid: 8, additional_gids: vec![9] });
+        assert_eq!(
+            resolve_identity(Some(&sc), &img).unwrap(),
+            Identity { uid: 7, gid: 8, additional_gids: vec![9] }
+        );
     }
 
     #[test]
@@ -464,15 +553,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path());
         let c = cri::ContainerConfig { tty: true, ..Default::default() };
-        let ctx = SandboxContext { hostname: "pod-a".into(), pid_mode: cri::NamespaceMode::Container as i32 };
+        let ctx = SandboxContext {
+            hostname: "pod-a".into(),
+            pid_mode: cri::NamespaceMode::Container as i32,
+        };
         let json = build_spec(&c, &img, &ctx, &[]).unwrap();
         let spec: Spec = serde_json::from_slice(&json).unwrap();
-        let ns: Vec<LinuxNamespaceType> = spec.linux().as_ref().unwrap().namespaces().as_ref().unwrap().iter().map(|n| n.typ()).collect();
+        let ns: Vec<LinuxNamespaceType> = spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.typ())
+            .collect();
         assert!(ns.contains(&LinuxNamespaceType::Pid));
         assert!(ns.contains(&LinuxNamespaceType::Mount));
         assert!(!ns.contains(&LinuxNamespaceType::Network));
-        assert_eq!(spec.hostname().as_deref(), Some("pod-a"));
+        assert!(!ns.contains(&LinuxNamespaceType::Uts));
+        assert_eq!(spec.hostname().as_deref(), None);
         assert_eq!(spec.process().as_ref().unwrap().cwd(), Path::new("/srv"));
-        assert!(spec.mounts().as_ref().unwrap().iter().any(|m| m.destination() == Path::new("/etc/resolv.conf")));
+        assert!(spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|m| m.destination() == Path::new("/etc/resolv.conf")));
     }
 }

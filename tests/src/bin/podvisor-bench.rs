@@ -28,13 +28,17 @@ async fn main() -> anyhow::Result<()> {
     if let Some(why) = e2e_missing() {
         anyhow::bail!("cannot benchmark: {why}");
     }
-    let runs: usize = std::env::var("PODVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let runs: usize =
+        std::env::var("PODVISOR_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
     let registry = TestRegistry::start()?;
     let image = registry.push_busybox("busybox:bench")?;
     let daemon = TestDaemon::start("").await?;
     let mut images = daemon.images().await?;
     images
-        .pull_image(cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }), ..Default::default() })
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
+            ..Default::default()
+        })
         .await?;
     let mut rt = daemon.runtime().await?;
     let log_dir = daemon.dir.path().join("logs");
@@ -45,7 +49,10 @@ async fn main() -> anyhow::Result<()> {
         let pod_cfg = pod_config(&format!("bench-{i}"), &log_dir);
         let started = Instant::now();
         let pod = rt
-            .run_pod_sandbox(cri::RunPodSandboxRequest { config: Some(pod_cfg.clone()), runtime_handler: String::new() })
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(pod_cfg.clone()),
+                runtime_handler: String::new(),
+            })
             .await?
             .into_inner()
             .pod_sandbox_id;
@@ -61,30 +68,72 @@ async fn main() -> anyhow::Result<()> {
             .container_id;
         rt.start_container(cri::StartContainerRequest { container_id: cid.clone() }).await?;
         let status = rt
-            .container_status(cri::ContainerStatusRequest { container_id: cid.clone(), verbose: false })
+            .container_status(cri::ContainerStatusRequest {
+                container_id: cid.clone(),
+                verbose: false,
+            })
             .await?
             .into_inner()
             .status
             .unwrap_or_default();
         let elapsed = started.elapsed();
-        anyhow::ensure!(status.state == cri::ContainerState::ContainerRunning as i32, "container not running");
+        anyhow::ensure!(
+            status.state == cri::ContainerState::ContainerRunning as i32,
+            "container not running"
+        );
         latencies.push(elapsed);
         // Let the guest settle, then weigh the pod's host processes.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let procs = daemon.vm_processes();
         let total: u64 = procs.iter().map(|(pid, _)| rss_kib(*pid)).sum();
-        rss_samples.push((total, procs.iter().map(|(pid, cmd)| (cmd.split(' ').next().unwrap_or("").rsplit('/').next().unwrap_or("").to_string(), rss_kib(*pid))).collect::<Vec<_>>()));
-        eprintln!("run {i}: boot {booted:?}, container running after {elapsed:?}, pod RSS {total} KiB");
+        rss_samples.push((
+            total,
+            procs
+                .iter()
+                .map(|(pid, cmd)| {
+                    (
+                        cmd.split(' ')
+                            .next()
+                            .unwrap_or("")
+                            .rsplit('/')
+                            .next()
+                            .unwrap_or("")
+                            .to_string(),
+                        rss_kib(*pid),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        ));
+        eprintln!(
+            "run {i}: boot {booted:?}, container running after {elapsed:?}, pod RSS {total} KiB"
+        );
         rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await?;
         rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await?;
     }
     latencies.sort();
     let mut rss: Vec<u64> = rss_samples.iter().map(|(t, _)| *t).collect();
     rss.sort();
-    println!("pod start latency (RunPodSandbox -> container running), {runs} runs, backend {}:",
-        rt.status(cri::StatusRequest { verbose: true }).await?.into_inner().info.get("hypervisor").cloned().unwrap_or_default());
-    println!("  p50 {:?}  p90 {:?}  min {:?}  max {:?}", percentile(&latencies, 0.5), percentile(&latencies, 0.9), latencies[0], latencies[latencies.len() - 1]);
-    println!("per-pod host memory (RSS of VMM + helpers, 256 MiB guest): median {} KiB", rss[rss.len() / 2]);
+    println!(
+        "pod start latency (RunPodSandbox -> container running), {runs} runs, backend {}:",
+        rt.status(cri::StatusRequest { verbose: true })
+            .await?
+            .into_inner()
+            .info
+            .get("hypervisor")
+            .cloned()
+            .unwrap_or_default()
+    );
+    println!(
+        "  p50 {:?}  p90 {:?}  min {:?}  max {:?}",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.9),
+        latencies[0],
+        latencies[latencies.len() - 1]
+    );
+    println!(
+        "per-pod host memory (RSS of VMM + helpers, 256 MiB guest): median {} KiB",
+        rss[rss.len() / 2]
+    );
     if let Some((_, parts)) = rss_samples.first() {
         for (name, kib) in parts {
             println!("  {name}: {kib} KiB");
