@@ -443,18 +443,7 @@ impl Unpacker {
             return Ok(());
         };
         if base == WHITEOUT_OPAQUE.as_bytes() {
-            let children = match fs::read_dir(&dir) {
-                Ok(children) => children,
-                Err(_) => return Ok(()),
-            };
-            for child in children {
-                let child = child
-                    .map_err(|source| UnpackError::Remove { path: dir.clone(), source })?
-                    .path();
-                if !created.contains(&child) {
-                    remove_any(&child)?;
-                }
-            }
+            prune_lower_content(&dir, created)?;
         } else if !base.starts_with(WHITEOUT_META_PREFIX.as_bytes()) {
             let hidden = &base[WHITEOUT_PREFIX.len()..];
             if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.contains(&b'/') {
@@ -518,6 +507,25 @@ impl Unpacker {
         }
         Ok(())
     }
+}
+
+/// Makes `dir` opaque: removes everything beneath it that this layer did not create, also
+/// inside subdirectories this layer re-declared.
+fn prune_lower_content(dir: &Path, created: &HashSet<PathBuf>) -> Result<()> {
+    let children = match fs::read_dir(dir) {
+        Ok(children) => children,
+        Err(_) => return Ok(()),
+    };
+    for child in children {
+        let child =
+            child.map_err(|source| UnpackError::Remove { path: dir.to_owned(), source })?.path();
+        if !created.contains(&child) {
+            remove_any(&child)?;
+        } else if fs::symlink_metadata(&child).is_ok_and(|m| m.is_dir()) {
+            prune_lower_content(&child, created)?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes whatever is at `path` (file, symlink, or directory tree); absent is fine.
@@ -614,6 +622,10 @@ mod tests {
             .unwrap()
             .file("d/a", b"a", 0o644)
             .unwrap()
+            .dir("d/sub", 0o755)
+            .unwrap()
+            .file("d/sub/lower", b"l", 0o644)
+            .unwrap()
             .file("gone", b"g", 0o644)
             .unwrap()
             .file("keep", b"k", 0o640)
@@ -622,6 +634,8 @@ mod tests {
             .unwrap();
         let upper = LayerBuilder::new()
             .file("d/new", b"n", 0o644)
+            .unwrap()
+            .dir("d/sub", 0o755)
             .unwrap()
             .opaque("d")
             .unwrap()
@@ -638,6 +652,8 @@ mod tests {
         let layers = [write_layer(dir.path(), "l0", lower), write_layer(dir.path(), "l1", upper)];
         unpack_layers(&layers, &root).unwrap();
         assert!(!root.join("d/a").exists());
+        assert!(root.join("d/sub").is_dir());
+        assert!(!root.join("d/sub/lower").exists());
         assert_eq!(fs::read(root.join("d/new")).unwrap(), b"n");
         assert!(!root.join("gone").exists());
         assert!(!root.join(".wh.gone").exists());
