@@ -213,11 +213,25 @@ impl TestRegistry {
     /// Pushes `tag` of an OCI layout to `name` (all platforms of an index); returns the
     /// reference.
     pub fn push_layout(&self, layout: &Path, tag: &str, name: &str) -> Result<String> {
+        self.push_layout_as(layout, tag, name, None)
+    }
+
+    /// Like [`Self::push_layout`], converting the manifest on the way when `format` is given
+    /// (skopeo's `--format`: "v2s2" for Docker schema 2 media types, "oci").
+    pub fn push_layout_as(
+        &self,
+        layout: &Path,
+        tag: &str,
+        name: &str,
+        format: Option<&str>,
+    ) -> Result<String> {
         let reference = self.reference(name);
         let mut command = self.skopeo();
-        command
-            .args(["copy", "--all", "--quiet", "--dest-tls-verify=false"])
-            .arg("--preserve-digests");
+        command.args(["copy", "--all", "--quiet", "--dest-tls-verify=false"]);
+        match format {
+            Some(format) => command.arg(format!("--format={format}")),
+            None => command.arg("--preserve-digests"),
+        };
         if let Some((user, password)) = self.credentials() {
             command.arg(format!("--dest-creds={user}:{password}"));
         }
@@ -241,6 +255,15 @@ impl TestRegistry {
     /// A busybox image (`/bin/busybox` + applet symlinks, Cmd `sh`), gzip layer.
     pub fn push_busybox(&self, name: &str) -> Result<String> {
         self.push_image(name, &TestImage::busybox()?)
+    }
+
+    /// Busybox with Docker schema 2 media types (manifest, config and gzip layer).
+    pub fn push_busybox_docker(&self, name: &str) -> Result<String> {
+        let dir = tempfile::tempdir()?;
+        let mut layout = OciLayout::create(dir.path())?;
+        let manifest = layout.write_image(&TestImage::busybox()?)?;
+        layout.tag("t", MEDIA_TYPE_MANIFEST, &manifest.digest, manifest.size)?;
+        self.push_layout_as(dir.path(), "t", name, Some("v2s2"))
     }
 
     /// Busybox with zstd-compressed layers.

@@ -194,6 +194,21 @@ async fn non_root_user_is_recorded_as_uid_or_name() {
 }
 
 #[tokio::test]
+async fn docker_schema2_media_types_are_pulled() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_busybox_docker("docker:1").unwrap();
+    let raw: serde_json::Value =
+        serde_json::from_slice(&reg.raw_manifest(&reference).unwrap()).unwrap();
+    assert_eq!(raw["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let record = store.pull(&reference, None).await.unwrap();
+    assert!(store.rootfs_dir(&record.id).unwrap().join("bin/busybox").is_file());
+    assert_eq!(store.image_config(&record.id).unwrap().cmd, vec!["sh".to_owned()]);
+}
+
+#[tokio::test]
 async fn zstd_layers_are_unpacked() {
     require_registry!();
     let reg = TestRegistry::start().unwrap();
