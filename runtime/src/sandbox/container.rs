@@ -123,12 +123,6 @@ impl SandboxManager {
             .ok()
             .and_then(|v| v.get("process").map(|p| p.to_string()))
             .unwrap_or_default();
-        let read_only = req
-            .config
-            .linux
-            .as_ref()
-            .and_then(|l| l.security_context.as_ref())
-            .is_some_and(|s| s.readonly_rootfs);
         let log_path = (!sandbox.log_directory.is_empty() && !req.config.log_path.is_empty())
             .then(|| PathBuf::from(&sandbox.log_directory).join(&req.config.log_path));
 
@@ -137,7 +131,10 @@ impl SandboxManager {
             .create_container(pb::CreateContainerRequest {
                 container_id: id.clone(),
                 oci_spec_json: spec_json,
-                rootfs: Some(pb::Rootfs { lower_dirs: vec![image_rel], read_only }),
+                // Always with a writable layer: the runtime creates mount points in the rootfs
+                // before `root.readonly` (set in the spec for readonly_rootfs) remounts it
+                // read-only, as runc does with containerd's snapshots.
+                rootfs: Some(pb::Rootfs { lower_dirs: vec![image_rel], read_only: false }),
                 stdio: Some(pb::StdioConfig {
                     stdin: req.config.stdin,
                     stdin_once: req.config.stdin_once,
