@@ -338,9 +338,12 @@ impl Agent {
         read_only: bool,
         stdio_cfg: podvisor_proto::agent::StdioConfig,
     ) -> Result<Arc<Container>, AgentError> {
+        // The spec's root.readonly (readonly_rootfs) is honoured too: the runtime then remounts
+        // the writable overlay read-only after creating its mount points.
+        let spec_read_only = spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false);
         let mut root = Root::default();
         root.set_path(rootfs_path);
-        root.set_readonly(Some(read_only));
+        root.set_readonly(Some(read_only || spec_read_only));
         spec.set_root(Some(root));
         let mut linux = spec.linux().clone().unwrap_or_default();
         linux.set_cgroups_path(Some(PathBuf::from(format!("/{CGROUP_PARENT}/{id}"))));

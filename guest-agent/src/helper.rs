@@ -201,6 +201,12 @@ pub fn main(args: &[OsString]) -> ExitCode {
     let (mut reply_sink, log_sink) =
         unsafe { (File::from_raw_fd(REPLY_FD), File::from_raw_fd(LOG_FD)) };
     crate::logging::init(log_sink);
+    // The Rust runtime ignores SIGPIPE, and ignored signals survive exec: give the container's
+    // processes the default disposition (a pipeline's writer must die when its reader does).
+    // SAFETY: resetting a disposition to SIG_DFL installs no handler; no threads exist yet.
+    if unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) } == libc::SIG_ERR {
+        tracing::warn!("could not reset SIGPIPE to its default");
+    }
     let reply = match args.first().and_then(|a| a.to_str()) {
         None => HelperReply { pid: None, error: Some("missing helper request".into()) },
         Some(json) => match serde_json::from_str::<HelperRequest>(json) {

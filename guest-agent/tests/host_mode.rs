@@ -533,6 +533,8 @@ async fn remove_running_container() {
         let id = id.clone();
         async move { waiter.wait_process(process_ref(&id, "")).await }
     });
+    // Let the waiter's call reach the agent before the container goes away.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     client.remove_container(RemoveContainerRequest { container_id: id.clone() }).await.unwrap();
     let status = wait.await.unwrap().unwrap().into_inner();
     assert_eq!(status.signal, libc::SIGKILL);
@@ -677,4 +679,78 @@ async fn sandbox_files_and_destroy() {
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(client.wait_process(process_ref(&id, "")).await.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn output_is_buffered_without_a_reader_and_one_reader_at_a_time() {
+    // Part 1: nothing is lost while no reader is attached (the process blocks instead).
+    let Some(()) = prerequisites() else { return };
+    {
+        let mut agent = TestAgent::start().await;
+        let id = unique_id("lossless");
+        let client = &mut agent.client;
+        client
+            .create_container(create_request(
+                &id,
+                &["sh", "-c", "yes 0123456789 | head -c 3000000; echo end"],
+                StdioConfig::default(),
+                false,
+            ))
+            .await
+            .unwrap();
+        client.start_container(ContainerRef { container_id: id.clone() }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (out, _) = read_all(client, &id, "").await;
+        assert_eq!(out.len(), 3_000_000 + "end\n".len());
+        assert!(out.ends_with("end\n"));
+    }
+    // Part 2: backpressure and one reader at a time.
+    let Some(()) = prerequisites() else { return };
+    let mut agent = TestAgent::start().await;
+    let id = unique_id("buffer");
+    let client = &mut agent.client;
+    // Far more than the agent buffers: the process must block, not lose output.
+    client
+        .create_container(create_request(
+            &id,
+            &["sh", "-c", "yes 0123456789 | head -c 3000000; echo end"],
+            StdioConfig::default(),
+            false,
+        ))
+        .await
+        .unwrap();
+    client.start_container(ContainerRef { container_id: id.clone() }).await.unwrap();
+    let mut waiter = client.clone();
+    let blocked =
+        tokio::time::timeout(Duration::from_millis(500), waiter.wait_process(process_ref(&id, "")))
+            .await;
+    assert!(blocked.is_err(), "the process should block on its full pipe");
+
+    let first = client.read_output(process_ref(&id, "")).await.unwrap().into_inner();
+    let second = client.read_output(process_ref(&id, "")).await.unwrap_err();
+    assert_eq!(second.code(), Code::FailedPrecondition);
+    // Output that was in flight to a reader that goes away is lost (the protocol has no
+    // acknowledgements), so this test reads everything with one reader; detaching only has to
+    // make room for the next reader.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut reader = loop {
+        match client.read_output(process_ref(&id, "")).await {
+            Ok(stream) => break stream.into_inner(),
+            Err(e) if e.code() == Code::FailedPrecondition && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("re-attaching failed: {e}"),
+        }
+    };
+    let mut total = 0;
+    let mut tail = Vec::new();
+    while let Some(chunk) = reader.message().await.unwrap() {
+        total += chunk.data.len();
+        tail = chunk.data;
+    }
+    assert!(tail.ends_with(b"end\n"));
+    assert!(total <= 3_000_000 + "end\n".len());
+    let status = client.wait_process(process_ref(&id, "")).await.unwrap().into_inner();
+    assert_eq!(status.exit_code, 0);
 }
