@@ -74,7 +74,7 @@ fn sandbox_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
         created_at: r.created_at,
         network: Some(cri::PodSandboxNetworkStatus::default()),
         linux: Some(cri::LinuxPodSandboxStatus {
-            namespaces: Some(cri::Namespace { options: Some(ns), ..Default::default() }),
+            namespaces: Some(cri::Namespace { options: Some(ns) }),
         }),
         labels: r.labels.clone(),
         annotations: r.annotations.clone(),

@@ -145,6 +145,8 @@ impl BuiltinHypervisor {
     }
 
     /// Swaps the backing file of drive `id` (the guest sees a capacity change).
+    /// Not called by the daemon yet: block volumes (a later issue) use it.
+    #[allow(dead_code)]
     pub async fn swap_drive(
         &self,
         vm: &VmHandle,

@@ -110,8 +110,7 @@ impl SandboxManager {
             });
         }
 
-        let ctx =
-            spec::SandboxContext { hostname: sandbox.hostname.clone(), pid_mode: sandbox.pid_mode };
+        let ctx = spec::SandboxContext { pid_mode: sandbox.pid_mode };
         let spec_json = match spec::build_spec(&req.config, &image.defaults, &ctx, &guest_mounts) {
             Ok(s) => s,
             Err(e) => {

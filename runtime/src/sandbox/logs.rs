@@ -49,10 +49,6 @@ impl LogWriter {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Reopens the file at the same path (after kubelet rotated it).
     pub fn reopen(&self) -> Result<(), LogError> {
         let f = open(&self.path)?;

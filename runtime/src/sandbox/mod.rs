@@ -663,7 +663,7 @@ mod tests {
 
     #[test]
     fn ids_resolve_by_unique_prefix() {
-        let ids = vec!["abc1".to_string(), "abc2".to_string(), "def".to_string()];
+        let ids = ["abc1".to_string(), "abc2".to_string(), "def".to_string()];
         assert_eq!(resolve_id(ids.iter(), "def"), Some("def".into()));
         assert_eq!(resolve_id(ids.iter(), "d"), Some("def".into()));
         assert_eq!(resolve_id(ids.iter(), "abc"), None);

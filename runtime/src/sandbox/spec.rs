@@ -167,7 +167,7 @@ pub fn resolve_identity(
     let mut additional_gids: Vec<u32> = Vec::new();
     if let Some(name) = username {
         for (_, g, members) in group_entries(&group) {
-            if g != gid && members.iter().any(|m| *m == name) {
+            if g != gid && members.contains(&name) {
                 additional_gids.push(g);
             }
         }
@@ -223,7 +223,6 @@ fn bind_mount(source: &Path, destination: &str, read_only: bool) -> Result<Mount
 /// Inputs of [`build_spec`] that come from the sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxContext {
-    pub hostname: String,
     /// CRI namespace mode of the pod's PID namespace (0 = POD, 1 = CONTAINER, 2 = NODE).
     pub pid_mode: i32,
 }
@@ -553,10 +552,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path());
         let c = cri::ContainerConfig { tty: true, ..Default::default() };
-        let ctx = SandboxContext {
-            hostname: "pod-a".into(),
-            pid_mode: cri::NamespaceMode::Container as i32,
-        };
+        let ctx = SandboxContext { pid_mode: cri::NamespaceMode::Container as i32 };
         let json = build_spec(&c, &img, &ctx, &[]).unwrap();
         let spec: Spec = serde_json::from_slice(&json).unwrap();
         let ns: Vec<LinuxNamespaceType> = spec
