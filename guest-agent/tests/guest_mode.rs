@@ -319,6 +319,16 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
         .unwrap()
         .into_inner();
     assert_eq!(status.exit_code, 7);
+    // The guest's cgroup2 root delegates its controllers: stats are real.
+    let stats = client
+        .container_stats(ContainerRef { container_id: id2.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!("stats of a running container: {stats:?}");
+    assert!(stats.memory_usage_bytes > 0, "{stats:?}");
+    assert!(stats.pids >= 1, "{stats:?}");
+    assert!(stats.cpu_usage_nanos > 0, "{stats:?}");
     client.remove_container(RemoveContainerRequest { container_id: id2.into() }).await.unwrap();
 
     // Shutdown powers the VM off: QEMU exits (-no-reboot).
