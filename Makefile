@@ -59,11 +59,19 @@ lint:
 test: build-debug kernel guest lint
 	PODVISOR_REQUIRE_E2E=1 PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux \
 		PODVISOR_INITRD=$(BUILD)/initramfs.cpio cargo test --workspace -- --test-threads=2
+	@# Say why the built-in VMM's full boot test was skipped (or that it ran), uncaptured.
+	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
+		cargo test -p podvisor --bin podvisor full_boot -- --nocapture
 
-## bench: figures for the record (pod start latency, memory, pulls, VMM overhead).
+## bench: figures for the record (pod start latency and memory, pulls, VMM overhead).
 bench: build kernel guest
+	@echo "== pod start latency and per-pod memory ($(BUILD)/podvisor, QEMU or built-in VMM as picked)"
 	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
 		cargo run --release -p podvisor-e2e --bin podvisor-bench
+	@echo "== pull + unpack of a multi-layer image vs skopeo copy + umoci unpack"
+	cargo bench -p podvisor-image --bench pull_unpack
+	@echo "== built-in VMM: RSS overhead and start -> first guest instruction (1 vCPU, 128 MiB)"
+	PODVISOR_BIN=$(BUILD)/podvisor cargo test --release -p podvisor-vmm --test bench -- --ignored --nocapture
 
 clean:
 	rm -rf $(BUILD) target

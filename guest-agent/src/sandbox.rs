@@ -23,6 +23,8 @@ pub enum SandboxError {
     Sysctl(String, std::io::Error),
     #[error("mounting the shared filesystem: {0}")]
     MountShared(nix::Error),
+    #[error("setting the guest clock: {0}")]
+    SetClock(nix::Error),
 }
 
 fn valid_hostname(name: &str) -> bool {
@@ -110,6 +112,12 @@ pub fn create(
     write(sandbox_dir.join("resolv.conf"), &resolv)?;
     if !guest {
         return Ok(());
+    }
+    if req.host_time_unix_nanos > 0 {
+        let nanos = req.host_time_unix_nanos;
+        let now = nix::sys::time::TimeSpec::new(nanos / 1_000_000_000, nanos % 1_000_000_000);
+        nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
+            .map_err(SandboxError::SetClock)?;
     }
     if !req.hostname.is_empty() {
         nix::unistd::sethostname(&req.hostname).map_err(SandboxError::SetHostname)?;

@@ -166,6 +166,13 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
     let timed_out = exec(&daemon, &cid, &["sleep", "30"], 1).await.unwrap_err();
     assert_eq!(timed_out.code(), tonic::Code::DeadlineExceeded, "{timed_out}");
+    // The guest clock follows the host's (the VM has no RTC under TCG).
+    let out = exec(&daemon, &cid, &["date", "+%s"], 10).await.unwrap();
+    let guest_now: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let host_now =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+            as i64;
+    assert!((guest_now - host_now).abs() < 120, "guest clock {guest_now} vs host {host_now}");
     // The pod's hostname is the VM's.
     let out = exec(&daemon, &cid, &["hostname"], 10).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "web");

@@ -409,6 +409,7 @@ impl SandboxManager {
                 dns_options: req.dns.options.clone(),
                 sysctls: req.sysctls.clone(),
                 mount_shared_fs: true,
+                host_time_unix_nanos: now_nanos(),
             })
             .await
             .map_err(|status| SandboxError::Agent { call: "CreateSandbox", status })?;
