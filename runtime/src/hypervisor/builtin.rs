@@ -11,21 +11,17 @@
 //! [`terminate_processes`] for whatever is left (helpers, or a VMM that did not answer).
 
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use podvisor_vmm::config::{DriveConfig, FsConfig, NetConfig, SeccompMode, VmmConfig, VsockConfig};
 use podvisor_vmm::control::{self, Request, Response};
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use super::process::{prepare_run_dir, Starting};
 use super::{
-    process_alive, process_start_time, terminate_processes, Hypervisor, HypervisorError, Result,
-    VmConfig, VmHandle, VmProcess,
+    process_alive, terminate_processes, Hypervisor, HypervisorError, Result, VmConfig, VmHandle,
 };
 
 /// The guest's vsock CID (the host side only sees the hybrid socket, so one CID fits all).
@@ -221,8 +217,11 @@ impl Hypervisor for BuiltinHypervisor {
 
     async fn start(&self, config: &VmConfig) -> Result<VmHandle> {
         let vmm = vmm_config(config, self.config.seccomp)?;
-        prepare_run_dir(config)?;
-        let mut starting = Starting::new(self.config.startup_timeout);
+        let layout = BuiltinLayout::new(&config.run_dir);
+        let mut stale = vec![layout.control(), layout.vsock_uds()];
+        stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
+        prepare_run_dir(config, &stale)?;
+        let mut starting = Starting::new("vmm", self.config.startup_timeout);
         if let Err(e) = self.start_processes(config, &vmm, &mut starting).await {
             starting.abort().await;
             return Err(e);
@@ -256,127 +255,8 @@ impl Hypervisor for BuiltinHypervisor {
     }
 }
 
-/// Creates the run directory (private) and the console log's directory, and removes sockets a
-/// previous run left, so that a socket appearing means this run created it.
-fn prepare_run_dir(config: &VmConfig) -> Result<()> {
-    let run_dir_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| HypervisorError::RunDir { path, source }
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&config.run_dir)
-        .map_err(run_dir_err(&config.run_dir))?;
-    if let Some(parent) = config.console_log.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(run_dir_err(parent))?;
-    }
-    let layout = BuiltinLayout::new(&config.run_dir);
-    let mut stale = vec![layout.control(), layout.vsock_uds()];
-    stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
-    for path in stale {
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(HypervisorError::RunDir { path, source: e })
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-struct Spawned {
-    child: Child,
-    process: VmProcess,
-    log: PathBuf,
-}
-
-/// The processes of a VM being started; on failure they are stopped again.
-struct Starting {
-    spawned: Vec<Spawned>,
-    timeout: Duration,
-}
-
+/// The VMM's readiness, on top of the shared start-up machinery.
 impl Starting {
-    fn new(timeout: Duration) -> Self {
-        Self { spawned: Vec::new(), timeout }
-    }
-
-    fn spawn(
-        &mut self,
-        name: &str,
-        program: &std::ffi::OsStr,
-        args: &[OsString],
-        log: PathBuf,
-    ) -> Result<()> {
-        let spawn_err = |source| HypervisorError::Spawn { what: name.to_string(), source };
-        let log_file: File =
-            OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
-        let log_file2 = log_file.try_clone().map_err(spawn_err)?;
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_file2)
-            // Its own process group: signals aimed at the daemon's group spare the VM.
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(spawn_err)?;
-        let pid = child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .ok_or_else(|| spawn_err(std::io::Error::other("the spawned process has no pid")))?;
-        // Not reaped yet (only we wait for it), so /proc/<pid> exists.
-        let start_time = process_start_time(pid).ok_or_else(|| {
-            spawn_err(std::io::Error::other(format!("cannot read /proc/{pid}/stat")))
-        })?;
-        tracing::debug!(name, pid, ?args, "spawned");
-        self.spawned.push(Spawned {
-            child,
-            process: VmProcess { name: name.into(), pid, start_time },
-            log,
-        });
-        Ok(())
-    }
-
-    fn check_running(&mut self) -> Result<()> {
-        for s in &mut self.spawned {
-            let status = match s.child.try_wait() {
-                Ok(None) => continue,
-                Ok(Some(status)) => status.to_string(),
-                Err(e) => format!("unknown: {e}"),
-            };
-            return Err(HypervisorError::EarlyExit {
-                what: s.process.name.clone(),
-                status,
-                log: s.log.clone(),
-            });
-        }
-        Ok(())
-    }
-
-    fn timeout_error(&self, what: &str, path: &Path) -> HypervisorError {
-        HypervisorError::SocketTimeout {
-            what: what.into(),
-            path: path.to_path_buf(),
-            timeout: self.timeout,
-        }
-    }
-
-    async fn wait_for_path(&mut self, what: &str, path: &Path, deadline: Instant) -> Result<()> {
-        loop {
-            self.check_running()?;
-            if path.exists() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(self.timeout_error(what, path));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
     async fn wait_for_status(&mut self, socket: &Path, deadline: Instant) -> Result<()> {
         loop {
             self.check_running()?;
@@ -395,40 +275,6 @@ impl Starting {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    }
-
-    async fn abort(self) {
-        let processes: Vec<VmProcess> = self.spawned.iter().map(|s| s.process.clone()).collect();
-        terminate_processes(&processes, Duration::from_secs(1)).await;
-        for mut s in self.spawned {
-            let _ = tokio::time::timeout(Duration::from_secs(1), s.child.wait()).await;
-        }
-    }
-
-    /// Hands the processes over (VMM first). Background tasks reap them and stop the helpers
-    /// once the VMM has exited.
-    fn finish(mut self) -> Vec<VmProcess> {
-        let vmm = self
-            .spawned
-            .iter()
-            .position(|s| s.process.name == "vmm")
-            .map(|i| self.spawned.remove(i));
-        let helpers: Vec<VmProcess> = self.spawned.iter().map(|s| s.process.clone()).collect();
-        let mut processes: Vec<VmProcess> = vmm.iter().map(|s| s.process.clone()).collect();
-        processes.extend(helpers.iter().cloned());
-        for mut s in self.spawned {
-            tokio::spawn(async move {
-                let _ = s.child.wait().await;
-            });
-        }
-        if let Some(mut vmm) = vmm {
-            tokio::spawn(async move {
-                let status = vmm.child.wait().await;
-                tracing::info!(pid = vmm.process.pid, ?status, "built-in VMM exited");
-                terminate_processes(&helpers, Duration::from_secs(2)).await;
-            });
-        }
-        processes
     }
 }
 

@@ -18,17 +18,13 @@
 pub mod accel;
 pub mod args;
 
-use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 // probe_kvm is for `podvisor check` and Status.
@@ -37,10 +33,8 @@ pub use accel::{probe_kvm, resolve_accel, Accel, KvmProbe};
 pub use args::ResolvedAccel;
 use args::RunDirLayout;
 
-use super::{
-    process_start_time, terminate_processes, Hypervisor, HypervisorError, Result, VmConfig,
-    VmHandle, VmProcess,
-};
+use super::process::{prepare_run_dir, Starting};
+use super::{terminate_processes, Hypervisor, HypervisorError, Result, VmConfig, VmHandle};
 
 /// How to run QEMU and its helpers. Bare names are looked up in `PATH`, then in
 /// `$HOME/.cargo/bin` (where `cargo install` puts the vhost-user daemons).
@@ -110,33 +104,33 @@ impl QemuHypervisor {
 
         starting.spawn(
             "vhost-device-vsock",
-            &self.vhost_vsock,
-            args::vhost_vsock_args(&layout),
+            self.vhost_vsock.as_os_str(),
+            &args::vhost_vsock_args(&layout),
             layout.vhost_vsock_log(),
         )?;
         starting
-            .wait_for_socket("vhost-device-vsock", &layout.vhost_vsock_socket(), deadline)
+            .wait_for_path("vhost-device-vsock", &layout.vhost_vsock_socket(), deadline)
             .await?;
-        starting.wait_for_socket("vhost-device-vsock", &layout.vsock_uds(), deadline).await?;
+        starting.wait_for_path("vhost-device-vsock", &layout.vsock_uds(), deadline).await?;
 
         for dir in &config.shared_dirs {
             let name = format!("virtiofsd-{}", dir.tag);
             starting.spawn(
                 &name,
-                &self.virtiofsd,
-                args::virtiofsd_args(&layout, dir),
+                self.virtiofsd.as_os_str(),
+                &args::virtiofsd_args(&layout, dir),
                 layout.virtiofsd_log(&dir.tag),
             )?;
-            starting.wait_for_socket(&name, &layout.virtiofs_socket(&dir.tag), deadline).await?;
+            starting.wait_for_path(&name, &layout.virtiofs_socket(&dir.tag), deadline).await?;
         }
 
         starting.spawn(
             "qemu",
-            &self.qemu,
-            args::qemu_args(config, &layout, self.accel),
+            self.qemu.as_os_str(),
+            &args::qemu_args(config, &layout, self.accel),
             layout.qemu_log(),
         )?;
-        starting.wait_for_socket("qemu", &layout.qmp_socket(), deadline).await?;
+        starting.wait_for_path("qemu", &layout.qmp_socket(), deadline).await?;
         starting.wait_for_qmp_greeting(&layout.qmp_socket(), deadline).await
     }
 }
@@ -149,8 +143,11 @@ impl Hypervisor for QemuHypervisor {
 
     async fn start(&self, config: &VmConfig) -> Result<VmHandle> {
         args::validate(config)?;
-        prepare_run_dir(config)?;
-        let mut starting = Starting::new(self.startup_timeout);
+        let layout = RunDirLayout::new(&config.run_dir);
+        let mut stale = vec![layout.vhost_vsock_socket(), layout.vsock_uds(), layout.qmp_socket()];
+        stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
+        prepare_run_dir(config, &stale)?;
+        let mut starting = Starting::new("qemu", self.startup_timeout);
         if let Err(e) = self.start_processes(config, &mut starting).await {
             starting.abort().await;
             return Err(e);
@@ -176,36 +173,6 @@ impl Hypervisor for QemuHypervisor {
     }
 }
 
-/// Creates the run directory (private: its sockets reach the guest agent) and the console
-/// log's directory, and removes sockets a previous run may have left, so that waiting for a
-/// socket to appear means this run created it.
-fn prepare_run_dir(config: &VmConfig) -> Result<()> {
-    let run_dir_err = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| HypervisorError::RunDir { path, source }
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&config.run_dir)
-        .map_err(run_dir_err(&config.run_dir))?;
-    if let Some(parent) = config.console_log.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(run_dir_err(parent))?;
-    }
-    let layout = RunDirLayout::new(&config.run_dir);
-    let mut stale = vec![layout.vhost_vsock_socket(), layout.vsock_uds(), layout.qmp_socket()];
-    stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
-    for path in stale {
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(HypervisorError::RunDir { path, source: e })
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 /// Finds an executable: a path with a `/` as is, a bare name in `PATH` then `~/.cargo/bin`.
 fn resolve_binary(binary: &Path, hint: &str) -> Result<PathBuf> {
     let is_executable = |p: &Path| {
@@ -228,93 +195,8 @@ fn resolve_binary(binary: &Path, hint: &str) -> Result<PathBuf> {
     dirs.into_iter().map(|d| d.join(binary)).find(|p| is_executable(p)).ok_or_else(missing)
 }
 
-/// A process spawned for a VM that is still starting.
-struct Spawned {
-    child: Child,
-    process: VmProcess,
-    log: PathBuf,
-}
-
-/// The processes of a VM being started: on failure they are all stopped again.
-struct Starting {
-    spawned: Vec<Spawned>,
-    /// The whole start-up's time budget, for error messages.
-    timeout: Duration,
-}
-
+/// QEMU's readiness, on top of the shared start-up machinery.
 impl Starting {
-    fn new(timeout: Duration) -> Self {
-        Self { spawned: Vec::new(), timeout }
-    }
-
-    fn spawn(
-        &mut self,
-        name: &str,
-        binary: &Path,
-        args: Vec<OsString>,
-        log: PathBuf,
-    ) -> Result<()> {
-        let spawn_err = |source| HypervisorError::Spawn { what: name.to_string(), source };
-        let log_file: File =
-            OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
-        let log_file2 = log_file.try_clone().map_err(spawn_err)?;
-        let child = Command::new(binary)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(log_file2)
-            // Its own process group: signals aimed at the daemon's group spare the VM.
-            .process_group(0)
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(spawn_err)?;
-        let pid = child
-            .id()
-            .and_then(|id| i32::try_from(id).ok())
-            .ok_or_else(|| spawn_err(std::io::Error::other("the spawned process has no pid")))?;
-        // The child cannot have been reaped yet (only we wait for it), so /proc/<pid> exists.
-        let start_time = process_start_time(pid).ok_or_else(|| {
-            spawn_err(std::io::Error::other(format!("cannot read /proc/{pid}/stat")))
-        })?;
-        tracing::debug!(name, pid, ?args, "spawned");
-        self.spawned.push(Spawned {
-            child,
-            process: VmProcess { name: name.to_string(), pid, start_time },
-            log,
-        });
-        Ok(())
-    }
-
-    /// Fails if any process has exited, naming its log.
-    fn check_running(&mut self) -> Result<()> {
-        for s in &mut self.spawned {
-            let status = match s.child.try_wait() {
-                Ok(None) => continue,
-                Ok(Some(status)) => status.to_string(),
-                Err(e) => format!("unknown: {e}"),
-            };
-            return Err(HypervisorError::EarlyExit {
-                what: s.process.name.clone(),
-                status,
-                log: s.log.clone(),
-            });
-        }
-        Ok(())
-    }
-
-    async fn wait_for_socket(&mut self, what: &str, path: &Path, deadline: Instant) -> Result<()> {
-        loop {
-            self.check_running()?;
-            if path.exists() {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(self.timeout(what, path));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     /// QEMU sends the QMP greeting from its main loop, i.e. once the machine is built (kernel
     /// loaded, vhost-user back-ends connected) and the vCPUs run.
     async fn wait_for_qmp_greeting(&mut self, qmp: &Path, deadline: Instant) -> Result<()> {
@@ -324,7 +206,7 @@ impl Starting {
                 break stream;
             }
             if Instant::now() >= deadline {
-                return Err(self.timeout("qemu", qmp));
+                return Err(self.timeout_error("qemu", qmp));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
@@ -346,7 +228,7 @@ impl Starting {
                 };
             }
             if Instant::now() >= deadline || greeting.len() > 64 * 1024 {
-                return Err(self.timeout("qemu", qmp));
+                return Err(self.timeout_error("qemu", qmp));
             }
             match tokio::time::timeout(Duration::from_millis(50), stream.read_buf(&mut greeting))
                 .await
@@ -356,55 +238,6 @@ impl Starting {
                 Ok(Ok(_)) | Err(_) => {}
             }
         }
-    }
-
-    fn log_of(&self, name: &str) -> PathBuf {
-        self.spawned
-            .iter()
-            .find(|s| s.process.name == name)
-            .map(|s| s.log.clone())
-            .unwrap_or_default()
-    }
-
-    fn timeout(&self, what: &str, path: &Path) -> HypervisorError {
-        tracing::warn!(what, log = %self.log_of(what).display(), "start-up timed out");
-        HypervisorError::SocketTimeout {
-            what: what.to_string(),
-            path: path.to_path_buf(),
-            timeout: self.timeout,
-        }
-    }
-
-    /// Stops what was started and reaps it.
-    async fn abort(self) {
-        let processes: Vec<VmProcess> = self.spawned.iter().map(|s| s.process.clone()).collect();
-        terminate_processes(&processes, Duration::from_secs(1)).await;
-        for mut s in self.spawned {
-            let _ = tokio::time::timeout(Duration::from_secs(1), s.child.wait()).await;
-        }
-    }
-
-    /// Hands the processes over: QEMU first, then the helpers. Background tasks reap them, and
-    /// stop the helpers once QEMU has exited.
-    fn finish(mut self) -> Vec<VmProcess> {
-        let qemu_index = self.spawned.iter().position(|s| s.process.name == "qemu");
-        let qemu = qemu_index.map(|i| self.spawned.remove(i));
-        let helpers: Vec<VmProcess> = self.spawned.iter().map(|s| s.process.clone()).collect();
-        let mut processes: Vec<VmProcess> = qemu.iter().map(|s| s.process.clone()).collect();
-        processes.extend(helpers.iter().cloned());
-        for mut s in self.spawned {
-            tokio::spawn(async move {
-                let _ = s.child.wait().await;
-            });
-        }
-        if let Some(mut qemu) = qemu {
-            tokio::spawn(async move {
-                let status = qemu.child.wait().await;
-                tracing::info!(pid = qemu.process.pid, ?status, "qemu exited");
-                terminate_processes(&helpers, Duration::from_secs(2)).await;
-            });
-        }
-        processes
     }
 }
 

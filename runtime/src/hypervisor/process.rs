@@ -1,0 +1,194 @@
+//! Starting a VM's host processes (the VMM and its vhost-user helpers), shared by both
+//! backends: each runs in its own process group with its log in the run directory, an early
+//! exit is reported with that log's path, and a start that fails stops what it had started.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+use super::{
+    process_start_time, terminate_processes, HypervisorError, Result, VmConfig, VmProcess,
+};
+
+/// Creates the run directory (private) and the console log's directory, and removes the
+/// sockets a previous run may have left, so that a socket appearing means this run made it.
+pub fn prepare_run_dir(config: &VmConfig, stale_sockets: &[PathBuf]) -> Result<()> {
+    let run_dir_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| HypervisorError::RunDir { path, source }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.run_dir)
+        .map_err(run_dir_err(&config.run_dir))?;
+    if let Some(parent) = config.console_log.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(run_dir_err(parent))?;
+    }
+    for path in stale_sockets {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(HypervisorError::RunDir { path: path.clone(), source: e })
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A process spawned for a VM that is still starting.
+struct Spawned {
+    child: Child,
+    process: VmProcess,
+    log: PathBuf,
+}
+
+/// The processes of a VM being started: on failure they are all stopped again.
+pub struct Starting {
+    spawned: Vec<Spawned>,
+    /// The VMM's name among the processes (`qemu`, `vmm`): it is listed first, and its exit
+    /// stops the helpers.
+    main: &'static str,
+    /// The whole start-up's time budget, for error messages.
+    timeout: Duration,
+}
+
+impl Starting {
+    pub fn new(main: &'static str, timeout: Duration) -> Self {
+        Self { spawned: Vec::new(), main, timeout }
+    }
+
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        program: &OsStr,
+        args: &[OsString],
+        log: PathBuf,
+    ) -> Result<()> {
+        let spawn_err = |source| HypervisorError::Spawn { what: name.to_string(), source };
+        let log_file: File =
+            OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
+        let log_file2 = log_file.try_clone().map_err(spawn_err)?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_file2)
+            // Its own process group: signals aimed at the daemon's group spare the VM.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(spawn_err)?;
+        let pid = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .ok_or_else(|| spawn_err(std::io::Error::other("the spawned process has no pid")))?;
+        // The child cannot have been reaped yet (only we wait for it), so /proc/<pid> exists.
+        let start_time = process_start_time(pid).ok_or_else(|| {
+            spawn_err(std::io::Error::other(format!("cannot read /proc/{pid}/stat")))
+        })?;
+        tracing::debug!(name, pid, ?args, "spawned");
+        self.spawned.push(Spawned {
+            child,
+            process: VmProcess { name: name.to_string(), pid, start_time },
+            log,
+        });
+        Ok(())
+    }
+
+    /// Fails if any process has exited, naming its log.
+    pub fn check_running(&mut self) -> Result<()> {
+        for s in &mut self.spawned {
+            let status = match s.child.try_wait() {
+                Ok(None) => continue,
+                Ok(Some(status)) => status.to_string(),
+                Err(e) => format!("unknown: {e}"),
+            };
+            return Err(HypervisorError::EarlyExit {
+                what: s.process.name.clone(),
+                status,
+                log: s.log.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits until `path` exists, failing early if a process exits.
+    pub async fn wait_for_path(
+        &mut self,
+        what: &str,
+        path: &Path,
+        deadline: Instant,
+    ) -> Result<()> {
+        loop {
+            self.check_running()?;
+            if path.exists() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.timeout_error(what, path));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The log file of the process named `name`.
+    pub fn log_of(&self, name: &str) -> PathBuf {
+        self.spawned
+            .iter()
+            .find(|s| s.process.name == name)
+            .map(|s| s.log.clone())
+            .unwrap_or_default()
+    }
+
+    pub fn timeout_error(&self, what: &str, path: &Path) -> HypervisorError {
+        tracing::warn!(what, log = %self.log_of(what).display(), "start-up timed out");
+        HypervisorError::SocketTimeout {
+            what: what.to_string(),
+            path: path.to_path_buf(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// Stops what was started and reaps it.
+    pub async fn abort(self) {
+        let processes: Vec<VmProcess> = self.spawned.iter().map(|s| s.process.clone()).collect();
+        terminate_processes(&processes, Duration::from_secs(1)).await;
+        for mut s in self.spawned {
+            let _ = tokio::time::timeout(Duration::from_secs(1), s.child.wait()).await;
+        }
+    }
+
+    /// Hands the processes over, the VMM first. Background tasks reap them, and stop the
+    /// helpers once the VMM has exited.
+    pub fn finish(mut self) -> Vec<VmProcess> {
+        let main_name = self.main;
+        let main = self
+            .spawned
+            .iter()
+            .position(|s| s.process.name == main_name)
+            .map(|i| self.spawned.remove(i));
+        let helpers: Vec<VmProcess> = self.spawned.iter().map(|s| s.process.clone()).collect();
+        let mut processes: Vec<VmProcess> = main.iter().map(|s| s.process.clone()).collect();
+        processes.extend(helpers.iter().cloned());
+        for mut s in self.spawned {
+            tokio::spawn(async move {
+                let _ = s.child.wait().await;
+            });
+        }
+        if let Some(mut main) = main {
+            tokio::spawn(async move {
+                let status = main.child.wait().await;
+                tracing::info!(name = main_name, pid = main.process.pid, ?status, "VMM exited");
+                terminate_processes(&helpers, Duration::from_secs(2)).await;
+            });
+        }
+        processes
+    }
+}
