@@ -240,6 +240,108 @@ impl TestDaemon {
     }
 }
 
+/// CRI calls the end-to-end tests share; each panics with the daemon's log on failure.
+impl TestDaemon {
+    /// PullImage, panicking with the daemon's log on failure.
+    pub async fn pull(&self, image: &str) -> String {
+        let mut images = self.images().await.unwrap();
+        images
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(k8s_cri::v1::ImageSpec { image: image.into(), ..Default::default() }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("pull {image}: {e}\n{}", self.log_tail()))
+            .into_inner()
+            .image_ref
+    }
+
+    /// RunPodSandbox of [`pod_config`]`(name, log_dir)`: (id, config).
+    pub async fn run_pod(
+        &self,
+        name: &str,
+        log_dir: &Path,
+    ) -> (String, k8s_cri::v1::PodSandboxConfig) {
+        let config = pod_config(name, log_dir);
+        let mut rt = self.runtime().await.unwrap();
+        let id = rt
+            .run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", self.log_tail()))
+            .into_inner()
+            .pod_sandbox_id;
+        (id, config)
+    }
+
+    /// CreateContainer + StartContainer: the container id.
+    pub async fn create_and_start(
+        &self,
+        pod: &str,
+        pod_config: &k8s_cri::v1::PodSandboxConfig,
+        config: k8s_cri::v1::ContainerConfig,
+    ) -> String {
+        let mut rt = self.runtime().await.unwrap();
+        let id = rt
+            .create_container(k8s_cri::v1::CreateContainerRequest {
+                pod_sandbox_id: pod.into(),
+                config: Some(config),
+                sandbox_config: Some(pod_config.clone()),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", self.log_tail()))
+            .into_inner()
+            .container_id;
+        rt.start_container(k8s_cri::v1::StartContainerRequest { container_id: id.clone() })
+            .await
+            .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", self.log_tail()));
+        id
+    }
+
+    pub async fn container_status(&self, id: &str) -> k8s_cri::v1::ContainerStatus {
+        let mut rt = self.runtime().await.unwrap();
+        rt.container_status(k8s_cri::v1::ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+    }
+
+    /// ExecSync.
+    pub async fn exec(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        timeout: i64,
+    ) -> Result<k8s_cri::v1::ExecSyncResponse, tonic::Status> {
+        let mut rt = self.runtime().await.unwrap();
+        rt.exec_sync(k8s_cri::v1::ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout,
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// StopPodSandbox + RemovePodSandbox.
+    pub async fn remove_pod(&self, id: &str) {
+        let mut rt = self.runtime().await.unwrap();
+        rt.stop_pod_sandbox(k8s_cri::v1::StopPodSandboxRequest { pod_sandbox_id: id.into() })
+            .await
+            .unwrap();
+        rt.remove_pod_sandbox(k8s_cri::v1::RemovePodSandboxRequest { pod_sandbox_id: id.into() })
+            .await
+            .unwrap();
+    }
+}
+
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.kill();

@@ -3,7 +3,7 @@
 //! read-only rootfs, multi-arch).
 
 use k8s_cri::v1 as cri;
-use podvisor_e2e::daemon::{container_config, e2e_can_run, pod_config, TestDaemon};
+use podvisor_e2e::daemon::{container_config, e2e_can_run, TestDaemon};
 use podvisor_e2e::registry::TestRegistry;
 
 struct Pod<'a> {
@@ -21,35 +21,16 @@ impl Pod<'_> {
     ) -> String {
         let mut config = container_config(name, image, &["/bin/sh", "-c", "sleep 3600"]);
         tweak(&mut config);
-        let mut rt = self.daemon.runtime().await.unwrap();
-        let id = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: self.id.clone(),
-                config: Some(config),
-                sandbox_config: Some(self.config.clone()),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", self.daemon.log_tail()))
-            .into_inner()
-            .container_id;
-        rt.start_container(cri::StartContainerRequest { container_id: id.clone() })
-            .await
-            .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", self.daemon.log_tail()));
-        id
+        self.daemon.create_and_start(&self.id, &self.config, config).await
     }
 
     /// Runs `script` with sh in container `id`: (exit code, stdout, stderr).
     async fn sh(&self, id: &str, script: &str) -> (i32, String, String) {
-        let mut rt = self.daemon.runtime().await.unwrap();
-        let out = rt
-            .exec_sync(cri::ExecSyncRequest {
-                container_id: id.into(),
-                cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                timeout: 20,
-            })
+        let out = self
+            .daemon
+            .exec(id, &["/bin/sh", "-c", script], 20)
             .await
-            .unwrap_or_else(|e| panic!("exec {script}: {e}"))
-            .into_inner();
+            .unwrap_or_else(|e| panic!("exec {script}: {e}"));
         (
             out.exit_code,
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -83,13 +64,7 @@ async fn image_root_filesystems_in_a_vm() {
     let daemon = TestDaemon::start("").await.unwrap();
     let mut images = daemon.images().await.unwrap();
     for image in [&layered, &app_user, &numeric_user, &multiarch] {
-        images
-            .pull_image(cri::PullImageRequest {
-                image: Some(cri::ImageSpec { image: image.clone(), ..Default::default() }),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("pull {image}: {e}"));
+        daemon.pull(image).await;
     }
     let status = images
         .image_status(cri::ImageStatusRequest {
@@ -103,17 +78,7 @@ async fn image_root_filesystems_in_a_vm() {
         .unwrap();
     assert_eq!(status.uid.map(|u| u.value), Some(1234));
 
-    let config = pod_config("images", &daemon.dir.path().join("logs"));
-    let mut rt = daemon.runtime().await.unwrap();
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log_tail()))
-        .into_inner()
-        .pod_sandbox_id;
+    let (id, config) = daemon.run_pod("images", &daemon.dir.path().join("logs")).await;
     let pod = Pod { daemon: &daemon, id: id.clone(), config };
 
     // Layers, whiteouts and opaque directories.
@@ -182,7 +147,6 @@ async fn image_root_filesystems_in_a_vm() {
     let arch = pod.run("multiarch", &multiarch, |_| {}).await;
     assert_eq!(pod.sh(&arch, "cat /arch").await.1, "amd64\n");
 
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.clone() }).await.unwrap();
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id }).await.unwrap();
+    daemon.remove_pod(&id).await;
     daemon.assert_nothing_left();
 }

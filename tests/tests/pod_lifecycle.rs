@@ -7,95 +7,6 @@ use k8s_cri::v1 as cri;
 use podvisor_e2e::daemon::{container_config, e2e_can_run, pod_config, wait_for, TestDaemon};
 use podvisor_e2e::registry::TestRegistry;
 
-async fn pull(daemon: &TestDaemon, image: &str) -> String {
-    let mut images = daemon.images().await.unwrap();
-    images
-        .pull_image(cri::PullImageRequest {
-            image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("pull {image}: {e}\n{}", daemon.log_tail()))
-        .into_inner()
-        .image_ref
-}
-
-async fn run_pod(
-    daemon: &TestDaemon,
-    name: &str,
-    log_dir: &std::path::Path,
-) -> (String, cri::PodSandboxConfig) {
-    let config = pod_config(name, log_dir);
-    let mut rt = daemon.runtime().await.unwrap();
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", daemon.log_tail()))
-        .into_inner()
-        .pod_sandbox_id;
-    (id, config)
-}
-
-async fn create_and_start(
-    daemon: &TestDaemon,
-    pod: &str,
-    pod_config: &cri::PodSandboxConfig,
-    config: cri::ContainerConfig,
-) -> String {
-    let mut rt = daemon.runtime().await.unwrap();
-    let id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(config),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", daemon.log_tail()))
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest { container_id: id.clone() })
-        .await
-        .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", daemon.log_tail()));
-    id
-}
-
-async fn container_status(daemon: &TestDaemon, id: &str) -> cri::ContainerStatus {
-    let mut rt = daemon.runtime().await.unwrap();
-    rt.container_status(cri::ContainerStatusRequest { container_id: id.into(), verbose: false })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap()
-}
-
-async fn exec(
-    daemon: &TestDaemon,
-    id: &str,
-    cmd: &[&str],
-    timeout: i64,
-) -> Result<cri::ExecSyncResponse, tonic::Status> {
-    let mut rt = daemon.runtime().await.unwrap();
-    rt.exec_sync(cri::ExecSyncRequest {
-        container_id: id.into(),
-        cmd: cmd.iter().map(|s| s.to_string()).collect(),
-        timeout,
-    })
-    .await
-    .map(|r| r.into_inner())
-}
-
-async fn remove_pod(daemon: &TestDaemon, id: &str) {
-    let mut rt = daemon.runtime().await.unwrap();
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: id.into() }).await.unwrap();
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id.into() })
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pod_runs_a_container_in_a_vm_end_to_end() {
     if !e2e_can_run() {
@@ -114,11 +25,11 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
     assert!(conditions.iter().any(|c| c.r#type == "RuntimeReady" && c.status));
     assert!(conditions.iter().any(|c| c.r#type == "NetworkReady"));
 
-    pull(&daemon, &image).await;
+    daemon.pull(&image).await;
 
     let log_dir = daemon.dir.path().join("pod-logs");
     let started = Instant::now();
-    let (pod, pod_cfg) = run_pod(&daemon, "web", &log_dir).await;
+    let (pod, pod_cfg) = daemon.run_pod("web", &log_dir).await;
     eprintln!("RunPodSandbox took {:?}", started.elapsed());
 
     // A second pod with the same name/namespace/attempt is refused.
@@ -146,35 +57,35 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
     // The container ignores SIGTERM, so StopContainer must escalate to SIGKILL.
     let script =
         "trap '' TERM; echo hello-from-pod; echo to-stderr >&2; while true; do sleep 1; done";
-    let cid = create_and_start(
-        &daemon,
-        &pod,
-        &pod_cfg,
-        container_config("app", &image, &["/bin/sh", "-c", script]),
-    )
-    .await;
-    let st = container_status(&daemon, &cid).await;
+    let cid = daemon
+        .create_and_start(
+            &pod,
+            &pod_cfg,
+            container_config("app", &image, &["/bin/sh", "-c", script]),
+        )
+        .await;
+    let st = daemon.container_status(&cid).await;
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
     assert!(st.started_at > 0);
     assert_eq!(st.log_path, log_dir.join("app.log").display().to_string());
 
-    let out = exec(&daemon, &cid, &["echo", "exec-ok"], 10).await.unwrap();
+    let out = daemon.exec(&cid, &["echo", "exec-ok"], 10).await.unwrap();
     assert_eq!(out.exit_code, 0);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "exec-ok\n");
-    let out = exec(&daemon, &cid, &["sh", "-c", "echo err >&2; exit 3"], 10).await.unwrap();
+    let out = daemon.exec(&cid, &["sh", "-c", "echo err >&2; exit 3"], 10).await.unwrap();
     assert_eq!(out.exit_code, 3);
     assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
-    let timed_out = exec(&daemon, &cid, &["sleep", "30"], 1).await.unwrap_err();
+    let timed_out = daemon.exec(&cid, &["sleep", "30"], 1).await.unwrap_err();
     assert_eq!(timed_out.code(), tonic::Code::DeadlineExceeded, "{timed_out}");
     // The guest clock follows the host's (the VM has no RTC under TCG).
-    let out = exec(&daemon, &cid, &["date", "+%s"], 10).await.unwrap();
+    let out = daemon.exec(&cid, &["date", "+%s"], 10).await.unwrap();
     let guest_now: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     let host_now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
             as i64;
     assert!((guest_now - host_now).abs() < 120, "guest clock {guest_now} vs host {host_now}");
     // The pod's hostname is the VM's.
-    let out = exec(&daemon, &cid, &["hostname"], 10).await.unwrap();
+    let out = daemon.exec(&cid, &["hostname"], 10).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "web");
 
     // The CRI log holds both streams in kubelet's format.
@@ -218,7 +129,7 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
         stop_took >= Duration::from_secs(2),
         "SIGTERM was ignored, so stop must wait the timeout: {stop_took:?}"
     );
-    let st = container_status(&daemon, &cid).await;
+    let st = daemon.container_status(&cid).await;
     assert_eq!(st.state, cri::ContainerState::ContainerExited as i32);
     assert_eq!(st.exit_code, 137, "killed by SIGKILL");
     assert!(st.finished_at >= st.started_at);
@@ -228,18 +139,18 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
         .unwrap();
 
     // A container that exits by itself reports its code.
-    let quick = create_and_start(
-        &daemon,
-        &pod,
-        &pod_cfg,
-        container_config("quick", &image, &["/bin/sh", "-c", "exit 7"]),
-    )
-    .await;
+    let quick = daemon
+        .create_and_start(
+            &pod,
+            &pod_cfg,
+            container_config("quick", &image, &["/bin/sh", "-c", "exit 7"]),
+        )
+        .await;
     let code = wait_for(Duration::from_secs(20), || {
         let daemon = &daemon;
         let quick = quick.clone();
         async move {
-            let st = container_status(daemon, &quick).await;
+            let st = daemon.container_status(&quick).await;
             (st.state == cri::ContainerState::ContainerExited as i32).then_some(st.exit_code)
         }
     })
@@ -254,9 +165,9 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
         .unwrap_err();
     assert_eq!(gone.code(), tonic::Code::NotFound);
 
-    remove_pod(&daemon, &pod).await;
+    daemon.remove_pod(&pod).await;
     // Idempotent, and unknown ids are not errors either.
-    remove_pod(&daemon, &pod).await;
+    daemon.remove_pod(&pod).await;
     let pods = rt
         .list_pod_sandbox(cri::ListPodSandboxRequest::default())
         .await
@@ -275,23 +186,23 @@ async fn two_pods_run_in_parallel() {
     let registry = TestRegistry::start().unwrap();
     let image = registry.push_busybox("busybox:par").unwrap();
     let daemon = TestDaemon::start("").await.unwrap();
-    pull(&daemon, &image).await;
+    daemon.pull(&image).await;
     let log_dir = daemon.dir.path().join("logs");
     let ((a, a_cfg), (b, b_cfg)) =
-        tokio::join!(run_pod(&daemon, "pod-a", &log_dir), run_pod(&daemon, "pod-b", &log_dir));
+        tokio::join!(daemon.run_pod("pod-a", &log_dir), daemon.run_pod("pod-b", &log_dir));
     assert_ne!(a, b);
     let cmd = ["/bin/sh", "-c", "echo up; sleep 3600"];
     let (ca, cb) = tokio::join!(
-        create_and_start(&daemon, &a, &a_cfg, container_config("c", &image, &cmd)),
-        create_and_start(&daemon, &b, &b_cfg, container_config("c", &image, &cmd))
+        daemon.create_and_start(&a, &a_cfg, container_config("c", &image, &cmd)),
+        daemon.create_and_start(&b, &b_cfg, container_config("c", &image, &cmd))
     );
     // Each pod is its own VM: hostnames differ, and a file written in one is not in the other.
     let (ha, hb) =
-        tokio::join!(exec(&daemon, &ca, &["hostname"], 10), exec(&daemon, &cb, &["hostname"], 10));
+        tokio::join!(daemon.exec(&ca, &["hostname"], 10), daemon.exec(&cb, &["hostname"], 10));
     assert_eq!(String::from_utf8_lossy(&ha.unwrap().stdout).trim(), "pod-a");
     assert_eq!(String::from_utf8_lossy(&hb.unwrap().stdout).trim(), "pod-b");
-    exec(&daemon, &ca, &["sh", "-c", "echo secret > /tmp/mark"], 10).await.unwrap();
-    let other = exec(&daemon, &cb, &["cat", "/tmp/mark"], 10).await.unwrap();
+    daemon.exec(&ca, &["sh", "-c", "echo secret > /tmp/mark"], 10).await.unwrap();
+    let other = daemon.exec(&cb, &["cat", "/tmp/mark"], 10).await.unwrap();
     assert_ne!(other.exit_code, 0);
 
     let mut rt = daemon.runtime().await.unwrap();
@@ -309,7 +220,7 @@ async fn two_pods_run_in_parallel() {
     assert_eq!(only_a.len(), 1);
     assert_eq!(only_a[0].id, a);
 
-    tokio::join!(remove_pod(&daemon, &a), remove_pod(&daemon, &b));
+    tokio::join!(daemon.remove_pod(&a), daemon.remove_pod(&b));
     daemon.assert_nothing_left();
 }
 
@@ -321,18 +232,18 @@ async fn daemon_restart_keeps_pods_running() {
     let registry = TestRegistry::start().unwrap();
     let image = registry.push_busybox("busybox:restart").unwrap();
     let mut daemon = TestDaemon::start("").await.unwrap();
-    pull(&daemon, &image).await;
+    daemon.pull(&image).await;
     let log_dir = daemon.dir.path().join("logs");
-    let (pod, pod_cfg) = run_pod(&daemon, "survivor", &log_dir).await;
+    let (pod, pod_cfg) = daemon.run_pod("survivor", &log_dir).await;
     let script = "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.5; done";
-    let cid = create_and_start(
-        &daemon,
-        &pod,
-        &pod_cfg,
-        container_config("ticker", &image, &["/bin/sh", "-c", script]),
-    )
-    .await;
-    exec(&daemon, &cid, &["sh", "-c", "echo kept > /tmp/state"], 10).await.unwrap();
+    let cid = daemon
+        .create_and_start(
+            &pod,
+            &pod_cfg,
+            container_config("ticker", &image, &["/bin/sh", "-c", script]),
+        )
+        .await;
+    daemon.exec(&cid, &["sh", "-c", "echo kept > /tmp/state"], 10).await.unwrap();
 
     // A crash of the daemon does not take the pod down.
     daemon.kill();
@@ -348,9 +259,9 @@ async fn daemon_restart_keeps_pods_running() {
         .items;
     assert_eq!(pods.len(), 1);
     assert_eq!(pods[0].state, cri::PodSandboxState::SandboxReady as i32);
-    let st = container_status(&daemon, &cid).await;
+    let st = daemon.container_status(&cid).await;
     assert_eq!(st.state, cri::ContainerState::ContainerRunning as i32);
-    let out = exec(&daemon, &cid, &["cat", "/tmp/state"], 10).await.unwrap();
+    let out = daemon.exec(&cid, &["cat", "/tmp/state"], 10).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
 
     // Logging resumes after the restart.
@@ -366,7 +277,7 @@ async fn daemon_restart_keeps_pods_running() {
     .await;
     assert!(grew.is_some(), "log did not grow after restart:\n{}", daemon.log_tail());
 
-    remove_pod(&daemon, &pod).await;
+    daemon.remove_pod(&pod).await;
     daemon.assert_nothing_left();
 }
 
