@@ -143,6 +143,25 @@ async fn image_root_filesystems_in_a_vm() {
         .await;
     assert_eq!(pod.sh(&overridden, "id -u").await.1, "4321\n");
 
+    // CPU and memory limits reach the container's cgroup in the guest.
+    let limited = pod
+        .run("limited", &layered, |c| {
+            c.linux = Some(cri::LinuxContainerConfig {
+                resources: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: 64 * 1024 * 1024,
+                    cpu_quota: 50_000,
+                    cpu_period: 100_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        })
+        .await;
+    assert_eq!(
+        pod.sh(&limited, "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max").await.1,
+        "67108864\n50000 100000\n"
+    );
+
     // A multi-arch index runs its linux/amd64 image.
     let arch = pod.run("multiarch", &multiarch, |_| {}).await;
     assert_eq!(pod.sh(&arch, "cat /arch").await.1, "amd64\n");
