@@ -58,7 +58,8 @@ lint:
 ## test: the same set-up, then every test (unit, agent-on-host, device models, KVM, e2e).
 test: build-debug kernel guest lint
 	PODVISOR_REQUIRE_E2E=1 PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux \
-		PODVISOR_INITRD=$(BUILD)/initramfs.cpio cargo test --workspace -- --test-threads=2
+		PODVISOR_INITRD=$(BUILD)/initramfs.cpio PODVISOR_INITRAMFS=$(BUILD)/initramfs.cpio \
+		PODVISOR_AGENT=$(BUILD)/podvisor-agent cargo test --workspace -- --test-threads=2
 	@# Say why the built-in VMM's full boot test was skipped (or that it ran), uncaptured.
 	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
 		cargo test -p podvisor --bin podvisor full_boot -- --nocapture

@@ -173,14 +173,14 @@ mod tests {
         assert_eq!(accepts.await.unwrap(), 3);
     }
 
-    /// The real agent in host mode (env `PODVISOR_AGENT`, default
-    /// `/work/main/build/podvisor-agent`): connect_unix waits for it, and after the agent is
+    /// The real agent in host mode (env `PODVISOR_AGENT`, default `build/podvisor-agent` in
+    /// the repository): connect_unix waits for it, and after the agent is
     /// restarted the same client reconnects on its next RPC.
     #[tokio::test]
     async fn reconnects_after_the_agent_restarts() {
-        let agent = std::env::var_os("PODVISOR_AGENT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/work/main/build/podvisor-agent".into());
+        let agent = std::env::var_os("PODVISOR_AGENT").map(PathBuf::from).unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/podvisor-agent")
+        });
         if !agent.is_file() {
             let reason = format!("{} not found (set PODVISOR_AGENT)", agent.display());
             assert!(std::env::var("PODVISOR_REQUIRE_E2E").as_deref() != Ok("1"), "{reason}");

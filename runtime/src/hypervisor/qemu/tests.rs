@@ -1,6 +1,6 @@
 //! Boots real QEMU/TCG guests. Artefacts: the guest kernel (env `PODVISOR_KERNEL`, default
-//! `/work/main/build/vmlinux`), the agent initramfs (env `PODVISOR_INITRD`, default
-//! `/work/main/build/initramfs.cpio`), and for the busybox guests `/bin/busybox` (static) and
+//! `build/vmlinux` in the repository), the agent initramfs (env `PODVISOR_INITRD`, default
+//! `build/initramfs.cpio`), and for the busybox guests `/bin/busybox` (static) and
 //! `cpio`. A test whose artefact is absent skips with a reason, unless `PODVISOR_REQUIRE_E2E=1`.
 
 use std::path::{Path, PathBuf};
@@ -17,7 +17,9 @@ fn require_e2e() -> bool {
 /// Returns the artefact, or None after printing why the test skips (panics under
 /// PODVISOR_REQUIRE_E2E=1).
 fn artefact(env: &str, default: &str) -> Option<PathBuf> {
-    let path = std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| default.into());
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(default));
     if path.is_file() {
         return Some(path);
     }
@@ -28,7 +30,7 @@ fn artefact(env: &str, default: &str) -> Option<PathBuf> {
 }
 
 fn kernel() -> Option<PathBuf> {
-    artefact("PODVISOR_KERNEL", "/work/main/build/vmlinux")
+    artefact("PODVISOR_KERNEL", "build/vmlinux")
 }
 
 fn hypervisor() -> Option<QemuHypervisor> {
@@ -276,7 +278,7 @@ fn missing_binary_has_an_install_hint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_answers_ping_then_shuts_the_vm_down() {
     let (Some(kernel), Some(hv)) = (kernel(), hypervisor()) else { return };
-    let Some(initrd) = artefact("PODVISOR_INITRD", "/work/main/build/initramfs.cpio") else {
+    let Some(initrd) = artefact("PODVISOR_INITRD", "build/initramfs.cpio") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
