@@ -71,10 +71,10 @@ impl BuiltinLayout {
         self.run_dir.join("control.sock")
     }
     pub fn vsock_uds(&self) -> PathBuf {
-        self.run_dir.join("vsock.sock")
+        super::process::vsock_uds(&self.run_dir)
     }
     pub fn virtiofs_socket(&self, tag: &str) -> PathBuf {
-        self.run_dir.join(format!("virtiofs-{tag}.sock"))
+        super::process::virtiofs_socket(&self.run_dir, tag)
     }
     pub fn log(&self, name: &str) -> PathBuf {
         self.run_dir.join(format!("{name}.log"))
@@ -167,24 +167,9 @@ impl BuiltinHypervisor {
     ) -> Result<()> {
         let layout = BuiltinLayout::new(&config.run_dir);
         let deadline = Instant::now() + self.config.startup_timeout;
-        for dir in &config.shared_dirs {
-            let name = format!("virtiofsd-{}", dir.tag);
-            let mut socket = OsString::from("--socket-path=");
-            socket.push(layout.virtiofs_socket(&dir.tag));
-            let mut shared = OsString::from("--shared-dir=");
-            shared.push(&dir.host_path);
-            let mut args = vec![socket, shared, format!("--cache={}", dir.cache).into()];
-            if dir.read_only {
-                args.push("--readonly".into());
-            }
-            starting.spawn(
-                &name,
-                self.config.virtiofsd_binary.as_os_str(),
-                &args,
-                layout.log(&name),
-            )?;
-            starting.wait_for_path(&name, &layout.virtiofs_socket(&dir.tag), deadline).await?;
-        }
+        starting
+            .start_virtiofsds(self.config.virtiofsd_binary.as_os_str(), config, deadline)
+            .await?;
 
         let config_path = layout.config();
         let json = serde_json::to_vec_pretty(vmm).map_err(|e| {

@@ -3,7 +3,7 @@
 //! Firecracker-style hybrid-vsock unix socket to reach the guest agent (see [`vsock`]).
 
 pub mod builtin;
-mod process;
+pub(crate) mod process;
 pub mod qemu;
 pub mod vsock;
 

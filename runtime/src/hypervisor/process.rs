@@ -13,8 +13,32 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use super::{
-    process_start_time, terminate_processes, HypervisorError, Result, VmConfig, VmProcess,
+    process_start_time, terminate_processes, HypervisorError, Result, SharedDir, VmConfig,
+    VmProcess,
 };
+
+/// The hybrid-vsock socket every backend creates in the VM's run directory.
+pub fn vsock_uds(run_dir: &Path) -> PathBuf {
+    run_dir.join("vsock.sock")
+}
+
+/// The vhost-user socket of the virtiofsd serving `tag`.
+pub fn virtiofs_socket(run_dir: &Path, tag: &str) -> PathBuf {
+    run_dir.join(format!("virtiofs-{tag}.sock"))
+}
+
+/// virtiofsd's arguments for one shared directory (no `--tag`: QEMU 7.2 warns about it).
+pub fn virtiofsd_args(run_dir: &Path, dir: &SharedDir) -> Vec<OsString> {
+    let mut socket = OsString::from("--socket-path=");
+    socket.push(virtiofs_socket(run_dir, &dir.tag));
+    let mut shared = OsString::from("--shared-dir=");
+    shared.push(&dir.host_path);
+    let mut args = vec![socket, shared, format!("--cache={}", dir.cache).into()];
+    if dir.read_only {
+        args.push("--readonly".into());
+    }
+    args
+}
 
 /// Creates the run directory (private) and the console log's directory, and removes the
 /// sockets a previous run may have left, so that a socket appearing means this run made it.
@@ -136,6 +160,24 @@ impl Starting {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Starts one virtiofsd per shared directory (both backends use vhost-user-fs) and waits
+    /// for each socket.
+    pub async fn start_virtiofsds(
+        &mut self,
+        binary: &OsStr,
+        config: &VmConfig,
+        deadline: Instant,
+    ) -> Result<()> {
+        for dir in &config.shared_dirs {
+            let name = format!("virtiofsd-{}", dir.tag);
+            let log = config.run_dir.join(format!("{name}.log"));
+            self.spawn(&name, binary, &virtiofsd_args(&config.run_dir, dir), log)?;
+            self.wait_for_path(&name, &virtiofs_socket(&config.run_dir, &dir.tag), deadline)
+                .await?;
+        }
+        Ok(())
     }
 
     /// The log file of the process named `name`.

@@ -5,7 +5,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use crate::hypervisor::{HypervisorError, Result, SharedDir, VmConfig};
+use crate::hypervisor::{HypervisorError, Result, VmConfig};
 
 /// The guest's vsock context id. Every VM has its own vhost-device-vsock, so all can use 3.
 pub const GUEST_CID: u32 = 3;
@@ -45,23 +45,20 @@ impl RunDirLayout {
     }
     /// The hybrid-vsock socket the host connects to.
     pub fn vsock_uds(&self) -> PathBuf {
-        self.run_dir.join("vsock.sock")
+        super::super::process::vsock_uds(&self.run_dir)
     }
     /// QEMU's QMP monitor: its greeting tells that the machine is built and running.
     pub fn qmp_socket(&self) -> PathBuf {
         self.run_dir.join("qmp.sock")
     }
     pub fn virtiofs_socket(&self, tag: &str) -> PathBuf {
-        self.run_dir.join(format!("virtiofs-{tag}.sock"))
+        super::super::process::virtiofs_socket(&self.run_dir, tag)
     }
     pub fn qemu_log(&self) -> PathBuf {
         self.run_dir.join("qemu.log")
     }
     pub fn vhost_vsock_log(&self) -> PathBuf {
         self.run_dir.join("vhost-device-vsock.log")
-    }
-    pub fn virtiofsd_log(&self, tag: &str) -> PathBuf {
-        self.run_dir.join(format!("virtiofsd-{tag}.log"))
     }
 }
 
@@ -180,19 +177,6 @@ pub fn vhost_vsock_args(layout: &RunDirLayout) -> Vec<OsString> {
     ]
 }
 
-/// `virtiofsd` for one shared directory. No `--tag`: QEMU 7.x names the tag itself.
-pub fn virtiofsd_args(layout: &RunDirLayout, dir: &SharedDir) -> Vec<OsString> {
-    let mut socket = OsString::from("--socket-path=");
-    socket.push(layout.virtiofs_socket(&dir.tag));
-    let mut shared = OsString::from("--shared-dir=");
-    shared.push(&dir.host_path);
-    let mut args = vec![socket, shared, format!("--cache={}", dir.cache).into()];
-    if dir.read_only {
-        args.push("--readonly".into());
-    }
-    args
-}
-
 /// The guest kernel command line: ours, then the caller's extra arguments. `reboot=t` makes a
 /// guest reboot a triple fault, which `-no-reboot` turns into QEMU exiting: that is how the
 /// guest powers off (microvm without ACPI has no power-off device).
@@ -295,7 +279,7 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout, accel: ResolvedAccel)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hypervisor::{BlockDevice, NetDevice};
+    use crate::hypervisor::{BlockDevice, NetDevice, SharedDir};
 
     fn config(dir: &Path) -> VmConfig {
         let kernel = dir.join("vmlinux");
@@ -388,7 +372,7 @@ mod tests {
              -device virtio-net-device,netdev=net-eth0,mac=02:00:00:00:00:01"
         ));
         assert_eq!(
-            joined(&virtiofsd_args(&layout, &cfg.shared_dirs[0])),
+            joined(&crate::hypervisor::process::virtiofsd_args(&layout.run_dir, &cfg.shared_dirs[0])),
             format!(
                 "--socket-path={run}/virtiofs-podvisor.sock --shared-dir={} --cache=always --readonly",
                 tmp.path().display()

@@ -113,16 +113,7 @@ impl QemuHypervisor {
             .await?;
         starting.wait_for_path("vhost-device-vsock", &layout.vsock_uds(), deadline).await?;
 
-        for dir in &config.shared_dirs {
-            let name = format!("virtiofsd-{}", dir.tag);
-            starting.spawn(
-                &name,
-                self.virtiofsd.as_os_str(),
-                &args::virtiofsd_args(&layout, dir),
-                layout.virtiofsd_log(&dir.tag),
-            )?;
-            starting.wait_for_path(&name, &layout.virtiofs_socket(&dir.tag), deadline).await?;
-        }
+        starting.start_virtiofsds(self.virtiofsd.as_os_str(), config, deadline).await?;
 
         starting.spawn(
             "qemu",
