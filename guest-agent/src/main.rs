@@ -205,6 +205,35 @@ fn guest_main() -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// Tells the host the agent listens, by connecting to host port
+/// [`podvisor_proto::AGENT_READY_VSOCK_PORT`]: the host dials the agent only after that, so it
+/// never connects while the guest's vsock device is still being set up.
+async fn announce_ready() {
+    use tokio::io::AsyncWriteExt;
+    let host =
+        tokio_vsock::VsockAddr::new(libc::VMADDR_CID_HOST, podvisor_proto::AGENT_READY_VSOCK_PORT);
+    let mut last_error = None;
+    // The host binds its end before the VM starts; retries only cover a transient failure.
+    for _ in 0..20 {
+        match tokio_vsock::VsockStream::connect(host).await {
+            Ok(mut stream) => {
+                match stream.write_all(podvisor_proto::AGENT_READY_LINE.as_bytes()).await {
+                    Ok(()) => {
+                        let _ = stream.shutdown(std::net::Shutdown::Write);
+                        return;
+                    }
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            Err(e) => last_error = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(e) = last_error {
+        tracing::warn!("could not tell the host the agent is ready: {e}");
+    }
+}
+
 async fn serve_guest(paths: Paths, log: File) -> Result<(), MainError> {
     let reaper = Reaper::default();
     reaper.spawn().map_err(MainError::Reaper)?;
@@ -214,6 +243,7 @@ async fn serve_guest(paths: Paths, log: File) -> Result<(), MainError> {
         MainError::Bind(format!("vsock port {}", podvisor_proto::AGENT_VSOCK_PORT), e)
     })?;
     tracing::info!(port = podvisor_proto::AGENT_VSOCK_PORT, "podvisor-agent serving on vsock");
+    tokio::spawn(announce_ready());
     tonic::transport::Server::builder()
         .add_service(AgentServer::new(AgentService::new(agent)))
         .serve_with_incoming(listener.incoming())

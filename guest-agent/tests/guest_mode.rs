@@ -73,6 +73,7 @@ fn artefacts() -> Result<Artefacts, String> {
 struct Vm {
     children: Vec<Child>,
     dir: tempfile::TempDir,
+    ready: Option<tokio::net::UnixListener>,
 }
 
 impl Drop for Vm {
@@ -109,8 +110,14 @@ async fn boot(a: &Artefacts) -> Vm {
     for applet in ["sh", "echo", "cat", "hostname", "sleep", "touch", "ls"] {
         std::os::unix::fs::symlink("busybox", layer.join("bin").join(applet)).unwrap();
     }
-    let mut vm = Vm { children: Vec::new(), dir };
-    let d = vm.dir.path().to_path_buf();
+    let d = dir.path().to_path_buf();
+    // The agent announces itself here (host port 1025) once it listens; the host must not
+    // dial a guest whose vsock device is still coming up (see AGENT_READY_VSOCK_PORT).
+    let ready = tokio::net::UnixListener::bind(
+        d.join(format!("vm.vsock_{}", podvisor_proto::AGENT_READY_VSOCK_PORT)),
+    )
+    .unwrap();
+    let mut vm = Vm { children: Vec::new(), dir, ready: Some(ready) };
     vm.children.push(
         Command::new(&a.vsock)
             .arg("--guest-cid=3")
@@ -185,8 +192,13 @@ async fn hybrid_vsock(path: PathBuf) -> std::io::Result<tokio::net::UnixStream> 
     Ok(stream)
 }
 
-async fn connect(vm: &Vm) -> AgentClient<Channel> {
+async fn connect(vm: &mut Vm) -> AgentClient<Channel> {
     let deadline = Instant::now() + Duration::from_secs(90);
+    let ready = vm.ready.take().unwrap();
+    match tokio::time::timeout(Duration::from_secs(90), ready.accept()).await {
+        Ok(accepted) => drop(accepted.unwrap()),
+        Err(_) => panic!("agent did not announce itself; console:\n{}", vm.console()),
+    }
     let path = vm.dir.path().join("vm.vsock");
     loop {
         let p = path.clone();
@@ -235,8 +247,8 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
         }
     };
     let started = Instant::now();
-    let vm = boot(&a).await;
-    let mut client = connect(&vm).await;
+    let mut vm = boot(&a).await;
+    let mut client = connect(&mut vm).await;
     eprintln!("agent answered after {:?}", started.elapsed());
 
     client

@@ -12,6 +12,17 @@ pub mod agent {
 /// The guest vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The host vsock port (CID 2) the agent connects to once it listens on [`AGENT_VSOCK_PORT`],
+/// writing [`AGENT_READY_LINE`]. Through the hybrid vsock this reaches the unix socket
+/// `<vsock uds>_1025`, on which the host waits instead of dialling a guest that is still
+/// booting: a host-initiated connect that lands while the guest driver is bringing the vsock
+/// device up can wedge vhost-device-vsock 0.3 for good (its worker thread exits on the
+/// "queue not ready" error), and polling also costs up to one retry interval of start latency.
+pub const AGENT_READY_VSOCK_PORT: u32 = 1025;
+
+/// What the agent writes on its [`AGENT_READY_VSOCK_PORT`] connection.
+pub const AGENT_READY_LINE: &str = "podvisor-agent ready\n";
+
 /// Where the agent mounts the sandbox's shared filesystem (virtio-fs tag [`SHARED_FS_TAG`]).
 pub const GUEST_SHARED_DIR: &str = "/run/podvisor/shared";
 

@@ -1,9 +1,13 @@
 //! The host's gRPC client of `podvisor-agent`.
 //!
 //! The agent is reached through the VM's hybrid-vsock socket ([`connect`]) or, when it runs on
-//! the host in tests, through a plain unix socket ([`connect_unix`]). Both wait for the agent:
-//! right after [`Hypervisor::start`](crate::hypervisor::Hypervisor::start) the guest is still
-//! booting, so they retry until `Ping` answers or the timeout passes.
+//! the host in tests, through a plain unix socket ([`connect_unix`]).
+//!
+//! A booting guest is not dialled: the host binds [`listen_for_ready`] before
+//! [`Hypervisor::start`](crate::hypervisor::Hypervisor::start) and [`connect_after_boot`] waits
+//! until the agent connects to it (see [`podvisor_proto::AGENT_READY_VSOCK_PORT`] for why), then
+//! dials once. [`connect`] itself retries until `Ping` answers, for agents already up (after a
+//! daemon restart) whose stream broke.
 //!
 //! Reconnection: the returned client's [`Channel`] owns one HTTP/2 connection over one stream.
 //! If that stream breaks (agent restarted, VM gone), the RPCs in flight fail with an error
@@ -19,7 +23,8 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use podvisor_proto::agent::agent_client::AgentClient;
 use podvisor_proto::agent::PingRequest;
-use tokio::net::UnixStream;
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -39,6 +44,88 @@ pub enum AgentClientError {
         "the agent behind {path} did not answer Ping within {timeout:?} (last error: {last_error})"
     )]
     Timeout { path: PathBuf, timeout: Duration, last_error: String },
+    #[error("listening for the agent's ready connection: {0}")]
+    ReadyListen(#[from] crate::hypervisor::HypervisorError),
+    #[error("accepting the agent's ready connection on {path}: {source}")]
+    ReadyAccept { path: PathBuf, source: std::io::Error },
+    #[error("the agent did not announce itself on host vsock port {port} within {timeout:?}")]
+    NotReady { port: u32, timeout: Duration },
+    #[error("the VM exited before its agent announced itself")]
+    VmExited,
+}
+
+/// The host's end of the agent's "ready" connection: bound before the VM starts.
+pub struct ReadyListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Listens for the agent of the VM whose hybrid-vsock socket will be `vsock_uds` to announce
+/// itself. The socket's directory must exist; call before the VM starts.
+pub fn listen_for_ready(vsock_uds: &Path) -> Result<ReadyListener, AgentClientError> {
+    let port = podvisor_proto::AGENT_READY_VSOCK_PORT;
+    let listener = vsock::listen_guest_to_host(vsock_uds, port)?;
+    Ok(ReadyListener { listener, path: vsock::guest_to_host_path(vsock_uds, port) })
+}
+
+/// Waits until the booting VM's agent announces itself on `ready` (or `vm_alive` says the VM
+/// is gone, or `timeout` passes), then connects to it through `vsock_uds`.
+pub async fn connect_after_boot(
+    ready: ReadyListener,
+    vsock_uds: &Path,
+    timeout: Duration,
+    vm_alive: impl Fn() -> bool,
+) -> Result<AgentClient<Channel>, AgentClientError> {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    {
+        let accept = ready.listener.accept();
+        tokio::pin!(accept);
+        loop {
+            tokio::select! {
+                accepted = &mut accept => {
+                    let (mut stream, _) = accepted.map_err(|source| AgentClientError::ReadyAccept {
+                        path: ready.path.clone(),
+                        source,
+                    })?;
+                    // Only the connection matters; the line is read for the debug log.
+                    let mut line = [0u8; 64];
+                    let n = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut line))
+                        .await
+                        .ok()
+                        .and_then(|r| r.ok())
+                        .unwrap_or(0);
+                    tracing::debug!(
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        line = %String::from_utf8_lossy(&line[..n]).trim_end(),
+                        "agent announced itself"
+                    );
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                    if !vm_alive() {
+                        return Err(AgentClientError::VmExited);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(AgentClientError::NotReady {
+                            port: podvisor_proto::AGENT_READY_VSOCK_PORT,
+                            timeout,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    drop(ready);
+    // The agent listens by now; the retries only cover a slow first answer.
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    connect(vsock_uds, remaining.max(Duration::from_secs(10))).await
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

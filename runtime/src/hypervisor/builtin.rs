@@ -395,8 +395,16 @@ mod tests {
         config.extra_kernel_args = String::new();
         let hv = BuiltinHypervisor::new(BuiltinConfig { vmm_command, ..BuiltinConfig::default() })
             .unwrap();
+        std::fs::create_dir_all(&config.run_dir).unwrap();
+        let ready = crate::agent_client::listen_for_ready(&config.vsock_uds()).unwrap();
         let vm = hv.start(&config).await.unwrap();
-        let client = crate::agent_client::connect(&vm.vsock_uds, Duration::from_secs(60)).await;
+        let client = crate::agent_client::connect_after_boot(
+            ready,
+            &vm.vsock_uds,
+            Duration::from_secs(60),
+            || hv.is_running(&vm),
+        )
+        .await;
         let console = std::fs::read_to_string(&config.console_log).unwrap_or_default();
         hv.stop(&vm, Duration::from_secs(5)).await.unwrap();
         client.unwrap_or_else(|e| panic!("agent did not answer: {e}\nconsole:\n{console}"));

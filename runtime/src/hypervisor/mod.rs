@@ -30,6 +30,8 @@ pub enum HypervisorError {
     Stop(String),
     #[error("connecting to guest vsock port {port} through {path}: {source}")]
     VsockConnect { port: u32, path: PathBuf, source: std::io::Error },
+    #[error("listening for guest vsock connections on {path}: {source}")]
+    VsockListen { path: PathBuf, source: std::io::Error },
     #[error("guest vsock port {port} refused the connection (answer {answer:?})")]
     VsockRefused { port: u32, answer: String },
     #[error("invalid VM configuration: {0}")]
@@ -86,6 +88,14 @@ pub struct VmConfig {
     pub net_devices: Vec<NetDevice>,
 }
 
+impl VmConfig {
+    /// The VM's hybrid-vsock unix socket, the same on every backend; its guest-to-host
+    /// listeners (`<uds>_<port>`) may be bound before [`Hypervisor::start`].
+    pub fn vsock_uds(&self) -> PathBuf {
+        process::vsock_uds(&self.run_dir)
+    }
+}
+
 /// A host process that belongs to a VM, identified so that a restarted daemon does not signal an
 /// unrelated process that reused the pid.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -114,7 +124,9 @@ pub trait Hypervisor: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Boots a VM and returns once the VMM runs and its vsock socket exists (the agent inside
-    /// may still be booting: callers retry the agent connection).
+    /// may still be booting: it announces itself on host vsock port
+    /// [`podvisor_proto::AGENT_READY_VSOCK_PORT`]). Leaves the run directory's other files
+    /// alone, so listeners bound there before the start survive it.
     async fn start(&self, config: &VmConfig) -> Result<VmHandle>;
 
     /// Stops the VM's processes: SIGTERM, then SIGKILL after `grace`. Stopping a VM that is

@@ -3,10 +3,10 @@
 //! the guest's AF_VSOCK connection. vhost-device-vsock (QEMU backend) and the built-in VMM's
 //! vsock muxer both speak it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use tokio::net::{UnixListener, UnixStream};
 
 use super::{HypervisorError, Result};
 
@@ -36,4 +36,48 @@ pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream> {
         port,
         answer: String::from_utf8_lossy(&answer).into_owned(),
     })
+}
+
+/// Where guest-initiated connections to host vsock `port` arrive: `<uds>_<port>`.
+pub fn guest_to_host_path(uds: &Path, port: u32) -> PathBuf {
+    let mut path = uds.as_os_str().to_owned();
+    path.push(format!("_{port}"));
+    PathBuf::from(path)
+}
+
+/// Listens for guest-initiated connections to host vsock `port` of the VM whose hybrid-vsock
+/// socket is `uds` (replacing a stale socket file). Bind before the VM boots.
+pub fn listen_guest_to_host(uds: &Path, port: u32) -> Result<UnixListener> {
+    let path = guest_to_host_path(uds, port);
+    let io_err = |source| HypervisorError::VsockListen { path: path.clone(), source };
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(e)),
+        _ => {}
+    }
+    UnixListener::bind(&path).map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_to_host_path_appends_the_port() {
+        assert_eq!(
+            guest_to_host_path(Path::new("/run/vms/ab/vsock.sock"), 1025),
+            PathBuf::from("/run/vms/ab/vsock.sock_1025")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_guest_to_host_listener_replaces_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        drop(listen_guest_to_host(&uds, 1025).unwrap());
+        let listener = listen_guest_to_host(&uds, 1025).unwrap();
+        let path = guest_to_host_path(&uds, 1025);
+        let client = tokio::spawn(async move { UnixStream::connect(path).await.unwrap() });
+        listener.accept().await.unwrap();
+        client.await.unwrap();
+    }
 }

@@ -10,6 +10,7 @@ pub mod spec;
 pub mod container;
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -346,6 +347,8 @@ impl SandboxManager {
                 lock(&self.state).sandboxes.remove(&id);
                 let _ = store::remove_path(&self.sandbox_record_dir(&id));
                 let _ = store::remove_path(&self.sandbox_state_dir(&id));
+                // Made before the VM started, so left when the start itself failed.
+                let _ = store::remove_path(&self.vm_run_dir(&id));
                 lock(&self.sandbox_locks).remove(&id);
                 Err(e)
             }
@@ -382,24 +385,44 @@ impl SandboxManager {
             block_devices: vec![],
             net_devices: vec![],
         };
+        // Listen for the agent's "ready" before the guest can send it (see
+        // AGENT_READY_VSOCK_PORT: the host must not dial a guest that is still booting).
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&vm_config.run_dir).map_err(
+            |source| HypervisorError::RunDir { path: vm_config.run_dir.clone(), source },
+        )?;
+        let ready = crate::agent_client::listen_for_ready(&vm_config.vsock_uds()).map_err(|e| {
+            SandboxError::AgentConnect { sandbox: id.to_string(), message: e.to_string() }
+        })?;
         let vm = self.hypervisor.start(&vm_config).await?;
-        self.update_sandbox(id, |r| r.vm = Some(vm))?;
-        let mut agent =
-            match self.agent(id, Duration::from_secs(self.config.vm.boot_timeout_seconds)).await {
-                Ok(agent) => agent,
-                // The console is removed with the failed sandbox: keep its end in the error.
-                Err(SandboxError::AgentConnect { sandbox, message }) => {
-                    let console =
-                        std::fs::read_to_string(&vm_config.console_log).unwrap_or_default();
-                    let lines: Vec<&str> = console.lines().collect();
-                    let tail = lines[lines.len().saturating_sub(15)..].join("\n");
-                    return Err(SandboxError::AgentConnect {
-                        sandbox,
-                        message: format!("{message}; guest console ends with:\n{tail}"),
-                    });
-                }
-                Err(e) => return Err(e),
-            };
+        self.update_sandbox(id, |r| r.vm = Some(vm.clone()))?;
+        let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
+        let hypervisor = self.hypervisor.clone();
+        let connected =
+            crate::agent_client::connect_after_boot(ready, &vm.vsock_uds, boot_timeout, || {
+                hypervisor.is_running(&vm)
+            })
+            .await
+            .map_err(|e| SandboxError::AgentConnect {
+                sandbox: id.to_string(),
+                message: e.to_string(),
+            });
+        if let Ok(client) = &connected {
+            lock(&self.agents).insert(id.to_string(), client.clone());
+        }
+        let mut agent = match connected {
+            Ok(agent) => agent,
+            // The console is removed with the failed sandbox: keep its end in the error.
+            Err(SandboxError::AgentConnect { sandbox, message }) => {
+                let console = std::fs::read_to_string(&vm_config.console_log).unwrap_or_default();
+                let lines: Vec<&str> = console.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                return Err(SandboxError::AgentConnect {
+                    sandbox,
+                    message: format!("{message}; guest console ends with:\n{tail}"),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         agent
             .create_sandbox(pb::CreateSandboxRequest {
                 sandbox_id: id.to_string(),

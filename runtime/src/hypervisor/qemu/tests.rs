@@ -283,19 +283,26 @@ async fn agent_answers_ping_then_shuts_the_vm_down() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let config = vm_config(tmp.path(), kernel, initrd);
+    std::fs::create_dir_all(&config.run_dir).unwrap();
+    let ready = crate::agent_client::listen_for_ready(&config.vsock_uds()).unwrap();
     let started = Instant::now();
     let vm = hv.start(&config).await.unwrap();
     let _kill = KillOnDrop(vm.processes.clone());
     let vmm_up = started.elapsed();
-    let mut agent =
-        match crate::agent_client::connect(&vm.vsock_uds, Duration::from_secs(120)).await {
-            Ok(agent) => agent,
-            Err(e) => {
-                let console = std::fs::read_to_string(&config.console_log).unwrap_or_default();
-                hv.stop(&vm, Duration::from_secs(1)).await.unwrap();
-                panic!("{e}\nconsole:\n{console}");
-            }
-        };
+    let booted = crate::agent_client::connect_after_boot(
+        ready,
+        &vm.vsock_uds,
+        Duration::from_secs(120),
+        || hv.is_running(&vm),
+    );
+    let mut agent = match booted.await {
+        Ok(agent) => agent,
+        Err(e) => {
+            let console = std::fs::read_to_string(&config.console_log).unwrap_or_default();
+            hv.stop(&vm, Duration::from_secs(1)).await.unwrap();
+            panic!("{e}\nconsole:\n{console}");
+        }
+    };
     let boot_to_ping = started.elapsed();
     let pong = agent.ping(podvisor_proto::agent::PingRequest {}).await.unwrap().into_inner();
     println!(
