@@ -33,6 +33,7 @@ pub struct Config {
     pub hypervisor: String,
     pub vm: VmSection,
     pub qemu: QemuSection,
+    pub builtin: BuiltinSection,
     pub images: ImagesSection,
 }
 
@@ -61,6 +62,31 @@ pub struct QemuSection {
     pub virtiofsd: PathBuf,
 }
 
+/// The built-in VMM's confinement.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BuiltinSection {
+    /// Run each VMM unprivileged in its own mount namespace (needs the daemon to run as root).
+    pub jail: bool,
+    /// Each VM's VMM gets its own uid (= gid) from `jail_first_id .. jail_first_id + jail_ids`,
+    /// so one VMM cannot signal or ptrace another.
+    pub jail_first_id: u32,
+    pub jail_ids: u32,
+    /// `trap`, `kill`, `log` or `off`: what a syscall outside a VMM thread's allowlist does.
+    pub seccomp: podvisor_vmm::config::SeccompMode,
+}
+
+impl Default for BuiltinSection {
+    fn default() -> Self {
+        Self {
+            jail: true,
+            jail_first_id: 100_000,
+            jail_ids: 65_536,
+            seccomp: podvisor_vmm::config::SeccompMode::Trap,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImagesSection {
@@ -80,6 +106,7 @@ impl Default for Config {
             hypervisor: "auto".into(),
             vm: VmSection::default(),
             qemu: QemuSection::default(),
+            builtin: BuiltinSection::default(),
             images: ImagesSection::default(),
         }
     }
@@ -148,6 +175,17 @@ impl Config {
         if self.vm.memory_mib < 64 {
             return Err(ConfigError::Invalid("vm.memory_mib must be at least 64".into()));
         }
+        if self.builtin.jail
+            && (self.builtin.jail_first_id == 0
+                || self.builtin.jail_ids == 0
+                || self.builtin.jail_first_id.checked_add(self.builtin.jail_ids).is_none())
+        {
+            return Err(ConfigError::Invalid(
+                "builtin.jail_first_id must be above 0 and jail_first_id + jail_ids must fit in \
+                 a u32 (and jail_ids be at least 1)"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -202,6 +240,21 @@ mod tests {
         assert!(Config::parse("hypervisr = \"qemu\"").is_err());
         let c = Config::parse("hypervisor = \"xen\"").unwrap();
         assert!(c.validate().is_err());
+        assert!(Config::parse("[builtin]\nseccomp = \"maybe\"").is_err());
+        for bad in ["jail_first_id = 0", "jail_ids = 0", "jail_first_id = 4294967295"] {
+            let c = Config::parse(&format!("[builtin]\n{bad}")).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_builtin_vmm_is_jailed_by_default() {
+        let c = Config::parse("").unwrap();
+        assert!(c.builtin.jail);
+        assert_eq!((c.builtin.jail_first_id, c.builtin.jail_ids), (100_000, 65_536));
+        let c = Config::parse("[builtin]\njail = false\nseccomp = \"log\"").unwrap();
+        assert!(!c.builtin.jail);
+        assert_eq!(c.builtin.seccomp, podvisor_vmm::config::SeccompMode::Log);
     }
 
     #[test]

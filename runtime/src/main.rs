@@ -21,7 +21,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::hypervisor::builtin::{BuiltinConfig, BuiltinHypervisor};
+use crate::hypervisor::builtin::{BuiltinConfig, BuiltinHypervisor, JailIds};
 use crate::hypervisor::qemu::{Accel, QemuConfig, QemuHypervisor};
 use crate::hypervisor::Hypervisor;
 
@@ -113,8 +113,20 @@ fn select_hypervisor(config: &Config) -> anyhow::Result<(Arc<dyn Hypervisor>, St
         },
     };
     if name == "builtin" {
+        let jail = config.builtin.jail.then_some(JailIds {
+            first: config.builtin.jail_first_id,
+            count: config.builtin.jail_ids,
+        });
+        if jail.is_some() && !nix::unistd::geteuid().is_root() {
+            anyhow::bail!(
+                "the built-in VMM's jail needs the daemon to run as root \
+                 (or set builtin.jail = false in the config)"
+            );
+        }
         let builtin = BuiltinHypervisor::new(BuiltinConfig {
             virtiofsd_binary: config.qemu.virtiofsd.clone(),
+            jail,
+            seccomp: config.builtin.seccomp,
             ..BuiltinConfig::default()
         })?;
         info!(backend = "builtin", reason = %reason, "hypervisor selected");

@@ -34,8 +34,9 @@ pub struct BuiltinConfig {
     /// the `vmm` subcommand.
     pub vmm_command: Vec<OsString>,
     pub virtiofsd_binary: PathBuf,
-    /// `--jail <uid>:<gid>`: the VMM drops to this uid/gid in its own mount namespace.
-    pub jail: Option<(u32, u32)>,
+    /// `--jail <uid>:<gid>` with a uid (= gid) of its own from this range: the VMM drops to it
+    /// in its own mount namespace.
+    pub jail: Option<JailIds>,
     pub seccomp: SeccompMode,
     /// How long the VMM (and virtiofsd) may take to come up.
     pub startup_timeout: Duration,
@@ -52,6 +53,54 @@ impl Default for BuiltinConfig {
             startup_timeout: Duration::from_secs(20),
         }
     }
+}
+
+/// The uids (= gids) jailed VMMs run as: `first .. first + count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailIds {
+    pub first: u32,
+    pub count: u32,
+}
+
+/// Gives `run_dir` to an id from `ids` that owns none of its siblings (the other VMs' run
+/// directories, which their jailed VMMs own), so every running VMM has its own uid. The search
+/// starts at a point derived from `sandbox_id` to keep ids stable-looking and spread.
+/// Callers serialise calls (the ownership is the allocation record, and survives restarts).
+fn assign_jail_id(run_dir: &Path, sandbox_id: &str, ids: JailIds) -> Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let run_dir_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| HypervisorError::RunDir { path, source }
+    };
+    let parent = run_dir.parent().unwrap_or(Path::new("/"));
+    let mut used = std::collections::HashSet::new();
+    for entry in std::fs::read_dir(parent).map_err(run_dir_err(parent))? {
+        let entry = entry.map_err(run_dir_err(parent))?;
+        if entry.path() != run_dir {
+            if let Ok(meta) = entry.metadata() {
+                used.insert(meta.uid());
+            }
+        }
+    }
+    // FNV-1a: any stable spread will do.
+    let start = sandbox_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let count = u64::from(ids.count.max(1));
+    for step in 0..count {
+        let offset = u32::try_from((start + step) % count).unwrap_or(0);
+        let id = ids.first.saturating_add(offset);
+        if !used.contains(&id) {
+            nix::unistd::chown(run_dir, Some(id.into()), Some(id.into())).map_err(|e| {
+                HypervisorError::RunDir { path: run_dir.to_path_buf(), source: e.into() }
+            })?;
+            return Ok(id);
+        }
+    }
+    Err(HypervisorError::InvalidConfig(format!(
+        "all {} jail ids from {} are taken by running VMs",
+        ids.count, ids.first
+    )))
 }
 
 /// Files of one VM's run directory.
@@ -119,6 +168,8 @@ pub fn vmm_config(config: &VmConfig, seccomp: SeccompMode) -> Result<VmmConfig> 
 #[derive(Debug)]
 pub struct BuiltinHypervisor {
     config: BuiltinConfig,
+    /// Serialises jail id assignment.
+    jail_ids: std::sync::Mutex<()>,
 }
 
 impl BuiltinHypervisor {
@@ -126,7 +177,7 @@ impl BuiltinHypervisor {
         if config.vmm_command.is_empty() {
             return Err(HypervisorError::InvalidConfig("empty VMM command".into()));
         }
-        Ok(Self { config })
+        Ok(Self { config, jail_ids: std::sync::Mutex::new(()) })
     }
 
     /// Sends one control request to the VM's VMM.
@@ -184,8 +235,12 @@ impl BuiltinHypervisor {
             "--control".into(),
             layout.control().into(),
         ]);
-        if let Some((uid, gid)) = self.config.jail {
-            args.extend(["--jail".into(), format!("{uid}:{gid}").into()]);
+        if let Some(ids) = self.config.jail {
+            let id = {
+                let _assigning = self.jail_ids.lock().unwrap_or_else(|e| e.into_inner());
+                assign_jail_id(&config.run_dir, &config.sandbox_id, ids)?
+            };
+            args.extend(["--jail".into(), format!("{id}:{id}").into()]);
         }
         starting.spawn("vmm", &self.config.vmm_command[0], &args, layout.log("vmm"))?;
         // The control socket answers once the event loop runs, i.e. after the vCPUs started.
@@ -312,6 +367,35 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn every_vm_gets_its_own_jail_id_and_owns_its_run_dir() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            println!("SKIP: chown needs root");
+            return;
+        }
+        let vms = tempfile::tempdir().unwrap();
+        let ids = JailIds { first: 200_000, count: 3 };
+        let mut taken = Vec::new();
+        for n in 0..3 {
+            let run_dir = vms.path().join(format!("vm{n}"));
+            std::fs::create_dir(&run_dir).unwrap();
+            // Same sandbox id each time: the search must move on from a taken id.
+            let id = assign_jail_id(&run_dir, "sb", ids).unwrap();
+            assert!((200_000..200_003).contains(&id), "{id}");
+            assert_eq!(std::fs::metadata(&run_dir).unwrap().uid(), id);
+            assert!(!taken.contains(&id), "{id} given twice");
+            taken.push(id);
+        }
+        let full = vms.path().join("vm3");
+        std::fs::create_dir(&full).unwrap();
+        assert!(matches!(assign_jail_id(&full, "sb", ids), Err(HypervisorError::InvalidConfig(_))));
+        // A VM that is gone frees its id; re-assigning a VM's own dir keeps its id free.
+        std::fs::remove_dir(vms.path().join("vm1")).unwrap();
+        assert_eq!(assign_jail_id(&full, "sb", ids).unwrap(), taken[1]);
+        assert_eq!(assign_jail_id(&full, "sb", ids).unwrap(), taken[1]);
+    }
+
     /// The VMM command for tests: `$PODVISOR_BIN vmm`, else the workspace's debug `podvisor`
     /// if it has the `vmm` subcommand.
     fn vmm_command() -> Option<Vec<OsString>> {
@@ -367,6 +451,65 @@ mod tests {
         assert_eq!(std::fs::read(&config.console_log).unwrap(), b"tiny");
         hv.cleanup(&vm).await.unwrap();
         assert!(!config.run_dir.exists());
+    }
+
+    /// Two VMs through the trait with the daemon's default confinement: each VMM runs jailed
+    /// under its own uid from the range, owning its run directory, with no capabilities.
+    #[tokio::test]
+    async fn jailed_vmms_each_run_as_their_own_uid() {
+        use podvisor_vmm::guest_program::{asm, elf};
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+            return require("/dev/kvm unavailable");
+        }
+        if !nix::unistd::geteuid().is_root() {
+            return require("the jail needs root");
+        }
+        let Some(vmm_command) = vmm_command() else {
+            return require("no podvisor binary with the `vmm` subcommand (set PODVISOR_BIN)");
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("prog.elf");
+        let code = asm::program(&[&asm::mov_dx(0x3f8), &asm::out_text(b"jailed"), &asm::HLT]);
+        std::fs::write(&kernel, elf(&code)).unwrap();
+        let hv = BuiltinHypervisor::new(BuiltinConfig {
+            vmm_command,
+            jail: Some(JailIds { first: 300_000, count: 16 }),
+            ..BuiltinConfig::default()
+        })
+        .unwrap();
+        let mut vms = Vec::new();
+        for n in 0..2 {
+            let mut config = vm_config(&dir.path().join("vms").join(format!("vm{n}")));
+            config.sandbox_id = "same-start-point".into();
+            config.console_log = dir.path().join(format!("console{n}.log"));
+            config.kernel = kernel.clone();
+            config.initrd = dir.path().join("initrd");
+            std::fs::write(&config.initrd, b"not really an initramfs").unwrap();
+            config.shared_dirs.clear();
+            config.block_devices.clear();
+            let vm = hv.start(&config).await.unwrap();
+            vms.push((config, vm));
+        }
+        let mut uids = Vec::new();
+        for (config, vm) in &vms {
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", vm.processes[0].pid)).unwrap();
+            let field = |name: &str| {
+                status.lines().find(|l| l.starts_with(name)).unwrap().split_whitespace().nth(1)
+            };
+            let uid: u32 = field("Uid:").unwrap().parse().unwrap();
+            assert!((300_000..300_016).contains(&uid), "{status}");
+            assert_eq!(field("CapEff:"), Some("0000000000000000"));
+            assert_eq!(std::fs::metadata(&config.run_dir).unwrap().uid(), uid);
+            uids.push(uid);
+        }
+        assert_ne!(uids[0], uids[1]);
+        for (config, vm) in &vms {
+            hv.stop(vm, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(std::fs::read(&config.console_log).unwrap(), b"jailed");
+            hv.cleanup(vm).await.unwrap();
+        }
     }
 
     /// Boots the project's vmlinux + initramfs with the built-in VMM and pings the agent over

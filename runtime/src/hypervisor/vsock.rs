@@ -54,7 +54,12 @@ pub fn listen_guest_to_host(uds: &Path, port: u32) -> Result<UnixListener> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(e)),
         _ => {}
     }
-    UnixListener::bind(&path).map_err(io_err)
+    let listener = UnixListener::bind(&path).map_err(io_err)?;
+    // The VMM may run as its own unprivileged uid (builtin jail) and must be able to connect;
+    // the run directory (0700, the VMM's or root's) keeps everyone else out.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(io_err)?;
+    Ok(listener)
 }
 
 #[cfg(test)]
