@@ -74,7 +74,8 @@ pub struct TestDaemon {
 }
 
 impl TestDaemon {
-    /// Starts a daemon; `extra_config` is appended to its TOML config.
+    /// Starts a daemon; `extra_config` goes into its TOML config before the `[vm]` table the
+    /// harness writes (top-level keys and other tables).
     pub async fn start(extra_config: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("podvisor-e2e-")
@@ -103,10 +104,10 @@ impl TestDaemon {
         std::fs::write(
             &config,
             format!(
-                "log_level = \"info,podvisor=debug\"\n[vm]\nkernel = {:?}\ninitrd = {:?}\nmemory_mib = 256\n{}\n",
+                "log_level = \"info,podvisor=debug\"\n{}\n[vm]\nkernel = {:?}\ninitrd = {:?}\nmemory_mib = 256\n",
+                self.extra_config,
                 guest_kernel(),
                 guest_initrd(),
-                self.extra_config
             ),
         )?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_file())?;
