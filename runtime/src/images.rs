@@ -7,7 +7,7 @@ use anyhow::Context;
 use podvisor_image::{ImageStore, ImageStoreConfig};
 
 use crate::config::Config;
-use crate::cri::image::ImageServiceImpl;
+use crate::cri::image::{ImageServiceImpl, ImageUsers};
 use crate::sandbox::spec::ImageDefaults;
 use crate::sandbox::{ImageResolver, ResolvedImage};
 
@@ -34,8 +34,9 @@ impl Images {
         Arc::new(StoreResolver { store: self.store.clone() })
     }
 
-    pub fn cri_service(&self) -> ImageServiceImpl {
-        ImageServiceImpl::new(self.store.clone())
+    /// The CRI ImageService; `users` keeps images that containers use from being removed.
+    pub fn cri_service(&self, users: Arc<dyn ImageUsers>) -> ImageServiceImpl {
+        ImageServiceImpl::new(self.store.clone(), Some(users))
     }
 }
 

@@ -188,7 +188,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     info!(socket = %config.listen.display(), root = %config.root.display(), state = %config.state.display(), "podvisor serving CRI runtime.v1");
 
     let runtime_service = cri::runtime::RuntimeServiceImpl::new(manager.clone(), backend_reason);
-    let image_service = image_store.cri_service();
+    let image_service = image_store.cri_service(manager.clone());
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

@@ -166,6 +166,24 @@ async fn image_root_filesystems_in_a_vm() {
     let arch = pod.run("multiarch", &multiarch, |_| {}).await;
     assert_eq!(pod.sh(&arch, "cat /arch").await.1, "amd64\n");
 
+    // An image that containers run from is not removed from under them (as CRI-O refuses).
+    let in_use = images
+        .remove_image(cri::RemoveImageRequest {
+            image: Some(cri::ImageSpec { image: layered.clone(), ..Default::default() }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(in_use.code(), tonic::Code::FailedPrecondition, "{in_use}");
+    assert!(in_use.message().contains("in use by container"), "{in_use}");
+    assert_eq!(pod.sh(&b, "cat /data/keep.txt").await.1, "keep\n");
+
     daemon.remove_pod(&id).await;
+    // With the pod (and its containers) gone, it can go.
+    images
+        .remove_image(cri::RemoveImageRequest {
+            image: Some(cri::ImageSpec { image: layered.clone(), ..Default::default() }),
+        })
+        .await
+        .unwrap();
     daemon.assert_nothing_left();
 }

@@ -17,15 +17,23 @@ use k8s_cri::v1::{
 use podvisor_image::{Error, ImageRecord, ImageStore, RegistryCredentials, UnpackError};
 use tonic::{Code, Request, Response, Status};
 
+/// Who still uses an image: RemoveImage refuses while a container does (as CRI-O does), since
+/// the container's root filesystem is the image's unpacked tree.
+pub trait ImageUsers: Send + Sync {
+    /// A container (any state, until removed) whose root filesystem is image `image_id`.
+    fn container_using(&self, image_id: &str) -> Option<String>;
+}
+
 /// The CRI ImageService over an [`ImageStore`].
 pub struct ImageServiceImpl {
     store: Arc<ImageStore>,
+    users: Option<Arc<dyn ImageUsers>>,
 }
 
 impl ImageServiceImpl {
-    /// Serves `store`.
-    pub fn new(store: Arc<ImageStore>) -> Self {
-        Self { store }
+    /// Serves `store`; `users` (the sandbox manager) keeps images in use from being removed.
+    pub fn new(store: Arc<ImageStore>, users: Option<Arc<dyn ImageUsers>>) -> Self {
+        Self { store, users }
     }
 }
 
@@ -184,6 +192,15 @@ impl ImageService for ImageServiceImpl {
         request: Request<RemoveImageRequest>,
     ) -> Result<Response<RemoveImageResponse>, Status> {
         let name = image_name(request.get_ref().image.as_ref())?.to_owned();
+        if let (Some(users), Some(record)) = (&self.users, self.store.resolve(&name)) {
+            if let Some(container) = users.container_using(&record.id) {
+                return Err(Status::failed_precondition(format!(
+                    "image {name} ({}) is in use by container {container}; remove the container \
+                     first",
+                    record.id
+                )));
+            }
+        }
         blocking(&self.store, move |s| s.remove(&name)).await?;
         Ok(Response::new(RemoveImageResponse {}))
     }
@@ -214,7 +231,7 @@ mod tests {
 
     fn service(dir: &std::path::Path) -> ImageServiceImpl {
         let store = ImageStore::open(dir, ImageStoreConfig::default()).unwrap();
-        ImageServiceImpl::new(Arc::new(store))
+        ImageServiceImpl::new(Arc::new(store), None)
     }
 
     fn spec(image: &str) -> Option<ImageSpec> {

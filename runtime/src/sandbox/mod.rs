@@ -268,6 +268,11 @@ impl SandboxManager {
         lock(&self.state).containers.values().cloned().collect()
     }
 
+    /// A container whose root filesystem is image `image_id`.
+    pub fn container_using_image(&self, image_id: &str) -> Option<String> {
+        lock(&self.state).containers.values().find(|c| c.image_id == image_id).map(|c| c.id.clone())
+    }
+
     fn sandbox_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
         lock(&self.sandbox_locks).entry(id.to_string()).or_default().clone()
     }
@@ -674,6 +679,12 @@ fn resolve_id<'a>(mut ids: impl Iterator<Item = &'a String>, id: &str) -> Option
         }
     }
     found
+}
+
+impl crate::cri::image::ImageUsers for SandboxManager {
+    fn container_using(&self, image_id: &str) -> Option<String> {
+        self.container_using_image(image_id)
+    }
 }
 
 /// The guest path of a share-relative path.
