@@ -1,0 +1,235 @@
+//! The CRI client of the nested end-to-end test (`tests/tests/builtin_vmm_nested.rs`): it runs
+//! inside the L1 VM, next to a daemon with `hypervisor = "builtin"`, and drives one pod through
+//! the flow kubelet would: pull, run the pod, create and start a container that logs, exec in
+//! it, stop and remove the pod.
+//!
+//! Usage: `podvisor-nested-client <cri socket> <image> [<pod log dir>]`
+//!
+//! Prints `NESTED-TIMING <step> <seconds>` for every step and ends with `NESTED-RESULT ok` or
+//! `NESTED-RESULT fail: <reason>` (exit code 0 or 1): the host only sees the L1 serial console.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use podvisor_e2e::daemon::{container_config, pod_config};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// What the container prints to its log, and what the exec prints.
+const LOG_LINE: &str = "hello-nested";
+const EXEC_OUTPUT: &str = "exec-ok";
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(socket), Some(image)) = (args.first(), args.get(1)) else {
+        println!(
+            "NESTED-RESULT fail: usage: podvisor-nested-client <cri socket> <image> [<log dir>]"
+        );
+        std::process::exit(2);
+    };
+    let log_dir = PathBuf::from(args.get(2).map_or("/var/log/pods/nested", String::as_str));
+    match run(Path::new(socket), image, &log_dir).await {
+        Ok(()) => println!("NESTED-RESULT ok"),
+        Err(error) => {
+            println!("NESTED-RESULT fail: {error:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Times one step, printing `NESTED-TIMING`, and fails it after `limit`.
+async fn step<T>(
+    name: &str,
+    limit: Duration,
+    future: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(limit, future)
+        .await
+        .with_context(|| format!("{name}: no answer within {limit:?}"))?
+        .with_context(|| name.to_string());
+    println!("NESTED-TIMING {name} {:.1}", started.elapsed().as_secs_f64());
+    result
+}
+
+async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
+    // The daemon was started just before this client, under emulation: give it time to listen.
+    let channel = step("daemon-ready", Duration::from_secs(120), wait_for_daemon(socket)).await?;
+    let mut runtime = RuntimeServiceClient::new(channel.clone());
+    let mut images = ImageServiceClient::new(channel);
+
+    step("pull", Duration::from_secs(180), async {
+        let spec = cri::ImageSpec { image: image.into(), ..Default::default() };
+        let request = cri::PullImageRequest { image: Some(spec), ..Default::default() };
+        Ok(images.pull_image(request).await?.into_inner().image_ref)
+    })
+    .await?;
+
+    let pod_config = pod_config("nested", log_dir);
+    let pod = step("run-pod", Duration::from_secs(300), async {
+        let request = cri::RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: String::new(),
+        };
+        Ok(runtime.run_pod_sandbox(request).await?.into_inner().pod_sandbox_id)
+    })
+    .await?;
+
+    step("vmm-confined", Duration::from_secs(10), async { vmm_runs_confined() }).await?;
+
+    let command = ["/bin/sh", "-c", "echo hello-nested; sleep 600"];
+    let container = step("start-container", Duration::from_secs(180), async {
+        let request = cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config("app", image, &command)),
+            sandbox_config: Some(pod_config.clone()),
+        };
+        let id = runtime.create_container(request).await?.into_inner().container_id;
+        runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await?;
+        Ok(id)
+    })
+    .await?;
+
+    let log = log_dir.join("app.log");
+    step("log-line", Duration::from_secs(120), wait_for_log_line(&log)).await?;
+
+    step("exec", Duration::from_secs(120), async {
+        let request = cri::ExecSyncRequest {
+            container_id: container.clone(),
+            cmd: vec!["echo".into(), EXEC_OUTPUT.into()],
+            timeout: 60,
+        };
+        let response = runtime.exec_sync(request).await?.into_inner();
+        let stdout = String::from_utf8_lossy(&response.stdout);
+        if response.exit_code != 0 || stdout != format!("{EXEC_OUTPUT}\n") {
+            bail!(
+                "exit code {}, stdout {stdout:?}, stderr {:?}",
+                response.exit_code,
+                String::from_utf8_lossy(&response.stderr)
+            );
+        }
+        Ok(())
+    })
+    .await?;
+
+    step("stop-remove-pod", Duration::from_secs(120), async {
+        runtime
+            .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
+            .await?;
+        runtime
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() })
+            .await?;
+        let mut left = processes_matching(" vmm ");
+        left.extend(processes_matching("virtiofsd"));
+        if !left.is_empty() {
+            bail!("processes left after RemovePodSandbox: {left:?}");
+        }
+        Ok(())
+    })
+    .await
+}
+
+async fn connect(socket: &Path) -> Result<Channel> {
+    let socket = socket.to_path_buf();
+    // The URI is a placeholder: the connector always dials the unix socket.
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(channel)
+}
+
+/// A channel to the daemon once it answers Version.
+async fn wait_for_daemon(socket: &Path) -> Result<Channel> {
+    loop {
+        if let Ok(channel) = connect(socket).await {
+            let mut runtime = RuntimeServiceClient::new(channel.clone());
+            if runtime.version(cri::VersionRequest::default()).await.is_ok() {
+                return Ok(channel);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the container's CRI log holds its line on stdout.
+async fn wait_for_log_line(log: &Path) -> Result<()> {
+    let wanted = format!(" stdout F {LOG_LINE}");
+    loop {
+        if let Ok(text) = std::fs::read_to_string(log) {
+            if text.lines().any(|line| line.ends_with(&wanted)) {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// (pid, command line) of every process whose command line contains `needle`.
+fn processes_matching(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// The pod's VMM runs jailed and filtered: no uid of it (real, effective, saved, fs) is root,
+/// and every thread of it has a seccomp filter (`Seccomp: 2`).
+fn vmm_runs_confined() -> Result<()> {
+    let vmms = processes_matching(" vmm ");
+    let [(pid, _)] = vmms.as_slice() else {
+        bail!("expected one `podvisor vmm` process, found {vmms:?}");
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let uids = status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .with_context(|| format!("no Uid line in /proc/{pid}/status"))?;
+    if uids.split_whitespace().any(|id| id == "0") {
+        bail!("the VMM (pid {pid}) runs with uid 0: Uid:{uids}");
+    }
+    println!("NESTED-VMM pid {pid} Uid:{uids}");
+    let mut unfiltered = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("listing /proc/{pid}/task"))?
+        .flatten()
+    {
+        // A thread that exited meanwhile has no status left to read.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .unwrap_or("?")
+                .trim()
+                .to_string()
+        };
+        let (thread, seccomp) = (field("Name:"), field("Seccomp:"));
+        println!("NESTED-VMM thread {thread:?} Seccomp: {seccomp}");
+        if seccomp != "2" {
+            unfiltered.push(thread);
+        }
+    }
+    if !unfiltered.is_empty() {
+        bail!("VMM threads without a seccomp filter: {unfiltered:?}");
+    }
+    Ok(())
+}
