@@ -72,6 +72,14 @@ pub enum Error {
         /// The transport error.
         message: String,
     },
+    /// No HTTP client could be set up for the registry (e.g. no CA certificates on the host).
+    #[error("cannot set up an HTTP client for registry {host}: {message} (is the ca-certificates package installed?)")]
+    HttpClient {
+        /// host[:port].
+        host: String,
+        /// Why the client could not be built.
+        message: String,
+    },
     /// The registry answered 401/403.
     #[error("registry {host} denied access to {reference} (unauthorized): check the credentials")]
     Unauthorized {

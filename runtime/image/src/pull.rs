@@ -156,10 +156,12 @@ impl ImageStore {
             || self.config.insecure_registries.iter().any(|r| r == registry || r == host)
     }
 
-    fn client_for(&self, registry: &str) -> Client {
+    /// A client for `registry`. Not `Client::new`: on a configuration it cannot build (a host
+    /// without CA certificates, say) that falls back to `reqwest::Client::new()`, which panics.
+    fn client_for(&self, registry: &str) -> Result<Client> {
         let protocol =
             if self.is_insecure(registry) { ClientProtocol::Http } else { ClientProtocol::Https };
-        Client::new(ClientConfig {
+        Client::try_from(ClientConfig {
             protocol,
             // Platform selection is ours (it names the platforms found when none fits).
             platform_resolver: None,
@@ -168,6 +170,7 @@ impl ImageStore {
             max_concurrent_download: self.config.max_concurrent_downloads,
             ..Default::default()
         })
+        .map_err(|e| Error::HttpClient { host: registry.to_string(), message: e.to_string() })
     }
 
     fn registry_auth(
@@ -200,7 +203,7 @@ impl ImageStore {
         let whole = parsed.whole();
         let target = Target { host: &registry, reference: &whole };
         let registry_auth = self.registry_auth(parsed.registry(), credentials)?;
-        let client = self.client_for(&registry);
+        let client = self.client_for(&registry)?;
         let started = Instant::now();
 
         // Top-level manifest or index, by tag or digest.

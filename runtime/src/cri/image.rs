@@ -53,6 +53,7 @@ pub fn error_code(error: &Error) -> Code {
         Error::ImageNotFound(_) | Error::ManifestUnknown { .. } => Code::NotFound,
         Error::NoMatchingPlatform { .. } => Code::NotFound,
         Error::RegistryUnreachable { .. } | Error::Registry { .. } => Code::Unavailable,
+        Error::HttpClient { .. } => Code::FailedPrecondition,
         Error::Unauthorized { .. } => Code::Unauthenticated,
         Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => Code::DataLoss,
         Error::UnsupportedManifest { .. }
