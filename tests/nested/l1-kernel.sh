@@ -12,7 +12,15 @@ cache_root=${PODVISOR_CACHE:-/var/cache/podvisor}/l1-kernel
 # kvm-amd pulls in kvm, ccp and irqbypass (`modinfo -F depends` resolves them below).
 wanted_modules=(kvm-amd)
 
-package=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
+kernel_package() {
+	apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
+}
+package=$(kernel_package)
+# A machine whose package lists were never fetched (or were cleaned) knows no kernel yet.
+if [ -z "$package" ]; then
+	apt-get update -qq >&2
+	package=$(kernel_package)
+fi
 [ -n "$package" ] || { echo "l1-kernel: no linux-image-<version> dependency of linux-image-amd64" >&2; exit 1; }
 version=$(apt-cache policy "$package" | awk '/Candidate:/ {print $2}')
 [ -n "$version" ] && [ "$version" != "(none)" ] || { echo "l1-kernel: $package has no candidate version" >&2; exit 1; }

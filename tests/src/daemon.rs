@@ -31,6 +31,30 @@ pub fn guest_initrd() -> PathBuf {
     artefact("PODVISOR_INITRD", "build/initramfs.cpio")
 }
 
+/// `Ok(())` if KVM can boot Linux here, else the reason `podvisor check` prints.
+pub fn kvm_can_boot_linux() -> Result<(), String> {
+    let out = Command::new(podvisor_bin())
+        .arg("check")
+        .output()
+        .map_err(|e| format!("running podvisor check: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("KVM can boot a Linux guest:"))
+        .ok_or_else(|| format!("podvisor check said nothing about KVM:\n{text}"))?;
+    let answer = line.split_once(':').map(|(_, a)| a.trim()).unwrap_or_default();
+    if answer.starts_with("yes") {
+        Ok(())
+    } else {
+        Err(answer
+            .trim_start_matches("no")
+            .trim()
+            .trim_start_matches('(')
+            .trim_end_matches(')')
+            .to_string())
+    }
+}
+
 /// Why end-to-end tests cannot run here, or None.
 pub fn e2e_missing() -> Option<String> {
     if !nix::unistd::geteuid().is_root() {

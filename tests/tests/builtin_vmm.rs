@@ -6,36 +6,13 @@
 //! reason `podvisor check` gives; what still runs there is the failure path: the guest dies
 //! during boot, and RunPodSandbox must say so promptly and leave nothing behind.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
-use podvisor_e2e::daemon::{container_config, e2e_can_run, podvisor_bin, wait_for, TestDaemon};
+use podvisor_e2e::daemon::{
+    container_config, e2e_can_run, kvm_can_boot_linux, wait_for, TestDaemon,
+};
 use podvisor_e2e::registry::TestRegistry;
-
-/// `Ok(())` if KVM can boot Linux here, else the reason `podvisor check` prints.
-fn kvm_can_boot_linux() -> Result<(), String> {
-    let out = Command::new(podvisor_bin())
-        .arg("check")
-        .output()
-        .map_err(|e| format!("running podvisor check: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("KVM can boot a Linux guest:"))
-        .ok_or_else(|| format!("podvisor check said nothing about KVM:\n{text}"))?;
-    let answer = line.split_once(':').map(|(_, a)| a.trim()).unwrap_or_default();
-    if answer.starts_with("yes") {
-        Ok(())
-    } else {
-        Err(answer
-            .trim_start_matches("no")
-            .trim()
-            .trim_start_matches('(')
-            .trim_end_matches(')')
-            .to_string())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtin_vmm_runs_a_pod_or_fails_cleanly_where_kvm_cannot_boot_linux() {

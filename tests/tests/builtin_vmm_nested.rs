@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use podvisor_e2e::daemon::{e2e_can_run, guest_initrd, guest_kernel, podvisor_bin};
+use podvisor_e2e::daemon::{
+    e2e_can_run, guest_initrd, guest_kernel, kvm_can_boot_linux, podvisor_bin,
+};
 use podvisor_e2e::registry::{TestRegistry, REGISTRY_BIN};
 
 /// Where the registry listens inside L1 (tests/nested/init configures it).
@@ -26,30 +28,6 @@ const L1_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
 fn nested_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("nested")
-}
-
-/// `Ok(())` if KVM can boot Linux here, else the reason `podvisor check` prints.
-fn kvm_can_boot_linux() -> Result<(), String> {
-    let out = Command::new(podvisor_bin())
-        .arg("check")
-        .output()
-        .map_err(|e| format!("running podvisor check: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("KVM can boot a Linux guest:"))
-        .ok_or_else(|| format!("podvisor check said nothing about KVM:\n{text}"))?;
-    let answer = line.split_once(':').map(|(_, a)| a.trim()).unwrap_or_default();
-    if answer.starts_with("yes") {
-        Ok(())
-    } else {
-        Err(answer
-            .trim_start_matches("no")
-            .trim()
-            .trim_start_matches('(')
-            .trim_end_matches(')')
-            .to_string())
-    }
 }
 
 /// Whether QEMU's TCG can emulate AMD SVM (`-cpu help` lists the `svm` flag).
