@@ -1,6 +1,8 @@
 //! End-to-end test support shared by Podvisor's tests: a real OCI registry with images the
-//! tests build themselves ([`registry`], [`images`]).
+//! tests build themselves ([`registry`], [`images`]), optionally behind token auth
+//! ([`token_server`]).
 
 pub mod daemon;
 pub mod images;
 pub mod registry;
+pub mod token_server;

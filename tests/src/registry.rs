@@ -1,7 +1,8 @@
 //! A real OCI distribution registry for tests: Debian's `docker-registry` (distribution v2.8)
 //! listening on 127.0.0.1 with a free port and a temporary storage directory, optionally behind
-//! htpasswd basic auth, stopped when dropped. Test images are built with [`crate::images`] and
-//! pushed with `skopeo copy`.
+//! htpasswd basic auth or token (bearer) auth with a [`TokenServer`], stopped when dropped.
+//! Test images are built with [`crate::images`] and pushed with `skopeo copy` (through the token
+//! flow, with push access, on a token-auth registry).
 //!
 //! ```no_run
 //! use podvisor_e2e::registry::TestRegistry;
@@ -23,6 +24,7 @@ use crate::images::{
     sha256_digest, Compression, LayerBuilder, OciLayout, TestImage, MEDIA_TYPE_INDEX,
     MEDIA_TYPE_MANIFEST,
 };
+use crate::token_server::TokenServer;
 
 /// The registry binary of Debian's `docker-registry` package.
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
@@ -56,11 +58,49 @@ pub fn registry_tests_can_run() -> bool {
     }
 }
 
+/// The registry's `auth.token.service`: the audience of its tokens.
+pub const TOKEN_SERVICE: &str = "podvisor-test-registry";
+/// The registry's `auth.token.issuer`.
+pub const TOKEN_ISSUER: &str = "podvisor-test-issuer";
+
+/// How a [`TestRegistry`] authenticates clients.
+#[derive(Clone, Copy)]
+enum AuthMode {
+    Anonymous,
+    Basic,
+    Token,
+}
+
+/// Like [`registry_tests_can_run`], for token-auth registries: also needs the `openssl` CLI.
+pub fn token_auth_tests_can_run() -> bool {
+    if !registry_tests_can_run() {
+        return false;
+    }
+    let openssl = crate::token_server::OPENSSL_BIN;
+    let found = Command::new(openssl)
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if found {
+        return true;
+    }
+    let reason = format!("{openssl} is missing (apt-get install openssl)");
+    if std::env::var("PODVISOR_REQUIRE_E2E").as_deref() == Ok("1") {
+        panic!("PODVISOR_REQUIRE_E2E=1 but {reason}");
+    }
+    eprintln!("skipping: {reason}");
+    false
+}
+
 /// A running `docker-registry`.
 pub struct TestRegistry {
     child: Child,
     port: u16,
     credentials: Option<(String, String)>,
+    // Token auth only: hands out the JWTs the registry accepts.
+    token_server: Option<TokenServer>,
     // Keeps the storage, config and log alive until the registry is stopped.
     dir: tempfile::TempDir,
 }
@@ -68,20 +108,29 @@ pub struct TestRegistry {
 impl TestRegistry {
     /// Starts an anonymous registry.
     pub fn start() -> Result<Self> {
-        Self::start_inner(None)
+        Self::start_inner(AuthMode::Anonymous, None)
     }
 
     /// Starts a registry that requires HTTP basic auth with these credentials (bcrypt htpasswd).
     pub fn start_with_basic_auth(username: &str, password: &str) -> Result<Self> {
-        Self::start_inner(Some((username.to_owned(), password.to_owned())))
+        Self::start_inner(AuthMode::Basic, Some((username.to_owned(), password.to_owned())))
     }
 
-    fn start_inner(credentials: Option<(String, String)>) -> Result<Self> {
+    /// Starts a registry with token auth: it answers 401 with `WWW-Authenticate: Bearer
+    /// realm="http://127.0.0.1:<port>/token",service="podvisor-test-registry",…` and accepts
+    /// the RS256 JWTs of its own [`TokenServer`] (certificate in `x5c`, trusted through
+    /// `rootcertbundle`). The token server gives pull/push to these basic credentials, 401 to
+    /// wrong ones and a token granting nothing to anonymous clients.
+    pub fn start_with_token_auth(username: &str, password: &str) -> Result<Self> {
+        Self::start_inner(AuthMode::Token, Some((username.to_owned(), password.to_owned())))
+    }
+
+    fn start_inner(mode: AuthMode, credentials: Option<(String, String)>) -> Result<Self> {
         // A port picked by the kernel can be taken by someone else before the registry binds
         // it: retry a few times.
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::try_start(credentials.clone()) {
+            match Self::try_start(mode, credentials.clone()) {
                 Ok(registry) => return Ok(registry),
                 Err(error) => last_error = Some(error),
             }
@@ -89,13 +138,14 @@ impl TestRegistry {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("registry did not start")))
     }
 
-    fn try_start(credentials: Option<(String, String)>) -> Result<Self> {
+    fn try_start(mode: AuthMode, credentials: Option<(String, String)>) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("podvisor-registry-").tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage)?;
-        let auth = match &credentials {
-            Some((username, password)) => {
+        let mut token_server = None;
+        let auth = match (&mode, &credentials) {
+            (AuthMode::Basic, Some((username, password))) => {
                 // Cost 4 (the minimum) keeps every request's bcrypt check cheap.
                 let hash = bcrypt::hash(password, 4).context("bcrypt")?;
                 let htpasswd = dir.path().join("htpasswd");
@@ -105,7 +155,25 @@ impl TestRegistry {
                     htpasswd.display()
                 )
             }
-            None => String::new(),
+            (AuthMode::Token, Some((username, password))) => {
+                let server = TokenServer::start(
+                    dir.path(),
+                    TOKEN_ISSUER,
+                    TOKEN_SERVICE,
+                    username,
+                    password,
+                )?;
+                let auth = format!(
+                    "auth:\n  token:\n    realm: {}\n    service: {TOKEN_SERVICE}\n    \
+                     issuer: {TOKEN_ISSUER}\n    rootcertbundle: {}\n",
+                    server.realm(),
+                    server.cert_path().display()
+                );
+                token_server = Some(server);
+                auth
+            }
+            (AuthMode::Anonymous, _) => String::new(),
+            (_, None) => bail!("basic or token auth without credentials"),
         };
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
@@ -124,7 +192,7 @@ impl TestRegistry {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawn {REGISTRY_BIN}"))?;
-        let mut registry = Self { child, port, credentials, dir };
+        let mut registry = Self { child, port, credentials, token_server, dir };
         registry.wait_ready()?;
         Ok(registry)
     }
@@ -151,9 +219,24 @@ impl TestRegistry {
 
     /// Status code of an anonymous GET on this registry.
     pub fn http_status(&self, path: &str) -> Result<u16> {
+        self.http_status_with(path, None)
+    }
+
+    /// Status code of a GET on this registry with this `Authorization` header value
+    /// (`Bearer <jwt>`, `Basic …`), or none. Accepts OCI and Docker schema 2 manifests (the
+    /// registry answers 404 for an OCI manifest to a client that does not accept it).
+    pub fn http_status_with(&self, path: &str, authorization: Option<&str>) -> Result<u16> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n", self.port)?;
+        let authorization =
+            authorization.map(|value| format!("Authorization: {value}\r\n")).unwrap_or_default();
+        write!(
+            stream,
+            "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\nAccept: {MEDIA_TYPE_MANIFEST}, \
+             {MEDIA_TYPE_INDEX}, application/vnd.docker.distribution.manifest.v2+json\r\n\
+             {authorization}\r\n",
+            self.port
+        )?;
         let mut response = [0u8; 64];
         let read = stream.read(&mut response)?;
         let head = String::from_utf8_lossy(&response[..read]);
@@ -173,7 +256,50 @@ impl TestRegistry {
         self.port
     }
 
-    /// The basic-auth credentials, if the registry requires them.
+    /// The `WWW-Authenticate` header of an anonymous GET on `/v2/`, if any.
+    pub fn auth_challenge(&self) -> Result<Option<String>> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n", self.port)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        let response = String::from_utf8_lossy(&response);
+        let head = response.split("\r\n\r\n").next().unwrap_or("");
+        Ok(head.split("\r\n").find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("www-authenticate").then(|| value.trim().to_owned())
+        }))
+    }
+
+    /// The token server of a registry started with [`Self::start_with_token_auth`].
+    pub fn token_server(&self) -> Option<&TokenServer> {
+        self.token_server.as_ref()
+    }
+
+    /// Asks the token server for a token for `scope` (e.g. `repository:busybox:pull`) with
+    /// basic `credentials` or anonymously: status and JSON body.
+    pub fn request_token(
+        &self,
+        scope: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> Result<(u16, String)> {
+        self.token_server.as_ref().context("not a token-auth registry")?.request(scope, credentials)
+    }
+
+    /// A JWT for `scope` from the token server: with the registry's credentials, or an
+    /// anonymous one (which grants nothing) when `anonymous`.
+    pub fn bearer_token(&self, scope: &str, anonymous: bool) -> Result<String> {
+        let credentials = if anonymous { None } else { self.credentials() };
+        let (status, body) = self.request_token(scope, credentials)?;
+        if status != 200 {
+            bail!("token server answered {status}: {body}");
+        }
+        let body: serde_json::Value = serde_json::from_str(&body).context("token response")?;
+        body["token"].as_str().map(str::to_owned).context("no token in the token response")
+    }
+
+    /// The credentials (basic auth, or what the token server wants), if the registry requires
+    /// them.
     pub fn credentials(&self) -> Option<(&str, &str)> {
         self.credentials.as_ref().map(|(user, password)| (user.as_str(), password.as_str()))
     }
@@ -424,6 +550,48 @@ mod tests {
         assert_eq!(reg.http_status("/v2/")?, 401);
         reg.push_busybox("private:1")?;
         reg.manifest_digest(&reg.reference("private:1"))?;
+        Ok(())
+    }
+
+    #[test]
+    fn token_auth_registry_refuses_anonymous_and_serves_with_credentials() -> Result<()> {
+        if !token_auth_tests_can_run() {
+            return Ok(());
+        }
+        let reg = TestRegistry::start_with_token_auth("alice", "s3cret")?;
+        let challenge = reg.auth_challenge()?.context("no WWW-Authenticate")?;
+        let realm = reg.token_server().context("token server")?.realm();
+        assert!(challenge.starts_with(&format!("Bearer realm=\"{realm}\"")), "{challenge}");
+        assert!(challenge.contains(&format!("service=\"{TOKEN_SERVICE}\"")), "{challenge}");
+
+        // skopeo pushes through the token flow (pull,push scope with --dest-creds) and reads
+        // back with --creds.
+        let reference = reg.push_busybox("private:1")?;
+        reg.manifest_digest(&reference)?;
+        let manifest = "/v2/private/manifests/1";
+        assert_eq!(reg.http_status(manifest)?, 401);
+
+        // Anonymous skopeo is refused.
+        let output = reg
+            .skopeo()
+            .args(["inspect", "--raw", "--tls-verify=false", "--no-creds"])
+            .arg(format!("docker://{reference}"))
+            .output()?;
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("unauthorized") || stderr.contains("denied"), "{stderr}");
+
+        // By hand: wrong credentials get no token; an anonymous token grants nothing; the
+        // right credentials' token reads the manifest, but only in the repository it names.
+        let scope = "repository:private:pull";
+        assert_eq!(reg.request_token(scope, Some(("alice", "wrong")))?.0, 401);
+        assert_eq!(reg.request_token(scope, Some(("mallory", "s3cret")))?.0, 401);
+        let anonymous = reg.bearer_token(scope, true)?;
+        assert_eq!(reg.http_status_with(manifest, Some(&format!("Bearer {anonymous}")))?, 401);
+        let token = reg.bearer_token(scope, false)?;
+        assert_eq!(reg.http_status_with(manifest, Some(&format!("Bearer {token}")))?, 200);
+        let other = reg.bearer_token("repository:other:pull", false)?;
+        assert_eq!(reg.http_status_with(manifest, Some(&format!("Bearer {other}")))?, 401);
         Ok(())
     }
 }

@@ -494,3 +494,61 @@ fn short_names_resolve_like_crictl() {
     assert_eq!(store.resolve("busybox").map(|r| r.id), Some(other));
     assert!(store.resolve(&id).unwrap().repo_tags.is_empty());
 }
+
+/// Token (bearer) auth: the registry answers 401 with `WWW-Authenticate: Bearer realm=…`,
+/// oci-client fetches a JWT from the realm with the basic credentials (or anonymously) and
+/// retries with `Authorization: Bearer <jwt>`.
+#[tokio::test]
+async fn bearer_token_auth_with_right_and_wrong_credentials() {
+    if !podvisor_e2e::registry::token_auth_tests_can_run() {
+        return;
+    }
+    let reg = TestRegistry::start_with_token_auth("alice", "s3cret").unwrap();
+    let reference = reg.push_busybox("private:1").unwrap();
+    let tokens = reg.token_server().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+
+    // Anonymous: the token server hands out a token granting nothing, the registry refuses it.
+    let issued = tokens.tokens_issued();
+    let err = store.pull(&reference, None).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
+    assert!(err.to_string().contains(&reg.host()), "{err}");
+    assert!(tokens.tokens_issued() > issued, "no anonymous token was asked for");
+
+    // Wrong credentials: the token server answers 401.
+    let wrong = RegistryCredentials::Basic { username: "alice".into(), password: "wrong".into() };
+    let err = store.pull(&reference, Some(&wrong)).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
+    assert!(store.list().is_empty());
+
+    // The right ones are exchanged for a token that can pull.
+    let issued = tokens.tokens_issued();
+    let right = RegistryCredentials::from_fields("alice", "s3cret", "", "", "").unwrap().unwrap();
+    let record = store.pull(&reference, Some(&right)).await.unwrap();
+    assert!(store.rootfs_dir(&record.id).unwrap().join("bin/busybox").exists());
+    assert!(tokens.tokens_issued() > issued, "the pull did not go through the token server");
+
+    // CRI's registry_token: a token fetched from the token server beforehand, sent as is.
+    let token = reg.bearer_token("repository:private:pull", false).unwrap();
+    let creds = RegistryCredentials::from_fields("", "", "", "", &token).unwrap().unwrap();
+    assert!(matches!(creds, RegistryCredentials::RegistryToken(_)));
+    let other = tempfile::tempdir().unwrap();
+    let with_token = ImageStore::open(other.path(), ImageStoreConfig::default()).unwrap();
+    let issued = tokens.tokens_issued();
+    let record = with_token.pull(&reference, Some(&creds)).await.unwrap();
+    assert!(with_token.rootfs_dir(&record.id).unwrap().join("bin/busybox").exists());
+    assert_eq!(tokens.tokens_issued(), issued, "a registry token must be sent as is");
+
+    // A registry token for another repository, or an anonymous one, does not let it pull.
+    for token in [
+        reg.bearer_token("repository:other:pull", false).unwrap(),
+        reg.bearer_token("repository:private:pull", true).unwrap(),
+    ] {
+        let third = tempfile::tempdir().unwrap();
+        let creds = RegistryCredentials::RegistryToken(token);
+        let fresh = ImageStore::open(third.path(), ImageStoreConfig::default()).unwrap();
+        let err = fresh.pull(&reference, Some(&creds)).await.unwrap_err();
+        assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
+    }
+}
