@@ -489,8 +489,14 @@ impl Agent {
         }
     }
 
-    pub fn read_output(&self, id: &str, exec_id: &str) -> Result<OutputReader, AgentError> {
-        Ok(self.process(id, exec_id)?.io.attach_reader()?)
+    /// The process's output from (stdout, stderr) offsets `have` on (see [`ProcessIo`]).
+    pub fn read_output(
+        &self,
+        id: &str,
+        exec_id: &str,
+        have: [u64; 2],
+    ) -> Result<OutputReader, AgentError> {
+        Ok(self.process(id, exec_id)?.io.attach_reader(have)?)
     }
 
     pub async fn write_stdin(

@@ -7,8 +7,8 @@ use podvisor_proto::agent::agent_server::Agent as AgentRpc;
 use podvisor_proto::agent::{
     ContainerRef, ContainerStatsResponse, CreateContainerRequest, CreateContainerResponse,
     CreateSandboxRequest, DestroySandboxRequest, Empty, ExecProcessRequest, ExecProcessResponse,
-    PingRequest, PingResponse, ProcessRef, RemoveContainerRequest, ResizeTtyRequest,
-    SignalProcessRequest, WaitProcessResponse, WriteStdinRequest,
+    PingRequest, PingResponse, ProcessRef, ReadOutputRequest, RemoveContainerRequest,
+    ResizeTtyRequest, SignalProcessRequest, WaitProcessResponse, WriteStdinRequest,
 };
 use tonic::{Code, Request, Response, Status};
 
@@ -40,6 +40,7 @@ impl From<AgentError> for Status {
             | AgentError::Stdio(StdioError::StdinClosed)
             | AgentError::Stdio(StdioError::NoTty)
             | AgentError::Stdio(StdioError::ReaderAttached) => Code::FailedPrecondition,
+            AgentError::Stdio(StdioError::OffsetAhead) => Code::OutOfRange,
             _ => Code::Internal,
         };
         Status::new(code, e.to_string())
@@ -149,10 +150,12 @@ impl AgentRpc for AgentService {
 
     async fn read_output(
         &self,
-        request: Request<ProcessRef>,
+        request: Request<ReadOutputRequest>,
     ) -> Result<Response<Self::ReadOutputStream>, Status> {
-        let req = request.get_ref();
-        Ok(Response::new(self.agent.read_output(&req.container_id, &req.exec_id)?))
+        let req = request.into_inner();
+        let process = req.process.unwrap_or_default();
+        let have = [req.stdout_offset, req.stderr_offset];
+        Ok(Response::new(self.agent.read_output(&process.container_id, &process.exec_id, have)?))
     }
 
     async fn write_stdin(

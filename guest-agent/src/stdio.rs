@@ -5,6 +5,11 @@
 //! fills, the pump stops reading, the pipe fills and the process blocks: nothing is lost and
 //! memory stays bounded. One reader at a time takes the channel's receiving end and gives it
 //! back when it detaches.
+//!
+//! Every chunk carries its offset in its stream. What a reader was sent may not have reached
+//! the host when its stream breaks (it sat in HTTP/2 buffers), so the last
+//! [`REPLAY_BYTES`] sent are kept, and a reader attaching with the offsets the host has gets
+//! the part beyond them again before new output.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
@@ -24,6 +29,10 @@ use crate::reaper::ExitWatch;
 const CHUNK_SIZE: usize = 32 * 1024;
 /// Chunks buffered while no reader is attached (at most CHUNK_SIZE each).
 const BUFFERED_CHUNKS: usize = 32;
+/// Output already sent that is kept for a reader re-attaching after a broken stream: more than
+/// HTTP/2 lets be in flight to a host that advertises at most
+/// [`podvisor_proto::AGENT_STREAM_WINDOW`], plus a chunk being encoded.
+pub const REPLAY_BYTES: usize = podvisor_proto::OUTPUT_REPLAY_BYTES;
 /// After the process exited, output still arriving this quickly is its last bytes (a pty's
 /// line discipline forwards asynchronously); silence this long ends the stream even if a
 /// descendant still holds the fd open.
@@ -47,6 +56,8 @@ pub enum StdioError {
     Resize(nix::Error),
     #[error("another reader is attached to this process's output")]
     ReaderAttached,
+    #[error("an output offset is beyond what the process wrote")]
+    OffsetAhead,
     #[error("receiving the terminal from the console socket: {0}")]
     ConsoleSocket(std::io::Error),
 }
@@ -135,11 +146,63 @@ enum StdinSink {
     Tty(Arc<AsyncFd<OwnedFd>>),
 }
 
+/// The last output chunks sent to readers, oldest first, at most [`REPLAY_BYTES`] of data.
+#[derive(Default)]
+struct SentWindow {
+    chunks: std::collections::VecDeque<OutputChunk>,
+    bytes: usize,
+    /// Per stream (stdout, stderr): the offset just past the last byte sent.
+    end: [u64; 2],
+}
+
+impl SentWindow {
+    fn record(&mut self, chunk: &OutputChunk) {
+        let slot = stream_slot(chunk.stream);
+        self.end[slot] = self.end[slot].max(chunk.offset + chunk.data.len() as u64);
+        self.bytes += chunk.data.len();
+        self.chunks.push_back(chunk.clone());
+        while self.bytes > REPLAY_BYTES {
+            match self.chunks.pop_front() {
+                Some(old) => self.bytes -= old.data.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The kept chunks beyond `have` (bytes of stdout, stderr the reader has), trimmed so
+    /// nothing it has is repeated.
+    fn beyond(&self, have: [u64; 2]) -> Result<Vec<OutputChunk>, StdioError> {
+        if have[0] > self.end[0] || have[1] > self.end[1] {
+            return Err(StdioError::OffsetAhead);
+        }
+        let mut out = Vec::new();
+        for chunk in &self.chunks {
+            let have = have[stream_slot(chunk.stream)];
+            let end = chunk.offset + chunk.data.len() as u64;
+            if end <= have {
+                continue;
+            }
+            let skip = have.saturating_sub(chunk.offset) as usize;
+            out.push(OutputChunk {
+                stream: chunk.stream,
+                data: chunk.data[skip..].to_vec(),
+                offset: chunk.offset + skip as u64,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn stream_slot(stream: i32) -> usize {
+    usize::from(stream == OutputStream::Stderr as i32)
+}
+
 /// A live process's stdio.
 pub struct ProcessIo {
     stdin: tokio::sync::Mutex<Option<StdinSink>>,
     tty: Option<Arc<AsyncFd<OwnedFd>>>,
     output: Arc<Mutex<Option<mpsc::Receiver<OutputChunk>>>>,
+    sent: Mutex<SentWindow>,
     stdin_once: bool,
 }
 
@@ -166,6 +229,7 @@ impl ProcessIo {
             stdin: tokio::sync::Mutex::new(stdin),
             tty: None,
             output: Arc::new(Mutex::new(Some(rx))),
+            sent: Mutex::new(SentWindow::default()),
             stdin_once,
         }))
     }
@@ -184,6 +248,7 @@ impl ProcessIo {
             stdin: tokio::sync::Mutex::new(with_stdin.then(|| StdinSink::Tty(master.clone()))),
             tty: Some(master),
             output: Arc::new(Mutex::new(Some(rx))),
+            sent: Mutex::new(SentWindow::default()),
             stdin_once,
         }))
     }
@@ -218,15 +283,16 @@ impl ProcessIo {
         Ok(())
     }
 
-    /// Attaches the (single) reader.
-    pub fn attach_reader(self: &Arc<Self>) -> Result<OutputReader, StdioError> {
-        let rx = self
-            .output
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or(StdioError::ReaderAttached)?;
-        Ok(OutputReader { rx: Some(rx), io: self.clone() })
+    /// Attaches the (single) reader, which has `have` bytes of (stdout, stderr) already: it
+    /// first gets what was sent beyond that and is still kept, then new output.
+    pub fn attach_reader(self: &Arc<Self>, have: [u64; 2]) -> Result<OutputReader, StdioError> {
+        let mut output = self.output.lock().unwrap_or_else(|e| e.into_inner());
+        if output.is_none() {
+            return Err(StdioError::ReaderAttached);
+        }
+        let replay = self.sent.lock().unwrap_or_else(|e| e.into_inner()).beyond(have)?;
+        let rx = output.take();
+        Ok(OutputReader { replay: replay.into(), rx, io: self.clone() })
     }
 }
 
@@ -248,7 +314,11 @@ async fn pump(
                 match read_some(&fd, &mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        let chunk = OutputChunk { stream: stream as i32, data: buf[..n].to_vec() };
+                        let chunk = OutputChunk {
+                            stream: stream as i32,
+                            data: buf[..n].to_vec(),
+                            offset: 0, // stamped in order below
+                        };
                         if tx_chunks.send(Some(chunk)).await.is_err() {
                             return;
                         }
@@ -261,6 +331,8 @@ async fn pump(
     drop(tx_chunks);
     let mut open = readers.len();
     let mut exited = exit.borrow().is_some();
+    // Per stream (stdout, stderr): bytes read so far.
+    let mut offsets = [0u64; 2];
     while open > 0 {
         let next = if exited {
             match tokio::time::timeout(DRAIN_IDLE, rx_chunks.recv()).await {
@@ -278,7 +350,10 @@ async fn pump(
             }
         };
         match next {
-            Some(Some(chunk)) => {
+            Some(Some(mut chunk)) => {
+                let slot = stream_slot(chunk.stream);
+                chunk.offset = offsets[slot];
+                offsets[slot] += chunk.data.len() as u64;
                 if tx.send(chunk).await.is_err() {
                     break;
                 }
@@ -294,6 +369,8 @@ async fn pump(
 
 /// The attached reader's end of a process's output; detaches (gives the channel back) on drop.
 pub struct OutputReader {
+    /// Sent before, possibly lost: goes out first (and is already in the sent window).
+    replay: std::collections::VecDeque<OutputChunk>,
     rx: Option<mpsc::Receiver<OutputChunk>>,
     io: Arc<ProcessIo>,
 }
@@ -303,9 +380,17 @@ impl futures::Stream for OutputReader {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if let Some(chunk) = this.replay.pop_front() {
+            return Poll::Ready(Some(Ok(chunk)));
+        }
         match this.rx.as_mut() {
             None => Poll::Ready(None),
-            Some(rx) => rx.poll_recv(cx).map(|chunk| chunk.map(Ok)),
+            Some(rx) => rx.poll_recv(cx).map(|chunk| {
+                chunk.map(|chunk| {
+                    this.io.sent.lock().unwrap_or_else(|e| e.into_inner()).record(&chunk);
+                    Ok(chunk)
+                })
+            }),
         }
     }
 }

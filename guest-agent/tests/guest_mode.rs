@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use podvisor_proto::agent::agent_client::AgentClient;
 use podvisor_proto::agent::{
     ContainerRef, CreateContainerRequest, CreateSandboxRequest, Empty, ExecProcessRequest,
-    PingRequest, ProcessRef, RemoveContainerRequest, Rootfs, StdioConfig,
+    PingRequest, ProcessRef, ReadOutputRequest, RemoveContainerRequest, Rootfs, StdioConfig,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -221,7 +221,10 @@ async fn connect(vm: &mut Vm) -> AgentClient<Channel> {
 
 async fn read_stdout(client: &mut AgentClient<Channel>, id: &str, exec_id: &str) -> String {
     let mut stream = client
-        .read_output(ProcessRef { container_id: id.into(), exec_id: exec_id.into() })
+        .read_output(ReadOutputRequest {
+            process: Some(ProcessRef { container_id: id.into(), exec_id: exec_id.into() }),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

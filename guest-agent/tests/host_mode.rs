@@ -16,8 +16,8 @@ use hyper_util::rt::TokioIo;
 use podvisor_proto::agent::agent_client::AgentClient;
 use podvisor_proto::agent::{
     ContainerRef, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, OutputStream,
-    ProcessRef, RemoveContainerRequest, ResizeTtyRequest, Rootfs, SignalProcessRequest,
-    StdioConfig, WriteStdinRequest,
+    ProcessRef, ReadOutputRequest, RemoveContainerRequest, ResizeTtyRequest, Rootfs,
+    SignalProcessRequest, StdioConfig, WriteStdinRequest,
 };
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
@@ -131,6 +131,7 @@ async fn connect(socket: &Path) -> AgentClient<Channel> {
     loop {
         let path = socket.to_path_buf();
         let channel = Endpoint::from_static("http://agent.invalid")
+            .initial_stream_window_size(Some(podvisor_proto::AGENT_STREAM_WINDOW))
             .connect_with_connector(tower::service_fn(move |_| {
                 let path = path.clone();
                 async move {
@@ -216,9 +217,14 @@ fn process_ref(id: &str, exec_id: &str) -> ProcessRef {
     ProcessRef { container_id: id.to_string(), exec_id: exec_id.to_string() }
 }
 
+/// ReadOutput for a first reader (it has nothing yet).
+fn output_of(id: &str, exec_id: &str) -> ReadOutputRequest {
+    ReadOutputRequest { process: Some(process_ref(id, exec_id)), ..Default::default() }
+}
+
 /// Reads a process's whole output: (stdout, stderr).
 async fn read_all(client: &mut AgentClient<Channel>, id: &str, exec_id: &str) -> (String, String) {
-    let mut stream = client.read_output(process_ref(id, exec_id)).await.unwrap().into_inner();
+    let mut stream = client.read_output(output_of(id, exec_id)).await.unwrap().into_inner();
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let read = async {
         while let Some(chunk) = stream.message().await.unwrap() {
@@ -315,7 +321,7 @@ async fn sigterm_ignored_then_sigkill() {
         .await
         .unwrap();
     client.start_container(ContainerRef { container_id: id.clone() }).await.unwrap();
-    let mut stream = client.read_output(process_ref(&id, "")).await.unwrap().into_inner();
+    let mut stream = client.read_output(output_of(&id, "")).await.unwrap().into_inner();
     read_until(&mut stream, "ready").await;
     let signal = |sig: i32| SignalProcessRequest {
         process: Some(process_ref(&id, "")),
@@ -446,7 +452,7 @@ async fn tty_with_resize() {
         .await
         .unwrap();
     client.start_container(ContainerRef { container_id: id.clone() }).await.unwrap();
-    let mut stream = client.read_output(process_ref(&id, "")).await.unwrap().into_inner();
+    let mut stream = client.read_output(output_of(&id, "")).await.unwrap().into_inner();
     let mut seen = read_until(&mut stream, "is-a-tty").await;
     client
         .write_stdin(WriteStdinRequest {
@@ -726,31 +732,41 @@ async fn output_is_buffered_without_a_reader_and_one_reader_at_a_time() {
             .await;
     assert!(blocked.is_err(), "the process should block on its full pipe");
 
-    let first = client.read_output(process_ref(&id, "")).await.unwrap().into_inner();
-    let second = client.read_output(process_ref(&id, "")).await.unwrap_err();
+    let mut first = client.read_output(output_of(&id, "")).await.unwrap().into_inner();
+    let second = client.read_output(output_of(&id, "")).await.unwrap_err();
     assert_eq!(second.code(), Code::FailedPrecondition);
-    // Output that was in flight to a reader that goes away is lost (the protocol has no
-    // acknowledgements), so this test reads everything with one reader; detaching only has to
-    // make room for the next reader.
+    // Read some, then detach as a broken stream would: what was sent but not read here is
+    // what a host loses when its connection drops. Re-attaching with the offsets it has must
+    // give exactly the rest: nothing lost, nothing repeated.
+    let mut received = Vec::new();
+    while received.len() < 200_000 {
+        let chunk = first.message().await.unwrap().expect("output ended early");
+        assert_eq!(chunk.offset, received.len() as u64, "chunks arrive in order");
+        received.extend_from_slice(&chunk.data);
+    }
     drop(first);
+    // Beyond what the process wrote is refused.
+    let mut ahead = output_of(&id, "");
+    ahead.stdout_offset = u64::MAX;
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut reader = loop {
-        match client.read_output(process_ref(&id, "")).await {
-            Ok(stream) => break stream.into_inner(),
+    loop {
+        match client.read_output(ahead.clone()).await {
+            Err(e) if e.code() == Code::OutOfRange => break,
             Err(e) if e.code() == Code::FailedPrecondition && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
-            Err(e) => panic!("re-attaching failed: {e}"),
+            other => panic!("an offset past the end should be OutOfRange: {:?}", other.err()),
         }
-    };
-    let mut total = 0;
-    let mut tail = Vec::new();
-    while let Some(chunk) = reader.message().await.unwrap() {
-        total += chunk.data.len();
-        tail = chunk.data;
     }
-    assert!(tail.ends_with(b"end\n"));
-    assert!(total <= 3_000_000 + "end\n".len());
+    let mut resume = output_of(&id, "");
+    resume.stdout_offset = received.len() as u64;
+    let mut reader = client.read_output(resume).await.unwrap().into_inner();
+    while let Some(chunk) = reader.message().await.unwrap() {
+        assert_eq!(chunk.offset, received.len() as u64, "no gap and no repeat");
+        received.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(received.len(), 3_000_000 + "end\n".len());
+    assert!(received.ends_with(b"end\n"));
     let status = client.wait_process(process_ref(&id, "")).await.unwrap().into_inner();
     assert_eq!(status.exit_code, 0);
 }

@@ -28,3 +28,12 @@ pub const GUEST_SHARED_DIR: &str = "/run/podvisor/shared";
 
 /// The virtio-fs tag of the sandbox's shared directory.
 pub const SHARED_FS_TAG: &str = "podvisor";
+
+/// The HTTP/2 stream window a host client of the agent must advertise (at most): output the
+/// agent sent can be lost in flight when a stream breaks, and the agent keeps the last
+/// [`OUTPUT_REPLAY_BYTES`] it sent for a new reader, which covers a window this size plus a
+/// chunk being encoded. (hyper's client default, 2 MiB, would outrun it.)
+pub const AGENT_STREAM_WINDOW: u32 = 128 * 1024;
+
+/// How much sent output the agent keeps per process for a reader that re-attaches.
+pub const OUTPUT_REPLAY_BYTES: usize = 256 * 1024;

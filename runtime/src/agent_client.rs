@@ -172,7 +172,10 @@ where
     D: Fn() -> DialFuture + Clone + Send + Sync + 'static,
 {
     // The URI is required by HTTP/2 but never resolved: the connector below dials.
-    let endpoint = Endpoint::from_static("http://podvisor-agent");
+    let endpoint = Endpoint::from_static("http://podvisor-agent")
+        // Bounds the output in flight, which the agent can resend after a broken stream.
+        .initial_stream_window_size(Some(podvisor_proto::AGENT_STREAM_WINDOW))
+        .initial_connection_window_size(Some(4 * podvisor_proto::AGENT_STREAM_WINDOW));
     let deadline = Instant::now() + timeout;
     let mut last_error = String::from("no attempt was made");
     loop {

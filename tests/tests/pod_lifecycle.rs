@@ -235,7 +235,9 @@ async fn daemon_restart_keeps_pods_running() {
     daemon.pull(&image).await;
     let log_dir = daemon.dir.path().join("logs");
     let (pod, pod_cfg) = daemon.run_pod("survivor", &log_dir).await;
-    let script = "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.5; done";
+    // Numbered lines, fast and long enough that some are in flight when the daemon dies.
+    let script = "pad=$(printf '%01000d' 0); i=0; \
+                  while true; do echo tick-$i-$pad; i=$((i+1)); sleep 0.02; done";
     let cid = daemon
         .create_and_start(
             &pod,
@@ -267,15 +269,28 @@ async fn daemon_restart_keeps_pods_running() {
     // Logging resumes after the restart.
     let log = log_dir.join("ticker.log");
     let before = std::fs::read_to_string(&log).unwrap_or_default().lines().count();
-    let grew = wait_for(Duration::from_secs(20), || {
+    let grew = wait_for(Duration::from_secs(60), || {
         let log = log.clone();
         async move {
-            (std::fs::read_to_string(&log).unwrap_or_default().lines().count() > before + 2)
+            (std::fs::read_to_string(&log).unwrap_or_default().lines().count() > before + 20)
                 .then_some(())
         }
     })
     .await;
     assert!(grew.is_some(), "log did not grow after restart:\n{}", daemon.log_tail());
+    // Across the crash, no line was lost or written twice.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let ticks: Vec<u64> = text
+        .lines()
+        .filter_map(|l| l.split(" stdout F tick-").nth(1))
+        .map(|rest| rest.split('-').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(ticks.len() > 10, "{} tick lines", ticks.len());
+    let expected: Vec<u64> = (0..ticks.len() as u64).collect();
+    if ticks != expected {
+        let first_bad = ticks.iter().zip(&expected).position(|(a, b)| a != b);
+        panic!("tick lines lost or repeated around index {first_bad:?}: {:?}", &ticks[..]);
+    }
 
     daemon.remove_pod(&pod).await;
     daemon.assert_nothing_left();

@@ -249,19 +249,34 @@ impl SandboxManager {
         })
     }
 
+    /// Where the offsets of `cid`'s output already in its log are kept (see
+    /// [`OutputOffsets`]), so a restarted daemon resumes without losing or repeating output.
+    fn output_offsets_path(&self, sid: &str, cid: &str) -> PathBuf {
+        self.sandbox_state_dir(sid).join(format!("output-{cid}.offsets"))
+    }
+
     async fn forward_output(
         self: Arc<Self>,
         sid: String,
         cid: String,
         writer: Option<Arc<logs::LogWriter>>,
     ) {
+        let offsets_path = self.output_offsets_path(&sid, &cid);
+        let mut offsets = OutputOffsets::load(&offsets_path);
         loop {
             let stream = match self.agent(&sid, AGENT_TIMEOUT).await {
                 Ok(mut agent) => {
+                    // What the log already holds: the agent resends anything after it that a
+                    // broken stream may have swallowed.
+                    let written = offsets.written(writer.as_deref());
                     agent
-                        .read_output(pb::ProcessRef {
-                            container_id: cid.clone(),
-                            exec_id: String::new(),
+                        .read_output(pb::ReadOutputRequest {
+                            process: Some(pb::ProcessRef {
+                                container_id: cid.clone(),
+                                exec_id: String::new(),
+                            }),
+                            stdout_offset: written[0],
+                            stderr_offset: written[1],
                         })
                         .await
                 }
@@ -269,22 +284,27 @@ impl SandboxManager {
             };
             match stream {
                 Ok(resp) => {
+                    // Resent bytes of the unfinished lines the writer still holds count as
+                    // received already: `accept` drops them.
                     let mut stream = resp.into_inner();
                     loop {
                         match stream.message().await {
                             Ok(Some(chunk)) => {
+                                let Some((slot, data)) = offsets.accept(&cid, &chunk) else {
+                                    continue;
+                                };
                                 if let Some(w) = &writer {
-                                    if let Err(e) =
-                                        w.write_chunk(chunk.stream as usize, &chunk.data)
-                                    {
+                                    if let Err(e) = w.write_chunk(slot, data) {
                                         warn!(container = %cid, error = %e, "writing container log");
                                     }
                                 }
+                                offsets.save(&offsets_path, writer.as_deref());
                             }
                             Ok(None) => {
                                 if let Some(w) = &writer {
                                     let _ = w.flush_partial();
                                 }
+                                offsets.save(&offsets_path, writer.as_deref());
                                 return;
                             }
                             Err(status) => {
@@ -431,6 +451,7 @@ impl SandboxManager {
             st.containers.remove(&rec.id);
             store::remove_path(&self.container_record_path(&rec.sandbox_id, &rec.id))?;
         }
+        let _ = std::fs::remove_file(self.output_offsets_path(&rec.sandbox_id, &rec.id));
         lock(&self.log_writers).remove(&rec.id);
         drop(_op);
         lock(&self.container_locks).remove(&rec.id);
@@ -478,7 +499,10 @@ impl SandboxManager {
             async move {
                 let mut out = ExecOutput { stdout: Vec::new(), stderr: Vec::new(), exit_code: 0 };
                 let mut stream = agent
-                    .read_output(pref.clone())
+                    .read_output(pb::ReadOutputRequest {
+                        process: Some(pref.clone()),
+                        ..Default::default()
+                    })
                     .await
                     .map_err(|status| SandboxError::Agent { call: "ReadOutput", status })?
                     .into_inner();
@@ -571,9 +595,98 @@ pub fn parse_signal(name: &str) -> i32 {
     full.parse::<nix::sys::signal::Signal>().map(|s| s as i32).unwrap_or(0)
 }
 
+/// How far a container's output has come, per stream (stdout, stderr): `received` is the
+/// offset just past the last byte taken from the agent. The persisted figure is what reached
+/// the log file (received minus the unfinished line the writer holds back), so after a
+/// restart the agent resends exactly the rest.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct OutputOffsets {
+    received: [u64; 2],
+}
+
+impl OutputOffsets {
+    /// The saved offsets, or zeros (a first reader) when there are none.
+    fn load(path: &Path) -> Self {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+        match (fields.next().flatten(), fields.next().flatten()) {
+            (Some(stdout), Some(stderr)) => Self { received: [stdout, stderr] },
+            _ => Self::default(),
+        }
+    }
+
+    /// Bytes of each stream that are in the log file.
+    fn written(&self, writer: Option<&logs::LogWriter>) -> [u64; 2] {
+        let held = |slot: usize| writer.map_or(0, |w| w.pending_len(slot) as u64);
+        [self.received[0].saturating_sub(held(0)), self.received[1].saturating_sub(held(1))]
+    }
+
+    /// The part of `chunk` not seen yet, with its stream slot; records it as received.
+    fn accept<'a>(&mut self, cid: &str, chunk: &'a pb::OutputChunk) -> Option<(usize, &'a [u8])> {
+        let slot = usize::from(chunk.stream == pb::OutputStream::Stderr as i32);
+        let have = self.received[slot];
+        let end = chunk.offset + chunk.data.len() as u64;
+        if end <= have {
+            return None;
+        }
+        if chunk.offset > have {
+            warn!(
+                container = %cid,
+                lost_bytes = chunk.offset - have,
+                "container output was lost before reaching the log (older than the agent keeps)"
+            );
+        }
+        let skip = have.saturating_sub(chunk.offset) as usize;
+        self.received[slot] = end;
+        Some((slot, &chunk.data[skip..]))
+    }
+
+    fn save(&self, path: &Path, writer: Option<&logs::LogWriter>) {
+        let written = self.written(writer);
+        // Best effort: without it a restart repeats up to the agent's replay window.
+        let _ = std::fs::write(path, format!("{} {}\n", written[0], written[1]));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunk(stream: pb::OutputStream, offset: u64, data: &[u8]) -> pb::OutputChunk {
+        pb::OutputChunk { stream: stream as i32, data: data.to_vec(), offset }
+    }
+
+    #[test]
+    fn output_offsets_drop_repeats_trim_overlaps_and_pass_gaps() {
+        use pb::OutputStream::{Stderr, Stdout};
+        let mut o = OutputOffsets::default();
+        assert_eq!(o.accept("c", &chunk(Stdout, 0, b"hello ")), Some((0, &b"hello "[..])));
+        assert_eq!(o.accept("c", &chunk(Stderr, 0, b"err")), Some((1, &b"err"[..])));
+        // Resent after a broken stream: what we have is dropped, the rest kept.
+        assert_eq!(o.accept("c", &chunk(Stdout, 0, b"hello ")), None);
+        assert_eq!(o.accept("c", &chunk(Stdout, 3, b"lo world")), Some((0, &b"world"[..])));
+        // Older than the agent keeps: a gap, logged, and the output goes on.
+        assert_eq!(o.accept("c", &chunk(Stdout, 20, b"!")), Some((0, &b"!"[..])));
+        assert_eq!(o.received, [21, 3]);
+    }
+
+    #[test]
+    fn saved_output_offsets_leave_out_unfinished_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = logs::LogWriter::open(&dir.path().join("c.log")).unwrap();
+        let mut o = OutputOffsets::default();
+        let line = chunk(pb::OutputStream::Stdout, 0, b"done\npart");
+        let (slot, data) = o.accept("c", &line).unwrap();
+        writer.write_chunk(slot, data).unwrap();
+        // "part" is held back by the writer: a restart must have it resent.
+        assert_eq!(o.written(Some(&writer)), [5, 0]);
+        let path = dir.path().join("c.offsets");
+        o.save(&path, Some(&writer));
+        assert_eq!(OutputOffsets::load(&path).received, [5, 0]);
+        assert_eq!(OutputOffsets::load(&dir.path().join("missing")), OutputOffsets::default());
+        std::fs::write(&path, "garbage").unwrap();
+        assert_eq!(OutputOffsets::load(&path), OutputOffsets::default());
+    }
 
     #[test]
     fn stop_signals_parse() {

@@ -84,6 +84,12 @@ impl LogWriter {
         self.append(&out)
     }
 
+    /// Bytes of `stream` (0 = stdout, 1 = stderr) held back as an unfinished line, not yet in
+    /// the file.
+    pub fn pending_len(&self, stream: usize) -> usize {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())[stream.min(1)].len()
+    }
+
     /// Writes out whatever partial lines are left (the process is gone).
     pub fn flush_partial(&self) -> Result<(), LogError> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
