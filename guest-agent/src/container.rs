@@ -8,7 +8,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxSeccomp, Process as OciProcess, Root, Spec};
+use oci_spec::runtime::{
+    LinuxNamespace, LinuxNamespaceType, LinuxSeccomp, Process as OciProcess, Root, Spec,
+};
 use podvisor_proto::agent::{ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest};
 
 use crate::helper::{self, HelperError, HelperOp, HelperStdio};
@@ -68,6 +70,10 @@ pub enum AgentError {
     ConsoleTimeout(Duration),
     #[error("libcontainer reported no pid")]
     NoPid,
+    #[error("the pod has no shared PID namespace (CreateSandbox did not ask for one)")]
+    NoPodPidNamespace,
+    #[error("starting the pause process of the pod's PID namespace: {0}")]
+    Pause(std::io::Error),
     #[error("sending signal {0}: {1}")]
     Signal(i32, nix::Error),
 }
@@ -178,6 +184,8 @@ pub struct Agent {
     log: File,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     creating: Mutex<HashSet<String>>,
+    /// PID 1 of the pod's shared PID namespace, if CreateSandbox asked for one.
+    pause_pid: Mutex<Option<i32>>,
 }
 
 /// The stdio of a process being set up: pipes, or a console socket awaiting the pty master.
@@ -195,6 +203,68 @@ impl Agent {
             log,
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
+            pause_pid: Mutex::new(None),
+        }
+    }
+
+    /// The pod's shared PID namespace (`/proc/<pause>/ns/pid`).
+    fn pod_pid_namespace(&self) -> Result<PathBuf, AgentError> {
+        let pid = lock(&self.pause_pid).ok_or(AgentError::NoPodPidNamespace)?;
+        let path = PathBuf::from(format!("/proc/{pid}/ns/pid"));
+        if !path.exists() {
+            return Err(AgentError::NoPodPidNamespace);
+        }
+        Ok(path)
+    }
+
+    /// Starts the pause process holding the pod's PID namespace (see [`crate::pause`]).
+    async fn start_pause(&self) -> Result<(), AgentError> {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        if lock(&self.pause_pid).is_some() {
+            return Ok(());
+        }
+        let (out_read, out_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| AgentError::Pause(e.into()))?;
+        let started = Instant::now();
+        let child = std::process::Command::new("/proc/self/exe")
+            .arg(crate::pause::PAUSE_SUBCOMMAND)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::from(out_write))
+            .spawn()
+            .map_err(AgentError::Pause)?;
+        // The reaper collects it (it waits for every child); `child` is never waited on.
+        let exit = self.reaper.register(child.id() as i32, started);
+        drop(child);
+        let status =
+            tokio::time::timeout(Duration::from_secs(10), reaper::wait_exit(exit))
+                .await
+                .map_err(|_| AgentError::Pause(std::io::Error::other("no answer within 10 s")))?;
+        // The pid line is in the pipe by the time it exited; its child may still hold the write
+        // end for a moment, so read what is there without waiting for end of file.
+        let _ = nix::fcntl::fcntl(
+            out_read.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        let mut text = String::new();
+        let _ = File::from(out_read).read_to_string(&mut text);
+        let pid: i32 = match (status.map(|s| s.code), text.trim().parse()) {
+            (Some(0), Ok(pid)) => pid,
+            _ => {
+                return Err(AgentError::Pause(std::io::Error::other(format!(
+                    "it exited with {status:?} and printed {text:?}"
+                ))))
+            }
+        };
+        tracing::info!(pid, "pod PID namespace held by the pause process");
+        *lock(&self.pause_pid) = Some(pid);
+        Ok(())
+    }
+
+    /// Ends the pause process (its namespace goes with it).
+    fn stop_pause(&self) {
+        if let Some(pid) = lock(&self.pause_pid).take() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
     }
 
@@ -281,6 +351,23 @@ impl Agent {
         let stdio_cfg = req.stdio.unwrap_or_default();
         let process = spec.process_mut().as_mut().ok_or(AgentError::NoProcess)?;
         process.set_terminal(Some(stdio_cfg.tty));
+        let pod_pid_namespace =
+            if req.join_pod_pid_namespace { Some(self.pod_pid_namespace()?) } else { None };
+        if let Some(linux) = spec.linux_mut() {
+            let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+            // Paths name guest objects the host cannot know: the agent owns them.
+            for ns in namespaces.iter_mut() {
+                ns.set_path(None);
+            }
+            if let Some(path) = pod_pid_namespace {
+                namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Pid);
+                let mut pid = LinuxNamespace::default();
+                pid.set_typ(LinuxNamespaceType::Pid);
+                pid.set_path(Some(path));
+                namespaces.push(pid);
+            }
+            linux.set_namespaces(Some(namespaces));
+        }
         {
             let containers = lock(&self.containers);
             let mut creating = lock(&self.creating);
@@ -347,12 +434,6 @@ impl Agent {
         spec.set_root(Some(root));
         let mut linux = spec.linux().clone().unwrap_or_default();
         linux.set_cgroups_path(Some(PathBuf::from(format!("/{CGROUP_PARENT}/{id}"))));
-        if let Some(namespaces) = linux.namespaces_mut() {
-            // Paths name guest objects the host cannot know: the agent owns them.
-            for ns in namespaces.iter_mut() {
-                ns.set_path(None);
-            }
-        }
         let seccomp = linux.seccomp().clone().map(Box::new);
         spec.set_linux(Some(linux));
         write_json(&dir.join("config.json"), "config.json", spec)?;
@@ -595,6 +676,7 @@ impl Agent {
         for c in &containers {
             self.remove_container(&c.id).await?;
         }
+        self.stop_pause();
         Ok(())
     }
 
@@ -606,6 +688,7 @@ impl Agent {
                 tracing::warn!(container = id, "removing at shutdown: {e}");
             }
         }
+        self.stop_pause();
     }
 
     pub fn container_stats(&self, id: &str) -> Result<ContainerStatsResponse, AgentError> {
@@ -636,16 +719,15 @@ impl Agent {
         })
     }
 
-    pub fn create_sandbox(
+    pub async fn create_sandbox(
         &self,
         req: &podvisor_proto::agent::CreateSandboxRequest,
     ) -> Result<(), AgentError> {
-        Ok(crate::sandbox::create(
-            req,
-            &self.paths.sandbox_dir(),
-            &self.paths.shared_dir,
-            self.guest,
-        )?)
+        crate::sandbox::create(req, &self.paths.sandbox_dir(), &self.paths.shared_dir, self.guest)?;
+        if req.pod_pid_namespace {
+            self.start_pause().await?;
+        }
+        Ok(())
     }
 
     pub fn is_guest(&self) -> bool {

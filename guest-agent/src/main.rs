@@ -5,11 +5,13 @@
 //! - no arguments as PID 1: guest mode (leave the initramfs, mount, serve on vsock);
 //! - `--listen unix:PATH [--shared-dir DIR] [--state-dir DIR]`: host mode, for tests;
 //! - `__libcontainer REQUEST`: the internal single-threaded libcontainer helper.
+//! - `__pause`: starts the PID 1 of the pod's shared PID namespace (see `pause`).
 
 mod container;
 mod helper;
 mod init;
 mod logging;
+mod pause;
 mod reaper;
 mod rootfs;
 mod sandbox;
@@ -71,6 +73,9 @@ fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == helper::HELPER_SUBCOMMAND) {
         return helper::main(&args[2..]);
+    }
+    if args.get(1).is_some_and(|a| a == pause::PAUSE_SUBCOMMAND) {
+        return pause::main();
     }
     if nix::unistd::getpid().as_raw() == 1 && args.len() == 1 {
         return guest_main();

@@ -39,7 +39,8 @@ impl From<AgentError> for Status {
             AgentError::WrongState { .. }
             | AgentError::Stdio(StdioError::StdinClosed)
             | AgentError::Stdio(StdioError::NoTty)
-            | AgentError::Stdio(StdioError::ReaderAttached) => Code::FailedPrecondition,
+            | AgentError::Stdio(StdioError::ReaderAttached)
+            | AgentError::NoPodPidNamespace => Code::FailedPrecondition,
             AgentError::Stdio(StdioError::OffsetAhead) => Code::OutOfRange,
             _ => Code::Internal,
         };
@@ -78,7 +79,7 @@ impl AgentRpc for AgentService {
         &self,
         request: Request<CreateSandboxRequest>,
     ) -> Result<Response<Empty>, Status> {
-        self.agent.create_sandbox(request.get_ref())?;
+        self.agent.create_sandbox(request.get_ref()).await?;
         Ok(Response::new(Empty {}))
     }
 

@@ -287,6 +287,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
             oci_spec_json: spec.to_string().into_bytes(),
             rootfs: Some(Rootfs { lower_dirs: vec!["busybox".into()], read_only: false }),
             stdio: Some(StdioConfig::default()),
+            join_pod_pid_namespace: false,
         })
         .await
         .unwrap();
@@ -312,6 +313,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
             oci_spec_json: sleeper.to_string().into_bytes(),
             rootfs: Some(Rootfs { lower_dirs: vec!["busybox".into()], read_only: true }),
             stdio: Some(StdioConfig::default()),
+            join_pod_pid_namespace: false,
         })
         .await
         .unwrap();

@@ -210,6 +210,7 @@ fn create_request(
         oci_spec_json: spec(args, stdio.tty),
         rootfs: Some(Rootfs { lower_dirs: vec![LAYER.to_string()], read_only }),
         stdio: Some(stdio),
+        join_pod_pid_namespace: false,
     }
 }
 
@@ -628,6 +629,65 @@ async fn bad_input_gets_clear_errors() {
         .unwrap_err();
     assert_ne!(err.code(), Code::Ok);
     assert!(!containers_dir.join(&id2).exists());
+}
+
+/// CRI's POD PID mode: containers share a PID namespace whose PID 1 is the pause process, and
+/// see neither the agent nor anything else outside the pod.
+#[tokio::test]
+async fn pod_pid_namespace_is_shared_by_its_containers_only() {
+    let Some(()) = prerequisites() else { return };
+    let mut agent = TestAgent::start().await;
+    let client = &mut agent.client;
+    let joined = |id: &str, args: &[&str]| {
+        let mut req = create_request(id, args, StdioConfig::default(), false);
+        req.join_pod_pid_namespace = true;
+        req
+    };
+    // Without a pod namespace, joining one is refused.
+    let refused =
+        client.create_container(joined(&unique_id("early"), &["true"])).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
+    client
+        .create_sandbox(CreateSandboxRequest {
+            sandbox_id: "sb".into(),
+            pod_pid_namespace: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let sleeper = unique_id("sleeper");
+    client.create_container(joined(&sleeper, &["sleep", "1000"])).await.unwrap();
+    client.start_container(ContainerRef { container_id: sleeper.clone() }).await.unwrap();
+    let looker = unique_id("looker");
+    let script = "cat /proc/1/comm; for p in /proc/[0-9]*; do cat $p/comm; done | sort | uniq";
+    client.create_container(joined(&looker, &["sh", "-c", script])).await.unwrap();
+    client.start_container(ContainerRef { container_id: looker.clone() }).await.unwrap();
+    let (out, err) = read_all(client, &looker, "").await;
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("pause"), "PID 1 of the pod namespace; stderr: {err}");
+    let seen: Vec<&str> = lines.collect();
+    assert!(seen.contains(&"sleep"), "the other container's process is visible: {seen:?}");
+    assert!(
+        !seen.iter().any(|comm| comm.starts_with("podvisor")),
+        "the agent is not visible: {seen:?}"
+    );
+    // A container with its own namespace (CONTAINER mode) is PID 1 there.
+    let alone = unique_id("alone");
+    client
+        .create_container(create_request(
+            &alone,
+            &["cat", "/proc/1/comm"],
+            StdioConfig::default(),
+            false,
+        ))
+        .await
+        .unwrap();
+    client.start_container(ContainerRef { container_id: alone.clone() }).await.unwrap();
+    assert_eq!(read_all(client, &alone, "").await.0, "cat\n");
+    for id in [&sleeper, &looker, &alone] {
+        client.remove_container(RemoveContainerRequest { container_id: id.clone() }).await.unwrap();
+    }
 }
 
 #[tokio::test]

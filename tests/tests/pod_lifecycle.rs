@@ -87,6 +87,12 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
     // The pod's hostname is the VM's.
     let out = daemon.exec(&cid, &["hostname"], 10).await.unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "web");
+    // PID mode POD (the CRI default): the pod's own PID namespace, held by a pause process,
+    // in which the agent is not visible.
+    let out = daemon.exec(&cid, &["sh", "-c", "cat /proc/1/comm; cat /proc/[0-9]*/comm"], 10).await;
+    let out = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
+    assert!(out.starts_with("pause\n"), "{out}");
+    assert!(!out.contains("podvisor"), "{out}");
 
     // The CRI log holds both streams in kubelet's format.
     let log = log_dir.join("app.log");

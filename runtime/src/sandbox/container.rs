@@ -130,6 +130,7 @@ impl SandboxManager {
             .create_container(pb::CreateContainerRequest {
                 container_id: id.clone(),
                 oci_spec_json: spec_json,
+                join_pod_pid_namespace: sandbox.pid_mode == cri::NamespaceMode::Pod as i32,
                 // Always with a writable layer: the runtime creates mount points in the rootfs
                 // before `root.readonly` (set in the spec for readonly_rootfs) remounts it
                 // read-only, as runc does with containerd's snapshots.

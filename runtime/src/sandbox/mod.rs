@@ -438,6 +438,9 @@ impl SandboxManager {
                 sysctls: req.sysctls.clone(),
                 mount_shared_fs: true,
                 host_time_unix_nanos: now_nanos(),
+                // POD mode: containers share a PID namespace of the pod's own (not the VM's,
+                // which holds the agent); NODE mode uses the VM's.
+                pod_pid_namespace: req.pid_mode == k8s_cri::v1::NamespaceMode::Pod as i32,
             })
             .await
             .map_err(|status| SandboxError::Agent { call: "CreateSandbox", status })?;

@@ -350,7 +350,7 @@ pub fn build_spec(
     if let Some(linux) = spec.linux_mut() {
         // The VM is the pod: containers share its network, IPC and UTS namespaces; each gets
         // its own mount and cgroup namespaces, and a PID namespace unless the pod shares one
-        // (NODE means the VM's, which is the pod's too).
+        // (POD: the agent joins them to the pod's, held by a pause process; NODE: the VM's).
         let keep_pid = sandbox.pid_mode == cri::NamespaceMode::Container as i32;
         let namespaces: Vec<LinuxNamespace> = linux
             .namespaces()
