@@ -37,20 +37,20 @@ pub struct HostCapabilities {
 /// Where CNI plugins are usually installed (upstream tarball, Debian package).
 const CNI_DIRS: &[&str] = &["/opt/cni/bin", "/usr/lib/cni", "/usr/libexec/cni"];
 
-fn is_executable(path: &Path) -> bool {
+pub fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path)
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
 
 /// Finds `name` in `PATH`, then in `$HOME/.cargo/bin` (where `cargo install` puts helpers).
-pub fn find_binary(name: &str) -> Option<PathBuf> {
+pub fn find_binary(name: impl AsRef<Path>) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> =
         std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin"));
     }
-    dirs.into_iter().map(|d| d.join(name)).find(|p| is_executable(p))
+    dirs.into_iter().map(|d| d.join(name.as_ref())).find(|p| is_executable(p))
 }
 
 impl HostCapabilities {

@@ -18,7 +18,6 @@
 pub mod accel;
 pub mod args;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -35,6 +34,7 @@ use args::RunDirLayout;
 
 use super::process::{prepare_run_dir, Starting};
 use super::{terminate_processes, Hypervisor, HypervisorError, Result, VmConfig, VmHandle};
+use crate::check::{find_binary, is_executable};
 
 /// How to run QEMU and its helpers. Bare names are looked up in `PATH`, then in
 /// `$HOME/.cargo/bin` (where `cargo install` puts the vhost-user daemons).
@@ -166,11 +166,6 @@ impl Hypervisor for QemuHypervisor {
 
 /// Finds an executable: a path with a `/` as is, a bare name in `PATH` then `~/.cargo/bin`.
 fn resolve_binary(binary: &Path, hint: &str) -> Result<PathBuf> {
-    let is_executable = |p: &Path| {
-        std::fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
     let missing = || HypervisorError::MissingBinary {
         binary: binary.display().to_string(),
         hint: format!("install it with `{hint}` or configure its path"),
@@ -178,12 +173,7 @@ fn resolve_binary(binary: &Path, hint: &str) -> Result<PathBuf> {
     if binary.components().count() > 1 || binary.is_absolute() {
         return if is_executable(binary) { Ok(binary.to_path_buf()) } else { Err(missing()) };
     }
-    let mut dirs: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(Path::new(&home).join(".cargo/bin"));
-    }
-    dirs.into_iter().map(|d| d.join(binary)).find(|p| is_executable(p)).ok_or_else(missing)
+    find_binary(binary).ok_or_else(missing)
 }
 
 /// QEMU's readiness, on top of the shared start-up machinery.

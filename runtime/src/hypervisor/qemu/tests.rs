@@ -3,6 +3,7 @@
 //! `build/initramfs.cpio`), and for the busybox guests `/bin/busybox` (static) and
 //! `cpio`. A test whose artefact is absent skips with a reason, unless `PODVISOR_REQUIRE_E2E=1`.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
 use std::time::{Duration, Instant};
