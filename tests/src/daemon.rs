@@ -189,18 +189,7 @@ impl TestDaemon {
     }
 
     async fn channel(&self) -> Result<Channel> {
-        let socket = self.socket();
-        let channel = Endpoint::try_from("http://[::]:50051")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
-            .await?;
-        Ok(channel)
+        cri_channel(&self.socket()).await
     }
 
     pub async fn runtime(&self) -> Result<RuntimeServiceClient<Channel>> {
@@ -214,17 +203,9 @@ impl TestDaemon {
     /// Host processes whose command line mentions this daemon's state directory (QEMU,
     /// vhost-device-vsock, virtiofsd of its VMs), other than the daemon itself.
     pub fn vm_processes(&self) -> Vec<(i32, String)> {
-        let needle = self.state().display().to_string();
         let daemon = format!("{} daemon ", podvisor_bin().display());
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(&needle) && !cmdline.starts_with(&daemon) {
-                found.push((pid, cmdline));
-            }
-        }
+        let mut found = processes_matching(&self.state().display().to_string());
+        found.retain(|(_, cmdline)| !cmdline.starts_with(&daemon));
         found
     }
 
@@ -383,6 +364,37 @@ impl Drop for TestDaemon {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
     }
+}
+
+/// A CRI channel over the daemon's unix socket `socket`.
+pub async fn cri_channel(socket: &Path) -> Result<Channel> {
+    let socket = socket.to_path_buf();
+    // The URI is a placeholder: the connector always dials the unix socket.
+    let channel = Endpoint::try_from("http://[::]:50051")?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await?;
+    Ok(channel)
+}
+
+/// Processes whose command line (arguments joined by spaces) contains `needle`: (pid, it).
+pub fn processes_matching(needle: &str) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
 }
 
 /// A pod config for tests.

@@ -12,12 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use podvisor_e2e::daemon::{container_config, pod_config};
-use tonic::transport::{Channel, Endpoint, Uri};
+use podvisor_e2e::daemon::{container_config, cri_channel, pod_config, processes_matching};
+use tonic::transport::Channel;
 
 /// What the container prints to its log, and what the exec prints.
 const LOG_LINE: &str = "hello-nested";
@@ -134,26 +133,10 @@ async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
     .await
 }
 
-async fn connect(socket: &Path) -> Result<Channel> {
-    let socket = socket.to_path_buf();
-    // The URI is a placeholder: the connector always dials the unix socket.
-    let channel = Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await?;
-    Ok(channel)
-}
-
 /// A channel to the daemon once it answers Version.
 async fn wait_for_daemon(socket: &Path) -> Result<Channel> {
     loop {
-        if let Ok(channel) = connect(socket).await {
+        if let Ok(channel) = cri_channel(socket).await {
             let mut runtime = RuntimeServiceClient::new(channel.clone());
             if runtime.version(cri::VersionRequest::default()).await.is_ok() {
                 return Ok(channel);
@@ -174,20 +157,6 @@ async fn wait_for_log_line(log: &Path) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// (pid, command line) of every process whose command line contains `needle`.
-fn processes_matching(needle: &str) -> Vec<(u32, String)> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(needle) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
 }
 
 /// The pod's VMM runs jailed and filtered: no uid of it (real, effective, saved, fs) is root,
