@@ -401,33 +401,24 @@ impl SandboxManager {
         let vm = self.hypervisor.start(&vm_config).await?;
         self.update_sandbox(id, |r| r.vm = Some(vm.clone()))?;
         let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
-        let hypervisor = self.hypervisor.clone();
-        let connected =
+        let booted =
             crate::agent_client::connect_after_boot(ready, &vm.vsock_uds, boot_timeout, || {
-                hypervisor.is_running(&vm)
-            })
-            .await
-            .map_err(|e| SandboxError::AgentConnect {
-                sandbox: id.to_string(),
-                message: e.to_string(),
+                self.hypervisor.is_running(&vm)
             });
-        if let Ok(client) = &connected {
-            lock(&self.agents).insert(id.to_string(), client.clone());
-        }
-        let mut agent = match connected {
+        let mut agent = match booted.await {
             Ok(agent) => agent,
             // The console is removed with the failed sandbox: keep its end in the error.
-            Err(SandboxError::AgentConnect { sandbox, message }) => {
+            Err(e) => {
                 let console = std::fs::read_to_string(&vm_config.console_log).unwrap_or_default();
                 let lines: Vec<&str> = console.lines().collect();
                 let tail = lines[lines.len().saturating_sub(15)..].join("\n");
                 return Err(SandboxError::AgentConnect {
-                    sandbox,
-                    message: format!("{message}; guest console ends with:\n{tail}"),
+                    sandbox: id.to_string(),
+                    message: format!("{e}; guest console ends with:\n{tail}"),
                 });
             }
-            Err(e) => return Err(e),
         };
+        lock(&self.agents).insert(id.to_string(), agent.clone());
         agent
             .create_sandbox(pb::CreateSandboxRequest {
                 sandbox_id: id.to_string(),
