@@ -27,12 +27,20 @@ pub enum StoreError {
     Remove { path: PathBuf, source: std::io::Error },
 }
 
-/// Writes `value` as JSON to `path` atomically.
+/// Writes `value` as JSON to `path` atomically and durably.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { path: dir.into(), source })?;
     let data = serde_json::to_vec_pretty(value)
         .map_err(|source| StoreError::Encode { path: path.into(), source })?;
+    write_atomic(path, &data, true)
+}
+
+/// Replaces `path` with `data` through a temporary file and a rename, so a reader, or a daemon
+/// restarted after being killed mid-write, sees the old content or the new, never a torn or
+/// empty file. `durable` also syncs the file and the directory (surviving a power loss), which
+/// records under `--root` need and frequently rewritten runtime state under `--state` does not.
+pub fn write_atomic(path: &Path, data: &[u8], durable: bool) -> Result<(), StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { path: dir.into(), source })?;
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     // Unique per write: concurrent writers in one process must not share a temporary file.
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -40,8 +48,11 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError
     let tmp = dir.join(format!(".{file_name}.tmp-{}-{seq}", std::process::id()));
     let write = |tmp: &Path| -> std::io::Result<()> {
         let mut f = File::create(tmp)?;
-        f.write_all(&data)?;
-        f.sync_all()
+        f.write_all(data)?;
+        if durable {
+            f.sync_all()?;
+        }
+        Ok(())
     };
     if let Err(source) = write(&tmp) {
         let _ = fs::remove_file(&tmp);
@@ -51,9 +62,11 @@ pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StoreError
         let _ = fs::remove_file(&tmp);
         StoreError::Rename { from: tmp.clone(), to: path.into(), source }
     })?;
-    // Make the rename itself durable.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
+    if durable {
+        // Make the rename itself durable.
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
     Ok(())
 }

@@ -644,8 +644,11 @@ impl OutputOffsets {
 
     fn save(&self, path: &Path, writer: Option<&logs::LogWriter>) {
         let written = self.written(writer);
-        // Best effort: without it a restart repeats up to the agent's replay window.
-        let _ = std::fs::write(path, format!("{} {}\n", written[0], written[1]));
+        // Atomic (a daemon killed mid-write must not leave an empty file, which would replay
+        // the whole window), not durable (runtime state). Best effort: without it a restart
+        // repeats up to the agent's replay window.
+        let text = format!("{} {}\n", written[0], written[1]);
+        let _ = store::write_atomic(path, text.as_bytes(), false);
     }
 }
 
