@@ -250,6 +250,10 @@ async fn serve_guest(paths: Paths, log: File) -> Result<(), MainError> {
     tracing::info!(port = podvisor_proto::AGENT_VSOCK_PORT, "podvisor-agent serving on vsock");
     tokio::spawn(announce_ready());
     tonic::transport::Server::builder()
+        // A host connection that died without a goodbye (its daemon was killed) must not keep
+        // holding a process's single output reader: keepalive pings find and drop it.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(AgentServer::new(AgentService::new(agent)))
         .serve_with_incoming(listener.incoming())
         .await
