@@ -3,7 +3,8 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{kill, Signal};
@@ -25,6 +26,9 @@ const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The cgroup (under the cgroup2 root) every container's cgroup is created in.
 const CGROUP_PARENT: &str = "podvisor";
+/// Exited execs a container keeps that nobody claimed (waited for and drained): a host that
+/// never waits (an ExecSync that timed out) leaks at most this many per container.
+const MAX_UNCLAIMED_EXECS: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -89,15 +93,22 @@ pub struct Paths {
     pub cgroup_root: PathBuf,
 }
 
+/// The agent's own directories under [`Paths::run_dir`]: containers, sandbox files,
+/// libcontainer state. Nothing may be mounted over them.
+pub const AGENT_DIRS: [&str; 3] = [CONTAINERS_DIR, SANDBOX_DIR, LIBCONTAINER_DIR];
+const CONTAINERS_DIR: &str = "containers";
+const SANDBOX_DIR: &str = "sandbox";
+const LIBCONTAINER_DIR: &str = "libcontainer";
+
 impl Paths {
     pub fn containers_dir(&self) -> PathBuf {
-        self.run_dir.join("containers")
+        self.run_dir.join(CONTAINERS_DIR)
     }
     pub fn sandbox_dir(&self) -> PathBuf {
-        self.run_dir.join("sandbox")
+        self.run_dir.join(SANDBOX_DIR)
     }
     fn libcontainer_root(&self) -> PathBuf {
-        self.run_dir.join("libcontainer")
+        self.run_dir.join(LIBCONTAINER_DIR)
     }
     fn cgroup_dir(&self, id: &str) -> PathBuf {
         self.cgroup_root.join(CGROUP_PARENT).join(id)
@@ -105,15 +116,36 @@ impl Paths {
 }
 
 /// One process of a container: the init or an exec.
+///
+/// An exec's entry lives until it is claimed: its exit status was given to a WaitProcess
+/// caller and a ReadOutput reader reached the end of its output, in either order. Until then
+/// a reader can re-attach (a broken stream) and a waiter gets the status at once. An exec that
+/// was waited for but never read is kept too (a streaming caller's ReadOutput may arrive after
+/// its WaitProcess answered); [`MAX_UNCLAIMED_EXECS`] bounds what such entries can hold.
 struct Process {
     pid: i32,
     exit: ExitWatch,
     io: Arc<ProcessIo>,
+    /// A WaitProcess caller was given the exit status.
+    waited: AtomicBool,
+    /// The exec's place in its container's exit order, once the agent saw it exit.
+    exit_seq: OnceLock<u64>,
 }
 
 impl Process {
+    fn new(pid: i32, exit: ExitWatch, io: Arc<ProcessIo>) -> Self {
+        Process { pid, exit, io, waited: AtomicBool::new(false), exit_seq: OnceLock::new() }
+    }
+
     fn exited(&self) -> bool {
         self.exit.borrow().is_some()
+    }
+
+    /// Waited for and drained: nothing more can be asked of it.
+    fn claimed(&self) -> bool {
+        // SeqCst: the waiter stores `waited` then loads `drained`, the reader the reverse;
+        // whichever comes second sees both, so the entry never outlives its claim.
+        self.waited.load(Ordering::SeqCst) && self.io.drained()
     }
 }
 
@@ -129,6 +161,8 @@ struct Container {
     init: Arc<Process>,
     phase: Mutex<Phase>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
+    /// The next exec exit's place in the exit order (see [`Process::exit_seq`]).
+    next_exit_seq: AtomicU64,
     seccomp: Option<Box<LinuxSeccomp>>,
     /// Serialises libcontainer operations on this container.
     op_lock: tokio::sync::Mutex<()>,
@@ -147,6 +181,96 @@ impl Container {
                 Phase::Created => "created",
                 Phase::Running => "running",
             }
+        }
+    }
+
+    /// Adds an exec to the table and arranges for its entry to go once it is claimed (see
+    /// [`Process`]) or crowded out by newer unclaimed exits.
+    fn track_exec(self: &Arc<Self>, exec_id: String, process: Process) -> Arc<Process> {
+        let process = Arc::new(process);
+        // Weak references: neither the hook (owned by the process's io) nor the exit task may
+        // keep a removed container or dropped entry alive.
+        let (container, entry, id) =
+            (Arc::downgrade(self), Arc::downgrade(&process), exec_id.clone());
+        process.io.on_drained(Box::new(move || {
+            if let (Some(c), Some(p)) = (container.upgrade(), entry.upgrade()) {
+                c.release_if_claimed(&id, &p);
+            }
+        }));
+        lock(&self.execs).insert(exec_id, process.clone());
+        let (container, entry, exit) =
+            (Arc::downgrade(self), Arc::downgrade(&process), process.exit.clone());
+        tokio::spawn(async move {
+            // None: the status will never come, so it never counts as exited.
+            if reaper::wait_exit(exit).await.is_some() {
+                if let (Some(c), Some(p)) = (container.upgrade(), entry.upgrade()) {
+                    c.exec_exited(&p);
+                }
+            }
+        });
+        process
+    }
+
+    /// A WaitProcess caller got the status of exec `exec_id`.
+    fn exec_waited(&self, exec_id: &str, process: &Arc<Process>) {
+        process.waited.store(true, Ordering::SeqCst);
+        self.release_if_claimed(exec_id, process);
+    }
+
+    /// Drops the entry of `exec_id` if it is still `process` (the id may have been reused)
+    /// and has been claimed.
+    fn release_if_claimed(&self, exec_id: &str, process: &Arc<Process>) {
+        let removed = {
+            let mut execs = lock(&self.execs);
+            match execs.get(exec_id) {
+                Some(p) if Arc::ptr_eq(p, process) && process.claimed() => execs.remove(exec_id),
+                _ => None,
+            }
+        };
+        if removed.is_some() {
+            tracing::debug!(
+                container = self.id,
+                exec = exec_id,
+                "exec waited and drained: dropped"
+            );
+        }
+    }
+
+    /// An exec exited: record its place in the exit order and enforce the bound on unclaimed
+    /// exits (it cannot be claimed yet unless a waiter saw the exit first, which then tried).
+    fn exec_exited(&self, process: &Process) {
+        let _ = process.exit_seq.set(self.next_exit_seq.fetch_add(1, Ordering::Relaxed));
+        self.bound_unclaimed();
+    }
+
+    /// Drops the oldest exited, unclaimed execs beyond [`MAX_UNCLAIMED_EXECS`].
+    fn bound_unclaimed(&self) {
+        let dropped: Vec<(String, Arc<Process>)> = {
+            let mut execs = lock(&self.execs);
+            let mut exited: Vec<(u64, String)> = execs
+                .iter()
+                .filter_map(|(id, p)| p.exit_seq.get().map(|seq| (*seq, id.clone())))
+                .collect();
+            if exited.len() <= MAX_UNCLAIMED_EXECS {
+                return;
+            }
+            exited.sort_unstable();
+            let excess = exited.len() - MAX_UNCLAIMED_EXECS;
+            exited
+                .into_iter()
+                .take(excess)
+                .filter_map(|(_, id)| execs.remove(&id).map(|p| (id, p)))
+                .collect()
+        };
+        // Dropped outside the lock: the last reference closes fds and ends the output pump.
+        for (exec_id, process) in dropped {
+            tracing::debug!(
+                container = self.id,
+                exec = exec_id,
+                waited = process.waited.load(Ordering::SeqCst),
+                drained = process.io.drained(),
+                "dropping an unclaimed exited exec: more than {MAX_UNCLAIMED_EXECS} of them"
+            );
         }
     }
 }
@@ -277,6 +401,10 @@ impl Agent {
 
     fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, AgentError> {
         let container = self.container(id)?;
+        Self::process_of(&container, exec_id)
+    }
+
+    fn process_of(container: &Container, exec_id: &str) -> Result<Arc<Process>, AgentError> {
         if exec_id.is_empty() {
             return Ok(container.init.clone());
         }
@@ -284,7 +412,13 @@ impl Agent {
         execs
             .get(exec_id)
             .cloned()
-            .ok_or_else(|| AgentError::ProcessNotFound(id.to_string(), exec_id.to_string()))
+            .ok_or_else(|| AgentError::ProcessNotFound(container.id.clone(), exec_id.to_string()))
+    }
+
+    /// Entries in the process table: every container's init and the execs still tracked.
+    pub fn tracked_processes(&self) -> usize {
+        let containers = lock(&self.containers);
+        containers.values().map(|c| 1 + lock(&c.execs).len()).sum()
     }
 
     async fn run_helper(
@@ -466,9 +600,10 @@ impl Agent {
         Ok(Arc::new(Container {
             id: id.to_string(),
             dir: dir.to_path_buf(),
-            init: Arc::new(Process { pid, exit, io }),
+            init: Arc::new(Process::new(pid, exit, io)),
             phase: Mutex::new(Phase::Created),
             execs: Mutex::new(HashMap::new()),
+            next_exit_seq: AtomicU64::new(0),
             seccomp,
             op_lock: tokio::sync::Mutex::new(()),
         }))
@@ -557,14 +692,22 @@ impl Agent {
             }
         };
         tracing::info!(container = container.id, exec = req.exec_id, pid, "exec started");
-        lock(&container.execs).insert(req.exec_id, Arc::new(Process { pid, exit, io }));
+        container.track_exec(req.exec_id, Process::new(pid, exit, io));
         Ok(pid as u32)
     }
 
+    /// Waits for a process's exit. Giving an exec's status out is half of claiming it (see
+    /// [`Process`]); a waiter that got here before the entry went still gets the status.
     pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<ExitStatus, AgentError> {
-        let process = self.process(id, exec_id)?;
+        let container = self.container(id)?;
+        let process = Self::process_of(&container, exec_id)?;
         match reaper::wait_exit(process.exit.clone()).await {
-            Some(status) => Ok(status),
+            Some(status) => {
+                if !exec_id.is_empty() {
+                    container.exec_waited(exec_id, &process);
+                }
+                Ok(status)
+            }
             // The reaper dropped the registration without a status: it cannot be waited on.
             None => Err(AgentError::ProcessNotFound(id.to_string(), exec_id.to_string())),
         }
@@ -738,6 +881,253 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures::StreamExt;
+    use tokio::sync::watch;
+
+    /// The test's handles on a fake process: its exit and the child's ends of its pipes.
+    struct Fake {
+        exit: watch::Sender<Option<ExitStatus>>,
+        stdio: stdio::ChildStdio,
+    }
+
+    impl Fake {
+        fn exit(&self, code: i32) {
+            self.exit.send_replace(Some(ExitStatus {
+                code,
+                signal: 0,
+                exited_at: SystemTime::now(),
+            }));
+        }
+
+        /// Writes `data` to stdout and closes the child's ends: the output then ends.
+        fn write_and_close(&mut self, data: &[u8]) {
+            if let Some(fd) = self.stdio.stdout.take() {
+                assert_eq!(nix::unistd::write(&fd, data).unwrap(), data.len());
+            }
+            self.stdio.stderr = None;
+        }
+    }
+
+    /// A process of pipes and a hand-driven exit (no real child; the pid does not exist).
+    fn fake_process() -> (Process, Fake) {
+        let (tx, rx) = watch::channel(None);
+        let (pipes, child) = stdio::pipes(false).unwrap();
+        let io = ProcessIo::from_pipes(pipes, false, rx.clone()).unwrap();
+        (Process::new(i32::MAX, rx, io), Fake { exit: tx, stdio: child })
+    }
+
+    /// An agent with one running container "c" whose init is fake.
+    fn agent_with_container() -> (Arc<Agent>, Arc<Container>, Fake) {
+        let paths = Paths {
+            run_dir: PathBuf::from("/nonexistent/run"),
+            shared_dir: PathBuf::from("/nonexistent/shared"),
+            cgroup_root: PathBuf::from("/nonexistent/cgroup"),
+        };
+        let log = File::open("/dev/null").unwrap();
+        let agent = Arc::new(Agent::new(paths, false, Reaper::default(), log));
+        let (init, init_fake) = fake_process();
+        let container = Arc::new(Container {
+            id: "c".into(),
+            dir: PathBuf::from("/nonexistent/run/containers/c"),
+            init: Arc::new(init),
+            phase: Mutex::new(Phase::Running),
+            execs: Mutex::new(HashMap::new()),
+            next_exit_seq: AtomicU64::new(0),
+            seccomp: None,
+            op_lock: tokio::sync::Mutex::new(()),
+        });
+        lock(&agent.containers).insert("c".into(), container.clone());
+        (agent, container, init_fake)
+    }
+
+    fn exec(container: &Arc<Container>, exec_id: &str) -> (Arc<Process>, Fake) {
+        let (process, fake) = fake_process();
+        (container.track_exec(exec_id.into(), process), fake)
+    }
+
+    async fn read_to_end(agent: &Agent, exec_id: &str) -> Vec<u8> {
+        let mut reader = agent.read_output("c", exec_id, [0, 0]).unwrap();
+        let read = async {
+            let mut out = Vec::new();
+            while let Some(chunk) = reader.next().await {
+                out.extend(chunk.unwrap().data);
+            }
+            out
+        };
+        tokio::time::timeout(Duration::from_secs(10), read).await.expect("output did not end")
+    }
+
+    /// Lets spawned tasks (exit watchers, waiters) run until `done` holds.
+    async fn until(done: impl Fn() -> bool) {
+        for _ in 0..10_000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("condition not reached");
+    }
+
+    fn tracked(container: &Container, exec_id: &str) -> bool {
+        lock(&container.execs).contains_key(exec_id)
+    }
+
+    fn not_found<T>(result: Result<T, AgentError>) -> bool {
+        matches!(result, Err(AgentError::ProcessNotFound(..)))
+    }
+
+    /// ExecSync's order: ExecProcess, ReadOutput to its end, WaitProcess.
+    #[tokio::test]
+    async fn exec_is_dropped_once_drained_then_waited() {
+        let (agent, container, _init) = agent_with_container();
+        assert_eq!(agent.tracked_processes(), 1);
+        let (process, mut fake) = exec(&container, "e1");
+        assert_eq!(agent.tracked_processes(), 2);
+        fake.write_and_close(b"probe ok\n");
+        fake.exit(0);
+        assert_eq!(read_to_end(&agent, "e1").await, b"probe ok\n");
+        until(|| process.exit_seq.get().is_some()).await;
+        // Drained and exited, but nobody has the status yet.
+        assert!(tracked(&container, "e1"));
+        assert_eq!(agent.wait_process("c", "e1").await.unwrap().code, 0);
+        assert!(!tracked(&container, "e1"));
+        assert_eq!(agent.tracked_processes(), 1);
+        assert!(not_found(agent.wait_process("c", "e1").await));
+        assert!(not_found(agent.read_output("c", "e1", [0, 0])));
+        assert!(not_found(agent.signal_process("c", "e1", libc::SIGKILL, false)));
+
+        // The id may be reused; a late release of the old entry leaves the new one alone.
+        let (_new, _new_fake) = exec(&container, "e1");
+        container.release_if_claimed("e1", &process);
+        assert!(tracked(&container, "e1"));
+    }
+
+    /// A streaming caller: WaitProcess before the exit, ReadOutput ending afterwards.
+    #[tokio::test]
+    async fn exec_is_dropped_once_waited_then_drained() {
+        let (agent, container, _init) = agent_with_container();
+        let (_process, mut fake) = exec(&container, "e1");
+        let watchers = fake.exit.receiver_count();
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let agent = agent.clone();
+                tokio::spawn(async move { agent.wait_process("c", "e1").await })
+            })
+            .collect();
+        // Each waiter holds a receiver once it waits.
+        until(|| fake.exit.receiver_count() == watchers + 2).await;
+        fake.exit(3);
+        for waiter in waiters {
+            assert_eq!(waiter.await.unwrap().unwrap().code, 3);
+        }
+        // Waited, but the output has not been read: a reader may still come.
+        assert!(tracked(&container, "e1"));
+        fake.write_and_close(b"late\n");
+        assert_eq!(read_to_end(&agent, "e1").await, b"late\n");
+        assert!(!tracked(&container, "e1"));
+        assert_eq!(agent.tracked_processes(), 1);
+    }
+
+    /// Waiters registered before the exit all get the status, though the first one's answer
+    /// drops the entry.
+    #[tokio::test]
+    async fn waiters_racing_the_drop_get_the_status() {
+        let (agent, container, _init) = agent_with_container();
+        let (_process, mut fake) = exec(&container, "e1");
+        fake.write_and_close(b"");
+        assert_eq!(read_to_end(&agent, "e1").await, b"");
+        let watchers = fake.exit.receiver_count();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let agent = agent.clone();
+                tokio::spawn(async move { agent.wait_process("c", "e1").await })
+            })
+            .collect();
+        until(|| fake.exit.receiver_count() == watchers + 3).await;
+        fake.exit(9);
+        for waiter in waiters {
+            assert_eq!(waiter.await.unwrap().unwrap().code, 9);
+        }
+        assert!(!tracked(&container, "e1"));
+    }
+
+    /// An exec that was waited for but never read stays: its output can still be read.
+    #[tokio::test]
+    async fn waited_but_unread_exec_is_kept_until_read() {
+        let (agent, container, _init) = agent_with_container();
+        let (process, mut fake) = exec(&container, "e1");
+        fake.exit(0);
+        assert_eq!(agent.wait_process("c", "e1").await.unwrap().code, 0);
+        until(|| process.exit_seq.get().is_some()).await;
+        assert!(tracked(&container, "e1"));
+        fake.write_and_close(b"kept\n");
+        assert_eq!(read_to_end(&agent, "e1").await, b"kept\n");
+        assert!(!tracked(&container, "e1"));
+    }
+
+    /// A reader that detaches before the end (a broken stream) does not count as drained.
+    #[tokio::test]
+    async fn a_reader_that_leaves_early_does_not_drain() {
+        let (agent, container, _init) = agent_with_container();
+        let (_process, mut fake) = exec(&container, "e1");
+        fake.write_and_close(b"partial\n");
+        fake.exit(0);
+        {
+            let mut reader = agent.read_output("c", "e1", [0, 0]).unwrap();
+            let chunk = reader.next().await.unwrap().unwrap();
+            assert_eq!(chunk.data, b"partial\n");
+        }
+        assert_eq!(agent.wait_process("c", "e1").await.unwrap().code, 0);
+        assert!(tracked(&container, "e1"));
+        // Re-attaching with what it has gets the end of the stream.
+        let mut reader = agent.read_output("c", "e1", [8, 0]).unwrap();
+        assert!(reader.next().await.is_none());
+        assert!(!tracked(&container, "e1"));
+    }
+
+    /// A host that never waits (ExecSync timed out) leaves at most MAX_UNCLAIMED_EXECS exited
+    /// execs; the oldest exits go first, running execs are never dropped.
+    #[tokio::test]
+    async fn unclaimed_exits_are_bounded() {
+        let (agent, container, _init) = agent_with_container();
+        let (_running, _running_fake) = exec(&container, "running");
+        let total = MAX_UNCLAIMED_EXECS + 8;
+        let mut fakes = Vec::new();
+        for i in 0..total {
+            let (process, fake) = exec(&container, &format!("e{i}"));
+            fakes.push((process, fake));
+        }
+        // Exit in reverse creation order: "oldest" means exited first.
+        for (process, fake) in fakes.iter().rev() {
+            fake.exit(137);
+            until(|| process.exit_seq.get().is_some()).await;
+        }
+        assert_eq!(lock(&container.execs).len(), MAX_UNCLAIMED_EXECS + 1);
+        assert!(tracked(&container, "running"));
+        for i in 0..total {
+            let kept = tracked(&container, &format!("e{i}"));
+            assert_eq!(kept, i < MAX_UNCLAIMED_EXECS, "e{i}");
+        }
+        assert_eq!(agent.tracked_processes(), 1 + MAX_UNCLAIMED_EXECS + 1);
+        // A dropped entry's waiter-to-be answers NotFound; its process's io is released.
+        let dropped = &fakes[total - 1].0;
+        assert!(not_found(agent.wait_process("c", &format!("e{}", total - 1)).await));
+        assert_eq!(Arc::strong_count(dropped), 1);
+    }
+
+    /// A container's init stays until RemoveContainer, however often it is waited for.
+    #[tokio::test]
+    async fn init_is_never_dropped() {
+        let (agent, container, mut init) = agent_with_container();
+        init.write_and_close(b"bye\n");
+        init.exit(1);
+        assert_eq!(read_to_end(&agent, "").await, b"bye\n");
+        for _ in 0..2 {
+            assert_eq!(agent.wait_process("c", "").await.unwrap().code, 1);
+        }
+        assert_eq!(agent.tracked_processes(), 1);
+        assert!(container.init.exited());
+    }
 
     #[test]
     fn ids_are_checked() {

@@ -1,11 +1,17 @@
 //! Pod-level set-up: hostname, the hosts/resolv.conf files the host's spec bind-mounts into
-//! containers, sysctls and the shared filesystem.
+//! containers, sysctls and the virtio-fs shares.
 
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use nix::mount::MsFlags;
 use podvisor_proto::agent::CreateSandboxRequest;
+
+/// virtio-fs shares are mounted strictly below this guest directory (the agent's run dir).
+const SHARE_ROOT: &str = "/run/podvisor";
+/// The longest virtio-fs tag: the size of the tag field in the device's config space.
+const MAX_TAG_BYTES: usize = 36;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -21,8 +27,17 @@ pub enum SandboxError {
     SetHostname(nix::Error),
     #[error("setting sysctl {0}: {1}")]
     Sysctl(String, std::io::Error),
-    #[error("mounting the shared filesystem: {0}")]
-    MountShared(nix::Error),
+    #[error("invalid virtio-fs tag {0:?}: use 1-{MAX_TAG_BYTES} bytes, no NUL")]
+    BadShareTag(String),
+    #[error(
+        "invalid share path {0:?}: it must be absolute, below {SHARE_ROOT}/, without '..', and \
+         outside the agent's own directories"
+    )]
+    BadSharePath(String),
+    #[error("creating the mount point {0}: {1}")]
+    CreateMountPoint(PathBuf, std::io::Error),
+    #[error("mounting virtio-fs tag {0:?} at {1}: {2}")]
+    MountShare(String, PathBuf, nix::Error),
     #[error("setting the guest clock: {0}")]
     SetClock(nix::Error),
 }
@@ -48,6 +63,83 @@ fn sysctl_path(name: &str) -> Result<PathBuf, SandboxError> {
         return Err(SandboxError::BadSysctl(name.to_string()));
     }
     Ok(Path::new("/proc/sys").join(name.replace('.', "/")))
+}
+
+/// One virtio-fs share to mount, checked.
+#[derive(Debug, PartialEq, Eq)]
+struct Share {
+    tag: String,
+    path: PathBuf,
+    read_only: bool,
+}
+
+fn share_tag(tag: &str) -> Result<String, SandboxError> {
+    if tag.is_empty() || tag.len() > MAX_TAG_BYTES || tag.contains('\0') {
+        return Err(SandboxError::BadShareTag(tag.to_string()));
+    }
+    Ok(tag.to_string())
+}
+
+/// A share's guest path, refusing anything that is not strictly below [`SHARE_ROOT`] or that
+/// would cover the agent's own directories.
+fn share_path(path: &str) -> Result<PathBuf, SandboxError> {
+    let root = Path::new(SHARE_ROOT);
+    let candidate = Path::new(path);
+    let ok = candidate.is_absolute()
+        && !path.contains('\0')
+        && !candidate.components().any(|c| c == std::path::Component::ParentDir)
+        && candidate.starts_with(root)
+        && candidate != root
+        && !crate::container::AGENT_DIRS.iter().any(|dir| candidate.starts_with(root.join(dir)));
+    if !ok {
+        return Err(SandboxError::BadSharePath(path.to_string()));
+    }
+    // Components drop `.` and doubled slashes.
+    Ok(candidate.components().collect())
+}
+
+/// The shares to mount, in order: the request's list, or with an empty list and
+/// `mount_shared_fs` the single image share of older hosts at `shared_dir`.
+fn shares(req: &CreateSandboxRequest, shared_dir: &Path) -> Result<Vec<Share>, SandboxError> {
+    if req.shared_fs.is_empty() {
+        if !req.mount_shared_fs {
+            return Ok(Vec::new());
+        }
+        // Mounted as before shares were listed, without MS_RDONLY: older hosts bind writable
+        // volumes into this share too, and keep its read-only parts read-only themselves.
+        return Ok(vec![Share {
+            tag: podvisor_proto::SHARED_FS_TAG.to_string(),
+            path: shared_dir.to_path_buf(),
+            read_only: false,
+        }]);
+    }
+    req.shared_fs
+        .iter()
+        .map(|share| {
+            Ok(Share {
+                tag: share_tag(&share.tag)?,
+                path: share_path(&share.guest_path)?,
+                read_only: share.read_only,
+            })
+        })
+        .collect()
+}
+
+fn mount_share(share: &Share) -> Result<(), SandboxError> {
+    fs::create_dir_all(&share.path)
+        .map_err(|e| SandboxError::CreateMountPoint(share.path.clone(), e))?;
+    let flags = if share.read_only { MsFlags::MS_RDONLY } else { MsFlags::empty() };
+    match nix::mount::mount(
+        Some(share.tag.as_str()),
+        &share.path,
+        Some("virtiofs"),
+        flags,
+        None::<&str>,
+    ) {
+        // EBUSY: already mounted there (CreateSandbox retried).
+        Ok(()) | Err(nix::Error::EBUSY) => Ok(()),
+        Err(e) => Err(SandboxError::MountShare(share.tag.clone(), share.path.clone(), e)),
+    }
 }
 
 fn hosts_file(hostname: &str) -> String {
@@ -104,6 +196,7 @@ pub fn create(
         .iter()
         .map(|(k, v)| sysctl_path(k).map(|p| (k, p, v)))
         .collect::<Result<Vec<_>, _>>()?;
+    let shares = shares(req, shared_dir)?;
 
     let hosts = hosts_file(&req.hostname);
     let resolv = resolv_conf(req);
@@ -128,19 +221,8 @@ pub fn create(
     for (name, path, value) in sysctls {
         fs::write(&path, value).map_err(|e| SandboxError::Sysctl(name.clone(), e))?;
     }
-    if req.mount_shared_fs {
-        fs::create_dir_all(shared_dir)
-            .map_err(|e| SandboxError::Write(shared_dir.to_path_buf(), e))?;
-        match nix::mount::mount(
-            Some(podvisor_proto::SHARED_FS_TAG),
-            shared_dir,
-            Some("virtiofs"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        ) {
-            Ok(()) | Err(nix::Error::EBUSY) => {}
-            Err(e) => return Err(SandboxError::MountShared(e)),
-        }
+    for share in &shares {
+        mount_share(share)?;
     }
     Ok(())
 }
@@ -148,6 +230,7 @@ pub fn create(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podvisor_proto::agent::SharedFs;
 
     #[test]
     fn sysctl_names_stay_under_proc_sys() {
@@ -158,6 +241,97 @@ mod tests {
         for bad in ["", "..", "net/../../etc", "a..b", "a b"] {
             assert!(sysctl_path(bad).is_err(), "{bad}");
         }
+    }
+
+    fn share(tag: &str, guest_path: &str, read_only: bool) -> SharedFs {
+        SharedFs { tag: tag.into(), guest_path: guest_path.into(), read_only }
+    }
+
+    #[test]
+    fn listed_shares_are_checked_and_kept_in_order() {
+        let shared = Path::new(podvisor_proto::GUEST_SHARED_DIR);
+        let req = CreateSandboxRequest {
+            mount_shared_fs: true,
+            shared_fs: vec![
+                share(podvisor_proto::SHARED_FS_TAG, podvisor_proto::GUEST_SHARED_DIR, true),
+                share(podvisor_proto::VOLUME_FS_TAG, podvisor_proto::GUEST_VOLUME_DIR, false),
+                share(&"t".repeat(36), "/run/podvisor/volumes/./deep//er", false),
+            ],
+            ..Default::default()
+        };
+        let got = shares(&req, shared).unwrap();
+        let summary: Vec<(&str, &Path, bool)> =
+            got.iter().map(|s| (s.tag.as_str(), s.path.as_path(), s.read_only)).collect();
+        assert_eq!(
+            summary,
+            [
+                (podvisor_proto::SHARED_FS_TAG, shared, true),
+                (podvisor_proto::VOLUME_FS_TAG, Path::new(podvisor_proto::GUEST_VOLUME_DIR), false),
+                (&"t".repeat(36)[..], Path::new("/run/podvisor/volumes/deep/er"), false),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_shares_are_refused() {
+        for path in [
+            "",
+            "run/podvisor/x",
+            "/run/podvisor",
+            "/run/podvisor/",
+            "/run/podvisor/../etc",
+            "/run/podvisor/x/../../../etc",
+            "/run/podvisorx/a",
+            "/mnt",
+            "/run/podvisor/containers",
+            "/run/podvisor/containers/c1/rootfs",
+            "/run/podvisor/libcontainer",
+            "/run/podvisor/sandbox",
+            "/run/podvisor/a\0b",
+        ] {
+            let req = CreateSandboxRequest {
+                shared_fs: vec![share("tag", path, false)],
+                ..Default::default()
+            };
+            assert!(
+                matches!(shares(&req, Path::new("/x")), Err(SandboxError::BadSharePath(_))),
+                "{path:?}"
+            );
+        }
+        for tag in ["", &"t".repeat(37), "a\0b"] {
+            let req = CreateSandboxRequest {
+                shared_fs: vec![share(tag, podvisor_proto::GUEST_VOLUME_DIR, false)],
+                ..Default::default()
+            };
+            assert!(
+                matches!(shares(&req, Path::new("/x")), Err(SandboxError::BadShareTag(_))),
+                "{tag:?}"
+            );
+        }
+        // One bad share refuses the whole request, before anything is mounted.
+        let req = CreateSandboxRequest {
+            shared_fs: vec![
+                share("good", podvisor_proto::GUEST_VOLUME_DIR, false),
+                share("bad", "/etc", false),
+            ],
+            ..Default::default()
+        };
+        assert!(shares(&req, Path::new("/x")).is_err());
+    }
+
+    #[test]
+    fn without_a_list_the_old_single_share_is_mounted_if_asked() {
+        let shared = Path::new("/agent/shared");
+        let old = CreateSandboxRequest { mount_shared_fs: true, ..Default::default() };
+        assert_eq!(
+            shares(&old, shared).unwrap(),
+            [Share {
+                tag: podvisor_proto::SHARED_FS_TAG.into(),
+                path: shared.to_path_buf(),
+                read_only: false
+            }]
+        );
+        assert!(shares(&CreateSandboxRequest::default(), shared).unwrap().is_empty());
     }
 
     #[test]

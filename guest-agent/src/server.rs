@@ -33,7 +33,9 @@ impl From<AgentError> for Status {
             | AgentError::Rootfs(_)
             | AgentError::Sandbox(crate::sandbox::SandboxError::BadHostname(_))
             | AgentError::Sandbox(crate::sandbox::SandboxError::BadSysctl(_))
-            | AgentError::Sandbox(crate::sandbox::SandboxError::BadDnsEntry(_)) => {
+            | AgentError::Sandbox(crate::sandbox::SandboxError::BadDnsEntry(_))
+            | AgentError::Sandbox(crate::sandbox::SandboxError::BadShareTag(_))
+            | AgentError::Sandbox(crate::sandbox::SandboxError::BadSharePath(_)) => {
                 Code::InvalidArgument
             }
             AgentError::WrongState { .. }
@@ -66,12 +68,30 @@ fn uptime_seconds() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The agent's resident set, from /proc/self/status (0 if it cannot be read).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status").ok().and_then(|s| vm_rss(&s)).unwrap_or(0)
+}
+
+/// The `VmRSS:` line of a /proc/PID/status text, in bytes (the kernel prints kB).
+fn vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let mut words = line.split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => kib.checked_mul(1024),
+        _ => None,
+    }
+}
+
 #[tonic::async_trait]
 impl AgentRpc for AgentService {
     async fn ping(&self, _: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
         Ok(Response::new(PingResponse {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: uptime_seconds(),
+            tracked_processes: u32::try_from(self.agent.tracked_processes()).unwrap_or(u32::MAX),
+            rss_bytes: rss_bytes(),
         }))
     }
 
@@ -207,5 +227,25 @@ impl AgentRpc for AgentService {
             }
         });
         Ok(Response::new(Empty {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_rss_is_read_in_bytes() {
+        let status =
+            "Name:\tpodvisor-agent\nVmHWM:\t    9000 kB\nVmRSS:\t    8132 kB\nRssAnon:\t 1 kB\n";
+        assert_eq!(vm_rss(status), Some(8132 * 1024));
+        assert_eq!(vm_rss("Name:\tx\n"), None);
+        assert_eq!(vm_rss("VmRSS:\tlots kB\n"), None);
+        assert_eq!(vm_rss("VmRSS:\t12 MB\n"), None);
+    }
+
+    #[test]
+    fn own_rss_is_nonzero() {
+        assert!(rss_bytes() > 0);
     }
 }

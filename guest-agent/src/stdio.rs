@@ -13,7 +13,8 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -197,6 +198,9 @@ fn stream_slot(stream: i32) -> usize {
     usize::from(stream == OutputStream::Stderr as i32)
 }
 
+/// Called each time a reader reaches the end of the output (see [`ProcessIo::on_drained`]).
+type DrainedHook = Box<dyn Fn() + Send + Sync>;
+
 /// A live process's stdio.
 pub struct ProcessIo {
     stdin: tokio::sync::Mutex<Option<StdinSink>>,
@@ -204,6 +208,9 @@ pub struct ProcessIo {
     output: Arc<Mutex<Option<mpsc::Receiver<OutputChunk>>>>,
     sent: Mutex<SentWindow>,
     stdin_once: bool,
+    /// A reader was handed the last byte and then the end of the output.
+    drained: AtomicBool,
+    on_drained: OnceLock<DrainedHook>,
 }
 
 impl ProcessIo {
@@ -231,6 +238,8 @@ impl ProcessIo {
             output: Arc::new(Mutex::new(Some(rx))),
             sent: Mutex::new(SentWindow::default()),
             stdin_once,
+            drained: AtomicBool::new(false),
+            on_drained: OnceLock::new(),
         }))
     }
 
@@ -250,6 +259,8 @@ impl ProcessIo {
             output: Arc::new(Mutex::new(Some(rx))),
             sent: Mutex::new(SentWindow::default()),
             stdin_once,
+            drained: AtomicBool::new(false),
+            on_drained: OnceLock::new(),
         }))
     }
 
@@ -281,6 +292,29 @@ impl ProcessIo {
             return Err(StdioError::Resize(nix::Error::last()));
         }
         Ok(())
+    }
+
+    /// Whether a reader has reached the end of the output: everything the process wrote has
+    /// been sent, and the stream ended.
+    pub fn drained(&self) -> bool {
+        // SeqCst pairs with the owner's flag (see `Process::claimed`): of two threads each
+        // storing its own flag then loading the other's, at least one sees both.
+        self.drained.load(Ordering::SeqCst)
+    }
+
+    /// Sets what runs each time a reader reaches the end of the output (after [`drained`]
+    /// turned true). Only the first hook set is kept.
+    ///
+    /// [`drained`]: ProcessIo::drained
+    pub fn on_drained(&self, hook: DrainedHook) {
+        let _ = self.on_drained.set(hook);
+    }
+
+    fn mark_drained(&self) {
+        self.drained.store(true, Ordering::SeqCst);
+        if let Some(hook) = self.on_drained.get() {
+            hook();
+        }
     }
 
     /// Attaches the (single) reader, which has `have` bytes of (stdout, stderr) already: it
@@ -383,14 +417,20 @@ impl futures::Stream for OutputReader {
         if let Some(chunk) = this.replay.pop_front() {
             return Poll::Ready(Some(Ok(chunk)));
         }
-        match this.rx.as_mut() {
-            None => Poll::Ready(None),
-            Some(rx) => rx.poll_recv(cx).map(|chunk| {
-                chunk.map(|chunk| {
-                    this.io.sent.lock().unwrap_or_else(|e| e.into_inner()).record(&chunk);
-                    Ok(chunk)
-                })
-            }),
+        let Some(rx) = this.rx.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(chunk)) => {
+                this.io.sent.lock().unwrap_or_else(|e| e.into_inner()).record(&chunk);
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            // The pump is done and every chunk it sent has gone out: the output is drained.
+            Poll::Ready(None) => {
+                this.io.mark_drained();
+                Poll::Ready(None)
+            }
         }
     }
 }

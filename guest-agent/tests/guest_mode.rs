@@ -15,7 +15,8 @@ use hyper_util::rt::TokioIo;
 use podvisor_proto::agent::agent_client::AgentClient;
 use podvisor_proto::agent::{
     ContainerRef, CreateContainerRequest, CreateSandboxRequest, Empty, ExecProcessRequest,
-    PingRequest, ProcessRef, ReadOutputRequest, RemoveContainerRequest, Rootfs, StdioConfig,
+    PingRequest, ProcessRef, ReadOutputRequest, RemoveContainerRequest, Rootfs, SharedFs,
+    StdioConfig,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -264,18 +265,43 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
         })
         .await
         .unwrap();
+    // Listed shares: the image share again (already mounted there: fine) and a second,
+    // read-only view of it; a path outside /run/podvisor is refused.
+    let share = |guest_path: &str| SharedFs {
+        tag: podvisor_proto::SHARED_FS_TAG.into(),
+        guest_path: guest_path.into(),
+        read_only: true,
+    };
+    let listed = |shares: Vec<SharedFs>| CreateSandboxRequest {
+        sandbox_id: "sb".into(),
+        hostname: "guest-pod".into(),
+        dns_servers: vec!["10.96.0.10".into()],
+        mount_shared_fs: true,
+        shared_fs: shares,
+        ..Default::default()
+    };
+    client
+        .create_sandbox(listed(vec![
+            share(podvisor_proto::GUEST_SHARED_DIR),
+            share("/run/podvisor/image-view"),
+        ]))
+        .await
+        .unwrap();
+    let refused = client.create_sandbox(listed(vec![share("/mnt")])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
     let spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "user": {"uid": 0, "gid": 0},
-            "args": ["sh", "-c", "echo hello from the guest; hostname; touch /written && echo wrote; cat /proc/self/cgroup"],
+            "args": ["sh", "-c", "echo hello from the guest; hostname; touch /written && echo wrote; cat /proc/self/cgroup; ls /view/busybox/bin/sh"],
             "env": ["PATH=/bin"],
             "cwd": "/"
         },
         "root": {"path": "rootfs"},
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]}
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/view", "type": "bind", "source": "/run/podvisor/image-view", "options": ["rbind", "ro"]}
         ],
         "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}]}
     });
@@ -302,11 +328,14 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
     assert_eq!(status.exit_code, 0, "{out}");
     assert!(out.starts_with("hello from the guest\nguest-pod\nwrote\n"), "{out}");
     assert!(out.contains("0::/podvisor/guest-c1"), "{out}");
+    assert!(out.contains("/view/busybox/bin/sh\n"), "the listed share is mounted: {out}");
 
     // Exec needs a running container.
     let id2 = "guest-c2";
     let mut sleeper = spec.clone();
     sleeper["process"]["args"] = json!(["sleep", "1000"]);
+    // Its rootfs is read-only: no mount point for the share view can be made in it.
+    sleeper["mounts"] = json!(spec["mounts"].as_array().unwrap()[..2]);
     client
         .create_container(CreateContainerRequest {
             container_id: id2.into(),

@@ -16,8 +16,8 @@ use hyper_util::rt::TokioIo;
 use podvisor_proto::agent::agent_client::AgentClient;
 use podvisor_proto::agent::{
     ContainerRef, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, OutputStream,
-    ProcessRef, ReadOutputRequest, RemoveContainerRequest, ResizeTtyRequest, Rootfs,
-    SignalProcessRequest, StdioConfig, WriteStdinRequest,
+    PingRequest, ProcessRef, ReadOutputRequest, RemoveContainerRequest, ResizeTtyRequest, Rootfs,
+    SharedFs, SignalProcessRequest, StdioConfig, WriteStdinRequest,
 };
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
@@ -378,11 +378,14 @@ async fn exec_with_output_exit_code_and_seccomp() {
         .await
         .unwrap();
     let (out, err) = read_all(client, &id, "e1").await;
-    let status = client.wait_process(process_ref(&id, "e1")).await.unwrap().into_inner();
-    assert_eq!((out.as_str(), err.as_str(), status.exit_code), ("hi from exec\n", "oops\n", 5));
-
+    // Still tracked until waited for: its id is taken.
     let dup = client.exec_process(exec("e1", &["true"])).await.unwrap_err();
     assert_eq!(dup.code(), Code::AlreadyExists);
+    let status = client.wait_process(process_ref(&id, "e1")).await.unwrap().into_inner();
+    assert_eq!((out.as_str(), err.as_str(), status.exit_code), ("hi from exec\n", "oops\n", 5));
+    // Waited for and drained: the entry is gone.
+    let gone = client.wait_process(process_ref(&id, "e1")).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
 
     // The container's seccomp profile (mknod -> EPERM) applies to exec'd processes too.
     client
@@ -393,6 +396,93 @@ async fn exec_with_output_exit_code_and_seccomp() {
     assert_eq!(out, "refused\n");
 
     client.remove_container(RemoveContainerRequest { container_id: id.clone() }).await.unwrap();
+}
+
+fn exec_request(id: &str, exec_id: &str, args: &[&str]) -> ExecProcessRequest {
+    ExecProcessRequest {
+        container_id: id.to_string(),
+        exec_id: exec_id.to_string(),
+        oci_process_json: json!({
+            "args": args, "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0},
+            "noNewPrivileges": true
+        })
+        .to_string()
+        .into_bytes(),
+        stdio: Some(StdioConfig::default()),
+    }
+}
+
+async fn ping(client: &mut AgentClient<Channel>) -> podvisor_proto::agent::PingResponse {
+    client.ping(PingRequest {}).await.unwrap().into_inner()
+}
+
+/// Probes (ExecSync: ExecProcess, ReadOutput to its end, WaitProcess) leave nothing behind in
+/// the agent's process table; execs a host never waits for (a timed-out ExecSync, killed) are
+/// bounded per container.
+#[tokio::test]
+async fn finished_execs_leave_the_process_table() {
+    let Some(()) = prerequisites() else { return };
+    let mut agent = TestAgent::start().await;
+    let id = unique_id("probes");
+    let client = &mut agent.client;
+    client
+        .create_container(create_request(&id, &["sleep", "1000"], StdioConfig::default(), false))
+        .await
+        .unwrap();
+    client.start_container(ContainerRef { container_id: id.clone() }).await.unwrap();
+    let before = ping(client).await;
+    assert_eq!(before.tracked_processes, 1, "only the container's init");
+    assert!(before.rss_bytes > 0);
+    const PROBES: usize = 200;
+    let started = Instant::now();
+    for i in 0..PROBES {
+        let exec_id = format!("probe-{i}");
+        client.exec_process(exec_request(&id, &exec_id, &["echo", "alive"])).await.unwrap();
+        let (out, _) = read_all(client, &id, &exec_id).await;
+        assert_eq!(out, "alive\n", "{exec_id}");
+        let status = client.wait_process(process_ref(&id, &exec_id)).await.unwrap().into_inner();
+        assert_eq!(status.exit_code, 0, "{exec_id}");
+    }
+    let after = ping(client).await;
+    eprintln!(
+        "{PROBES} execs in {:?}: tracked_processes {} -> {}, rss_bytes {} -> {}",
+        started.elapsed(),
+        before.tracked_processes,
+        after.tracked_processes,
+        before.rss_bytes,
+        after.rss_bytes
+    );
+    assert_eq!(after.tracked_processes, before.tracked_processes);
+    let gone = client.wait_process(process_ref(&id, "probe-0")).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+
+    // Timed-out ExecSyncs: SIGKILLed, never read or waited for. Only the newest 32 stay.
+    const KILLED: u32 = 40;
+    for i in 0..KILLED {
+        let exec_id = format!("hung-{i}");
+        client.exec_process(exec_request(&id, &exec_id, &["sleep", "1000"])).await.unwrap();
+        client
+            .signal_process(SignalProcessRequest {
+                process: Some(process_ref(&id, &exec_id)),
+                signal: libc::SIGKILL,
+                all: false,
+            })
+            .await
+            .unwrap();
+    }
+    let bound = before.tracked_processes + 32;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut tracked = ping(client).await.tracked_processes;
+    while tracked != bound && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tracked = ping(client).await.tracked_processes;
+    }
+    eprintln!("{KILLED} killed, unwaited execs: tracked_processes {tracked}");
+    assert_eq!(tracked, bound);
+    let newest = client.wait_process(process_ref(&id, &format!("hung-{}", KILLED - 1))).await;
+    assert_eq!(newest.unwrap().into_inner().signal, libc::SIGKILL);
+    client.remove_container(RemoveContainerRequest { container_id: id.clone() }).await.unwrap();
+    assert_eq!(ping(client).await.tracked_processes, 0);
 }
 
 #[tokio::test]
@@ -717,6 +807,35 @@ async fn sandbox_files_and_destroy() {
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
+    // Shares are checked in host mode too, though not mounted there.
+    for (tag, guest_path) in
+        [("vol", "/run/podvisor/../etc"), ("vol", "/etc"), ("", "/run/podvisor/v")]
+    {
+        let share = SharedFs { tag: tag.into(), guest_path: guest_path.into(), read_only: false };
+        let bad = client
+            .create_sandbox(CreateSandboxRequest {
+                sandbox_id: "sb".into(),
+                shared_fs: vec![share],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument, "{tag:?} at {guest_path:?}: {bad}");
+    }
+    let volumes = SharedFs {
+        tag: podvisor_proto::VOLUME_FS_TAG.into(),
+        guest_path: podvisor_proto::GUEST_VOLUME_DIR.into(),
+        read_only: false,
+    };
+    client
+        .create_sandbox(CreateSandboxRequest {
+            sandbox_id: "sb".into(),
+            hostname: "my-pod".into(),
+            shared_fs: vec![volumes],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 
     let id = unique_id("destroy");
     client

@@ -23,11 +23,18 @@ pub const AGENT_READY_VSOCK_PORT: u32 = 1025;
 /// What the agent writes on its [`AGENT_READY_VSOCK_PORT`] connection.
 pub const AGENT_READY_LINE: &str = "podvisor-agent ready\n";
 
-/// Where the agent mounts the sandbox's shared filesystem (virtio-fs tag [`SHARED_FS_TAG`]).
+/// Where the agent mounts the sandbox's image share (virtio-fs tag [`SHARED_FS_TAG`]):
+/// container root filesystems' lower directories are relative to it.
 pub const GUEST_SHARED_DIR: &str = "/run/podvisor/shared";
 
-/// The virtio-fs tag of the sandbox's shared directory.
+/// The virtio-fs tag of the sandbox's read-only image share.
 pub const SHARED_FS_TAG: &str = "podvisor";
+
+/// Where the agent mounts the sandbox's writable volume share (tag [`VOLUME_FS_TAG`]).
+pub const GUEST_VOLUME_DIR: &str = "/run/podvisor/volumes";
+
+/// The virtio-fs tag of the sandbox's volume share.
+pub const VOLUME_FS_TAG: &str = "podvisor-volumes";
 
 /// The HTTP/2 stream window a host client of the agent must advertise (at most): output the
 /// agent sent can be lost in flight when a stream breaks, and the agent keeps the last
