@@ -96,6 +96,13 @@ pub struct ImagesSection {
     pub docker_config: Option<PathBuf>,
 }
 
+impl Config {
+    /// Where the backends put VM run directories.
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state.join("vms")
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {

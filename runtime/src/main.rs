@@ -1,12 +1,13 @@
 //! `podvisor`: the daemon (CRI server), the host check, and the built-in VMM process.
 
-mod agent_client;
+mod agent;
 mod check;
 mod config;
 mod cri;
 mod hypervisor;
 mod images;
 mod procwait;
+mod resource;
 mod sandbox;
 mod store;
 
@@ -17,13 +18,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::hypervisor::builtin::{BuiltinConfig, BuiltinHypervisor, JailIds};
 use crate::hypervisor::qemu::{Accel, QemuConfig, QemuHypervisor};
-use crate::hypervisor::Hypervisor;
+use crate::hypervisor::{Hypervisor, HypervisorError, Registry};
 
 #[derive(Parser)]
 #[command(name = "podvisor", version, about = "A Kubernetes CRI runtime whose pods are micro-VMs")]
@@ -100,9 +100,11 @@ fn load_config(args: &DaemonArgs) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-/// Picks the backend: the configured one, or with `auto` the built-in VMM where KVM can boot
-/// a Linux guest and QEMU otherwise. Returns it with the reason, for the log and Status.
-fn select_hypervisor(config: &Config) -> anyhow::Result<(Arc<dyn Hypervisor>, String)> {
+/// Picks the backend new pods run on: the configured one, or with `auto` the built-in VMM
+/// where KVM can boot a Linux guest and QEMU otherwise. Returns the registry (which can also
+/// build the other backend, for pods a previous daemon started on it) with the reason, for
+/// the log and Status.
+fn select_hypervisor(config: &Arc<Config>) -> anyhow::Result<(Registry, String)> {
     let caps = check::HostCapabilities::detect();
     let (name, reason) = match config.hypervisor.as_str() {
         "builtin" => ("builtin", "configured: hypervisor = \"builtin\"".to_string()),
@@ -112,42 +114,62 @@ fn select_hypervisor(config: &Config) -> anyhow::Result<(Arc<dyn Hypervisor>, St
             (None, reason) => anyhow::bail!("no hypervisor backend can run on this host: {reason}"),
         },
     };
-    if name == "builtin" {
-        let jail = config.builtin.jail.then_some(JailIds {
-            first: config.builtin.jail_first_id,
-            count: config.builtin.jail_ids,
-        });
-        if jail.is_some() && !nix::unistd::geteuid().is_root() {
-            anyhow::bail!(
-                "the built-in VMM's jail needs the daemon to run as root \
-                 (or set builtin.jail = false in the config)"
-            );
-        }
-        let builtin = BuiltinHypervisor::new(BuiltinConfig {
-            virtiofsd_binary: config.qemu.virtiofsd.clone(),
-            jail,
-            seccomp: config.builtin.seccomp,
-            ..BuiltinConfig::default()
-        })?;
-        info!(backend = "builtin", reason = %reason, "hypervisor selected");
-        return Ok((Arc::new(builtin), reason));
+    let (default, reason) = if name == "builtin" {
+        (builtin_backend(config)?, reason)
+    } else {
+        let qemu = qemu_backend(config)?;
+        let (resolved, why) = qemu.accel();
+        let reason = format!("{reason}; accel {} ({why})", resolved.as_str());
+        (Arc::new(qemu) as Arc<dyn Hypervisor>, reason)
+    };
+    info!(backend = name, reason = %reason, "hypervisor selected");
+    let other = if name == "builtin" { "qemu" } else { "builtin" };
+    let factory_config = config.clone();
+    let registry = Registry::new(default).with_factory(other, move || match other {
+        "qemu" => Ok(Arc::new(
+            qemu_backend(&factory_config)
+                .map_err(|e| HypervisorError::InvalidConfig(format!("{e:#}")))?,
+        ) as Arc<dyn Hypervisor>),
+        _ => builtin_backend(&factory_config)
+            .map_err(|e| HypervisorError::InvalidConfig(format!("{e:#}"))),
+    });
+    Ok((registry, reason))
+}
+
+fn builtin_backend(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
+    let jail = config
+        .builtin
+        .jail
+        .then_some(JailIds { first: config.builtin.jail_first_id, count: config.builtin.jail_ids });
+    if jail.is_some() && !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "the built-in VMM's jail needs the daemon to run as root \
+             (or set builtin.jail = false in the config)"
+        );
     }
+    Ok(Arc::new(BuiltinHypervisor::new(BuiltinConfig {
+        virtiofsd_binary: config.qemu.virtiofsd.clone(),
+        jail,
+        seccomp: config.builtin.seccomp,
+        run_root: config.vms_dir(),
+        ..BuiltinConfig::default()
+    })?))
+}
+
+fn qemu_backend(config: &Config) -> anyhow::Result<QemuHypervisor> {
     let accel = match config.qemu.accel.as_str() {
         "kvm" => Accel::Kvm,
         "tcg" => Accel::Tcg,
         _ => Accel::Auto,
     };
-    let qemu = QemuHypervisor::new(QemuConfig {
+    Ok(QemuHypervisor::new(QemuConfig {
         qemu_binary: config.qemu.binary.clone(),
         vhost_vsock_binary: config.qemu.vhost_device_vsock.clone(),
         virtiofsd_binary: config.qemu.virtiofsd.clone(),
         accel,
+        run_root: config.vms_dir(),
         ..QemuConfig::default()
-    })?;
-    let (resolved, why) = qemu.accel();
-    let reason = format!("{reason}; accel {} ({why})", resolved.as_str());
-    info!(backend = "qemu", reason = %reason, "hypervisor selected");
-    Ok((Arc::new(qemu), reason))
+    })?)
 }
 
 async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
@@ -168,9 +190,14 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             warn!(path = %path.display(), "guest {what} not found: pods cannot start (run `make kernel guest`, or set vm.{what})");
         }
     }
-    let (hypervisor, backend_reason) = select_hypervisor(&config)?;
+    let (hypervisors, backend_reason) = select_hypervisor(&config)?;
     let image_store = images::open_store(&config)?;
-    let manager = sandbox::SandboxManager::new(config.clone(), hypervisor, image_store.resolver());
+    let manager = sandbox::SandboxManager::new(
+        config.clone(),
+        Arc::new(hypervisors),
+        Arc::new(agent::GrpcDialer),
+        image_store.resolver(),
+    );
     manager.recover().await.context("recovering sandboxes")?;
 
     if let Some(dir) = config.listen.parent() {
@@ -199,14 +226,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         // Pods keep running: their VMs are separate processes and the state is on disk.
         info!("shutting down; pod VMs keep running");
     };
-    tonic::transport::Server::builder()
-        .add_service(k8s_cri::v1::runtime_service_server::RuntimeServiceServer::new(
-            runtime_service,
-        ))
-        .add_service(k8s_cri::v1::image_service_server::ImageServiceServer::new(image_service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await
-        .context("serving CRI")?;
+    cri::serve(listener, runtime_service, image_service, shutdown).await.context("serving CRI")?;
     let _ = std::fs::remove_file(&config.listen);
     Ok(())
 }

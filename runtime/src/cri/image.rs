@@ -24,6 +24,12 @@ pub trait ImageUsers: Send + Sync {
     fn container_using(&self, image_id: &str) -> Option<String>;
 }
 
+impl ImageUsers for crate::sandbox::SandboxManager {
+    fn container_using(&self, image_id: &str) -> Option<String> {
+        self.container_using_image(image_id)
+    }
+}
+
 /// The CRI ImageService over an [`ImageStore`].
 pub struct ImageServiceImpl {
     store: Arc<ImageStore>,

@@ -1,13 +1,130 @@
-//! The CRI server: thin handlers that validate and translate, then call the sandbox manager
-//! (RuntimeService) or the image store (ImageService).
+//! The CRI layer: thin handlers that validate requests and translate them ([`translate`])
+//! into the sandbox layer's types (RuntimeService) or call the image store (ImageService),
+//! and map the errors they get back to gRPC codes ([`status`]). It is the only layer that
+//! knows the CRI's wire types.
 
 pub mod image;
 pub mod runtime;
+pub mod translate;
 
+use std::future::Future;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Code, Status};
+
+use crate::agent::{AgentError, Refusal};
+use crate::sandbox::spec::SpecError;
 use crate::sandbox::SandboxError;
 
-impl From<SandboxError> for tonic::Status {
-    fn from(e: SandboxError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+/// The gRPC code of a sandbox-layer error.
+pub fn code(e: &SandboxError) -> Code {
+    use SandboxError as E;
+    match e {
+        E::SandboxNotFound(_) | E::ContainerNotFound(_) | E::ImageNotFound(_) => Code::NotFound,
+        E::SandboxExists { .. } | E::ContainerExists { .. } => Code::AlreadyExists,
+        E::SandboxNotReady(_)
+        | E::SandboxNotRunning(_)
+        | E::ContainerNotCreated { .. }
+        | E::ContainerNotRunning(_)
+        | E::StoredProcess { .. } => Code::FailedPrecondition,
+        E::MountSourceMissing(_) => Code::InvalidArgument,
+        E::Spec(
+            SpecError::NoCommand
+            | SpecError::UnknownUser(_)
+            | SpecError::UnknownGroup(_)
+            | SpecError::InvalidUser(_)
+            | SpecError::EmptyMountPath,
+        ) => Code::InvalidArgument,
+        E::ExecTimeout { .. } | E::KillTimeout(_) => Code::DeadlineExceeded,
+        E::Boot { .. } => Code::Unavailable,
+        E::Agent(a) => agent_code(a),
+        _ => Code::Internal,
+    }
+}
+
+fn agent_code(e: &AgentError) -> Code {
+    match e {
+        AgentError::Refused { refusal: Refusal::NotFound, .. } => Code::NotFound,
+        AgentError::Refused { refusal: Refusal::InvalidArgument, .. } => Code::InvalidArgument,
+        AgentError::Refused { refusal: Refusal::FailedPrecondition, .. } => {
+            Code::FailedPrecondition
+        }
+        AgentError::Refused { refusal: Refusal::Failed, .. } => Code::Internal,
+        AgentError::Deadline { .. } => Code::DeadlineExceeded,
+        AgentError::Unreachable { .. } | AgentError::Connect(_) => Code::Unavailable,
+    }
+}
+
+/// The status a sandbox-layer error is answered with.
+pub fn status(e: SandboxError) -> Status {
+    Status::new(code(&e), e.to_string())
+}
+
+/// Serves RuntimeService and ImageService on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    runtime: runtime::RuntimeServiceImpl,
+    images: image::ImageServiceImpl,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(k8s_cri::v1::runtime_service_server::RuntimeServiceServer::new(runtime))
+        .add_service(k8s_cri::v1::image_service_server::ImageServiceServer::new(images))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn sandbox_errors_get_their_codes() {
+        let cases = [
+            (SandboxError::SandboxNotFound("x".into()), Code::NotFound),
+            (SandboxError::ImageNotFound("x".into()), Code::NotFound),
+            (
+                SandboxError::ContainerExists {
+                    name: "c".into(),
+                    attempt: 0,
+                    sandbox: "s".into(),
+                    existing: "e".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (SandboxError::ContainerNotRunning("x".into()), Code::FailedPrecondition),
+            (
+                SandboxError::StoredProcess { id: "x".into(), reason: "bad".into() },
+                Code::FailedPrecondition,
+            ),
+            (
+                SandboxError::ExecTimeout { cmd: vec![], timeout: Duration::from_secs(1) },
+                Code::DeadlineExceeded,
+            ),
+            (SandboxError::Boot { sandbox: "s".into(), reason: "r".into() }, Code::Unavailable),
+            (
+                SandboxError::Agent(AgentError::Deadline {
+                    call: "Ping",
+                    deadline: Duration::from_secs(1),
+                }),
+                Code::DeadlineExceeded,
+            ),
+            (
+                SandboxError::Agent(AgentError::Refused {
+                    call: "ExecProcess",
+                    refusal: Refusal::NotFound,
+                    message: "gone".into(),
+                }),
+                Code::NotFound,
+            ),
+            (SandboxError::Spec(SpecError::NoCommand), Code::InvalidArgument),
+            (SandboxError::Image("broken".into()), Code::Internal),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(code(&error), expected, "{error}");
+        }
     }
 }

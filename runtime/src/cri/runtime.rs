@@ -7,10 +7,9 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
-use crate::sandbox::{
-    container::ContainerRequest, ContainerRecord, ContainerState, DnsSettings, PodMetadata,
-    SandboxManager, SandboxRecord, SandboxRequest, SandboxState,
-};
+use super::status;
+use super::translate::{self, container_state, labels_match, sandbox_state};
+use crate::sandbox::{ContainerState, SandboxManager};
 
 pub const RUNTIME_NAME: &str = "podvisor";
 pub const CRI_API_VERSION: &str = "v1";
@@ -31,92 +30,6 @@ impl RuntimeServiceImpl {
 
 type CriResult<T> = Result<Response<T>, Status>;
 
-fn sandbox_state(s: SandboxState) -> i32 {
-    match s {
-        SandboxState::Ready => cri::PodSandboxState::SandboxReady as i32,
-        SandboxState::NotReady => cri::PodSandboxState::SandboxNotready as i32,
-    }
-}
-
-fn container_state(s: ContainerState) -> i32 {
-    match s {
-        ContainerState::Created => cri::ContainerState::ContainerCreated as i32,
-        ContainerState::Running => cri::ContainerState::ContainerRunning as i32,
-        ContainerState::Exited => cri::ContainerState::ContainerExited as i32,
-        ContainerState::Unknown => cri::ContainerState::ContainerUnknown as i32,
-    }
-}
-
-fn pod_metadata(r: &SandboxRecord) -> cri::PodSandboxMetadata {
-    cri::PodSandboxMetadata {
-        name: r.metadata.name.clone(),
-        uid: r.metadata.uid.clone(),
-        namespace: r.metadata.namespace.clone(),
-        attempt: r.metadata.attempt,
-    }
-}
-
-fn container_metadata(c: &ContainerRecord) -> cri::ContainerMetadata {
-    cri::ContainerMetadata { name: c.metadata.name.clone(), attempt: c.metadata.attempt }
-}
-
-fn sandbox_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
-    let ns = cri::NamespaceOption {
-        network: r.network_mode,
-        pid: r.pid_mode,
-        ipc: r.ipc_mode,
-        ..Default::default()
-    };
-    cri::PodSandboxStatus {
-        id: r.id.clone(),
-        metadata: Some(pod_metadata(r)),
-        state: sandbox_state(r.state),
-        created_at: r.created_at,
-        network: Some(cri::PodSandboxNetworkStatus::default()),
-        linux: Some(cri::LinuxPodSandboxStatus {
-            namespaces: Some(cri::Namespace { options: Some(ns) }),
-        }),
-        labels: r.labels.clone(),
-        annotations: r.annotations.clone(),
-        runtime_handler: r.runtime_handler.clone(),
-    }
-}
-
-fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
-    cri::ContainerStatus {
-        id: c.id.clone(),
-        metadata: Some(container_metadata(c)),
-        state: container_state(c.state),
-        created_at: c.created_at,
-        started_at: c.started_at,
-        finished_at: c.finished_at,
-        exit_code: c.exit_code,
-        image: Some(cri::ImageSpec { image: c.image.clone(), ..Default::default() }),
-        image_ref: c.image_ref.clone(),
-        image_id: c.image_id.clone(),
-        reason: c.reason.clone(),
-        message: c.message.clone(),
-        labels: c.labels.clone(),
-        annotations: c.annotations.clone(),
-        mounts: c
-            .mounts
-            .iter()
-            .map(|m| cri::Mount {
-                container_path: m.container_path.clone(),
-                host_path: m.host_path.clone(),
-                readonly: m.read_only,
-                ..Default::default()
-            })
-            .collect(),
-        log_path: c.log_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-        ..Default::default()
-    }
-}
-
-fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String, String>) -> bool {
-    SandboxManager::labels_match(labels, selector)
-}
-
 #[tonic::async_trait]
 impl RuntimeService for RuntimeServiceImpl {
     async fn version(&self, _req: Request<cri::VersionRequest>) -> CriResult<cri::VersionResponse> {
@@ -132,56 +45,8 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         req: Request<cri::RunPodSandboxRequest>,
     ) -> CriResult<cri::RunPodSandboxResponse> {
-        let req = req.into_inner();
-        let config = req.config.ok_or_else(|| Status::invalid_argument("config is required"))?;
-        let meta = config
-            .metadata
-            .ok_or_else(|| Status::invalid_argument("config.metadata is required"))?;
-        if meta.name.is_empty() || meta.namespace.is_empty() {
-            return Err(Status::invalid_argument(
-                "metadata.name and metadata.namespace are required",
-            ));
-        }
-        let linux = config.linux.unwrap_or_default();
-        let ns = linux
-            .security_context
-            .as_ref()
-            .and_then(|s| s.namespace_options.clone())
-            .unwrap_or_default();
-        if ns.network == cri::NamespaceMode::Node as i32 {
-            // Host networking would put the pod on the node's network stack, outside its VM.
-            return Err(Status::invalid_argument(
-                "host network pods are not supported by a VM runtime",
-            ));
-        }
-        let dns = config.dns_config.unwrap_or_default();
-        let hostname =
-            if config.hostname.is_empty() { meta.name.clone() } else { config.hostname.clone() };
-        let id = self
-            .manager
-            .run_sandbox(SandboxRequest {
-                metadata: PodMetadata {
-                    name: meta.name,
-                    uid: meta.uid,
-                    namespace: meta.namespace,
-                    attempt: meta.attempt,
-                },
-                labels: config.labels,
-                annotations: config.annotations,
-                log_directory: config.log_directory,
-                hostname,
-                runtime_handler: req.runtime_handler,
-                dns: DnsSettings {
-                    servers: dns.servers,
-                    searches: dns.searches,
-                    options: dns.options,
-                },
-                network_mode: ns.network,
-                pid_mode: ns.pid,
-                ipc_mode: ns.ipc,
-                sysctls: linux.sysctls,
-            })
-            .await?;
+        let pod = translate::pod_spec(req.into_inner())?;
+        let id = self.manager.run_sandbox(pod).await.map_err(status)?;
         Ok(Response::new(cri::RunPodSandboxResponse { pod_sandbox_id: id }))
     }
 
@@ -193,7 +58,7 @@ impl RuntimeService for RuntimeServiceImpl {
         if id.is_empty() {
             return Err(Status::invalid_argument("pod_sandbox_id is required"));
         }
-        self.manager.stop_sandbox(&id).await?;
+        self.manager.stop_sandbox(&id).await.map_err(status)?;
         Ok(Response::new(cri::StopPodSandboxResponse {}))
     }
 
@@ -205,7 +70,7 @@ impl RuntimeService for RuntimeServiceImpl {
         if id.is_empty() {
             return Err(Status::invalid_argument("pod_sandbox_id is required"));
         }
-        self.manager.remove_sandbox(&id).await?;
+        self.manager.remove_sandbox(&id).await.map_err(status)?;
         Ok(Response::new(cri::RemovePodSandboxResponse {}))
     }
 
@@ -214,27 +79,40 @@ impl RuntimeService for RuntimeServiceImpl {
         req: Request<cri::PodSandboxStatusRequest>,
     ) -> CriResult<cri::PodSandboxStatusResponse> {
         let req = req.into_inner();
-        let rec = self.manager.sandbox(&req.pod_sandbox_id)?;
+        let rec = self.manager.sandbox(&req.pod_sandbox_id).map_err(status)?;
         let mut info = HashMap::new();
         if req.verbose {
-            let vm = rec.vm.as_ref();
-            let detail = serde_json::json!({
-                "backend": vm.map(|v| v.backend.clone()),
-                "processes": vm.map(|v| v.processes.clone()),
-                "vsock": vm.map(|v| v.vsock_uds.clone()),
-                "consoleLog": self.manager.console_log_path(&rec.id),
-            });
-            info.insert("info".to_string(), detail.to_string());
+            let mut detail = match self.manager.describe_vm(&rec) {
+                serde_json::Value::Object(vm) => vm,
+                _ => serde_json::Map::new(),
+            };
+            detail.insert(
+                "consoleLog".into(),
+                serde_json::json!(self.manager.console_log_path(&rec.id)),
+            );
+            // The guest's side, bounded by the agent call's deadline; absent when it fails.
+            if let Ok(agent) = self.manager.agent_status(&rec.id).await {
+                detail.insert(
+                    "agent".into(),
+                    serde_json::json!({
+                        "version": agent.version,
+                        "uptimeSeconds": agent.uptime_seconds,
+                        "trackedProcesses": agent.tracked_processes,
+                        "rssBytes": agent.rss_bytes,
+                    }),
+                );
+            }
+            info.insert("info".to_string(), serde_json::Value::Object(detail).to_string());
         }
         let containers_statuses = self
             .manager
             .list_containers()
             .iter()
             .filter(|c| c.sandbox_id == rec.id)
-            .map(container_status)
+            .map(translate::container_status)
             .collect();
         Ok(Response::new(cri::PodSandboxStatusResponse {
-            status: Some(sandbox_status(&rec)),
+            status: Some(translate::sandbox_status(&rec)),
             info,
             containers_statuses,
             timestamp: crate::sandbox::now_nanos(),
@@ -253,15 +131,7 @@ impl RuntimeService for RuntimeServiceImpl {
             .filter(|s| filter.id.is_empty() || s.id.starts_with(&filter.id))
             .filter(|s| filter.state.as_ref().is_none_or(|st| st.state == sandbox_state(s.state)))
             .filter(|s| labels_match(&s.labels, &filter.label_selector))
-            .map(|s| cri::PodSandbox {
-                id: s.id.clone(),
-                metadata: Some(pod_metadata(&s)),
-                state: sandbox_state(s.state),
-                created_at: s.created_at,
-                labels: s.labels.clone(),
-                annotations: s.annotations.clone(),
-                runtime_handler: s.runtime_handler.clone(),
-            })
+            .map(|s| translate::pod_sandbox(&s))
             .collect();
         Ok(Response::new(cri::ListPodSandboxResponse { items }))
     }
@@ -275,13 +145,8 @@ impl RuntimeService for RuntimeServiceImpl {
             return Err(Status::invalid_argument("pod_sandbox_id is required"));
         }
         let config = req.config.ok_or_else(|| Status::invalid_argument("config is required"))?;
-        if config.metadata.as_ref().is_none_or(|m| m.name.is_empty()) {
-            return Err(Status::invalid_argument("config.metadata.name is required"));
-        }
-        let id = self
-            .manager
-            .create_container(ContainerRequest { sandbox_id: req.pod_sandbox_id, config })
-            .await?;
+        let spec = translate::container_spec(config)?;
+        let id = self.manager.create_container(&req.pod_sandbox_id, spec).await.map_err(status)?;
         Ok(Response::new(cri::CreateContainerResponse { container_id: id }))
     }
 
@@ -289,7 +154,7 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         req: Request<cri::StartContainerRequest>,
     ) -> CriResult<cri::StartContainerResponse> {
-        self.manager.start_container(&req.into_inner().container_id).await?;
+        self.manager.start_container(&req.into_inner().container_id).await.map_err(status)?;
         Ok(Response::new(cri::StartContainerResponse {}))
     }
 
@@ -301,7 +166,7 @@ impl RuntimeService for RuntimeServiceImpl {
         if req.container_id.is_empty() {
             return Err(Status::invalid_argument("container_id is required"));
         }
-        self.manager.stop_container(&req.container_id, req.timeout).await?;
+        self.manager.stop_container(&req.container_id, req.timeout).await.map_err(status)?;
         Ok(Response::new(cri::StopContainerResponse {}))
     }
 
@@ -313,7 +178,7 @@ impl RuntimeService for RuntimeServiceImpl {
         if id.is_empty() {
             return Err(Status::invalid_argument("container_id is required"));
         }
-        self.manager.remove_container(&id).await?;
+        self.manager.remove_container(&id).await.map_err(status)?;
         Ok(Response::new(cri::RemoveContainerResponse {}))
     }
 
@@ -332,18 +197,7 @@ impl RuntimeService for RuntimeServiceImpl {
             })
             .filter(|c| filter.state.as_ref().is_none_or(|st| st.state == container_state(c.state)))
             .filter(|c| labels_match(&c.labels, &filter.label_selector))
-            .map(|c| cri::Container {
-                id: c.id.clone(),
-                pod_sandbox_id: c.sandbox_id.clone(),
-                metadata: Some(container_metadata(&c)),
-                image: Some(cri::ImageSpec { image: c.image.clone(), ..Default::default() }),
-                image_ref: c.image_ref.clone(),
-                image_id: c.image_id.clone(),
-                state: container_state(c.state),
-                created_at: c.created_at,
-                labels: c.labels.clone(),
-                annotations: c.annotations.clone(),
-            })
+            .map(|c| translate::container(&c))
             .collect();
         Ok(Response::new(cri::ListContainersResponse { containers }))
     }
@@ -353,7 +207,7 @@ impl RuntimeService for RuntimeServiceImpl {
         req: Request<cri::ContainerStatusRequest>,
     ) -> CriResult<cri::ContainerStatusResponse> {
         let req = req.into_inner();
-        let rec = self.manager.container(&req.container_id)?;
+        let rec = self.manager.container(&req.container_id).map_err(status)?;
         let mut info = HashMap::new();
         if req.verbose {
             info.insert(
@@ -362,7 +216,7 @@ impl RuntimeService for RuntimeServiceImpl {
             );
         }
         Ok(Response::new(cri::ContainerStatusResponse {
-            status: Some(container_status(&rec)),
+            status: Some(translate::container_status(&rec)),
             info,
         }))
     }
@@ -378,7 +232,7 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         req: Request<cri::ReopenContainerLogRequest>,
     ) -> CriResult<cri::ReopenContainerLogResponse> {
-        self.manager.reopen_container_log(&req.into_inner().container_id)?;
+        self.manager.reopen_container_log(&req.into_inner().container_id).map_err(status)?;
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
     }
 
@@ -390,7 +244,13 @@ impl RuntimeService for RuntimeServiceImpl {
         if req.container_id.is_empty() {
             return Err(Status::invalid_argument("container_id is required"));
         }
-        let out = self.manager.exec_sync(&req.container_id, req.cmd, req.timeout).await?;
+        if req.cmd.is_empty() {
+            return Err(Status::invalid_argument("exec needs a command"));
+        }
+        let timeout =
+            (req.timeout > 0).then(|| std::time::Duration::from_secs(req.timeout.unsigned_abs()));
+        let out =
+            self.manager.exec_sync(&req.container_id, req.cmd, timeout).await.map_err(status)?;
         Ok(Response::new(cri::ExecSyncResponse {
             stdout: out.stdout,
             stderr: out.stderr,
@@ -418,9 +278,11 @@ impl RuntimeService for RuntimeServiceImpl {
         req: Request<cri::ContainerStatsRequest>,
     ) -> CriResult<cri::ContainerStatsResponse> {
         let id = req.into_inner().container_id;
-        let rec = self.manager.container(&id)?;
-        let s = self.manager.container_stats(&rec.id).await?;
-        Ok(Response::new(cri::ContainerStatsResponse { stats: Some(to_cri_stats(&rec, &s)) }))
+        let rec = self.manager.container(&id).map_err(status)?;
+        let s = self.manager.container_stats(&rec.id).await.map_err(status)?;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(translate::container_stats(&rec, &s)),
+        }))
     }
 
     async fn list_container_stats(
@@ -428,20 +290,27 @@ impl RuntimeService for RuntimeServiceImpl {
         req: Request<cri::ListContainerStatsRequest>,
     ) -> CriResult<cri::ListContainerStatsResponse> {
         let filter = req.into_inner().filter.unwrap_or_default();
-        let mut stats = Vec::new();
-        for c in self.manager.list_containers() {
-            if c.state != ContainerState::Running
-                || !(filter.id.is_empty() || c.id.starts_with(&filter.id))
-                || !(filter.pod_sandbox_id.is_empty()
-                    || c.sandbox_id.starts_with(&filter.pod_sandbox_id))
-                || !labels_match(&c.labels, &filter.label_selector)
-            {
-                continue;
-            }
-            if let Ok(s) = self.manager.container_stats(&c.id).await {
-                stats.push(to_cri_stats(&c, &s));
-            }
-        }
+        let wanted: Vec<_> = self
+            .manager
+            .list_containers()
+            .into_iter()
+            .filter(|c| {
+                c.state == ContainerState::Running
+                    && (filter.id.is_empty() || c.id.starts_with(&filter.id))
+                    && (filter.pod_sandbox_id.is_empty()
+                        || c.sandbox_id.starts_with(&filter.pod_sandbox_id))
+                    && labels_match(&c.labels, &filter.label_selector)
+            })
+            .collect();
+        // All at once: a slow guest costs the list its own deadline, not the sum of them.
+        let answers =
+            futures::future::join_all(wanted.iter().map(|c| self.manager.container_stats(&c.id)))
+                .await;
+        let stats = wanted
+            .iter()
+            .zip(answers)
+            .filter_map(|(c, s)| s.ok().map(|s| translate::container_stats(c, &s)))
+            .collect();
         Ok(Response::new(cri::ListContainerStatsResponse { stats }))
     }
 
@@ -547,32 +416,5 @@ impl RuntimeService for RuntimeServiceImpl {
                 cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
             }),
         }))
-    }
-}
-
-fn to_cri_stats(
-    c: &ContainerRecord,
-    s: &podvisor_proto::agent::ContainerStatsResponse,
-) -> cri::ContainerStats {
-    let attributes = cri::ContainerAttributes {
-        id: c.id.clone(),
-        metadata: Some(container_metadata(c)),
-        labels: c.labels.clone(),
-        annotations: c.annotations.clone(),
-    };
-    cri::ContainerStats {
-        attributes: Some(attributes),
-        cpu: Some(cri::CpuUsage {
-            timestamp: s.timestamp_unix_nanos,
-            usage_core_nano_seconds: Some(cri::UInt64Value { value: s.cpu_usage_nanos }),
-            ..Default::default()
-        }),
-        memory: Some(cri::MemoryUsage {
-            timestamp: s.timestamp_unix_nanos,
-            working_set_bytes: Some(cri::UInt64Value { value: s.memory_working_set_bytes }),
-            usage_bytes: Some(cri::UInt64Value { value: s.memory_usage_bytes }),
-            ..Default::default()
-        }),
-        ..Default::default()
     }
 }

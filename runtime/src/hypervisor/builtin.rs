@@ -21,7 +21,8 @@ use tokio::time::Instant;
 
 use super::process::{prepare_run_dir, Starting};
 use super::{
-    process_alive, terminate_processes, Hypervisor, HypervisorError, Result, VmConfig, VmHandle,
+    process_alive, terminate_processes, Hypervisor, HypervisorError, PreparedVm, Result, RunRoot,
+    VmConfig, VmHandle, VmSpec,
 };
 
 /// The guest's vsock CID (the host side only sees the hybrid socket, so one CID fits all).
@@ -40,6 +41,8 @@ pub struct BuiltinConfig {
     pub seccomp: SeccompMode,
     /// How long the VMM (and virtiofsd) may take to come up.
     pub startup_timeout: Duration,
+    /// Where VM run directories go.
+    pub run_root: PathBuf,
 }
 
 impl Default for BuiltinConfig {
@@ -51,6 +54,7 @@ impl Default for BuiltinConfig {
             jail: None,
             seccomp: SeccompMode::default(),
             startup_timeout: Duration::from_secs(20),
+            run_root: "/run/podvisor/vms".into(),
         }
     }
 }
@@ -185,10 +189,20 @@ impl BuiltinHypervisor {
         let path = BuiltinLayout::new(&vm.run_dir).control();
         tokio::task::spawn_blocking(move || {
             control::request(&path, &request, Duration::from_secs(5))
-                .map_err(|e| HypervisorError::Stop(e.to_string()))
+                .map_err(|e| HypervisorError::Control(e.to_string()))
         })
         .await
-        .map_err(|e| HypervisorError::Stop(format!("control request task: {e}")))?
+        .map_err(|e| HypervisorError::Control(format!("control request task: {e}")))?
+    }
+
+    /// Sends `request` and fails with the VMM's own error if it refused.
+    async fn control_ok(&self, vm: &VmHandle, request: Request, what: &str) -> Result<()> {
+        let answer = self.control(vm, request).await?;
+        if answer.ok {
+            Ok(())
+        } else {
+            Err(HypervisorError::Control(answer.error.unwrap_or_else(|| format!("{what} failed"))))
+        }
     }
 
     /// Swaps the backing file of drive `id` (the guest sees a capacity change).
@@ -202,12 +216,7 @@ impl BuiltinHypervisor {
         read_only: bool,
     ) -> Result<()> {
         let request = Request::SwapDrive { id: id.into(), path: path.into(), read_only };
-        let answer = self.control(vm, request).await?;
-        if answer.ok {
-            Ok(())
-        } else {
-            Err(HypervisorError::Stop(answer.error.unwrap_or_else(|| "swap_drive failed".into())))
-        }
+        self.control_ok(vm, request, "swap_drive").await
     }
 
     async fn start_processes(
@@ -255,23 +264,12 @@ impl Hypervisor for BuiltinHypervisor {
         "builtin"
     }
 
-    async fn start(&self, config: &VmConfig) -> Result<VmHandle> {
-        let vmm = vmm_config(config, self.config.seccomp)?;
-        let layout = BuiltinLayout::new(&config.run_dir);
-        let mut stale = vec![layout.control(), layout.vsock_uds()];
-        stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
-        prepare_run_dir(config, &stale)?;
-        let mut starting = Starting::new("vmm", self.config.startup_timeout);
-        if let Err(e) = self.start_processes(config, &vmm, &mut starting).await {
-            starting.abort().await;
-            return Err(e);
-        }
-        Ok(VmHandle {
-            backend: self.name().to_string(),
-            run_dir: config.run_dir.clone(),
-            vsock_uds: BuiltinLayout::new(&config.run_dir).vsock_uds(),
-            processes: starting.finish(),
-        })
+    async fn prepare(&self, sandbox_id: &str) -> Result<PreparedVm> {
+        RunRoot(self.config.run_root.clone()).prepare(sandbox_id)
+    }
+
+    async fn start(&self, prepared: &PreparedVm, spec: &VmSpec) -> Result<VmHandle> {
+        self.launch(&VmConfig::new(spec, prepared)).await
     }
 
     async fn stop(&self, vm: &VmHandle, grace: Duration) -> Result<()> {
@@ -292,6 +290,38 @@ impl Hypervisor for BuiltinHypervisor {
             )));
         }
         Ok(())
+    }
+
+    async fn pause(&self, vm: &VmHandle) -> Result<()> {
+        self.control_ok(vm, Request::Pause, "pause").await
+    }
+
+    async fn resume(&self, vm: &VmHandle) -> Result<()> {
+        self.control_ok(vm, Request::Resume, "resume").await
+    }
+}
+
+impl BuiltinHypervisor {
+    /// Boots a VM in `config.run_dir` and returns once the VMM's vCPUs run and the vsock socket
+    /// exists. Leaves the run directory's other files alone, so listeners bound there before
+    /// the start survive it.
+    pub async fn launch(&self, config: &VmConfig) -> Result<VmHandle> {
+        let vmm = vmm_config(config, self.config.seccomp)?;
+        let layout = BuiltinLayout::new(&config.run_dir);
+        let mut stale = vec![layout.control(), layout.vsock_uds()];
+        stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
+        prepare_run_dir(config, &stale)?;
+        let mut starting = Starting::new("vmm", self.config.startup_timeout);
+        if let Err(e) = self.start_processes(config, &vmm, &mut starting).await {
+            starting.abort().await;
+            return Err(e);
+        }
+        Ok(VmHandle {
+            backend: self.name().to_string(),
+            run_dir: config.run_dir.clone(),
+            vsock_uds: BuiltinLayout::new(&config.run_dir).vsock_uds(),
+            processes: starting.finish(),
+        })
     }
 }
 
@@ -437,7 +467,7 @@ mod tests {
         config.block_devices.clear();
         let hv = BuiltinHypervisor::new(BuiltinConfig { vmm_command, ..BuiltinConfig::default() })
             .unwrap();
-        let vm = hv.start(&config).await.unwrap();
+        let vm = hv.launch(&config).await.unwrap();
         assert!(vm.vsock_uds.exists());
         assert!(hv.is_running(&vm));
         assert_eq!(vm.processes[0].name, "vmm");
@@ -488,7 +518,7 @@ mod tests {
             std::fs::write(&config.initrd, b"not really an initramfs").unwrap();
             config.shared_dirs.clear();
             config.block_devices.clear();
-            let vm = hv.start(&config).await.unwrap();
+            let vm = hv.launch(&config).await.unwrap();
             vms.push((config, vm));
         }
         let mut uids = Vec::new();
@@ -538,18 +568,21 @@ mod tests {
         config.extra_kernel_args = String::new();
         let hv = BuiltinHypervisor::new(BuiltinConfig { vmm_command, ..BuiltinConfig::default() })
             .unwrap();
-        std::fs::create_dir_all(&config.run_dir).unwrap();
-        let ready = crate::agent_client::listen_for_ready(&config.vsock_uds()).unwrap();
-        let vm = hv.start(&config).await.unwrap();
-        let client = crate::agent_client::connect_after_boot(
-            ready,
-            &vm.vsock_uds,
-            Duration::from_secs(60),
-            || hv.is_running(&vm),
-        )
-        .await;
+        let prepared = RunRoot(dir.path().join("vms")).prepare("sb").unwrap();
+        config.run_dir = prepared.run_dir().to_path_buf();
+        let vm = hv.launch(&config).await.unwrap();
+        let ready = hv.wait_agent_ready(prepared, &vm, Duration::from_secs(60)).await;
+        let agent =
+            crate::agent::grpc::GrpcAgent::new(hv.agent_connector(&vm), Duration::from_secs(10));
+        let answered = match ready {
+            Ok(()) => {
+                use crate::agent::GuestAgent;
+                agent.status().await.map(|_| ()).map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
         let console = std::fs::read_to_string(&config.console_log).unwrap_or_default();
         hv.stop(&vm, Duration::from_secs(5)).await.unwrap();
-        client.unwrap_or_else(|e| panic!("agent did not answer: {e}\nconsole:\n{console}"));
+        answered.unwrap_or_else(|e| panic!("agent did not answer: {e}\nconsole:\n{console}"));
     }
 }

@@ -1,17 +1,28 @@
 //! The hypervisor boundary. Everything above this trait (sandbox manager, CRI server) is the
-//! same whichever backend runs the VM: the built-in rust-vmm VMM or QEMU. Both give the host a
-//! Firecracker-style hybrid-vsock unix socket to reach the guest agent (see [`vsock`]).
+//! same whichever backend runs the VM: the built-in rust-vmm VMM or QEMU. A backend owns the
+//! VM's run directory, processes and devices; above it there is a [`VmSpec`] going in, and a
+//! [`VmHandle`] (persisted), an exit future, and a [`GuestConnector`] to the agent coming out.
+//! Both backends give the host a Firecracker-style hybrid-vsock unix socket to reach the guest
+//! agent (see [`vsock`]). Backends are looked up by name in a [`Registry`].
 
 pub mod builtin;
+#[cfg(test)]
+pub mod fake;
 pub(crate) mod process;
 pub mod qemu;
+pub mod registry;
 pub mod vsock;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+
+pub use registry::Registry;
 
 /// Errors of the hypervisor layer.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +49,16 @@ pub enum HypervisorError {
     InvalidConfig(String),
     #[error("the {backend} backend does not support {feature} yet")]
     Unsupported { backend: &'static str, feature: &'static str },
+    #[error("state directory {path} is too long for the VM's unix sockets; use a shorter --state")]
+    RunDirTooLong { path: PathBuf },
+    #[error("accepting the agent's ready connection on {path}: {source}")]
+    ReadyAccept { path: PathBuf, source: std::io::Error },
+    #[error("the agent did not announce itself on host vsock port {port} within {timeout:?}")]
+    AgentNotReady { port: u32, timeout: Duration },
+    #[error("the VM exited before its agent announced itself")]
+    ExitedBeforeReady,
+    #[error("control request to the VMM: {0}")]
+    Control(String),
 }
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
@@ -69,7 +90,24 @@ pub struct NetDevice {
     pub mac: String,
 }
 
-/// Everything a backend needs to boot one sandbox VM.
+/// What the sandbox layer asks a VM to be.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub sandbox_id: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Appended to the backend's own kernel command line.
+    pub extra_kernel_args: String,
+    /// The guest serial console is appended here.
+    pub console_log: PathBuf,
+    pub shared_dirs: Vec<SharedDir>,
+    pub block_devices: Vec<BlockDevice>,
+    pub net_devices: Vec<NetDevice>,
+}
+
+/// Everything a backend needs to boot one sandbox VM: the spec placed in a run directory.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmConfig {
     pub sandbox_id: String,
@@ -89,10 +127,89 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// The VM's hybrid-vsock unix socket, the same on every backend; its guest-to-host
-    /// listeners (`<uds>_<port>`) may be bound before [`Hypervisor::start`].
-    pub fn vsock_uds(&self) -> PathBuf {
-        process::vsock_uds(&self.run_dir)
+    /// `spec` in the run directory [`Hypervisor::prepare`] made.
+    pub fn new(spec: &VmSpec, prepared: &PreparedVm) -> Self {
+        Self {
+            sandbox_id: spec.sandbox_id.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel: spec.kernel.clone(),
+            initrd: spec.initrd.clone(),
+            extra_kernel_args: spec.extra_kernel_args.clone(),
+            run_dir: prepared.run_dir.clone(),
+            console_log: spec.console_log.clone(),
+            shared_dirs: spec.shared_dirs.clone(),
+            block_devices: spec.block_devices.clone(),
+            net_devices: spec.net_devices.clone(),
+        }
+    }
+}
+
+/// Opens byte streams to the guest agent.
+#[async_trait]
+pub trait GuestConnector: Send + Sync + std::fmt::Debug {
+    /// A new stream to the agent's port.
+    async fn dial(&self) -> Result<UnixStream>;
+    /// What it dials, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Waits for a booting guest's agent to say it serves (see
+/// [`crate::agent::AGENT_READY_VSOCK_PORT`] for why the host never dials a booting guest).
+#[async_trait]
+pub trait AgentReady: Send + Sync {
+    /// Returns once the agent announced itself, or fails when `vm_exited` resolves first or
+    /// `timeout` passes.
+    async fn wait(&self, timeout: Duration, vm_exited: BoxFuture<'static, ()>) -> Result<()>;
+}
+
+/// A VM whose run directory exists and whose agent-ready listener is bound, not started yet.
+pub struct PreparedVm {
+    /// Owned by the backend; above the trait only passed back to it.
+    run_dir: PathBuf,
+    ready: Box<dyn AgentReady>,
+}
+
+impl PreparedVm {
+    pub fn new(run_dir: PathBuf, ready: Box<dyn AgentReady>) -> Self {
+        Self { run_dir, ready }
+    }
+
+    #[cfg(test)]
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+}
+
+/// Where a backend keeps its VMs' run directories. Unix socket paths live there and must fit in
+/// sun_path (108 bytes), so each is short: a 16-hex-digit prefix of the random sandbox id.
+#[derive(Debug, Clone)]
+pub struct RunRoot(pub PathBuf);
+
+impl RunRoot {
+    /// The longest socket a backend creates in a run directory
+    /// (`virtiofs-<tag>.sock`, `vsock.sock_<port>`), plus its separator.
+    const SOCKET_NAME_BUDGET: usize = 40;
+
+    pub fn run_dir(&self, sandbox_id: &str) -> Result<PathBuf> {
+        let dir = self.0.join(&sandbox_id[..sandbox_id.len().min(16)]);
+        if dir.as_os_str().len() + Self::SOCKET_NAME_BUDGET > 107 {
+            return Err(HypervisorError::RunDirTooLong { path: self.0.clone() });
+        }
+        Ok(dir)
+    }
+
+    /// Makes the run directory (private) and binds the agent-ready listener in it.
+    pub fn prepare(&self, sandbox_id: &str) -> Result<PreparedVm> {
+        use std::os::unix::fs::DirBuilderExt;
+        let run_dir = self.run_dir(sandbox_id)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&run_dir)
+            .map_err(|source| HypervisorError::RunDir { path: run_dir.clone(), source })?;
+        let ready = vsock::ReadyListener::bind(&process::vsock_uds(&run_dir))?;
+        Ok(PreparedVm::new(run_dir, Box::new(ready)))
     }
 }
 
@@ -123,11 +240,52 @@ pub trait Hypervisor: Send + Sync {
     /// The backend's name, as shown in Status and logs (`qemu`, `builtin`).
     fn name(&self) -> &'static str;
 
-    /// Boots a VM and returns once the VMM runs and its vsock socket exists (the agent inside
-    /// may still be booting: it announces itself on host vsock port
-    /// [`podvisor_proto::AGENT_READY_VSOCK_PORT`]). Leaves the run directory's other files
-    /// alone, so listeners bound there before the start survive it.
-    async fn start(&self, config: &VmConfig) -> Result<VmHandle>;
+    /// Lays out the VM's run directory and binds what must exist before the guest boots.
+    async fn prepare(&self, sandbox_id: &str) -> Result<PreparedVm>;
+
+    /// Boots a prepared VM and returns once the VMM runs and its vsock socket exists (the
+    /// agent inside may still be booting: [`Hypervisor::wait_agent_ready`] waits for it).
+    async fn start(&self, prepared: &PreparedVm, spec: &VmSpec) -> Result<VmHandle>;
+
+    /// Waits until the started VM's agent says it serves.
+    async fn wait_agent_ready(
+        &self,
+        prepared: PreparedVm,
+        vm: &VmHandle,
+        timeout: Duration,
+    ) -> Result<()> {
+        prepared.ready.wait(timeout, self.exited(vm)).await
+    }
+
+    /// Throws away a prepared VM that was never started, or whose start failed.
+    async fn discard(&self, prepared: PreparedVm) -> Result<()> {
+        remove_dir_if_exists(&prepared.run_dir)
+            .map_err(|source| HypervisorError::RunDir { path: prepared.run_dir.clone(), source })
+    }
+
+    /// How the host reaches the VM's agent.
+    fn agent_connector(&self, vm: &VmHandle) -> Arc<dyn GuestConnector> {
+        Arc::new(vsock::HybridVsock::new(&vm.vsock_uds))
+    }
+
+    /// Resolves once the VM has exited (also for a VM started by an earlier daemon).
+    fn exited(&self, vm: &VmHandle) -> BoxFuture<'static, ()> {
+        let vmm = vm.processes.first().cloned();
+        Box::pin(async move {
+            if let Some(vmm) = vmm {
+                crate::procwait::wait_for_exit(&vmm).await;
+            }
+        })
+    }
+
+    /// What to show of the VM in verbose status.
+    fn describe(&self, vm: &VmHandle) -> serde_json::Value {
+        serde_json::json!({
+            "backend": vm.backend,
+            "processes": vm.processes,
+            "vsock": vm.vsock_uds,
+        })
+    }
 
     /// Stops the VM's processes: SIGTERM, then SIGKILL after `grace`. Stopping a VM that is
     /// already gone succeeds.
@@ -144,18 +302,36 @@ pub trait Hypervisor: Send + Sync {
         vm.processes.first().map(process_alive).unwrap_or(false)
     }
 
-    /// Adds a device to a running VM (hotplug). Backends without it say so.
-    /// Not called yet: the volumes issue attaches block volumes with it.
+    // Template start (snapshot/restore) goes through the four below. Not called by the
+    // sandbox layer yet: the VM-template issue does.
+
+    /// Stops the VM's vCPUs; devices stay as they are.
     #[allow(dead_code)]
-    async fn add_block_device(&self, _vm: &VmHandle, _dev: &BlockDevice) -> Result<()> {
-        Err(HypervisorError::Unsupported { backend: self.name(), feature: "block hotplug" })
+    async fn pause(&self, _vm: &VmHandle) -> Result<()> {
+        Err(HypervisorError::Unsupported { backend: self.name(), feature: "pause" })
     }
 
-    /// Snapshots a paused VM into `dir` (memory + device state), for template start.
-    /// Not called yet: the VM-template issue uses it.
+    /// Runs a paused VM again.
+    #[allow(dead_code)]
+    async fn resume(&self, _vm: &VmHandle) -> Result<()> {
+        Err(HypervisorError::Unsupported { backend: self.name(), feature: "resume" })
+    }
+
+    /// Writes a paused VM's state (vCPUs, devices, memory) into `dir`.
     #[allow(dead_code)]
     async fn snapshot(&self, _vm: &VmHandle, _dir: &Path) -> Result<()> {
         Err(HypervisorError::Unsupported { backend: self.name(), feature: "snapshot" })
+    }
+
+    /// Starts a prepared VM from the snapshot in `dir` instead of booting it.
+    #[allow(dead_code)]
+    async fn restore(
+        &self,
+        _prepared: &PreparedVm,
+        _spec: &VmSpec,
+        _dir: &Path,
+    ) -> Result<VmHandle> {
+        Err(HypervisorError::Unsupported { backend: self.name(), feature: "restore" })
     }
 }
 

@@ -4,11 +4,92 @@
 //! vsock muxer both speak it.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use async_trait::async_trait;
+use futures::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::time::Instant;
 
-use super::{HypervisorError, Result};
+use super::{AgentReady, GuestConnector, HypervisorError, Result};
+
+/// The agent's port through a VM's hybrid-vsock socket.
+#[derive(Debug, Clone)]
+pub struct HybridVsock {
+    uds: PathBuf,
+}
+
+impl HybridVsock {
+    pub fn new(uds: &Path) -> Self {
+        Self { uds: uds.to_path_buf() }
+    }
+}
+
+#[async_trait]
+impl GuestConnector for HybridVsock {
+    async fn dial(&self) -> Result<UnixStream> {
+        connect(&self.uds, crate::agent::AGENT_VSOCK_PORT).await
+    }
+
+    fn describe(&self) -> String {
+        self.uds.display().to_string()
+    }
+}
+
+/// The host's end of the agent's "ready" connection (host vsock port
+/// [`crate::agent::AGENT_READY_VSOCK_PORT`]): bound before the VM starts, removed on drop.
+pub struct ReadyListener {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ReadyListener {
+    /// Listens for the agent of the VM whose hybrid-vsock socket will be `vsock_uds`.
+    pub fn bind(vsock_uds: &Path) -> Result<Self> {
+        let port = crate::agent::AGENT_READY_VSOCK_PORT;
+        let listener = listen_guest_to_host(vsock_uds, port)?;
+        Ok(Self { listener, path: guest_to_host_path(vsock_uds, port) })
+    }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[async_trait]
+impl AgentReady for ReadyListener {
+    async fn wait(&self, timeout: Duration, vm_exited: BoxFuture<'static, ()>) -> Result<()> {
+        let started = Instant::now();
+        let accepted = tokio::select! {
+            accepted = self.listener.accept() => accepted,
+            () = vm_exited => return Err(HypervisorError::ExitedBeforeReady),
+            () = tokio::time::sleep(timeout) => {
+                return Err(HypervisorError::AgentNotReady {
+                    port: crate::agent::AGENT_READY_VSOCK_PORT,
+                    timeout,
+                })
+            }
+        };
+        let (mut stream, _) = accepted
+            .map_err(|source| HypervisorError::ReadyAccept { path: self.path.clone(), source })?;
+        // Only the connection matters; the line is read for the debug log.
+        let mut line = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut line))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or(0);
+        tracing::debug!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            line = %String::from_utf8_lossy(&line[..n]).trim_end(),
+            "agent announced itself"
+        );
+        Ok(())
+    }
+}
 
 /// Opens a stream to guest vsock `port` through the hybrid-vsock socket at `uds`.
 pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream> {

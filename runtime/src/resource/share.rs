@@ -49,13 +49,25 @@ impl SandboxShare {
         self.base.join("shared")
     }
 
+    /// A private mount where read-only binds are made read-only before they enter `mounts`:
+    /// a remount is not propagated, so a bind made read-only in `mounts` would stay writable in
+    /// `shared`; a bind of an already read-only mount propagates as read-only.
+    fn staging_dir(&self) -> PathBuf {
+        self.base.join("staging")
+    }
+
     /// Sets up both directories and their propagation. Idempotent.
     pub fn create(&self) -> Result<(), ShareError> {
         let mounts = self.mounts_dir();
         let shared = self.shared_dir();
-        for dir in [&mounts, &shared] {
+        let staging = self.staging_dir();
+        for dir in [&mounts, &shared, &staging] {
             std::fs::create_dir_all(dir)
                 .map_err(|source| ShareError::CreateDir { path: dir.clone(), source })?;
+        }
+        if !is_mount_point(&staging) {
+            bind(&staging, &staging, MsFlags::empty())?;
+            remount_propagation(&staging, MsFlags::MS_PRIVATE)?;
         }
         if !is_mount_point(&mounts) {
             bind(&mounts, &mounts, MsFlags::empty())?;
@@ -81,25 +93,19 @@ impl SandboxShare {
             return Ok(rel_path);
         }
         let is_dir = std::fs::metadata(source).map(|m| m.is_dir()).unwrap_or(true);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|source| ShareError::CreateTarget { path: parent.into(), source })?;
+        make_mount_point(&target, is_dir)?;
+        if !read_only {
+            bind(source, &target, MsFlags::MS_REC)?;
+            return Ok(rel_path);
         }
-        let made = if is_dir {
-            std::fs::create_dir_all(&target)
-        } else {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&target)
-                .map(|_| ())
-        };
-        made.map_err(|source| ShareError::CreateTarget { path: target.clone(), source })?;
-        bind(source, &target, MsFlags::MS_REC)?;
-        if read_only {
-            remount_read_only(&target)?;
-        }
+        let stage = self.staging_dir().join(rel.replace('/', "_"));
+        make_mount_point(&stage, is_dir)?;
+        let staged = bind(source, &stage, MsFlags::MS_REC)
+            .and_then(|()| remount_read_only(&stage))
+            .and_then(|()| bind(&stage, &target, MsFlags::MS_REC));
+        let cleared = detach_all_under(&stage).and_then(|()| remove_if_unmounted(&stage));
+        staged?;
+        cleared?;
         Ok(rel_path)
     }
 
@@ -115,6 +121,25 @@ impl SandboxShare {
         detach_all_under(&self.base)?;
         remove_if_unmounted(&self.base)
     }
+}
+
+/// Creates `target` (and its parents) as a directory or an empty file to mount on.
+fn make_mount_point(target: &Path, is_dir: bool) -> Result<(), ShareError> {
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|source| ShareError::CreateTarget { path: parent.into(), source })?;
+    }
+    let made = if is_dir {
+        std::fs::create_dir_all(target)
+    } else {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(target)
+            .map(|_| ())
+    };
+    made.map_err(|source| ShareError::CreateTarget { path: target.into(), source })
 }
 
 fn checked_relative(rel: &str) -> Result<PathBuf, ShareError> {
@@ -271,8 +296,9 @@ mod tests {
         share.bind(&src, "images/one", true).unwrap();
         let seen = share.shared_dir().join(&rel).join("file");
         assert_eq!(std::fs::read(&seen).unwrap(), b"content");
-        // Read-only in both views.
+        // Read-only in both views (the served one is what the guest reaches).
         assert!(std::fs::write(share.mounts_dir().join(&rel).join("new"), b"x").is_err());
+        assert!(std::fs::write(share.shared_dir().join(&rel).join("new"), b"x").is_err());
         assert!(std::fs::write(share.shared_dir().join("new"), b"x").is_err());
         share.unbind("images/one").unwrap();
         assert!(!seen.exists());
@@ -281,5 +307,26 @@ mod tests {
         share.destroy().unwrap();
         assert!(!dir.path().join("sb").exists());
         assert_eq!(std::fs::read(src.join("file")).unwrap(), b"content");
+    }
+
+    /// The volume share: a read-write bind is writable through the served view, while the
+    /// view's own root stays read-only (a guest cannot fill the host's share directory).
+    #[test]
+    fn read_write_binds_stay_writable_under_the_read_only_view() {
+        if !is_root() {
+            eprintln!("skipped: needs root for mounts");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("volume");
+        std::fs::create_dir_all(&src).unwrap();
+        let share = SandboxShare::new(&dir.path().join("sb"));
+        share.create().unwrap();
+        let rel = share.bind(&src, "c1/0", false).unwrap();
+        std::fs::write(share.shared_dir().join(&rel).join("written"), b"from guest").unwrap();
+        assert_eq!(std::fs::read(src.join("written")).unwrap(), b"from guest");
+        assert!(std::fs::write(share.shared_dir().join("stray"), b"x").is_err());
+        share.destroy().unwrap();
+        assert_eq!(std::fs::read(src.join("written")).unwrap(), b"from guest");
     }
 }

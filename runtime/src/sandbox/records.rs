@@ -1,11 +1,39 @@
 //! What the daemon persists about sandboxes and containers (JSON under `--root`).
+//!
+//! Every record carries `schema_version`. A daemon reads the records of every earlier schema
+//! and upgrades them in memory ([`upgrade_sandbox`], [`upgrade_container`]), so a daemon
+//! upgrade keeps running pods; what it writes back is the current schema.
+//!
+//! - 0 (no `schema_version`): namespace modes as CRI enum integers (`network_mode`,
+//!   `pid_mode`, `ipc_mode`); one read-only share per pod.
+//! - 1: namespace modes as names (`namespaces`), and the pod's share layout.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
+use super::types::{NamespaceMode, NamespaceModes};
 use crate::hypervisor::VmHandle;
+use crate::resource::ShareLayout;
+use crate::store::{self, StoreError};
+
+/// The schema this daemon writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Errors reading a record.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path} has schema version {version}, newer than this daemon's {SCHEMA_VERSION}")]
+    TooNew { path: PathBuf, version: u64 },
+    #[error("{path}: {reason}")]
+    Upgrade { path: PathBuf, reason: String },
+    #[error("decoding {path}: {source}")]
+    Decode { path: PathBuf, source: serde_json::Error },
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SandboxState {
@@ -30,6 +58,7 @@ pub struct DnsSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SandboxRecord {
+    pub schema_version: u32,
     pub id: String,
     pub metadata: PodMetadata,
     pub labels: HashMap<String, String>,
@@ -38,10 +67,8 @@ pub struct SandboxRecord {
     pub hostname: String,
     pub runtime_handler: String,
     pub dns: DnsSettings,
-    /// CRI NamespaceMode values of the pod's network, PID and IPC namespaces.
-    pub network_mode: i32,
-    pub pid_mode: i32,
-    pub ipc_mode: i32,
+    pub namespaces: NamespaceModes,
+    pub share_layout: ShareLayout,
     pub created_at: i64,
     pub state: SandboxState,
     /// The running VM; `None` once stopped.
@@ -73,6 +100,7 @@ pub struct MountRecord {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ContainerRecord {
+    pub schema_version: u32,
     pub id: String,
     pub sandbox_id: String,
     pub metadata: ContainerMetadata,
@@ -105,4 +133,120 @@ pub struct ContainerRecord {
     #[serde(default)]
     pub stop_signal: i32,
     pub state: ContainerState,
+}
+
+/// The version a record says it has (0 when it says none).
+fn version_of(value: &Value) -> u64 {
+    value.get("schema_version").and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// A CRI `NamespaceMode` integer of schema 0.
+fn mode_from_v0(value: Option<&Value>) -> Result<NamespaceMode, String> {
+    match value.and_then(Value::as_i64).unwrap_or(0) {
+        0 => Ok(NamespaceMode::Pod),
+        1 => Ok(NamespaceMode::Container),
+        2 => Ok(NamespaceMode::Node),
+        3 => Ok(NamespaceMode::Target),
+        other => Err(format!("unknown namespace mode {other}")),
+    }
+}
+
+/// A sandbox record of any schema, as the current one.
+pub fn upgrade_sandbox(path: &Path, mut value: Value) -> Result<SandboxRecord, RecordError> {
+    let version = version_of(&value);
+    if version > u64::from(SCHEMA_VERSION) {
+        return Err(RecordError::TooNew { path: path.into(), version });
+    }
+    let upgrade_err = |reason: String| RecordError::Upgrade { path: path.into(), reason };
+    let object = value.as_object_mut().ok_or_else(|| upgrade_err("not an object".into()))?;
+    if version == 0 {
+        let modes = NamespaceModes {
+            network: mode_from_v0(object.get("network_mode")).map_err(upgrade_err)?,
+            pid: mode_from_v0(object.get("pid_mode")).map_err(upgrade_err)?,
+            ipc: mode_from_v0(object.get("ipc_mode")).map_err(upgrade_err)?,
+        };
+        for old in ["network_mode", "pid_mode", "ipc_mode"] {
+            object.remove(old);
+        }
+        let modes = serde_json::to_value(modes).map_err(|e| upgrade_err(e.to_string()))?;
+        object.insert("namespaces".into(), modes);
+        object.insert("share_layout".into(), Value::String("single".into()));
+    }
+    object.insert("schema_version".into(), Value::from(SCHEMA_VERSION));
+    serde_json::from_value(value)
+        .map_err(|source| RecordError::Decode { path: path.into(), source })
+}
+
+/// A container record of any schema, as the current one.
+pub fn upgrade_container(path: &Path, mut value: Value) -> Result<ContainerRecord, RecordError> {
+    let version = version_of(&value);
+    if version > u64::from(SCHEMA_VERSION) {
+        return Err(RecordError::TooNew { path: path.into(), version });
+    }
+    let object = value.as_object_mut().ok_or_else(|| RecordError::Upgrade {
+        path: path.into(),
+        reason: "not an object".into(),
+    })?;
+    // Schema 1 changed nothing in container records but the version.
+    object.insert("schema_version".into(), Value::from(SCHEMA_VERSION));
+    serde_json::from_value(value)
+        .map_err(|source| RecordError::Decode { path: path.into(), source })
+}
+
+/// Reads a sandbox record of any schema.
+pub fn load_sandbox(path: &Path) -> Result<SandboxRecord, RecordError> {
+    upgrade_sandbox(path, store::read_json(path)?)
+}
+
+/// Reads a container record of any schema.
+pub fn load_container(path: &Path) -> Result<ContainerRecord, RecordError> {
+    upgrade_container(path, store::read_json(path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records exactly as the daemon of schema 0 wrote them (2026-11, before the split).
+    const V0_SANDBOX: &str = include_str!("../../../tests/fixtures/records-v0/sandboxes/5c0e5a3d7d2b4f4e8a1b9c0d1e2f3a4b5c0e5a3d7d2b4f4e8a1b9c0d1e2f3a4b/sandbox.json");
+    const V0_CONTAINER: &str = include_str!("../../../tests/fixtures/records-v0/sandboxes/5c0e5a3d7d2b4f4e8a1b9c0d1e2f3a4b5c0e5a3d7d2b4f4e8a1b9c0d1e2f3a4b/containers/9a8b7c6d5e4f30211a2b3c4d5e6f70819a8b7c6d5e4f30211a2b3c4d5e6f7081.json");
+
+    #[test]
+    fn schema_0_records_upgrade() {
+        let sb =
+            upgrade_sandbox(Path::new("v0"), serde_json::from_str(V0_SANDBOX).unwrap()).unwrap();
+        assert_eq!(sb.schema_version, SCHEMA_VERSION);
+        assert_eq!(
+            sb.namespaces,
+            NamespaceModes {
+                network: NamespaceMode::Pod,
+                pid: NamespaceMode::Container,
+                ipc: NamespaceMode::Pod
+            }
+        );
+        assert_eq!(sb.share_layout, ShareLayout::Single);
+        assert_eq!(sb.metadata.name, "legacy-pod");
+        assert_eq!(sb.vm.as_ref().unwrap().backend, "qemu");
+        let c = upgrade_container(Path::new("v0"), serde_json::from_str(V0_CONTAINER).unwrap())
+            .unwrap();
+        assert_eq!(c.schema_version, SCHEMA_VERSION);
+        assert_eq!(c.metadata.name, "legacy-ctr");
+        assert_eq!(c.mounts[0].share_rel, format!("volumes/{}/0", c.id));
+    }
+
+    #[test]
+    fn current_records_round_trip_and_newer_ones_are_refused() {
+        let sb =
+            upgrade_sandbox(Path::new("v0"), serde_json::from_str(V0_SANDBOX).unwrap()).unwrap();
+        let again = upgrade_sandbox(Path::new("v1"), serde_json::to_value(&sb).unwrap()).unwrap();
+        assert_eq!(again.namespaces, sb.namespaces);
+        assert_eq!(again.share_layout, ShareLayout::Single);
+        let mut future = serde_json::to_value(&sb).unwrap();
+        future["schema_version"] = Value::from(99);
+        let err = upgrade_sandbox(Path::new("f"), future).unwrap_err();
+        assert!(matches!(err, RecordError::TooNew { version: 99, .. }), "{err}");
+        let mut bad: Value = serde_json::from_str(V0_SANDBOX).unwrap();
+        bad["pid_mode"] = Value::from(7);
+        assert!(matches!(upgrade_sandbox(Path::new("bad"), bad), Err(RecordError::Upgrade { .. })));
+    }
 }

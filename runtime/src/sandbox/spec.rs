@@ -1,9 +1,10 @@
-//! Builds the OCI runtime spec for a container from its CRI config and its image's config.
-//! The host builds the whole spec; the agent only fills in the rootfs path and cgroup path.
+//! Builds the OCI runtime spec for a container from its [`ContainerSpec`] and its image's
+//! config. The host builds the whole spec; the agent only fills in the rootfs path and cgroup
+//! path.
 
 use std::path::{Path, PathBuf};
 
-use k8s_cri::v1 as cri;
+use super::types::{ContainerSpec, NamespaceMode, Resources, SecurityContext};
 use oci_spec::runtime::{
     Capability, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace,
     LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
@@ -25,6 +26,8 @@ pub enum SpecError {
     InvalidUser(String),
     #[error("mount with an empty container path")]
     EmptyMountPath,
+    #[error("the built spec has no process")]
+    NoProcess,
     #[error("building the spec: {0}")]
     Build(#[from] oci_spec::OciSpecError),
     #[error("encoding the spec: {0}")]
@@ -74,7 +77,7 @@ const DEFAULT_CAPABILITIES: &[Capability] = &[
 
 /// The process's argv by Kubernetes' rules: `command` replaces the entrypoint, `args` the cmd.
 pub fn process_args(
-    config: &cri::ContainerConfig,
+    config: &ContainerSpec,
     image: &ImageDefaults,
 ) -> Result<Vec<String>, SpecError> {
     let args = if !config.command.is_empty() {
@@ -91,12 +94,12 @@ pub fn process_args(
 }
 
 /// Image env first, then the container's, a later key replacing an earlier one.
-pub fn merge_env(image_env: &[String], config: &cri::ContainerConfig) -> Vec<String> {
+pub fn merge_env(image_env: &[String], config: &ContainerSpec) -> Vec<String> {
     let mut merged: Vec<(String, String)> = Vec::new();
     let pairs = image_env
         .iter()
         .map(|kv| (kv.split('=').next().unwrap_or_default().to_string(), kv.clone()))
-        .chain(config.envs.iter().map(|kv| (kv.key.clone(), format!("{}={}", kv.key, kv.value))));
+        .chain(config.envs.iter().map(|(k, v)| (k.clone(), format!("{k}={v}"))));
     for (key, entry) in pairs {
         match merged.iter_mut().find(|(k, _)| *k == key) {
             Some(slot) => slot.1 = entry,
@@ -124,17 +127,15 @@ pub struct Identity {
 /// run_as_group, else the image's User; names are looked up in the image's /etc/passwd and
 /// /etc/group (the host reads the unpacked image, so the agent never has to).
 pub fn resolve_identity(
-    security: Option<&cri::LinuxContainerSecurityContext>,
+    security: &SecurityContext,
     image: &ImageDefaults,
 ) -> Result<Identity, SpecError> {
     let passwd = std::fs::read_to_string(image.rootfs.join("etc/passwd")).unwrap_or_default();
     let group = std::fs::read_to_string(image.rootfs.join("etc/group")).unwrap_or_default();
 
     let (user_part, group_part): (String, Option<String>) = match security {
-        Some(sc) if sc.run_as_user.is_some() => {
-            (sc.run_as_user.as_ref().map(|v| v.value.to_string()).unwrap_or_default(), None)
-        }
-        Some(sc) if !sc.run_as_username.is_empty() => (sc.run_as_username.clone(), None),
+        SecurityContext { run_as_user: Some(uid), .. } => (uid.to_string(), None),
+        sc if !sc.run_as_username.is_empty() => (sc.run_as_username.clone(), None),
         _ => match image.user.split_once(':') {
             Some((u, g)) => (u.to_string(), Some(g.to_string())),
             None => (image.user.clone(), None),
@@ -161,8 +162,8 @@ pub fn resolve_identity(
                 .ok_or(SpecError::UnknownGroup(g))?,
         };
     }
-    if let Some(rg) = security.and_then(|sc| sc.run_as_group.as_ref()) {
-        gid = u32::try_from(rg.value).map_err(|_| SpecError::InvalidUser(rg.value.to_string()))?;
+    if let Some(rg) = security.run_as_group {
+        gid = u32::try_from(rg).map_err(|_| SpecError::InvalidUser(rg.to_string()))?;
     }
     let mut additional_gids: Vec<u32> = Vec::new();
     if let Some(name) = username {
@@ -172,12 +173,10 @@ pub fn resolve_identity(
             }
         }
     }
-    if let Some(sc) = security {
-        for g in &sc.supplemental_groups {
-            let g = u32::try_from(*g).map_err(|_| SpecError::InvalidUser(g.to_string()))?;
-            if !additional_gids.contains(&g) {
-                additional_gids.push(g);
-            }
+    for g in &security.supplemental_groups {
+        let g = u32::try_from(*g).map_err(|_| SpecError::InvalidUser(g.to_string()))?;
+        if !additional_gids.contains(&g) {
+            additional_gids.push(g);
         }
     }
     Ok(Identity { uid, gid, additional_gids })
@@ -223,22 +222,21 @@ fn bind_mount(source: &Path, destination: &str, read_only: bool) -> Result<Mount
 /// Inputs of [`build_spec`] that come from the sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxContext {
-    /// CRI namespace mode of the pod's PID namespace (0 = POD, 1 = CONTAINER, 2 = NODE).
-    pub pid_mode: i32,
+    /// The pod's PID namespace mode.
+    pub pid_mode: NamespaceMode,
 }
 
 /// Builds the container's OCI spec as JSON.
 pub fn build_spec(
-    config: &cri::ContainerConfig,
+    config: &ContainerSpec,
     image: &ImageDefaults,
     sandbox: &SandboxContext,
     mounts: &[GuestMount],
 ) -> Result<Vec<u8>, SpecError> {
     let mut spec = Spec::default();
-    let linux_cfg = config.linux.as_ref();
-    let security = linux_cfg.and_then(|l| l.security_context.as_ref());
+    let security = &config.security;
     let identity = resolve_identity(security, image)?;
-    let privileged = security.map(|s| s.privileged).unwrap_or(false);
+    let privileged = security.privileged;
 
     let mut process = spec.process().clone().unwrap_or_default();
     process.set_args(Some(process_args(config, image)?));
@@ -259,7 +257,7 @@ pub fn build_spec(
             .additional_gids(identity.additional_gids.clone())
             .build()?,
     );
-    process.set_no_new_privileges(Some(security.map(|s| s.no_new_privs).unwrap_or(false)));
+    process.set_no_new_privileges(Some(security.no_new_privs));
     process.set_rlimits(Some(vec![PosixRlimitBuilder::default()
         .typ(PosixRlimitType::RlimitNofile)
         .hard(1_048_576u64)
@@ -269,7 +267,8 @@ pub fn build_spec(
     // Capabilities: the defaults, plus/minus the security context; privileged gets them all.
     let mut caps: Vec<Capability> =
         if privileged { all_capabilities() } else { DEFAULT_CAPABILITIES.to_vec() };
-    if let Some(c) = security.and_then(|s| s.capabilities.as_ref()) {
+    {
+        let c = security;
         let parse = |name: &str| -> Option<Capability> {
             let n = name.trim().to_ascii_uppercase();
             let n = if n.starts_with("CAP_") { n } else { format!("CAP_{n}") };
@@ -306,7 +305,7 @@ pub fn build_spec(
     spec.set_hostname(None);
 
     if let Some(root) = spec.root_mut() {
-        root.set_readonly(Some(security.map(|s| s.readonly_rootfs).unwrap_or(false)));
+        root.set_readonly(Some(security.readonly_rootfs));
     }
 
     // Mounts: the defaults, the pod's hostname/hosts/resolv.conf, then the CRI mounts
@@ -351,7 +350,7 @@ pub fn build_spec(
         // The VM is the pod: containers share its network, IPC and UTS namespaces; each gets
         // its own mount and cgroup namespaces, and a PID namespace unless the pod shares one
         // (POD: the agent joins them to the pod's, held by a pause process; NODE: the VM's).
-        let keep_pid = sandbox.pid_mode == cri::NamespaceMode::Container as i32;
+        let keep_pid = sandbox.pid_mode == NamespaceMode::Container;
         let namespaces: Vec<LinuxNamespace> = linux
             .namespaces()
             .clone()
@@ -370,11 +369,17 @@ pub fn build_spec(
             linux.set_masked_paths(None);
             linux.set_readonly_paths(None);
         }
-        if let Some(res) = linux_cfg.and_then(|l| l.resources.as_ref()) {
+        if let Some(res) = &config.resources {
             linux.set_resources(Some(resources(res)?));
         }
     }
     Ok(serde_json::to_vec(&spec)?)
+}
+
+/// The process of a built spec, as JSON: execs start from it (env, user, cwd).
+pub fn process_of(spec_json: &[u8]) -> Result<String, SpecError> {
+    let spec: serde_json::Value = serde_json::from_slice(spec_json)?;
+    spec.get("process").map(|p| p.to_string()).ok_or(SpecError::NoProcess)
 }
 
 fn all_capabilities() -> Vec<Capability> {
@@ -425,9 +430,7 @@ fn all_capabilities() -> Vec<Capability> {
 }
 
 /// CRI Linux resources → OCI cgroup resources (applied by the agent inside the guest).
-fn resources(
-    r: &cri::LinuxContainerResources,
-) -> Result<oci_spec::runtime::LinuxResources, SpecError> {
+fn resources(r: &Resources) -> Result<oci_spec::runtime::LinuxResources, SpecError> {
     let mut cpu = LinuxCpuBuilder::default();
     if r.cpu_shares > 0 {
         cpu = cpu.shares(r.cpu_shares as u64);
@@ -445,11 +448,11 @@ fn resources(
         cpu = cpu.mems(r.cpuset_mems.clone());
     }
     let mut memory = LinuxMemoryBuilder::default();
-    if r.memory_limit_in_bytes > 0 {
-        memory = memory.limit(r.memory_limit_in_bytes);
+    if r.memory_limit_bytes > 0 {
+        memory = memory.limit(r.memory_limit_bytes);
     }
-    if r.memory_swap_limit_in_bytes > 0 {
-        memory = memory.swap(r.memory_swap_limit_in_bytes);
+    if r.memory_swap_limit_bytes > 0 {
+        memory = memory.swap(r.memory_swap_limit_bytes);
     }
     let mut builder = LinuxResourcesBuilder::default().cpu(cpu.build()?).memory(memory.build()?);
     if !r.unified.is_empty() {
@@ -487,7 +490,7 @@ mod tests {
     fn args_follow_kubernetes_rules() {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path());
-        let mut c = cri::ContainerConfig::default();
+        let mut c = ContainerSpec::default();
         assert_eq!(process_args(&c, &img).unwrap(), vec!["/entry", "serve"]);
         c.args = vec!["x".into()];
         assert_eq!(process_args(&c, &img).unwrap(), vec!["/entry", "x"]);
@@ -495,18 +498,15 @@ mod tests {
         assert_eq!(process_args(&c, &img).unwrap(), vec!["/bin/sh", "x"]);
         let empty = ImageDefaults::default();
         assert!(matches!(
-            process_args(&cri::ContainerConfig::default(), &empty),
+            process_args(&ContainerSpec::default(), &empty),
             Err(SpecError::NoCommand)
         ));
     }
 
     #[test]
     fn env_is_merged_by_key() {
-        let c = cri::ContainerConfig {
-            envs: vec![
-                cri::KeyValue { key: "A".into(), value: "pod".into() },
-                cri::KeyValue { key: "B".into(), value: "1".into() },
-            ],
+        let c = ContainerSpec {
+            envs: vec![("A".into(), "pod".into()), ("B".into(), "1".into())],
             ..Default::default()
         };
         assert_eq!(
@@ -520,29 +520,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut img = image(dir.path());
         assert_eq!(
-            resolve_identity(None, &img).unwrap(),
+            resolve_identity(&SecurityContext::default(), &img).unwrap(),
             Identity { uid: 0, gid: 0, additional_gids: vec![] }
         );
         img.user = "web".into();
         assert_eq!(
-            resolve_identity(None, &img).unwrap(),
+            resolve_identity(&SecurityContext::default(), &img).unwrap(),
             Identity { uid: 1000, gid: 1001, additional_gids: vec![2000] }
         );
         img.user = "1234:1234".into();
         assert_eq!(
-            resolve_identity(None, &img).unwrap(),
+            resolve_identity(&SecurityContext::default(), &img).unwrap(),
             Identity { uid: 1234, gid: 1234, additional_gids: vec![] }
         );
         img.user = "nobody-here".into();
-        assert!(matches!(resolve_identity(None, &img), Err(SpecError::UnknownUser(_))));
-        let sc = cri::LinuxContainerSecurityContext {
-            run_as_user: Some(cri::Int64Value { value: 7 }),
-            run_as_group: Some(cri::Int64Value { value: 8 }),
+        assert!(matches!(
+            resolve_identity(&SecurityContext::default(), &img),
+            Err(SpecError::UnknownUser(_))
+        ));
+        let sc = SecurityContext {
+            run_as_user: Some(7),
+            run_as_group: Some(8),
             supplemental_groups: vec![9],
             ..Default::default()
         };
         assert_eq!(
-            resolve_identity(Some(&sc), &img).unwrap(),
+            resolve_identity(&sc, &img).unwrap(),
             Identity { uid: 7, gid: 8, additional_gids: vec![9] }
         );
     }
@@ -551,8 +554,8 @@ mod tests {
     fn spec_shares_pod_namespaces_and_mounts_sandbox_files() {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path());
-        let c = cri::ContainerConfig { tty: true, ..Default::default() };
-        let ctx = SandboxContext { pid_mode: cri::NamespaceMode::Container as i32 };
+        let c = ContainerSpec { tty: true, ..Default::default() };
+        let ctx = SandboxContext { pid_mode: NamespaceMode::Container };
         let json = build_spec(&c, &img, &ctx, &[]).unwrap();
         let spec: Spec = serde_json::from_slice(&json).unwrap();
         let ns: Vec<LinuxNamespaceType> = spec

@@ -33,7 +33,10 @@ pub use args::ResolvedAccel;
 use args::RunDirLayout;
 
 use super::process::{prepare_run_dir, Starting};
-use super::{terminate_processes, Hypervisor, HypervisorError, Result, VmConfig, VmHandle};
+use super::{
+    terminate_processes, Hypervisor, HypervisorError, PreparedVm, Result, RunRoot, VmConfig,
+    VmHandle, VmSpec,
+};
 use crate::check::{find_binary, is_executable};
 
 /// How to run QEMU and its helpers. Bare names are looked up in `PATH`, then in
@@ -46,11 +49,14 @@ pub struct QemuConfig {
     pub accel: Accel,
     /// How long the helpers' sockets and QEMU's machine set-up may take.
     pub startup_timeout: Duration,
+    /// Where VM run directories go.
+    pub run_root: PathBuf,
 }
 
 impl Default for QemuConfig {
     fn default() -> Self {
         Self {
+            run_root: "/run/podvisor/vms".into(),
             qemu_binary: "qemu-system-x86_64".into(),
             vhost_vsock_binary: "vhost-device-vsock".into(),
             virtiofsd_binary: "virtiofsd".into(),
@@ -69,6 +75,7 @@ pub struct QemuHypervisor {
     accel: ResolvedAccel,
     accel_reason: String,
     startup_timeout: Duration,
+    run_root: RunRoot,
 }
 
 impl QemuHypervisor {
@@ -90,6 +97,7 @@ impl QemuHypervisor {
             accel,
             accel_reason,
             startup_timeout: config.startup_timeout,
+            run_root: RunRoot(config.run_root),
         })
     }
 
@@ -132,7 +140,31 @@ impl Hypervisor for QemuHypervisor {
         "qemu"
     }
 
-    async fn start(&self, config: &VmConfig) -> Result<VmHandle> {
+    async fn prepare(&self, sandbox_id: &str) -> Result<PreparedVm> {
+        self.run_root.prepare(sandbox_id)
+    }
+
+    async fn start(&self, prepared: &PreparedVm, spec: &VmSpec) -> Result<VmHandle> {
+        self.launch(&VmConfig::new(spec, prepared)).await
+    }
+
+    async fn stop(&self, vm: &VmHandle, grace: Duration) -> Result<()> {
+        terminate_processes(&vm.processes, grace).await;
+        if let Some(p) = vm.processes.iter().find(|p| super::process_alive(p)) {
+            return Err(HypervisorError::Stop(format!(
+                "{} (pid {}) survived SIGKILL",
+                p.name, p.pid
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl QemuHypervisor {
+    /// Boots a VM in `config.run_dir` and returns once QEMU runs its machine and the vsock
+    /// socket exists. Leaves the run directory's other files alone, so listeners bound there
+    /// before the start survive it.
+    pub async fn launch(&self, config: &VmConfig) -> Result<VmHandle> {
         args::validate(config)?;
         let layout = RunDirLayout::new(&config.run_dir);
         let mut stale = vec![layout.vhost_vsock_socket(), layout.vsock_uds(), layout.qmp_socket()];
@@ -150,17 +182,6 @@ impl Hypervisor for QemuHypervisor {
             vsock_uds: RunDirLayout::new(&config.run_dir).vsock_uds(),
             processes,
         })
-    }
-
-    async fn stop(&self, vm: &VmHandle, grace: Duration) -> Result<()> {
-        terminate_processes(&vm.processes, grace).await;
-        if let Some(p) = vm.processes.iter().find(|p| super::process_alive(p)) {
-            return Err(HypervisorError::Stop(format!(
-                "{} (pid {}) survived SIGKILL",
-                p.name, p.pid
-            )));
-        }
-        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ use std::process::Command as StdCommand;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::agent::GuestAgent;
 use crate::hypervisor::{process_alive, BlockDevice, SharedDir};
 
 fn require_e2e() -> bool {
@@ -189,7 +190,7 @@ async fn busybox_guest_sees_devices_and_powers_off() {
     config.block_devices.push(BlockDevice { id: "disk0".into(), path: disk, read_only: true });
 
     let started = Instant::now();
-    let vm = hv.start(&config).await.unwrap();
+    let vm = hv.launch(&config).await.unwrap();
     let _kill = KillOnDrop(vm.processes.clone());
     println!("start() returned after {:?}", started.elapsed());
     assert_eq!(vm.processes[0].name, "qemu");
@@ -223,7 +224,7 @@ async fn stop_running_vm_leaves_nothing() {
         read_only: false,
         cache: "auto".into(),
     });
-    let vm = hv.start(&config).await.unwrap();
+    let vm = hv.launch(&config).await.unwrap();
     let _kill = KillOnDrop(vm.processes.clone());
     wait_console(&config.console_log, "PODVISOR-IDLE", Duration::from_secs(120)).await;
     assert!(hv.is_running(&vm));
@@ -248,7 +249,7 @@ async fn failed_start_names_the_log_and_cleans_up() {
         path: tmp.path().to_path_buf(),
         read_only: true,
     });
-    let result = hv.start(&config).await;
+    let result = hv.launch(&config).await;
     if let Ok(vm) = &result {
         hv.stop(vm, Duration::from_secs(1)).await.unwrap();
     }
@@ -284,20 +285,23 @@ async fn agent_answers_ping_then_shuts_the_vm_down() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let config = vm_config(tmp.path(), kernel, initrd);
-    std::fs::create_dir_all(&config.run_dir).unwrap();
-    let ready = crate::agent_client::listen_for_ready(&config.vsock_uds()).unwrap();
+    let mut config = config;
+    let prepared = crate::hypervisor::RunRoot(tmp.path().join("vms")).prepare("test").unwrap();
+    config.run_dir = prepared.run_dir().to_path_buf();
     let started = Instant::now();
-    let vm = hv.start(&config).await.unwrap();
+    let vm = hv.launch(&config).await.unwrap();
     let _kill = KillOnDrop(vm.processes.clone());
     let vmm_up = started.elapsed();
-    let booted = crate::agent_client::connect_after_boot(
-        ready,
-        &vm.vsock_uds,
-        Duration::from_secs(120),
-        || hv.is_running(&vm),
-    );
-    let mut agent = match booted.await {
-        Ok(agent) => agent,
+    let agent =
+        crate::agent::grpc::GrpcAgent::new(hv.agent_connector(&vm), Duration::from_secs(10));
+    let booted = async {
+        hv.wait_agent_ready(prepared, &vm, Duration::from_secs(120))
+            .await
+            .map_err(|e| e.to_string())?;
+        agent.status().await.map_err(|e| e.to_string())
+    };
+    let pong = match booted.await {
+        Ok(pong) => pong,
         Err(e) => {
             let console = std::fs::read_to_string(&config.console_log).unwrap_or_default();
             hv.stop(&vm, Duration::from_secs(1)).await.unwrap();
@@ -305,7 +309,6 @@ async fn agent_answers_ping_then_shuts_the_vm_down() {
         }
     };
     let boot_to_ping = started.elapsed();
-    let pong = agent.ping(podvisor_proto::agent::PingRequest {}).await.unwrap().into_inner();
     println!(
         "accel {:?}: QEMU up after {vmm_up:?}, boot->Ping {boot_to_ping:?} \
          (agent {} reports guest uptime {:.2}s)",
@@ -314,11 +317,7 @@ async fn agent_answers_ping_then_shuts_the_vm_down() {
         pong.uptime_seconds
     );
     // The VM may go away before the answer: the result does not matter.
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        agent.shutdown(podvisor_proto::agent::Empty {}),
-    )
-    .await;
+    let _ = agent.shutdown().await;
     wait_qemu_exit(&hv, &vm, Duration::from_secs(60)).await;
     println!("QEMU exited by itself {:?} after boot", started.elapsed());
     stop_and_check_nothing_left(&hv, &vm, tmp.path()).await;
@@ -381,7 +380,7 @@ async fn virtiofs_sees_bind_mounts_made_after_start() {
             read_only: true,
             cache: cache.into(),
         });
-        let vm = hv.start(&config).await.unwrap();
+        let vm = hv.launch(&config).await.unwrap();
         let _kill = KillOnDrop(vm.processes.clone());
         wait_console(&config.console_log, "GUEST-READY", Duration::from_secs(120)).await;
         sh(&format!(

@@ -1,0 +1,412 @@
+//! CRI messages ↔ the sandbox layer's types. Requests are validated here: what reaches the
+//! sandbox layer is in its own vocabulary, and what it returns becomes CRI status messages.
+
+use std::collections::HashMap;
+
+use k8s_cri::v1 as cri;
+use tonic::Status;
+
+use crate::sandbox::{
+    ContainerRecord, ContainerSpec, ContainerState, ContainerStats, DnsSettings, NamespaceMode,
+    NamespaceModes, PodMetadata, PodSpec, Resources, SandboxRecord, SandboxState, SecurityContext,
+    VolumeMount,
+};
+
+/// The longest hostname the guest kernel takes (HOST_NAME_MAX).
+const HOSTNAME_MAX: usize = 64;
+
+pub fn namespace_mode(mode: i32) -> Result<NamespaceMode, Status> {
+    match cri::NamespaceMode::try_from(mode) {
+        Ok(cri::NamespaceMode::Pod) => Ok(NamespaceMode::Pod),
+        Ok(cri::NamespaceMode::Container) => Ok(NamespaceMode::Container),
+        Ok(cri::NamespaceMode::Node) => Ok(NamespaceMode::Node),
+        Ok(cri::NamespaceMode::Target) => Ok(NamespaceMode::Target),
+        Err(_) => Err(Status::invalid_argument(format!("unknown namespace mode {mode}"))),
+    }
+}
+
+fn cri_namespace_mode(mode: NamespaceMode) -> i32 {
+    let mode = match mode {
+        NamespaceMode::Pod => cri::NamespaceMode::Pod,
+        NamespaceMode::Container => cri::NamespaceMode::Container,
+        NamespaceMode::Node => cri::NamespaceMode::Node,
+        NamespaceMode::Target => cri::NamespaceMode::Target,
+    };
+    mode as i32
+}
+
+/// The hostname the pod's VM gets: the requested one, else the node's (as containerd and
+/// CRI-O do: a pod name can be longer than a hostname may be).
+fn pod_hostname(requested: &str) -> Result<String, Status> {
+    let hostname = if requested.is_empty() {
+        nix::unistd::gethostname()
+            .map_err(|e| Status::internal(format!("reading the node's hostname: {e}")))?
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        requested.to_string()
+    };
+    if hostname.len() > HOSTNAME_MAX {
+        return Err(Status::invalid_argument(format!(
+            "hostname {hostname:?} is longer than {HOSTNAME_MAX} characters"
+        )));
+    }
+    Ok(hostname)
+}
+
+/// RunPodSandbox's request as a [`PodSpec`].
+pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
+    let config = req.config.ok_or_else(|| Status::invalid_argument("config is required"))?;
+    let meta =
+        config.metadata.ok_or_else(|| Status::invalid_argument("config.metadata is required"))?;
+    if meta.name.is_empty() || meta.namespace.is_empty() {
+        return Err(Status::invalid_argument("metadata.name and metadata.namespace are required"));
+    }
+    let linux = config.linux.unwrap_or_default();
+    let ns = linux
+        .security_context
+        .as_ref()
+        .and_then(|s| s.namespace_options.clone())
+        .unwrap_or_default();
+    let namespaces = NamespaceModes {
+        network: namespace_mode(ns.network)?,
+        pid: namespace_mode(ns.pid)?,
+        ipc: namespace_mode(ns.ipc)?,
+    };
+    if namespaces.network == NamespaceMode::Node {
+        // Host networking would put the pod on the node's network stack, outside its VM.
+        return Err(Status::invalid_argument(
+            "host network pods are not supported by a VM runtime",
+        ));
+    }
+    let dns = config.dns_config.unwrap_or_default();
+    Ok(PodSpec {
+        metadata: PodMetadata {
+            name: meta.name,
+            uid: meta.uid,
+            namespace: meta.namespace,
+            attempt: meta.attempt,
+        },
+        labels: config.labels,
+        annotations: config.annotations,
+        log_directory: config.log_directory,
+        hostname: pod_hostname(&config.hostname)?,
+        runtime_handler: req.runtime_handler,
+        dns: DnsSettings { servers: dns.servers, searches: dns.searches, options: dns.options },
+        namespaces,
+        sysctls: linux.sysctls,
+    })
+}
+
+/// CreateContainer's config as a [`ContainerSpec`].
+pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
+    let meta = config
+        .metadata
+        .filter(|m| !m.name.is_empty())
+        .ok_or_else(|| Status::invalid_argument("config.metadata.name is required"))?;
+    let image = config.image.map(|i| i.image).unwrap_or_default();
+    if image.is_empty() {
+        return Err(Status::invalid_argument("container image is required"));
+    }
+    let mut mounts = Vec::with_capacity(config.mounts.len());
+    for (n, m) in config.mounts.into_iter().enumerate() {
+        if m.container_path.is_empty() || m.host_path.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "mount {n} needs container_path and host_path"
+            )));
+        }
+        mounts.push(VolumeMount {
+            container_path: m.container_path,
+            host_path: m.host_path,
+            read_only: m.readonly,
+        });
+    }
+    let linux = config.linux.unwrap_or_default();
+    Ok(ContainerSpec {
+        name: meta.name,
+        attempt: meta.attempt,
+        image,
+        command: config.command,
+        args: config.args,
+        working_dir: config.working_dir,
+        envs: config.envs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
+        mounts,
+        labels: config.labels,
+        annotations: config.annotations,
+        log_path: config.log_path,
+        stdin: config.stdin,
+        stdin_once: config.stdin_once,
+        tty: config.tty,
+        resources: linux.resources.map(resources),
+        security: linux.security_context.map(security_context).unwrap_or_default(),
+    })
+}
+
+fn resources(r: cri::LinuxContainerResources) -> Resources {
+    Resources {
+        cpu_period: r.cpu_period,
+        cpu_quota: r.cpu_quota,
+        cpu_shares: r.cpu_shares,
+        cpuset_cpus: r.cpuset_cpus,
+        cpuset_mems: r.cpuset_mems,
+        memory_limit_bytes: r.memory_limit_in_bytes,
+        memory_swap_limit_bytes: r.memory_swap_limit_in_bytes,
+        unified: r.unified.into_iter().collect(),
+    }
+}
+
+fn security_context(sc: cri::LinuxContainerSecurityContext) -> SecurityContext {
+    let caps = sc.capabilities.unwrap_or_default();
+    SecurityContext {
+        run_as_user: sc.run_as_user.map(|v| v.value),
+        run_as_username: sc.run_as_username,
+        run_as_group: sc.run_as_group.map(|v| v.value),
+        supplemental_groups: sc.supplemental_groups,
+        privileged: sc.privileged,
+        readonly_rootfs: sc.readonly_rootfs,
+        no_new_privs: sc.no_new_privs,
+        add_capabilities: caps.add_capabilities,
+        drop_capabilities: caps.drop_capabilities,
+    }
+}
+
+pub fn sandbox_state(s: SandboxState) -> i32 {
+    match s {
+        SandboxState::Ready => cri::PodSandboxState::SandboxReady as i32,
+        SandboxState::NotReady => cri::PodSandboxState::SandboxNotready as i32,
+    }
+}
+
+pub fn container_state(s: ContainerState) -> i32 {
+    match s {
+        ContainerState::Created => cri::ContainerState::ContainerCreated as i32,
+        ContainerState::Running => cri::ContainerState::ContainerRunning as i32,
+        ContainerState::Exited => cri::ContainerState::ContainerExited as i32,
+        ContainerState::Unknown => cri::ContainerState::ContainerUnknown as i32,
+    }
+}
+
+pub fn pod_metadata(r: &SandboxRecord) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: r.metadata.name.clone(),
+        uid: r.metadata.uid.clone(),
+        namespace: r.metadata.namespace.clone(),
+        attempt: r.metadata.attempt,
+    }
+}
+
+pub fn container_metadata(c: &ContainerRecord) -> cri::ContainerMetadata {
+    cri::ContainerMetadata { name: c.metadata.name.clone(), attempt: c.metadata.attempt }
+}
+
+pub fn sandbox_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
+    let ns = cri::NamespaceOption {
+        network: cri_namespace_mode(r.namespaces.network),
+        pid: cri_namespace_mode(r.namespaces.pid),
+        ipc: cri_namespace_mode(r.namespaces.ipc),
+        ..Default::default()
+    };
+    cri::PodSandboxStatus {
+        id: r.id.clone(),
+        metadata: Some(pod_metadata(r)),
+        state: sandbox_state(r.state),
+        created_at: r.created_at,
+        network: Some(cri::PodSandboxNetworkStatus::default()),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace { options: Some(ns) }),
+        }),
+        labels: r.labels.clone(),
+        annotations: r.annotations.clone(),
+        runtime_handler: r.runtime_handler.clone(),
+    }
+}
+
+pub fn pod_sandbox(s: &SandboxRecord) -> cri::PodSandbox {
+    cri::PodSandbox {
+        id: s.id.clone(),
+        metadata: Some(pod_metadata(s)),
+        state: sandbox_state(s.state),
+        created_at: s.created_at,
+        labels: s.labels.clone(),
+        annotations: s.annotations.clone(),
+        runtime_handler: s.runtime_handler.clone(),
+    }
+}
+
+pub fn container(c: &ContainerRecord) -> cri::Container {
+    cri::Container {
+        id: c.id.clone(),
+        pod_sandbox_id: c.sandbox_id.clone(),
+        metadata: Some(container_metadata(c)),
+        image: Some(cri::ImageSpec { image: c.image.clone(), ..Default::default() }),
+        image_ref: c.image_ref.clone(),
+        image_id: c.image_id.clone(),
+        state: container_state(c.state),
+        created_at: c.created_at,
+        labels: c.labels.clone(),
+        annotations: c.annotations.clone(),
+    }
+}
+
+pub fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
+    cri::ContainerStatus {
+        id: c.id.clone(),
+        metadata: Some(container_metadata(c)),
+        state: container_state(c.state),
+        created_at: c.created_at,
+        started_at: c.started_at,
+        finished_at: c.finished_at,
+        exit_code: c.exit_code,
+        image: Some(cri::ImageSpec { image: c.image.clone(), ..Default::default() }),
+        image_ref: c.image_ref.clone(),
+        image_id: c.image_id.clone(),
+        reason: c.reason.clone(),
+        message: c.message.clone(),
+        labels: c.labels.clone(),
+        annotations: c.annotations.clone(),
+        mounts: c
+            .mounts
+            .iter()
+            .map(|m| cri::Mount {
+                container_path: m.container_path.clone(),
+                host_path: m.host_path.clone(),
+                readonly: m.read_only,
+                ..Default::default()
+            })
+            .collect(),
+        log_path: c.log_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+pub fn container_stats(c: &ContainerRecord, s: &ContainerStats) -> cri::ContainerStats {
+    let attributes = cri::ContainerAttributes {
+        id: c.id.clone(),
+        metadata: Some(container_metadata(c)),
+        labels: c.labels.clone(),
+        annotations: c.annotations.clone(),
+    };
+    cri::ContainerStats {
+        attributes: Some(attributes),
+        cpu: Some(cri::CpuUsage {
+            timestamp: s.timestamp_unix_nanos,
+            usage_core_nano_seconds: Some(cri::UInt64Value { value: s.cpu_usage_nanos }),
+            ..Default::default()
+        }),
+        memory: Some(cri::MemoryUsage {
+            timestamp: s.timestamp_unix_nanos,
+            working_set_bytes: Some(cri::UInt64Value { value: s.memory_working_set_bytes }),
+            usage_bytes: Some(cri::UInt64Value { value: s.memory_usage_bytes }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The label filter of List* calls.
+pub fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String, String>) -> bool {
+    crate::sandbox::labels_match(labels, selector)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, hostname: &str) -> cri::RunPodSandboxRequest {
+        cri::RunPodSandboxRequest {
+            config: Some(cri::PodSandboxConfig {
+                metadata: Some(cri::PodSandboxMetadata {
+                    name: name.into(),
+                    namespace: "ns".into(),
+                    ..Default::default()
+                }),
+                hostname: hostname.into(),
+                ..Default::default()
+            }),
+            runtime_handler: String::new(),
+        }
+    }
+
+    /// critest's pods have long names and no hostname: the node's hostname stands in.
+    #[test]
+    fn a_long_named_pod_without_hostname_gets_the_nodes() {
+        let long = "x".repeat(100);
+        let spec = pod_spec(pod(&long, "")).unwrap();
+        let node = nix::unistd::gethostname().unwrap().to_string_lossy().into_owned();
+        assert_eq!(spec.hostname, node);
+        assert_eq!(pod_spec(pod(&long, "given")).unwrap().hostname, "given");
+        assert!(pod_spec(pod("p", &"h".repeat(64))).is_ok());
+        let err = pod_spec(pod("p", &"h".repeat(65))).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn namespace_modes_translate_both_ways() {
+        for mode in [
+            NamespaceMode::Pod,
+            NamespaceMode::Container,
+            NamespaceMode::Node,
+            NamespaceMode::Target,
+        ] {
+            assert_eq!(namespace_mode(cri_namespace_mode(mode)).unwrap(), mode);
+        }
+        assert!(namespace_mode(42).is_err());
+        let mut req = pod("p", "h");
+        let config = req.config.as_mut().unwrap();
+        config.linux = Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        assert_eq!(pod_spec(req).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn container_configs_are_validated_and_translated() {
+        let mut config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata { name: "c".into(), attempt: 2 }),
+            image: Some(cri::ImageSpec { image: "busybox".into(), ..Default::default() }),
+            envs: vec![cri::KeyValue { key: "A".into(), value: "1".into() }],
+            mounts: vec![cri::Mount {
+                container_path: "/data".into(),
+                host_path: "/tmp".into(),
+                readonly: true,
+                ..Default::default()
+            }],
+            linux: Some(cri::LinuxContainerConfig {
+                resources: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: 1 << 20,
+                    ..Default::default()
+                }),
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    run_as_user: Some(cri::Int64Value { value: 7 }),
+                    capabilities: Some(cri::Capability {
+                        drop_capabilities: vec!["NET_RAW".into()],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        };
+        let spec = container_spec(config.clone()).unwrap();
+        assert_eq!((spec.name.as_str(), spec.attempt), ("c", 2));
+        assert_eq!(spec.envs, vec![("A".to_string(), "1".to_string())]);
+        assert!(spec.mounts[0].read_only);
+        assert_eq!(spec.resources.unwrap().memory_limit_bytes, 1 << 20);
+        assert_eq!(spec.security.run_as_user, Some(7));
+        assert_eq!(spec.security.drop_capabilities, vec!["NET_RAW"]);
+        config.mounts[0].host_path.clear();
+        assert_eq!(
+            container_spec(config.clone()).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        config.image = None;
+        assert_eq!(container_spec(config).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+}

@@ -1,0 +1,194 @@
+//! The resource layer: what a pod's VM is given, built before it boots (virtio-mmio has no
+//! hotplug, so every device must be there at start) and filled while it runs.
+//!
+//! Shared filesystems: each pod has two virtio-fs shares (see [`share`] for how a share keeps
+//! the guest to exactly what it was given):
+//! - the **image share** (tag [`SHARED_FS_TAG`]): the unpacked, immutable image trees its
+//!   containers use, served read-only with `--cache=always`;
+//! - the **volume share** (tag [`VOLUME_FS_TAG`]): the host paths its containers mount, served
+//!   writable with `--cache=auto` so host-side updates (configMaps) reach the guest; a
+//!   read-only volume is a read-only bind inside it.
+//!
+//! Pods started before the split (record schema 0) keep their single read-only share, which
+//! holds their volumes under `volumes/`: [`ShareLayout::Single`].
+//!
+//! Network devices and drives have their seams here ([`PodResources::net_devices`],
+//! [`PodResources::block_devices`]); the networking and volumes work fills them.
+
+pub mod share;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{GuestShare, GUEST_SHARED_DIR, GUEST_VOLUME_DIR, SHARED_FS_TAG, VOLUME_FS_TAG};
+use crate::hypervisor::{BlockDevice, NetDevice, SharedDir};
+use share::SandboxShare;
+pub use share::ShareError;
+
+/// How a pod's shares are laid out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareLayout {
+    /// One read-only share holding `images/` and `volumes/` (pods of record schema 0).
+    Single,
+    /// A read-only image share and a writable volume share.
+    #[default]
+    Split,
+}
+
+/// The resources of one pod.
+#[derive(Debug, Clone)]
+pub struct PodResources {
+    layout: ShareLayout,
+    images: SandboxShare,
+    volumes: SandboxShare,
+}
+
+impl PodResources {
+    /// The resources of the pod whose runtime state lives in `sandbox_state_dir`.
+    pub fn new(sandbox_state_dir: &Path, layout: ShareLayout) -> Self {
+        Self {
+            layout,
+            images: SandboxShare::new(&sandbox_state_dir.join("share")),
+            volumes: SandboxShare::new(&sandbox_state_dir.join("volumes")),
+        }
+    }
+
+    /// Sets up the shares' directories and mounts. Idempotent.
+    pub fn create(&self) -> Result<(), ShareError> {
+        self.images.create()?;
+        if self.layout == ShareLayout::Split {
+            self.volumes.create()?;
+        }
+        Ok(())
+    }
+
+    /// The virtio-fs devices the VM gets.
+    pub fn shared_dirs(&self) -> Vec<SharedDir> {
+        match self.layout {
+            ShareLayout::Single => vec![SharedDir {
+                tag: SHARED_FS_TAG.into(),
+                host_path: self.images.shared_dir(),
+                read_only: true,
+                cache: "auto".into(),
+            }],
+            ShareLayout::Split => vec![
+                SharedDir {
+                    tag: SHARED_FS_TAG.into(),
+                    host_path: self.images.shared_dir(),
+                    read_only: true,
+                    cache: "always".into(),
+                },
+                SharedDir {
+                    tag: VOLUME_FS_TAG.into(),
+                    host_path: self.volumes.shared_dir(),
+                    read_only: false,
+                    cache: "auto".into(),
+                },
+            ],
+        }
+    }
+
+    /// Where the guest mounts the shares.
+    pub fn guest_shares(&self) -> Vec<GuestShare> {
+        let image = GuestShare {
+            tag: SHARED_FS_TAG.into(),
+            guest_path: GUEST_SHARED_DIR.into(),
+            read_only: true,
+        };
+        match self.layout {
+            ShareLayout::Single => vec![image],
+            ShareLayout::Split => vec![
+                image,
+                GuestShare {
+                    tag: VOLUME_FS_TAG.into(),
+                    guest_path: GUEST_VOLUME_DIR.into(),
+                    read_only: false,
+                },
+            ],
+        }
+    }
+
+    /// The VM's network devices (none until CNI networking).
+    pub fn net_devices(&self) -> Vec<NetDevice> {
+        Vec::new()
+    }
+
+    /// The VM's drives (none until block volumes).
+    pub fn block_devices(&self) -> Vec<BlockDevice> {
+        Vec::new()
+    }
+
+    /// Makes an image tree visible to the guest; returns it as a root filesystem lower
+    /// directory (relative to the image share).
+    pub fn bind_image(&self, image_id: &str, rootfs: &Path) -> Result<String, ShareError> {
+        let rel = format!("images/{}", image_id.trim_start_matches("sha256:"));
+        self.images.bind(rootfs, &rel, true)?;
+        Ok(rel)
+    }
+
+    /// Makes volume `index` of container `container_id` visible to the guest; returns its
+    /// guest path. Read-only volumes are read-only binds.
+    pub fn bind_volume(
+        &self,
+        container_id: &str,
+        index: usize,
+        host_path: &Path,
+        read_only: bool,
+    ) -> Result<PathBuf, ShareError> {
+        let (share, rel, guest_root) = match self.layout {
+            ShareLayout::Single => {
+                (&self.images, format!("volumes/{container_id}/{index}"), GUEST_SHARED_DIR)
+            }
+            ShareLayout::Split => {
+                (&self.volumes, format!("{container_id}/{index}"), GUEST_VOLUME_DIR)
+            }
+        };
+        let bound = share.bind(host_path, &rel, read_only)?;
+        Ok(Path::new(guest_root).join(bound))
+    }
+
+    /// Takes a container's volumes away from the guest.
+    pub fn release_volumes(&self, container_id: &str) -> Result<(), ShareError> {
+        match self.layout {
+            ShareLayout::Single => self.images.unbind(&format!("volumes/{container_id}")),
+            ShareLayout::Split => self.volumes.unbind(container_id),
+        }
+    }
+
+    /// Unmounts and removes everything. Safe to call again.
+    pub fn destroy(&self) -> Result<(), ShareError> {
+        self.images.destroy()?;
+        self.volumes.destroy()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_layout_serves_images_read_only_cached_and_volumes_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        let res = PodResources::new(dir.path(), ShareLayout::Split);
+        let dirs = res.shared_dirs();
+        assert_eq!(dirs.len(), 2);
+        assert!(dirs[0].read_only && dirs[0].cache == "always" && dirs[0].tag == SHARED_FS_TAG);
+        assert!(!dirs[1].read_only && dirs[1].cache == "auto" && dirs[1].tag == VOLUME_FS_TAG);
+        let guest = res.guest_shares();
+        assert_eq!(guest[1].guest_path, GUEST_VOLUME_DIR);
+        assert!(!guest[1].read_only);
+    }
+
+    #[test]
+    fn single_layout_keeps_the_pre_split_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let res = PodResources::new(dir.path(), ShareLayout::Single);
+        let dirs = res.shared_dirs();
+        assert_eq!(dirs.len(), 1);
+        assert!(dirs[0].read_only && dirs[0].cache == "auto");
+        assert_eq!(res.guest_shares().len(), 1);
+        assert!(dirs[0].host_path.ends_with("share/shared"));
+    }
+}

@@ -1,0 +1,66 @@
+//! Errors of the sandbox layer, one variant per way an operation fails. The CRI layer maps
+//! them to gRPC codes.
+
+use std::time::Duration;
+
+use super::logs::LogError;
+use super::records::{ContainerState, RecordError};
+use super::spec::SpecError;
+use crate::agent::AgentError;
+use crate::hypervisor::HypervisorError;
+use crate::resource::ShareError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("pod sandbox {0} not found")]
+    SandboxNotFound(String),
+    #[error("container {0} not found")]
+    ContainerNotFound(String),
+    #[error("image {0:?} not found: pull it first")]
+    ImageNotFound(String),
+    #[error("pod sandbox {namespace}/{name} attempt {attempt} already exists as {existing}")]
+    SandboxExists { namespace: String, name: String, attempt: u32, existing: String },
+    #[error(
+        "container {name} attempt {attempt} already exists in pod sandbox {sandbox} as {existing}"
+    )]
+    ContainerExists { name: String, attempt: u32, sandbox: String, existing: String },
+    #[error("pod sandbox {0} is not ready")]
+    SandboxNotReady(String),
+    #[error("pod sandbox {0} is not running")]
+    SandboxNotRunning(String),
+    #[error("container {id} is {state:?}, not created")]
+    ContainerNotCreated { id: String, state: ContainerState },
+    #[error("container {0} is not running")]
+    ContainerNotRunning(String),
+    #[error("mount source {0} does not exist")]
+    MountSourceMissing(String),
+    #[error(
+        "the stored process of container {id} cannot be read ({reason}); recreate the container"
+    )]
+    StoredProcess { id: String, reason: String },
+    #[error("command {cmd:?} timed out after {timeout:?}")]
+    ExecTimeout { cmd: Vec<String>, timeout: Duration },
+    #[error("container {0} did not exit after SIGKILL")]
+    KillTimeout(String),
+    #[error("pod sandbox {sandbox} did not come up: {reason}")]
+    Boot { sandbox: String, reason: String },
+    #[error("hypervisor: {0}")]
+    Hypervisor(#[from] HypervisorError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    #[error("record: {0}")]
+    Record(#[from] RecordError),
+    #[error("sandbox share: {0}")]
+    Share(#[from] ShareError),
+    #[error("container spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error("container log: {0}")]
+    Log(#[from] LogError),
+    #[error("image store: {0}")]
+    Image(String),
+}
+
+pub type Result<T> = std::result::Result<T, SandboxError>;

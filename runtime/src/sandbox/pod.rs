@@ -1,0 +1,372 @@
+//! Pod sandboxes: RunPodSandbox boots the pod's VM with its resources and sets the guest up;
+//! StopPodSandbox and RemovePodSandbox take it down; a watcher notices a VM that dies on its
+//! own; recovery re-attaches to the VMs a previous daemon started.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::*;
+use crate::agent::SandboxSetup;
+use crate::hypervisor::{VmHandle, VmSpec};
+use crate::resource::ShareLayout;
+
+/// How long a VM may take to stop before it is killed.
+const VM_STOP_GRACE: Duration = Duration::from_secs(3);
+/// Lines of the guest console quoted when a boot fails.
+const CONSOLE_TAIL_LINES: usize = 15;
+
+impl SandboxManager {
+    /// RunPodSandbox: boots the pod's VM and prepares it. Returns the sandbox id.
+    pub async fn run_sandbox(self: &Arc<Self>, pod: PodSpec) -> Result<String> {
+        let id = new_id();
+        {
+            let mut st = lock(&self.state);
+            if let Some(existing) = st.sandboxes.values().find(|s| s.metadata == pod.metadata) {
+                return Err(SandboxError::SandboxExists {
+                    namespace: pod.metadata.namespace.clone(),
+                    name: pod.metadata.name.clone(),
+                    attempt: pod.metadata.attempt,
+                    existing: existing.id.clone(),
+                });
+            }
+            // Reserve the name while the VM boots.
+            st.sandboxes.insert(id.clone(), new_record(&id, &pod));
+        }
+        let guard = self.sandbox_lock(&id);
+        let _op = guard.lock().await;
+        match self.boot_sandbox(&id, &pod).await {
+            Ok(()) => {
+                let rec = self.update_sandbox(&id, |r| r.state = SandboxState::Ready)?;
+                info!(
+                    sandbox = %id,
+                    pod = %format!("{}/{}", rec.metadata.namespace, rec.metadata.name),
+                    backend = rec.vm.as_ref().map(|v| v.backend.as_str()).unwrap_or_default(),
+                    "pod sandbox ready"
+                );
+                self.watch_vm(&id);
+                Ok(id)
+            }
+            Err(e) => {
+                warn!(sandbox = %id, error = %e, "pod sandbox failed to start; cleaning up");
+                if let Err(e) = self.teardown_vm(&id).await {
+                    warn!(sandbox = %id, error = %e, "cleaning up a pod sandbox that failed");
+                }
+                lock(&self.state).sandboxes.remove(&id);
+                let _ = store::remove_path(&self.sandbox_record_dir(&id));
+                let _ = store::remove_path(&self.sandbox_state_dir(&id));
+                lock(&self.sandbox_locks).remove(&id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot_sandbox(&self, id: &str, pod: &PodSpec) -> Result<()> {
+        let rec = self.sandbox(id)?;
+        let resources = self.resources(&rec);
+        resources.create()?;
+        let hypervisor = self.hypervisors.default_backend();
+        let prepared = hypervisor.prepare(id).await?;
+        let spec = VmSpec {
+            sandbox_id: id.to_string(),
+            vcpus: self.config.vm.vcpus,
+            memory_mib: self.config.vm.memory_mib,
+            kernel: self.config.kernel_path(),
+            initrd: self.config.initrd_path(),
+            extra_kernel_args: self.config.vm.kernel_args.clone(),
+            console_log: self.console_log_path(id),
+            shared_dirs: resources.shared_dirs(),
+            block_devices: resources.block_devices(),
+            net_devices: resources.net_devices(),
+        };
+        let vm = match hypervisor.start(&prepared, &spec).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = hypervisor.discard(prepared).await;
+                return Err(e.into());
+            }
+        };
+        self.update_sandbox(id, |r| r.vm = Some(vm.clone()))?;
+        let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
+        if let Err(e) = hypervisor.wait_agent_ready(prepared, &vm, boot_timeout).await {
+            return Err(self.boot_failed(id, &e.to_string()));
+        }
+        let agent = self.agent(id)?;
+        if let Err(e) = agent.status().await {
+            return Err(self.boot_failed(id, &e.to_string()));
+        }
+        agent
+            .create_sandbox(SandboxSetup {
+                sandbox_id: id.to_string(),
+                hostname: pod.hostname.clone(),
+                dns_servers: pod.dns.servers.clone(),
+                dns_searches: pod.dns.searches.clone(),
+                dns_options: pod.dns.options.clone(),
+                sysctls: pod.sysctls.clone(),
+                shares: resources.guest_shares(),
+                host_time_unix_nanos: now_nanos(),
+                // POD mode: containers share a PID namespace of the pod's own (not the VM's,
+                // which holds the agent); NODE mode uses the VM's.
+                pod_pid_namespace: pod.namespaces.pid == NamespaceMode::Pod,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// A boot failure, with the end of the guest console (removed with the failed sandbox).
+    fn boot_failed(&self, id: &str, reason: &str) -> SandboxError {
+        let console = std::fs::read_to_string(self.console_log_path(id)).unwrap_or_default();
+        let lines: Vec<&str> = console.lines().collect();
+        let tail = lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n");
+        SandboxError::Boot {
+            sandbox: id.to_string(),
+            reason: format!("{reason}; guest console ends with:\n{tail}"),
+        }
+    }
+
+    /// Stops the VM (if any) and removes its run directory and shares. Leaves records alone.
+    async fn teardown_vm(&self, id: &str) -> Result<()> {
+        self.forget_agent(id);
+        let Some(rec) = lock(&self.state).sandboxes.get(id).cloned() else { return Ok(()) };
+        if let Some(vm) = &rec.vm {
+            let hypervisor = self.hypervisor_of(vm)?;
+            hypervisor.stop(vm, VM_STOP_GRACE).await?;
+            hypervisor.cleanup(vm).await?;
+        }
+        self.resources(&rec).destroy()?;
+        Ok(())
+    }
+
+    /// StopPodSandbox: kills every container, then stops the VM. Idempotent.
+    pub async fn stop_sandbox(&self, id: &str) -> Result<()> {
+        let rec = match self.sandbox(id) {
+            Ok(rec) => rec,
+            Err(SandboxError::SandboxNotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let id = rec.id;
+        let guard = self.sandbox_lock(&id);
+        let _op = guard.lock().await;
+        let containers: Vec<String> = self.containers_of(&id).into_iter().map(|c| c.id).collect();
+        for cid in &containers {
+            if let Err(e) = self.stop_container(cid, 0).await {
+                warn!(container = %cid, error = %e, "stopping container with its sandbox");
+            }
+        }
+        // NotReady before the VM goes, so the VM watcher knows this exit is expected.
+        let rec = self.update_sandbox(&id, |r| r.state = SandboxState::NotReady)?;
+        if rec.vm.is_some() {
+            if let Ok(agent) = self.agent(&id) {
+                // Best effort, and bounded: the VM is stopped below either way.
+                let _ = agent.shutdown().await;
+            }
+        }
+        self.teardown_vm(&id).await?;
+        let now = now_nanos();
+        for cid in &containers {
+            let _ = self.update_container(cid, |c| {
+                if c.state != ContainerState::Exited {
+                    c.state = ContainerState::Exited;
+                    c.finished_at = now;
+                    if c.exit_code == 0 {
+                        c.exit_code = 255;
+                    }
+                    c.reason = "PodSandboxStopped".into();
+                }
+            });
+        }
+        self.update_sandbox(&id, |r| r.vm = None)?;
+        info!(sandbox = %id, "pod sandbox stopped");
+        Ok(())
+    }
+
+    /// RemovePodSandbox: stops it if needed and removes every trace. Idempotent.
+    pub async fn remove_sandbox(&self, id: &str) -> Result<()> {
+        let rec = match self.sandbox(id) {
+            Ok(rec) => rec,
+            Err(SandboxError::SandboxNotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let id = rec.id;
+        if rec.state == SandboxState::Ready || rec.vm.is_some() {
+            self.stop_sandbox(&id).await?;
+        }
+        let guard = self.sandbox_lock(&id);
+        let _op = guard.lock().await;
+        self.teardown_vm(&id).await?;
+        let containers: Vec<String> = self.containers_of(&id).into_iter().map(|c| c.id).collect();
+        {
+            let mut st = lock(&self.state);
+            for cid in &containers {
+                st.containers.remove(cid);
+            }
+            st.sandboxes.remove(&id);
+            store::remove_path(&self.sandbox_record_dir(&id))?;
+        }
+        for cid in &containers {
+            lock(&self.log_writers).remove(cid);
+            lock(&self.container_locks).remove(cid);
+        }
+        store::remove_path(&self.sandbox_state_dir(&id))?;
+        lock(&self.sandbox_locks).remove(&id);
+        info!(sandbox = %id, "pod sandbox removed");
+        Ok(())
+    }
+
+    /// Watches the VM; if it exits while the sandbox is Ready, the sandbox becomes NotReady
+    /// and its containers Exited (the VM took them down).
+    fn watch_vm(self: &Arc<Self>, id: &str) {
+        let Some(vm) = lock(&self.state).sandboxes.get(id).and_then(|s| s.vm.clone()) else {
+            return;
+        };
+        let exited = match self.hypervisor_of(&vm) {
+            Ok(hypervisor) => hypervisor.exited(&vm),
+            Err(e) => {
+                warn!(sandbox = %id, error = %e, "cannot watch the sandbox VM");
+                return;
+            }
+        };
+        let this = Arc::clone(self);
+        let id = id.to_string();
+        tokio::spawn(async move {
+            exited.await;
+            let still_ours = lock(&this.state)
+                .sandboxes
+                .get(&id)
+                .is_some_and(|s| s.state == SandboxState::Ready && s.vm.as_ref() == Some(&vm));
+            if !still_ours {
+                return;
+            }
+            warn!(sandbox = %id, "the sandbox VM exited unexpectedly");
+            this.forget_agent(&id);
+            this.mark_containers_exited(&id, "the pod's VM exited");
+            let _ = this.update_sandbox(&id, |r| r.state = SandboxState::NotReady);
+        });
+    }
+
+    /// Every container of the sandbox that had not exited did when its VM went.
+    fn mark_containers_exited(&self, sandbox_id: &str, message: &str) {
+        let now = now_nanos();
+        for c in self.containers_of(sandbox_id) {
+            if c.state == ContainerState::Exited {
+                continue;
+            }
+            let _ = self.update_container(&c.id, |c| {
+                c.state = ContainerState::Exited;
+                c.finished_at = now;
+                c.exit_code = 255;
+                c.reason = "VMExited".into();
+                c.message = message.into();
+            });
+        }
+    }
+
+    /// Loads the persisted records after a daemon (re)start and re-attaches to running VMs.
+    pub async fn recover(self: &Arc<Self>) -> Result<()> {
+        self.load_records();
+        for sb in self.list_sandboxes() {
+            let backend = sb.vm.as_ref().map(|vm| (vm, self.hypervisor_of(vm)));
+            let alive = match &backend {
+                Some((vm, Ok(hypervisor))) => hypervisor.is_running(vm),
+                Some((vm, Err(e))) => {
+                    warn!(sandbox = %sb.id, backend = %vm.backend, error = %e, "the pod's hypervisor backend is unavailable");
+                    false
+                }
+                None => false,
+            };
+            if sb.state == SandboxState::Ready && alive {
+                info!(sandbox = %sb.id, "re-attached to running pod sandbox");
+                self.watch_vm(&sb.id);
+                for c in self.containers_of(&sb.id) {
+                    if c.state == ContainerState::Running {
+                        self.follow_container(&c);
+                    }
+                }
+            } else if sb.state == SandboxState::Ready || sb.vm.is_some() {
+                warn!(sandbox = %sb.id, "pod sandbox VM is gone; marking it not ready");
+                self.mark_containers_exited(&sb.id, "the pod's VM exited");
+                if let Some(vm) = &sb.vm {
+                    self.stop_leftover_vm(&sb.id, vm).await;
+                }
+                let _ = self.resources(&sb).destroy();
+                self.update_sandbox(&sb.id, |r| {
+                    r.state = SandboxState::NotReady;
+                    r.vm = None;
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops what may be left of a VM whose VMM is gone (its helpers), through its backend.
+    async fn stop_leftover_vm(&self, id: &str, vm: &VmHandle) {
+        match self.hypervisor_of(vm) {
+            Ok(hypervisor) => {
+                let _ = hypervisor.stop(vm, Duration::from_secs(1)).await;
+                let _ = hypervisor.cleanup(vm).await;
+            }
+            Err(_) => {
+                // Without the backend, its recorded processes can still be stopped.
+                crate::hypervisor::terminate_processes(&vm.processes, Duration::from_secs(1)).await;
+                warn!(sandbox = %id, run_dir = %vm.run_dir.display(), "left the VM's run directory");
+            }
+        }
+    }
+
+    /// Reads every record under `--root` (any schema) into memory.
+    fn load_records(&self) {
+        let dir = self.config.root.join("sandboxes");
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        for entry in entries.flatten() {
+            let sandbox_path = entry.path().join("sandbox.json");
+            let rec = match load_sandbox(&sandbox_path) {
+                Ok(rec) => rec,
+                Err(e) => {
+                    warn!(path = %sandbox_path.display(), error = %e, "skipping unreadable sandbox record");
+                    continue;
+                }
+            };
+            let mut containers = Vec::new();
+            for c in
+                std::fs::read_dir(entry.path().join("containers")).into_iter().flatten().flatten()
+            {
+                // Temporary files of an interrupted write are not records.
+                if c.file_name().to_string_lossy().starts_with('.') {
+                    continue;
+                }
+                match load_container(&c.path()) {
+                    Ok(c) => containers.push(c),
+                    Err(e) => {
+                        warn!(path = %c.path().display(), error = %e, "skipping unreadable container record")
+                    }
+                }
+            }
+            let mut st = lock(&self.state);
+            st.sandboxes.insert(rec.id.clone(), rec);
+            for c in containers {
+                st.containers.insert(c.id.clone(), c);
+            }
+        }
+    }
+}
+
+/// The record of a pod being started.
+fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
+    SandboxRecord {
+        schema_version: SCHEMA_VERSION,
+        id: id.to_string(),
+        metadata: pod.metadata.clone(),
+        labels: pod.labels.clone(),
+        annotations: pod.annotations.clone(),
+        log_directory: pod.log_directory.clone(),
+        hostname: pod.hostname.clone(),
+        runtime_handler: pod.runtime_handler.clone(),
+        dns: pod.dns.clone(),
+        namespaces: pod.namespaces,
+        share_layout: ShareLayout::Split,
+        created_at: now_nanos(),
+        state: SandboxState::NotReady,
+        vm: None,
+    }
+}

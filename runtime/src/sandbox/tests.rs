@@ -1,0 +1,762 @@
+//! Fast tests of the sandbox layer on a fake hypervisor and a fake agent: the lifecycle, the
+//! failure paths, recovery across a daemon restart, and concurrent calls, without a VM.
+//! (The shares are real bind mounts: the tests run as root, as the daemon does.)
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::agent::fake::{FakeAgent, FakeDialer};
+use crate::agent::{OutputKind, StdioMode, GUEST_VOLUME_DIR, VOLUME_FS_TAG};
+use crate::hypervisor::fake::FakeHypervisor;
+use crate::resource::{PodResources, ShareLayout};
+
+struct FakeImages {
+    rootfs: PathBuf,
+}
+
+impl ImageResolver for FakeImages {
+    fn resolve(&self, image: &str) -> std::result::Result<Option<ResolvedImage>, String> {
+        if image != "busybox" {
+            return Ok(None);
+        }
+        Ok(Some(ResolvedImage {
+            id: "sha256:feedbeef".into(),
+            image_ref: "busybox@sha256:feedbeef".into(),
+            rootfs: self.rootfs.clone(),
+            defaults: ImageDefaults {
+                entrypoint: vec!["sh".into()],
+                rootfs: self.rootfs.clone(),
+                ..Default::default()
+            },
+        }))
+    }
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    config: Arc<Config>,
+    hv: Arc<FakeHypervisor>,
+    dialer: Arc<FakeDialer>,
+    manager: Arc<SandboxManager>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_boot_timeout(60)
+    }
+
+    fn with_boot_timeout(seconds: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let rootfs = dir.path().join("image");
+        std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+        std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        let mut config = Config {
+            root: dir.path().join("root"),
+            state: dir.path().join("state"),
+            ..Config::default()
+        };
+        config.vm.boot_timeout_seconds = seconds;
+        let config = Arc::new(config);
+        let hv = FakeHypervisor::new(&config.state);
+        let dialer = Arc::new(FakeDialer::default());
+        let manager = Self::manager(&config, &hv, &dialer, &rootfs);
+        Self { dir, config, hv, dialer, manager }
+    }
+
+    fn manager(
+        config: &Arc<Config>,
+        hv: &Arc<FakeHypervisor>,
+        dialer: &Arc<FakeDialer>,
+        rootfs: &Path,
+    ) -> Arc<SandboxManager> {
+        SandboxManager::new(
+            config.clone(),
+            Arc::new(Registry::new(hv.clone())),
+            dialer.clone(),
+            Arc::new(FakeImages { rootfs: rootfs.to_path_buf() }),
+        )
+    }
+
+    /// A new daemon on the same records, VMs and agents (the old one is dropped).
+    async fn restart(&mut self) {
+        self.manager =
+            Self::manager(&self.config, &self.hv, &self.dialer, &self.dir.path().join("image"));
+        self.manager.recover().await.unwrap();
+    }
+
+    fn pod(&self, name: &str) -> PodSpec {
+        PodSpec {
+            metadata: PodMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                attempt: 0,
+            },
+            log_directory: self.dir.path().join("logs").display().to_string(),
+            hostname: name.into(),
+            ..Default::default()
+        }
+    }
+
+    async fn run_pod(&self, name: &str) -> String {
+        self.manager.run_sandbox(self.pod(name)).await.unwrap()
+    }
+
+    fn agent(&self, sandbox_id: &str) -> FakeAgent {
+        self.dialer.of(sandbox_id)
+    }
+
+    async fn create(&self, sid: &str, name: &str) -> String {
+        self.manager.create_container(sid, container(name)).await.unwrap()
+    }
+
+    async fn create_and_start(&self, sid: &str, name: &str) -> String {
+        let cid = self.create(sid, name).await;
+        self.manager.start_container(&cid).await.unwrap();
+        cid
+    }
+
+    fn log_of(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("logs").join(format!("{name}.log")))
+            .unwrap_or_default()
+    }
+
+    /// Nothing of any pod is left: no VM, no record, no state, no mount.
+    fn assert_nothing_left(&self) {
+        assert_eq!(self.hv.running(), 0, "VMs left");
+        let entries = |dir: PathBuf| -> Vec<PathBuf> {
+            std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path()).collect()
+        };
+        assert!(entries(self.config.root.join("sandboxes")).is_empty(), "records left");
+        assert!(entries(self.config.state.join("sandboxes")).is_empty(), "state left");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let ours = self.dir.path().display().to_string();
+        assert!(!mounts.contains(&ours), "mounts left under {ours}");
+    }
+}
+
+impl Drop for Harness {
+    /// A failed test must not leave its bind mounts behind.
+    fn drop(&mut self) {
+        for entry in
+            std::fs::read_dir(self.config.state.join("sandboxes")).into_iter().flatten().flatten()
+        {
+            let _ = PodResources::new(&entry.path(), ShareLayout::Split).destroy();
+        }
+    }
+}
+
+fn container(name: &str) -> ContainerSpec {
+    ContainerSpec {
+        name: name.into(),
+        image: "busybox".into(),
+        command: vec!["sleep".into(), "1000".into()],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+/// Polls `f` until it holds (5 s at most).
+async fn eventually(what: &str, f: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Skips (with a line on stderr) where the shares' bind mounts cannot be made.
+macro_rules! needs_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: the sandbox shares need root for bind mounts");
+            return;
+        }
+    };
+}
+
+// Pods.
+
+#[tokio::test]
+async fn a_pod_boots_with_an_image_share_and_a_volume_share() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("web").await;
+    let rec = h.manager.sandbox(&sid).unwrap();
+    assert_eq!(rec.state, SandboxState::Ready);
+    assert_eq!(rec.share_layout, ShareLayout::Split);
+    let spec = h.hv.behave().specs[0].clone();
+    assert_eq!(spec.shared_dirs.len(), 2);
+    assert!(spec.shared_dirs[0].read_only && !spec.shared_dirs[1].read_only);
+    let setup = h.agent(&sid).sandbox().unwrap();
+    assert_eq!(setup.hostname, "web");
+    assert!(setup.pod_pid_namespace, "POD is the default PID mode");
+    assert!(setup
+        .shares
+        .iter()
+        .any(|s| s.tag == VOLUME_FS_TAG && s.guest_path == GUEST_VOLUME_DIR));
+    assert!(setup.host_time_unix_nanos > 0);
+}
+
+#[tokio::test]
+async fn records_are_written_in_the_current_schema() {
+    needs_root!();
+    let h = Harness::new();
+    let mut pod = h.pod("p");
+    pod.namespaces.pid = NamespaceMode::Container;
+    let sid = h.manager.run_sandbox(pod).await.unwrap();
+    let text =
+        std::fs::read_to_string(h.config.root.join("sandboxes").join(&sid).join("sandbox.json"))
+            .unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(value["schema_version"], 1);
+    assert_eq!(value["namespaces"]["pid"], "Container");
+    assert!(value.get("pid_mode").is_none(), "no CRI integers in records: {text}");
+    assert!(!h.agent(&sid).sandbox().unwrap().pod_pid_namespace);
+}
+
+#[tokio::test]
+async fn a_duplicate_pod_is_refused_and_another_attempt_is_not() {
+    needs_root!();
+    let h = Harness::new();
+    h.run_pod("p").await;
+    let err = h.manager.run_sandbox(h.pod("p")).await.unwrap_err();
+    assert!(matches!(err, SandboxError::SandboxExists { .. }), "{err}");
+    let mut next = h.pod("p");
+    next.metadata.attempt = 1;
+    h.manager.run_sandbox(next).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_vm_start_leaves_nothing_and_frees_the_name() {
+    needs_root!();
+    let h = Harness::new();
+    h.hv.behave().fail_start = true;
+    let err = h.manager.run_sandbox(h.pod("p")).await.unwrap_err();
+    assert!(matches!(err, SandboxError::Hypervisor(_)), "{err}");
+    assert!(h.manager.list_sandboxes().is_empty());
+    h.assert_nothing_left();
+    assert!(!h.config.state.join("vms").read_dir().unwrap().any(|_| true), "run dir left");
+    h.run_pod("p").await;
+}
+
+#[tokio::test]
+async fn a_guest_that_never_boots_times_out_and_is_stopped() {
+    needs_root!();
+    let h = Harness::with_boot_timeout(1);
+    h.hv.behave().never_ready = true;
+    let err = h.manager.run_sandbox(h.pod("p")).await.unwrap_err();
+    assert!(matches!(err, SandboxError::Boot { .. }), "{err}");
+    assert!(err.to_string().contains("did not announce itself"), "{err}");
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_guest_that_dies_while_booting_is_reported_with_its_console() {
+    needs_root!();
+    let h = Harness::new();
+    h.hv.behave().die_while_booting = true;
+    let err = h.manager.run_sandbox(h.pod("p")).await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("VM exited") && text.contains("guest console ends with"), "{text}");
+    assert_eq!(crate::cri::code(&err), tonic::Code::Unavailable);
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn an_agent_failing_create_sandbox_stops_the_vm() {
+    needs_root!();
+    let h = Harness::new();
+    h.dialer.next_agent().fail_next("CreateSandbox");
+    let err = h.manager.run_sandbox(h.pod("p")).await.unwrap_err();
+    assert!(matches!(err, SandboxError::Agent(_)), "{err}");
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn stopping_a_pod_stops_its_containers_and_vm_and_is_idempotent() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    h.manager.stop_sandbox(&sid).await.unwrap();
+    let c = h.manager.container(&cid).unwrap();
+    assert_eq!(c.state, ContainerState::Exited);
+    assert_eq!(h.manager.sandbox(&sid).unwrap().state, SandboxState::NotReady);
+    assert!(h.manager.sandbox(&sid).unwrap().vm.is_none());
+    assert_eq!(h.hv.running(), 0);
+    assert!(h.agent(&sid).calls().contains(&"Shutdown".to_string()));
+    h.manager.stop_sandbox(&sid).await.unwrap();
+    h.manager.stop_sandbox("no-such-pod").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_hypervisor_stop_keeps_the_vm_recorded_for_a_retry() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    h.hv.behave().failing_stops = 1;
+    assert!(h.manager.stop_sandbox(&sid).await.is_err());
+    assert!(h.manager.sandbox(&sid).unwrap().vm.is_some(), "the running VM must stay known");
+    assert_eq!(h.hv.running(), 1);
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn removing_a_pod_removes_every_trace_and_is_idempotent() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    h.create_and_start(&sid, "c").await;
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    assert!(h.manager.list_containers().is_empty());
+    h.assert_nothing_left();
+    h.manager.remove_sandbox(&sid).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_vm_that_dies_marks_its_pod_not_ready_and_containers_exited() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    let vm = h.manager.sandbox(&sid).unwrap().vm.unwrap();
+    h.hv.kill(&vm);
+    let m = h.manager.clone();
+    eventually("the pod to be not ready", || {
+        m.sandbox(&sid).unwrap().state == SandboxState::NotReady
+    })
+    .await;
+    let c = h.manager.container(&cid).unwrap();
+    assert_eq!(
+        (c.state, c.reason.as_str(), c.exit_code),
+        (ContainerState::Exited, "VMExited", 255)
+    );
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    h.assert_nothing_left();
+}
+
+// Containers.
+
+#[tokio::test]
+async fn a_container_is_created_from_its_image_and_spec() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let mut spec = container("c");
+    spec.stdin = true;
+    spec.tty = true;
+    let cid = h.manager.create_container(&sid, spec).await.unwrap();
+    let sent = h.agent(&sid).container(&cid).unwrap();
+    assert_eq!(sent.lower_dirs, vec!["images/feedbeef"]);
+    assert_eq!(sent.stdio, StdioMode { stdin: true, stdin_once: false, tty: true });
+    assert!(sent.join_pod_pid_namespace);
+    let oci: serde_json::Value = serde_json::from_slice(&sent.oci_spec_json).unwrap();
+    assert_eq!(oci["process"]["args"], serde_json::json!(["sleep", "1000"]));
+    let rec = h.manager.container(&cid).unwrap();
+    assert_eq!((rec.state, rec.image_id.as_str()), (ContainerState::Created, "sha256:feedbeef"));
+    assert!(h.manager.container_using_image("sha256:feedbeef").is_some());
+}
+
+#[tokio::test]
+async fn containers_are_refused_for_unknown_images_duplicates_and_stopped_pods() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let mut unknown = container("x");
+    unknown.image = "nginx".into();
+    let err = h.manager.create_container(&sid, unknown).await.unwrap_err();
+    assert!(matches!(err, SandboxError::ImageNotFound(_)), "{err}");
+    h.create(&sid, "c").await;
+    let err = h.manager.create_container(&sid, container("c")).await.unwrap_err();
+    assert!(matches!(err, SandboxError::ContainerExists { .. }), "{err}");
+    let err = h.manager.create_container("nope", container("d")).await.unwrap_err();
+    assert!(matches!(err, SandboxError::SandboxNotFound(_)), "{err}");
+    h.manager.stop_sandbox(&sid).await.unwrap();
+    let err = h.manager.create_container(&sid, container("d")).await.unwrap_err();
+    assert!(matches!(err, SandboxError::SandboxNotReady(_)), "{err}");
+}
+
+#[tokio::test]
+async fn volumes_are_bound_writable_into_the_volume_share_and_released_with_the_container() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let volume = h.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let mut spec = container("c");
+    spec.mounts = vec![
+        VolumeMount {
+            container_path: "/data".into(),
+            host_path: volume.display().to_string(),
+            read_only: false,
+        },
+        VolumeMount {
+            container_path: "/ro".into(),
+            host_path: volume.display().to_string(),
+            read_only: true,
+        },
+    ];
+    let cid = h.manager.create_container(&sid, spec).await.unwrap();
+    let sent = h.agent(&sid).container(&cid).unwrap();
+    let oci: serde_json::Value = serde_json::from_slice(&sent.oci_spec_json).unwrap();
+    let mounts = oci["mounts"].as_array().unwrap();
+    let data = mounts.iter().find(|m| m["destination"] == "/data").unwrap();
+    assert_eq!(data["source"], format!("{GUEST_VOLUME_DIR}/{cid}/0"));
+    // The guest writes through the share and the host sees it; the read-only one refuses.
+    let served = h.config.state.join("sandboxes").join(&sid).join("volumes/shared").join(&cid);
+    std::fs::write(served.join("0/from-guest"), b"hi").unwrap();
+    assert_eq!(std::fs::read(volume.join("from-guest")).unwrap(), b"hi");
+    assert!(std::fs::write(served.join("1/nope"), b"x").is_err());
+    h.manager.remove_container(&cid).await.unwrap();
+    assert!(!served.exists());
+    assert_eq!(std::fs::read(volume.join("from-guest")).unwrap(), b"hi");
+}
+
+#[tokio::test]
+async fn an_agent_failing_create_container_leaves_no_record_or_volume() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let volume = h.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let mut spec = container("c");
+    spec.mounts = vec![VolumeMount {
+        container_path: "/v".into(),
+        host_path: volume.display().to_string(),
+        read_only: false,
+    }];
+    h.agent(&sid).fail_next("CreateContainer");
+    let err = h.manager.create_container(&sid, spec.clone()).await.unwrap_err();
+    assert!(matches!(err, SandboxError::Agent(_)), "{err}");
+    assert!(h.manager.list_containers().is_empty());
+    let volumes = h.config.state.join("sandboxes").join(&sid).join("volumes/mounts");
+    assert_eq!(std::fs::read_dir(&volumes).unwrap().count(), 0, "volume binds left");
+    h.manager.create_container(&sid, spec).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_mount_source_is_refused() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let mut spec = container("c");
+    spec.mounts = vec![VolumeMount {
+        container_path: "/v".into(),
+        host_path: "/no/such/dir".into(),
+        read_only: true,
+    }];
+    let err = h.manager.create_container(&sid, spec).await.unwrap_err();
+    assert!(matches!(err, SandboxError::MountSourceMissing(_)), "{err}");
+    assert_eq!(crate::cri::code(&err), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn a_started_containers_output_reaches_its_log_and_its_exit_its_record() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    assert_eq!(h.manager.container(&cid).unwrap().state, ContainerState::Running);
+    let agent = h.agent(&sid);
+    agent.emit(&cid, OutputKind::Stdout, b"hello\n");
+    agent.emit(&cid, OutputKind::Stderr, b"oops\n");
+    agent.exit(&cid, 3);
+    let m = h.manager.clone();
+    eventually("the exit", || m.container(&cid).unwrap().state == ContainerState::Exited).await;
+    let c = h.manager.container(&cid).unwrap();
+    assert_eq!((c.exit_code, c.reason.as_str()), (3, "Error"));
+    eventually("the log", || h.log_of("c").contains("stderr F oops")).await;
+    assert!(h.log_of("c").contains(" stdout F hello"), "{}", h.log_of("c"));
+}
+
+#[tokio::test]
+async fn a_failed_start_is_recorded_and_a_second_start_refused() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create(&sid, "c").await;
+    h.agent(&sid).fail_next("StartContainer");
+    assert!(h.manager.start_container(&cid).await.is_err());
+    let c = h.manager.container(&cid).unwrap();
+    assert_eq!(
+        (c.state, c.exit_code, c.reason.as_str()),
+        (ContainerState::Exited, 128, "StartError")
+    );
+    let err = h.manager.start_container(&cid).await.unwrap_err();
+    assert!(matches!(err, SandboxError::ContainerNotCreated { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn stop_sends_sigterm_then_sigkill_after_the_timeout() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let polite = h.create_and_start(&sid, "polite").await;
+    h.manager.stop_container(&polite, 5).await.unwrap();
+    assert_eq!(h.manager.container(&polite).unwrap().exit_code, 128 + libc::SIGTERM);
+    let stubborn = h.create_and_start(&sid, "stubborn").await;
+    h.agent(&sid).ignore_sigterm(&stubborn);
+    h.manager.stop_container(&stubborn, 1).await.unwrap();
+    assert_eq!(h.manager.container(&stubborn).unwrap().exit_code, 128 + libc::SIGKILL);
+    // Idempotent, also for what does not exist.
+    h.manager.stop_container(&stubborn, 1).await.unwrap();
+    h.manager.stop_container("nope", 1).await.unwrap();
+    h.manager.remove_container("nope").await.unwrap();
+}
+
+#[tokio::test]
+async fn removing_a_running_container_kills_and_forgets_it() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    h.manager.remove_container(&cid).await.unwrap();
+    assert!(h.manager.container(&cid).is_err());
+    assert!(h.agent(&sid).container(&cid).is_none());
+    assert!(!h
+        .config
+        .root
+        .join("sandboxes")
+        .join(&sid)
+        .join("containers")
+        .join(format!("{cid}.json"))
+        .exists());
+    assert!(h.manager.process_io(&crate::agent::ProcessId::init(&cid)).is_none());
+}
+
+#[tokio::test]
+async fn container_stats_come_from_the_agent() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    assert_eq!(h.manager.container_stats(&cid).await.unwrap().cpu_usage_nanos, 42);
+}
+
+// Exec.
+
+#[tokio::test]
+async fn exec_sync_returns_output_and_exit_code() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    let out = h.manager.exec_sync(&cid, vec!["echo".into(), "hi".into()], None).await.unwrap();
+    assert_eq!((out.stdout.as_slice(), out.exit_code), (&b"hi\n"[..], 0));
+    let out = h.manager.exec_sync(&cid, vec!["exit".into(), "3".into()], None).await.unwrap();
+    assert_eq!((out.stderr.as_slice(), out.exit_code), (&b"exiting\n"[..], 3));
+}
+
+#[tokio::test]
+async fn exec_sync_that_times_out_kills_its_process() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    let err = h
+        .manager
+        .exec_sync(&cid, vec!["sleep".into()], Some(Duration::from_millis(200)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SandboxError::ExecTimeout { .. }), "{err}");
+    assert!(h.agent(&sid).calls().contains(&"SignalProcess".to_string()));
+    let agent = h.agent(&sid);
+    eventually("the killed exec to be reaped", || agent.execs() == 0).await;
+}
+
+#[tokio::test]
+async fn exec_needs_a_running_container_with_a_readable_process() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let created = h.create(&sid, "c").await;
+    let err = h.manager.exec_sync(&created, vec!["echo".into()], None).await.unwrap_err();
+    assert!(matches!(err, SandboxError::ContainerNotRunning(_)), "{err}");
+    let err = h.manager.exec_sync("nope", vec!["echo".into()], None).await.unwrap_err();
+    assert!(matches!(err, SandboxError::ContainerNotFound(_)), "{err}");
+    let cid = h.create_and_start(&sid, "d").await;
+    h.manager.update_container(&cid, |c| c.oci_process_json = "{not json".into()).unwrap();
+    let err = h.manager.exec_sync(&cid, vec!["echo".into()], None).await.unwrap_err();
+    assert!(matches!(err, SandboxError::StoredProcess { .. }), "{err}");
+    assert!(
+        !h.agent(&sid).calls().contains(&"ExecProcess".to_string()),
+        "never run as root with no env"
+    );
+}
+
+#[tokio::test]
+async fn many_exec_syncs_leave_no_io_hub_or_exec_behind() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    for i in 0..200 {
+        let out = h.manager.exec_sync(&cid, vec!["lines".into(), "3".into()], None).await.unwrap();
+        assert_eq!(out.stdout, b"0\n1\n2\n", "exec {i}");
+    }
+    let m = h.manager.clone();
+    eventually("exec hubs to go", || lock(&m.io).len() == 1).await;
+    assert_eq!(h.agent(&sid).execs(), 0);
+}
+
+#[tokio::test]
+async fn an_exec_session_streams_output_and_takes_stdin() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    let stdio = StdioMode { stdin: true, stdin_once: false, tty: true };
+    let mut session = h.manager.exec(&cid, vec!["echo".into(), "tty".into()], stdio).await.unwrap();
+    session.io.write_stdin(b"typed".to_vec()).await.unwrap();
+    session.io.resize(100, 30).await.unwrap();
+    let chunk = session.output.recv().await.unwrap();
+    assert_eq!(chunk.data, b"tty\n");
+    assert!(session.output.recv().await.is_none());
+    assert_eq!(session.wait().await.unwrap().exit_code, 0);
+    let sent = h.agent(&sid).calls();
+    assert!(sent.contains(&"WriteStdin".to_string()) && sent.contains(&"ResizeTty".to_string()));
+}
+
+// Restarts and concurrency.
+
+#[tokio::test]
+async fn a_restarted_daemon_reattaches_to_running_pods_and_follows_containers() {
+    needs_root!();
+    let mut h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    h.agent(&sid).emit(&cid, OutputKind::Stdout, b"before\n");
+    eventually("the first line", || h.log_of("c").contains("before")).await;
+    h.restart().await;
+    assert_eq!(h.manager.sandbox(&sid).unwrap().state, SandboxState::Ready);
+    let agent = h.agent(&sid);
+    agent.emit(&cid, OutputKind::Stdout, b"after\n");
+    agent.exit(&cid, 0);
+    let m = h.manager.clone();
+    eventually("the exit after restart", || {
+        m.container(&cid).unwrap().state == ContainerState::Exited
+    })
+    .await;
+    eventually("the second line", || h.log_of("c").contains("after")).await;
+    assert_eq!(h.log_of("c").matches("before").count(), 1, "no line repeated: {}", h.log_of("c"));
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn a_vm_that_died_while_the_daemon_was_away_is_recovered_as_not_ready() {
+    needs_root!();
+    let mut h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    let vm = h.manager.sandbox(&sid).unwrap().vm.unwrap();
+    // The daemon goes away between two steps; the VM dies meanwhile.
+    h.manager = Harness::manager(&h.config, &h.hv, &h.dialer, &h.dir.path().join("image"));
+    h.hv.kill(&vm);
+    h.manager.recover().await.unwrap();
+    let sb = h.manager.sandbox(&sid).unwrap();
+    assert_eq!((sb.state, sb.vm.is_none()), (SandboxState::NotReady, true));
+    let c = h.manager.container(&cid).unwrap();
+    assert_eq!((c.state, c.reason.as_str()), (ContainerState::Exited, "VMExited"));
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn records_of_schema_0_are_recovered_and_listed() {
+    needs_root!();
+    let mut h = Harness::new();
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/records-v0/sandboxes");
+    for entry in std::fs::read_dir(&fixture).unwrap().flatten() {
+        let to = h.config.root.join("sandboxes").join(entry.file_name());
+        std::fs::create_dir_all(to.join("containers")).unwrap();
+        std::fs::copy(entry.path().join("sandbox.json"), to.join("sandbox.json")).unwrap();
+        for c in std::fs::read_dir(entry.path().join("containers")).unwrap().flatten() {
+            std::fs::copy(c.path(), to.join("containers").join(c.file_name())).unwrap();
+        }
+        // A temporary file of an interrupted write is no record.
+        std::fs::write(to.join("containers/.x.json.tmp-1-2"), b"{").unwrap();
+    }
+    // Its recorded backend is "qemu": the registry must find it by that name.
+    let qemu = FakeHypervisor::named("qemu", &h.config.state);
+    h.manager = SandboxManager::new(
+        h.config.clone(),
+        Arc::new(
+            Registry::new(h.hv.clone())
+                .with_factory("qemu", move || Ok(qemu.clone() as Arc<dyn Hypervisor>)),
+        ),
+        h.dialer.clone(),
+        Arc::new(FakeImages { rootfs: h.dir.path().join("image") }),
+    );
+    h.manager.recover().await.unwrap();
+    let pods = h.manager.list_sandboxes();
+    assert_eq!(pods.len(), 1);
+    assert_eq!(
+        (pods[0].metadata.name.as_str(), pods[0].state),
+        ("legacy-pod", SandboxState::NotReady)
+    );
+    assert_eq!(pods[0].share_layout, ShareLayout::Single);
+    let containers = h.manager.list_containers();
+    assert_eq!(containers.len(), 1);
+    assert_eq!(containers[0].reason, "VMExited");
+    h.manager.remove_sandbox(&pods[0].id).await.unwrap();
+    h.assert_nothing_left();
+}
+
+#[tokio::test]
+async fn concurrent_creates_in_one_pod_all_land() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let creates = (0..8).map(|i| {
+        let m = h.manager.clone();
+        let sid = sid.clone();
+        tokio::spawn(async move { m.create_container(&sid, container(&format!("c{i}"))).await })
+    });
+    for c in futures::future::join_all(creates).await {
+        c.unwrap().unwrap();
+    }
+    assert_eq!(h.manager.list_containers().len(), 8);
+    // A stop racing a create: the create lands before the stop or is refused after it.
+    let (m1, m2) = (h.manager.clone(), h.manager.clone());
+    let (s1, s2) = (sid.clone(), sid.clone());
+    let stop = tokio::spawn(async move { m1.stop_sandbox(&s1).await });
+    let create = tokio::spawn(async move { m2.create_container(&s2, container("late")).await });
+    stop.await.unwrap().unwrap();
+    match create.await.unwrap() {
+        Ok(cid) => assert_eq!(h.manager.container(&cid).unwrap().state, ContainerState::Exited),
+        Err(e) => assert!(matches!(e, SandboxError::SandboxNotReady(_)), "{e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_hung_agent_does_not_block_another_pod() {
+    needs_root!();
+    let h = Harness::new();
+    let slow = h.run_pod("slow").await;
+    let slow_cid = h.create_and_start(&slow, "c").await;
+    let fast = h.run_pod("fast").await;
+    h.agent(&slow).hang("ContainerStats");
+    let m = h.manager.clone();
+    let hung = tokio::spawn(async move { m.container_stats(&slow_cid).await });
+    let done = tokio::time::timeout(Duration::from_secs(5), async {
+        let cid = h.create_and_start(&fast, "c").await;
+        h.manager.exec_sync(&cid, vec!["echo".into(), "ok".into()], None).await.unwrap()
+    })
+    .await
+    .expect("the other pod was held up");
+    assert_eq!(done.stdout, b"ok\n");
+    assert!(!hung.is_finished());
+    hung.abort();
+}

@@ -1,0 +1,104 @@
+//! The sandbox layer's vocabulary: what a pod and a container are asked to be, as the CRI
+//! layer translated them. Nothing here knows CRI or agent wire types.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::records::{DnsSettings, PodMetadata};
+
+/// Which namespace a pod's containers share (CRI `NamespaceMode`, in our words).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NamespaceMode {
+    /// One namespace for the whole pod (the CRI default).
+    #[default]
+    Pod,
+    /// Each container its own.
+    Container,
+    /// The node's (inside a VM sandbox: the VM's).
+    Node,
+    /// Another container's.
+    Target,
+}
+
+/// The pod's network, PID and IPC namespace modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceModes {
+    pub network: NamespaceMode,
+    pub pid: NamespaceMode,
+    pub ipc: NamespaceMode,
+}
+
+/// A pod as RunPodSandbox asked for it, already validated.
+#[derive(Debug, Clone, Default)]
+pub struct PodSpec {
+    pub metadata: PodMetadata,
+    pub labels: HashMap<String, String>,
+    pub annotations: HashMap<String, String>,
+    pub log_directory: String,
+    pub hostname: String,
+    pub runtime_handler: String,
+    pub dns: DnsSettings,
+    pub namespaces: NamespaceModes,
+    pub sysctls: HashMap<String, String>,
+}
+
+/// A host path mounted into a container (a volume).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeMount {
+    pub container_path: String,
+    pub host_path: String,
+    pub read_only: bool,
+}
+
+/// Cgroup limits of a container (applied inside the guest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu_period: i64,
+    pub cpu_quota: i64,
+    pub cpu_shares: i64,
+    pub cpuset_cpus: String,
+    pub cpuset_mems: String,
+    pub memory_limit_bytes: i64,
+    pub memory_swap_limit_bytes: i64,
+    /// cgroup v2 files and values, as given.
+    pub unified: HashMap<String, String>,
+}
+
+/// Who the container's process runs as, and with which privileges.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecurityContext {
+    pub run_as_user: Option<i64>,
+    pub run_as_username: String,
+    pub run_as_group: Option<i64>,
+    pub supplemental_groups: Vec<i64>,
+    pub privileged: bool,
+    pub readonly_rootfs: bool,
+    pub no_new_privs: bool,
+    pub add_capabilities: Vec<String>,
+    pub drop_capabilities: Vec<String>,
+}
+
+/// A container as CreateContainer asked for it, already validated.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub attempt: u32,
+    /// The image as the request named it.
+    pub image: String,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub working_dir: String,
+    /// Environment, in order (a later key replaces an earlier one).
+    pub envs: Vec<(String, String)>,
+    pub mounts: Vec<VolumeMount>,
+    pub labels: HashMap<String, String>,
+    pub annotations: HashMap<String, String>,
+    /// Relative to the pod's log directory.
+    pub log_path: String,
+    pub stdin: bool,
+    pub stdin_once: bool,
+    pub tty: bool,
+    pub resources: Option<Resources>,
+    pub security: SecurityContext,
+}
