@@ -52,6 +52,7 @@ run: build kernel guest
 	$(BUILD)/podvisor daemon
 
 lint:
+	scripts/check-layers.sh
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
