@@ -26,9 +26,8 @@ use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
 
-// probe_kvm is for `podvisor check` and Status.
-#[allow(unused_imports)]
-pub use accel::{probe_kvm, resolve_accel, Accel, KvmProbe};
+use accel::resolve_accel;
+pub use accel::Accel;
 pub use args::ResolvedAccel;
 use args::RunDirLayout;
 
