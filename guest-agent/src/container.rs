@@ -10,10 +10,14 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::{
-    LinuxNamespace, LinuxNamespaceType, LinuxSeccomp, Process as OciProcess, Root, Spec,
+    LinuxNamespace, LinuxNamespaceType, LinuxResources, LinuxSeccomp, Process as OciProcess, Root,
+    Spec,
 };
-use podvisor_proto::agent::{ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest};
+use podvisor_proto::agent::{
+    ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest, SandboxStatsResponse,
+};
 
+use crate::cgroup::{self, CgroupError};
 use crate::helper::{self, HelperError, HelperOp, HelperStdio};
 use crate::reaper::{self, ExitStatus, ExitWatch, Reaper};
 use crate::rootfs::{self, RootfsError};
@@ -80,6 +84,14 @@ pub enum AgentError {
     Pause(std::io::Error),
     #[error("sending signal {0}: {1}")]
     Signal(i32, nix::Error),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("reading {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("decoding {0}: {1}")]
+    Decode(PathBuf, serde_json::Error),
+    #[error("replacing {0}: {1}")]
+    Rename(PathBuf, std::io::Error),
 }
 
 /// Where the agent keeps things.
@@ -110,8 +122,12 @@ impl Paths {
     fn libcontainer_root(&self) -> PathBuf {
         self.run_dir.join(LIBCONTAINER_DIR)
     }
+    /// The cgroup holding every container of the pod.
+    fn pod_cgroup_dir(&self) -> PathBuf {
+        self.cgroup_root.join(CGROUP_PARENT)
+    }
     fn cgroup_dir(&self, id: &str) -> PathBuf {
-        self.cgroup_root.join(CGROUP_PARENT).join(id)
+        self.pod_cgroup_dir().join(id)
     }
 }
 
@@ -164,13 +180,46 @@ struct Container {
     /// The next exec exit's place in the exit order (see [`Process::exit_seq`]).
     next_exit_seq: AtomicU64,
     seccomp: Option<Box<LinuxSeccomp>>,
-    /// Serialises libcontainer operations on this container.
+    /// Serialises libcontainer operations (and resource updates) on this container.
     op_lock: tokio::sync::Mutex<()>,
+    /// The container's cgroup directory.
+    cgroup_dir: PathBuf,
+    /// Whether the OOM killer struck the container, read once when its init has exited.
+    oom_killed: tokio::sync::OnceCell<bool>,
+}
+
+/// How a process ended, as WaitProcess reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessExit {
+    pub status: ExitStatus,
+    /// Only ever set for a container's init process.
+    pub oom_killed: bool,
 }
 
 impl Container {
     fn phase(&self) -> Phase {
         *lock(&self.phase)
+    }
+
+    /// Whether the container's cgroup counted an OOM kill. Read once, after its init exited
+    /// and before the cgroup goes: whichever of the exit watcher, a waiter or removal comes
+    /// first reads it, the others get the same answer.
+    async fn init_oom_killed(&self) -> bool {
+        *self.oom_killed.get_or_init(|| async { cgroup::oom_kills(&self.cgroup_dir) > 0 }).await
+    }
+
+    /// Reads the OOM verdict as soon as the init exits (see [`Container::init_oom_killed`]).
+    fn watch_init_exit(self: &Arc<Self>) {
+        let (container, exit) = (Arc::downgrade(self), self.init.exit.clone());
+        tokio::spawn(async move {
+            if reaper::wait_exit(exit).await.is_some() {
+                if let Some(c) = container.upgrade() {
+                    if c.init_oom_killed().await {
+                        tracing::info!(container = c.id, "the OOM killer ended a process");
+                    }
+                }
+            }
+        });
     }
 
     fn state_name(&self) -> &'static str {
@@ -298,6 +347,30 @@ fn write_json<T: serde::Serialize>(
 ) -> Result<(), AgentError> {
     let bytes = serde_json::to_vec(value).map_err(|e| AgentError::Encode(what, e))?;
     fs::write(path, bytes).map_err(|e| AgentError::Write(path.to_path_buf(), e))
+}
+
+fn now_unix_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Folds applied resources into the container's config.json (replaced atomically: an exec
+/// may read it next).
+fn remember_resources(dir: &Path, update: &LinuxResources) -> Result<(), AgentError> {
+    let path = dir.join("config.json");
+    let bytes = fs::read(&path).map_err(|e| AgentError::Read(path.clone(), e))?;
+    let mut spec: Spec =
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Decode(path.clone(), e))?;
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let mut resources = linux.resources().clone().unwrap_or_default();
+    cgroup::merge_resources(&mut resources, update);
+    linux.set_resources(Some(resources));
+    spec.set_linux(Some(linux));
+    let staging = dir.join("config.json.new");
+    write_json(&staging, "config.json", &spec)?;
+    fs::rename(&staging, &path).map_err(|e| AgentError::Rename(path, e))
 }
 
 /// The agent's state.
@@ -597,7 +670,7 @@ impl Agent {
             }
         };
         tracing::info!(container = id, pid, "created");
-        Ok(Arc::new(Container {
+        let container = Arc::new(Container {
             id: id.to_string(),
             dir: dir.to_path_buf(),
             init: Arc::new(Process::new(pid, exit, io)),
@@ -606,7 +679,11 @@ impl Agent {
             next_exit_seq: AtomicU64::new(0),
             seccomp,
             op_lock: tokio::sync::Mutex::new(()),
-        }))
+            cgroup_dir: self.paths.cgroup_dir(id),
+            oom_killed: tokio::sync::OnceCell::new(),
+        });
+        container.watch_init_exit();
+        Ok(container)
     }
 
     /// Force-deletes libcontainer's state and cgroup of `id`, if it has any.
@@ -698,15 +775,16 @@ impl Agent {
 
     /// Waits for a process's exit. Giving an exec's status out is half of claiming it (see
     /// [`Process`]); a waiter that got here before the entry went still gets the status.
-    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<ExitStatus, AgentError> {
+    pub async fn wait_process(&self, id: &str, exec_id: &str) -> Result<ProcessExit, AgentError> {
         let container = self.container(id)?;
         let process = Self::process_of(&container, exec_id)?;
         match reaper::wait_exit(process.exit.clone()).await {
             Some(status) => {
                 if !exec_id.is_empty() {
                     container.exec_waited(exec_id, &process);
+                    return Ok(ProcessExit { status, oom_killed: false });
                 }
-                Ok(status)
+                Ok(ProcessExit { status, oom_killed: container.init_oom_killed().await })
             }
             // The reaper dropped the registration without a status: it cannot be waited on.
             None => Err(AgentError::ProcessNotFound(id.to_string(), exec_id.to_string())),
@@ -799,6 +877,10 @@ impl Agent {
                 tracing::warn!(container = id, "init not reaped after SIGKILL; removing anyway");
             }
         }
+        // Waiters still hold the container: settle their OOM answer while the cgroup exists.
+        if container.init.exited() {
+            container.init_oom_killed().await;
+        }
         self.delete_libcontainer_state(id).await;
         rootfs::unmount_rootfs(&container.dir);
         let _ = fs::remove_dir_all(&container.dir);
@@ -834,32 +916,78 @@ impl Agent {
         self.stop_pause();
     }
 
-    pub fn container_stats(&self, id: &str) -> Result<ContainerStatsResponse, AgentError> {
-        self.container(id)?;
-        let dir = self.paths.cgroup_dir(id);
-        let read = |name: &str| fs::read_to_string(dir.join(name)).unwrap_or_default();
-        let keyed = |text: &str, key: &str| -> u64 {
-            text.lines()
-                .filter_map(|l| l.split_once(' '))
-                .find(|(k, _)| *k == key)
-                .and_then(|(_, v)| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        let single = |name: &str| -> u64 { read(name).trim().parse().unwrap_or(0) };
-        let cpu_usage_nanos = keyed(&read("cpu.stat"), "usage_usec").saturating_mul(1000);
-        let memory_usage_bytes = single("memory.current");
-        let inactive_file = keyed(&read("memory.stat"), "inactive_file");
-        let timestamp_unix_nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        Ok(ContainerStatsResponse {
-            cpu_usage_nanos,
-            memory_working_set_bytes: memory_usage_bytes.saturating_sub(inactive_file),
-            memory_usage_bytes,
-            pids: single("pids.current"),
-            timestamp_unix_nanos,
+    pub async fn container_stats(&self, id: &str) -> Result<ContainerStatsResponse, AgentError> {
+        let container = self.container(id)?;
+        let (cgroup_dir, dir) = (container.cgroup_dir.clone(), container.dir.clone());
+        // The layer walk may take a while (bounded, see rootfs::MAX_LAYER_ENTRIES): keep it
+        // off the async workers.
+        let (stats, layer) = tokio::task::spawn_blocking(move || {
+            (cgroup::stats(&cgroup_dir), rootfs::writable_layer_usage(&dir))
         })
+        .await
+        .unwrap_or_default();
+        if layer.truncated {
+            tracing::warn!(
+                container = id,
+                "writable layer has over {} inodes: reporting a lower bound",
+                rootfs::MAX_LAYER_ENTRIES
+            );
+        }
+        Ok(ContainerStatsResponse {
+            cpu_usage_nanos: stats.cpu_usage_nanos,
+            memory_working_set_bytes: stats.memory_working_set_bytes,
+            memory_usage_bytes: stats.memory_usage_bytes,
+            pids: stats.pids,
+            timestamp_unix_nanos: now_unix_nanos(),
+            writable_layer_bytes: layer.bytes,
+            writable_layer_inodes: layer.inodes,
+            memory_rss_bytes: stats.memory_rss_bytes,
+            page_faults: stats.page_faults,
+            major_page_faults: stats.major_page_faults,
+        })
+    }
+
+    /// The pod's cgroup (every container) and the VM's memory; zeros for missing files.
+    pub fn sandbox_stats(&self) -> SandboxStatsResponse {
+        let stats = cgroup::stats(&self.paths.pod_cgroup_dir());
+        let (memory_total_bytes, memory_available_bytes) =
+            cgroup::meminfo(&fs::read_to_string("/proc/meminfo").unwrap_or_default());
+        SandboxStatsResponse {
+            cpu_usage_nanos: stats.cpu_usage_nanos,
+            memory_working_set_bytes: stats.memory_working_set_bytes,
+            memory_usage_bytes: stats.memory_usage_bytes,
+            pids: stats.pids,
+            timestamp_unix_nanos: now_unix_nanos(),
+            memory_total_bytes,
+            memory_available_bytes,
+        }
+    }
+
+    /// Applies new limits (OCI LinuxResources JSON) to a created or running container's
+    /// cgroup and records them in its config.json.
+    pub async fn update_container(
+        &self,
+        id: &str,
+        resources_json: &[u8],
+    ) -> Result<(), AgentError> {
+        let container = self.container(id)?;
+        // Everything is checked before anything is written.
+        let (update, resources) = cgroup::Update::from_json(resources_json)?;
+        let _op = container.op_lock.lock().await;
+        if container.init.exited() {
+            return Err(AgentError::WrongState {
+                id: id.to_string(),
+                actual: container.state_name(),
+                expected: "created or running",
+            });
+        }
+        update.apply(&container.cgroup_dir)?;
+        tracing::info!(container = id, ?update, "resources updated");
+        // The cgroup holds the new limits already: failing the call now would mislead.
+        if let Err(e) = remember_resources(&container.dir, &resources) {
+            tracing::warn!(container = id, "recording the new resources in config.json: {e}");
+        }
+        Ok(())
     }
 
     pub async fn create_sandbox(
@@ -918,24 +1046,32 @@ mod tests {
 
     /// An agent with one running container "c" whose init is fake.
     fn agent_with_container() -> (Arc<Agent>, Arc<Container>, Fake) {
+        agent_with_container_in(Path::new("/nonexistent"))
+    }
+
+    /// Like [`agent_with_container`], with the agent's directories (run/, cgroup/) under
+    /// `root`.
+    fn agent_with_container_in(root: &Path) -> (Arc<Agent>, Arc<Container>, Fake) {
         let paths = Paths {
-            run_dir: PathBuf::from("/nonexistent/run"),
-            shared_dir: PathBuf::from("/nonexistent/shared"),
-            cgroup_root: PathBuf::from("/nonexistent/cgroup"),
+            run_dir: root.join("run"),
+            shared_dir: root.join("shared"),
+            cgroup_root: root.join("cgroup"),
         };
         let log = File::open("/dev/null").unwrap();
-        let agent = Arc::new(Agent::new(paths, false, Reaper::default(), log));
         let (init, init_fake) = fake_process();
         let container = Arc::new(Container {
             id: "c".into(),
-            dir: PathBuf::from("/nonexistent/run/containers/c"),
+            dir: paths.containers_dir().join("c"),
             init: Arc::new(init),
             phase: Mutex::new(Phase::Running),
             execs: Mutex::new(HashMap::new()),
             next_exit_seq: AtomicU64::new(0),
             seccomp: None,
             op_lock: tokio::sync::Mutex::new(()),
+            cgroup_dir: paths.cgroup_dir("c"),
+            oom_killed: tokio::sync::OnceCell::new(),
         });
+        let agent = Arc::new(Agent::new(paths, false, Reaper::default(), log));
         lock(&agent.containers).insert("c".into(), container.clone());
         (agent, container, init_fake)
     }
@@ -989,7 +1125,7 @@ mod tests {
         until(|| process.exit_seq.get().is_some()).await;
         // Drained and exited, but nobody has the status yet.
         assert!(tracked(&container, "e1"));
-        assert_eq!(agent.wait_process("c", "e1").await.unwrap().code, 0);
+        assert_eq!(agent.wait_process("c", "e1").await.unwrap().status.code, 0);
         assert!(!tracked(&container, "e1"));
         assert_eq!(agent.tracked_processes(), 1);
         assert!(not_found(agent.wait_process("c", "e1").await));
@@ -1018,7 +1154,7 @@ mod tests {
         until(|| fake.exit.receiver_count() == watchers + 2).await;
         fake.exit(3);
         for waiter in waiters {
-            assert_eq!(waiter.await.unwrap().unwrap().code, 3);
+            assert_eq!(waiter.await.unwrap().unwrap().status.code, 3);
         }
         // Waited, but the output has not been read: a reader may still come.
         assert!(tracked(&container, "e1"));
@@ -1046,7 +1182,7 @@ mod tests {
         until(|| fake.exit.receiver_count() == watchers + 3).await;
         fake.exit(9);
         for waiter in waiters {
-            assert_eq!(waiter.await.unwrap().unwrap().code, 9);
+            assert_eq!(waiter.await.unwrap().unwrap().status.code, 9);
         }
         assert!(!tracked(&container, "e1"));
     }
@@ -1057,7 +1193,7 @@ mod tests {
         let (agent, container, _init) = agent_with_container();
         let (process, mut fake) = exec(&container, "e1");
         fake.exit(0);
-        assert_eq!(agent.wait_process("c", "e1").await.unwrap().code, 0);
+        assert_eq!(agent.wait_process("c", "e1").await.unwrap().status.code, 0);
         until(|| process.exit_seq.get().is_some()).await;
         assert!(tracked(&container, "e1"));
         fake.write_and_close(b"kept\n");
@@ -1077,7 +1213,7 @@ mod tests {
             let chunk = reader.next().await.unwrap().unwrap();
             assert_eq!(chunk.data, b"partial\n");
         }
-        assert_eq!(agent.wait_process("c", "e1").await.unwrap().code, 0);
+        assert_eq!(agent.wait_process("c", "e1").await.unwrap().status.code, 0);
         assert!(tracked(&container, "e1"));
         // Re-attaching with what it has gets the end of the stream.
         let mut reader = agent.read_output("c", "e1", [8, 0]).unwrap();
@@ -1123,10 +1259,88 @@ mod tests {
         init.exit(1);
         assert_eq!(read_to_end(&agent, "").await, b"bye\n");
         for _ in 0..2 {
-            assert_eq!(agent.wait_process("c", "").await.unwrap().code, 1);
+            assert_eq!(agent.wait_process("c", "").await.unwrap().status.code, 1);
         }
         assert_eq!(agent.tracked_processes(), 1);
         assert!(container.init.exited());
+    }
+
+    /// The init's OOM verdict is read when it exits and kept after the cgroup is gone; execs
+    /// never carry one.
+    #[tokio::test]
+    async fn oom_kill_is_read_at_init_exit_and_cached() {
+        let root = tempfile::tempdir().unwrap();
+        let (agent, container, init) = agent_with_container_in(root.path());
+        fs::create_dir_all(&container.cgroup_dir).unwrap();
+        let events = container.cgroup_dir.join("memory.events");
+        fs::write(&events, "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\n").unwrap();
+        container.watch_init_exit();
+        let (_exec, exec_fake) = exec(&container, "e1");
+        exec_fake.exit(137);
+        let exec_exit = agent.wait_process("c", "e1").await.unwrap();
+        assert_eq!((exec_exit.status.code, exec_exit.oom_killed), (137, false));
+        init.exit(137);
+        until(|| container.oom_killed.initialized()).await;
+        fs::remove_dir_all(&container.cgroup_dir).unwrap();
+        for _ in 0..2 {
+            let exit = agent.wait_process("c", "").await.unwrap();
+            assert_eq!((exit.status.code, exit.oom_killed), (137, true));
+        }
+        // Without a memory controller (or OOM kill) the answer is no.
+        let (agent, _, init) = agent_with_container();
+        init.exit(1);
+        assert!(!agent.wait_process("c", "").await.unwrap().oom_killed);
+    }
+
+    #[tokio::test]
+    async fn update_writes_the_cgroup_and_remembers_the_resources() {
+        let root = tempfile::tempdir().unwrap();
+        let (agent, container, init) = agent_with_container_in(root.path());
+        fs::create_dir_all(&container.cgroup_dir).unwrap();
+        fs::create_dir_all(&container.dir).unwrap();
+        for name in ["memory.max", "cpu.max"] {
+            fs::write(container.cgroup_dir.join(name), "max\n").unwrap();
+        }
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "linux": {"resources": {"memory": {"limit": 1000}, "cpu": {"shares": 512}}}
+        });
+        fs::write(container.dir.join("config.json"), spec.to_string()).unwrap();
+        let json = br#"{"memory": {"limit": 33554432}, "cpu": {"quota": 50000, "period": 100000}}"#;
+        agent.update_container("c", json).await.unwrap();
+        let get = |name: &str| fs::read_to_string(container.cgroup_dir.join(name)).unwrap();
+        assert_eq!(get("memory.max"), "33554432");
+        assert_eq!(get("cpu.max"), "50000 100000");
+        let remembered: Spec =
+            serde_json::from_slice(&fs::read(container.dir.join("config.json")).unwrap()).unwrap();
+        let resources = remembered.linux().clone().unwrap().resources().clone().unwrap();
+        assert_eq!(resources.memory().unwrap().limit(), Some(33_554_432));
+        let cpu = resources.cpu().clone().unwrap();
+        assert_eq!(
+            (cpu.shares(), cpu.quota(), cpu.period()),
+            (Some(512), Some(50_000), Some(100_000))
+        );
+
+        // A file the cgroup lacks names itself; bad input is refused before any write.
+        let err = agent.update_container("c", br#"{"cpu": {"shares": 2}}"#).await.unwrap_err();
+        assert!(err.to_string().contains("cpu.weight"), "{err}");
+        let bad =
+            agent.update_container("c", br#"{"memory": {"limit": 5}, "unified": {"../x": "1"}}"#);
+        assert!(matches!(bad.await, Err(AgentError::Cgroup(CgroupError::BadUnifiedKey(_)))));
+        assert_eq!(get("memory.max"), "33554432");
+        assert!(matches!(
+            agent.update_container("c", b"[1").await,
+            Err(AgentError::Cgroup(CgroupError::BadResources(_)))
+        ));
+        assert!(matches!(
+            agent.update_container("nope", json).await,
+            Err(AgentError::ContainerNotFound(_))
+        ));
+        init.exit(0);
+        assert!(matches!(
+            agent.update_container("c", json).await,
+            Err(AgentError::WrongState { .. })
+        ));
     }
 
     #[test]

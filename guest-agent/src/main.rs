@@ -7,6 +7,7 @@
 //! - `__libcontainer REQUEST`: the internal single-threaded libcontainer helper.
 //! - `__pause`: starts the PID 1 of the pod's shared PID namespace (see `pause`).
 
+mod cgroup;
 mod container;
 mod helper;
 mod init;

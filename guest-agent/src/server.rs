@@ -8,7 +8,8 @@ use podvisor_proto::agent::{
     ContainerRef, ContainerStatsResponse, CreateContainerRequest, CreateContainerResponse,
     CreateSandboxRequest, DestroySandboxRequest, Empty, ExecProcessRequest, ExecProcessResponse,
     PingRequest, PingResponse, ProcessRef, ReadOutputRequest, RemoveContainerRequest,
-    ResizeTtyRequest, SignalProcessRequest, WaitProcessResponse, WriteStdinRequest,
+    ResizeTtyRequest, SandboxStatsResponse, SignalProcessRequest, UpdateContainerRequest,
+    WaitProcessResponse, WriteStdinRequest,
 };
 use tonic::{Code, Request, Response, Status};
 
@@ -44,6 +45,7 @@ impl From<AgentError> for Status {
             | AgentError::Stdio(StdioError::ReaderAttached)
             | AgentError::NoPodPidNamespace => Code::FailedPrecondition,
             AgentError::Stdio(StdioError::OffsetAhead) => Code::OutOfRange,
+            AgentError::Cgroup(e) if e.is_bad_request() => Code::InvalidArgument,
             _ => Code::Internal,
         };
         Status::new(code, e.to_string())
@@ -159,11 +161,12 @@ impl AgentRpc for AgentService {
         request: Request<ProcessRef>,
     ) -> Result<Response<WaitProcessResponse>, Status> {
         let req = request.get_ref();
-        let status = self.agent.wait_process(&req.container_id, &req.exec_id).await?;
+        let exit = self.agent.wait_process(&req.container_id, &req.exec_id).await?;
         Ok(Response::new(WaitProcessResponse {
-            exit_code: status.code,
-            signal: status.signal,
-            exited_at_unix_nanos: status.exited_at_unix_nanos(),
+            exit_code: exit.status.code,
+            signal: exit.status.signal,
+            exited_at_unix_nanos: exit.status.exited_at_unix_nanos(),
+            oom_killed: exit.oom_killed,
         }))
     }
 
@@ -209,7 +212,23 @@ impl AgentRpc for AgentService {
         &self,
         request: Request<ContainerRef>,
     ) -> Result<Response<ContainerStatsResponse>, Status> {
-        Ok(Response::new(self.agent.container_stats(&request.get_ref().container_id)?))
+        Ok(Response::new(self.agent.container_stats(&request.get_ref().container_id).await?))
+    }
+
+    async fn sandbox_stats(
+        &self,
+        _: Request<Empty>,
+    ) -> Result<Response<SandboxStatsResponse>, Status> {
+        Ok(Response::new(self.agent.sandbox_stats()))
+    }
+
+    async fn update_container(
+        &self,
+        request: Request<UpdateContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let req = request.get_ref();
+        self.agent.update_container(&req.container_id, &req.resources_json).await?;
+        Ok(Response::new(Empty {}))
     }
 
     async fn shutdown(&self, _: Request<Empty>) -> Result<Response<Empty>, Status> {

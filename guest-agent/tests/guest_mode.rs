@@ -16,7 +16,7 @@ use podvisor_proto::agent::agent_client::AgentClient;
 use podvisor_proto::agent::{
     ContainerRef, CreateContainerRequest, CreateSandboxRequest, Empty, ExecProcessRequest,
     PingRequest, ProcessRef, ReadOutputRequest, RemoveContainerRequest, Rootfs, SharedFs,
-    StdioConfig,
+    StdioConfig, UpdateContainerRequest,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -108,7 +108,7 @@ async fn boot(a: &Artefacts) -> Vm {
         std::fs::create_dir_all(layer.join(d)).unwrap();
     }
     std::fs::copy(BUSYBOX, layer.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "cat", "hostname", "sleep", "touch", "ls"] {
+    for applet in ["sh", "echo", "cat", "hostname", "sleep", "touch", "ls", "head"] {
         std::os::unix::fs::symlink("busybox", layer.join("bin").join(applet)).unwrap();
     }
     let d = dir.path().to_path_buf();
@@ -238,6 +238,40 @@ async fn read_stdout(client: &mut AgentClient<Channel>, id: &str, exec_id: &str)
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Runs `script` as exec `exec_id` in container `id`: (stdout, exit code).
+async fn exec_sh(
+    client: &mut AgentClient<Channel>,
+    id: &str,
+    exec_id: &str,
+    script: &str,
+) -> (String, i32) {
+    client
+        .exec_process(ExecProcessRequest {
+            container_id: id.into(),
+            exec_id: exec_id.into(),
+            oci_process_json: json!({"args": ["sh", "-c", script], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}})
+                .to_string()
+                .into_bytes(),
+            stdio: Some(StdioConfig::default()),
+        })
+        .await
+        .unwrap();
+    let out = read_stdout(client, id, exec_id).await;
+    let status = client
+        .wait_process(ProcessRef { container_id: id.into(), exec_id: exec_id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    (out, status.exit_code)
+}
+
+fn update(id: &str, resources: serde_json::Value) -> UpdateContainerRequest {
+    UpdateContainerRequest {
+        container_id: id.into(),
+        resources_json: resources.to_string().into_bytes(),
+    }
+}
+
 #[tokio::test]
 async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
     let a = match artefacts() {
@@ -326,6 +360,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
         .into_inner();
     eprintln!("container ran in {:?}: {out:?}", t.elapsed());
     assert_eq!(status.exit_code, 0, "{out}");
+    assert!(!status.oom_killed);
     assert!(out.starts_with("hello from the guest\nguest-pod\nwrote\n"), "{out}");
     assert!(out.contains("0::/podvisor/guest-c1"), "{out}");
     assert!(out.contains("/view/busybox/bin/sh\n"), "the listed share is mounted: {out}");
@@ -376,6 +411,111 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
     assert!(stats.pids >= 1, "{stats:?}");
     assert!(stats.cpu_usage_nanos > 0, "{stats:?}");
     client.remove_container(RemoveContainerRequest { container_id: id2.into() }).await.unwrap();
+
+    // Live limits: a running container with its own cgroup namespace sees its cgroup at
+    // /sys/fs/cgroup, where UpdateContainer's writes show.
+    let id3 = "guest-c3";
+    let mut limited = spec.clone();
+    limited["process"]["args"] = json!(["sleep", "1000"]);
+    limited["mounts"] = json!([
+        spec["mounts"][0],
+        spec["mounts"][1],
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev"]}
+    ]);
+    limited["linux"]["namespaces"] =
+        json!([{"type": "pid"}, {"type": "mount"}, {"type": "ipc"}, {"type": "cgroup"}]);
+    client
+        .create_container(CreateContainerRequest {
+            container_id: id3.into(),
+            oci_spec_json: limited.to_string().into_bytes(),
+            rootfs: Some(Rootfs { lower_dirs: vec!["busybox".into()], read_only: false }),
+            stdio: Some(StdioConfig::default()),
+            join_pod_pid_namespace: false,
+        })
+        .await
+        .unwrap();
+    client.start_container(ContainerRef { container_id: id3.into() }).await.unwrap();
+    let sandbox = client.sandbox_stats(Empty {}).await.unwrap().into_inner();
+    eprintln!("sandbox stats with a running container: {sandbox:?}");
+    assert!(sandbox.memory_total_bytes > 0, "{sandbox:?}");
+    assert!(sandbox.memory_available_bytes > 0, "{sandbox:?}");
+    assert!(sandbox.memory_usage_bytes > 0, "{sandbox:?}");
+    assert!(sandbox.pids >= 1, "{sandbox:?}");
+
+    let stats = |client: &mut AgentClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            client
+                .container_stats(ContainerRef { container_id: id3.into() })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let before = stats(&mut client).await;
+    let (out, code) = exec_sh(&mut client, id3, "w", "head -c 1048576 /dev/zero > /big").await;
+    assert_eq!(code, 0, "{out}");
+    let after = stats(&mut client).await;
+    eprintln!("stats before and after writing 1 MiB: {before:?} {after:?}");
+    assert!(after.writable_layer_bytes >= before.writable_layer_bytes + (1 << 20), "{after:?}");
+    assert!(after.writable_layer_inodes > before.writable_layer_inodes, "{after:?}");
+    assert!(after.page_faults > 0, "{after:?}");
+
+    client
+        .update_container(update(
+            id3,
+            json!({"memory": {"limit": 32 << 20}, "cpu": {"quota": 50000, "period": 100000},
+                   "unified": {"memory.high": "30000000"}}),
+        ))
+        .await
+        .unwrap();
+    let (out, code) = exec_sh(
+        &mut client,
+        id3,
+        "r",
+        "cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/cpu.max /sys/fs/cgroup/memory.high",
+    )
+    .await;
+    assert_eq!((out.as_str(), code), ("33554432\n50000 100000\n29999104\n", 0));
+    // The kernel refuses a CPU the VM lacks; the error names the file.
+    let refused =
+        client.update_container(update(id3, json!({"cpu": {"cpus": "7"}}))).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    assert!(refused.message().contains("cpuset.cpus"), "{refused}");
+    let refused = client.update_container(update(id, json!({}))).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "stopped: {refused}");
+    client.remove_container(RemoveContainerRequest { container_id: id3.into() }).await.unwrap();
+
+    // OOM: the init outgrows its 16 MiB limit (the shell doubles a variable) and is killed.
+    let id4 = "guest-oom";
+    let mut hog = spec.clone();
+    hog["process"]["args"] = json!(["sh", "-c", "x=0123456789abcdef; while :; do x=$x$x; done"]);
+    hog["mounts"] = json!(spec["mounts"].as_array().unwrap()[..2]);
+    hog["linux"]["resources"] = json!({"memory": {"limit": 16 << 20}});
+    client
+        .create_container(CreateContainerRequest {
+            container_id: id4.into(),
+            oci_spec_json: hog.to_string().into_bytes(),
+            rootfs: Some(Rootfs { lower_dirs: vec!["busybox".into()], read_only: true }),
+            stdio: Some(StdioConfig::default()),
+            join_pod_pid_namespace: false,
+        })
+        .await
+        .unwrap();
+    let t = Instant::now();
+    client.start_container(ContainerRef { container_id: id4.into() }).await.unwrap();
+    for _ in 0..2 {
+        let wait =
+            client.wait_process(ProcessRef { container_id: id4.into(), exec_id: String::new() });
+        let status = tokio::time::timeout(Duration::from_secs(120), wait)
+            .await
+            .unwrap_or_else(|_| panic!("not OOM-killed; console:\n{}", vm.console()))
+            .unwrap()
+            .into_inner();
+        assert_eq!((status.exit_code, status.signal, status.oom_killed), (137, 9, true));
+    }
+    eprintln!("OOM-killed after {:?}", t.elapsed());
+    client.remove_container(RemoveContainerRequest { container_id: id4.into() }).await.unwrap();
 
     // Shutdown powers the VM off: QEMU exits (-no-reboot).
     let _ = client.shutdown(Empty {}).await;

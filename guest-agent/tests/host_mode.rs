@@ -15,9 +15,10 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use podvisor_proto::agent::agent_client::AgentClient;
 use podvisor_proto::agent::{
-    ContainerRef, CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, OutputStream,
-    PingRequest, ProcessRef, ReadOutputRequest, RemoveContainerRequest, ResizeTtyRequest, Rootfs,
-    SharedFs, SignalProcessRequest, StdioConfig, WriteStdinRequest,
+    ContainerRef, CreateContainerRequest, CreateSandboxRequest, Empty, ExecProcessRequest,
+    OutputStream, PingRequest, ProcessRef, ReadOutputRequest, RemoveContainerRequest,
+    ResizeTtyRequest, Rootfs, SharedFs, SignalProcessRequest, StdioConfig, UpdateContainerRequest,
+    WriteStdinRequest,
 };
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
@@ -948,4 +949,98 @@ async fn output_is_buffered_without_a_reader_and_one_reader_at_a_time() {
     assert!(received.ends_with(b"end\n"));
     let status = client.wait_process(process_ref(&id, "")).await.unwrap().into_inner();
     assert_eq!(status.exit_code, 0);
+}
+
+/// Host-mode share of the resource RPCs (the host's cgroup2 has no cpu or memory controller;
+/// limits and OOM are covered by the guest-mode test): errors, a unified write, the writable
+/// layer's figures and SandboxStats.
+#[tokio::test]
+async fn update_container_and_stats() {
+    let Some(()) = prerequisites() else { return };
+    let mut agent = TestAgent::start().await;
+    let client = &mut agent.client;
+    let update = |id: &str, json: &str| UpdateContainerRequest {
+        container_id: id.to_string(),
+        resources_json: json.as_bytes().to_vec(),
+    };
+    let unknown = client.update_container(update("nope", "{}")).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown}");
+
+    let id = unique_id("update");
+    client
+        .create_container(create_request(&id, &["sleep", "1000"], StdioConfig::default(), false))
+        .await
+        .unwrap();
+    client.start_container(ContainerRef { container_id: id.clone() }).await.unwrap();
+    for bad in
+        ["{not json", r#"{"unified": {"../../cgroup.procs": "1"}}"#, r#"{"memory": {"swap": 5}}"#]
+    {
+        let err = client.update_container(update(&id, bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err}");
+    }
+    // No cpu controller here: the refused write names its file.
+    let err =
+        client.update_container(update(&id, r#"{"cpu": {"shares": 512}}"#)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("cpu.weight"), "{err}");
+    // Every cgroup2 directory has the cgroup.* core files: a unified write lands there.
+    client
+        .update_container(update(&id, r#"{"unified": {"cgroup.max.depth": "3"}}"#))
+        .await
+        .unwrap();
+    let depth =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/unified/podvisor/{id}/cgroup.max.depth"))
+            .unwrap();
+    assert_eq!(depth.trim(), "3");
+    let config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(agent.state_dir().join("containers").join(&id).join("config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["linux"]["resources"]["unified"]["cgroup.max.depth"], "3", "remembered");
+
+    // The writable layer grows by what the container writes.
+    let client = &mut agent.client;
+    let before = client
+        .container_stats(ContainerRef { container_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .exec_process(exec_request(&id, "w", &["sh", "-c", "head -c 1048576 /dev/zero > /big"]))
+        .await
+        .unwrap();
+    read_all(client, &id, "w").await;
+    assert_eq!(client.wait_process(process_ref(&id, "w")).await.unwrap().into_inner().exit_code, 0);
+    let after = client
+        .container_stats(ContainerRef { container_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!(
+        "writable layer: {} B / {} inodes -> {} B / {} inodes",
+        before.writable_layer_bytes,
+        before.writable_layer_inodes,
+        after.writable_layer_bytes,
+        after.writable_layer_inodes
+    );
+    assert!(after.writable_layer_bytes >= before.writable_layer_bytes + (1 << 20), "{after:?}");
+    assert!(after.writable_layer_inodes > before.writable_layer_inodes, "{after:?}");
+
+    let sandbox = client.sandbox_stats(Empty {}).await.unwrap().into_inner();
+    eprintln!("sandbox stats (host mode): {sandbox:?}");
+    assert!(sandbox.memory_total_bytes > 0, "{sandbox:?}");
+    assert!(sandbox.memory_available_bytes > 0, "{sandbox:?}");
+    assert!(sandbox.memory_available_bytes <= sandbox.memory_total_bytes, "{sandbox:?}");
+    assert!(sandbox.timestamp_unix_nanos > 0);
+
+    // A stopped container cannot be updated; an ordinary exit was no OOM kill.
+    client.remove_container(RemoveContainerRequest { container_id: id.clone() }).await.unwrap();
+    let stopped = unique_id("stopped");
+    let (_, _, code) = run_container(&mut agent, &stopped, &["true"], false).await;
+    assert_eq!(code, 0);
+    let client = &mut agent.client;
+    let status = client.wait_process(process_ref(&stopped, "")).await.unwrap().into_inner();
+    assert!(!status.oom_killed);
+    let err = client.update_container(update(&stopped, "{}")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
 }
