@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use super::{
     AgentDialer, AgentError, AgentStatus, ContainerStats, ExitStatus, GuestAgent, NewContainer,
     NewExec, OutputChunk, OutputKind, OutputStream, ProcessId, Refusal, Result, SandboxSetup,
+    SandboxStats,
 };
 use crate::hypervisor::GuestConnector;
 
@@ -56,6 +57,10 @@ struct State {
     calls: Vec<String>,
     fail_next: HashSet<&'static str>,
     hang: HashSet<&'static str>,
+    /// Resources given to UpdateContainer, by container.
+    updates: HashMap<String, serde_json::Value>,
+    /// CPU time the next stats call reports, by container.
+    cpu: HashMap<String, u64>,
 }
 
 struct Inner {
@@ -144,9 +149,28 @@ impl FakeAgent {
     /// The container's init process exits with `code`.
     pub fn exit(&self, container_id: &str, code: i32) {
         if let Some(p) = self.state().processes.get_mut(&ProcessId::init(container_id)) {
-            p.exit.get_or_insert(ExitStatus { exit_code: code, signal: 0 });
+            p.exit.get_or_insert(ExitStatus { exit_code: code, ..Default::default() });
         }
         self.bump();
+    }
+
+    /// The guest's OOM killer ends the container.
+    pub fn oom_kill(&self, container_id: &str) {
+        if let Some(p) = self.state().processes.get_mut(&ProcessId::init(container_id)) {
+            let killed = ExitStatus { exit_code: 137, signal: libc::SIGKILL, oom_killed: true };
+            p.exit.get_or_insert(killed);
+        }
+        self.bump();
+    }
+
+    /// The container has used `nanos` of CPU time so far.
+    pub fn set_cpu(&self, container_id: &str, nanos: u64) {
+        self.state().cpu.insert(container_id.to_string(), nanos);
+    }
+
+    /// The last resources UpdateContainer applied to the container.
+    pub fn updated(&self, container_id: &str) -> Option<serde_json::Value> {
+        self.state().updates.get(container_id).cloned()
     }
 
     /// The container's init process ignores SIGTERM.
@@ -175,7 +199,7 @@ impl FakeAgent {
             Some("exit") => {
                 let code = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
                 p.emit(OutputKind::Stderr, b"exiting\n");
-                p.exit = Some(ExitStatus { exit_code: code, signal: 0 });
+                p.exit = Some(ExitStatus { exit_code: code, ..Default::default() });
             }
             Some("lines") => {
                 let n: u32 = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
@@ -185,7 +209,7 @@ impl FakeAgent {
                 p.exit = Some(ExitStatus::default());
             }
             Some("sleep") => {}
-            _ => p.exit = Some(ExitStatus { exit_code: 127, signal: 0 }),
+            _ => p.exit = Some(ExitStatus { exit_code: 127, ..Default::default() }),
         }
     }
 }
@@ -267,7 +291,7 @@ impl GuestAgent for FakeAgent {
             .get_mut(process)
             .ok_or_else(|| Self::not_found("SignalProcess", &process.container_id))?;
         if signal == libc::SIGKILL || !p.ignores_sigterm {
-            p.exit.get_or_insert(ExitStatus { exit_code: 128 + signal, signal });
+            p.exit.get_or_insert(ExitStatus { exit_code: 128 + signal, signal, oom_killed: false });
         }
         drop(st);
         self.bump();
@@ -382,7 +406,44 @@ impl GuestAgent for FakeAgent {
         if !self.state().containers.contains_key(id) {
             return Err(Self::not_found("ContainerStats", id));
         }
-        Ok(ContainerStats { cpu_usage_nanos: 42, pids: 1, ..Default::default() })
+        let cpu = self.state().cpu.get(id).copied().unwrap_or(42);
+        Ok(ContainerStats {
+            cpu_usage_nanos: cpu,
+            pids: 1,
+            memory_usage_bytes: 1 << 20,
+            timestamp_unix_nanos: crate::sandbox::now_nanos(),
+            ..Default::default()
+        })
+    }
+
+    async fn sandbox_stats(&self) -> Result<SandboxStats> {
+        self.enter("SandboxStats").await?;
+        let st = self.state();
+        let cpu = st.containers.keys().map(|id| st.cpu.get(id).copied().unwrap_or(42)).sum();
+        Ok(SandboxStats {
+            cpu_usage_nanos: cpu,
+            memory_usage_bytes: (st.containers.len() as u64) << 20,
+            pids: st.containers.len() as u64,
+            memory_total_bytes: 256 << 20,
+            memory_available_bytes: 200 << 20,
+            timestamp_unix_nanos: crate::sandbox::now_nanos(),
+            ..Default::default()
+        })
+    }
+
+    async fn update_container(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
+        self.enter("UpdateContainer").await?;
+        let mut st = self.state();
+        if !st.containers.contains_key(id) {
+            return Err(Self::not_found("UpdateContainer", id));
+        }
+        let value = serde_json::from_slice(&resources_json).map_err(|e| AgentError::Refused {
+            call: "UpdateContainer",
+            refusal: Refusal::InvalidArgument,
+            message: e.to_string(),
+        })?;
+        st.updates.insert(id.to_string(), value);
+        Ok(())
     }
 
     async fn shutdown(&self) -> Result<()> {

@@ -22,8 +22,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::{
     AgentError, AgentStatus, ContainerStats, ExitStatus, GuestAgent, NewContainer, NewExec,
-    OutputChunk, OutputKind, OutputStream, ProcessId, Refusal, Result, SandboxSetup, StdioMode,
-    CALL_DEADLINE, CREATE_DEADLINE,
+    OutputChunk, OutputKind, OutputStream, ProcessId, Refusal, Result, SandboxSetup, SandboxStats,
+    StdioMode, CALL_DEADLINE, CREATE_DEADLINE,
 };
 use crate::hypervisor::GuestConnector;
 
@@ -229,7 +229,7 @@ impl GuestAgent for GrpcAgent {
             .await
             .map_err(|s| from_status("WaitProcess", &s))?
             .into_inner();
-        Ok(ExitStatus { exit_code: r.exit_code, signal: r.signal })
+        Ok(ExitStatus { exit_code: r.exit_code, signal: r.signal, oom_killed: r.oom_killed })
     }
 
     async fn output(&self, process: &ProcessId, offsets: [u64; 2]) -> Result<OutputStream> {
@@ -278,9 +278,40 @@ impl GuestAgent for GrpcAgent {
             cpu_usage_nanos: s.cpu_usage_nanos,
             memory_working_set_bytes: s.memory_working_set_bytes,
             memory_usage_bytes: s.memory_usage_bytes,
+            memory_rss_bytes: s.memory_rss_bytes,
+            page_faults: s.page_faults,
+            major_page_faults: s.major_page_faults,
             pids: s.pids,
+            writable_layer_bytes: s.writable_layer_bytes,
+            writable_layer_inodes: s.writable_layer_inodes,
             timestamp_unix_nanos: s.timestamp_unix_nanos,
         })
+    }
+
+    async fn sandbox_stats(&self) -> Result<SandboxStats> {
+        let s = self
+            .call("SandboxStats", CALL_DEADLINE, |mut c| async move {
+                c.sandbox_stats(pb::Empty {}).await
+            })
+            .await?;
+        Ok(SandboxStats {
+            cpu_usage_nanos: s.cpu_usage_nanos,
+            memory_working_set_bytes: s.memory_working_set_bytes,
+            memory_usage_bytes: s.memory_usage_bytes,
+            pids: s.pids,
+            memory_total_bytes: s.memory_total_bytes,
+            memory_available_bytes: s.memory_available_bytes,
+            timestamp_unix_nanos: s.timestamp_unix_nanos,
+        })
+    }
+
+    async fn update_container(&self, id: &str, resources_json: Vec<u8>) -> Result<()> {
+        let req = pb::UpdateContainerRequest { container_id: id.to_string(), resources_json };
+        self.call("UpdateContainer", CALL_DEADLINE, |mut c| async move {
+            c.update_container(req).await
+        })
+        .await?;
+        Ok(())
     }
 
     async fn shutdown(&self) -> Result<()> {

@@ -148,6 +148,8 @@ pub struct ExitStatus {
     pub exit_code: i32,
     /// The signal that ended it, 0 if none.
     pub signal: i32,
+    /// The guest's OOM killer ended a process of the container (init processes only).
+    pub oom_killed: bool,
 }
 
 /// Which output stream a chunk belongs to.
@@ -184,7 +186,25 @@ pub struct ContainerStats {
     pub cpu_usage_nanos: u64,
     pub memory_working_set_bytes: u64,
     pub memory_usage_bytes: u64,
+    pub memory_rss_bytes: u64,
+    pub page_faults: u64,
+    pub major_page_faults: u64,
     pub pids: u64,
+    /// The container's writable layer.
+    pub writable_layer_bytes: u64,
+    pub writable_layer_inodes: u64,
+    pub timestamp_unix_nanos: i64,
+}
+
+/// Pod-level statistics: all of the pod's containers together, and the VM's memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SandboxStats {
+    pub cpu_usage_nanos: u64,
+    pub memory_working_set_bytes: u64,
+    pub memory_usage_bytes: u64,
+    pub pids: u64,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
     pub timestamp_unix_nanos: i64,
 }
 
@@ -224,6 +244,9 @@ pub trait GuestAgent: Send + Sync {
     #[cfg_attr(not(test), allow(dead_code))]
     async fn resize_tty(&self, process: &ProcessId, width: u32, height: u32) -> Result<()>;
     async fn container_stats(&self, id: &str) -> Result<ContainerStats>;
+    async fn sandbox_stats(&self) -> Result<SandboxStats>;
+    /// Applies new cgroup limits (OCI LinuxResources, JSON) to a container.
+    async fn update_container(&self, id: &str, resources_json: Vec<u8>) -> Result<()>;
     /// Asks the guest to power off; it may not answer.
     async fn shutdown(&self) -> Result<()>;
 }

@@ -28,7 +28,7 @@ pub fn code(e: &SandboxError) -> Code {
         | E::ContainerNotCreated { .. }
         | E::ContainerNotRunning(_)
         | E::StoredProcess { .. } => Code::FailedPrecondition,
-        E::MountSourceMissing(_) => Code::InvalidArgument,
+        E::MountSourceMissing(_) | E::LimitExceedsVm { .. } => Code::InvalidArgument,
         E::Spec(
             SpecError::NoCommand
             | SpecError::UnknownUser(_)

@@ -223,9 +223,20 @@ impl RuntimeService for RuntimeServiceImpl {
 
     async fn update_container_resources(
         &self,
-        _req: Request<cri::UpdateContainerResourcesRequest>,
+        req: Request<cri::UpdateContainerResourcesRequest>,
     ) -> CriResult<cri::UpdateContainerResourcesResponse> {
-        Err(Status::unimplemented("UpdateContainerResources is not supported yet"))
+        let req = req.into_inner();
+        if req.container_id.is_empty() {
+            return Err(Status::invalid_argument("container_id is required"));
+        }
+        let linux = req.linux.ok_or_else(|| {
+            Status::invalid_argument("linux resources are required (windows is not supported)")
+        })?;
+        self.manager
+            .update_container_resources(&req.container_id, translate::resources(linux))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
 
     async fn reopen_container_log(
@@ -316,16 +327,42 @@ impl RuntimeService for RuntimeServiceImpl {
 
     async fn pod_sandbox_stats(
         &self,
-        _req: Request<cri::PodSandboxStatsRequest>,
+        req: Request<cri::PodSandboxStatsRequest>,
     ) -> CriResult<cri::PodSandboxStatsResponse> {
-        Err(Status::unimplemented("PodSandboxStats is not supported yet"))
+        let id = req.into_inner().pod_sandbox_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("pod_sandbox_id is required"));
+        }
+        let usage = self.manager.pod_stats(&id).await.map_err(status)?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(translate::pod_sandbox_stats(&usage)),
+        }))
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _req: Request<cri::ListPodSandboxStatsRequest>,
+        req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> CriResult<cri::ListPodSandboxStatsResponse> {
-        Err(Status::unimplemented("ListPodSandboxStats is not supported yet"))
+        let filter = req.into_inner().filter.unwrap_or_default();
+        let wanted: Vec<String> = self
+            .manager
+            .list_sandboxes()
+            .into_iter()
+            .filter(|s| {
+                s.state == crate::sandbox::SandboxState::Ready
+                    && (filter.id.is_empty() || s.id.starts_with(&filter.id))
+                    && labels_match(&s.labels, &filter.label_selector)
+            })
+            .map(|s| s.id)
+            .collect();
+        // All at once, as ListContainerStats: a slow guest costs its own deadline only.
+        let usages =
+            futures::future::join_all(wanted.iter().map(|id| self.manager.pod_stats(id))).await;
+        let stats = usages
+            .into_iter()
+            .filter_map(|u| u.ok().map(|u| translate::pod_sandbox_stats(&u)))
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
 
     async fn update_runtime_config(
@@ -390,7 +427,44 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         _req: Request<cri::GetEventsRequest>,
     ) -> CriResult<Self::GetContainerEventsStream> {
-        Err(Status::unimplemented("GetContainerEvents is not supported yet"))
+        let events = self.manager.subscribe_events();
+        let manager = self.manager.clone();
+        let stream =
+            futures::stream::unfold((events, manager), |(mut events, manager)| async move {
+                loop {
+                    match events.recv().await {
+                        Ok(event) => {
+                            if let Some(last) = &event.last {
+                                let response = translate::container_event(
+                                    &event,
+                                    last.sandbox.as_ref(),
+                                    &last.containers,
+                                );
+                                return Some((Ok(response), (events, manager)));
+                            }
+                            let sandbox = manager.sandbox(&event.sandbox_id).ok();
+                            let containers: Vec<_> = if event.is_pod_event() {
+                                manager
+                                    .list_containers()
+                                    .into_iter()
+                                    .filter(|c| c.sandbox_id == event.sandbox_id)
+                                    .collect()
+                            } else {
+                                manager.container(&event.container_id).into_iter().collect()
+                            };
+                            let response =
+                                translate::container_event(&event, sandbox.as_ref(), &containers);
+                            return Some((Ok(response), (events, manager)));
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            // kubelet relists when it misses events: say so and go on.
+                            tracing::warn!(missed, "an event subscriber fell behind");
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_metric_descriptors(

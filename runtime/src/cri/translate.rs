@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use k8s_cri::v1 as cri;
 use tonic::Status;
 
+use crate::sandbox::events::{EventKind, LifecycleEvent};
+use crate::sandbox::stats::{ContainerUsage, PodUsage};
 use crate::sandbox::{
-    ContainerRecord, ContainerSpec, ContainerState, ContainerStats, DnsSettings, NamespaceMode,
-    NamespaceModes, PodMetadata, PodSpec, Resources, SandboxRecord, SandboxState, SecurityContext,
-    VolumeMount,
+    ContainerRecord, ContainerSpec, ContainerState, DnsSettings, NamespaceMode, NamespaceModes,
+    PodMetadata, PodSpec, Resources, SandboxRecord, SandboxState, SecurityContext, VolumeMount,
 };
 
 /// The longest hostname the guest kernel takes (HOST_NAME_MAX).
@@ -142,7 +143,7 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Sta
     })
 }
 
-fn resources(r: cri::LinuxContainerResources) -> Resources {
+pub fn resources(r: cri::LinuxContainerResources) -> Resources {
     Resources {
         cpu_period: r.cpu_period,
         cpu_quota: r.cpu_quota,
@@ -275,31 +276,123 @@ pub fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
             })
             .collect(),
         log_path: c.log_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        resources: c.resources.as_ref().map(|r| cri::ContainerResources {
+            linux: Some(cri_resources(r)),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
 
-pub fn container_stats(c: &ContainerRecord, s: &ContainerStats) -> cri::ContainerStats {
+fn cri_resources(r: &Resources) -> cri::LinuxContainerResources {
+    cri::LinuxContainerResources {
+        cpu_period: r.cpu_period,
+        cpu_quota: r.cpu_quota,
+        cpu_shares: r.cpu_shares,
+        cpuset_cpus: r.cpuset_cpus.clone(),
+        cpuset_mems: r.cpuset_mems.clone(),
+        memory_limit_in_bytes: r.memory_limit_bytes,
+        memory_swap_limit_in_bytes: r.memory_swap_limit_bytes,
+        unified: r.unified.clone().into_iter().collect(),
+        ..Default::default()
+    }
+}
+
+fn uint(value: u64) -> Option<cri::UInt64Value> {
+    Some(cri::UInt64Value { value })
+}
+
+fn cpu_usage(at: i64, total: u64, nano_cores: Option<u64>) -> cri::CpuUsage {
+    cri::CpuUsage {
+        timestamp: at,
+        usage_core_nano_seconds: uint(total),
+        usage_nano_cores: nano_cores.and_then(uint),
+    }
+}
+
+pub fn container_stats(c: &ContainerRecord, u: &ContainerUsage) -> cri::ContainerStats {
+    let s = &u.stats;
     let attributes = cri::ContainerAttributes {
         id: c.id.clone(),
         metadata: Some(container_metadata(c)),
         labels: c.labels.clone(),
         annotations: c.annotations.clone(),
     };
+    let limit = c.resources.as_ref().map(|r| r.memory_limit_bytes).unwrap_or(0);
     cri::ContainerStats {
         attributes: Some(attributes),
-        cpu: Some(cri::CpuUsage {
-            timestamp: s.timestamp_unix_nanos,
-            usage_core_nano_seconds: Some(cri::UInt64Value { value: s.cpu_usage_nanos }),
-            ..Default::default()
-        }),
+        cpu: Some(cpu_usage(s.timestamp_unix_nanos, s.cpu_usage_nanos, u.nano_cores)),
         memory: Some(cri::MemoryUsage {
             timestamp: s.timestamp_unix_nanos,
-            working_set_bytes: Some(cri::UInt64Value { value: s.memory_working_set_bytes }),
-            usage_bytes: Some(cri::UInt64Value { value: s.memory_usage_bytes }),
-            ..Default::default()
+            working_set_bytes: uint(s.memory_working_set_bytes),
+            // As cAdvisor: what is left under the limit, when there is one.
+            available_bytes: u64::try_from(limit)
+                .ok()
+                .filter(|l| *l > 0)
+                .and_then(|l| uint(l.saturating_sub(s.memory_working_set_bytes))),
+            usage_bytes: uint(s.memory_usage_bytes),
+            rss_bytes: uint(s.memory_rss_bytes),
+            page_faults: uint(s.page_faults),
+            major_page_faults: uint(s.major_page_faults),
+        }),
+        writable_layer: Some(cri::FilesystemUsage {
+            timestamp: s.timestamp_unix_nanos,
+            fs_id: Some(cri::FilesystemIdentifier { mountpoint: "/".into() }),
+            used_bytes: uint(s.writable_layer_bytes),
+            inodes_used: uint(s.writable_layer_inodes),
         }),
         ..Default::default()
+    }
+}
+
+pub fn pod_sandbox_stats(p: &PodUsage) -> cri::PodSandboxStats {
+    let s = &p.stats;
+    let at = s.timestamp_unix_nanos;
+    cri::PodSandboxStats {
+        attributes: Some(cri::PodSandboxAttributes {
+            id: p.sandbox.id.clone(),
+            metadata: Some(pod_metadata(&p.sandbox)),
+            labels: p.sandbox.labels.clone(),
+            annotations: p.sandbox.annotations.clone(),
+        }),
+        linux: Some(cri::LinuxPodSandboxStats {
+            cpu: Some(cpu_usage(at, s.cpu_usage_nanos, p.nano_cores)),
+            memory: Some(cri::MemoryUsage {
+                timestamp: at,
+                working_set_bytes: uint(s.memory_working_set_bytes),
+                // The pod's limit is its VM.
+                available_bytes: uint(
+                    s.memory_total_bytes.saturating_sub(s.memory_working_set_bytes),
+                ),
+                usage_bytes: uint(s.memory_usage_bytes),
+                ..Default::default()
+            }),
+            network: None,
+            process: Some(cri::ProcessUsage { timestamp: at, process_count: uint(s.pids) }),
+            containers: p.containers.iter().map(|(c, u)| container_stats(c, u)).collect(),
+        }),
+        windows: None,
+    }
+}
+
+/// A lifecycle event, with the pod's status and its containers' as they are now.
+pub fn container_event(
+    event: &LifecycleEvent,
+    sandbox: Option<&SandboxRecord>,
+    containers: &[ContainerRecord],
+) -> cri::ContainerEventResponse {
+    let event_type = match event.kind {
+        EventKind::Created => cri::ContainerEventType::ContainerCreatedEvent,
+        EventKind::Started => cri::ContainerEventType::ContainerStartedEvent,
+        EventKind::Stopped => cri::ContainerEventType::ContainerStoppedEvent,
+        EventKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
+    };
+    cri::ContainerEventResponse {
+        container_id: event.container_id.clone(),
+        container_event_type: event_type as i32,
+        created_at: event.at,
+        pod_sandbox_status: sandbox.map(sandbox_status),
+        containers_statuses: containers.iter().map(container_status).collect(),
     }
 }
 

@@ -43,6 +43,9 @@ impl SandboxManager {
                 existing: existing.id,
             });
         }
+        if let Some(resources) = &spec.resources {
+            self.check_fits_vm(resources)?;
+        }
         let image = self
             .images
             .resolve(&spec.image)
@@ -117,6 +120,7 @@ impl SandboxManager {
             message: String::new(),
             pid,
             stop_signal: image.defaults.stop_signal.as_deref().map(parse_signal).unwrap_or(0),
+            resources: spec.resources,
             state: ContainerState::Created,
         };
         {
@@ -124,6 +128,7 @@ impl SandboxManager {
             self.save_container(&rec)?;
             st.containers.insert(id.clone(), rec);
         }
+        self.events.emit(&id, &sandbox.id, super::events::EventKind::Created);
         Ok(id)
     }
 
@@ -295,7 +300,12 @@ impl SandboxManager {
             // The host's clock, not the guest's: the guest may have no RTC, and the exit is
             // observed as it happens (the wait is a blocking stream).
             c.finished_at = now_nanos();
-            c.reason = if status.exit_code == 0 { "Completed" } else { "Error" }.into();
+            c.reason = match (status.oom_killed, status.exit_code) {
+                (true, _) => "OOMKilled",
+                (false, 0) => "Completed",
+                (false, _) => "Error",
+            }
+            .into();
         });
         if let Err(e) = res {
             debug!(container = %cid, error = %e, "recording exit");
@@ -353,16 +363,23 @@ impl SandboxManager {
             self.agent(&sandbox.id)?.remove_container(&rec.id).await?;
             self.resources(&sandbox).release_volumes(&rec.id)?;
         }
-        {
+        let last = {
             let mut st = lock(&self.state);
-            st.containers.remove(&rec.id);
+            let last = st.containers.remove(&rec.id);
             store::remove_path(&self.container_record_path(&rec.sandbox_id, &rec.id))?;
-        }
+            last
+        };
         let _ = std::fs::remove_file(self.output_offsets_path(&rec.sandbox_id, &rec.id));
         lock(&self.log_writers).remove(&rec.id);
         lock(&self.io).remove(&ProcessId::init(&rec.id));
+        self.cpu_samples.forget(&rec.id);
         drop(_op);
         lock(&self.container_locks).remove(&rec.id);
+        let last = super::events::LastRecords {
+            sandbox: self.sandbox(&rec.sandbox_id).ok(),
+            containers: last.into_iter().collect(),
+        };
+        self.events.emit_deleted(&rec.id, &rec.sandbox_id, last);
         Ok(())
     }
 
@@ -379,10 +396,33 @@ impl SandboxManager {
         }
     }
 
-    /// Container statistics from the guest's cgroups.
-    pub async fn container_stats(&self, id: &str) -> Result<ContainerStats> {
+    /// UpdateContainerResources: new cgroup limits for a created or running container.
+    pub async fn update_container_resources(&self, id: &str, resources: Resources) -> Result<()> {
         let rec = self.container(id)?;
-        Ok(self.agent(&rec.sandbox_id)?.container_stats(&rec.id).await?)
+        let guard = self.container_lock(&rec.id);
+        let _op = guard.lock().await;
+        let rec = self.container(&rec.id)?;
+        if rec.state == ContainerState::Exited {
+            return Err(SandboxError::ContainerNotRunning(rec.id));
+        }
+        self.check_fits_vm(&resources)?;
+        let json = spec::resources_json(&resources)?;
+        self.agent(&rec.sandbox_id)?.update_container(&rec.id, json).await?;
+        self.update_container(&rec.id, |c| c.resources = Some(resources))?;
+        Ok(())
+    }
+
+    /// A memory limit above the VM's memory would never be reached: the VM would run out
+    /// first, and its OOM killer pick any process. Refuse it.
+    fn check_fits_vm(&self, resources: &Resources) -> Result<()> {
+        let vm_bytes = i64::from(self.config.vm.memory_mib) * 1024 * 1024;
+        if resources.memory_limit_bytes > vm_bytes {
+            return Err(SandboxError::LimitExceedsVm {
+                limit: resources.memory_limit_bytes,
+                vm_mib: self.config.vm.memory_mib,
+            });
+        }
+        Ok(())
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::logs::LogError;
-use super::records::{ContainerState, RecordError};
+use super::records::ContainerState;
 use super::spec::SpecError;
 use crate::agent::AgentError;
 use crate::hypervisor::HypervisorError;
@@ -35,6 +35,8 @@ pub enum SandboxError {
     ContainerNotRunning(String),
     #[error("mount source {0} does not exist")]
     MountSourceMissing(String),
+    #[error("a memory limit of {limit} bytes is larger than the pod's VM ({vm_mib} MiB)")]
+    LimitExceedsVm { limit: i64, vm_mib: u32 },
     #[error(
         "the stored process of container {id} cannot be read ({reason}); recreate the container"
     )]
@@ -51,8 +53,6 @@ pub enum SandboxError {
     Agent(#[from] AgentError),
     #[error("state store: {0}")]
     Store(#[from] StoreError),
-    #[error("record: {0}")]
-    Record(#[from] RecordError),
     #[error("sandbox share: {0}")]
     Share(#[from] ShareError),
     #[error("container spec: {0}")]

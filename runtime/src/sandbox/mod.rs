@@ -13,12 +13,14 @@
 
 pub mod container;
 pub mod error;
+pub mod events;
 pub mod exec;
 pub mod io;
 pub mod logs;
 pub mod pod;
 pub mod records;
 pub mod spec;
+pub mod stats;
 pub mod types;
 
 #[cfg(test)]
@@ -77,6 +79,9 @@ pub struct SandboxManager {
     log_writers: Mutex<HashMap<String, Arc<logs::LogWriter>>>,
     /// The I/O hub of every process whose output is being read.
     io: Mutex<HashMap<ProcessId, Arc<io::ProcessIo>>>,
+    events: events::Events,
+    /// The last CPU sample of each pod and container, for usage rates.
+    cpu_samples: stats::CpuSamples,
 }
 
 pub fn now_nanos() -> i64 {
@@ -110,7 +115,14 @@ impl SandboxManager {
             agents: Mutex::new(HashMap::new()),
             log_writers: Mutex::new(HashMap::new()),
             io: Mutex::new(HashMap::new()),
+            events: events::Events::default(),
+            cpu_samples: stats::CpuSamples::default(),
         })
+    }
+
+    /// Lifecycle events from now on.
+    pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<events::LifecycleEvent> {
+        self.events.subscribe()
     }
 
     /// The backend new pods run on.
@@ -183,9 +195,19 @@ impl SandboxManager {
         let mut st = lock(&self.state);
         let rec =
             st.sandboxes.get_mut(id).ok_or_else(|| SandboxError::SandboxNotFound(id.into()))?;
+        let before = rec.state;
         f(rec);
         let rec = rec.clone();
         self.save_sandbox(&rec)?;
+        match (before, rec.state) {
+            (SandboxState::NotReady, SandboxState::Ready) => {
+                self.events.emit(id, id, events::EventKind::Started)
+            }
+            (SandboxState::Ready, SandboxState::NotReady) => {
+                self.events.emit(id, id, events::EventKind::Stopped)
+            }
+            _ => {}
+        }
         Ok(rec)
     }
 
@@ -197,9 +219,20 @@ impl SandboxManager {
         let mut st = lock(&self.state);
         let rec =
             st.containers.get_mut(id).ok_or_else(|| SandboxError::ContainerNotFound(id.into()))?;
+        let before = rec.state;
         f(rec);
         let rec = rec.clone();
         self.save_container(&rec)?;
+        let kind = match (before, rec.state) {
+            (ContainerState::Created, ContainerState::Running) => Some(events::EventKind::Started),
+            (b, ContainerState::Exited) if b != ContainerState::Exited => {
+                Some(events::EventKind::Stopped)
+            }
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            self.events.emit(id, &rec.sandbox_id, kind);
+        }
         Ok(rec)
     }
 

@@ -34,6 +34,7 @@ impl SandboxManager {
             // Reserve the name while the VM boots.
             st.sandboxes.insert(id.clone(), new_record(&id, &pod));
         }
+        self.events.emit(&id, &id, events::EventKind::Created);
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
         match self.boot_sandbox(&id, &pod).await {
@@ -53,10 +54,12 @@ impl SandboxManager {
                 if let Err(e) = self.teardown_vm(&id).await {
                     warn!(sandbox = %id, error = %e, "cleaning up a pod sandbox that failed");
                 }
-                lock(&self.state).sandboxes.remove(&id);
+                let last = lock(&self.state).sandboxes.remove(&id);
                 let _ = store::remove_path(&self.sandbox_record_dir(&id));
                 let _ = store::remove_path(&self.sandbox_state_dir(&id));
                 lock(&self.sandbox_locks).remove(&id);
+                let last = events::LastRecords { sandbox: last, containers: Vec::new() };
+                self.events.emit_deleted(&id, &id, last);
                 Err(e)
             }
         }
@@ -195,21 +198,28 @@ impl SandboxManager {
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
         self.teardown_vm(&id).await?;
-        let containers: Vec<String> = self.containers_of(&id).into_iter().map(|c| c.id).collect();
-        {
+        let containers = self.containers_of(&id);
+        let sandbox = {
             let mut st = lock(&self.state);
-            for cid in &containers {
-                st.containers.remove(cid);
+            for c in &containers {
+                st.containers.remove(&c.id);
             }
-            st.sandboxes.remove(&id);
+            let sandbox = st.sandboxes.remove(&id);
             store::remove_path(&self.sandbox_record_dir(&id))?;
-        }
-        for cid in &containers {
-            lock(&self.log_writers).remove(cid);
-            lock(&self.container_locks).remove(cid);
+            sandbox
+        };
+        for c in &containers {
+            lock(&self.log_writers).remove(&c.id);
+            lock(&self.container_locks).remove(&c.id);
+            self.cpu_samples.forget(&c.id);
+            let last =
+                events::LastRecords { sandbox: sandbox.clone(), containers: vec![c.clone()] };
+            self.events.emit_deleted(&c.id, &id, last);
         }
         store::remove_path(&self.sandbox_state_dir(&id))?;
         lock(&self.sandbox_locks).remove(&id);
+        self.cpu_samples.forget(&stats::pod_key(&id));
+        self.events.emit_deleted(&id, &id, events::LastRecords { sandbox, containers });
         info!(sandbox = %id, "pod sandbox removed");
         Ok(())
     }

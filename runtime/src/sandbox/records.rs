@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::types::{NamespaceMode, NamespaceModes};
+use super::types::{NamespaceMode, NamespaceModes, Resources};
 use crate::hypervisor::VmHandle;
 use crate::resource::ShareLayout;
 use crate::store::{self, StoreError};
@@ -132,6 +132,9 @@ pub struct ContainerRecord {
     /// The image's StopSignal as a number; 0 = SIGTERM.
     #[serde(default)]
     pub stop_signal: i32,
+    /// The cgroup limits it was created with or last updated to.
+    #[serde(default)]
+    pub resources: Option<Resources>,
     pub state: ContainerState,
 }
 

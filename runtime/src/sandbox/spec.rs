@@ -376,6 +376,11 @@ pub fn build_spec(
     Ok(serde_json::to_vec(&spec)?)
 }
 
+/// Resources as the OCI `LinuxResources` JSON that UpdateContainer takes.
+pub fn resources_json(r: &Resources) -> Result<Vec<u8>, SpecError> {
+    Ok(serde_json::to_vec(&resources(r)?)?)
+}
+
 /// The process of a built spec, as JSON: execs start from it (env, user, cwd).
 pub fn process_of(spec_json: &[u8]) -> Result<String, SpecError> {
     let spec: serde_json::Value = serde_json::from_slice(spec_json)?;

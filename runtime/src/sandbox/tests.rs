@@ -540,7 +540,20 @@ async fn container_stats_come_from_the_agent() {
     let h = Harness::new();
     let sid = h.run_pod("p").await;
     let cid = h.create_and_start(&sid, "c").await;
-    assert_eq!(h.manager.container_stats(&cid).await.unwrap().cpu_usage_nanos, 42);
+    let agent = h.agent(&sid);
+    let first = h.manager.container_stats(&cid).await.unwrap();
+    assert_eq!((first.stats.cpu_usage_nanos, first.nano_cores), (42, None));
+    agent.set_cpu(&cid, 42 + 50_000_000);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = h.manager.container_stats(&cid).await.unwrap();
+    let rate = second.nano_cores.expect("a rate from the second sample");
+    // 50 ms of CPU in about 100 ms: about half a core.
+    assert!((200_000_000..=600_000_000).contains(&rate), "{rate}");
+    let pod = h.manager.pod_stats(&sid).await.unwrap();
+    assert_eq!(pod.containers.len(), 1);
+    assert_eq!(pod.stats.memory_total_bytes, 256 << 20);
+    h.manager.stop_sandbox(&sid).await.unwrap();
+    assert!(matches!(h.manager.pod_stats(&sid).await, Err(SandboxError::SandboxNotReady(_))));
 }
 
 // Exec.
@@ -759,4 +772,107 @@ async fn a_hung_agent_does_not_block_another_pod() {
     assert_eq!(done.stdout, b"ok\n");
     assert!(!hung.is_finished());
     hung.abort();
+}
+
+// Events, OOM, live resources.
+
+#[tokio::test]
+async fn every_state_change_emits_an_event() {
+    needs_root!();
+    use events::EventKind::{Created, Deleted, Started, Stopped};
+    let h = Harness::new();
+    let mut events = h.manager.subscribe_events();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    h.agent(&sid).exit(&cid, 0);
+    let m = h.manager.clone();
+    eventually("the exit", || m.container(&cid).unwrap().state == ContainerState::Exited).await;
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    let mut seen = Vec::new();
+    let mut last = None;
+    while let Ok(e) = events.try_recv() {
+        seen.push((e.container_id == sid, e.kind));
+        last = Some(e);
+    }
+    // A deletion carries what was deleted: its records are gone from the store.
+    let deleted = last.unwrap().last.expect("the pod's last records");
+    assert_eq!(deleted.sandbox.as_ref().map(|s| s.id.as_str()), Some(sid.as_str()));
+    assert_eq!(deleted.containers.len(), 1);
+    assert_eq!(
+        seen,
+        vec![
+            (true, Created),
+            (true, Started),
+            (false, Created),
+            (false, Started),
+            (false, Stopped),
+            (true, Stopped),
+            (false, Deleted),
+            (true, Deleted),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_vm_that_dies_emits_stopped_events_for_the_pod_and_its_containers() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    let mut events = h.manager.subscribe_events();
+    h.hv.kill(&h.manager.sandbox(&sid).unwrap().vm.unwrap());
+    let mut stopped = Vec::new();
+    while stopped.len() < 2 {
+        let e = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.unwrap().unwrap();
+        if e.kind == events::EventKind::Stopped {
+            stopped.push(e.container_id);
+        }
+    }
+    assert!(stopped.contains(&cid) && stopped.contains(&sid), "{stopped:?}");
+}
+
+#[tokio::test]
+async fn an_oom_kill_is_reported_as_oomkilled_137() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    h.agent(&sid).oom_kill(&cid);
+    let m = h.manager.clone();
+    eventually("the exit", || m.container(&cid).unwrap().state == ContainerState::Exited).await;
+    let c = h.manager.container(&cid).unwrap();
+    assert_eq!((c.exit_code, c.reason.as_str()), (137, "OOMKilled"));
+}
+
+#[tokio::test]
+async fn resources_are_updated_in_the_guest_and_recorded_and_must_fit_the_vm() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let cid = h.create_and_start(&sid, "c").await;
+    let wanted = Resources {
+        memory_limit_bytes: 64 << 20,
+        cpu_quota: 50_000,
+        cpu_period: 100_000,
+        ..Default::default()
+    };
+    h.manager.update_container_resources(&cid, wanted.clone()).await.unwrap();
+    let applied = h.agent(&sid).updated(&cid).unwrap();
+    assert_eq!(applied["memory"]["limit"], 64 << 20);
+    assert_eq!(applied["cpu"]["quota"], 50_000);
+    assert_eq!(h.manager.container(&cid).unwrap().resources, Some(wanted));
+    // The fake's VM has the default 256 MiB.
+    let too_big = Resources { memory_limit_bytes: 1 << 30, ..Default::default() };
+    let err = h.manager.update_container_resources(&cid, too_big.clone()).await.unwrap_err();
+    assert!(matches!(err, SandboxError::LimitExceedsVm { .. }), "{err}");
+    assert_eq!(crate::cri::code(&err), tonic::Code::InvalidArgument);
+    let mut spec = container("big");
+    spec.resources = Some(too_big);
+    let err = h.manager.create_container(&sid, spec).await.unwrap_err();
+    assert!(matches!(err, SandboxError::LimitExceedsVm { .. }), "{err}");
+    h.agent(&sid).exit(&cid, 0);
+    let m = h.manager.clone();
+    eventually("the exit", || m.container(&cid).unwrap().state == ContainerState::Exited).await;
+    let err = h.manager.update_container_resources(&cid, Resources::default()).await.unwrap_err();
+    assert!(matches!(err, SandboxError::ContainerNotRunning(_)), "{err}");
 }

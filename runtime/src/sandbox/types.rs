@@ -52,7 +52,7 @@ pub struct VolumeMount {
 }
 
 /// Cgroup limits of a container (applied inside the guest).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
     pub cpu_period: i64,
     pub cpu_quota: i64,

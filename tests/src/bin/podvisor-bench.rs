@@ -1,7 +1,9 @@
 //! `make bench`: figures for the record, printed, never asserted.
 //! - pod start latency: RunPodSandbox → CreateContainer → StartContainer → Running,
 //!   p50/p90 over PODVISOR_BENCH_RUNS (default 10) pods;
-//! - per-pod host memory: RSS of the VM's processes (VMM + helpers) with one pod running.
+//! - per-pod host memory: RSS of the VM's processes (VMM + helpers) with one pod running;
+//! - ExecSync round trip (`true` in a running container), p50/p99 over PODVISOR_BENCH_EXECS
+//!   (default 200) calls.
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +45,10 @@ async fn main() -> anyhow::Result<()> {
     let mut rt = daemon.runtime().await?;
     let log_dir = daemon.dir.path().join("logs");
 
+    let execs: usize =
+        std::env::var("PODVISOR_BENCH_EXECS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
     let mut latencies = Vec::with_capacity(runs);
+    let mut exec_latencies = Vec::with_capacity(execs);
     let mut rss_samples = Vec::new();
     for i in 0..runs {
         let pod_cfg = pod_config(&format!("bench-{i}"), &log_dir);
@@ -107,6 +112,21 @@ async fn main() -> anyhow::Result<()> {
         eprintln!(
             "run {i}: boot {booted:?}, container running after {elapsed:?}, pod RSS {total} KiB"
         );
+        if i + 1 == runs {
+            for _ in 0..execs {
+                let started = Instant::now();
+                let out = rt
+                    .exec_sync(cri::ExecSyncRequest {
+                        container_id: cid.clone(),
+                        cmd: vec!["true".into()],
+                        timeout: 30,
+                    })
+                    .await?
+                    .into_inner();
+                anyhow::ensure!(out.exit_code == 0, "exec failed: {out:?}");
+                exec_latencies.push(started.elapsed());
+            }
+        }
         rt.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await?;
         rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await?;
     }
@@ -138,6 +158,15 @@ async fn main() -> anyhow::Result<()> {
         for (name, kib) in parts {
             println!("  {name}: {kib} KiB");
         }
+    }
+    exec_latencies.sort();
+    if !exec_latencies.is_empty() {
+        println!(
+            "ExecSync round trip (`true`), {} calls: p50 {:?}  p99 {:?}",
+            exec_latencies.len(),
+            percentile(&exec_latencies, 0.5),
+            percentile(&exec_latencies, 0.99)
+        );
     }
     Ok(())
 }
