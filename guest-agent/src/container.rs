@@ -107,10 +107,13 @@ pub struct Paths {
 
 /// The agent's own directories under [`Paths::run_dir`]: containers, sandbox files,
 /// libcontainer state. Nothing may be mounted over them.
-pub const AGENT_DIRS: [&str; 3] = [CONTAINERS_DIR, SANDBOX_DIR, LIBCONTAINER_DIR];
+pub const AGENT_DIRS: [&str; 4] = [CONTAINERS_DIR, SANDBOX_DIR, LIBCONTAINER_DIR, CONSOLE_DIR];
 const CONTAINERS_DIR: &str = "containers";
 const SANDBOX_DIR: &str = "sandbox";
 const LIBCONTAINER_DIR: &str = "libcontainer";
+/// Console sockets live apart from the container directories: a container's directory name
+/// (64 hex digits) plus an exec id would not fit in a unix socket path (108 bytes).
+const CONSOLE_DIR: &str = "tty";
 
 impl Paths {
     pub fn containers_dir(&self) -> PathBuf {
@@ -505,13 +508,17 @@ impl Agent {
     /// Prepares stdio for a new process: the fds for the helper and the agent's side.
     fn prepare_io(
         &self,
-        dir: &Path,
-        name: &str,
         tty: bool,
         with_stdin: bool,
     ) -> Result<(PendingIo, HelperStdio), AgentError> {
         if tty {
-            let path = dir.join(format!("{name}.console.sock"));
+            // Unique for the agent's life, and short (see CONSOLE_DIR).
+            static NEXT_CONSOLE: AtomicU64 = AtomicU64::new(0);
+            let console_dir = self.paths.run_dir.join(CONSOLE_DIR);
+            fs::create_dir_all(&console_dir)
+                .map_err(|e| AgentError::ConsoleSocket(console_dir.clone(), e))?;
+            let n = NEXT_CONSOLE.fetch_add(1, Ordering::Relaxed);
+            let path = console_dir.join(format!("{n}.sock"));
             let _ = fs::remove_file(&path);
             let listener = tokio::net::UnixListener::bind(&path)
                 .map_err(|e| AgentError::ConsoleSocket(path.clone(), e))?;
@@ -645,8 +652,7 @@ impl Agent {
         spec.set_linux(Some(linux));
         write_json(&dir.join("config.json"), "config.json", spec)?;
 
-        let (pending, helper_stdio) =
-            self.prepare_io(dir, "init", stdio_cfg.tty, stdio_cfg.stdin)?;
+        let (pending, helper_stdio) = self.prepare_io(stdio_cfg.tty, stdio_cfg.stdin)?;
         let console_socket = match &pending {
             PendingIo::Tty(_, path) => Some(path.clone()),
             PendingIo::Pipes(_) => None,
@@ -734,12 +740,7 @@ impl Agent {
         }
         let process_json = container.dir.join(format!("exec-{}.json", req.exec_id));
         write_json(&process_json, "the exec process", &process)?;
-        let (pending, helper_stdio) = self.prepare_io(
-            &container.dir,
-            &format!("exec-{}", req.exec_id),
-            stdio_cfg.tty,
-            stdio_cfg.stdin,
-        )?;
+        let (pending, helper_stdio) = self.prepare_io(stdio_cfg.tty, stdio_cfg.stdin)?;
         let console_socket = match &pending {
             PendingIo::Tty(_, path) => Some(path.clone()),
             PendingIo::Pipes(_) => None,
