@@ -35,6 +35,23 @@ pub struct Config {
     pub qemu: QemuSection,
     pub builtin: BuiltinSection,
     pub images: ImagesSection,
+    pub streaming: StreamingSection,
+}
+
+/// Where the streaming server (Exec, Attach) listens. The URLs it hands out carry single-use
+/// tokens; kubelet proxies clients to it, so loopback is the default.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamingSection {
+    pub address: String,
+    /// 0 picks a free port at start.
+    pub port: u16,
+}
+
+impl Default for StreamingSection {
+    fn default() -> Self {
+        Self { address: "127.0.0.1".into(), port: 0 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,6 +132,7 @@ impl Default for Config {
             qemu: QemuSection::default(),
             builtin: BuiltinSection::default(),
             images: ImagesSection::default(),
+            streaming: StreamingSection::default(),
         }
     }
 }
@@ -164,6 +182,12 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.streaming.address.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "streaming.address must be an IP address, not {:?}",
+                self.streaming.address
+            )));
+        }
         if !matches!(self.hypervisor.as_str(), "auto" | "builtin" | "qemu") {
             return Err(ConfigError::Invalid(format!(
                 "hypervisor must be auto, builtin or qemu, not {:?}",

@@ -10,6 +10,7 @@ mod procwait;
 mod resource;
 mod sandbox;
 mod store;
+mod streaming;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -214,7 +215,9 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", config.listen.display()))?;
     info!(socket = %config.listen.display(), root = %config.root.display(), state = %config.state.display(), "podvisor serving CRI runtime.v1");
 
-    let runtime_service = cri::runtime::RuntimeServiceImpl::new(manager.clone(), backend_reason);
+    let streaming = streaming::StreamingServer::start(&config.streaming, manager.clone()).await?;
+    let runtime_service =
+        cri::runtime::RuntimeServiceImpl::new(manager.clone(), streaming, backend_reason);
     let image_service = image_store.cri_service(manager.clone());
     let shutdown = async {
         let mut term =

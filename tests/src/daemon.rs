@@ -336,6 +336,26 @@ impl TestDaemon {
         .map(|r| r.into_inner())
     }
 
+    /// The pod agent's own figures from verbose PodSandboxStatus: (tracked processes, RSS
+    /// bytes).
+    pub async fn agent_figures(&self, pod: &str) -> (u64, u64) {
+        let mut rt = self.runtime().await.unwrap();
+        let status = rt
+            .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
+                pod_sandbox_id: pod.into(),
+                verbose: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
+        let agent = &info["agent"];
+        match (agent["trackedProcesses"].as_u64(), agent["rssBytes"].as_u64()) {
+            (Some(tracked), Some(rss)) => (tracked, rss),
+            _ => panic!("no agent figures in the verbose status: {info}"),
+        }
+    }
+
     /// StopPodSandbox + RemovePodSandbox.
     pub async fn remove_pod(&self, id: &str) {
         let mut rt = self.runtime().await.unwrap();

@@ -10,27 +10,6 @@ use k8s_cri::v1 as cri;
 use podvisor_e2e::daemon::{container_config, e2e_can_run, pod_config, TestDaemon};
 use podvisor_e2e::registry::TestRegistry;
 
-/// The agent's figures from verbose PodSandboxStatus: (tracked processes, RSS bytes).
-async fn agent_figures(daemon: &TestDaemon, pod: &str) -> (u64, u64) {
-    let mut rt = daemon.runtime().await.unwrap();
-    let status = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.into(),
-            verbose: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
-    let agent = &info["agent"];
-    let tracked = agent["trackedProcesses"].as_u64();
-    let rss = agent["rssBytes"].as_u64();
-    match (tracked, rss) {
-        (Some(t), Some(r)) => (t, r),
-        _ => panic!("no agent figures in the verbose status: {info}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volumes_and_a_thousand_execs_in_a_pod_without_hostname() {
     if !e2e_can_run() {
@@ -106,14 +85,14 @@ async fn volumes_and_a_thousand_execs_in_a_pod_without_hostname() {
     assert_eq!(std::fs::read_to_string(ro.join("config")).unwrap(), "v1\n");
 
     // 1,000 ExecSync calls (a liveness probe every 10 s for almost 3 hours).
-    let before = agent_figures(&daemon, &pod).await;
+    let before = daemon.agent_figures(&pod).await;
     let started = Instant::now();
     for i in 0..1000 {
         let out = daemon.exec(&cid, &["echo", "probe"], 30).await.unwrap();
         assert_eq!((out.exit_code, out.stdout.as_slice()), (0, &b"probe\n"[..]), "exec {i}");
     }
     let took = started.elapsed();
-    let after = agent_figures(&daemon, &pod).await;
+    let after = daemon.agent_figures(&pod).await;
     println!(
         "1000 ExecSync in {took:?} ({:?} each): agent tracked processes {} -> {}, RSS {} KiB -> {} KiB",
         took / 1000,

@@ -10,12 +10,15 @@ use tonic::{Request, Response, Status};
 use super::status;
 use super::translate::{self, container_state, labels_match, sandbox_state};
 use crate::sandbox::{ContainerState, SandboxManager};
+use crate::streaming::{StreamRequest, StreamingServer};
 
 pub const RUNTIME_NAME: &str = "podvisor";
 pub const CRI_API_VERSION: &str = "v1";
 
 pub struct RuntimeServiceImpl {
     manager: Arc<SandboxManager>,
+    /// Where Exec and Attach URLs lead.
+    streaming: Arc<StreamingServer>,
     /// Whether CNI networking is available (Status' NetworkReady condition).
     network_ready: bool,
     /// Which hypervisor backend runs pods and why (Status verbose info).
@@ -23,9 +26,36 @@ pub struct RuntimeServiceImpl {
 }
 
 impl RuntimeServiceImpl {
-    pub fn new(manager: Arc<SandboxManager>, backend_reason: String) -> Self {
-        Self { manager, network_ready: false, backend_reason }
+    pub fn new(
+        manager: Arc<SandboxManager>,
+        streaming: Arc<StreamingServer>,
+        backend_reason: String,
+    ) -> Self {
+        Self { manager, streaming, network_ready: false, backend_reason }
     }
+
+    /// The URL of a streaming request on a running container.
+    fn stream_url(&self, container_id: &str, request: StreamRequest) -> Result<String, Status> {
+        let rec = self.manager.container(container_id).map_err(status)?;
+        if rec.state != ContainerState::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                rec.id
+            )));
+        }
+        self.streaming.url_for(request).map_err(|e| Status::resource_exhausted(e.to_string()))
+    }
+}
+
+/// CRI's rules for the standard streams of Exec and Attach.
+fn check_streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result<(), Status> {
+    if !(stdin || stdout || stderr) {
+        return Err(Status::invalid_argument("one of stdin, stdout or stderr must be set"));
+    }
+    if tty && stderr {
+        return Err(Status::invalid_argument("tty and stderr cannot both be set"));
+    }
+    Ok(())
 }
 
 type CriResult<T> = Result<Response<T>, Status>;
@@ -269,12 +299,48 @@ impl RuntimeService for RuntimeServiceImpl {
         }))
     }
 
-    async fn exec(&self, _req: Request<cri::ExecRequest>) -> CriResult<cri::ExecResponse> {
-        Err(Status::unimplemented("Exec streaming is not supported yet; use ExecSync"))
+    async fn exec(&self, req: Request<cri::ExecRequest>) -> CriResult<cri::ExecResponse> {
+        let req = req.into_inner();
+        if req.container_id.is_empty() {
+            return Err(Status::invalid_argument("container_id is required"));
+        }
+        if req.cmd.is_empty() {
+            return Err(Status::invalid_argument("exec needs a command"));
+        }
+        check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
+        let full_id = self.manager.container(&req.container_id).map_err(status)?.id;
+        let url = self.stream_url(
+            &full_id,
+            StreamRequest::Exec {
+                container_id: full_id.clone(),
+                cmd: req.cmd,
+                tty: req.tty,
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+            },
+        )?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
-    async fn attach(&self, _req: Request<cri::AttachRequest>) -> CriResult<cri::AttachResponse> {
-        Err(Status::unimplemented("Attach is not supported yet"))
+    async fn attach(&self, req: Request<cri::AttachRequest>) -> CriResult<cri::AttachResponse> {
+        let req = req.into_inner();
+        if req.container_id.is_empty() {
+            return Err(Status::invalid_argument("container_id is required"));
+        }
+        check_streams(req.stdin, req.stdout, req.stderr, req.tty)?;
+        let full_id = self.manager.container(&req.container_id).map_err(status)?.id;
+        let url = self.stream_url(
+            &full_id,
+            StreamRequest::Attach {
+                container_id: full_id.clone(),
+                tty: req.tty,
+                stdin: req.stdin,
+                stdout: req.stdout,
+                stderr: req.stderr,
+            },
+        )?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(

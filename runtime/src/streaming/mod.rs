@@ -1,0 +1,176 @@
+//! The streaming server: what the URLs that Exec and Attach return lead to. An HTTP/1.1
+//! server on the `[streaming]` address upgrades `POST` or `GET /exec/<token>` and
+//! `/attach/<token>` to SPDY/3.1 ([`podvisor_spdy`]) and serves Kubernetes' remotecommand
+//! protocol on it ([`remotecommand`]), as kubelet's CRI streaming library does; tokens are
+//! single-use ([`tokens`]). The process side is the sandbox layer's exec session or the
+//! container's I/O hub.
+
+pub mod remotecommand;
+pub mod tokens;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::config::StreamingSection;
+use crate::sandbox::SandboxManager;
+use tokens::Tokens;
+pub use tokens::{StreamRequest, TokenError};
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamingError {
+    #[error("listening for streaming connections on {address}: {source}")]
+    Listen { address: String, source: std::io::Error },
+}
+
+pub struct StreamingServer {
+    base_url: String,
+    tokens: Tokens,
+}
+
+impl StreamingServer {
+    /// Binds the configured address and serves in the background.
+    pub async fn start(
+        config: &StreamingSection,
+        manager: Arc<SandboxManager>,
+    ) -> Result<Arc<Self>, StreamingError> {
+        let address = format!("{}:{}", config.address, config.port);
+        let listen_err = |source| StreamingError::Listen { address: address.clone(), source };
+        let listener = TcpListener::bind(&address).await.map_err(listen_err)?;
+        let local = listener.local_addr().map_err(listen_err)?;
+        let server = Arc::new(Self { base_url: base_url(local), tokens: Tokens::default() });
+        info!(url = %server.base_url, "streaming server listening");
+        let this = server.clone();
+        tokio::spawn(async move { this.accept(listener, manager).await });
+        Ok(server)
+    }
+
+    /// The URL a client uses for `request`.
+    pub fn url_for(&self, request: StreamRequest) -> Result<String, TokenError> {
+        let kind = request.kind();
+        let token = self.tokens.issue(request)?;
+        Ok(format!("{}/{kind}/{token}", self.base_url))
+    }
+
+    async fn accept(self: Arc<Self>, listener: TcpListener, manager: Arc<SandboxManager>) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of fds and the like: wait, do not spin.
+                    warn!(error = %e, "accepting a streaming connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let manager = manager.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    let manager = manager.clone();
+                    async move { Ok::<_, Infallible>(this.handle(req, manager)) }
+                });
+                let served = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+                if let Err(e) = served {
+                    debug!(%peer, error = %e, "streaming connection ended");
+                }
+            });
+        }
+    }
+
+    /// Answers one request: a 101 with the session spawned, or an error status.
+    fn handle(
+        &self,
+        req: Request<Incoming>,
+        manager: Arc<SandboxManager>,
+    ) -> Response<Full<Bytes>> {
+        let path: Vec<&str> = req.uri().path().trim_matches('/').split('/').collect();
+        let [kind, token] = path.as_slice() else {
+            return plain(StatusCode::NOT_FOUND, "no such streaming endpoint");
+        };
+        let Some(request) = self.tokens.redeem(token).filter(|r| r.kind() == *kind) else {
+            return plain(StatusCode::NOT_FOUND, "unknown or expired streaming token");
+        };
+        let upgrade = header_values(&req, hyper::header::UPGRADE);
+        if !upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
+            return plain(StatusCode::BAD_REQUEST, "this endpoint takes SPDY/3.1 upgrades only");
+        }
+        let offered = header_values(&req, "x-stream-protocol-version");
+        if offered.is_empty() {
+            return plain(StatusCode::BAD_REQUEST, "X-Stream-Protocol-Version is required");
+        }
+        let Some(protocol) = remotecommand::negotiate(offered.iter().map(String::as_str)) else {
+            let mut response = plain(StatusCode::FORBIDDEN, "no common stream protocol");
+            if let Ok(ours) = remotecommand::PROTOCOLS.join(", ").parse() {
+                response.headers_mut().insert("x-accepted-stream-protocol-versions", ours);
+            }
+            return response;
+        };
+        let upgraded = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            match upgraded.await {
+                Ok(io) => {
+                    let (session, incoming) = podvisor_spdy::Session::server(TokioIo::new(io));
+                    remotecommand::serve(session, incoming, protocol, request, manager).await;
+                }
+                Err(e) => debug!(error = %e, "the streaming upgrade failed"),
+            }
+        });
+        let mut response = Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers
+            .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("Upgrade"));
+        headers.insert(hyper::header::UPGRADE, hyper::header::HeaderValue::from_static("SPDY/3.1"));
+        headers
+            .insert("x-stream-protocol-version", hyper::header::HeaderValue::from_static(protocol));
+        response
+    }
+}
+
+/// Every value of a header, as text.
+fn header_values(req: &Request<Incoming>, name: impl hyper::header::AsHeaderName) -> Vec<String> {
+    req.headers().get_all(name).iter().filter_map(|v| v.to_str().ok().map(String::from)).collect()
+}
+
+fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
+    *response.status_mut() = status;
+    response
+}
+
+/// `http://host:port`, with an IPv6 host in brackets; an unspecified address (0.0.0.0) is
+/// handed out as loopback, which is where kubelet connects from.
+fn base_url(local: SocketAddr) -> String {
+    let ip = match local.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => std::net::Ipv4Addr::LOCALHOST.into(),
+        ip if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, local.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_absolute_and_loopback_for_an_unspecified_address() {
+        assert_eq!(base_url("127.0.0.1:8080".parse().unwrap()), "http://127.0.0.1:8080");
+        assert_eq!(base_url("0.0.0.0:9".parse().unwrap()), "http://127.0.0.1:9");
+        assert_eq!(base_url("[::1]:9".parse().unwrap()), "http://[::1]:9");
+    }
+}
