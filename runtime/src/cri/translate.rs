@@ -122,6 +122,22 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Sta
             read_only: m.readonly,
         });
     }
+    // The daemon appends to the log as root: it must stay inside the pod's log directory.
+    let log_path = std::path::Path::new(&config.log_path);
+    let escapes = log_path.components().any(|c| {
+        matches!(
+            c,
+            std::path::Component::RootDir
+                | std::path::Component::Prefix(_)
+                | std::path::Component::ParentDir
+        )
+    });
+    if escapes {
+        return Err(Status::invalid_argument(format!(
+            "log_path {:?} must be relative to the pod's log directory, without \"..\"",
+            config.log_path
+        )));
+    }
     let linux = config.linux.unwrap_or_default();
     Ok(ContainerSpec {
         name: meta.name,
@@ -501,5 +517,24 @@ mod tests {
         );
         config.image = None;
         assert_eq!(container_spec(config).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    /// A log path is relative to the pod's log directory and stays in it: the daemon appends
+    /// to it as root.
+    #[test]
+    fn log_paths_cannot_leave_the_log_directory() {
+        let config = |log_path: &str| cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata { name: "c".into(), attempt: 0 }),
+            image: Some(cri::ImageSpec { image: "busybox".into(), ..Default::default() }),
+            log_path: log_path.into(),
+            ..Default::default()
+        };
+        for good in ["", "c.log", "c/0.log", "./c.log"] {
+            assert!(container_spec(config(good)).is_ok(), "{good}");
+        }
+        for bad in ["/etc/shadow", "../../etc/cron.d/x", "c/../../x.log"] {
+            let err = container_spec(config(bad)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+        }
     }
 }
