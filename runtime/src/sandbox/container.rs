@@ -426,11 +426,12 @@ impl SandboxManager {
     }
 }
 
-/// Parses an image's StopSignal (`SIGTERM`, `TERM` or `15`); unknown names give 0 (default).
+/// Parses an image's StopSignal (`SIGTERM`, `TERM` or `15`); unknown names and numbers that
+/// are no signal give 0 (the default), so every graceful stop does not fail on them.
 pub fn parse_signal(name: &str) -> i32 {
     let name = name.trim();
     if let Ok(n) = name.parse::<i32>() {
-        return n;
+        return if (1..=libc::SIGRTMAX()).contains(&n) { n } else { 0 };
     }
     let upper = name.to_ascii_uppercase();
     let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
@@ -447,5 +448,9 @@ mod unit {
         assert_eq!(parse_signal("int"), libc::SIGINT);
         assert_eq!(parse_signal("9"), 9);
         assert_eq!(parse_signal("bogus"), 0);
+        // Not a signal: the default, not a stop that always fails.
+        assert_eq!(parse_signal("999"), 0);
+        assert_eq!(parse_signal("-1"), 0);
+        assert_eq!(parse_signal("0"), 0);
     }
 }
