@@ -13,6 +13,7 @@ mod helper;
 mod init;
 mod logging;
 mod pause;
+mod portforward;
 mod reaper;
 mod rootfs;
 mod sandbox;
@@ -249,6 +250,10 @@ async fn serve_guest(paths: Paths, log: File) -> Result<(), MainError> {
         MainError::Bind(format!("vsock port {}", podvisor_proto::AGENT_VSOCK_PORT), e)
     })?;
     tracing::info!(port = podvisor_proto::AGENT_VSOCK_PORT, "podvisor-agent serving on vsock");
+    // Without it the pod still runs; only port-forward is lost.
+    if let Err(e) = portforward::spawn() {
+        tracing::warn!(error = %e, "port-forward is unavailable");
+    }
     tokio::spawn(announce_ready());
     tonic::transport::Server::builder()
         // A host connection that died without a goodbye (its daemon was killed) must not keep

@@ -20,6 +20,12 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// "queue not ready" error), and polling also costs up to one retry interval of start latency.
 pub const AGENT_READY_VSOCK_PORT: u32 = 1025;
 
+/// The guest vsock port that carries port-forwarded connections, one vsock connection per
+/// forwarded TCP connection (bytes are spliced, never wrapped in protobuf messages). The host
+/// writes `PORT <n>\n`; the agent connects to `localhost:<n>` in the guest and answers
+/// `OK\n`, after which the connection carries the TCP bytes both ways, or `ERR <reason>\n`.
+pub const PORT_FORWARD_VSOCK_PORT: u32 = 1026;
+
 /// What the agent writes on its [`AGENT_READY_VSOCK_PORT`] connection.
 pub const AGENT_READY_LINE: &str = "podvisor-agent ready\n";
 

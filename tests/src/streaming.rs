@@ -154,3 +154,81 @@ impl RemoteCommand {
         Ok(finished)
     }
 }
+
+/// A port-forward client, as client-go's: per connection an `error` and a `data` stream with
+/// the same `port` and `requestid`.
+pub struct PortForward {
+    session: Session,
+    next_request: u32,
+}
+
+impl PortForward {
+    pub async fn connect(url: &str) -> Result<Self> {
+        let (stream, protocol) = upgrade(url, &["portforward.k8s.io"]).await?;
+        if protocol != "portforward.k8s.io" {
+            bail!("the server chose {protocol}");
+        }
+        let (session, _incoming) = Session::client(stream);
+        Ok(Self { session, next_request: 0 })
+    }
+
+    /// Opens a forwarded connection to `port` in the pod: (error stream, data stream).
+    pub async fn open(&mut self, port: u16) -> Result<(Stream, Stream)> {
+        let request = self.next_request.to_string();
+        self.next_request += 1;
+        let headers = |kind: &str| {
+            vec![
+                ("streamtype".to_string(), kind.to_string()),
+                ("port".to_string(), port.to_string()),
+                ("requestid".to_string(), request.clone()),
+            ]
+        };
+        let error = self.session.open_stream(headers("error"), false).await?;
+        let data = self.session.open_stream(headers("data"), false).await?;
+        Ok((error, data))
+    }
+
+    /// Sends `payload` on a new connection to `port` while reading what comes back, until as
+    /// many bytes came back (or the connection ended); returns them.
+    pub async fn round_trip(&mut self, port: u16, payload: &[u8]) -> Result<Vec<u8>> {
+        let (mut error, mut data) = self.open(port).await?;
+        let writer = data.writer();
+        let send = async {
+            for chunk in payload.chunks(64 * 1024) {
+                writer.write(chunk).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        let receive = async {
+            let mut got = Vec::new();
+            while got.len() < payload.len() {
+                match data.read().await {
+                    Some(bytes) => got.extend_from_slice(&bytes),
+                    None => break,
+                }
+            }
+            got
+        };
+        let (sent, got) = tokio::join!(send, receive);
+        sent?;
+        writer.close().await?;
+        if got.is_empty() && !payload.is_empty() {
+            let error = read_all(&mut error).await;
+            bail!("nothing came back: {}", String::from_utf8_lossy(&error));
+        }
+        Ok(got)
+    }
+
+    pub async fn close(self) {
+        self.session.close().await;
+    }
+}
+
+/// Reads a stream to its end.
+pub async fn read_all(stream: &mut Stream) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(bytes) = stream.read().await {
+        out.extend_from_slice(&bytes);
+    }
+    out
+}

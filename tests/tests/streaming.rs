@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_cri::v1 as cri;
 use podvisor_e2e::daemon::{container_config, e2e_can_run, wait_for, TestDaemon};
 use podvisor_e2e::registry::TestRegistry;
-use podvisor_e2e::streaming::{upgrade, Channels, RemoteCommand};
+use podvisor_e2e::streaming::{read_all, upgrade, Channels, PortForward, RemoteCommand};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -161,6 +161,87 @@ async fn exec_and_attach_over_spdy() {
         .await
         .unwrap_err();
     assert_eq!(no_streams.code(), tonic::Code::InvalidArgument, "{no_streams}");
+
+    daemon.remove_pod(&pod).await;
+    daemon.assert_nothing_left();
+}
+
+/// Port-forward to a server on localhost inside the guest: two connections at once, 1 MiB
+/// each way, bytes identical; a port nothing listens on is reported on the error stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_over_spdy() {
+    if !e2e_can_run() {
+        return;
+    }
+    let registry = TestRegistry::start().unwrap();
+    let image = registry.push_busybox("busybox:forward").unwrap();
+    let daemon = TestDaemon::start("").await.unwrap();
+    daemon.pull(&image).await;
+    let log_dir = daemon.dir.path().join("pod-logs");
+    let (pod, pod_cfg) = daemon.run_pod("forward", &log_dir).await;
+    // An echo server on localhost:8080 in the pod: one `cat` per connection.
+    // busybox nc serves one connection at a time: one server per parallel connection.
+    for port in ["8080", "8081"] {
+        let server = container_config(
+            &format!("echo-{port}"),
+            &image,
+            &["nc", "-ll", "-p", port, "-e", "cat"],
+        );
+        daemon.create_and_start(&pod, &pod_cfg, server).await;
+    }
+    let mut rt = daemon.runtime().await.unwrap();
+    let url = rt
+        .port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    assert!(url.contains("/portforward/"), "{url}");
+    let mut forward = PortForward::connect(&url).await.unwrap();
+    // The server may still be starting: retry until it answers.
+    for port in [8080, 8081] {
+        let mut ready = false;
+        for _ in 0..100 {
+            let echoed = forward.round_trip(port, b"probe\n").await.unwrap_or_default();
+            if echoed == b"probe\n" {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(ready, "the echo server on {port} never answered through the forward");
+    }
+
+    let payload = |seed: u8| -> Vec<u8> {
+        (0..1024 * 1024u32).map(|i| (i.wrapping_mul(31) as u8) ^ seed).collect()
+    };
+    let (a, b) = (payload(1), payload(2));
+    let mut second = {
+        let url = rt
+            .port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![] })
+            .await
+            .unwrap()
+            .into_inner()
+            .url;
+        PortForward::connect(&url).await.unwrap()
+    };
+    let started = std::time::Instant::now();
+    let (got_a, got_b) = tokio::join!(forward.round_trip(8080, &a), second.round_trip(8081, &b));
+    let took = started.elapsed();
+    let (got_a, got_b) = (got_a.unwrap(), got_b.unwrap());
+    println!("2 x 1 MiB echoed through port-forward in {took:?}");
+    assert!(got_a == a, "connection A: {} bytes back, not identical", got_a.len());
+    assert!(got_b == b, "connection B: {} bytes back, not identical", got_b.len());
+
+    // Nothing listens on port 9: the error stream says so and the data stream ends.
+    let (mut error, mut data) = forward.open(9).await.unwrap();
+    let (message, rest) = tokio::join!(read_all(&mut error), read_all(&mut data));
+    let message = String::from_utf8_lossy(&message).into_owned();
+    assert_eq!(data.reset_status(), Some(5), "the data stream is reset (CANCEL)");
+    assert!(message.contains("error forwarding port 9"), "{message:?}");
+    assert!(rest.is_empty());
+    forward.close().await;
+    second.close().await;
 
     daemon.remove_pod(&pod).await;
     daemon.assert_nothing_left();

@@ -413,6 +413,9 @@ mod tests {
                 source,
             })
         }
+        async fn dial_port(&self, _port: u32) -> std::result::Result<UnixStream, HypervisorError> {
+            self.dial().await
+        }
         fn describe(&self) -> String {
             self.0.display().to_string()
         }

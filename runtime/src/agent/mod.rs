@@ -29,6 +29,51 @@ pub use podvisor_proto::{
     VOLUME_FS_TAG,
 };
 
+/// A connection to `localhost:<port>` in the guest, for port-forward: a vsock connection of
+/// its own (see [`podvisor_proto::PORT_FORWARD_VSOCK_PORT`]), bytes spliced both ways.
+pub async fn forward_port(
+    connector: &dyn GuestConnector,
+    port: u16,
+) -> Result<tokio::net::UnixStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CALL: &str = "PortForward";
+    let unreachable =
+        |e: &dyn std::fmt::Display| AgentError::Unreachable { call: CALL, message: e.to_string() };
+    let handshake = async {
+        let mut stream = connector
+            .dial_port(podvisor_proto::PORT_FORWARD_VSOCK_PORT)
+            .await
+            .map_err(|e| unreachable(&e))?;
+        stream.write_all(format!("PORT {port}\n").as_bytes()).await.map_err(|e| unreachable(&e))?;
+        // Byte by byte: what follows the answer is the guest's TCP data.
+        let mut line = Vec::new();
+        loop {
+            let mut byte = [0u8; 1];
+            let n = stream.read(&mut byte).await.map_err(|e| unreachable(&e))?;
+            if n == 0 || byte[0] == b'\n' || line.len() > 512 {
+                break;
+            }
+            line.push(byte[0]);
+        }
+        let answer = String::from_utf8_lossy(&line).into_owned();
+        match answer.strip_prefix("ERR ") {
+            _ if answer == "OK" => Ok(stream),
+            Some(reason) => Err(AgentError::Refused {
+                call: CALL,
+                refusal: Refusal::FailedPrecondition,
+                message: reason.to_string(),
+            }),
+            None => Err(AgentError::Unreachable {
+                call: CALL,
+                message: format!("unexpected answer {answer:?}"),
+            }),
+        }
+    };
+    tokio::time::timeout(CALL_DEADLINE, handshake)
+        .await
+        .map_err(|_| AgentError::Deadline { call: CALL, deadline: CALL_DEADLINE })?
+}
+
 /// How long a quick agent call (signal, start, stats, stdin, ...) may take.
 pub const CALL_DEADLINE: Duration = Duration::from_secs(10);
 /// How long CreateContainer and ExecProcess may take (the guest mounts and clones).

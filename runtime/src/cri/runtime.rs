@@ -345,9 +345,25 @@ impl RuntimeService for RuntimeServiceImpl {
 
     async fn port_forward(
         &self,
-        _req: Request<cri::PortForwardRequest>,
+        req: Request<cri::PortForwardRequest>,
     ) -> CriResult<cri::PortForwardResponse> {
-        Err(Status::unimplemented("PortForward is not supported yet"))
+        // The ports come with each forwarded connection (critest sends none here).
+        let id = req.into_inner().pod_sandbox_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("pod_sandbox_id is required"));
+        }
+        let rec = self.manager.sandbox(&id).map_err(status)?;
+        if rec.state != crate::sandbox::SandboxState::Ready {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready",
+                rec.id
+            )));
+        }
+        let url = self
+            .streaming
+            .url_for(StreamRequest::PortForward { sandbox_id: rec.id })
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(

@@ -107,6 +107,14 @@ impl GuestConnector for FakeConnector {
         })
     }
 
+    async fn dial_port(&self, port: u32) -> Result<tokio::net::UnixStream> {
+        Err(HypervisorError::VsockConnect {
+            port,
+            path: self.0.clone(),
+            source: std::io::Error::other("the fake hypervisor has no guests to dial"),
+        })
+    }
+
     fn describe(&self) -> String {
         self.0.display().to_string()
     }

@@ -150,6 +150,8 @@ impl VmConfig {
 pub trait GuestConnector: Send + Sync + std::fmt::Debug {
     /// A new stream to the agent's port.
     async fn dial(&self) -> Result<UnixStream>;
+    /// A new stream to another guest vsock port (port-forward has its own).
+    async fn dial_port(&self, port: u32) -> Result<UnixStream>;
     /// What it dials, for messages.
     fn describe(&self) -> String;
 }

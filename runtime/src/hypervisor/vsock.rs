@@ -32,6 +32,10 @@ impl GuestConnector for HybridVsock {
         connect(&self.uds, crate::agent::AGENT_VSOCK_PORT).await
     }
 
+    async fn dial_port(&self, port: u32) -> Result<UnixStream> {
+        connect(&self.uds, port).await
+    }
+
     fn describe(&self) -> String {
         self.uds.display().to_string()
     }

@@ -38,6 +38,23 @@ impl ExecSession {
     }
 }
 
+impl SandboxManager {
+    /// A connection to `localhost:<port>` inside the pod's VM (port-forward).
+    pub async fn port_forward(
+        &self,
+        sandbox_id: &str,
+        port: u16,
+    ) -> Result<tokio::net::UnixStream> {
+        let rec = self.sandbox(sandbox_id)?;
+        if rec.state != SandboxState::Ready {
+            return Err(SandboxError::SandboxNotReady(rec.id));
+        }
+        let vm = rec.vm.ok_or_else(|| SandboxError::SandboxNotRunning(rec.id.clone()))?;
+        let connector = self.hypervisor_of(&vm)?.agent_connector(&vm);
+        Ok(crate::agent::forward_port(connector.as_ref(), port).await?)
+    }
+}
+
 /// What ExecSync returns.
 #[derive(Debug, Default)]
 pub struct ExecOutput {

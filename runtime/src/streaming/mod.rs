@@ -5,6 +5,7 @@
 //! single-use ([`tokens`]). The process side is the sandbox layer's exec session or the
 //! container's I/O hub.
 
+pub mod portforward;
 pub mod remotecommand;
 pub mod tokens;
 
@@ -112,9 +113,21 @@ impl StreamingServer {
         if offered.is_empty() {
             return plain(StatusCode::BAD_REQUEST, "X-Stream-Protocol-Version is required");
         }
-        let Some(protocol) = remotecommand::negotiate(offered.iter().map(String::as_str)) else {
+        let protocol = match &request {
+            StreamRequest::PortForward { .. } => offered
+                .iter()
+                .flat_map(|v| v.split(','))
+                .any(|p| p.trim() == portforward::PROTOCOL)
+                .then_some(portforward::PROTOCOL),
+            _ => remotecommand::negotiate(offered.iter().map(String::as_str)),
+        };
+        let Some(protocol) = protocol else {
+            let ours = match &request {
+                StreamRequest::PortForward { .. } => portforward::PROTOCOL.to_string(),
+                _ => remotecommand::PROTOCOLS.join(", "),
+            };
             let mut response = plain(StatusCode::FORBIDDEN, "no common stream protocol");
-            if let Ok(ours) = remotecommand::PROTOCOLS.join(", ").parse() {
+            if let Ok(ours) = ours.parse() {
                 response.headers_mut().insert("x-accepted-stream-protocol-versions", ours);
             }
             return response;
@@ -124,7 +137,15 @@ impl StreamingServer {
             match upgraded.await {
                 Ok(io) => {
                     let (session, incoming) = podvisor_spdy::Session::server(TokioIo::new(io));
-                    remotecommand::serve(session, incoming, protocol, request, manager).await;
+                    match request {
+                        StreamRequest::PortForward { sandbox_id } => {
+                            portforward::serve(session, incoming, sandbox_id, manager).await
+                        }
+                        request => {
+                            remotecommand::serve(session, incoming, protocol, request, manager)
+                                .await
+                        }
+                    }
                 }
                 Err(e) => debug!(error = %e, "the streaming upgrade failed"),
             }

@@ -155,6 +155,11 @@ pub async fn serve(
         | StreamRequest::Attach { stdin, stdout, stderr, tty, .. } => {
             (*stdin, *stdout, *stderr, *tty)
         }
+        StreamRequest::PortForward { .. } => {
+            debug!("a port-forward request reached remotecommand");
+            session.close().await;
+            return;
+        }
     };
     let want =
         Want { stdin, stdout, stderr: stderr && !tty, resize: tty && version(protocol) >= 3 };
@@ -174,6 +179,7 @@ pub async fn serve(
         StreamRequest::Attach { container_id, .. } => {
             run_attach(&session, &mut channels, &manager, &container_id).await
         }
+        StreamRequest::PortForward { .. } => return,
     };
     finish(&session, channels, protocol, outcome).await;
 }

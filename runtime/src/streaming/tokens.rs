@@ -29,6 +29,9 @@ pub enum StreamRequest {
         stdout: bool,
         stderr: bool,
     },
+    PortForward {
+        sandbox_id: String,
+    },
 }
 
 impl StreamRequest {
@@ -37,6 +40,7 @@ impl StreamRequest {
         match self {
             Self::Exec { .. } => "exec",
             Self::Attach { .. } => "attach",
+            Self::PortForward { .. } => "portforward",
         }
     }
 }
