@@ -610,15 +610,12 @@ impl Stream {
     }
 
     /// The next data from the peer; `None` after the peer's FIN, a reset, or the session's end.
-    /// Empty DATA frames are not returned.
+    /// Empty DATA frames are not returned. Data that arrived before a reset is still returned:
+    /// a peer that sends its last bytes and FIN, then drops the stream (a RST CANCEL), meant
+    /// them to be read.
     pub async fn read(&mut self) -> Option<Bytes> {
-        if self.reset_status().is_some() {
-            return None;
-        }
+        // A reset removes the stream's sender, so this ends once what arrived is read.
         let chunk = self.rx.recv().await?;
-        if self.reset_status().is_some() {
-            return None;
-        }
         // Dropping the chunk's permit frees its room in the stream's buffer.
         Some(chunk.data)
     }

@@ -738,3 +738,36 @@ async fn garbage_never_panics() {
     })
     .await;
 }
+
+/// What port-forward's failure path does: text and FIN on one stream, then at once a reset of
+/// another, every server handle dropped. The text must still reach the client.
+#[tokio::test]
+async fn data_queued_on_one_stream_survives_a_reset_of_another() {
+    bounded(async {
+        let ((_server, mut incoming), (client, _)) = pair();
+        let open = |kind: &'static str| {
+            let client = client.clone();
+            tokio::spawn(async move { client.open_stream(h(&[("streamtype", kind)]), false).await })
+        };
+        let error_open = open("error");
+        let error_theirs = incoming.next().await.unwrap();
+        error_theirs.reply(h(&[]), false).await.unwrap();
+        let mut error_ours = error_open.await.unwrap().unwrap();
+        let data_open = open("data");
+        let data_theirs = incoming.next().await.unwrap();
+        data_theirs.reply(h(&[]), false).await.unwrap();
+        let mut data_ours = data_open.await.unwrap().unwrap();
+        let (error_writer, data_writer) = (error_theirs.writer(), data_theirs.writer());
+        drop(error_theirs);
+        drop(data_theirs);
+        error_writer.write(b"refused").await.unwrap();
+        error_writer.close().await.unwrap();
+        data_writer.reset(rst::CANCEL).await.unwrap();
+        drop(error_writer);
+        drop(data_writer);
+        assert_eq!(read_all(&mut error_ours).await, b"refused");
+        assert_eq!(read_all(&mut data_ours).await, b"");
+        assert_eq!(data_ours.reset_status(), Some(rst::CANCEL));
+    })
+    .await;
+}

@@ -95,10 +95,9 @@ async fn forward(
         Ok(connection) => connection,
         Err(reason) => {
             let message = format!("error forwarding port {port} to pod {sandbox_id}: {reason}");
-            // The reset first: written after the message, it made the message go missing.
-            let _ = data_writer.reset(CANCEL).await;
             let _ = error.write(message.as_bytes()).await;
             let _ = error.close().await;
+            let _ = data_writer.reset(CANCEL).await;
             return;
         }
     };
