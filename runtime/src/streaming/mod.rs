@@ -113,21 +113,10 @@ impl StreamingServer {
         if offered.is_empty() {
             return plain(StatusCode::BAD_REQUEST, "X-Stream-Protocol-Version is required");
         }
-        let protocol = match &request {
-            StreamRequest::PortForward { .. } => offered
-                .iter()
-                .flat_map(|v| v.split(','))
-                .any(|p| p.trim() == portforward::PROTOCOL)
-                .then_some(portforward::PROTOCOL),
-            _ => remotecommand::negotiate(offered.iter().map(String::as_str)),
-        };
-        let Some(protocol) = protocol else {
-            let ours = match &request {
-                StreamRequest::PortForward { .. } => portforward::PROTOCOL.to_string(),
-                _ => remotecommand::PROTOCOLS.join(", "),
-            };
+        let ours = request.protocols();
+        let Some(protocol) = negotiate(offered.iter().map(String::as_str), ours) else {
             let mut response = plain(StatusCode::FORBIDDEN, "no common stream protocol");
-            if let Ok(ours) = ours.parse() {
+            if let Ok(ours) = ours.join(", ").parse() {
                 response.headers_mut().insert("x-accepted-stream-protocol-versions", ours);
             }
             return response;
@@ -162,6 +151,19 @@ impl StreamingServer {
     }
 }
 
+/// The first protocol in the client's list (several headers, or comma-separated) that is one
+/// of `ours`: the client's order decides.
+fn negotiate<'a>(
+    offered: impl IntoIterator<Item = &'a str>,
+    ours: &[&'static str],
+) -> Option<&'static str> {
+    offered
+        .into_iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| ours.iter().find(|ours| **ours == p).copied())
+}
+
 /// Every value of a header, as text.
 fn header_values(req: &Request<Incoming>, name: impl hyper::header::AsHeaderName) -> Vec<String> {
     req.headers().get_all(name).iter().filter_map(|v| v.to_str().ok().map(String::from)).collect()
@@ -187,6 +189,25 @@ fn base_url(local: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clients_order_decides_among_the_protocols_we_speak() {
+        let exec = &remotecommand::PROTOCOLS;
+        assert_eq!(
+            negotiate(["v5.channel.k8s.io", "v4.channel.k8s.io"], exec),
+            Some("v5.channel.k8s.io")
+        );
+        assert_eq!(
+            negotiate(["v9.channel.k8s.io, v3.channel.k8s.io"], exec),
+            Some("v3.channel.k8s.io")
+        );
+        assert_eq!(negotiate(["channel.k8s.io"], exec), Some("channel.k8s.io"));
+        assert_eq!(negotiate(["portforward.k8s.io"], exec), None);
+        assert_eq!(negotiate([], exec), None);
+        let forward = &portforward::PROTOCOLS;
+        assert_eq!(negotiate(["portforward.k8s.io"], forward), Some("portforward.k8s.io"));
+        assert_eq!(negotiate(["v4.channel.k8s.io"], forward), None);
+    }
 
     #[test]
     fn urls_are_absolute_and_loopback_for_an_unspecified_address() {

@@ -17,7 +17,8 @@ use tracing::debug;
 
 use crate::sandbox::SandboxManager;
 
-pub const PROTOCOL: &str = "portforward.k8s.io";
+/// The protocols we speak (the only one there is).
+pub const PROTOCOLS: [&str; 1] = ["portforward.k8s.io"];
 /// RST_STREAM's CANCEL status.
 const CANCEL: u32 = 5;
 /// Bytes read from the guest per data frame.

@@ -31,15 +31,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// The longest resize message we take (they are tiny JSON objects).
 const MAX_RESIZE_LINE: usize = 1024;
 
-/// The first protocol in the client's list (several headers, or comma-separated) we speak.
-pub fn negotiate<'a>(offered: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
-    offered
-        .into_iter()
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .find_map(|p| PROTOCOLS.iter().find(|ours| **ours == p).copied())
-}
-
 /// Whether the protocol has the resize channel and a JSON status (v3+, v4+).
 fn version(protocol: &str) -> u8 {
     protocol
@@ -331,15 +322,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_clients_order_decides_among_the_protocols_we_speak() {
-        assert_eq!(
-            negotiate(["v5.channel.k8s.io", "v4.channel.k8s.io"]),
-            Some("v5.channel.k8s.io")
-        );
-        assert_eq!(negotiate(["v9.channel.k8s.io, v3.channel.k8s.io"]), Some("v3.channel.k8s.io"));
-        assert_eq!(negotiate(["channel.k8s.io"]), Some("channel.k8s.io"));
-        assert_eq!(negotiate(["portforward.k8s.io"]), None);
-        assert_eq!(negotiate([]), None);
+    fn protocol_versions_are_read_from_their_names() {
         assert_eq!(version("v4.channel.k8s.io"), 4);
         assert_eq!(version("channel.k8s.io"), 1);
     }

@@ -35,6 +35,14 @@ pub enum StreamRequest {
 }
 
 impl StreamRequest {
+    /// The stream protocols the request can be served with, in our order of preference.
+    pub fn protocols(&self) -> &'static [&'static str] {
+        match self {
+            Self::Exec { .. } | Self::Attach { .. } => &super::remotecommand::PROTOCOLS,
+            Self::PortForward { .. } => &super::portforward::PROTOCOLS,
+        }
+    }
+
     /// The URL path segment the request is served under.
     pub fn kind(&self) -> &'static str {
         match self {
