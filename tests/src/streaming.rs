@@ -133,19 +133,16 @@ impl RemoteCommand {
 
     /// Reads every channel to its end and the status.
     pub async fn finish(self, timeout: Duration) -> Result<Finished> {
-        let Self { session, error, stdout, stderr, .. } = self;
+        let Self { session, mut error, stdout, stderr, .. } = self;
         let drain = |stream: Option<Stream>| async move {
-            let mut out = Vec::new();
-            if let Some(mut stream) = stream {
-                while let Some(data) = stream.read().await {
-                    out.extend_from_slice(&data);
-                }
+            match stream {
+                Some(mut stream) => read_all(&mut stream).await,
+                None => Vec::new(),
             }
-            out
         };
         let all = async {
             let (stdout, stderr, status) =
-                tokio::join!(drain(stdout), drain(stderr), drain(Some(error)));
+                tokio::join!(drain(stdout), drain(stderr), read_all(&mut error));
             Finished { stdout, stderr, status: String::from_utf8_lossy(&status).into_owned() }
         };
         let finished =
