@@ -15,10 +15,12 @@ use oci_spec::runtime::{
 };
 use podvisor_proto::agent::{
     ContainerStatsResponse, CreateContainerRequest, ExecProcessRequest, SandboxStatsResponse,
+    SetupNetworkRequest,
 };
 
 use crate::cgroup::{self, CgroupError};
 use crate::helper::{self, HelperError, HelperOp, HelperStdio};
+use crate::network::{self, NetworkError, PodHosts};
 use crate::reaper::{self, ExitStatus, ExitWatch, Reaper};
 use crate::rootfs::{self, RootfsError};
 use crate::sandbox::SandboxError;
@@ -66,6 +68,8 @@ pub enum AgentError {
     Helper(#[from] HelperError),
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     #[error("container {id:?} is {actual}, it must be {expected}")]
     WrongState { id: String, actual: &'static str, expected: &'static str },
     #[error("writing {0}: {1}")]
@@ -386,6 +390,9 @@ pub struct Agent {
     creating: Mutex<HashSet<String>>,
     /// PID 1 of the pod's shared PID namespace, if CreateSandbox asked for one.
     pause_pid: Mutex<Option<i32>>,
+    /// What the hosts file is rebuilt from; held while CreateSandbox or SetupNetwork runs,
+    /// which also keeps two SetupNetwork calls from renaming links at the same time.
+    pod_hosts: tokio::sync::Mutex<PodHosts>,
 }
 
 /// The stdio of a process being set up: pipes, or a console socket awaiting the pty master.
@@ -404,6 +411,7 @@ impl Agent {
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
             pause_pid: Mutex::new(None),
+            pod_hosts: tokio::sync::Mutex::new(PodHosts::default()),
         }
     }
 
@@ -995,10 +1003,43 @@ impl Agent {
         &self,
         req: &podvisor_proto::agent::CreateSandboxRequest,
     ) -> Result<(), AgentError> {
-        crate::sandbox::create(req, &self.paths.sandbox_dir(), &self.paths.shared_dir, self.guest)?;
+        let mut pod_hosts = self.pod_hosts.lock().await;
+        crate::sandbox::create(
+            req,
+            &self.paths.sandbox_dir(),
+            &self.paths.shared_dir,
+            self.guest,
+            &network::host_lines(&pod_hosts.lines),
+        )?;
+        pod_hosts.hostname = req.hostname.clone();
+        drop(pod_hosts);
         if req.pod_pid_namespace {
             self.start_pause().await?;
         }
+        Ok(())
+    }
+
+    /// Configures the pod's interfaces and routes (in the guest only: on the host the links
+    /// are not the agent's) and adds the request's lines to the hosts files.
+    pub async fn setup_network(&self, req: &SetupNetworkRequest) -> Result<(), AgentError> {
+        let plan = network::Plan::from_request(req)?;
+        let mut pod_hosts = self.pod_hosts.lock().await;
+        if self.guest {
+            network::apply(&plan).await?;
+        }
+        let hosts =
+            crate::sandbox::hosts_file(&pod_hosts.hostname) + &network::host_lines(&plan.hosts);
+        network::write_in_place(&self.paths.sandbox_dir().join("hosts"), &hosts)?;
+        if self.guest {
+            network::write_in_place(Path::new("/etc/hosts"), &hosts)?;
+        }
+        pod_hosts.lines = plan.hosts;
+        tracing::info!(
+            interfaces = req.interfaces.len(),
+            routes = req.routes.len(),
+            hosts = req.hosts.len(),
+            "network set up"
+        );
         Ok(())
     }
 

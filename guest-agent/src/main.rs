@@ -12,6 +12,7 @@ mod container;
 mod helper;
 mod init;
 mod logging;
+mod network;
 mod pause;
 mod portforward;
 mod reaper;

@@ -42,7 +42,7 @@ pub enum SandboxError {
     SetClock(nix::Error),
 }
 
-fn valid_hostname(name: &str) -> bool {
+pub(crate) fn valid_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
@@ -142,7 +142,7 @@ fn mount_share(share: &Share) -> Result<(), SandboxError> {
     }
 }
 
-fn hosts_file(hostname: &str) -> String {
+pub(crate) fn hosts_file(hostname: &str) -> String {
     let mut hosts = String::from(
         "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n\
          fe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\n\
@@ -176,12 +176,14 @@ fn write(path: PathBuf, contents: &str) -> Result<(), SandboxError> {
 }
 
 /// Applies the sandbox settings. `sandbox_dir` receives hostname/hosts/resolv.conf; `guest`
-/// says whether the agent owns the machine (hostname, sysctls, /etc, mounts).
+/// says whether the agent owns the machine (hostname, sysctls, /etc, mounts). `pod_hosts`
+/// ends the hosts file: the lines of an earlier SetupNetwork, kept across a repeated create.
 pub fn create(
     req: &CreateSandboxRequest,
     sandbox_dir: &Path,
     shared_dir: &Path,
     guest: bool,
+    pod_hosts: &str,
 ) -> Result<(), SandboxError> {
     if !req.hostname.is_empty() && !valid_hostname(&req.hostname) {
         return Err(SandboxError::BadHostname(req.hostname.clone()));
@@ -198,7 +200,7 @@ pub fn create(
         .collect::<Result<Vec<_>, _>>()?;
     let shares = shares(req, shared_dir)?;
 
-    let hosts = hosts_file(&req.hostname);
+    let hosts = hosts_file(&req.hostname) + pod_hosts;
     let resolv = resolv_conf(req);
     write(sandbox_dir.join("hostname"), &format!("{}\n", req.hostname))?;
     write(sandbox_dir.join("hosts"), &hosts)?;

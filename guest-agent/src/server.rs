@@ -8,8 +8,8 @@ use podvisor_proto::agent::{
     ContainerRef, ContainerStatsResponse, CreateContainerRequest, CreateContainerResponse,
     CreateSandboxRequest, DestroySandboxRequest, Empty, ExecProcessRequest, ExecProcessResponse,
     PingRequest, PingResponse, ProcessRef, ReadOutputRequest, RemoveContainerRequest,
-    ResizeTtyRequest, SandboxStatsResponse, SignalProcessRequest, UpdateContainerRequest,
-    WaitProcessResponse, WriteStdinRequest,
+    ResizeTtyRequest, SandboxStatsResponse, SetupNetworkRequest, SignalProcessRequest,
+    UpdateContainerRequest, WaitProcessResponse, WriteStdinRequest,
 };
 use tonic::{Code, Request, Response, Status};
 
@@ -46,6 +46,8 @@ impl From<AgentError> for Status {
             | AgentError::NoPodPidNamespace => Code::FailedPrecondition,
             AgentError::Stdio(StdioError::OffsetAhead) => Code::OutOfRange,
             AgentError::Cgroup(e) if e.is_bad_request() => Code::InvalidArgument,
+            AgentError::Network(e) if e.is_bad_request() => Code::InvalidArgument,
+            AgentError::Network(e) if e.is_precondition() => Code::FailedPrecondition,
             _ => Code::Internal,
         };
         Status::new(code, e.to_string())
@@ -111,6 +113,14 @@ impl AgentRpc for AgentService {
     ) -> Result<Response<Empty>, Status> {
         let grace = Duration::from_secs(request.get_ref().grace_period_seconds.into());
         self.agent.destroy_sandbox(grace).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn setup_network(
+        &self,
+        request: Request<SetupNetworkRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.agent.setup_network(request.get_ref()).await?;
         Ok(Response::new(Empty {}))
     }
 

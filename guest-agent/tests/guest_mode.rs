@@ -15,14 +15,17 @@ use hyper_util::rt::TokioIo;
 use podvisor_proto::agent::agent_client::AgentClient;
 use podvisor_proto::agent::{
     ContainerRef, CreateContainerRequest, CreateSandboxRequest, Empty, ExecProcessRequest,
-    PingRequest, ProcessRef, ReadOutputRequest, RemoveContainerRequest, Rootfs, SharedFs,
-    StdioConfig, UpdateContainerRequest,
+    HostEntry, NetInterface, NetRoute, PingRequest, ProcessRef, ReadOutputRequest,
+    RemoveContainerRequest, Rootfs, SetupNetworkRequest, SharedFs, StdioConfig,
+    UpdateContainerRequest,
 };
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 
 const BUSYBOX: &str = "/bin/busybox";
+/// The guest's virtio-net device, on a QEMU hub with nothing else on it: no traffic leaves.
+const GUEST_MAC: &str = "02:42:0a:58:00:05";
 
 fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -108,7 +111,7 @@ async fn boot(a: &Artefacts) -> Vm {
         std::fs::create_dir_all(layer.join(d)).unwrap();
     }
     std::fs::copy(BUSYBOX, layer.join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "cat", "hostname", "sleep", "touch", "ls", "head"] {
+    for applet in ["sh", "echo", "cat", "hostname", "sleep", "touch", "ls", "head", "ip"] {
         std::os::unix::fs::symlink("busybox", layer.join("bin").join(applet)).unwrap();
     }
     let d = dir.path().to_path_buf();
@@ -156,6 +159,9 @@ async fn boot(a: &Artefacts) -> Vm {
             .arg("-chardev")
             .arg(format!("socket,id=vfs,path={}", d.join("vfs.sock").display()))
             .args(["-device", "vhost-user-fs-device,chardev=vfs,tag=podvisor"])
+            .args(["-netdev", "hubport,id=net0,hubid=0"])
+            .arg("-device")
+            .arg(format!("virtio-net-device,netdev=net0,mac={GUEST_MAC}"))
             .arg("-chardev")
             .arg(format!("file,id=ser,path={}", d.join("console.log").display()))
             .args(["-serial", "chardev:ser"])
@@ -410,6 +416,64 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
     assert!(stats.memory_usage_bytes > 0, "{stats:?}");
     assert!(stats.pids >= 1, "{stats:?}");
     assert!(stats.cpu_usage_nanos > 0, "{stats:?}");
+
+    // SetupNetwork: the device found by MAC is renamed, sized, addressed and routed; sent
+    // twice, as a retrying host would.
+    let network = SetupNetworkRequest {
+        interfaces: vec![NetInterface {
+            mac: GUEST_MAC.into(),
+            name: "pod0".into(),
+            mtu: 1400,
+            addresses: vec!["10.88.0.5/16".into(), "fd00:10::5/64".into()],
+        }],
+        routes: vec![
+            NetRoute {
+                destination: "0.0.0.0/0".into(),
+                gateway: "10.88.0.1".into(),
+                interface: "pod0".into(),
+            },
+            NetRoute {
+                destination: "10.200.0.0/16".into(),
+                gateway: String::new(),
+                interface: "pod0".into(),
+            },
+            NetRoute {
+                destination: "::/0".into(),
+                gateway: "fd00:10::1".into(),
+                interface: "pod0".into(),
+            },
+        ],
+        hosts: vec![HostEntry { ip: "10.88.0.5".into(), names: vec!["guest-pod".into()] }],
+    };
+    client.setup_network(network.clone()).await.unwrap();
+    client.setup_network(network.clone()).await.unwrap();
+    let (out, code) = exec_sh(
+        &mut client,
+        id2,
+        "net",
+        "ip -o link show pod0; ip -o addr show pod0; ip route; ip -6 route; ip -o link show lo",
+    )
+    .await;
+    eprintln!("guest network after SetupNetwork:\n{out}");
+    assert_eq!(code, 0, "{out}");
+    for want in [
+        "pod0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1400",
+        "inet 10.88.0.5/16",
+        "inet6 fd00:10::5/64 scope global",
+        "default via 10.88.0.1 dev pod0",
+        "10.200.0.0/16 dev pod0 scope link",
+        "default via fd00:10::1 dev pod0",
+        "lo: <LOOPBACK,UP,LOWER_UP>",
+    ] {
+        assert!(out.contains(want), "{want:?} is missing:\n{out}");
+    }
+    let v6 = out.lines().find(|l| l.contains("fd00:10::5")).unwrap_or_default();
+    assert!(!v6.contains("tentative"), "the pod's IPv6 address waits for DAD: {v6}");
+    let mut unknown = network;
+    unknown.interfaces[0].mac = "02:00:00:00:00:99".into();
+    unknown.routes.clear();
+    let err = client.setup_network(unknown).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     client.remove_container(RemoveContainerRequest { container_id: id2.into() }).await.unwrap();
 
     // Live limits: a running container with its own cgroup namespace sees its cgroup at

@@ -17,8 +17,8 @@ use podvisor_proto::agent::agent_client::AgentClient;
 use podvisor_proto::agent::{
     ContainerRef, CreateContainerRequest, CreateSandboxRequest, Empty, ExecProcessRequest,
     OutputStream, PingRequest, ProcessRef, ReadOutputRequest, RemoveContainerRequest,
-    ResizeTtyRequest, Rootfs, SharedFs, SignalProcessRequest, StdioConfig, UpdateContainerRequest,
-    WriteStdinRequest,
+    ResizeTtyRequest, Rootfs, SetupNetworkRequest, SharedFs, SignalProcessRequest, StdioConfig,
+    UpdateContainerRequest, WriteStdinRequest,
 };
 use serde_json::json;
 use tonic::transport::{Channel, Endpoint};
@@ -865,6 +865,83 @@ async fn sandbox_files_and_destroy() {
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(client.wait_process(process_ref(&id, "")).await.unwrap_err().code(), Code::NotFound);
+}
+
+/// Host mode: SetupNetwork checks the request and adds its lines to the sandbox's hosts file
+/// (in place, so a container bind-mounting it sees them) but leaves the host's links alone.
+#[tokio::test]
+async fn setup_network_in_host_mode_writes_the_hosts_file_only() {
+    use podvisor_proto::agent::{HostEntry, NetInterface, NetRoute};
+    let Some(()) = prerequisites() else { return };
+    let mut agent = TestAgent::start().await;
+    let hosts_path = agent.state_dir().join("sandbox/hosts");
+    let client = &mut agent.client;
+    let sandbox = CreateSandboxRequest {
+        sandbox_id: "sb".into(),
+        hostname: "net-pod".into(),
+        ..Default::default()
+    };
+    client.create_sandbox(sandbox.clone()).await.unwrap();
+
+    let id = unique_id("hosts");
+    let mut req = create_request(&id, &["sleep", "60"], StdioConfig::default(), false);
+    let mut spec: serde_json::Value = serde_json::from_slice(&req.oci_spec_json).unwrap();
+    spec["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/etc/hosts", "type": "bind", "source": hosts_path,
+        "options": ["rbind", "ro"]
+    }));
+    req.oci_spec_json = spec.to_string().into_bytes();
+    client.create_container(req).await.unwrap();
+    client.start_container(ContainerRef { container_id: id.clone() }).await.unwrap();
+
+    // No device has this MAC: in host mode nothing looks for it.
+    let network = SetupNetworkRequest {
+        interfaces: vec![NetInterface {
+            mac: "02:42:0a:58:00:05".into(),
+            name: "eth0".into(),
+            mtu: 1450,
+            addresses: vec!["10.88.0.5/16".into()],
+        }],
+        routes: vec![NetRoute {
+            destination: "0.0.0.0/0".into(),
+            gateway: "10.88.0.1".into(),
+            interface: "eth0".into(),
+        }],
+        hosts: vec![
+            HostEntry { ip: "10.88.0.5".into(), names: vec!["net-pod".into()] },
+            HostEntry { ip: "10.88.0.9".into(), names: vec!["db".into(), "db.local".into()] },
+        ],
+    };
+    client.setup_network(network.clone()).await.unwrap();
+    let written = std::fs::read_to_string(&hosts_path).unwrap();
+    assert!(written.starts_with("127.0.0.1\tlocalhost\n"), "{written}");
+    assert!(
+        written.ends_with("127.0.1.1\tnet-pod\n10.88.0.5\tnet-pod\n10.88.0.9\tdb db.local\n"),
+        "{written}"
+    );
+    client.exec_process(exec_request(&id, "cat", &["cat", "/etc/hosts"])).await.unwrap();
+    let (seen, _) = read_all(client, &id, "cat").await;
+    assert_eq!(seen, written);
+
+    // Repeated: the same file, not the lines twice; CreateSandbox again keeps them.
+    client.setup_network(network.clone()).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&hosts_path).unwrap(), written);
+    client.create_sandbox(sandbox).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&hosts_path).unwrap(), written);
+
+    // One bad field refuses the whole request, and nothing is written.
+    let mut bad = network.clone();
+    bad.hosts.push(HostEntry { ip: "10.88.0.10".into(), names: vec!["x".into()] });
+    bad.interfaces[0].mac = "02:42:0a:58:00".into();
+    let err = client.setup_network(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    let mut bad = network;
+    bad.routes[0].interface = "eth1".into();
+    let err = client.setup_network(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert_eq!(std::fs::read_to_string(&hosts_path).unwrap(), written);
+
+    client.remove_container(RemoveContainerRequest { container_id: id }).await.unwrap();
 }
 
 #[tokio::test]
