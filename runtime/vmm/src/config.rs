@@ -21,6 +21,8 @@ pub enum ConfigError {
     TooManyDevices(usize),
     #[error("duplicate device id {0:?}")]
     DuplicateId(String),
+    #[error("tap fd {0} is a standard stream or given twice")]
+    BadTapFd(i32),
 }
 
 /// Smallest VM: the boot structures, a kernel and an initramfs need a few MiB.
@@ -65,8 +67,13 @@ pub struct DriveConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NetConfig {
     pub id: String,
+    /// The tap's name: opened by the VMM when `tap_fd` is not given.
     pub tap: String,
     pub mac: String,
+    /// An open tap inherited from the process that started the VMM (the daemon opens pods'
+    /// taps in their network namespaces, so the VMM needs neither CAP_NET_ADMIN nor the netns).
+    #[serde(default)]
+    pub tap_fd: Option<i32>,
 }
 
 /// vhost-user-fs frontend for a virtiofsd listening on `socket`.
@@ -141,6 +148,12 @@ impl VmmConfig {
                 return Err(ConfigError::DuplicateId(id.clone()));
             }
         }
+        let mut fds = std::collections::HashSet::new();
+        for fd in self.nets.iter().filter_map(|n| n.tap_fd) {
+            if fd < 3 || !fds.insert(fd) {
+                return Err(ConfigError::BadTapFd(fd));
+            }
+        }
         Ok(())
     }
 
@@ -183,6 +196,19 @@ mod tests {
         let drive = DriveConfig { id: "a".into(), path: "/x".into(), read_only: false };
         c.drives = vec![drive.clone(), drive];
         assert!(matches!(c.validate(), Err(ConfigError::DuplicateId(_))));
+        c.drives.clear();
+        let net = |id: &str, fd| NetConfig {
+            id: id.into(),
+            tap: "t".into(),
+            mac: "m".into(),
+            tap_fd: fd,
+        };
+        c.nets = vec![net("a", Some(7)), net("b", Some(7))];
+        assert!(matches!(c.validate(), Err(ConfigError::BadTapFd(7))));
+        c.nets = vec![net("a", Some(1))];
+        assert!(matches!(c.validate(), Err(ConfigError::BadTapFd(1))));
+        c.nets = vec![net("a", Some(7)), net("b", None)];
+        c.validate().unwrap();
         assert!(serde_json::from_str::<VmmConfig>(r#"{"vcpus":1}"#).is_err());
     }
 }

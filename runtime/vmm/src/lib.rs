@@ -161,8 +161,11 @@ fn add_devices(vmm: &mut vmm::Vmm, config: &VmmConfig) -> Result<(), MainError> 
     for net in &config.nets {
         let mac = parse_mac(&net.mac)
             .ok_or_else(|| err(format!("net {}: bad MAC address {:?}", net.id, net.mac)))?;
-        let device = devices::NetDevice::new(&net.tap, mac)
-            .map_err(|e| err(format!("net {} on tap {}: {e}", net.id, net.tap)))?;
+        let device = match net.tap_fd {
+            Some(fd) => devices::NetDevice::from_inherited_tap(fd, mac),
+            None => devices::NetDevice::new(&net.tap, mac),
+        }
+        .map_err(|e| err(format!("net {} on tap {}: {e}", net.id, net.tap)))?;
         let device = Arc::new(Mutex::new(device));
         vmm.add_virtio_device(device.clone())?;
         vmm.add_subscriber(device);

@@ -15,6 +15,7 @@ pub use self::metrics::NetMetrics;
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::FromRawFd;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
@@ -59,6 +60,24 @@ impl NetDevice {
     /// process may).
     pub fn new(tap_name: &str, mac: [u8; 6]) -> Result<Self, TapError> {
         Ok(Self::from_frame_fd(tap::open_tap(tap_name)?.into(), mac))
+    }
+
+    /// A NIC on tap fd `fd`, inherited from the process that started this one.
+    pub fn from_inherited_tap(fd: i32, mac: [u8; 6]) -> Result<Self, TapError> {
+        if fd < 3 {
+            return Err(TapError::BadFd(fd));
+        }
+        // SAFETY: fcntl(F_GETFD) only queries the descriptor table; a closed fd fails.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(TapError::BadFd(fd));
+        }
+        // SAFETY: `fd` is open (checked above) and was handed to this process for this device
+        // alone: the config names each inherited fd once (checked by `VmmConfig::validate`),
+        // so nothing else owns or closes it.
+        let file = unsafe { File::from_raw_fd(fd) };
+        tap::configure(&file)?;
+        tap::set_nonblocking(&file)?;
+        Ok(Self::from_frame_fd(file.into(), mac))
     }
 
     /// A NIC on an already open, non-blocking fd that reads and writes one frame (with a

@@ -35,6 +35,12 @@ pub enum TapError {
     /// TUNSETOFFLOAD.
     #[error("TUNSETOFFLOAD: {0}")]
     SetOffload(std::io::Error),
+    /// The inherited tap fd is not open (or is a standard stream).
+    #[error("inherited tap fd {0} is not an open descriptor")]
+    BadFd(i32),
+    /// fcntl(F_SETFL, O_NONBLOCK).
+    #[error("making the tap non-blocking: {0}")]
+    SetNonblocking(std::io::Error),
 }
 
 #[repr(C)]
@@ -68,6 +74,13 @@ pub fn open_tap(name: &str) -> Result<File, TapError> {
     if ret < 0 {
         return Err(TapError::SetIff(name.into(), std::io::Error::last_os_error()));
     }
+    configure(&file)?;
+    Ok(file)
+}
+
+/// Sets the 12-byte vnet header and no offloads on an open tap (one this process opened, or
+/// one it was handed: the daemon opens pods' taps inside their network namespaces).
+pub fn configure(file: &File) -> Result<(), TapError> {
     let hdr_size = VNET_HDR_SIZE as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which is valid.
     let ret =
@@ -80,5 +93,19 @@ pub fn open_tap(name: &str) -> Result<File, TapError> {
     if ret < 0 {
         return Err(TapError::SetOffload(std::io::Error::last_os_error()));
     }
-    Ok(file)
+    Ok(())
+}
+
+/// Makes `file` non-blocking (an inherited tap may not be).
+pub fn set_nonblocking(file: &File) -> Result<(), TapError> {
+    // SAFETY: F_GETFL/F_SETFL on an open fd read and set status flags; no memory is passed.
+    let ok = unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(TapError::SetNonblocking(std::io::Error::last_os_error()))
+    }
 }
