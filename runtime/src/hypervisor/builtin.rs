@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use super::process::{prepare_run_dir, Starting};
 use super::{
     process_alive, terminate_processes, Hypervisor, HypervisorError, PreparedVm, Result, RunRoot,
-    VmConfig, VmHandle, VmSpec,
+    TapFd, VmConfig, VmHandle, VmSpec,
 };
 
 /// The guest's vsock CID (the host side only sees the hybrid socket, so one CID fits all).
@@ -155,7 +155,12 @@ pub fn vmm_config(config: &VmConfig, seccomp: SeccompMode) -> Result<VmmConfig> 
         nets: config
             .net_devices
             .iter()
-            .map(|n| NetConfig { id: n.id.clone(), tap: n.tap.clone(), mac: n.mac.clone() })
+            .map(|n| NetConfig {
+                id: n.id.clone(),
+                tap: n.tap.clone(),
+                mac: n.mac.clone(),
+                tap_fd: n.tap_fd.as_ref().map(TapFd::raw),
+            })
             .collect(),
         fs: config
             .shared_dirs
@@ -251,7 +256,13 @@ impl BuiltinHypervisor {
             };
             args.extend(["--jail".into(), format!("{id}:{id}").into()]);
         }
-        starting.spawn("vmm", &self.config.vmm_command[0], &args, layout.log("vmm"))?;
+        starting.spawn_inheriting(
+            "vmm",
+            &self.config.vmm_command[0],
+            &args,
+            layout.log("vmm"),
+            &config.inherited_fds(),
+        )?;
         // The control socket answers once the event loop runs, i.e. after the vCPUs started.
         starting.wait_for_status(&layout.control(), deadline).await?;
         starting.wait_for_path("vmm", &layout.vsock_uds(), deadline).await
@@ -270,6 +281,13 @@ impl Hypervisor for BuiltinHypervisor {
 
     async fn start(&self, prepared: &PreparedVm, spec: &VmSpec) -> Result<VmHandle> {
         self.launch(&VmConfig::new(spec, prepared)).await
+    }
+
+    async fn reclaim_interrupted_start(&self, sandbox_id: &str) -> Result<()> {
+        super::process::reclaim_interrupted_start(
+            &RunRoot(self.config.run_root.clone()).run_dir(sandbox_id)?,
+        )
+        .await
     }
 
     async fn stop(&self, vm: &VmHandle, grace: Duration) -> Result<()> {
@@ -311,7 +329,7 @@ impl BuiltinHypervisor {
         let mut stale = vec![layout.control(), layout.vsock_uds()];
         stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
         prepare_run_dir(config, &stale)?;
-        let mut starting = Starting::new("vmm", self.config.startup_timeout);
+        let mut starting = Starting::new("vmm", self.config.startup_timeout, &config.run_dir);
         if let Err(e) = self.start_processes(config, &vmm, &mut starting).await {
             starting.abort().await;
             return Err(e);

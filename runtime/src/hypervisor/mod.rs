@@ -86,8 +86,41 @@ pub struct BlockDevice {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NetDevice {
     pub id: String,
+    /// The tap's name (in the pod's network namespace when `tap_fd` is set).
     pub tap: String,
+    /// The guest's MAC address.
     pub mac: String,
+    /// The tap, already open: the daemon opens pods' taps inside their network namespaces and
+    /// hands the fd to the VMM, which then needs neither CAP_NET_ADMIN nor the namespace.
+    /// Only for the start; never persisted.
+    #[serde(skip)]
+    pub tap_fd: Option<TapFd>,
+}
+
+/// An open tap descriptor, shared until the VMM inherited it.
+#[derive(Debug, Clone)]
+pub struct TapFd(pub Arc<std::os::fd::OwnedFd>);
+
+impl TapFd {
+    pub fn raw(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd()
+    }
+}
+
+impl PartialEq for TapFd {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TapFd {}
+
+impl VmConfig {
+    /// The descriptors the VMM process must inherit.
+    pub fn inherited_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.net_devices.iter().filter_map(|n| n.tap_fd.as_ref().map(TapFd::raw)).collect()
+    }
 }
 
 /// What the sandbox layer asks a VM to be.
@@ -289,6 +322,13 @@ pub trait Hypervisor: Send + Sync {
         })
     }
 
+    /// Stops what an interrupted start left of sandbox `sandbox_id`'s VM — the daemon died
+    /// after spawning processes but before the VM's handle was recorded — and removes its run
+    /// directory. Nothing left is fine.
+    async fn reclaim_interrupted_start(&self, _sandbox_id: &str) -> Result<()> {
+        Ok(())
+    }
+
     /// Stops the VM's processes: SIGTERM, then SIGKILL after `grace`. Stopping a VM that is
     /// already gone succeeds.
     async fn stop(&self, vm: &VmHandle, grace: Duration) -> Result<()>;
@@ -337,7 +377,7 @@ pub trait Hypervisor: Send + Sync {
     }
 }
 
-fn remove_dir_if_exists(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_dir_if_exists(path: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),

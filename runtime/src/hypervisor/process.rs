@@ -66,6 +66,22 @@ pub fn prepare_run_dir(config: &VmConfig, stale_sockets: &[PathBuf]) -> Result<(
     Ok(())
 }
 
+/// Where a starting VM lists the processes spawned so far, until its handle is recorded.
+fn starting_record(run_dir: &Path) -> PathBuf {
+    run_dir.join("starting.json")
+}
+
+/// Stops the processes an interrupted start listed in `run_dir` and removes the directory.
+pub async fn reclaim_interrupted_start(run_dir: &Path) -> Result<()> {
+    if let Ok(processes) = crate::store::read_json::<Vec<VmProcess>>(&starting_record(run_dir)) {
+        tracing::info!(run_dir = %run_dir.display(), ?processes, "stopping what an interrupted VM start left");
+        // The recorded start times keep a reused pid from being signalled.
+        terminate_processes(&processes, Duration::from_secs(1)).await;
+    }
+    super::remove_dir_if_exists(run_dir)
+        .map_err(|source| HypervisorError::RunDir { path: run_dir.to_path_buf(), source })
+}
+
 /// A process spawned for a VM that is still starting.
 struct Spawned {
     child: Child,
@@ -81,11 +97,21 @@ pub struct Starting {
     main: &'static str,
     /// The whole start-up's time budget, for error messages.
     timeout: Duration,
+    /// Every spawn is listed here at once, so a daemon that dies mid-start leaves a list of
+    /// what to stop ([`reclaim_interrupted_start`]).
+    record: PathBuf,
 }
 
 impl Starting {
-    pub fn new(main: &'static str, timeout: Duration) -> Self {
-        Self { spawned: Vec::new(), main, timeout }
+    pub fn new(main: &'static str, timeout: Duration, run_dir: &Path) -> Self {
+        Self { spawned: Vec::new(), main, timeout, record: starting_record(run_dir) }
+    }
+
+    fn write_record(&self) {
+        let processes: Vec<&VmProcess> = self.spawned.iter().map(|s| &s.process).collect();
+        if let Err(e) = crate::store::write_json(&self.record, &processes) {
+            tracing::warn!(error = %e, "recording a starting VM's processes");
+        }
     }
 
     pub fn spawn(
@@ -95,11 +121,38 @@ impl Starting {
         args: &[OsString],
         log: PathBuf,
     ) -> Result<()> {
+        self.spawn_inheriting(name, program, args, log, &[])
+    }
+
+    /// [`Self::spawn`], the child inheriting `fds` (open in this process with FD_CLOEXEC, so
+    /// no other child gets them) under the same numbers.
+    pub fn spawn_inheriting(
+        &mut self,
+        name: &str,
+        program: &OsStr,
+        args: &[OsString],
+        log: PathBuf,
+        fds: &[std::os::fd::RawFd],
+    ) -> Result<()> {
         let spawn_err = |source| HypervisorError::Spawn { what: name.to_string(), source };
         let log_file: File =
             OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
         let log_file2 = log_file.try_clone().map_err(spawn_err)?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        let inherit = fds.to_vec();
+        // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which
+        // is async-signal-safe; it allocates nothing (`inherit` was built before the fork).
+        unsafe {
+            command.pre_exec(move || {
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(log_file)
@@ -123,6 +176,7 @@ impl Starting {
             process: VmProcess { name: name.to_string(), pid, start_time },
             log,
         });
+        self.write_record();
         Ok(())
     }
 
@@ -209,7 +263,9 @@ impl Starting {
 
     /// Hands the processes over, the VMM first. Background tasks reap them, and stop the
     /// helpers once the VMM has exited.
+    /// The caller records the returned processes with the VM's handle.
     pub fn finish(mut self) -> Vec<VmProcess> {
+        let _ = std::fs::remove_file(&self.record);
         let main_name = self.main;
         let main = self
             .spawned

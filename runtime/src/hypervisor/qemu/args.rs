@@ -269,7 +269,12 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout, accel: ResolvedAccel)
     for dev in &config.net_devices {
         let id = &dev.id;
         args.push("-netdev".into());
-        args.push(format!("tap,id=net-{id},ifname={},script=no,downscript=no", dev.tap).into());
+        let backend = match &dev.tap_fd {
+            // vhost-net would need /dev/vhost-net and the namespace's view of the tap.
+            Some(fd) => format!("tap,id=net-{id},fd={},vhost=off", fd.raw()),
+            None => format!("tap,id=net-{id},ifname={},script=no,downscript=no", dev.tap),
+        };
+        args.push(backend.into());
         args.push("-device".into());
         args.push(format!("virtio-net-device,netdev=net-{id},mac={}", dev.mac).into());
     }
@@ -352,7 +357,17 @@ mod tests {
             id: "eth0".into(),
             tap: "tap0".into(),
             mac: "02:00:00:00:00:01".into(),
+            tap_fd: None,
         });
+        let tap = std::fs::File::open("/dev/null").unwrap();
+        let tap = crate::hypervisor::TapFd(std::sync::Arc::new(tap.into()));
+        cfg.net_devices.push(NetDevice {
+            id: "eth1".into(),
+            tap: "tap1".into(),
+            mac: "02:00:00:00:00:02".into(),
+            tap_fd: Some(tap.clone()),
+        });
+        assert_eq!(cfg.inherited_fds(), vec![tap.raw()]);
         validate(&cfg).unwrap();
         let layout = RunDirLayout::new(&cfg.run_dir);
         let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg));
@@ -371,6 +386,11 @@ mod tests {
             "-netdev tap,id=net-eth0,ifname=tap0,script=no,downscript=no \
              -device virtio-net-device,netdev=net-eth0,mac=02:00:00:00:00:01"
         ));
+        assert!(line.contains(&format!(
+            "-netdev tap,id=net-eth1,fd={},vhost=off \
+             -device virtio-net-device,netdev=net-eth1,mac=02:00:00:00:00:02",
+            tap.raw()
+        )));
         assert_eq!(
             joined(&crate::hypervisor::process::virtiofsd_args(&layout.run_dir, &cfg.shared_dirs[0])),
             format!(
@@ -404,14 +424,19 @@ mod tests {
             Box::new(move |c| c.shared_dirs = vec![share("a", "sometimes")]),
             Box::new(move |c| c.shared_dirs = vec![share("a", "auto"), share("a", "auto")]),
             Box::new(|c| {
-                c.net_devices =
-                    vec![NetDevice { id: "n".into(), tap: "t".into(), mac: "02:00".into() }]
+                c.net_devices = vec![NetDevice {
+                    id: "n".into(),
+                    tap: "t".into(),
+                    mac: "02:00".into(),
+                    tap_fd: None,
+                }]
             }),
             Box::new(|c| {
                 c.net_devices = vec![NetDevice {
                     id: "n".into(),
                     tap: "a-tap-name-that-is-too-long".into(),
                     mac: "02:00:00:00:00:01".into(),
+                    tap_fd: None,
                 }]
             }),
             Box::new(|c| {

@@ -122,11 +122,12 @@ impl QemuHypervisor {
 
         starting.start_virtiofsds(self.virtiofsd.as_os_str(), config, deadline).await?;
 
-        starting.spawn(
+        starting.spawn_inheriting(
             "qemu",
             self.qemu.as_os_str(),
             &args::qemu_args(config, &layout, self.accel),
             layout.qemu_log(),
+            &config.inherited_fds(),
         )?;
         starting.wait_for_path("qemu", &layout.qmp_socket(), deadline).await?;
         starting.wait_for_qmp_greeting(&layout.qmp_socket(), deadline).await
@@ -145,6 +146,10 @@ impl Hypervisor for QemuHypervisor {
 
     async fn start(&self, prepared: &PreparedVm, spec: &VmSpec) -> Result<VmHandle> {
         self.launch(&VmConfig::new(spec, prepared)).await
+    }
+
+    async fn reclaim_interrupted_start(&self, sandbox_id: &str) -> Result<()> {
+        super::process::reclaim_interrupted_start(&self.run_root.run_dir(sandbox_id)?).await
     }
 
     async fn stop(&self, vm: &VmHandle, grace: Duration) -> Result<()> {
@@ -169,7 +174,7 @@ impl QemuHypervisor {
         let mut stale = vec![layout.vhost_vsock_socket(), layout.vsock_uds(), layout.qmp_socket()];
         stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
         prepare_run_dir(config, &stale)?;
-        let mut starting = Starting::new("qemu", self.startup_timeout);
+        let mut starting = Starting::new("qemu", self.startup_timeout, &config.run_dir);
         if let Err(e) = self.start_processes(config, &mut starting).await {
             starting.abort().await;
             return Err(e);
