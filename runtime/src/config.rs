@@ -36,6 +36,31 @@ pub struct Config {
     pub builtin: BuiltinSection,
     pub images: ImagesSection,
     pub streaming: StreamingSection,
+    pub network: NetworkSection,
+}
+
+/// Pod networking through CNI plugins (see `resource::network`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSection {
+    /// `false`: pods get no network interface (only the guest's loopback) and Status reports
+    /// NetworkReady=false; `true`: RunPodSandbox runs the CNI plugins and fails while no usable
+    /// configuration exists, as containerd does.
+    pub enabled: bool,
+    /// The first `.conflist`/`.conf`/`.json` file here (in lexical order) is the pod network.
+    pub cni_conf_dir: PathBuf,
+    /// Where plugin binaries are looked up, in order.
+    pub cni_bin_dirs: Vec<PathBuf>,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
+            cni_bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
+        }
+    }
 }
 
 /// Where the streaming server (Exec, Attach) listens. The URLs it hands out carry single-use
@@ -118,6 +143,11 @@ impl Config {
     pub fn vms_dir(&self) -> PathBuf {
         self.state.join("vms")
     }
+
+    /// Where pods' network namespaces are bind-mounted (their paths are in the records).
+    pub fn netns_dir(&self) -> PathBuf {
+        self.state.join("netns")
+    }
 }
 
 impl Default for Config {
@@ -133,6 +163,7 @@ impl Default for Config {
             builtin: BuiltinSection::default(),
             images: ImagesSection::default(),
             streaming: StreamingSection::default(),
+            network: NetworkSection::default(),
         }
     }
 }

@@ -15,6 +15,7 @@
 //! Network devices and drives have their seams here ([`PodResources::net_devices`],
 //! [`PodResources::block_devices`]); the networking and volumes work fills them.
 
+pub mod network;
 pub mod share;
 
 use std::path::{Path, PathBuf};
