@@ -125,10 +125,16 @@ impl TestDaemon {
 
     async fn spawn(&mut self) -> Result<()> {
         let config = self.dir.path().join("config.toml");
+        // Pods get no network unless a test configures one (tests/tests/networking.rs does).
+        let network = if self.extra_config.contains("[network]") {
+            ""
+        } else {
+            "[network]\nenabled = false\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "log_level = \"info,podvisor=debug\"\n{}\n[vm]\nkernel = {:?}\ninitrd = {:?}\nmemory_mib = 256\n",
+                "log_level = \"info,podvisor=debug\"\n{}\n{network}[vm]\nkernel = {:?}\ninitrd = {:?}\nmemory_mib = 256\n",
                 self.extra_config,
                 guest_kernel(),
                 guest_initrd(),
@@ -225,7 +231,7 @@ impl TestDaemon {
     pub fn assert_nothing_left(&self) {
         assert!(self.vm_processes().is_empty(), "VM processes left: {:?}", self.vm_processes());
         assert!(self.mounts().is_empty(), "mounts left: {:?}", self.mounts());
-        let leftovers: Vec<PathBuf> = ["sandboxes", "vms"]
+        let leftovers: Vec<PathBuf> = ["sandboxes", "vms", "netns"]
             .iter()
             .flat_map(|d| {
                 std::fs::read_dir(self.state().join(d))

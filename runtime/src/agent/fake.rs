@@ -11,9 +11,9 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use super::{
-    AgentDialer, AgentError, AgentStatus, ContainerStats, ExitStatus, GuestAgent, NewContainer,
-    NewExec, OutputChunk, OutputKind, OutputStream, ProcessId, Refusal, Result, SandboxSetup,
-    SandboxStats,
+    AgentDialer, AgentError, AgentStatus, ContainerStats, ExitStatus, GuestAgent, NetworkSetup,
+    NewContainer, NewExec, OutputChunk, OutputKind, OutputStream, ProcessId, Refusal, Result,
+    SandboxSetup, SandboxStats,
 };
 use crate::hypervisor::GuestConnector;
 
@@ -52,6 +52,7 @@ impl State {
 #[derive(Default)]
 struct State {
     sandbox: Option<SandboxSetup>,
+    network: Option<NetworkSetup>,
     containers: HashMap<String, NewContainer>,
     processes: HashMap<ProcessId, FakeProcess>,
     calls: Vec<String>,
@@ -132,6 +133,10 @@ impl FakeAgent {
 
     pub fn sandbox(&self) -> Option<SandboxSetup> {
         self.state().sandbox.clone()
+    }
+
+    pub fn network(&self) -> Option<NetworkSetup> {
+        self.state().network.clone()
     }
 
     pub fn container(&self, id: &str) -> Option<NewContainer> {
@@ -230,6 +235,12 @@ impl GuestAgent for FakeAgent {
     async fn create_sandbox(&self, setup: SandboxSetup) -> Result<()> {
         self.enter("CreateSandbox").await?;
         self.state().sandbox = Some(setup);
+        Ok(())
+    }
+
+    async fn setup_network(&self, setup: NetworkSetup) -> Result<()> {
+        self.enter("SetupNetwork").await?;
+        self.state().network = Some(setup);
         Ok(())
     }
 

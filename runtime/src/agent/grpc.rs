@@ -21,9 +21,9 @@ use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::{
-    AgentError, AgentStatus, ContainerStats, ExitStatus, GuestAgent, NewContainer, NewExec,
-    OutputChunk, OutputKind, OutputStream, ProcessId, Refusal, Result, SandboxSetup, SandboxStats,
-    StdioMode, CALL_DEADLINE, CREATE_DEADLINE,
+    AgentError, AgentStatus, ContainerStats, ExitStatus, GuestAgent, NetworkSetup, NewContainer,
+    NewExec, OutputChunk, OutputKind, OutputStream, ProcessId, Refusal, Result, SandboxSetup,
+    SandboxStats, StdioMode, CALL_DEADLINE, CREATE_DEADLINE,
 };
 use crate::hypervisor::GuestConnector;
 
@@ -158,6 +158,38 @@ impl GuestAgent for GrpcAgent {
             |mut c| async move { c.create_sandbox(req).await },
         )
         .await?;
+        Ok(())
+    }
+
+    async fn setup_network(&self, n: NetworkSetup) -> Result<()> {
+        let req = pb::SetupNetworkRequest {
+            interfaces: n
+                .interfaces
+                .into_iter()
+                .map(|i| pb::NetInterface {
+                    mac: i.mac,
+                    name: i.name,
+                    mtu: i.mtu,
+                    addresses: i.addresses.iter().map(ToString::to_string).collect(),
+                })
+                .collect(),
+            routes: n
+                .routes
+                .into_iter()
+                .map(|r| pb::NetRoute {
+                    destination: r.destination.to_string(),
+                    gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                    interface: r.interface,
+                })
+                .collect(),
+            hosts: n
+                .hosts
+                .into_iter()
+                .map(|(ip, names)| pb::HostEntry { ip: ip.to_string(), names })
+                .collect(),
+        };
+        self.call("SetupNetwork", CALL_DEADLINE, |mut c| async move { c.setup_network(req).await })
+            .await?;
         Ok(())
     }
 

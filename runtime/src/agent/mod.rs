@@ -156,6 +156,33 @@ pub struct SandboxSetup {
     pub pod_pid_namespace: bool,
 }
 
+/// One guest interface: the virtio-net device with `mac`, renamed to `name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestInterface {
+    pub mac: String,
+    pub name: String,
+    /// 0 keeps the device's.
+    pub mtu: u32,
+    pub addresses: Vec<ipnet::IpNet>,
+}
+
+/// One guest route; `gateway: None` is on-link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestRoute {
+    pub destination: ipnet::IpNet,
+    pub gateway: Option<std::net::IpAddr>,
+    pub interface: String,
+}
+
+/// The pod's network as the guest configures it (SetupNetwork).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NetworkSetup {
+    pub interfaces: Vec<GuestInterface>,
+    pub routes: Vec<GuestRoute>,
+    /// Lines for the pod's hosts file: an address and its names.
+    pub hosts: Vec<(std::net::IpAddr, Vec<String>)>,
+}
+
 /// How a process's standard streams are set up.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StdioMode {
@@ -269,6 +296,8 @@ pub struct AgentStatus {
 pub trait GuestAgent: Send + Sync {
     async fn status(&self) -> Result<AgentStatus>;
     async fn create_sandbox(&self, setup: SandboxSetup) -> Result<()>;
+    /// Configures the pod's interfaces, routes and hosts entries; before the first container.
+    async fn setup_network(&self, setup: NetworkSetup) -> Result<()>;
     /// Creates a container; returns the guest pid of its init process.
     async fn create_container(&self, container: NewContainer) -> Result<u32>;
     async fn start_container(&self, id: &str) -> Result<()>;

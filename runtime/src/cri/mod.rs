@@ -7,6 +7,7 @@ pub mod image;
 pub mod runtime;
 pub mod translate;
 
+use crate::resource::network::NetworkError;
 use std::future::Future;
 
 use tokio::net::UnixListener;
@@ -38,6 +39,8 @@ pub fn code(e: &SandboxError) -> Code {
         ) => Code::InvalidArgument,
         E::ExecTimeout { .. } | E::KillTimeout(_) => Code::DeadlineExceeded,
         E::Boot { .. } => Code::Unavailable,
+        E::Network(NetworkError::BadAnnotation { .. }) => Code::InvalidArgument,
+        E::Network(NetworkError::NotReady(_)) => Code::FailedPrecondition,
         E::Agent(a) => agent_code(a),
         _ => Code::Internal,
     }

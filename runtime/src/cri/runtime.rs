@@ -19,8 +19,6 @@ pub struct RuntimeServiceImpl {
     manager: Arc<SandboxManager>,
     /// Where Exec and Attach URLs lead.
     streaming: Arc<StreamingServer>,
-    /// Whether CNI networking is available (Status' NetworkReady condition).
-    network_ready: bool,
     /// Which hypervisor backend runs pods and why (Status verbose info).
     backend_reason: String,
 }
@@ -31,7 +29,7 @@ impl RuntimeServiceImpl {
         streaming: Arc<StreamingServer>,
         backend_reason: String,
     ) -> Self {
-        Self { manager, streaming, network_ready: false, backend_reason }
+        Self { manager, streaming, backend_reason }
     }
 
     /// The URL of a streaming request on a running container.
@@ -463,20 +461,7 @@ impl RuntimeService for RuntimeServiceImpl {
                 reason: String::new(),
                 message: String::new(),
             },
-            cri::RuntimeCondition {
-                r#type: "NetworkReady".into(),
-                status: self.network_ready,
-                reason: if self.network_ready {
-                    String::new()
-                } else {
-                    "NetworkPluginNotReady".into()
-                },
-                message: if self.network_ready {
-                    String::new()
-                } else {
-                    "CNI networking is not implemented yet: pods get no network interface".into()
-                },
-            },
+            network_condition(self.manager.network_ready()),
         ];
         let mut info = HashMap::new();
         if req.into_inner().verbose {
@@ -573,4 +558,13 @@ impl RuntimeService for RuntimeServiceImpl {
             }),
         }))
     }
+}
+
+/// Status' NetworkReady condition.
+fn network_condition(ready: Result<(), String>) -> cri::RuntimeCondition {
+    let (status, reason, message) = match ready {
+        Ok(()) => (true, String::new(), String::new()),
+        Err(why) => (false, "NetworkPluginNotReady".to_string(), why),
+    };
+    cri::RuntimeCondition { r#type: "NetworkReady".into(), status, reason, message }
 }

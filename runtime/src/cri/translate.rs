@@ -10,7 +10,8 @@ use crate::sandbox::events::{EventKind, LifecycleEvent};
 use crate::sandbox::stats::{ContainerUsage, PodUsage};
 use crate::sandbox::{
     ContainerRecord, ContainerSpec, ContainerState, DnsSettings, NamespaceMode, NamespaceModes,
-    PodMetadata, PodSpec, Resources, SandboxRecord, SandboxState, SecurityContext, VolumeMount,
+    PodMetadata, PodSpec, PortMapping, Resources, SandboxRecord, SandboxState, SecurityContext,
+    VolumeMount,
 };
 
 /// The longest hostname the guest kernel takes (HOST_NAME_MAX).
@@ -74,12 +75,24 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         pid: namespace_mode(ns.pid)?,
         ipc: namespace_mode(ns.ipc)?,
     };
-    if namespaces.network == NamespaceMode::Node {
-        // Host networking would put the pod on the node's network stack, outside its VM.
-        return Err(Status::invalid_argument(
-            "host network pods are not supported by a VM runtime",
-        ));
+    // The node's namespaces are outside the pod's VM: until a handler gives such pods a home,
+    // they are refused rather than quietly given the VM's.
+    for (field, mode) in
+        [("network", namespaces.network), ("pid", namespaces.pid), ("ipc", namespaces.ipc)]
+    {
+        if mode == NamespaceMode::Node {
+            return Err(Status::invalid_argument(format!(
+                "config.linux.security_context.namespace_options.{field}: NODE (the host's \
+                 namespace) is not supported by a VM sandbox"
+            )));
+        }
     }
+    let port_mappings = config
+        .port_mappings
+        .iter()
+        .enumerate()
+        .map(|(n, m)| port_mapping(n, m))
+        .collect::<Result<Vec<_>, Status>>()?;
     let dns = config.dns_config.unwrap_or_default();
     Ok(PodSpec {
         metadata: PodMetadata {
@@ -96,6 +109,33 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         dns: DnsSettings { servers: dns.servers, searches: dns.searches, options: dns.options },
         namespaces,
         sysctls: linux.sysctls,
+        port_mappings,
+    })
+}
+
+/// A CRI port mapping in the network layer's words.
+fn port_mapping(n: usize, m: &cri::PortMapping) -> Result<PortMapping, Status> {
+    let bad = |what: &str| Status::invalid_argument(format!("config.port_mappings[{n}]: {what}"));
+    let protocol = match cri::Protocol::try_from(m.protocol) {
+        Ok(cri::Protocol::Tcp) => "tcp",
+        Ok(cri::Protocol::Udp) => "udp",
+        Ok(cri::Protocol::Sctp) => "sctp",
+        Err(_) => return Err(bad(&format!("unknown protocol {}", m.protocol))),
+    };
+    let container_port = u16::try_from(m.container_port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| bad(&format!("container_port {} is not 1..=65535", m.container_port)))?;
+    let host_port = u16::try_from(m.host_port)
+        .map_err(|_| bad(&format!("host_port {} is not 0..=65535", m.host_port)))?;
+    if !m.host_ip.is_empty() && m.host_ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(bad(&format!("host_ip {:?} is not an IP address", m.host_ip)));
+    }
+    Ok(PortMapping {
+        protocol: protocol.to_string(),
+        container_port,
+        host_port,
+        host_ip: m.host_ip.clone(),
     })
 }
 
@@ -216,6 +256,15 @@ pub fn container_metadata(c: &ContainerRecord) -> cri::ContainerMetadata {
     cri::ContainerMetadata { name: c.metadata.name.clone(), attempt: c.metadata.attempt }
 }
 
+/// The pod's IPs: IPv4 first as `ip`, the rest as `additional_ips`.
+fn network_status(r: &SandboxRecord) -> cri::PodSandboxNetworkStatus {
+    let mut ips = r.network.as_ref().map(|n| n.pod_ips()).unwrap_or_default().into_iter();
+    cri::PodSandboxNetworkStatus {
+        ip: ips.next().map(|ip| ip.to_string()).unwrap_or_default(),
+        additional_ips: ips.map(|ip| cri::PodIp { ip: ip.to_string() }).collect(),
+    }
+}
+
 pub fn sandbox_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
     let ns = cri::NamespaceOption {
         network: cri_namespace_mode(r.namespaces.network),
@@ -228,7 +277,7 @@ pub fn sandbox_status(r: &SandboxRecord) -> cri::PodSandboxStatus {
         metadata: Some(pod_metadata(r)),
         state: sandbox_state(r.state),
         created_at: r.created_at,
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some(network_status(r)),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace { options: Some(ns) }),
         }),
@@ -472,7 +521,43 @@ mod tests {
             }),
             ..Default::default()
         });
-        assert_eq!(pod_spec(req).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(pod_spec(req.clone()).unwrap_err().code(), tonic::Code::InvalidArgument);
+        for field in ["pid", "ipc"] {
+            let mut req = req.clone();
+            let ns = req.config.as_mut().unwrap().linux.as_mut().unwrap();
+            let ns = ns.security_context.as_mut().unwrap().namespace_options.as_mut().unwrap();
+            ns.network = cri::NamespaceMode::Pod as i32;
+            if field == "pid" {
+                ns.pid = cri::NamespaceMode::Node as i32;
+            } else {
+                ns.ipc = cri::NamespaceMode::Node as i32;
+            }
+            let err = pod_spec(req).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains(&format!("namespace_options.{field}")), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn port_mappings_are_validated() {
+        let ok = cri::PortMapping {
+            protocol: cri::Protocol::Udp as i32,
+            container_port: 53,
+            host_port: 5353,
+            host_ip: "127.0.0.1".into(),
+        };
+        let m = port_mapping(0, &ok).unwrap();
+        assert_eq!((m.protocol.as_str(), m.container_port, m.host_port), ("udp", 53, 5353));
+        for bad in [
+            cri::PortMapping { protocol: 9, ..ok.clone() },
+            cri::PortMapping { container_port: 0, ..ok.clone() },
+            cri::PortMapping { container_port: 70000, ..ok.clone() },
+            cri::PortMapping { host_port: -1, ..ok.clone() },
+            cri::PortMapping { host_ip: "localhost".into(), ..ok.clone() },
+        ] {
+            let err = port_mapping(3, &bad).unwrap_err();
+            assert!(err.message().starts_with("config.port_mappings[3]"), "{err:?}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ use super::records::ContainerState;
 use super::spec::SpecError;
 use crate::agent::AgentError;
 use crate::hypervisor::HypervisorError;
+use crate::resource::network::NetworkError;
 use crate::resource::ShareError;
 use crate::store::StoreError;
 
@@ -55,6 +56,8 @@ pub enum SandboxError {
     Store(#[from] StoreError),
     #[error("sandbox share: {0}")]
     Share(#[from] ShareError),
+    #[error("pod network: {0}")]
+    Network(#[from] NetworkError),
     #[error("container spec: {0}")]
     Spec(#[from] SpecError),
     #[error("container log: {0}")]

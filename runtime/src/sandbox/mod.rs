@@ -35,6 +35,7 @@ pub use crate::agent::ContainerStats;
 use crate::agent::{AgentDialer, GuestAgent, ProcessId};
 use crate::config::Config;
 use crate::hypervisor::{Hypervisor, Registry};
+use crate::resource::network::PodNetworks;
 use crate::resource::PodResources;
 use crate::store;
 pub use error::{Result, SandboxError};
@@ -82,6 +83,7 @@ pub struct SandboxManager {
     events: events::Events,
     /// The last CPU sample of each pod and container, for usage rates.
     cpu_samples: stats::CpuSamples,
+    networks: PodNetworks,
 }
 
 pub fn now_nanos() -> i64 {
@@ -105,7 +107,6 @@ impl SandboxManager {
         images: Arc<dyn ImageResolver>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            config,
             hypervisors,
             dialer,
             images,
@@ -117,7 +118,17 @@ impl SandboxManager {
             io: Mutex::new(HashMap::new()),
             events: events::Events::default(),
             cpu_samples: stats::CpuSamples::default(),
+            networks: PodNetworks::new(config.network.clone(), config.netns_dir()),
+            config,
         })
+    }
+
+    /// Whether pods can be attached to the network now (Status' NetworkReady), and why not.
+    pub fn network_ready(&self) -> std::result::Result<(), String> {
+        if !self.networks.enabled() {
+            return Err("pod networking is disabled ([network] enabled = false)".into());
+        }
+        self.networks.ready().map(drop).map_err(|e| e.to_string())
     }
 
     /// Lifecycle events from now on.

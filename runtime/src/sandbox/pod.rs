@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use super::*;
 use crate::agent::SandboxSetup;
 use crate::hypervisor::{VmHandle, VmSpec};
+use crate::resource::network::{AttachedNetwork, NetworkRequest};
 use crate::resource::ShareLayout;
 
 /// How long a VM may take to stop before it is killed.
@@ -51,8 +52,12 @@ impl SandboxManager {
             }
             Err(e) => {
                 warn!(sandbox = %id, error = %e, "pod sandbox failed to start; cleaning up");
-                if let Err(e) = self.teardown_vm(&id).await {
-                    warn!(sandbox = %id, error = %e, "cleaning up a pod sandbox that failed");
+                if let Err(cleanup) = self.teardown_vm(&id).await {
+                    // Keep the (NotReady) record so StopPodSandbox/RemovePodSandbox, or
+                    // kubelet's garbage collection, can finish the clean-up (CNI DEL).
+                    warn!(sandbox = %id, error = %cleanup, "cleaning up a pod sandbox that failed; keeping its record");
+                    let _ = self.update_sandbox(&id, |r| r.state = SandboxState::NotReady);
+                    return Err(e);
                 }
                 let last = lock(&self.state).sandboxes.remove(&id);
                 let _ = store::remove_path(&self.sandbox_record_dir(&id));
@@ -69,6 +74,9 @@ impl SandboxManager {
         let rec = self.sandbox(id)?;
         let resources = self.resources(&rec);
         resources.create()?;
+        let network = self.attach_network(id, pod).await?;
+        let mut net_devices = resources.net_devices();
+        net_devices.extend(network.as_ref().map(|n| n.net_device.clone()));
         let hypervisor = self.hypervisors.default_backend();
         let prepared = hypervisor.prepare(id).await?;
         let spec = VmSpec {
@@ -81,7 +89,7 @@ impl SandboxManager {
             console_log: self.console_log_path(id),
             shared_dirs: resources.shared_dirs(),
             block_devices: resources.block_devices(),
-            net_devices: resources.net_devices(),
+            net_devices,
         };
         let vm = match hypervisor.start(&prepared, &spec).await {
             Ok(vm) => vm,
@@ -114,6 +122,66 @@ impl SandboxManager {
                 pod_pid_namespace: pod.namespaces.pid == NamespaceMode::Pod,
             })
             .await?;
+        if let Some(network) = network {
+            let mut setup = network.guest;
+            // As CRI-O writes it: the pod's own addresses resolve to its hostname.
+            setup.hosts = rec_pod_ips(&self.sandbox(id)?)
+                .into_iter()
+                .map(|ip| (ip, vec![pod.hostname.clone()]))
+                .filter(|(_, names)| !names[0].is_empty())
+                .collect();
+            agent.setup_network(setup).await?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the pod to the CNI network (unless networking is off) and wires the tap its
+    /// VM will use. What DEL needs is persisted before anything is created.
+    async fn attach_network(&self, id: &str, pod: &PodSpec) -> Result<Option<AttachedNetwork>> {
+        if !self.networks.enabled() {
+            return Ok(None);
+        }
+        let request = NetworkRequest {
+            sandbox_id: id.to_string(),
+            pod_namespace: pod.metadata.namespace.clone(),
+            pod_name: pod.metadata.name.clone(),
+            pod_uid: pod.metadata.uid.clone(),
+            port_mappings: pod.port_mappings.clone(),
+            annotations: pod.annotations.clone(),
+        };
+        let plan = self.networks.plan(&request)?;
+        self.update_sandbox(id, |r| r.network = Some(plan.clone()))?;
+        let result = self.networks.add(&plan).await?;
+        let rec = self.update_sandbox(id, |r| {
+            if let Some(n) = r.network.as_mut() {
+                n.result = Some(result);
+            }
+        })?;
+        let record = rec.network.as_ref().unwrap_or(&plan);
+        Ok(Some(self.networks.attach(record).await?))
+    }
+
+    /// CNI CHECK of a re-attached pod, in the background: a network that changed under a
+    /// running pod while the daemon was away is reported, not repaired.
+    fn check_network(self: &Arc<Self>, rec: &SandboxRecord) {
+        let Some(network) = rec.network.clone() else { return };
+        let (this, id) = (Arc::clone(self), rec.id.clone());
+        tokio::spawn(async move {
+            match this.networks.check(&network).await {
+                Ok(()) => tracing::debug!(sandbox = %id, "CNI CHECK passed"),
+                Err(e) => {
+                    warn!(sandbox = %id, error = %e, "the pod's network is not as CNI ADD left it")
+                }
+            }
+        });
+    }
+
+    /// DEL (idempotent) and the namespace's removal; the record forgets the attachment once
+    /// both succeeded.
+    async fn detach_network(&self, id: &str) -> Result<()> {
+        let Some(network) = self.sandbox(id)?.network else { return Ok(()) };
+        self.networks.remove(&network).await?;
+        self.update_sandbox(id, |r| r.network = None)?;
         Ok(())
     }
 
@@ -136,8 +204,13 @@ impl SandboxManager {
             let hypervisor = self.hypervisor_of(vm)?;
             hypervisor.stop(vm, VM_STOP_GRACE).await?;
             hypervisor.cleanup(vm).await?;
+        } else {
+            // A start the daemon did not live to record (boots only ever use the default).
+            self.hypervisors.default_backend().reclaim_interrupted_start(id).await?;
         }
         self.resources(&rec).destroy()?;
+        // After the VM: its tap holds the namespace until the VMM exits.
+        self.detach_network(id).await?;
         Ok(())
     }
 
@@ -288,6 +361,7 @@ impl SandboxManager {
             if sb.state == SandboxState::Ready && alive {
                 info!(sandbox = %sb.id, "re-attached to running pod sandbox");
                 self.watch_vm(&sb.id);
+                self.check_network(&sb);
                 for c in self.containers_of(&sb.id) {
                     if c.state == ContainerState::Running {
                         self.follow_container(&c);
@@ -378,5 +452,11 @@ fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
         created_at: now_nanos(),
         state: SandboxState::NotReady,
         vm: None,
+        network: None,
     }
+}
+
+/// The pod's addresses from its record.
+fn rec_pod_ips(rec: &SandboxRecord) -> Vec<std::net::IpAddr> {
+    rec.network.as_ref().map(|n| n.pod_ips()).unwrap_or_default()
 }

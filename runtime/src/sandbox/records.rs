@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::types::{NamespaceMode, NamespaceModes, Resources};
 use crate::hypervisor::VmHandle;
+use crate::resource::network::NetworkRecord;
 use crate::resource::ShareLayout;
 use crate::store::{self, StoreError};
 
@@ -73,6 +74,9 @@ pub struct SandboxRecord {
     pub state: SandboxState,
     /// The running VM; `None` once stopped.
     pub vm: Option<VmHandle>,
+    /// The pod's CNI attachment, from before ADD until DEL succeeded.
+    #[serde(default)]
+    pub network: Option<NetworkRecord>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

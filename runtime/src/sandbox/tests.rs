@@ -10,6 +10,7 @@ use super::*;
 use crate::agent::fake::{FakeAgent, FakeDialer};
 use crate::agent::{OutputKind, StdioMode, GUEST_VOLUME_DIR, VOLUME_FS_TAG};
 use crate::hypervisor::fake::FakeHypervisor;
+use crate::resource::network::NetworkError;
 use crate::resource::{PodResources, ShareLayout};
 
 struct FakeImages {
@@ -48,6 +49,15 @@ impl Harness {
     }
 
     fn with_boot_timeout(seconds: u64) -> Self {
+        Self::build(seconds, false)
+    }
+
+    /// Pods join a CNI network of fake plugins (see [`fake_cni`]).
+    fn with_network() -> Self {
+        Self::build(60, true)
+    }
+
+    fn build(seconds: u64, network: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let rootfs = dir.path().join("image");
         std::fs::create_dir_all(rootfs.join("etc")).unwrap();
@@ -58,6 +68,12 @@ impl Harness {
             ..Config::default()
         };
         config.vm.boot_timeout_seconds = seconds;
+        config.network.enabled = network;
+        if network {
+            config.network.cni_conf_dir = dir.path().join("cni-conf");
+            config.network.cni_bin_dirs = vec![dir.path().join("cni-bin")];
+            fake_cni(dir.path());
+        }
         let config = Arc::new(config);
         let hv = FakeHypervisor::new(&config.state);
         let dialer = Arc::new(FakeDialer::default());
@@ -183,7 +199,100 @@ macro_rules! needs_root {
     };
 }
 
+/// A CNI network whose one plugin logs its calls to `cni.log` and, at ADD, makes `eth0` a
+/// veth end in the pod's namespace and answers 10.9.0.7/24; it fails pods named `bad`.
+fn fake_cni(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let (conf, bin) = (dir.join("cni-conf"), dir.join("cni-bin"));
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::write(
+        conf.join("10-fake.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"fake","plugins":[{"type":"fake"}]}"#,
+    )
+    .unwrap();
+    let log = dir.join("cni.log");
+    let script = format!(
+        r#"#!/bin/sh
+cat > /dev/null
+echo "$CNI_COMMAND $CNI_CONTAINERID" >> {log}
+[ "$CNI_COMMAND" = ADD ] || exit 0
+case "$CNI_ARGS" in *K8S_POD_NAME=bad*) echo '{{"code":7,"msg":"no addresses left"}}'; exit 1;; esac
+nsenter --net="$CNI_NETNS" ip link add eth0 type veth peer name peer0 || exit 1
+nsenter --net="$CNI_NETNS" ip link set eth0 up || exit 1
+echo '{{"cniVersion":"1.0.0","interfaces":[{{"name":"eth0","sandbox":"'"$CNI_NETNS"'"}}],"ips":[{{"interface":0,"address":"10.9.0.7/24","gateway":"10.9.0.1"}}],"routes":[{{"dst":"0.0.0.0/0"}}]}}'
+"#,
+        log = log.display()
+    );
+    let plugin = bin.join("fake");
+    std::fs::write(&plugin, script).unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn cni_calls(h: &Harness) -> String {
+    std::fs::read_to_string(h.dir.path().join("cni.log")).unwrap_or_default()
+}
+
 // Pods.
+
+#[tokio::test]
+async fn a_networked_pod_gets_its_cni_interface_and_stop_runs_del() {
+    needs_root!();
+    let h = Harness::with_network();
+    assert_eq!(h.manager.network_ready(), Ok(()));
+    let sid = h.run_pod("web").await;
+    let rec = h.manager.sandbox(&sid).unwrap();
+    let network = rec.network.clone().expect("the record keeps the attachment");
+    assert_eq!(network.pod_ips(), vec!["10.9.0.7".parse::<std::net::IpAddr>().unwrap()]);
+    assert!(crate::resource::network::netns::is_pinned(&network.netns));
+    let spec = h.hv.behave().specs[0].clone();
+    let device = &spec.net_devices[0];
+    assert!(device.tap_fd.is_some(), "the VMM is handed an open tap");
+    let setup = h.agent(&sid).network().expect("SetupNetwork was sent");
+    assert_eq!(setup.interfaces[0].mac, device.mac, "the guest takes the CNI interface's MAC");
+    assert_eq!(setup.interfaces[0].name, "eth0");
+    assert_eq!(setup.interfaces[0].addresses, vec!["10.9.0.7/24".parse().unwrap()]);
+    assert_eq!(setup.routes[0].gateway, Some("10.9.0.1".parse().unwrap()));
+    assert_eq!(setup.hosts, vec![("10.9.0.7".parse().unwrap(), vec!["web".to_string()])]);
+    let calls = h.agent(&sid).calls();
+    let at = |c: &str| calls.iter().position(|x| x == c).unwrap();
+    assert!(at("CreateSandbox") < at("SetupNetwork"));
+
+    h.manager.stop_sandbox(&sid).await.unwrap();
+    assert_eq!(cni_calls(&h), format!("ADD {sid}\nDEL {sid}\n"));
+    assert!(!network.netns.exists(), "the namespace outlived StopPodSandbox");
+    assert!(h.manager.sandbox(&sid).unwrap().network.is_none());
+    h.manager.stop_sandbox(&sid).await.unwrap();
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    assert_eq!(cni_calls(&h).lines().count(), 2, "DEL ran again for a detached pod");
+}
+
+#[tokio::test]
+async fn a_failed_add_is_deleted_and_leaves_no_namespace() {
+    needs_root!();
+    let h = Harness::with_network();
+    let err = h.manager.run_sandbox(h.pod("bad")).await.unwrap_err();
+    assert!(err.to_string().contains("no addresses left"), "{err}");
+    let calls = cni_calls(&h);
+    assert!(calls.starts_with("ADD ") && calls.contains("\nDEL "), "{calls}");
+    assert!(h.manager.list_sandboxes().is_empty());
+    assert_eq!(h.hv.behave().starts, 0, "a VM was started without a network");
+    let netns_dir = h.config.netns_dir();
+    let left: Vec<_> = std::fs::read_dir(&netns_dir).into_iter().flatten().flatten().collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+}
+
+#[tokio::test]
+async fn without_a_cni_configuration_pods_are_refused_and_status_says_why() {
+    needs_root!();
+    let h = Harness::with_network();
+    std::fs::remove_file(h.dir.path().join("cni-conf/10-fake.conflist")).unwrap();
+    let why = h.manager.network_ready().unwrap_err();
+    assert!(why.contains("no CNI network configuration"), "{why}");
+    let err = h.manager.run_sandbox(h.pod("p")).await.unwrap_err();
+    assert!(matches!(err, SandboxError::Network(NetworkError::NotReady(_))), "{err}");
+    assert!(h.manager.list_sandboxes().is_empty());
+}
 
 #[tokio::test]
 async fn a_pod_boots_with_an_image_share_and_a_volume_share() {

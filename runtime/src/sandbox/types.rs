@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::records::{DnsSettings, PodMetadata};
+pub use crate::resource::network::PortMapping;
 
 /// Which namespace a pod's containers share (CRI `NamespaceMode`, in our words).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +42,8 @@ pub struct PodSpec {
     pub dns: DnsSettings,
     pub namespaces: NamespaceModes,
     pub sysctls: HashMap<String, String>,
+    /// hostPort mappings, handed to the CNI plugins that ask for them.
+    pub port_mappings: Vec<PortMapping>,
 }
 
 /// A host path mounted into a container (a volume).
