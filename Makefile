@@ -14,7 +14,7 @@ APT_PACKAGES := qemu-system-x86 linux-source-6.1 flex bison bc libelf-dev libssl
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
 VIRTIOFSD_VERSION := 1.14.0
 
-.PHONY: all deps kernel guest build build-debug run test lint unit e2e bench clean
+.PHONY: all deps kernel guest build build-debug run test lint unit e2e bench clean cni-config
 
 all: build kernel guest
 
@@ -47,8 +47,16 @@ build-debug: deps
 	cargo build -p podvisor
 	@mkdir -p $(BUILD) && cp -f target/debug/podvisor $(BUILD)/podvisor
 
+## cni-config: a default bridge pod network, only where /etc/cni/net.d has no configuration.
+cni-config:
+	@mkdir -p /etc/cni/net.d
+	@if ! ls /etc/cni/net.d/*.conflist /etc/cni/net.d/*.conf /etc/cni/net.d/*.json >/dev/null 2>&1; then \
+		install -m 0644 etc/10-podvisor.conflist /etc/cni/net.d/10-podvisor.conflist && \
+		echo "cni-config: installed /etc/cni/net.d/10-podvisor.conflist"; \
+	fi
+
 ## run: build everything and start the daemon in the foreground with the defaults.
-run: build kernel guest
+run: build kernel guest cni-config
 	$(BUILD)/podvisor daemon
 
 lint:

@@ -506,6 +506,13 @@ mod tests {
     }
 
     #[test]
+    fn the_default_network_make_run_installs_parses() {
+        let text = include_str!("../../../../etc/10-podvisor.conflist");
+        let list = NetworkList::parse(Path::new("10-podvisor.conflist"), text).unwrap();
+        assert_eq!(list.plugin_types().collect::<Vec<_>>(), ["bridge", "portmap"]);
+    }
+
+    #[test]
     fn bandwidth_quantities() {
         assert_eq!(parse_bandwidth("1M"), Ok(1_000_000));
         assert_eq!(parse_bandwidth("1.5G"), Ok(1_500_000_000));
