@@ -175,6 +175,20 @@ async fn pods_get_addresses_reach_each_other_and_leave_nothing_behind() {
     let mapped: SocketAddr = format!("{node}:{host_port}").parse().unwrap();
     assert_eq!(http_get_eventually(mapped).await.as_deref(), Some("pod-a"), "hostPort {mapped}");
 
+    // Pod stats carry the interface's traffic (the requests above went both ways).
+    let mut rt = daemon.runtime().await.unwrap();
+    let stats = rt
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest { pod_sandbox_id: a.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let iface = stats.linux.unwrap().network.unwrap().default_interface.unwrap();
+    assert_eq!(iface.name, "eth0");
+    let bytes = |v: Option<cri::UInt64Value>| v.map(|v| v.value).unwrap_or(0);
+    assert!(bytes(iface.rx_bytes) > 0 && bytes(iface.tx_bytes) > 0, "{iface:?}");
+
     // The pod's DNS, hosts file and hostname.
     let resolv = exec_text(&daemon, &a_web, &["cat", "/etc/resolv.conf"]).await;
     for line in ["nameserver 10.213.7.53", "search e2e.svc.cluster.local", "options ndots:5"] {

@@ -432,7 +432,20 @@ pub fn pod_sandbox_stats(p: &PodUsage) -> cri::PodSandboxStats {
                 usage_bytes: uint(s.memory_usage_bytes),
                 ..Default::default()
             }),
-            network: None,
+            network: p.network.as_ref().map(|n| {
+                let interface = cri::NetworkInterfaceUsage {
+                    name: n.name.clone(),
+                    rx_bytes: uint(n.rx_bytes),
+                    rx_errors: uint(n.rx_errors),
+                    tx_bytes: uint(n.tx_bytes),
+                    tx_errors: uint(n.tx_errors),
+                };
+                cri::NetworkUsage {
+                    timestamp: at,
+                    default_interface: Some(interface),
+                    interfaces: Vec::new(),
+                }
+            }),
             process: Some(cri::ProcessUsage { timestamp: at, process_count: uint(s.pids) }),
             containers: p.containers.iter().map(|(c, u)| container_stats(c, u)).collect(),
         }),

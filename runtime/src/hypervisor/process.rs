@@ -72,14 +72,45 @@ fn starting_record(run_dir: &Path) -> PathBuf {
 }
 
 /// Stops the processes an interrupted start listed in `run_dir` and removes the directory.
+/// A process spawned just before the daemon died may be missing from the record, so processes
+/// whose command line names the run directory (every VMM and helper is given a socket in it)
+/// are stopped too.
 pub async fn reclaim_interrupted_start(run_dir: &Path) -> Result<()> {
-    if let Ok(processes) = crate::store::read_json::<Vec<VmProcess>>(&starting_record(run_dir)) {
+    let mut processes =
+        crate::store::read_json::<Vec<VmProcess>>(&starting_record(run_dir)).unwrap_or_default();
+    for found in processes_naming(run_dir) {
+        if !processes.iter().any(|p| p.pid == found.pid) {
+            processes.push(found);
+        }
+    }
+    if !processes.is_empty() {
         tracing::info!(run_dir = %run_dir.display(), ?processes, "stopping what an interrupted VM start left");
         // The recorded start times keep a reused pid from being signalled.
         terminate_processes(&processes, Duration::from_secs(1)).await;
     }
     super::remove_dir_if_exists(run_dir)
         .map_err(|source| HypervisorError::RunDir { path: run_dir.to_path_buf(), source })
+}
+
+/// Processes (not this one) with an argument inside `dir`.
+fn processes_naming(dir: &Path) -> Vec<VmProcess> {
+    let mut prefix = dir.as_os_str().as_encoded_bytes().to_vec();
+    prefix.push(b'/');
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let names = cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg.windows(prefix.len()).any(|w| w == prefix.as_slice()));
+            let start_time = process_start_time(pid)?;
+            names.then(|| VmProcess { name: "leftover".into(), pid, start_time })
+        })
+        .collect()
 }
 
 /// A process spawned for a VM that is still starting.
@@ -288,5 +319,36 @@ impl Starting {
             });
         }
         processes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A helper whose spawn the record missed is found by its arguments and stopped.
+    #[tokio::test]
+    async fn an_interrupted_start_is_reclaimed_with_processes_the_record_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("vm");
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let socket = run_dir.join("helper.sock");
+        let mut orphan = std::process::Command::new("sh")
+            .args(["-c", "sleep 30", &socket.display().to_string()])
+            .spawn()
+            .unwrap();
+        let other = std::process::Command::new("sh")
+            .args(["-c", "sleep 30", &dir.path().join("elsewhere").display().to_string()])
+            .spawn()
+            .unwrap();
+        let found = processes_naming(&run_dir);
+        assert_eq!(found.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![orphan.id() as i32]);
+        reclaim_interrupted_start(&run_dir).await.unwrap();
+        assert!(orphan.wait().unwrap().code().is_none(), "the orphan was not signalled");
+        assert!(!run_dir.exists());
+        let mut other = other;
+        assert!(other.try_wait().unwrap().is_none(), "an unrelated process was stopped");
+        other.kill().unwrap();
+        let _ = other.wait();
     }
 }

@@ -2,6 +2,7 @@
 //! `usage_nano_cores` needs two readings, so the last sample of every pod and container is
 //! kept and each new one is compared with it (as cAdvisor and CRI-O do).
 
+use crate::resource::network::InterfaceCounters;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -55,6 +56,8 @@ pub struct PodUsage {
     pub stats: SandboxStats,
     pub nano_cores: Option<u64>,
     pub containers: Vec<(ContainerRecord, ContainerUsage)>,
+    /// The pod interface's traffic, when the pod has one.
+    pub network: Option<InterfaceCounters>,
 }
 
 impl SandboxManager {
@@ -91,7 +94,17 @@ impl SandboxManager {
             .zip(usages)
             .filter_map(|(c, usage)| usage.ok().map(|u| (c, u)))
             .collect();
-        Ok(PodUsage { sandbox, stats, nano_cores, containers })
+        let network = match &sandbox.network {
+            Some(n) => match self.networks.counters(n).await {
+                Ok(counters) => Some(counters),
+                Err(e) => {
+                    tracing::debug!(sandbox = %sandbox.id, error = %e, "no network figures");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(PodUsage { sandbox, stats, nano_cores, containers, network })
     }
 }
 

@@ -48,6 +48,10 @@ pub enum NetworkError {
     BadResult(String),
     #[error("carrying the pod interface into the VM: {0}")]
     Tap(#[from] tap::TapError),
+    #[error("entering the pod's namespace for its counters: {0}")]
+    Counters(netns::NetnsError),
+    #[error("reading the pod's interface counters: {0}")]
+    ReadCounters(String),
     #[error("annotation {key}: {reason}")]
     BadAnnotation { key: String, reason: String },
 }
@@ -254,6 +258,51 @@ impl PodNetworks {
             .map_err(|_| NetworkError::RemoveNetns(netns::NetnsError::Thread))?
             .map_err(NetworkError::RemoveNetns)
     }
+}
+
+/// Traffic counters of the pod's interface (the CNI side, which sees exactly what the guest
+/// sends and receives).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterfaceCounters {
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_errors: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+}
+
+impl PodNetworks {
+    /// The counters of the pod's interface, read inside its namespace.
+    pub async fn counters(&self, record: &NetworkRecord) -> Result<InterfaceCounters> {
+        let (path, ifname) = (record.netns.clone(), record.ifname.clone());
+        let text = tokio::task::spawn_blocking(move || {
+            netns::run_in(&path, || std::fs::read_to_string("/proc/thread-self/net/dev"))
+        })
+        .await
+        .map_err(|_| NetworkError::Counters(netns::NetnsError::Thread))?
+        .map_err(NetworkError::Counters)?
+        .map_err(|source| NetworkError::ReadCounters(source.to_string()))?;
+        parse_net_dev(&text, &ifname)
+            .ok_or_else(|| NetworkError::ReadCounters(format!("no {ifname} in /proc/net/dev")))
+    }
+}
+
+/// One interface's line of `/proc/net/dev`: rx bytes, packets, errs, ... (8 fields), then tx.
+fn parse_net_dev(text: &str, ifname: &str) -> Option<InterfaceCounters> {
+    text.lines().skip(2).find_map(|line| {
+        let (name, fields) = line.split_once(':')?;
+        if name.trim() != ifname {
+            return None;
+        }
+        let n: Vec<u64> = fields.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        (n.len() >= 16).then(|| InterfaceCounters {
+            name: ifname.to_string(),
+            rx_bytes: n[0],
+            rx_errors: n[2],
+            tx_bytes: n[8],
+            tx_errors: n[10],
+        })
+    })
 }
 
 /// The runtime capabilities plugins may ask for, from the pod's request.
@@ -510,6 +559,18 @@ mod tests {
         let text = include_str!("../../../../etc/10-podvisor.conflist");
         let list = NetworkList::parse(Path::new("10-podvisor.conflist"), text).unwrap();
         assert_eq!(list.plugin_types().collect::<Vec<_>>(), ["bridge", "portmap"]);
+    }
+
+    #[test]
+    fn net_dev_lines_give_the_interfaces_counters() {
+        let text = "Inter-|   Receive                            |  Transmit\n \
+            face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
+            lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0\n  \
+            eth0:  123456     100    2    0    0     0          0         0    65432      90    1    0    0     0       0          0\n";
+        let c = parse_net_dev(text, "eth0").unwrap();
+        assert_eq!((c.rx_bytes, c.rx_errors, c.tx_bytes, c.tx_errors), (123456, 2, 65432, 1));
+        assert!(parse_net_dev(text, "eth1").is_none());
+        assert!(parse_net_dev("garbage", "eth0").is_none());
     }
 
     #[test]
