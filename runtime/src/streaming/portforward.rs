@@ -1,4 +1,6 @@
-//! Kubernetes' port-forward protocol over SPDY/3.1 (`portforward.k8s.io`): for each forwarded
+//! Kubernetes' port-forward protocol over SPDY/3.1 (`portforward.k8s.io`, or
+//! `SPDY/3.1+portforward.k8s.io` over WebSocket, the same session on a byte stream that
+//! [`super::websocket::WebSocketIo`] makes of the messages): for each forwarded
 //! connection the client opens an `error` and a `data` stream carrying the same `port` and
 //! `requestid` headers; the server pairs them, connects to the port inside the pod, and
 //! copies the data stream's bytes both ways. A failure is text on the error stream and a reset
@@ -17,8 +19,10 @@ use tracing::debug;
 
 use crate::sandbox::SandboxManager;
 
-/// The protocols we speak (the only one there is).
+/// The protocols we speak over SPDY (the only one there is).
 pub const PROTOCOLS: [&str; 1] = ["portforward.k8s.io"];
+/// Over WebSocket: the same SPDY session, its bytes carried in binary messages.
+pub const WEBSOCKET_PROTOCOLS: [&str; 1] = ["SPDY/3.1+portforward.k8s.io"];
 /// RST_STREAM's CANCEL status.
 const CANCEL: u32 = 5;
 /// Bytes read from the guest per data frame.
