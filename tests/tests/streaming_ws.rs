@@ -1,0 +1,229 @@
+//! End-to-end: Exec, Attach and PortForward through the daemon's streaming URLs over
+//! WebSocket (`crictl --transport websocket`), all on one pod: `v5.channel.k8s.io` with stdin
+//! and its half-close, stdout, stderr and the exit code in the status; `v4.channel.k8s.io`
+//! with a long output that must arrive whole; a terminal with a resize that `stty size` sees;
+//! an interactive shell ending with stdin open; attach; malformed client messages; a client
+//! that hangs up mid-command; port-forward over `SPDY/3.1+portforward.k8s.io`; and the same
+//! exec driven by PyPI's `kubernetes` WebSocket client, which this project did not write.
+
+use std::time::Duration;
+
+use k8s_cri::v1 as cri;
+use podvisor_e2e::daemon::{container_config, e2e_can_run, wait_for, TestDaemon};
+use podvisor_e2e::registry::TestRegistry;
+use podvisor_e2e::streaming::{read_all, Channels, PortForward};
+use podvisor_e2e::streaming_ws::{k8s_python, k8s_ws_exec, WsRemoteCommand};
+use tokio_tungstenite::tungstenite::Message;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+const V5: &str = "v5.channel.k8s.io";
+const V4: &str = "v4.channel.k8s.io";
+
+async fn exec_url(daemon: &TestDaemon, cid: &str, cmd: &[&str], c: Channels) -> String {
+    let mut rt = daemon.runtime().await.unwrap();
+    rt.exec(cri::ExecRequest {
+        container_id: cid.into(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty: c.tty,
+        stdin: c.stdin,
+        stdout: c.stdout,
+        stderr: c.stderr,
+    })
+    .await
+    .unwrap_or_else(|e| panic!("Exec: {e}"))
+    .into_inner()
+    .url
+}
+
+async fn port_forward_url(daemon: &TestDaemon, pod: &str) -> String {
+    let mut rt = daemon.runtime().await.unwrap();
+    rt.port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.into(), port: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .url
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_attach_and_port_forward_over_websocket() {
+    if !e2e_can_run() {
+        return;
+    }
+    // Fails, not skips, under PODVISOR_REQUIRE_E2E=1: `make deps` installs the client.
+    let python = k8s_python();
+    if std::env::var("PODVISOR_REQUIRE_E2E").as_deref() == Ok("1") {
+        if let Err(e) = &python {
+            panic!("the kubernetes Python client is missing: {e:#}");
+        }
+    }
+    let registry = TestRegistry::start().unwrap();
+    let image = registry.push_busybox("busybox:websocket").unwrap();
+    let daemon = TestDaemon::start("").await.unwrap();
+    daemon.pull(&image).await;
+    let log_dir = daemon.dir.path().join("pod-logs");
+    let (pod, pod_cfg) = daemon.run_pod("websocket", &log_dir).await;
+    let mut echo =
+        container_config("echo", &image, &["sh", "-c", "while read l; do echo echo:$l; done"]);
+    echo.stdin = true;
+    let cid = daemon.create_and_start(&pod, &pod_cfg, echo).await;
+    // Echo servers for port-forward; busybox nc serves one connection at a time.
+    for port in ["8080", "8081"] {
+        let server = container_config(
+            &format!("echo-{port}"),
+            &image,
+            &["nc", "-ll", "-p", port, "-e", "cat"],
+        );
+        daemon.create_and_start(&pod, &pod_cfg, server).await;
+    }
+    let baseline = daemon.agent_figures(&pod).await.0;
+
+    // v5: stdin in and half-closed (cat ends only at EOF), stdout, stderr, the exit code.
+    // Malformed and unknown messages first: they are dropped, the session goes on.
+    let plain = Channels { stdin: true, stdout: true, stderr: true, tty: false };
+    let cmd = ["sh", "-c", "cat; echo done >&2; exit 3"];
+    let url = exec_url(&daemon, &cid, &cmd, plain).await;
+    let mut session = WsRemoteCommand::connect(&url, V5).await.unwrap();
+    assert_eq!(session.protocol, V5);
+    session.send_raw(Message::Binary(Vec::new().into())).await.unwrap();
+    session.send(9, b"no such channel").await.unwrap();
+    session.send(4, b"{not json").await.unwrap();
+    session.send(255, &[7]).await.unwrap();
+    session.stdin(b"hello\n").await.unwrap();
+    session.stdin(b"world\n").await.unwrap();
+    session.close_stdin().await.unwrap();
+    let done = session.finish(TIMEOUT).await.unwrap();
+    assert_eq!(text(&done.stdout), "hello\nworld\n");
+    assert_eq!(text(&done.stderr), "done\n");
+    assert_eq!(done.exit_code(), Some(3), "status {}", done.status);
+
+    // A token is good once.
+    let reused = WsRemoteCommand::connect(&url, V5).await.err().expect("a second connection");
+    assert!(reused.to_string().contains("404"), "{reused}");
+
+    // v4, and a clean end that loses nothing in flight: the whole of a long output.
+    let quiet = Channels { stdin: false, stdout: true, stderr: true, tty: false };
+    let url = exec_url(&daemon, &cid, &["seq", "1", "30000"], quiet).await;
+    let session = WsRemoteCommand::connect(&url, V4).await.unwrap();
+    assert_eq!(session.protocol, V4);
+    let done = session.finish(TIMEOUT).await.unwrap();
+    let expected: String = (1..=30000).map(|n| format!("{n}\n")).collect();
+    assert!(text(&done.stdout) == expected, "{} bytes of {}", done.stdout.len(), expected.len());
+    assert_eq!(done.exit_code(), Some(0), "status {}", done.status);
+
+    // A terminal: the resize reaches it before the command reads its size.
+    let tty = Channels { stdin: false, stdout: true, stderr: false, tty: true };
+    let url = exec_url(&daemon, &cid, &["sh", "-c", "sleep 1; stty size"], tty).await;
+    let mut session = WsRemoteCommand::connect(&url, V5).await.unwrap();
+    session.resize(100, 30).await.unwrap();
+    let done = session.finish(TIMEOUT).await.unwrap();
+    assert!(text(&done.stdout).contains("30 100"), "{:?} status {}", done.stdout, done.status);
+    assert_eq!(done.exit_code(), Some(0));
+
+    // An interactive shell on a terminal ends when it exits, with stdin still open.
+    let interactive = Channels { stdin: true, stdout: true, stderr: false, tty: true };
+    let url = exec_url(&daemon, &cid, &["sh"], interactive).await;
+    let mut session = WsRemoteCommand::connect(&url, V5).await.unwrap();
+    session.stdin(b"echo hi-$((40+2))\n").await.unwrap();
+    let seen = session.read_stdout_until("hi-42", TIMEOUT).await.unwrap();
+    assert!(text(&seen).contains("hi-42"), "{:?}", text(&seen));
+    session.stdin(b"exit 7\n").await.unwrap();
+    let done = session.finish(TIMEOUT).await.unwrap();
+    assert_eq!(done.exit_code(), Some(7), "status {}", done.status);
+
+    // Attach: the container's own stdin and output; the client leaving ends only its session.
+    let mut rt = daemon.runtime().await.unwrap();
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: cid.clone(),
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut session = WsRemoteCommand::connect(&url, V5).await.unwrap();
+    session.stdin(b"ping\n").await.unwrap();
+    let seen = session.read_stdout_until("echo:ping", TIMEOUT).await.unwrap();
+    assert!(text(&seen).contains("echo:ping"), "{seen:?}");
+    session.close().await.unwrap();
+    assert_eq!(
+        daemon.container_status(&cid).await.state,
+        cri::ContainerState::ContainerRunning as i32
+    );
+
+    // A client that hangs up mid-command leaves nothing running in the guest.
+    let url = exec_url(&daemon, &cid, &["sleep", "1000"], quiet).await;
+    let session = WsRemoteCommand::connect(&url, V5).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(session);
+    let settled = wait_for(TIMEOUT, || async {
+        (daemon.agent_figures(&pod).await.0 == baseline).then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "the abandoned exec was left in the guest");
+
+    // PyPI's kubernetes client: v5 (its first choice) with stdin closed, then v4.
+    match &python {
+        Ok(python) => {
+            let cmd = ["sh", "-c", "cat; echo from-stderr >&2; exit 5"];
+            let url = exec_url(&daemon, &cid, &cmd, plain).await;
+            let got = k8s_ws_exec(python, &url, &["--stdin", "from-python\n"]).await.unwrap();
+            assert_eq!(got["subprotocol"], V5, "{got}");
+            assert_eq!(got["stdout"], "from-python\n", "{got}");
+            assert_eq!(got["stderr"], "from-stderr\n", "{got}");
+            assert_eq!(got["returncode"], 5, "{got}");
+
+            let url = exec_url(&daemon, &cid, &["sh", "-c", "sleep 1; stty size"], tty).await;
+            let got =
+                k8s_ws_exec(python, &url, &["--protocol", V4, "--resize", "90x20"]).await.unwrap();
+            assert_eq!(got["subprotocol"], V4, "{got}");
+            assert!(got["stdout"].as_str().unwrap_or_default().contains("20 90"), "{got}");
+            assert_eq!(got["returncode"], 0, "{got}");
+        }
+        Err(e) => eprintln!("skipped the kubernetes Python client: {e:#}"),
+    }
+
+    // Port-forward over SPDY-over-WebSocket: two connections at once, 1 MiB each way.
+    let mut first =
+        PortForward::connect_websocket(&port_forward_url(&daemon, &pod).await).await.unwrap();
+    for port in [8080, 8081] {
+        let mut ready = false;
+        for _ in 0..100 {
+            let echoed = first.round_trip(port, b"probe\n").await.unwrap_or_default();
+            if echoed == b"probe\n" {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(ready, "the echo server on {port} never answered through the forward");
+    }
+    let mut second =
+        PortForward::connect_websocket(&port_forward_url(&daemon, &pod).await).await.unwrap();
+    let payload = |seed: u8| -> Vec<u8> {
+        (0..1024 * 1024u32).map(|i| (i.wrapping_mul(31) as u8) ^ seed).collect()
+    };
+    let (a, b) = (payload(1), payload(2));
+    let started = std::time::Instant::now();
+    let (got_a, got_b) = tokio::join!(first.round_trip(8080, &a), second.round_trip(8081, &b));
+    println!("2 x 1 MiB echoed through port-forward over WebSocket in {:?}", started.elapsed());
+    let (got_a, got_b) = (got_a.unwrap(), got_b.unwrap());
+    assert!(got_a == a, "connection A: {} bytes back, not identical", got_a.len());
+    assert!(got_b == b, "connection B: {} bytes back, not identical", got_b.len());
+    // Nothing listens on port 9: the error stream says so.
+    let (mut error, mut data) = first.open(9).await.unwrap();
+    let (message, _) = tokio::join!(read_all(&mut error), read_all(&mut data));
+    assert!(text(&message).contains("error forwarding port 9"), "{:?}", text(&message));
+    first.close().await;
+    second.close().await;
+
+    daemon.remove_pod(&pod).await;
+    daemon.assert_nothing_left();
+}
