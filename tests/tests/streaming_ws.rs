@@ -190,6 +190,29 @@ async fn exec_attach_and_port_forward_over_websocket() {
         Err(e) => eprintln!("skipped the kubernetes Python client: {e:#}"),
     }
 
+    // crictl's own WebSocket transport (client-go's v5 executor), where one is given.
+    if let Some(crictl) = std::env::var_os("PODVISOR_CRICTL") {
+        let endpoint = format!("unix://{}", daemon.socket().display());
+        let mut child = tokio::process::Command::new(crictl)
+            .args(["--runtime-endpoint", &endpoint, "exec", "--transport", "websocket", "-i"])
+            .args([cid.as_str(), "sh", "-c", "cat; echo crictl-err >&2; exit 4"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut stdin, b"via-crictl\n").await.unwrap();
+        drop(stdin);
+        let out = tokio::time::timeout(TIMEOUT, child.wait_with_output()).await.unwrap().unwrap();
+        assert_eq!(text(&out.stdout), "via-crictl\n", "crictl: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("crictl-err"), "{}", text(&out.stderr));
+        // crictl reports a command's failure and exits 1 itself.
+        assert!(text(&out.stderr).contains("exit code 4"), "{}", text(&out.stderr));
+        assert!(!out.status.success());
+    }
+
     // Port-forward over SPDY-over-WebSocket: two connections at once, 1 MiB each way.
     let mut first =
         PortForward::connect_websocket(&port_forward_url(&daemon, &pod).await).await.unwrap();
@@ -224,6 +247,51 @@ async fn exec_attach_and_port_forward_over_websocket() {
     first.close().await;
     second.close().await;
 
+    // crictl's SPDY-over-WebSocket dialer (client-go's), where one is given.
+    if let Some(crictl) = std::env::var_os("PODVISOR_CRICTL") {
+        crictl_port_forward(&crictl, &daemon, &pod).await;
+    }
+
     daemon.remove_pod(&pod).await;
     daemon.assert_nothing_left();
+}
+
+/// `crictl port-forward --transport websocket POD 0:8080`, then a round trip through the
+/// local port it opens.
+async fn crictl_port_forward(crictl: &std::ffi::OsStr, daemon: &TestDaemon, pod: &str) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let endpoint = format!("unix://{}", daemon.socket().display());
+    let mut child = tokio::process::Command::new(crictl)
+        .args(["--runtime-endpoint", &endpoint, "port-forward", "--transport", "websocket"])
+        .args([pod, "0:8080"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let local = tokio::time::timeout(TIMEOUT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            // "Forwarding from 127.0.0.1:PORT -> 8080"
+            if let Some(rest) = line.strip_prefix("Forwarding from 127.0.0.1:") {
+                return rest.split_whitespace().next().map(String::from);
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("crictl port-forward said where it listens");
+    let mut conn = tokio::net::TcpStream::connect(format!("127.0.0.1:{local}")).await.unwrap();
+    let payload: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let (mut from, mut to) = conn.split();
+    let send = async { to.write_all(&payload).await.unwrap() };
+    let receive = async {
+        let mut got = vec![0u8; payload.len()];
+        from.read_exact(&mut got).await.map(|_| got)
+    };
+    let ((), got) = tokio::time::timeout(TIMEOUT, async { tokio::join!(send, receive) })
+        .await
+        .expect("the echo through crictl's forward");
+    assert!(got.unwrap() == payload, "crictl's forward changed the bytes");
+    let _ = child.kill().await;
 }
