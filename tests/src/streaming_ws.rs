@@ -226,14 +226,15 @@ pub fn k8s_python() -> Result<std::path::PathBuf> {
     Ok(python)
 }
 
-/// Runs `tests/clients/k8s_ws_exec.py` (the `kubernetes` package's WebSocket client) on an
-/// Exec URL; returns the JSON it prints.
-pub async fn k8s_ws_exec(
+/// Runs `tests/clients/<script>` (on the `kubernetes` package's WebSocket clients) on a
+/// streaming URL; returns the JSON it prints.
+pub async fn k8s_client(
     python: &std::path::Path,
+    script: &str,
     url: &str,
     args: &[&str],
 ) -> Result<serde_json::Value> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/k8s_ws_exec.py");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients").join(script);
     let out = tokio::process::Command::new(python)
         .arg(&script)
         .arg(url)
@@ -242,11 +243,11 @@ pub async fn k8s_ws_exec(
         .output();
     let out = tokio::time::timeout(Duration::from_secs(120), out)
         .await
-        .context("k8s_ws_exec.py did not finish")??;
+        .with_context(|| format!("{} did not finish", script.display()))??;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("k8s_ws_exec.py failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+        bail!("{} failed: {stdout} {}", script.display(), String::from_utf8_lossy(&out.stderr));
     }
     serde_json::from_str(stdout.trim())
-        .with_context(|| format!("k8s_ws_exec.py printed {stdout:?}"))
+        .with_context(|| format!("{} printed {stdout:?}", script.display()))
 }

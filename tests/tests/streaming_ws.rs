@@ -12,12 +12,15 @@ use k8s_cri::v1 as cri;
 use podvisor_e2e::daemon::{container_config, e2e_can_run, wait_for, TestDaemon};
 use podvisor_e2e::registry::TestRegistry;
 use podvisor_e2e::streaming::{read_all, Channels, PortForward};
-use podvisor_e2e::streaming_ws::{k8s_python, k8s_ws_exec, WsRemoteCommand};
+use podvisor_e2e::streaming_ws::{k8s_client, k8s_python, WsRemoteCommand};
 use tokio_tungstenite::tungstenite::Message;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const V5: &str = "v5.channel.k8s.io";
 const V4: &str = "v4.channel.k8s.io";
+/// The Python clients in tests/clients, on PyPI's kubernetes package.
+const EXEC_CLIENT: &str = "k8s_ws_exec.py";
+const PORT_FORWARD_CLIENT: &str = "k8s_ws_portforward.py";
 
 async fn exec_url(daemon: &TestDaemon, cid: &str, cmd: &[&str], c: Channels) -> String {
     let mut rt = daemon.runtime().await.unwrap();
@@ -174,7 +177,8 @@ async fn exec_attach_and_port_forward_over_websocket() {
         Ok(python) => {
             let cmd = ["sh", "-c", "cat; echo from-stderr >&2; exit 5"];
             let url = exec_url(&daemon, &cid, &cmd, plain).await;
-            let got = k8s_ws_exec(python, &url, &["--stdin", "from-python\n"]).await.unwrap();
+            let args = ["--stdin", "from-python\n"];
+            let got = k8s_client(python, EXEC_CLIENT, &url, &args).await.unwrap();
             assert_eq!(got["subprotocol"], V5, "{got}");
             assert_eq!(got["stdout"], "from-python\n", "{got}");
             assert_eq!(got["stderr"], "from-stderr\n", "{got}");
@@ -182,7 +186,9 @@ async fn exec_attach_and_port_forward_over_websocket() {
 
             let url = exec_url(&daemon, &cid, &["sh", "-c", "sleep 1; stty size"], tty).await;
             let got =
-                k8s_ws_exec(python, &url, &["--protocol", V4, "--resize", "90x20"]).await.unwrap();
+                k8s_client(python, EXEC_CLIENT, &url, &["--protocol", V4, "--resize", "90x20"])
+                    .await
+                    .unwrap();
             assert_eq!(got["subprotocol"], V4, "{got}");
             assert!(got["stdout"].as_str().unwrap_or_default().contains("20 90"), "{got}");
             assert_eq!(got["returncode"], 0, "{got}");
@@ -246,6 +252,20 @@ async fn exec_attach_and_port_forward_over_websocket() {
     assert!(text(&message).contains("error forwarding port 9"), "{:?}", text(&message));
     first.close().await;
     second.close().await;
+
+    // kubelet's older WebSocket port-forward (v4.channel.k8s.io, ports in the query), with
+    // PyPI's kubernetes client: two ports at once and a refused one.
+    if let Ok(python) = &python {
+        let url = port_forward_url(&daemon, &pod).await;
+        let args = ["8080", "8081", "--refused", "9"];
+        let got = k8s_client(python, PORT_FORWARD_CLIENT, &url, &args).await.unwrap();
+        assert_eq!(got["subprotocol"], V4, "{got}");
+        assert_eq!(got["echoed"]["8080"], true, "{got}");
+        assert_eq!(got["echoed"]["8081"], true, "{got}");
+        assert_eq!(got["refused_eof"], true, "{got}");
+        let error = got["refused_error"].as_str().unwrap_or_default();
+        assert!(error.contains("error forwarding port 9"), "{got}");
+    }
 
     // crictl's SPDY-over-WebSocket dialer (client-go's), where one is given.
     if let Some(crictl) = std::env::var_os("PODVISOR_CRICTL") {

@@ -196,6 +196,20 @@ fn upgrade_websocket(
     let Some(protocol) = negotiate(offered.iter().map(String::as_str), ours) else {
         return no_common_protocol(ours);
     };
+    let session = match request {
+        StreamRequest::PortForward { sandbox_id }
+            if protocol == portforward::channels::PROTOCOL =>
+        {
+            match portforward::channels::ports_from_query(req.uri().query()) {
+                Ok(ports) => WebSocketSession::PortForwardChannels { sandbox_id, ports },
+                Err(e) => return plain(StatusCode::BAD_REQUEST, &e.to_string()),
+            }
+        }
+        StreamRequest::PortForward { sandbox_id } => {
+            WebSocketSession::PortForwardSpdy { sandbox_id }
+        }
+        request => WebSocketSession::RemoteCommand { protocol, request },
+    };
     let upgraded = hyper::upgrade::on(req);
     tokio::spawn(async move {
         match upgraded.await {
@@ -206,7 +220,7 @@ fn upgrade_websocket(
                     Some(websocket::config()),
                 )
                 .await;
-                serve_websocket(ws, protocol, request, manager).await
+                session.serve(ws, manager).await
             }
             Err(e) => debug!(error = %e, "the streaming upgrade failed"),
         }
@@ -218,22 +232,41 @@ fn upgrade_websocket(
     response
 }
 
-async fn serve_websocket<S>(
-    ws: WebSocketStream<S>,
-    protocol: &'static str,
-    request: StreamRequest,
-    manager: Arc<SandboxManager>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    match request {
-        // SPDY/3.1+portforward.k8s.io: the SPDY session on the messages' bytes.
-        StreamRequest::PortForward { sandbox_id } => {
-            let (session, incoming) =
-                podvisor_spdy::Session::server(websocket::WebSocketIo::new(ws));
-            portforward::serve(session, incoming, sandbox_id, manager).await
+/// What a WebSocket upgrade serves, as the request and the protocol decide.
+enum WebSocketSession {
+    RemoteCommand {
+        protocol: &'static str,
+        request: StreamRequest,
+    },
+    /// `SPDY/3.1+portforward.k8s.io`: the SPDY session on the messages' bytes.
+    PortForwardSpdy {
+        sandbox_id: String,
+    },
+    /// `v4.channel.k8s.io` with the ports in the query.
+    PortForwardChannels {
+        sandbox_id: String,
+        ports: Vec<u16>,
+    },
+}
+
+impl WebSocketSession {
+    async fn serve<S>(self, ws: WebSocketStream<S>, manager: Arc<SandboxManager>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        match self {
+            Self::RemoteCommand { protocol, request } => {
+                remotecommand::websocket::serve(ws, protocol, request, manager).await
+            }
+            Self::PortForwardSpdy { sandbox_id } => {
+                let (session, incoming) =
+                    podvisor_spdy::Session::server(websocket::WebSocketIo::new(ws));
+                portforward::serve(session, incoming, sandbox_id, manager).await
+            }
+            Self::PortForwardChannels { sandbox_id, ports } => {
+                portforward::channels::serve(ws, ports, sandbox_id, manager).await
+            }
         }
-        request => remotecommand::websocket::serve(ws, protocol, request, manager).await,
     }
 }
 

@@ -10,6 +10,8 @@
 //! EOF vhost-device-vsock 0.3 ends the whole guest connection, dropping the answer in flight).
 //! A forwarded connection ends when the guest side closes it or the client hangs up.
 
+pub mod channels;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -21,8 +23,9 @@ use crate::sandbox::SandboxManager;
 
 /// The protocols we speak over SPDY (the only one there is).
 pub const PROTOCOLS: [&str; 1] = ["portforward.k8s.io"];
-/// Over WebSocket: the same SPDY session, its bytes carried in binary messages.
-pub const WEBSOCKET_PROTOCOLS: [&str; 1] = ["SPDY/3.1+portforward.k8s.io"];
+/// Over WebSocket: the same SPDY session, its bytes carried in binary messages; or kubelet's
+/// older channel protocol ([`channels`]).
+pub const WEBSOCKET_PROTOCOLS: [&str; 2] = ["SPDY/3.1+portforward.k8s.io", channels::PROTOCOL];
 /// RST_STREAM's CANCEL status.
 const CANCEL: u32 = 5;
 /// Bytes read from the guest per data frame.

@@ -57,7 +57,7 @@ pub enum FrameError {
 
 /// What a client message is.
 #[derive(Debug, PartialEq, Eq)]
-enum Inbound {
+pub(in crate::streaming) enum Inbound {
     Channel(u8, Bytes),
     /// The client's close frame.
     Closed,
@@ -65,9 +65,9 @@ enum Inbound {
     Control,
 }
 
-/// How channel messages are framed.
+/// How channel messages are framed (kubelet's WebSocket port-forward frames so too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(in crate::streaming) enum Framing {
     /// Binary messages, channel byte first. Text messages are taken the same way (the Python
     /// client sends text when it writes a `str`).
     Binary,
@@ -84,7 +84,7 @@ impl Framing {
         }
     }
 
-    fn encode(self, channel: u8, payload: &[u8]) -> Message {
+    pub(in crate::streaming) fn encode(self, channel: u8, payload: &[u8]) -> Message {
         match self {
             Self::Binary => {
                 let mut message = Vec::with_capacity(payload.len() + 1);
@@ -100,7 +100,7 @@ impl Framing {
         }
     }
 
-    fn decode(self, message: Message) -> Result<Inbound, FrameError> {
+    pub(in crate::streaming) fn decode(self, message: Message) -> Result<Inbound, FrameError> {
         let bytes = match message {
             Message::Binary(bytes) => bytes,
             Message::Text(text) => Bytes::from(text),
@@ -204,7 +204,7 @@ async fn route(senders: &mut InputSenders, closes_channels: bool, channel: u8, p
 
 /// Writes queued messages to the client, flushing when the queue is empty, until the queue
 /// ends (after our close) or the connection fails (then the client counts as gone).
-async fn write_client<S>(
+pub(in crate::streaming) async fn write_client<S>(
     mut sink: SplitSink<WebSocketStream<S>, Message>,
     mut queue: mpsc::Receiver<Message>,
     gone: Arc<watch::Sender<bool>>,
