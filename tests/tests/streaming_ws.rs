@@ -3,8 +3,10 @@
 //! and its half-close, stdout, stderr and the exit code in the status; `v4.channel.k8s.io`
 //! with a long output that must arrive whole; a terminal with a resize that `stty size` sees;
 //! an interactive shell ending with stdin open; attach; malformed client messages; a client
-//! that hangs up mid-command; port-forward over `SPDY/3.1+portforward.k8s.io`; and the same
-//! exec driven by PyPI's `kubernetes` WebSocket client, which this project did not write.
+//! that hangs up mid-command; port-forward over `SPDY/3.1+portforward.k8s.io`; and, with
+//! clients this project did not write, the exec and kubelet's `v4.channel.k8s.io`
+//! port-forward driven by PyPI's `kubernetes` package, and (where `PODVISOR_CRICTL` names one)
+//! `crictl exec` / `port-forward --transport websocket`.
 
 use std::time::Duration;
 
