@@ -10,15 +10,19 @@ AGENT_TARGET_DIR ?= $(CURDIR)/target/agent
 APT_PACKAGES := qemu-system-x86 linux-source-6.1 flex bison bc libelf-dev libssl-dev \
 	erofs-utils docker-registry skopeo umoci busybox-static containernetworking-plugins \
 	libseccomp-dev libcap-ng-dev protobuf-compiler cpio iproute2 pkg-config apache2-utils \
-	build-essential kmod ca-certificates binutils openssl
+	build-essential kmod ca-certificates binutils openssl python3 python3-venv
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
 VIRTIOFSD_VERSION := 1.14.0
+# The e2e tests drive the streaming server with PyPI's kubernetes client too (a WebSocket
+# client this project did not write), from a venv of its own.
+KUBERNETES_PY_VERSION := 37.0.2
+PY_VENV := $(PODVISOR_CACHE)/venv
 
 .PHONY: all deps kernel guest build build-debug run test lint unit e2e bench clean cni-config
 
 all: build kernel guest
 
-## deps: Debian packages and the two vhost-user daemons (idempotent).
+## deps: Debian packages, the two vhost-user daemons and the Python test client (idempotent).
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -27,6 +31,8 @@ deps:
 	fi
 	@command -v vhost-device-vsock >/dev/null || cargo install --locked --root /usr/local vhost-device-vsock --version $(VHOST_DEVICE_VSOCK_VERSION)
 	@command -v virtiofsd >/dev/null || cargo install --locked --root /usr/local virtiofsd --version $(VIRTIOFSD_VERSION)
+	@$(PY_VENV)/bin/python3 -c 'import sys, kubernetes; sys.exit(kubernetes.__version__ != "$(KUBERNETES_PY_VERSION)")' 2>/dev/null || \
+		{ /usr/bin/python3 -m venv $(PY_VENV) && $(PY_VENV)/bin/pip install -q kubernetes==$(KUBERNETES_PY_VERSION); }
 
 ## kernel: the guest vmlinux (about 15 minutes the first time, then cached).
 kernel: deps
@@ -68,7 +74,8 @@ lint:
 test: build-debug kernel guest lint
 	PODVISOR_REQUIRE_E2E=1 PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux \
 		PODVISOR_INITRD=$(BUILD)/initramfs.cpio PODVISOR_INITRAMFS=$(BUILD)/initramfs.cpio \
-		PODVISOR_AGENT=$(BUILD)/podvisor-agent cargo test --workspace -- --test-threads=2
+		PODVISOR_AGENT=$(BUILD)/podvisor-agent PODVISOR_PYTHON=$(PY_VENV)/bin/python3 \
+		cargo test --workspace -- --test-threads=2
 	@# Say why the built-in VMM's full boot test was skipped (or that it ran), uncaptured.
 	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
 		cargo test -p podvisor --bin podvisor full_boot -- --nocapture

@@ -1,11 +1,13 @@
 //! End-to-end test support shared by Podvisor's tests: a real OCI registry with images the
 //! tests build themselves ([`registry`], [`images`]), optionally behind token auth
-//! ([`token_server`]), and a remotecommand client for the streaming URLs ([`streaming`]), and a private CNI network
-//! ([`cni`]).
+//! ([`token_server`]), and remotecommand and port-forward clients for the streaming URLs, over
+//! SPDY ([`streaming`]) and WebSocket ([`streaming_ws`]),
+//! and a private CNI network ([`cni`]).
 
 pub mod cni;
 pub mod daemon;
 pub mod images;
 pub mod registry;
 pub mod streaming;
+pub mod streaming_ws;
 pub mod token_server;

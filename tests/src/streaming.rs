@@ -166,7 +166,12 @@ impl PortForward {
             bail!("the server chose {protocol}");
         }
         let (session, _incoming) = Session::client(stream);
-        Ok(Self { session, next_request: 0 })
+        Ok(Self::from_session(session))
+    }
+
+    /// A client on a SPDY session already set up (over WebSocket, say).
+    pub(crate) fn from_session(session: Session) -> Self {
+        Self { session, next_request: 0 }
     }
 
     /// Opens a forwarded connection to `port` in the pod: (error stream, data stream).

@@ -1,13 +1,15 @@
-//! The streaming server: what the URLs that Exec and Attach return lead to. An HTTP/1.1
-//! server on the `[streaming]` address upgrades `POST` or `GET /exec/<token>` and
-//! `/attach/<token>` to SPDY/3.1 ([`podvisor_spdy`]) and serves Kubernetes' remotecommand
-//! protocol on it ([`remotecommand`]), as kubelet's CRI streaming library does; tokens are
-//! single-use ([`tokens`]). The process side is the sandbox layer's exec session or the
-//! container's I/O hub.
+//! The streaming server: what the URLs that Exec, Attach and PortForward return lead to. An
+//! HTTP/1.1 server on the `[streaming]` address upgrades `/exec/<token>`, `/attach/<token>`
+//! and `/portforward/<token>` to SPDY/3.1 ([`podvisor_spdy`]) or to a WebSocket
+//! ([`websocket`]), whichever the client asks for, and serves Kubernetes' remotecommand
+//! ([`remotecommand`]) or port-forward ([`portforward`]) protocol on it, as kubelet's CRI
+//! streaming library does; tokens are single-use ([`tokens`]). The process side is the
+//! sandbox layer's exec session or the container's I/O hub.
 
 pub mod portforward;
 pub mod remotecommand;
 pub mod tokens;
+pub mod websocket;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -16,9 +18,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
 use crate::config::StreamingSection;
@@ -105,50 +110,174 @@ impl StreamingServer {
         let Some(request) = self.tokens.redeem(token).filter(|r| r.kind() == *kind) else {
             return plain(StatusCode::NOT_FOUND, "unknown or expired streaming token");
         };
-        let upgrade = header_values(&req, hyper::header::UPGRADE);
-        if !upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
-            return plain(StatusCode::BAD_REQUEST, "this endpoint takes SPDY/3.1 upgrades only");
+        if websocket::is_upgrade(req.headers()) {
+            upgrade_websocket(req, request, manager)
+        } else {
+            upgrade_spdy(req, request, manager)
         }
-        let offered = header_values(&req, "x-stream-protocol-version");
-        if offered.is_empty() {
-            return plain(StatusCode::BAD_REQUEST, "X-Stream-Protocol-Version is required");
-        }
-        let ours = request.protocols();
-        let Some(protocol) = negotiate(offered.iter().map(String::as_str), ours) else {
-            let mut response = plain(StatusCode::FORBIDDEN, "no common stream protocol");
-            if let Ok(ours) = ours.join(", ").parse() {
-                response.headers_mut().insert("x-accepted-stream-protocol-versions", ours);
-            }
-            return response;
-        };
-        let upgraded = hyper::upgrade::on(req);
-        tokio::spawn(async move {
-            match upgraded.await {
-                Ok(io) => {
-                    let (session, incoming) = podvisor_spdy::Session::server(TokioIo::new(io));
-                    match request {
-                        StreamRequest::PortForward { sandbox_id } => {
-                            portforward::serve(session, incoming, sandbox_id, manager).await
-                        }
-                        request => {
-                            remotecommand::serve(session, incoming, protocol, request, manager)
-                                .await
-                        }
+    }
+}
+
+/// The two transports a streaming URL takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `Upgrade: SPDY/3.1`, the protocol in `X-Stream-Protocol-Version`.
+    Spdy,
+    /// `Upgrade: websocket`, the protocol in `Sec-WebSocket-Protocol`.
+    WebSocket,
+}
+
+/// The 403 for a client that offers none of `ours`.
+fn no_common_protocol(ours: &[&str]) -> Response<Full<Bytes>> {
+    let mut response = plain(
+        StatusCode::FORBIDDEN,
+        &format!("no common stream protocol: we speak {}", ours.join(", ")),
+    );
+    if let Ok(ours) = ours.join(", ").parse() {
+        response.headers_mut().insert("x-accepted-stream-protocol-versions", ours);
+    }
+    response
+}
+
+fn upgrade_spdy(
+    req: Request<Incoming>,
+    request: StreamRequest,
+    manager: Arc<SandboxManager>,
+) -> Response<Full<Bytes>> {
+    let upgrade = header_values(&req, hyper::header::UPGRADE);
+    if !upgrade.iter().any(|u| u.eq_ignore_ascii_case("SPDY/3.1")) {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "this endpoint takes SPDY/3.1 or WebSocket upgrades only",
+        );
+    }
+    let offered = header_values(&req, "x-stream-protocol-version");
+    if offered.is_empty() {
+        return plain(StatusCode::BAD_REQUEST, "X-Stream-Protocol-Version is required");
+    }
+    let ours = request.protocols(Transport::Spdy);
+    let Some(protocol) = negotiate(offered.iter().map(String::as_str), ours) else {
+        return no_common_protocol(ours);
+    };
+    let upgraded = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        match upgraded.await {
+            Ok(io) => {
+                let (session, incoming) = podvisor_spdy::Session::server(TokioIo::new(io));
+                match request {
+                    StreamRequest::PortForward { sandbox_id } => {
+                        portforward::serve(session, incoming, sandbox_id, manager).await
+                    }
+                    request => {
+                        remotecommand::spdy::serve(session, incoming, protocol, request, manager)
+                            .await
                     }
                 }
-                Err(e) => debug!(error = %e, "the streaming upgrade failed"),
             }
-        });
-        let mut response = Response::new(Full::new(Bytes::new()));
-        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let headers = response.headers_mut();
-        headers
-            .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("Upgrade"));
-        headers.insert(hyper::header::UPGRADE, hyper::header::HeaderValue::from_static("SPDY/3.1"));
-        headers
-            .insert("x-stream-protocol-version", hyper::header::HeaderValue::from_static(protocol));
-        response
+            Err(e) => debug!(error = %e, "the streaming upgrade failed"),
+        }
+    });
+    let mut response = switching_protocols("SPDY/3.1");
+    response.headers_mut().insert("x-stream-protocol-version", HeaderValue::from_static(protocol));
+    response
+}
+
+fn upgrade_websocket(
+    req: Request<Incoming>,
+    request: StreamRequest,
+    manager: Arc<SandboxManager>,
+) -> Response<Full<Bytes>> {
+    let accept = match websocket::accept_key(req.headers()) {
+        Ok(accept) => accept,
+        Err(e) => return plain(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let offered = header_values(&req, hyper::header::SEC_WEBSOCKET_PROTOCOL);
+    let ours = request.protocols(Transport::WebSocket);
+    let Some(protocol) = negotiate(offered.iter().map(String::as_str), ours) else {
+        return no_common_protocol(ours);
+    };
+    let session = match request {
+        StreamRequest::PortForward { sandbox_id }
+            if protocol == portforward::channels::PROTOCOL =>
+        {
+            match portforward::channels::ports_from_query(req.uri().query()) {
+                Ok(ports) => WebSocketSession::PortForwardChannels { sandbox_id, ports },
+                Err(e) => return plain(StatusCode::BAD_REQUEST, &e.to_string()),
+            }
+        }
+        StreamRequest::PortForward { sandbox_id } => {
+            WebSocketSession::PortForwardSpdy { sandbox_id }
+        }
+        request => WebSocketSession::RemoteCommand { protocol, request },
+    };
+    let upgraded = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        match upgraded.await {
+            Ok(io) => {
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(io),
+                    Role::Server,
+                    Some(websocket::config()),
+                )
+                .await;
+                session.serve(ws, manager).await
+            }
+            Err(e) => debug!(error = %e, "the streaming upgrade failed"),
+        }
+    });
+    let mut response = switching_protocols("websocket");
+    let headers = response.headers_mut();
+    headers.insert(hyper::header::SEC_WEBSOCKET_ACCEPT, accept);
+    headers.insert(hyper::header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
+    response
+}
+
+/// What a WebSocket upgrade serves, as the request and the protocol decide.
+enum WebSocketSession {
+    RemoteCommand {
+        protocol: &'static str,
+        request: StreamRequest,
+    },
+    /// `SPDY/3.1+portforward.k8s.io`: the SPDY session on the messages' bytes.
+    PortForwardSpdy {
+        sandbox_id: String,
+    },
+    /// `v4.channel.k8s.io` with the ports in the query.
+    PortForwardChannels {
+        sandbox_id: String,
+        ports: Vec<u16>,
+    },
+}
+
+impl WebSocketSession {
+    async fn serve<S>(self, ws: WebSocketStream<S>, manager: Arc<SandboxManager>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        match self {
+            Self::RemoteCommand { protocol, request } => {
+                remotecommand::websocket::serve(ws, protocol, request, manager).await
+            }
+            Self::PortForwardSpdy { sandbox_id } => {
+                let (session, incoming) =
+                    podvisor_spdy::Session::server(websocket::WebSocketIo::new(ws));
+                portforward::serve(session, incoming, sandbox_id, manager).await
+            }
+            Self::PortForwardChannels { sandbox_id, ports } => {
+                portforward::channels::serve(ws, ports, sandbox_id, manager).await
+            }
+        }
     }
+}
+
+/// A 101 to `upgrade`.
+fn switching_protocols(upgrade: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(hyper::header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(hyper::header::UPGRADE, HeaderValue::from_static(upgrade));
+    response
 }
 
 /// The first protocol in the client's list (several headers, or comma-separated) that is one
@@ -192,7 +321,7 @@ mod tests {
 
     #[test]
     fn the_clients_order_decides_among_the_protocols_we_speak() {
-        let exec = &remotecommand::PROTOCOLS;
+        let exec = &remotecommand::spdy::PROTOCOLS;
         assert_eq!(
             negotiate(["v5.channel.k8s.io", "v4.channel.k8s.io"], exec),
             Some("v5.channel.k8s.io")
@@ -207,6 +336,17 @@ mod tests {
         let forward = &portforward::PROTOCOLS;
         assert_eq!(negotiate(["portforward.k8s.io"], forward), Some("portforward.k8s.io"));
         assert_eq!(negotiate(["v4.channel.k8s.io"], forward), None);
+        let ws_exec = &remotecommand::websocket::PROTOCOLS;
+        assert_eq!(negotiate(["v5.channel.k8s.io"], ws_exec), Some("v5.channel.k8s.io"));
+        assert_eq!(
+            negotiate(["base64.channel.k8s.io, v4.base64.channel.k8s.io"], ws_exec),
+            Some("v4.base64.channel.k8s.io")
+        );
+        let ws_forward = &portforward::WEBSOCKET_PROTOCOLS;
+        assert_eq!(
+            negotiate(["SPDY/3.1+portforward.k8s.io"], ws_forward),
+            Some("SPDY/3.1+portforward.k8s.io")
+        );
     }
 
     #[test]

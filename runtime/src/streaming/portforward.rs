@@ -1,4 +1,6 @@
-//! Kubernetes' port-forward protocol over SPDY/3.1 (`portforward.k8s.io`): for each forwarded
+//! Kubernetes' port-forward protocol over SPDY/3.1 (`portforward.k8s.io`, or
+//! `SPDY/3.1+portforward.k8s.io` over WebSocket, the same session on a byte stream that
+//! [`super::websocket::WebSocketIo`] makes of the messages): for each forwarded
 //! connection the client opens an `error` and a `data` stream carrying the same `port` and
 //! `requestid` headers; the server pairs them, connects to the port inside the pod, and
 //! copies the data stream's bytes both ways. A failure is text on the error stream and a reset
@@ -7,6 +9,8 @@
 //! The client's half-close is not passed on: the hybrid vsock has no half-close (on a host-side
 //! EOF vhost-device-vsock 0.3 ends the whole guest connection, dropping the answer in flight).
 //! A forwarded connection ends when the guest side closes it or the client hangs up.
+
+pub mod channels;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,8 +21,11 @@ use tracing::debug;
 
 use crate::sandbox::SandboxManager;
 
-/// The protocols we speak (the only one there is).
+/// The protocols we speak over SPDY (the only one there is).
 pub const PROTOCOLS: [&str; 1] = ["portforward.k8s.io"];
+/// Over WebSocket: the same SPDY session, its bytes carried in binary messages; or kubelet's
+/// older channel protocol ([`channels`]).
+pub const WEBSOCKET_PROTOCOLS: [&str; 2] = ["SPDY/3.1+portforward.k8s.io", channels::PROTOCOL];
 /// RST_STREAM's CANCEL status.
 const CANCEL: u32 = 5;
 /// Bytes read from the guest per data frame.

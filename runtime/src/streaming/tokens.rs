@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::Transport;
+
 /// How long a token waits for its client (kubelet's cache keeps them a minute).
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);
 /// Tokens that may wait at once: a client asking for URLs it never uses cannot grow the cache.
@@ -35,11 +37,19 @@ pub enum StreamRequest {
 }
 
 impl StreamRequest {
-    /// The stream protocols the request can be served with, in our order of preference.
-    pub fn protocols(&self) -> &'static [&'static str] {
-        match self {
-            Self::Exec { .. } | Self::Attach { .. } => &super::remotecommand::PROTOCOLS,
-            Self::PortForward { .. } => &super::portforward::PROTOCOLS,
+    /// The stream protocols the request can be served with over `transport`, in our order of
+    /// preference.
+    pub fn protocols(&self, transport: Transport) -> &'static [&'static str] {
+        use super::{portforward, remotecommand};
+        match (self, transport) {
+            (Self::Exec { .. } | Self::Attach { .. }, Transport::Spdy) => {
+                &remotecommand::spdy::PROTOCOLS
+            }
+            (Self::Exec { .. } | Self::Attach { .. }, Transport::WebSocket) => {
+                &remotecommand::websocket::PROTOCOLS
+            }
+            (Self::PortForward { .. }, Transport::Spdy) => &portforward::PROTOCOLS,
+            (Self::PortForward { .. }, Transport::WebSocket) => &portforward::WEBSOCKET_PROTOCOLS,
         }
     }
 
