@@ -80,11 +80,14 @@ test: build-debug kernel guest lint
 	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
 		cargo test -p podvisor --bin podvisor full_boot -- --nocapture
 
-## bench: figures for the record (pod start latency and memory, pulls, VMM overhead).
+## bench: figures for the record (pod start latency and memory, network, pulls, VMM overhead).
 bench: build kernel guest
 	@echo "== pod start latency and per-pod memory ($(BUILD)/podvisor, QEMU or built-in VMM as picked)"
 	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
 		cargo run --release -p podvisor-e2e --bin podvisor-bench
+	@echo "== pod network: host -> pod TCP vs a plain netns + veth; port-forward vs loopback"
+	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
+		cargo run --release -p podvisor-e2e --bin podvisor-net-bench
 	@echo "== pull + unpack of a multi-layer image vs skopeo copy + umoci unpack"
 	cargo bench -p podvisor-image --bench pull_unpack
 	@echo "== built-in VMM: RSS overhead and start -> first guest instruction (1 vCPU, 128 MiB)"

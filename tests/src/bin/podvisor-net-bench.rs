@@ -96,7 +96,10 @@ struct Baseline {
 
 impl Baseline {
     fn start() -> anyhow::Result<Self> {
-        let _ = Command::new("ip").args(["netns", "del", BASELINE_NETNS]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", BASELINE_NETNS])
+            .stderr(std::process::Stdio::null())
+            .status();
         let ip = |args: &str| -> anyhow::Result<()> {
             let ok = Command::new("ip").args(args.split(' ')).status()?.success();
             anyhow::ensure!(ok, "ip {args}");
@@ -127,28 +130,35 @@ impl Drop for Baseline {
     }
 }
 
-/// A loopback echo server on the host.
+/// An echo server on the host (busybox nc cannot bind one address; the client uses loopback).
 fn loopback_echo(port: u16) -> anyhow::Result<Child> {
     Ok(Command::new("busybox")
-        .args(["nc", "-ll", "-s", "127.0.0.1", "-p", &port.to_string(), "-e", "cat"])
+        .args(["nc", "-ll", "-p", &port.to_string(), "-e", "cat"])
         .spawn()?)
 }
 
+/// A fresh PortForward URL (each is good for one connection).
+async fn forward_url(daemon: &TestDaemon, pod: &str) -> anyhow::Result<String> {
+    let mut rt = daemon.runtime().await?;
+    let request = cri::PortForwardRequest { pod_sandbox_id: pod.into(), port: vec![] };
+    Ok(rt.port_forward(request).await?.into_inner().url)
+}
+
 /// The bulk echo through a PortForward session.
-async fn port_forward_bulk(url: &str, payload: &[u8]) -> anyhow::Result<Duration> {
-    let mut forward = PortForward::connect(url).await?;
-    // Wait until the guest's server echoes.
-    wait_for(Duration::from_secs(30), || {
-        let url = url.to_string();
-        async move {
-            let mut f = PortForward::connect(&url).await.ok()?;
-            let got = f.round_trip(ECHO_PORT, b"ping").await.ok()?;
-            f.close().await;
-            (got == b"ping").then_some(())
-        }
+async fn port_forward_bulk(
+    daemon: &TestDaemon,
+    pod: &str,
+    payload: &[u8],
+) -> anyhow::Result<Duration> {
+    let answered = wait_for(Duration::from_secs(30), || async {
+        let mut f = PortForward::connect(&forward_url(daemon, pod).await.ok()?).await.ok()?;
+        let got = f.round_trip(ECHO_PORT, b"ping").await.ok()?;
+        f.close().await;
+        (got == b"ping").then_some(())
     })
-    .await
-    .context("the pod's echo server never answered through PortForward")?;
+    .await;
+    answered.context("the pod's echo server never answered through PortForward")?;
+    let mut forward = PortForward::connect(&forward_url(daemon, pod).await?).await?;
     let started = Instant::now();
     let got = forward.round_trip(ECHO_PORT, payload).await?;
     let elapsed = started.elapsed();
@@ -224,12 +234,7 @@ async fn main() -> anyhow::Result<()> {
         ratio(pod_rtt, base_rtt)
     );
 
-    let url = rt
-        .port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.clone(), port: vec![] })
-        .await?
-        .into_inner()
-        .url;
-    let forward = port_forward_bulk(&url, &payload).await?;
+    let forward = port_forward_bulk(&daemon, &pod, &payload).await?;
     let loop_port = 19000 + (std::process::id() % 1000) as u16;
     let mut loopback = loopback_echo(loop_port)?;
     let local = echo_bulk(connect(format!("127.0.0.1:{loop_port}").parse()?)?, &payload);
