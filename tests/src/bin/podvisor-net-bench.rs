@@ -132,9 +132,7 @@ impl Drop for Baseline {
 
 /// An echo server on the host (busybox nc cannot bind one address; the client uses loopback).
 fn loopback_echo(port: u16) -> anyhow::Result<Child> {
-    Ok(Command::new("busybox")
-        .args(["nc", "-ll", "-p", &port.to_string(), "-e", "cat"])
-        .spawn()?)
+    Ok(Command::new("busybox").args(["nc", "-ll", "-p", &port.to_string(), "-e", "cat"]).spawn()?)
 }
 
 /// A fresh PortForward URL (each is good for one connection).
