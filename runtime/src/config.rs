@@ -37,6 +37,25 @@ pub struct Config {
     pub images: ImagesSection,
     pub streaming: StreamingSection,
     pub network: NetworkSection,
+    /// RuntimeClass handlers beside the default one (the empty name, from `[vm]` and
+    /// `hypervisor`), selected by RunPodSandbox's `runtime_handler`.
+    pub runtimes: std::collections::BTreeMap<String, RuntimeSection>,
+}
+
+/// One RuntimeClass handler: a VM flavour. Empty or zero fields take the default handler's.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSection {
+    /// `builtin` or `qemu`; empty: the backend the daemon picked.
+    pub hypervisor: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// The VM of a pod that asks for no resources.
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Added to what a pod asks for (its resources plus overhead): the guest kernel and agent.
+    pub memory_overhead_mib: u32,
+    pub kernel_args: String,
 }
 
 /// Pod networking through CNI plugins (see `resource::network`).
@@ -92,6 +111,9 @@ pub struct VmSection {
     pub kernel_args: String,
     /// How long RunPodSandbox waits for the agent to answer after the VM started.
     pub boot_timeout_seconds: u64,
+    /// Added to what a pod asks for (its resources plus overhead) when it asks for any: the
+    /// guest kernel, agent and page cache.
+    pub memory_overhead_mib: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,6 +186,7 @@ impl Default for Config {
             images: ImagesSection::default(),
             streaming: StreamingSection::default(),
             network: NetworkSection::default(),
+            runtimes: Default::default(),
         }
     }
 }
@@ -177,6 +200,7 @@ impl Default for VmSection {
             initrd: PathBuf::new(),
             kernel_args: String::new(),
             boot_timeout_seconds: 60,
+            memory_overhead_mib: 64,
         }
     }
 }
@@ -237,6 +261,9 @@ impl Config {
         if self.vm.memory_mib < 64 {
             return Err(ConfigError::Invalid("vm.memory_mib must be at least 64".into()));
         }
+        for (name, rt) in &self.runtimes {
+            self.validate_runtime(name, rt)?;
+        }
         if self.builtin.jail
             && (self.builtin.jail_first_id == 0
                 || self.builtin.jail_ids == 0
@@ -247,6 +274,26 @@ impl Config {
                  a u32 (and jail_ids be at least 1)"
                     .into(),
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_runtime(&self, name: &str, rt: &RuntimeSection) -> Result<(), ConfigError> {
+        let bad = |why: &str| Err(ConfigError::Invalid(format!("runtimes.{name}: {why}")));
+        let valid_name = !name.is_empty()
+            && name.len() <= 63
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid_name {
+            return bad("a handler name is 1-63 lowercase letters, digits or '-' (a DNS label)");
+        }
+        if !matches!(rt.hypervisor.as_str(), "" | "builtin" | "qemu") {
+            return bad("hypervisor must be builtin or qemu (or empty)");
+        }
+        if rt.vcpus > 64 {
+            return bad("vcpus must be at most 64");
+        }
+        if rt.memory_mib != 0 && rt.memory_mib < 64 {
+            return bad("memory_mib must be at least 64");
         }
         Ok(())
     }
@@ -279,6 +326,26 @@ fn guest_artefact(configured: &Path, name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runtime_handlers_parse_and_are_validated() {
+        let c = Config::parse(
+            "[runtimes.big]\nvcpus = 2\nmemory_mib = 1024\n[runtimes.tiny]\nhypervisor = \"qemu\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.runtimes["big"].vcpus, 2);
+        assert_eq!(c.runtimes["tiny"].memory_mib, 0);
+        for bad in [
+            "[runtimes.Big]\n",
+            "[runtimes.a]\nhypervisor = \"kvmtool\"\n",
+            "[runtimes.a]\nmemory_mib = 8\n",
+            "[runtimes.a]\nvcpus = 65\n",
+        ] {
+            assert!(Config::parse(bad).unwrap().validate().is_err(), "{bad}");
+        }
+        assert!(Config::parse("[runtimes.a]\nswap = 1\n").is_err());
+    }
 
     #[test]
     fn empty_file_gives_defaults() {

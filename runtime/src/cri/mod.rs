@@ -29,7 +29,10 @@ pub fn code(e: &SandboxError) -> Code {
         | E::ContainerNotCreated { .. }
         | E::ContainerNotRunning(_)
         | E::StoredProcess { .. } => Code::FailedPrecondition,
-        E::MountSourceMissing(_) | E::LimitExceedsVm { .. } => Code::InvalidArgument,
+        E::MountSourceMissing(_)
+        | E::LimitExceedsVm { .. }
+        | E::UnknownHandler { .. }
+        | E::VmTooLarge { .. } => Code::InvalidArgument,
         E::Spec(
             SpecError::NoCommand
             | SpecError::UnknownUser(_)

@@ -471,10 +471,15 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),
             info,
-            runtime_handlers: vec![cri::RuntimeHandler {
-                name: String::new(),
-                features: Some(cri::RuntimeHandlerFeatures::default()),
-            }],
+            runtime_handlers: self
+                .manager
+                .handler_names()
+                .into_iter()
+                .map(|name| cri::RuntimeHandler {
+                    name,
+                    features: Some(cri::RuntimeHandlerFeatures::default()),
+                })
+                .collect(),
             features: Some(cri::RuntimeFeatures::default()),
         }))
     }

@@ -10,7 +10,7 @@ use crate::sandbox::events::{EventKind, LifecycleEvent};
 use crate::sandbox::stats::{ContainerUsage, PodUsage};
 use crate::sandbox::{
     ContainerRecord, ContainerSpec, ContainerState, DnsSettings, NamespaceMode, NamespaceModes,
-    PodMetadata, PodSpec, PortMapping, Resources, SandboxRecord, SandboxState, SecurityContext,
+    PodDemand, PodMetadata, PodSpec, PortMapping, Resources, SandboxRecord, SandboxState, SecurityContext,
     VolumeMount,
 };
 
@@ -110,7 +110,26 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         namespaces,
         sysctls: linux.sysctls,
         port_mappings,
+        demand: pod_demand(&linux),
     })
+}
+
+/// What the pod asks of its VM: kubelet's sum of its containers' limits, plus its overhead.
+fn pod_demand(linux: &cri::LinuxPodSandboxConfig) -> PodDemand {
+    let part = |r: Option<&cri::LinuxContainerResources>| {
+        let Some(r) = r else { return PodDemand::default() };
+        let cpu_millis = if r.cpu_quota > 0 && r.cpu_period > 0 {
+            (r.cpu_quota as u64).saturating_mul(1000) / r.cpu_period as u64
+        } else {
+            0
+        };
+        PodDemand { cpu_millis, memory_bytes: r.memory_limit_in_bytes.max(0) as u64 }
+    };
+    let (resources, overhead) = (part(linux.resources.as_ref()), part(linux.overhead.as_ref()));
+    PodDemand {
+        cpu_millis: resources.cpu_millis.saturating_add(overhead.cpu_millis),
+        memory_bytes: resources.memory_bytes.saturating_add(overhead.memory_bytes),
+    }
 }
 
 /// A CRI port mapping in the network layer's words.

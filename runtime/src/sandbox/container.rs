@@ -44,7 +44,7 @@ impl SandboxManager {
             });
         }
         if let Some(resources) = &spec.resources {
-            self.check_fits_vm(resources)?;
+            self.check_fits_vm(resources, &sandbox)?;
         }
         let image = self
             .images
@@ -405,7 +405,7 @@ impl SandboxManager {
         if rec.state == ContainerState::Exited {
             return Err(SandboxError::ContainerNotRunning(rec.id));
         }
-        self.check_fits_vm(&resources)?;
+        self.check_fits_vm(&resources, &self.sandbox(&rec.sandbox_id)?)?;
         let json = spec::resources_json(&resources)?;
         self.agent(&rec.sandbox_id)?.update_container(&rec.id, json).await?;
         self.update_container(&rec.id, |c| c.resources = Some(resources))?;
@@ -414,13 +414,10 @@ impl SandboxManager {
 
     /// A memory limit above the VM's memory would never be reached: the VM would run out
     /// first, and its OOM killer pick any process. Refuse it.
-    fn check_fits_vm(&self, resources: &Resources) -> Result<()> {
-        let vm_bytes = i64::from(self.config.vm.memory_mib) * 1024 * 1024;
-        if resources.memory_limit_bytes > vm_bytes {
-            return Err(SandboxError::LimitExceedsVm {
-                limit: resources.memory_limit_bytes,
-                vm_mib: self.config.vm.memory_mib,
-            });
+    fn check_fits_vm(&self, resources: &Resources, sandbox: &SandboxRecord) -> Result<()> {
+        let vm_mib = sandbox.vm_size.map_or(self.config.vm.memory_mib, |s| s.memory_mib);
+        if resources.memory_limit_bytes > i64::from(vm_mib) * 1024 * 1024 {
+            return Err(SandboxError::LimitExceedsVm { limit: resources.memory_limit_bytes, vm_mib });
         }
         Ok(())
     }

@@ -36,6 +36,10 @@ pub enum SandboxError {
     ContainerNotRunning(String),
     #[error("mount source {0} does not exist")]
     MountSourceMissing(String),
+    #[error("runtime handler {name:?} is not configured; known handlers: {known}")]
+    UnknownHandler { name: String, known: String },
+    #[error("the pod asks for a VM of {vcpus} vCPUs and {memory_mib} MiB; at most {max_vcpus} vCPUs and {max_mib} MiB")]
+    VmTooLarge { vcpus: u32, memory_mib: u32, max_vcpus: u32, max_mib: u32 },
     #[error("a memory limit of {limit} bytes is larger than the pod's VM ({vm_mib} MiB)")]
     LimitExceedsVm { limit: i64, vm_mib: u32 },
     #[error(

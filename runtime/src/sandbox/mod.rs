@@ -9,12 +9,14 @@
 //!
 //! - [`pod`]: RunPodSandbox, StopPodSandbox, RemovePodSandbox, the VM watcher, recovery;
 //! - [`container`]: container lifecycle and its followers (output → log, exit → record);
-//! - [`exec`]: exec sessions, on which ExecSync runs (and streaming exec will).
+//! - [`exec`]: exec sessions, on which ExecSync runs (and streaming exec will);
+//! - [`handlers`]: RuntimeClass handlers and the size of each pod's VM.
 
 pub mod container;
 pub mod error;
 pub mod events;
 pub mod exec;
+pub mod handlers;
 pub mod io;
 pub mod logs;
 pub mod pod;
@@ -129,6 +131,11 @@ impl SandboxManager {
             return Err("pod networking is disabled ([network] enabled = false)".into());
         }
         self.networks.ready().map(drop).map_err(|e| e.to_string())
+    }
+
+    /// The RuntimeClass handlers pods may name, the default (empty) first.
+    pub fn handler_names(&self) -> Vec<String> {
+        handlers::Handler::names(&self.config)
     }
 
     /// Lifecycle events from now on.

@@ -10,6 +10,7 @@ use tracing::{info, warn};
 use super::*;
 use crate::agent::SandboxSetup;
 use crate::hypervisor::{VmHandle, VmSpec};
+use super::handlers::{Handler, VmSize, MAX_VCPUS, MAX_VM_MIB};
 use crate::resource::network::{AttachedNetwork, NetworkRequest};
 use crate::resource::ShareLayout;
 
@@ -21,6 +22,16 @@ const CONSOLE_TAIL_LINES: usize = 15;
 impl SandboxManager {
     /// RunPodSandbox: boots the pod's VM and prepares it. Returns the sandbox id.
     pub async fn run_sandbox(self: &Arc<Self>, pod: PodSpec) -> Result<String> {
+        let handler = self.handler(&pod.runtime_handler)?;
+        let size = handler.vm_size(&pod);
+        if size.memory_mib > MAX_VM_MIB || size.vcpus > MAX_VCPUS {
+            return Err(SandboxError::VmTooLarge {
+                vcpus: size.vcpus,
+                memory_mib: size.memory_mib,
+                max_vcpus: MAX_VCPUS,
+                max_mib: MAX_VM_MIB,
+            });
+        }
         let id = new_id();
         {
             let mut st = lock(&self.state);
@@ -33,12 +44,14 @@ impl SandboxManager {
                 });
             }
             // Reserve the name while the VM boots.
-            st.sandboxes.insert(id.clone(), new_record(&id, &pod));
+            let mut rec = new_record(&id, &pod);
+            rec.vm_size = Some(size);
+            st.sandboxes.insert(id.clone(), rec);
         }
         self.events.emit(&id, &id, events::EventKind::Created);
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
-        match self.boot_sandbox(&id, &pod).await {
+        match self.boot_sandbox(&id, &pod, &handler, size).await {
             Ok(()) => {
                 let rec = self.update_sandbox(&id, |r| r.state = SandboxState::Ready)?;
                 info!(
@@ -70,22 +83,40 @@ impl SandboxManager {
         }
     }
 
-    async fn boot_sandbox(&self, id: &str, pod: &PodSpec) -> Result<()> {
+    /// Handler `name`, or an error naming the configured ones.
+    fn handler(&self, name: &str) -> Result<Handler> {
+        Handler::resolve(&self.config, name).ok_or_else(|| SandboxError::UnknownHandler {
+            name: name.to_string(),
+            known: Handler::names(&self.config)
+                .iter()
+                .map(|n| if n.is_empty() { "\"\" (the default)".to_string() } else { format!("{n:?}") })
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    async fn boot_sandbox(
+        &self,
+        id: &str,
+        pod: &PodSpec,
+        handler: &Handler,
+        size: VmSize,
+    ) -> Result<()> {
         let rec = self.sandbox(id)?;
         let resources = self.resources(&rec);
         resources.create()?;
         let network = self.attach_network(id, pod).await?;
         let mut net_devices = resources.net_devices();
         net_devices.extend(network.as_ref().map(|n| n.net_device.clone()));
-        let hypervisor = self.hypervisors.default_backend();
+        let hypervisor = self.hypervisor_for(handler)?;
         let prepared = hypervisor.prepare(id).await?;
         let spec = VmSpec {
             sandbox_id: id.to_string(),
-            vcpus: self.config.vm.vcpus,
-            memory_mib: self.config.vm.memory_mib,
-            kernel: self.config.kernel_path(),
-            initrd: self.config.initrd_path(),
-            extra_kernel_args: self.config.vm.kernel_args.clone(),
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            kernel: handler.kernel.clone(),
+            initrd: handler.initrd.clone(),
+            extra_kernel_args: handler.kernel_args.clone(),
             console_log: self.console_log_path(id),
             shared_dirs: resources.shared_dirs(),
             block_devices: resources.block_devices(),
@@ -185,6 +216,14 @@ impl SandboxManager {
         Ok(())
     }
 
+    /// The backend a handler's pods boot on.
+    fn hypervisor_for(&self, handler: &Handler) -> Result<Arc<dyn crate::hypervisor::Hypervisor>> {
+        match &handler.backend {
+            Some(name) => Ok(self.hypervisors.get(name)?),
+            None => Ok(self.hypervisors.default_backend()),
+        }
+    }
+
     /// A boot failure, with the end of the guest console (removed with the failed sandbox).
     fn boot_failed(&self, id: &str, reason: &str) -> SandboxError {
         let console = std::fs::read_to_string(self.console_log_path(id)).unwrap_or_default();
@@ -205,8 +244,11 @@ impl SandboxManager {
             hypervisor.stop(vm, VM_STOP_GRACE).await?;
             hypervisor.cleanup(vm).await?;
         } else {
-            // A start the daemon did not live to record (boots only ever use the default).
-            self.hypervisors.default_backend().reclaim_interrupted_start(id).await?;
+            // A start the daemon did not live to record, on its handler's backend.
+            let handler = self.handler(&rec.runtime_handler).unwrap_or_else(|_| {
+                Handler::resolve(&self.config, "").expect("the default handler always resolves")
+            });
+            self.hypervisor_for(&handler)?.reclaim_interrupted_start(id).await?;
         }
         self.resources(&rec).destroy()?;
         // After the VM: its tap holds the namespace until the VMM exits.
@@ -453,6 +495,7 @@ fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
         state: SandboxState::NotReady,
         vm: None,
         network: None,
+        vm_size: None,
     }
 }
 

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 use super::types::{NamespaceMode, NamespaceModes, Resources};
 use crate::hypervisor::VmHandle;
+use super::handlers::VmSize;
 use crate::resource::network::NetworkRecord;
 use crate::resource::ShareLayout;
 use crate::store::{self, StoreError};
@@ -77,6 +78,9 @@ pub struct SandboxRecord {
     /// The pod's CNI attachment, from before ADD until DEL succeeded.
     #[serde(default)]
     pub network: Option<NetworkRecord>,
+    /// The VM the pod was given (records of older daemons: the configured default).
+    #[serde(default)]
+    pub vm_size: Option<VmSize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

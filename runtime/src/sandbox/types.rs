@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::records::{DnsSettings, PodMetadata};
+pub use super::handlers::PodDemand;
 pub use crate::resource::network::PortMapping;
 
 /// Which namespace a pod's containers share (CRI `NamespaceMode`, in our words).
@@ -44,6 +45,8 @@ pub struct PodSpec {
     pub sysctls: HashMap<String, String>,
     /// hostPort mappings, handed to the CNI plugins that ask for them.
     pub port_mappings: Vec<PortMapping>,
+    /// What the pod asks of its VM (its resources plus overhead).
+    pub demand: PodDemand,
 }
 
 /// A host path mounted into a container (a volume).
