@@ -10,7 +10,11 @@ use podvisor_e2e::registry::TestRegistry;
 
 const CONFIG: &str = "[runtimes.tiny]\nvcpus = 1\nmemory_mib = 160\n";
 
-async fn run(daemon: &TestDaemon, config: &cri::PodSandboxConfig, handler: &str) -> Result<String, tonic::Status> {
+async fn run(
+    daemon: &TestDaemon,
+    config: &cri::PodSandboxConfig,
+    handler: &str,
+) -> Result<String, tonic::Status> {
     let mut rt = daemon.runtime().await.unwrap();
     rt.run_pod_sandbox(cri::RunPodSandboxRequest {
         config: Some(config.clone()),
@@ -109,7 +113,10 @@ async fn handlers_select_vm_flavours_and_pods_get_the_vm_they_ask_for() {
 
     // The handler and the size survive a restart in the record.
     let status = rt
-        .pod_sandbox_status(cri::PodSandboxStatusRequest { pod_sandbox_id: tiny.clone(), verbose: false })
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: tiny.clone(),
+            verbose: false,
+        })
         .await
         .unwrap()
         .into_inner()

@@ -10,8 +10,8 @@ use crate::sandbox::events::{EventKind, LifecycleEvent};
 use crate::sandbox::stats::{ContainerUsage, PodUsage};
 use crate::sandbox::{
     ContainerRecord, ContainerSpec, ContainerState, DnsSettings, NamespaceMode, NamespaceModes,
-    PodDemand, PodMetadata, PodSpec, PortMapping, Resources, SandboxRecord, SandboxState, SecurityContext,
-    VolumeMount,
+    PodDemand, PodMetadata, PodSpec, PortMapping, Resources, SandboxRecord, SandboxState,
+    SecurityContext, VolumeMount,
 };
 
 /// The longest hostname the guest kernel takes (HOST_NAME_MAX).
@@ -94,6 +94,7 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         .map(|(n, m)| port_mapping(n, m))
         .collect::<Result<Vec<_>, Status>>()?;
     let dns = config.dns_config.unwrap_or_default();
+    let demand = pod_demand(&linux);
     Ok(PodSpec {
         metadata: PodMetadata {
             name: meta.name,
@@ -110,7 +111,7 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         namespaces,
         sysctls: linux.sysctls,
         port_mappings,
-        demand: pod_demand(&linux),
+        demand,
     })
 }
 

@@ -417,7 +417,10 @@ impl SandboxManager {
     fn check_fits_vm(&self, resources: &Resources, sandbox: &SandboxRecord) -> Result<()> {
         let vm_mib = sandbox.vm_size.map_or(self.config.vm.memory_mib, |s| s.memory_mib);
         if resources.memory_limit_bytes > i64::from(vm_mib) * 1024 * 1024 {
-            return Err(SandboxError::LimitExceedsVm { limit: resources.memory_limit_bytes, vm_mib });
+            return Err(SandboxError::LimitExceedsVm {
+                limit: resources.memory_limit_bytes,
+                vm_mib,
+            });
         }
         Ok(())
     }

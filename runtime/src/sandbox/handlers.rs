@@ -69,8 +69,16 @@ impl Handler {
         Some(Self {
             name: name.to_string(),
             backend: (!rt.hypervisor.is_empty()).then(|| rt.hypervisor.clone()),
-            kernel: if rt.kernel.as_os_str().is_empty() { default.kernel } else { rt.kernel.clone() },
-            initrd: if rt.initrd.as_os_str().is_empty() { default.initrd } else { rt.initrd.clone() },
+            kernel: if rt.kernel.as_os_str().is_empty() {
+                default.kernel
+            } else {
+                rt.kernel.clone()
+            },
+            initrd: if rt.initrd.as_os_str().is_empty() {
+                default.initrd
+            } else {
+                rt.initrd.clone()
+            },
             vcpus: or(rt.vcpus, default.vcpus),
             memory_mib: or(rt.memory_mib, default.memory_mib),
             memory_overhead_mib: or(rt.memory_overhead_mib, default.memory_overhead_mib),

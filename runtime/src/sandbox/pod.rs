@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+use super::handlers::{Handler, VmSize, MAX_VCPUS, MAX_VM_MIB};
 use super::*;
 use crate::agent::SandboxSetup;
 use crate::hypervisor::{VmHandle, VmSpec};
-use super::handlers::{Handler, VmSize, MAX_VCPUS, MAX_VM_MIB};
 use crate::resource::network::{AttachedNetwork, NetworkRequest};
 use crate::resource::ShareLayout;
 
@@ -89,7 +89,15 @@ impl SandboxManager {
             name: name.to_string(),
             known: Handler::names(&self.config)
                 .iter()
-                .map(|n| if n.is_empty() { "\"\" (the default)".to_string() } else { format!("{n:?}") })
+                .map(
+                    |n| {
+                        if n.is_empty() {
+                            "\"\" (the default)".to_string()
+                        } else {
+                            format!("{n:?}")
+                        }
+                    },
+                )
                 .collect::<Vec<_>>()
                 .join(", "),
         })

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::handlers::VmSize;
 use super::types::{NamespaceMode, NamespaceModes, Resources};
 use crate::hypervisor::VmHandle;
-use super::handlers::VmSize;
 use crate::resource::network::NetworkRecord;
 use crate::resource::ShareLayout;
 use crate::store::{self, StoreError};

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{DnsSettings, PodMetadata};
 pub use super::handlers::PodDemand;
+use super::records::{DnsSettings, PodMetadata};
 pub use crate::resource::network::PortMapping;
 
 /// Which namespace a pod's containers share (CRI `NamespaceMode`, in our words).
