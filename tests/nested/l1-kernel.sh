@@ -9,8 +9,9 @@
 set -euo pipefail
 
 cache_root=${PODVISOR_CACHE:-/var/cache/podvisor}/l1-kernel
-# kvm-amd pulls in kvm, ccp and irqbypass (`modinfo -F depends` resolves them below).
-wanted_modules=(kvm-amd)
+# kvm-amd pulls in kvm, ccp and irqbypass (`modinfo -F depends` resolves them below); the rest
+# carry a CNI interface into the L2 pod (tap, veth, tc ingress + u32 + mirred redirect).
+wanted_modules=(kvm-amd tun veth sch_ingress cls_u32 act_mirred)
 
 kernel_package() {
 	apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'
@@ -24,7 +25,9 @@ fi
 [ -n "$package" ] || { echo "l1-kernel: no linux-image-<version> dependency of linux-image-amd64" >&2; exit 1; }
 version=$(apt-cache policy "$package" | awk '/Candidate:/ {print $2}')
 [ -n "$version" ] && [ "$version" != "(none)" ] || { echo "l1-kernel: $package has no candidate version" >&2; exit 1; }
-out=$cache_root/${package}_${version}
+# The module list is part of the key: a cache made for fewer modules must not be reused.
+modules_key=$(printf '%s\n' "${wanted_modules[@]}" | sha256sum | cut -c1-12)
+out=$cache_root/${package}_${version}_${modules_key}
 if [ -f "$out/.complete" ]; then
 	echo "$out"
 	exit 0

@@ -44,6 +44,9 @@ add_binary "$PODVISOR_BIN" podvisor
 add_binary "$VIRTIOFSD" virtiofsd
 add_binary "$REGISTRY_BIN" docker-registry
 add_binary "$CLIENT" podvisor-nested-client
+# The L2 pod's network: Debian's CNI plugins (static Go binaries).
+mkdir -p "$root/cni"
+for plugin in ptp host-local; do cp "/usr/lib/cni/$plugin" "$root/cni/"; done
 
 cp "$L2_KERNEL" "$root/l2/vmlinux"
 cp "$L2_INITRD" "$root/l2/initramfs.cpio"

@@ -81,7 +81,11 @@ async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
 
     step("vmm-confined", Duration::from_secs(10), async { vmm_runs_confined() }).await?;
 
-    let command = ["/bin/sh", "-c", "echo hello-nested; sleep 600"];
+    let command = [
+        "/bin/sh",
+        "-c",
+        "echo hello-nested; mkdir -p /www; echo net-ok > /www/index.html; exec httpd -f -p 8080 -h /www",
+    ];
     let container = step("start-container", Duration::from_secs(180), async {
         let request = cri::CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
@@ -116,6 +120,27 @@ async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
     })
     .await?;
 
+    // The pod's CNI interface reaches the guest through the tap the daemon handed the VMM.
+    step("pod-network", Duration::from_secs(120), async {
+        let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: false };
+        let status = runtime.pod_sandbox_status(request).await?.into_inner().status;
+        let ip = status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default();
+        if ip.is_empty() {
+            bail!("the pod has no IP");
+        }
+        let addr: std::net::SocketAddr = format!("{ip}:8080").parse()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(100);
+        loop {
+            match http_get(addr) {
+                Ok(body) if body.trim_end().ends_with("net-ok") => return Ok(()),
+                Ok(body) => bail!("{addr} answered {body:?}"),
+                Err(e) if std::time::Instant::now() > deadline => bail!("GET {addr}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    })
+    .await?;
+
     step("stop-remove-pod", Duration::from_secs(120), async {
         runtime
             .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
@@ -131,6 +156,17 @@ async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
         Ok(())
     })
     .await
+}
+
+/// `GET /` from `addr`: the whole answer.
+fn http_get(addr: std::net::SocketAddr) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
 }
 
 /// A channel to the daemon once it answers Version.
