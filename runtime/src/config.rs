@@ -37,6 +37,25 @@ pub struct Config {
     pub images: ImagesSection,
     pub streaming: StreamingSection,
     pub network: NetworkSection,
+    pub metrics: MetricsSection,
+}
+
+/// The daemon's Prometheus endpoint (`GET /metrics`). Off unless configured, and on loopback by
+/// default: pod names and CRI call patterns are not for every host on the network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    pub enabled: bool,
+    pub address: String,
+    /// 0 picks a free port at start (logged).
+    pub port: u16,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        // CRI-O's default metrics port.
+        Self { enabled: false, address: "127.0.0.1".into(), port: 9090 }
+    }
 }
 
 /// Pod networking through CNI plugins (see `resource::network`).
@@ -164,6 +183,7 @@ impl Default for Config {
             images: ImagesSection::default(),
             streaming: StreamingSection::default(),
             network: NetworkSection::default(),
+            metrics: MetricsSection::default(),
         }
     }
 }
@@ -217,6 +237,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "streaming.address must be an IP address, not {:?}",
                 self.streaming.address
+            )));
+        }
+        if self.metrics.address.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.address must be an IP address, not {:?}",
+                self.metrics.address
             )));
         }
         if !matches!(self.hypervisor.as_str(), "auto" | "builtin" | "qemu") {
@@ -317,6 +343,20 @@ mod tests {
         let c = Config::parse("[builtin]\njail = false\nseccomp = \"log\"").unwrap();
         assert!(!c.builtin.jail);
         assert_eq!(c.builtin.seccomp, podvisor_vmm::config::SeccompMode::Log);
+    }
+
+    #[test]
+    fn metrics_are_off_and_on_loopback_unless_configured() {
+        let c = Config::parse("").unwrap();
+        assert!(!c.metrics.enabled);
+        assert_eq!((c.metrics.address.as_str(), c.metrics.port), ("127.0.0.1", 9090));
+        let c = Config::parse("[metrics]\nenabled = true\naddress = \"::1\"\nport = 0").unwrap();
+        assert!(c.metrics.enabled);
+        assert_eq!((c.metrics.address.as_str(), c.metrics.port), ("::1", 0));
+        c.validate().unwrap();
+        let c = Config::parse("[metrics]\naddress = \"localhost\"").unwrap();
+        assert!(c.validate().is_err());
+        assert!(Config::parse("[metrics]\npath = \"/m\"").is_err());
     }
 
     #[test]
