@@ -3,6 +3,7 @@
 //! and map the errors they get back to gRPC codes ([`status`]). It is the only layer that
 //! knows the CRI's wire types.
 
+pub mod cadvisor;
 pub mod image;
 pub mod runtime;
 pub mod translate;
