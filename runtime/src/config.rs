@@ -40,6 +40,7 @@ pub struct Config {
     /// RuntimeClass handlers beside the default one (the empty name, from `[vm]` and
     /// `hypervisor`), selected by RunPodSandbox's `runtime_handler`.
     pub runtimes: std::collections::BTreeMap<String, RuntimeSection>,
+    pub metrics: MetricsSection,
 }
 
 /// One RuntimeClass handler: a VM flavour. Empty or zero fields take the default handler's.
@@ -56,6 +57,24 @@ pub struct RuntimeSection {
     /// Added to what a pod asks for (its resources plus overhead): the guest kernel and agent.
     pub memory_overhead_mib: u32,
     pub kernel_args: String,
+}
+
+/// The daemon's Prometheus endpoint (`GET /metrics`). Off unless configured, and on loopback by
+/// default: pod names and CRI call patterns are not for every host on the network.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    pub enabled: bool,
+    pub address: String,
+    /// 0 picks a free port at start (logged).
+    pub port: u16,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        // CRI-O's default metrics port.
+        Self { enabled: false, address: "127.0.0.1".into(), port: 9090 }
+    }
 }
 
 /// Pod networking through CNI plugins (see `resource::network`).
@@ -187,6 +206,7 @@ impl Default for Config {
             streaming: StreamingSection::default(),
             network: NetworkSection::default(),
             runtimes: Default::default(),
+            metrics: MetricsSection::default(),
         }
     }
 }
@@ -241,6 +261,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "streaming.address must be an IP address, not {:?}",
                 self.streaming.address
+            )));
+        }
+        if self.metrics.address.parse::<std::net::IpAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.address must be an IP address, not {:?}",
+                self.metrics.address
             )));
         }
         if !matches!(self.hypervisor.as_str(), "auto" | "builtin" | "qemu") {
@@ -384,6 +410,20 @@ mod tests {
         let c = Config::parse("[builtin]\njail = false\nseccomp = \"log\"").unwrap();
         assert!(!c.builtin.jail);
         assert_eq!(c.builtin.seccomp, podvisor_vmm::config::SeccompMode::Log);
+    }
+
+    #[test]
+    fn metrics_are_off_and_on_loopback_unless_configured() {
+        let c = Config::parse("").unwrap();
+        assert!(!c.metrics.enabled);
+        assert_eq!((c.metrics.address.as_str(), c.metrics.port), ("127.0.0.1", 9090));
+        let c = Config::parse("[metrics]\nenabled = true\naddress = \"::1\"\nport = 0").unwrap();
+        assert!(c.metrics.enabled);
+        assert_eq!((c.metrics.address.as_str(), c.metrics.port), ("::1", 0));
+        c.validate().unwrap();
+        let c = Config::parse("[metrics]\naddress = \"localhost\"").unwrap();
+        assert!(c.validate().is_err());
+        assert!(Config::parse("[metrics]\npath = \"/m\"").is_err());
     }
 
     #[test]

@@ -34,6 +34,12 @@ impl Images {
         Arc::new(StoreResolver { store: self.store.clone() })
     }
 
+    /// Reads the bytes downloaded from registries so far (for the metrics).
+    pub fn bytes_downloaded(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
+        let store = self.store.clone();
+        move || store.bytes_downloaded()
+    }
+
     /// The CRI ImageService; `users` keeps images that containers use from being removed.
     pub fn cri_service(&self, users: Arc<dyn ImageUsers>) -> ImageServiceImpl {
         ImageServiceImpl::new(self.store.clone(), Some(users))

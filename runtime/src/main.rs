@@ -6,6 +6,7 @@ mod config;
 mod cri;
 mod hypervisor;
 mod images;
+mod metrics;
 mod procwait;
 mod resource;
 mod sandbox;
@@ -173,6 +174,23 @@ fn qemu_backend(config: &Config) -> anyhow::Result<QemuHypervisor> {
     })?)
 }
 
+/// Connects the metrics read at scrape time to their sources and, when `[metrics]` enables
+/// it, serves them.
+async fn serve_metrics(
+    config: &Config,
+    manager: &Arc<sandbox::SandboxManager>,
+    images: &images::Images,
+) -> anyhow::Result<()> {
+    let metrics = metrics::global();
+    let vms = Arc::downgrade(manager);
+    metrics.read_vms_running(move || vms.upgrade().map(|m| m.running_vms()).unwrap_or_default())?;
+    metrics.read_image_pull_bytes(images.bytes_downloaded())?;
+    if config.metrics.enabled {
+        metrics::server::start(&config.metrics, metrics).await?;
+    }
+    Ok(())
+}
+
 async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     tracing_subscriber::fmt()
@@ -200,6 +218,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         image_store.resolver(),
     );
     manager.recover().await.context("recovering sandboxes")?;
+    serve_metrics(&config, &manager, &image_store).await?;
 
     if let Some(dir) = config.listen.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

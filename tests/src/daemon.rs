@@ -252,6 +252,54 @@ impl TestDaemon {
     }
 }
 
+/// The daemon's metrics endpoint, for daemons started with `[metrics] enabled = true`.
+impl TestDaemon {
+    /// Where the daemon said its metrics endpoint listens (`host:port`).
+    pub fn metrics_address(&self) -> Option<String> {
+        let log = std::fs::read_to_string(self.log_file()).ok()?;
+        let line = log.lines().rev().find(|l| l.contains("metrics endpoint listening"))?;
+        let url = &line[line.find("http://")? + "http://".len()..];
+        // The log may be coloured: the URL ends at white space or an escape sequence.
+        let end = url.find(|c: char| c.is_whitespace() || c == '\x1b').unwrap_or(url.len());
+        Some(url[..end].trim_end_matches("/metrics").to_string())
+    }
+
+    /// GET /metrics: the exposition, panicking with the daemon's log on failure.
+    pub async fn scrape_metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = self
+            .metrics_address()
+            .unwrap_or_else(|| panic!("no metrics endpoint in the log:\n{}", self.log_tail()));
+        let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let request =
+            format!("GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        assert!(head.starts_with("HTTP/1.1 200"), "scraping {address}: {head}");
+        body.to_string()
+    }
+}
+
+/// The value of `series` (a name and its labels, sorted by name, as exposed) in `text`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Every sample of the family `name` in `text`: its labels (as exposed) and value.
+pub fn metric_samples(text: &str, name: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let labels = series.strip_prefix(name)?;
+            (labels.is_empty() || labels.starts_with('{'))
+                .then(|| Some((labels.to_string(), value.parse().ok()?)))?
+        })
+        .collect()
+}
+
 /// CRI calls the end-to-end tests share; each panics with the daemon's log on failure.
 impl TestDaemon {
     /// PullImage, panicking with the daemon's log on failure.

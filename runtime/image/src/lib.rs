@@ -396,6 +396,7 @@ pub struct ImageStore {
     /// One unpack per image at a time.
     unpack_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     blobs_downloaded: AtomicU64,
+    bytes_downloaded: AtomicU64,
     temp_counter: AtomicU64,
 }
 
@@ -504,6 +505,7 @@ impl ImageStore {
             blob_locks: Mutex::new(HashMap::new()),
             unpack_locks: Mutex::new(HashMap::new()),
             blobs_downloaded: AtomicU64::new(0),
+            bytes_downloaded: AtomicU64::new(0),
             temp_counter: AtomicU64::new(0),
         })
     }
@@ -516,6 +518,12 @@ impl ImageStore {
     /// Blobs downloaded from registries since the store was opened (for tests and metrics).
     pub fn blobs_downloaded(&self) -> u64 {
         self.blobs_downloaded.load(Ordering::Relaxed)
+    }
+
+    /// Bytes received from registries since the store was opened, failed downloads included
+    /// (they crossed the network too).
+    pub fn bytes_downloaded(&self) -> u64 {
+        self.bytes_downloaded.load(Ordering::Relaxed)
     }
 
     fn blob_path(&self, digest: &str) -> Result<PathBuf> {

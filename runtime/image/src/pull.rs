@@ -419,6 +419,8 @@ impl ImageStore {
             })?;
             hasher.update(&chunk);
             received += chunk.len() as u64;
+            self.bytes_downloaded
+                .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
             if expected_size > 0 && received > expected_size {
                 return Err(Error::SizeMismatch {
                     digest: digest.to_owned(),

@@ -277,9 +277,10 @@ async fn concurrent_pulls_of_one_image_download_each_blob_once() {
     }
     ids.dedup();
     assert_eq!(ids.len(), 1);
-    // Three layers and the config.
+    // Three layers and the config, each once: their bytes are the image's size.
     assert_eq!(store.blobs_downloaded(), 4);
     assert_eq!(store.list().len(), 1);
+    assert_eq!(store.bytes_downloaded(), store.list()[0].size);
     assert!(tmp_is_empty(&store));
 }
 

@@ -2,7 +2,8 @@
 //! (`podvisor-image`) and its results back, and maps store errors to gRPC codes.
 //!
 //! Self-contained on purpose (only `podvisor_image`, `k8s_cri`, `tonic`, `tokio`,
-//! `serde_json`): nothing here holds state beyond the store.
+//! `serde_json`, and the daemon's metrics for pull durations): nothing here holds state beyond
+//! the store.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -190,7 +191,9 @@ impl ImageService for ImageServiceImpl {
         let request = request.into_inner();
         let name = image_name(request.image.as_ref())?;
         let credentials = credentials(request.auth.as_ref())?;
+        let started = std::time::Instant::now();
         let record = self.store.pull(name, credentials.as_ref()).await.map_err(status)?;
+        crate::metrics::global().image_pulled(started.elapsed());
         Ok(Response::new(PullImageResponse { image_ref: record.id }))
     }
 

@@ -3,6 +3,7 @@
 //! and map the errors they get back to gRPC codes ([`status`]). It is the only layer that
 //! knows the CRI's wire types.
 
+pub mod cadvisor;
 pub mod image;
 pub mod runtime;
 pub mod translate;
@@ -67,7 +68,8 @@ pub fn status(e: SandboxError) -> Status {
     Status::new(code(&e), e.to_string())
 }
 
-/// Serves RuntimeService and ImageService on `listener` until `shutdown` resolves.
+/// Serves RuntimeService and ImageService on `listener` until `shutdown` resolves; every call
+/// is counted and timed in the daemon's metrics.
 pub async fn serve(
     listener: UnixListener,
     runtime: runtime::RuntimeServiceImpl,
@@ -75,6 +77,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
+        .layer(crate::metrics::grpc::CriMetricsLayer::new(crate::metrics::global()))
         .add_service(k8s_cri::v1::runtime_service_server::RuntimeServiceServer::new(runtime))
         .add_service(k8s_cri::v1::image_service_server::ImageServiceServer::new(images))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

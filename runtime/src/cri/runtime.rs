@@ -7,8 +7,8 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
-use super::status;
 use super::translate::{self, container_state, labels_match, sandbox_state};
+use super::{cadvisor, status};
 use crate::sandbox::{ContainerState, SandboxManager};
 use crate::streaming::{StreamRequest, StreamingServer};
 
@@ -543,14 +543,32 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         _req: Request<cri::ListMetricDescriptorsRequest>,
     ) -> CriResult<cri::ListMetricDescriptorsResponse> {
-        Ok(Response::new(cri::ListMetricDescriptorsResponse { descriptors: vec![] }))
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors: cadvisor::descriptors(),
+        }))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _req: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> CriResult<cri::ListPodSandboxMetricsResponse> {
-        Ok(Response::new(cri::ListPodSandboxMetricsResponse { pod_metrics: vec![] }))
+        let ready: Vec<String> = self
+            .manager
+            .list_sandboxes()
+            .into_iter()
+            .filter(|s| s.state == crate::sandbox::SandboxState::Ready)
+            .map(|s| s.id)
+            .collect();
+        // All at once, as ListPodSandboxStats: a slow guest costs its own deadline only, and a
+        // pod whose guest does not answer is left out rather than failing the list.
+        let usages =
+            futures::future::join_all(ready.iter().map(|id| self.manager.pod_stats(id))).await;
+        let now = crate::sandbox::now_nanos();
+        let pod_metrics = usages
+            .into_iter()
+            .filter_map(|u| u.ok().map(|u| cadvisor::pod_sandbox_metrics(&u, now)))
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse { pod_metrics }))
     }
 
     async fn runtime_config(

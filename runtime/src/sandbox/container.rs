@@ -24,6 +24,7 @@ impl SandboxManager {
         sandbox_id: &str,
         spec: ContainerSpec,
     ) -> Result<String> {
+        let arrived = std::time::Instant::now();
         let sandbox = self.sandbox(sandbox_id)?;
         let guard = self.sandbox_lock(&sandbox.id);
         let _op = guard.lock().await;
@@ -129,6 +130,7 @@ impl SandboxManager {
             st.containers.insert(id.clone(), rec);
         }
         self.events.emit(&id, &sandbox.id, super::events::EventKind::Created);
+        crate::metrics::global().container_created(&id, arrived);
         Ok(id)
     }
 
@@ -199,6 +201,7 @@ impl SandboxManager {
             c.started_at = now_nanos();
         })?;
         self.follow_container(&rec);
+        crate::metrics::global().container_started(&rec.id);
         Ok(())
     }
 
@@ -373,6 +376,7 @@ impl SandboxManager {
         lock(&self.log_writers).remove(&rec.id);
         lock(&self.io).remove(&ProcessId::init(&rec.id));
         self.cpu_samples.forget(&rec.id);
+        crate::metrics::global().container_removed(&rec.id);
         drop(_op);
         lock(&self.container_locks).remove(&rec.id);
         let last = super::events::LastRecords {

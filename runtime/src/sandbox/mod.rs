@@ -148,6 +148,19 @@ impl SandboxManager {
         self.hypervisors.default_backend().name()
     }
 
+    /// The pods' VMs whose processes run, by backend (the metrics' gauge); the default
+    /// backend is always listed.
+    pub fn running_vms(&self) -> Vec<(String, u64)> {
+        let mut counts =
+            std::collections::BTreeMap::from([(self.hypervisor_name().to_string(), 0u64)]);
+        for vm in self.list_sandboxes().into_iter().filter_map(|s| s.vm) {
+            if self.hypervisor_of(&vm).is_ok_and(|h| h.is_running(&vm)) {
+                *counts.entry(vm.backend.clone()).or_default() += 1;
+            }
+        }
+        counts.into_iter().collect()
+    }
+
     /// What the backend shows of the pod's VM (verbose status), if it runs.
     pub fn describe_vm(&self, rec: &SandboxRecord) -> serde_json::Value {
         match &rec.vm {

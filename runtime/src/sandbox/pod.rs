@@ -11,6 +11,7 @@ use super::handlers::{Handler, VmSize, MAX_VCPUS, MAX_VM_MIB};
 use super::*;
 use crate::agent::SandboxSetup;
 use crate::hypervisor::{VmHandle, VmSpec};
+use crate::metrics::{self, PodStartPhase};
 use crate::resource::network::{AttachedNetwork, NetworkRequest};
 use crate::resource::ShareLayout;
 
@@ -22,6 +23,7 @@ const CONSOLE_TAIL_LINES: usize = 15;
 impl SandboxManager {
     /// RunPodSandbox: boots the pod's VM and prepares it. Returns the sandbox id.
     pub async fn run_sandbox(self: &Arc<Self>, pod: PodSpec) -> Result<String> {
+        let arrived = std::time::Instant::now();
         let handler = self.handler(&pod.runtime_handler)?;
         let size = handler.vm_size(&pod);
         if size.memory_mib > MAX_VM_MIB || size.vcpus > MAX_VCPUS {
@@ -61,6 +63,7 @@ impl SandboxManager {
                     "pod sandbox ready"
                 );
                 self.watch_vm(&id);
+                metrics::global().pod_start_phase(PodStartPhase::PodReady, arrived.elapsed());
                 Ok(id)
             }
             Err(e) => {
@@ -110,10 +113,12 @@ impl SandboxManager {
         handler: &Handler,
         size: VmSize,
     ) -> Result<()> {
+        let mut phases = metrics::global().phases();
         let rec = self.sandbox(id)?;
         let resources = self.resources(&rec);
         resources.create()?;
         let network = self.attach_network(id, pod).await?;
+        phases.lap(PodStartPhase::Network);
         let mut net_devices = resources.net_devices();
         net_devices.extend(network.as_ref().map(|n| n.net_device.clone()));
         let hypervisor = self.hypervisor_for(handler)?;
@@ -138,6 +143,7 @@ impl SandboxManager {
             }
         };
         self.update_sandbox(id, |r| r.vm = Some(vm.clone()))?;
+        phases.lap(PodStartPhase::VmStart);
         let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
         if let Err(e) = hypervisor.wait_agent_ready(prepared, &vm, boot_timeout).await {
             return Err(self.boot_failed(id, &e.to_string()));
@@ -146,6 +152,7 @@ impl SandboxManager {
         if let Err(e) = agent.status().await {
             return Err(self.boot_failed(id, &e.to_string()));
         }
+        phases.lap(PodStartPhase::AgentReady);
         agent
             .create_sandbox(SandboxSetup {
                 sandbox_id: id.to_string(),
@@ -171,6 +178,7 @@ impl SandboxManager {
                 .collect();
             agent.setup_network(setup).await?;
         }
+        phases.lap(PodStartPhase::SandboxSetup);
         Ok(())
     }
 
@@ -335,6 +343,7 @@ impl SandboxManager {
             lock(&self.log_writers).remove(&c.id);
             lock(&self.container_locks).remove(&c.id);
             self.cpu_samples.forget(&c.id);
+            metrics::global().container_removed(&c.id);
             let last =
                 events::LastRecords { sandbox: sandbox.clone(), containers: vec![c.clone()] };
             self.events.emit_deleted(&c.id, &id, last);

@@ -454,6 +454,46 @@ async fn a_vm_that_dies_marks_its_pod_not_ready_and_containers_exited() {
     h.assert_nothing_left();
 }
 
+#[tokio::test]
+async fn running_vms_counts_live_vmms_by_backend() {
+    needs_root!();
+    let h = Harness::new();
+    let fake = |n: u64| vec![("fake".to_string(), n)];
+    assert_eq!(h.manager.running_vms(), fake(0), "the default backend is always listed");
+    let a = h.run_pod("a").await;
+    let b = h.run_pod("b").await;
+    assert_eq!(h.manager.running_vms(), fake(2));
+    // A VMM that died is not running, whatever its record says until the watcher sees it.
+    h.hv.kill(&h.manager.sandbox(&b).unwrap().vm.unwrap());
+    assert_eq!(h.manager.running_vms(), fake(1));
+    h.manager.remove_sandbox(&a).await.unwrap();
+    h.manager.remove_sandbox(&b).await.unwrap();
+    assert_eq!(h.manager.running_vms(), fake(0));
+}
+
+#[tokio::test]
+async fn pod_and_container_starts_are_timed_by_phase() {
+    needs_root!();
+    // The daemon-wide metrics: other tests record into them too, so only growth is checked.
+    let count = |phase: &str| {
+        let text = crate::metrics::global().render().unwrap();
+        let series = format!(r#"podvisor_pod_start_duration_seconds_count{{phase="{phase}"}}"#);
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let phases =
+        ["network", "vm_start", "agent_ready", "sandbox_setup", "pod_ready", "container_running"];
+    let before: Vec<f64> = phases.iter().map(|p| count(p)).collect();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    h.create_and_start(&sid, "c").await;
+    for (phase, before) in phases.iter().zip(before) {
+        assert!(count(phase) >= before + 1.0, "{phase} was not timed");
+    }
+    h.manager.remove_sandbox(&sid).await.unwrap();
+}
+
 // Containers.
 
 #[tokio::test]
