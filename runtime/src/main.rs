@@ -248,7 +248,9 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         // Pods keep running: their VMs are separate processes and the state is on disk.
         info!("shutting down; pod VMs keep running");
     };
-    cri::serve(listener, runtime_service, image_service, shutdown).await.context("serving CRI")?;
+    cri::serve(listener, runtime_service, image_service, manager, shutdown)
+        .await
+        .context("serving CRI")?;
     let _ = std::fs::remove_file(&config.listen);
     Ok(())
 }

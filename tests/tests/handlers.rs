@@ -8,6 +8,48 @@ use k8s_cri::v1 as cri;
 use podvisor_e2e::daemon::{container_config, e2e_can_run, pod_config, TestDaemon};
 use podvisor_e2e::registry::TestRegistry;
 
+/// UpdatePodSandboxResources, which k8s-cri 0.11's client lacks: its request, by field number.
+#[derive(Clone, PartialEq, prost::Message)]
+struct UpdatePodSandboxResourcesRequest {
+    #[prost(string, tag = "1")]
+    pod_sandbox_id: String,
+    #[prost(message, optional, tag = "2")]
+    overhead: Option<cri::LinuxContainerResources>,
+    #[prost(message, optional, tag = "3")]
+    resources: Option<cri::LinuxContainerResources>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct UpdatePodSandboxResourcesResponse {}
+
+async fn update_pod_resources(
+    daemon: &TestDaemon,
+    id: &str,
+    memory: i64,
+) -> Result<(), tonic::Status> {
+    let channel = podvisor_e2e::daemon::cri_channel(&daemon.socket()).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let request = UpdatePodSandboxResourcesRequest {
+        pod_sandbox_id: id.into(),
+        overhead: None,
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: memory,
+            ..Default::default()
+        }),
+    };
+    let path = http::uri::PathAndQuery::from_static(
+        "/runtime.v1.RuntimeService/UpdatePodSandboxResources",
+    );
+    grpc.unary::<_, UpdatePodSandboxResourcesResponse, _>(
+        tonic::Request::new(request),
+        path,
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
+    .map(drop)
+}
+
 const CONFIG: &str = "[runtimes.tiny]\nvcpus = 1\nmemory_mib = 160\n";
 
 async fn run(
@@ -111,7 +153,13 @@ async fn handlers_select_vm_flavours_and_pods_get_the_vm_they_ask_for() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("160 MiB"), "{err:?}");
 
-    // The handler and the size survive a restart in the record.
+    // In-place pod resize: within the VM it is accepted, beyond it refused (no hotplug).
+    update_pod_resources(&daemon, &big, 256 << 20).await.unwrap();
+    let err = update_pod_resources(&daemon, &big, 2 << 30).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("hotplug"), "{err:?}");
+
+    // The handler is the pod's.
     let status = rt
         .pod_sandbox_status(cri::PodSandboxStatusRequest {
             pod_sandbox_id: tiny.clone(),

@@ -5,6 +5,7 @@
 
 pub mod cadvisor;
 pub mod image;
+pub mod pod_resources;
 pub mod runtime;
 pub mod translate;
 
@@ -33,7 +34,8 @@ pub fn code(e: &SandboxError) -> Code {
         E::MountSourceMissing(_)
         | E::LimitExceedsVm { .. }
         | E::UnknownHandler { .. }
-        | E::VmTooLarge { .. } => Code::InvalidArgument,
+        | E::VmTooLarge { .. }
+        | E::PodOutgrowsVm { .. } => Code::InvalidArgument,
         E::Spec(
             SpecError::NoCommand
             | SpecError::UnknownUser(_)
@@ -74,11 +76,15 @@ pub async fn serve(
     listener: UnixListener,
     runtime: runtime::RuntimeServiceImpl,
     images: image::ImageServiceImpl,
+    manager: std::sync::Arc<crate::sandbox::SandboxManager>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .layer(crate::metrics::grpc::CriMetricsLayer::new(crate::metrics::global()))
-        .add_service(k8s_cri::v1::runtime_service_server::RuntimeServiceServer::new(runtime))
+        .add_service(pod_resources::WithPodResources::new(
+            k8s_cri::v1::runtime_service_server::RuntimeServiceServer::new(runtime),
+            manager,
+        ))
         .add_service(k8s_cri::v1::image_service_server::ImageServiceServer::new(images))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await

@@ -117,6 +117,14 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
 
 /// What the pod asks of its VM: kubelet's sum of its containers' limits, plus its overhead.
 fn pod_demand(linux: &cri::LinuxPodSandboxConfig) -> PodDemand {
+    pod_demand_of(linux.resources.as_ref(), linux.overhead.as_ref())
+}
+
+/// The demand of a pod's `resources` (its containers' limits) and `overhead`.
+pub fn pod_demand_of(
+    resources: Option<&cri::LinuxContainerResources>,
+    overhead: Option<&cri::LinuxContainerResources>,
+) -> PodDemand {
     let part = |r: Option<&cri::LinuxContainerResources>| {
         let Some(r) = r else { return PodDemand::default() };
         let cpu_millis = if r.cpu_quota > 0 && r.cpu_period > 0 {
@@ -126,7 +134,7 @@ fn pod_demand(linux: &cri::LinuxPodSandboxConfig) -> PodDemand {
         };
         PodDemand { cpu_millis, memory_bytes: r.memory_limit_in_bytes.max(0) as u64 }
     };
-    let (resources, overhead) = (part(linux.resources.as_ref()), part(linux.overhead.as_ref()));
+    let (resources, overhead) = (part(resources), part(overhead));
     PodDemand {
         cpu_millis: resources.cpu_millis.saturating_add(overhead.cpu_millis),
         memory_bytes: resources.memory_bytes.saturating_add(overhead.memory_bytes),

@@ -40,6 +40,11 @@ pub enum SandboxError {
     UnknownHandler { name: String, known: String },
     #[error("the pod asks for a VM of {vcpus} vCPUs and {memory_mib} MiB; at most {max_vcpus} vCPUs and {max_mib} MiB")]
     VmTooLarge { vcpus: u32, memory_mib: u32, max_vcpus: u32, max_mib: u32 },
+    #[error(
+        "the pod now asks for {vcpus} vCPUs and {memory_mib} MiB, more than its VM's {vm_vcpus} \
+         vCPUs and {vm_mib} MiB (growing a VM needs hotplug, which Podvisor does not do yet)"
+    )]
+    PodOutgrowsVm { vcpus: u32, memory_mib: u32, vm_vcpus: u32, vm_mib: u32 },
     #[error("a memory limit of {limit} bytes is larger than the pod's VM ({vm_mib} MiB)")]
     LimitExceedsVm { limit: i64, vm_mib: u32 },
     #[error(

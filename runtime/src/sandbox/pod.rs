@@ -86,6 +86,30 @@ impl SandboxManager {
         }
     }
 
+    /// UpdatePodSandboxResources (in-place pod resize): the pod's VM cannot grow (no memory or
+    /// CPU hotplug), so a pod that still fits its VM is accepted — its containers' own limits
+    /// come through UpdateContainerResources — and one that outgrows it is refused.
+    pub async fn update_pod_resources(&self, id: &str, demand: PodDemand) -> Result<()> {
+        let rec = self.sandbox(id)?;
+        let handler = self.handler(&rec.runtime_handler)?;
+        let vm = rec.vm_size.unwrap_or(VmSize {
+            vcpus: self.config.vm.vcpus,
+            memory_mib: self.config.vm.memory_mib,
+        });
+        let wanted = handler.vm_size(&PodSpec { demand, ..Default::default() });
+        let grows_cpu = demand.cpu_millis > 0 && wanted.vcpus > vm.vcpus;
+        let grows_memory = demand.memory_bytes > 0 && wanted.memory_mib > vm.memory_mib;
+        if grows_cpu || grows_memory {
+            return Err(SandboxError::PodOutgrowsVm {
+                vcpus: wanted.vcpus,
+                memory_mib: wanted.memory_mib,
+                vm_vcpus: vm.vcpus,
+                vm_mib: vm.memory_mib,
+            });
+        }
+        Ok(())
+    }
+
     /// Handler `name`, or an error naming the configured ones.
     fn handler(&self, name: &str) -> Result<Handler> {
         Handler::resolve(&self.config, name).ok_or_else(|| SandboxError::UnknownHandler {

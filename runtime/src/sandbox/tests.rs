@@ -268,6 +268,24 @@ async fn a_networked_pod_gets_its_cni_interface_and_stop_runs_del() {
 }
 
 #[tokio::test]
+async fn a_pod_resize_within_its_vm_is_accepted_and_one_beyond_refused() {
+    needs_root!();
+    let h = Harness::new();
+    let mut pod = h.pod("p");
+    pod.demand = PodDemand { cpu_millis: 1500, memory_bytes: 192 << 20 };
+    let sid = h.manager.run_sandbox(pod).await.unwrap();
+    let size = h.manager.sandbox(&sid).unwrap().vm_size.unwrap();
+    assert_eq!((size.vcpus, size.memory_mib), (2, 256));
+    let smaller = PodDemand { cpu_millis: 1000, memory_bytes: 128 << 20 };
+    h.manager.update_pod_resources(&sid, smaller).await.unwrap();
+    let bigger = PodDemand { cpu_millis: 1000, memory_bytes: 512 << 20 };
+    let err = h.manager.update_pod_resources(&sid, bigger).await.unwrap_err();
+    assert!(matches!(err, SandboxError::PodOutgrowsVm { vm_mib: 256, .. }), "{err}");
+    let err = h.manager.update_pod_resources("nope", smaller).await.unwrap_err();
+    assert!(matches!(err, SandboxError::SandboxNotFound(_)), "{err}");
+}
+
+#[tokio::test]
 async fn a_failed_add_is_deleted_and_leaves_no_namespace() {
     needs_root!();
     let h = Harness::with_network();
