@@ -29,6 +29,8 @@ pub struct Config {
     pub state: PathBuf,
     /// `tracing` filter, e.g. `info` or `podvisor=debug`.
     pub log_level: String,
+    /// `text` (colours only on a terminal) or `json` (one object per line, for log shippers).
+    pub log_format: LogFormat,
     /// `auto` (built-in VMM where KVM can boot Linux, else QEMU), `builtin` or `qemu`.
     pub hypervisor: String,
     pub vm: VmSection,
@@ -99,6 +101,15 @@ impl Default for NetworkSection {
             cni_bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
         }
     }
+}
+
+/// How the daemon's log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Where the streaming server (Exec, Attach) listens. The URLs it hands out carry single-use
@@ -198,6 +209,7 @@ impl Default for Config {
             root: PathBuf::from("/var/lib/podvisor"),
             state: PathBuf::from("/run/podvisor"),
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             hypervisor: "auto".into(),
             vm: VmSection::default(),
             qemu: QemuSection::default(),
@@ -371,6 +383,13 @@ mod tests {
             assert!(Config::parse(bad).unwrap().validate().is_err(), "{bad}");
         }
         assert!(Config::parse("[runtimes.a]\nswap = 1\n").is_err());
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        assert_eq!(Config::parse("").unwrap().log_format, LogFormat::Text);
+        assert_eq!(Config::parse("log_format = \"json\"").unwrap().log_format, LogFormat::Json);
+        assert!(Config::parse("log_format = \"xml\"").is_err());
     }
 
     #[test]

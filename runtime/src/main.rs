@@ -191,15 +191,25 @@ async fn serve_metrics(
     Ok(())
 }
 
+/// The daemon's log on stderr: colour codes only for a terminal (journald and files get plain
+/// text), or JSON lines.
+fn init_logging(config: &Config) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match config.log_format {
+        config::LogFormat::Text => builder.init(),
+        config::LogFormat::Json => builder.json().init(),
+    }
+}
+
 async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&config);
     for dir in [&config.root, &config.state] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

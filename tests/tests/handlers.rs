@@ -2,7 +2,8 @@
 //! unknown one is refused naming the known ones, a pod asking for 2 vCPUs and 512 MiB (as
 //! kubelet sums its containers' limits and its overhead) sees them in /proc/cpuinfo and
 //! /proc/meminfo, a pod on another handler gets that handler's VM, and a container limit
-//! larger than its pod's VM is refused.
+//! larger than its pod's VM is refused. Also the daemon's log formats (plain text in a file,
+//! JSON lines).
 
 use k8s_cri::v1 as cri;
 use podvisor_e2e::daemon::{container_config, e2e_can_run, pod_config, TestDaemon};
@@ -175,4 +176,27 @@ async fn handlers_select_vm_flavours_and_pods_get_the_vm_they_ask_for() {
     daemon.remove_pod(&big).await;
     daemon.remove_pod(&tiny).await;
     daemon.assert_nothing_left();
+
+    // A log that is a file carries no terminal colour codes.
+    let log = std::fs::read_to_string(daemon.log_file()).unwrap();
+    assert!(log.contains("pod sandbox ready") && !log.contains('\x1b'), "{log}");
+}
+
+/// `log_format = "json"`: one JSON object per line, for log shippers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_log_has_one_object_per_line() {
+    if !e2e_can_run() {
+        return;
+    }
+    let daemon = TestDaemon::start("log_format = \"json\"\n").await.unwrap();
+    let mut rt = daemon.runtime().await.unwrap();
+    rt.version(cri::VersionRequest::default()).await.unwrap();
+    let log = std::fs::read_to_string(daemon.log_file()).unwrap();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(value.get("level").is_some() && value.get("fields").is_some(), "{line}");
+    }
 }
