@@ -32,6 +32,12 @@ async fn pod_runs_a_container_in_a_vm_end_to_end() {
     let (pod, pod_cfg) = daemon.run_pod("web", &log_dir).await;
     eprintln!("RunPodSandbox took {:?}", started.elapsed());
 
+    // QEMU runs under its own seccomp filter (-sandbox on).
+    for (pid, cmd) in daemon.vm_processes().iter().filter(|(_, c)| c.contains("qemu-system")) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{cmd} runs without seccomp");
+    }
+
     // A second pod with the same name/namespace/attempt is refused.
     let dup = rt
         .run_pod_sandbox(cri::RunPodSandboxRequest {

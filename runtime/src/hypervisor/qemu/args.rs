@@ -212,6 +212,10 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout, accel: ResolvedAccel)
         "-no-user-config",
         "-nographic",
         "-no-reboot",
+        // QEMU's own seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec, no
+        // scheduler or resource-limit changes. A guest that breaks QEMU gets little further.
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         // The daemon talks to QEMU only through QMP; nothing may read the daemon's stdin.
         "-monitor",
         "none",
@@ -319,7 +323,8 @@ mod tests {
         assert!(line.starts_with(
             "-M microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on,memory-backend=mem \
              -object memory-backend-memfd,id=mem,size=128M,share=on -m 128M -smp 1 -cpu max \
-             -accel tcg -nodefaults -no-user-config -nographic -no-reboot"
+             -accel tcg -nodefaults -no-user-config -nographic -no-reboot \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         ));
         assert!(line.contains("-append console=ttyS0 reboot=t panic=-1 quiet -chardev"));
         // The comma in the console log's name is doubled.
