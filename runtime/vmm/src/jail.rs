@@ -1,6 +1,8 @@
 //! `--jail <uid>:<gid>`: after the VMM has opened everything it needs (/dev/kvm, guest memory,
 //! kernel, initramfs, console log, sockets, drive files), it
-//! 1. enters a new mount namespace with all mounts private,
+//! 1. enters a new mount namespace with all mounts private, and an empty network namespace
+//!    (its tap is an inherited fd and its sockets are unix sockets by path: it needs no
+//!    network at all),
 //! 2. pivots into an empty tmpfs root (`<run dir>/jail-root`) holding only bind mounts of the
 //!    VM's run directory (same absolute path: vsock `<uds>_<port>` sockets, swap-in drives put
 //!    there) and /dev/kvm, and remounts that root read-only,
@@ -77,7 +79,8 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
         chown(dir, Some(Uid::from_raw(spec.uid)), Some(Gid::from_raw(spec.gid)))
             .map_err(sys(format!("chown {}", dir.display())))?;
     }
-    unshare(CloneFlags::CLONE_NEWNS).map_err(sys("unshare(CLONE_NEWNS)"))?;
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET)
+        .map_err(sys("unshare(CLONE_NEWNS | CLONE_NEWNET)"))?;
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(sys("making mounts private"))?;
 

@@ -196,7 +196,8 @@ async fn wait_for_log_line(log: &Path) -> Result<()> {
 }
 
 /// The pod's VMM runs jailed and filtered: no uid of it (real, effective, saved, fs) is root,
-/// and every thread of it has a seccomp filter (`Seccomp: 2`).
+/// it has a network namespace of its own, and every thread of it has a seccomp filter
+/// (`Seccomp: 2`).
 fn vmm_runs_confined() -> Result<()> {
     let vmms = processes_matching(" vmm ");
     let [(pid, _)] = vmms.as_slice() else {
@@ -212,6 +213,10 @@ fn vmm_runs_confined() -> Result<()> {
         bail!("the VMM (pid {pid}) runs with uid 0: Uid:{uids}");
     }
     println!("NESTED-VMM pid {pid} Uid:{uids}");
+    let netns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/net")).ok();
+    if netns(&pid.to_string()).is_none() || netns(&pid.to_string()) == netns("self") {
+        bail!("the VMM (pid {pid}) shares the host's network namespace");
+    }
     let mut unfiltered = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .with_context(|| format!("listing /proc/{pid}/task"))?
