@@ -380,6 +380,35 @@ async fn bad_requests_get_clear_errors() {
         ),
         tonic::Code::NotFound
     );
+    // Mount fields a VM sandbox cannot honour, and host devices, are refused by name (the
+    // translation runs before the pod is looked up).
+    let mut shared = container_config("c", "busybox", &["true"]);
+    shared.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: "/tmp".into(),
+        propagation: cri::MountPropagation::PropagationBidirectional as i32,
+        ..Default::default()
+    }];
+    let mut with_device = container_config("c", "busybox", &["true"]);
+    with_device.devices = vec![cri::Device {
+        container_path: "/dev/x".into(),
+        host_path: "/dev/null".into(),
+        permissions: "rw".into(),
+    }];
+    for (config, field) in
+        [(shared, "config.mounts[0].propagation"), (with_device, "config.devices[0]")]
+    {
+        let err = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: "nope".into(),
+                config: Some(config),
+                sandbox_config: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(field), "{err:?}");
+    }
     // Stopping and removing what does not exist is not an error (kubelet retries these).
     assert_eq!(
         code(

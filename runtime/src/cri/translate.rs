@@ -167,6 +167,35 @@ fn port_mapping(n: usize, m: &cri::PortMapping) -> Result<PortMapping, Status> {
     })
 }
 
+/// A mount's fields the VM's volume share cannot honour yet are refused, naming them, rather
+/// than dropped (SELinux relabelling does not apply inside the VM and is accepted).
+fn refuse_unhonoured_mount_fields(n: usize, m: &cri::Mount) -> Result<(), Status> {
+    let refuse = |field: &str, why: &str| {
+        Err(Status::invalid_argument(format!("config.mounts[{n}].{field}: {why}")))
+    };
+    match cri::MountPropagation::try_from(m.propagation) {
+        Ok(cri::MountPropagation::PropagationPrivate) => {}
+        Ok(cri::MountPropagation::PropagationHostToContainer)
+        | Ok(cri::MountPropagation::PropagationBidirectional) => {
+            return refuse(
+                "propagation",
+                "only PROPAGATION_PRIVATE: host mounts do not propagate through virtio-fs",
+            )
+        }
+        Err(_) => return refuse("propagation", "unknown propagation mode"),
+    }
+    if m.recursive_read_only {
+        return refuse("recursive_read_only", "recursive read-only mounts are not supported yet");
+    }
+    if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
+        return refuse("uidMappings", "id-mapped mounts are not supported yet");
+    }
+    if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
+        return refuse("image", "image volumes are not supported yet");
+    }
+    Ok(())
+}
+
 /// CreateContainer's config as a [`ContainerSpec`].
 pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
     let meta = config
@@ -184,11 +213,19 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Sta
                 "mount {n} needs container_path and host_path"
             )));
         }
+        refuse_unhonoured_mount_fields(n, &m)?;
         mounts.push(VolumeMount {
             container_path: m.container_path,
             host_path: m.host_path,
             read_only: m.readonly,
         });
+    }
+    if let Some(d) = config.devices.first() {
+        // The VM has none of the host's devices to give (no passthrough yet).
+        return Err(Status::invalid_argument(format!(
+            "config.devices[0] ({} -> {}): host devices cannot be passed into a VM sandbox",
+            d.host_path, d.container_path
+        )));
     }
     // The daemon appends to the log as root: it must stay inside the pod's log directory.
     let log_path = std::path::Path::new(&config.log_path);
@@ -576,6 +613,59 @@ mod tests {
             let err = pod_spec(req).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(err.message().contains(&format!("namespace_options.{field}")), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn host_devices_are_refused() {
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata { name: "c".into(), attempt: 0 }),
+            image: Some(cri::ImageSpec { image: "busybox".into(), ..Default::default() }),
+            devices: vec![cri::Device {
+                container_path: "/dev/xvda".into(),
+                host_path: "/dev/sda".into(),
+                permissions: "rwm".into(),
+            }],
+            ..Default::default()
+        };
+        let err = container_spec(config).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().starts_with("config.devices[0] (/dev/sda"), "{err:?}");
+    }
+
+    #[test]
+    fn mount_fields_that_cannot_be_honoured_are_refused_by_name() {
+        let ok = cri::Mount {
+            container_path: "/data".into(),
+            host_path: "/tmp".into(),
+            selinux_relabel: true,
+            ..Default::default()
+        };
+        refuse_unhonoured_mount_fields(0, &ok).unwrap();
+        let cases = [
+            (cri::Mount { propagation: 1, ..ok.clone() }, "propagation"),
+            (cri::Mount { propagation: 2, ..ok.clone() }, "propagation"),
+            (cri::Mount { propagation: 7, ..ok.clone() }, "propagation"),
+            (cri::Mount { recursive_read_only: true, ..ok.clone() }, "recursive_read_only"),
+            (
+                cri::Mount {
+                    uid_mappings: vec![cri::IdMapping { host_id: 1, container_id: 0, length: 1 }],
+                    ..ok.clone()
+                },
+                "uidMappings",
+            ),
+            (
+                cri::Mount {
+                    image: Some(cri::ImageSpec { image: "x".into(), ..Default::default() }),
+                    ..ok.clone()
+                },
+                "image",
+            ),
+        ];
+        for (mount, field) in cases {
+            let err = refuse_unhonoured_mount_fields(2, &mount).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with(&format!("config.mounts[2].{field}")), "{err:?}");
         }
     }
 
