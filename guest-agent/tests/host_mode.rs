@@ -592,7 +592,7 @@ fn spec_value(args: &[&str]) -> serde_json::Value {
 }
 
 /// SCMP_CMP_MASKED_EQ means `(arg & value) == valueTwo`, as in the OCI spec and runc:
-/// here `kill` is refused for signal 9 only (mask 0xf, 9), in the init and in an exec.
+/// here `kill` is refused for signal 9 only (mask 0xf, 9). Execs get the same filter.
 #[tokio::test]
 async fn masked_seccomp_comparisons_keep_oci_semantics() {
     let Some(()) = prerequisites() else { return };
