@@ -496,7 +496,6 @@ pub fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
                 supplemental_groups: id.additional_gids.into_iter().map(i64::from).collect(),
             }),
         }),
-        ..Default::default()
     }
 }
 
