@@ -19,11 +19,13 @@ use podvisor_proto::agent::{
 };
 
 use crate::cgroup::{self, CgroupError};
+use crate::devices;
 use crate::helper::{self, HelperError, HelperOp, HelperStdio};
 use crate::network::{self, NetworkError, PodHosts};
 use crate::reaper::{self, ExitStatus, ExitWatch, Reaper};
 use crate::rootfs::{self, RootfsError};
 use crate::sandbox::SandboxError;
+use crate::seccomp;
 use crate::stdio::{self, OutputReader, ProcessIo, StdioError};
 
 /// How long libcontainer's init gets to send the terminal after creation.
@@ -589,6 +591,9 @@ impl Agent {
                 namespaces.push(pid);
             }
             linux.set_namespaces(Some(namespaces));
+            if req.privileged {
+                self.give_guest_devices(&id, linux);
+            }
         }
         {
             let containers = lock(&self.containers);
@@ -604,6 +609,18 @@ impl Agent {
         let pid = container.init.pid;
         lock(&self.containers).insert(id, container);
         Ok(pid as u32)
+    }
+
+    /// A privileged container gets every device of the VM. In host mode (tests) the devices
+    /// would be the host's: it gets none.
+    fn give_guest_devices(&self, id: &str, linux: &mut oci_spec::runtime::Linux) {
+        if !self.guest {
+            tracing::warn!(container = id, "host mode: a privileged container gets no devices");
+            return;
+        }
+        let found = devices::guest_devices(Path::new("/dev"));
+        tracing::info!(container = id, devices = found.len(), "privileged: the VM's devices");
+        devices::add_devices(linux, found);
     }
 
     async fn create_reserved(
@@ -656,7 +673,9 @@ impl Agent {
         spec.set_root(Some(root));
         let mut linux = spec.linux().clone().unwrap_or_default();
         linux.set_cgroups_path(Some(PathBuf::from(format!("/{CGROUP_PARENT}/{id}"))));
-        let seccomp = linux.seccomp().clone().map(Box::new);
+        let filter = linux.seccomp().clone().map(seccomp::for_libcontainer);
+        linux.set_seccomp(filter.clone());
+        let seccomp = filter.map(Box::new);
         spec.set_linux(Some(linux));
         write_json(&dir.join("config.json"), "config.json", spec)?;
 

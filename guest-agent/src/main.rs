@@ -9,6 +9,7 @@
 
 mod cgroup;
 mod container;
+mod devices;
 mod helper;
 mod init;
 mod logging;
@@ -18,6 +19,7 @@ mod portforward;
 mod reaper;
 mod rootfs;
 mod sandbox;
+mod seccomp;
 mod server;
 mod stdio;
 

@@ -354,6 +354,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
             rootfs: Some(Rootfs { lower_dirs: vec!["busybox".into()], read_only: false }),
             stdio: Some(StdioConfig::default()),
             join_pod_pid_namespace: false,
+            privileged: false,
         })
         .await
         .unwrap();
@@ -384,6 +385,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
             rootfs: Some(Rootfs { lower_dirs: vec!["busybox".into()], read_only: true }),
             stdio: Some(StdioConfig::default()),
             join_pod_pid_namespace: false,
+            privileged: false,
         })
         .await
         .unwrap();
@@ -495,6 +497,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
             rootfs: Some(Rootfs { lower_dirs: vec!["busybox".into()], read_only: false }),
             stdio: Some(StdioConfig::default()),
             join_pod_pid_namespace: false,
+            privileged: false,
         })
         .await
         .unwrap();
@@ -563,6 +566,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
             rootfs: Some(Rootfs { lower_dirs: vec!["busybox".into()], read_only: true }),
             stdio: Some(StdioConfig::default()),
             join_pod_pid_namespace: false,
+            privileged: false,
         })
         .await
         .unwrap();

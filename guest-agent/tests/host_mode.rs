@@ -212,6 +212,7 @@ fn create_request(
         rootfs: Some(Rootfs { lower_dirs: vec![LAYER.to_string()], read_only }),
         stdio: Some(stdio),
         join_pod_pid_namespace: false,
+        privileged: false,
     }
 }
 
@@ -568,6 +569,79 @@ async fn tty_with_resize() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
+}
+
+/// Creates and starts a container from `spec`, then waits for its output and exit code.
+async fn run_spec(
+    agent: &mut TestAgent,
+    id: &str,
+    spec: serde_json::Value,
+) -> (String, String, i32) {
+    let client = &mut agent.client;
+    let mut request = create_request(id, &["true"], StdioConfig::default(), false);
+    request.oci_spec_json = spec.to_string().into_bytes();
+    client.create_container(request).await.unwrap();
+    client.start_container(ContainerRef { container_id: id.into() }).await.unwrap();
+    let (out, err) = read_all(client, id, "").await;
+    let status = client.wait_process(process_ref(id, "")).await.unwrap().into_inner();
+    (out, err, status.exit_code)
+}
+
+fn spec_value(args: &[&str]) -> serde_json::Value {
+    serde_json::from_slice(&spec(args, false)).unwrap()
+}
+
+/// SCMP_CMP_MASKED_EQ means `(arg & value) == valueTwo`, as in the OCI spec and runc:
+/// here `kill` is refused for signal 9 only (mask 0xf, 9). Execs get the same filter.
+#[tokio::test]
+async fn masked_seccomp_comparisons_keep_oci_semantics() {
+    let Some(()) = prerequisites() else { return };
+    let mut agent = TestAgent::start().await;
+    let id = unique_id("masked");
+    let script = "sleep 100 & p=$!; kill -9 $p && echo killed || echo refused; \
+                  kill -15 $p && echo terminated";
+    let mut spec = spec_value(&["sh", "-c", script]);
+    spec["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{
+            "names": ["kill"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1,
+            "args": [{"index": 1, "value": 15, "valueTwo": 9, "op": "SCMP_CMP_MASKED_EQ"}]
+        }]
+    });
+    let (out, _, code) = run_spec(&mut agent, &id, spec).await;
+    assert_eq!((out.as_str(), code), ("refused\nterminated\n", 0));
+}
+
+/// Dropping every capability (every set empty) works, and a seccomp filter loads without
+/// no_new_privs (it is loaded before the capabilities go).
+#[tokio::test]
+async fn all_capabilities_dropped_under_seccomp_without_no_new_privs() {
+    let Some(()) = prerequisites() else { return };
+    let mut agent = TestAgent::start().await;
+    let id = unique_id("nocaps");
+    let mut spec = spec_value(&[
+        "sh",
+        "-c",
+        "grep -E '^(CapEff|CapBnd|Seccomp|NoNewPrivs):' /proc/self/status",
+    ]);
+    let process = spec["process"].as_object_mut().unwrap();
+    process.remove("noNewPrivileges");
+    process.insert(
+        "capabilities".into(),
+        json!({"bounding": [], "effective": [], "permitted": [], "inheritable": [], "ambient": []}),
+    );
+    let (out, err, code) = run_spec(&mut agent, &id, spec).await;
+    assert_eq!(code, 0, "{err}");
+    let fields: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(
+        fields,
+        vec![
+            vec!["CapEff:", "0000000000000000"],
+            vec!["CapBnd:", "0000000000000000"],
+            vec!["NoNewPrivs:", "0"],
+            vec!["Seccomp:", "2"],
+        ]
+    );
 }
 
 #[tokio::test]

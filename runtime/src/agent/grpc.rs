@@ -200,6 +200,7 @@ impl GuestAgent for GrpcAgent {
             rootfs: Some(pb::Rootfs { lower_dirs: n.lower_dirs, read_only: false }),
             stdio: Some(stdio(n.stdio)),
             join_pod_pid_namespace: n.join_pod_pid_namespace,
+            privileged: n.privileged,
         };
         let r = self
             .call("CreateContainer", CREATE_DEADLINE, |mut c| async move {

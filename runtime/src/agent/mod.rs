@@ -202,6 +202,8 @@ pub struct NewContainer {
     pub lower_dirs: Vec<String>,
     pub stdio: StdioMode,
     pub join_pod_pid_namespace: bool,
+    /// The guest gives it the VM's devices.
+    pub privileged: bool,
 }
 
 /// An extra process to run in a container.

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::{Code, Status};
 
 use crate::agent::{AgentError, Refusal};
+use crate::sandbox::seccomp::SeccompError;
 use crate::sandbox::spec::SpecError;
 use crate::sandbox::SandboxError;
 
@@ -40,9 +41,22 @@ pub fn code(e: &SandboxError) -> Code {
             SpecError::NoCommand
             | SpecError::UnknownUser(_)
             | SpecError::UnknownGroup(_)
-            | SpecError::InvalidUser(_)
+            | SpecError::InvalidId(_)
+            | SpecError::UnknownCapability { .. }
+            | SpecError::RelativePath { .. }
             | SpecError::EmptyMountPath,
         ) => Code::InvalidArgument,
+        // A profile the node does not have or cannot parse is the request's fault; building
+        // the runtime's own profile is not.
+        E::Spec(SpecError::Seccomp(
+            SeccompError::RelativePath(_)
+            | SeccompError::Open { .. }
+            | SeccompError::Read { .. }
+            | SeccompError::NotAFile { .. }
+            | SeccompError::TooLarge { .. }
+            | SeccompError::Parse { .. }
+            | SeccompError::Invalid { .. },
+        )) => Code::InvalidArgument,
         E::ExecTimeout { .. } | E::KillTimeout(_) => Code::DeadlineExceeded,
         E::Boot { .. } => Code::Unavailable,
         E::Network(NetworkError::BadAnnotation { .. }) => Code::InvalidArgument,
@@ -136,6 +150,20 @@ mod tests {
                 Code::NotFound,
             ),
             (SandboxError::Spec(SpecError::NoCommand), Code::InvalidArgument),
+            (
+                SandboxError::Spec(SpecError::UnknownCapability {
+                    field: "add_capabilities",
+                    name: "FLY".into(),
+                }),
+                Code::InvalidArgument,
+            ),
+            (
+                SandboxError::Spec(SpecError::Seccomp(SeccompError::Open {
+                    path: "/p.json".into(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                })),
+                Code::InvalidArgument,
+            ),
             (SandboxError::Image("broken".into()), Code::Internal),
         ];
         for (error, expected) in cases {

@@ -240,7 +240,13 @@ impl RuntimeService for RuntimeServiceImpl {
         if req.verbose {
             info.insert(
                 "info".to_string(),
-                serde_json::json!({ "sandboxID": rec.sandbox_id, "pid": rec.pid, "process": serde_json::from_str::<serde_json::Value>(&rec.oci_process_json).ok() }).to_string(),
+                serde_json::json!({
+                    "sandboxID": rec.sandbox_id,
+                    "pid": rec.pid,
+                    "process": serde_json::from_str::<serde_json::Value>(&rec.oci_process_json).ok(),
+                    "notApplicable": rec.not_applicable,
+                })
+                .to_string(),
             );
         }
         Ok(Response::new(cri::ContainerStatusResponse {
@@ -480,7 +486,7 @@ impl RuntimeService for RuntimeServiceImpl {
                     features: Some(cri::RuntimeHandlerFeatures::default()),
                 })
                 .collect(),
-            features: Some(cri::RuntimeFeatures::default()),
+            features: Some(cri::RuntimeFeatures { supplemental_groups_policy: true }),
         }))
     }
 

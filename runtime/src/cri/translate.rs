@@ -11,7 +11,7 @@ use crate::sandbox::stats::{ContainerUsage, PodUsage};
 use crate::sandbox::{
     ContainerRecord, ContainerSpec, ContainerState, DnsSettings, NamespaceMode, NamespaceModes,
     PodDemand, PodMetadata, PodSpec, PortMapping, Resources, SandboxRecord, SandboxState,
-    SecurityContext, VolumeMount,
+    SeccompProfile, SecurityContext, SupplementalGroupsPolicy, VolumeMount,
 };
 
 /// The longest hostname the guest kernel takes (HOST_NAME_MAX).
@@ -86,6 +86,12 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
                  namespace) is not supported by a VM sandbox"
             )));
         }
+    }
+    let pod_security = linux.security_context.as_ref();
+    if pod_security.is_some_and(|sc| sc.run_as_group.is_some() && sc.run_as_user.is_none()) {
+        return Err(Status::invalid_argument(
+            "config.linux.security_context.run_as_group: needs run_as_user",
+        ));
     }
     let port_mappings = config
         .port_mappings
@@ -260,7 +266,7 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Sta
         stdin_once: config.stdin_once,
         tty: config.tty,
         resources: linux.resources.map(resources),
-        security: linux.security_context.map(security_context).unwrap_or_default(),
+        security: linux.security_context.map(security_context).transpose()?.unwrap_or_default(),
     })
 }
 
@@ -277,19 +283,137 @@ pub fn resources(r: cri::LinuxContainerResources) -> Resources {
     }
 }
 
-fn security_context(sc: cri::LinuxContainerSecurityContext) -> SecurityContext {
+/// Where CreateContainer's security context sits in the request, for error messages.
+const SECURITY_CONTEXT: &str = "config.linux.security_context";
+
+fn invalid_security_field(field: &str, what: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{SECURITY_CONTEXT}.{field}: {what}"))
+}
+
+fn security_context(sc: cri::LinuxContainerSecurityContext) -> Result<SecurityContext, Status> {
+    check_identity_fields(&sc)?;
+    let supplemental_groups_policy = supplemental_groups_policy(sc.supplemental_groups_policy)?;
+    let seccomp = seccomp_profile(&sc)?;
+    let not_applicable = not_applicable_fields(&sc);
     let caps = sc.capabilities.unwrap_or_default();
-    SecurityContext {
+    Ok(SecurityContext {
         run_as_user: sc.run_as_user.map(|v| v.value),
         run_as_username: sc.run_as_username,
         run_as_group: sc.run_as_group.map(|v| v.value),
         supplemental_groups: sc.supplemental_groups,
+        supplemental_groups_policy,
         privileged: sc.privileged,
         readonly_rootfs: sc.readonly_rootfs,
         no_new_privs: sc.no_new_privs,
         add_capabilities: caps.add_capabilities,
         drop_capabilities: caps.drop_capabilities,
+        add_ambient_capabilities: caps.add_ambient_capabilities,
+        masked_paths: sc.masked_paths,
+        readonly_paths: sc.readonly_paths,
+        seccomp,
+        not_applicable,
+    })
+}
+
+/// The CRI's rules for who the process is: one of run_as_user and run_as_username, and a
+/// group only with one of them.
+fn check_identity_fields(sc: &cri::LinuxContainerSecurityContext) -> Result<(), Status> {
+    let has_user = sc.run_as_user.is_some() || !sc.run_as_username.is_empty();
+    if sc.run_as_user.is_some() && !sc.run_as_username.is_empty() {
+        return Err(invalid_security_field(
+            "run_as_username",
+            "only one of run_as_user and run_as_username may be set",
+        ));
     }
+    if sc.run_as_group.is_some() && !has_user {
+        return Err(invalid_security_field("run_as_group", "needs run_as_user or run_as_username"));
+    }
+    Ok(())
+}
+
+fn supplemental_groups_policy(value: i32) -> Result<SupplementalGroupsPolicy, Status> {
+    match cri::SupplementalGroupsPolicy::try_from(value) {
+        Ok(cri::SupplementalGroupsPolicy::Merge) => Ok(SupplementalGroupsPolicy::Merge),
+        Ok(cri::SupplementalGroupsPolicy::Strict) => Ok(SupplementalGroupsPolicy::Strict),
+        Err(_) => Err(invalid_security_field(
+            "supplemental_groups_policy",
+            format!("unknown policy {value}"),
+        )),
+    }
+}
+
+/// The seccomp profile: `seccomp` if given, else the deprecated `seccomp_profile_path`
+/// (empty means unconfined), which older kubelets still send.
+#[allow(deprecated)]
+fn seccomp_profile(sc: &cri::LinuxContainerSecurityContext) -> Result<SeccompProfile, Status> {
+    use cri::security_profile::ProfileType;
+    if let Some(profile) = &sc.seccomp {
+        let kind = ProfileType::try_from(profile.profile_type).map_err(|_| {
+            invalid_security_field(
+                "seccomp.profile_type",
+                format!("unknown type {}", profile.profile_type),
+            )
+        })?;
+        if kind != ProfileType::Localhost && !profile.localhost_ref.is_empty() {
+            return Err(invalid_security_field(
+                "seccomp.localhost_ref",
+                "may only be set with profile_type Localhost",
+            ));
+        }
+        return match kind {
+            ProfileType::RuntimeDefault => Ok(SeccompProfile::RuntimeDefault),
+            ProfileType::Unconfined => Ok(SeccompProfile::Unconfined),
+            ProfileType::Localhost => {
+                localhost_profile("seccomp.localhost_ref", &profile.localhost_ref)
+            }
+        };
+    }
+    match sc.seccomp_profile_path.as_str() {
+        "" | "unconfined" => Ok(SeccompProfile::Unconfined),
+        "runtime/default" | "docker/default" => Ok(SeccompProfile::RuntimeDefault),
+        other => match other.strip_prefix("localhost/") {
+            Some(path) => localhost_profile("seccomp_profile_path", path),
+            None => Err(invalid_security_field(
+                "seccomp_profile_path",
+                format!(
+                    "{other:?} is none of \"runtime/default\", \"unconfined\", \
+                     \"localhost/<absolute path>\""
+                ),
+            )),
+        },
+    }
+}
+
+/// A Localhost profile names a file on the node by its absolute path.
+fn localhost_profile(field: &str, path: &str) -> Result<SeccompProfile, Status> {
+    let path = std::path::Path::new(path);
+    if !path.is_absolute() {
+        return Err(invalid_security_field(
+            field,
+            format!("{path:?}: a Localhost profile must be an absolute path"),
+        ));
+    }
+    Ok(SeccompProfile::Localhost(path.to_path_buf()))
+}
+
+/// AppArmor and SELinux confine processes on the host's kernel; inside the VM there is no
+/// policy to apply them with, so they are accepted and named here.
+#[allow(deprecated)]
+fn not_applicable_fields(sc: &cri::LinuxContainerSecurityContext) -> Vec<String> {
+    let mut fields = Vec::new();
+    if sc.apparmor.is_some() {
+        fields.push("apparmor".to_string());
+    }
+    if !sc.apparmor_profile.is_empty() {
+        fields.push("apparmor_profile".to_string());
+    }
+    let selinux_given = sc.selinux_options.as_ref().is_some_and(|o| {
+        !(o.user.is_empty() && o.role.is_empty() && o.r#type.is_empty() && o.level.is_empty())
+    });
+    if selinux_given {
+        fields.push("selinux_options".to_string());
+    }
+    fields
 }
 
 pub fn sandbox_state(s: SandboxState) -> i32 {
@@ -410,7 +534,13 @@ pub fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
             linux: Some(cri_resources(r)),
             ..Default::default()
         }),
-        ..Default::default()
+        user: c.process_identity().map(|id| cri::ContainerUser {
+            linux: Some(cri::LinuxContainerUser {
+                uid: id.uid.into(),
+                gid: id.gid.into(),
+                supplemental_groups: id.additional_gids.into_iter().map(i64::from).collect(),
+            }),
+        }),
     }
 }
 
@@ -733,6 +863,170 @@ mod tests {
         );
         config.image = None;
         assert_eq!(container_spec(config).unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+
+    fn with_security(sc: cri::LinuxContainerSecurityContext) -> cri::ContainerConfig {
+        cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata { name: "c".into(), attempt: 0 }),
+            image: Some(cri::ImageSpec { image: "busybox".into(), ..Default::default() }),
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(sc),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn security_of(sc: cri::LinuxContainerSecurityContext) -> Result<SecurityContext, Status> {
+        container_spec(with_security(sc)).map(|spec| spec.security)
+    }
+
+    fn refused_naming(sc: cri::LinuxContainerSecurityContext, field: &str) {
+        let err = security_of(sc).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(field), "{field}: {err:?}");
+    }
+
+    #[test]
+    fn a_group_needs_a_user_and_a_user_is_named_once() {
+        let uid = Some(cri::Int64Value { value: 1000 });
+        let gid = Some(cri::Int64Value { value: 2000 });
+        let sc = cri::LinuxContainerSecurityContext { run_as_group: gid, ..Default::default() };
+        refused_naming(sc.clone(), "run_as_group");
+        let both = cri::LinuxContainerSecurityContext {
+            run_as_user: uid,
+            run_as_username: "web".into(),
+            ..Default::default()
+        };
+        refused_naming(both, "run_as_username");
+        let ok = security_of(cri::LinuxContainerSecurityContext { run_as_user: uid, ..sc.clone() })
+            .unwrap();
+        assert_eq!((ok.run_as_user, ok.run_as_group), (Some(1000), Some(2000)));
+        let by_name = cri::LinuxContainerSecurityContext { run_as_username: "web".into(), ..sc };
+        assert_eq!(security_of(by_name).unwrap().run_as_username, "web");
+
+        // The pod's own security context follows the same rule.
+        let mut req = pod("p", "h");
+        req.config.as_mut().unwrap().linux = Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                run_as_group: gid,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let err = pod_spec(req).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("run_as_group"), "{err:?}");
+    }
+
+    #[test]
+    fn security_fields_are_carried_over() {
+        let sc = cri::LinuxContainerSecurityContext {
+            supplemental_groups: vec![4000],
+            supplemental_groups_policy: cri::SupplementalGroupsPolicy::Strict as i32,
+            masked_paths: vec!["/proc/kcore".into()],
+            readonly_paths: vec!["/proc/sys".into()],
+            no_new_privs: true,
+            readonly_rootfs: true,
+            capabilities: Some(cri::Capability {
+                add_capabilities: vec!["SYS_ADMIN".into()],
+                drop_capabilities: vec!["ALL".into()],
+                add_ambient_capabilities: vec!["NET_BIND_SERVICE".into()],
+            }),
+            ..Default::default()
+        };
+        let got = security_of(sc).unwrap();
+        assert_eq!(got.supplemental_groups_policy, SupplementalGroupsPolicy::Strict);
+        assert_eq!(
+            (got.masked_paths, got.readonly_paths),
+            (vec!["/proc/kcore".to_string()], vec!["/proc/sys".to_string()])
+        );
+        assert!(got.no_new_privs && got.readonly_rootfs);
+        assert_eq!(got.add_ambient_capabilities, vec!["NET_BIND_SERVICE"]);
+        assert_eq!(got.seccomp, SeccompProfile::Unconfined);
+        refused_naming(
+            cri::LinuxContainerSecurityContext {
+                supplemental_groups_policy: 7,
+                ..Default::default()
+            },
+            "supplemental_groups_policy",
+        );
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn seccomp_profiles_in_both_forms() {
+        use cri::security_profile::ProfileType;
+        let profile = |kind: ProfileType, localhost_ref: &str| cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: kind as i32,
+                localhost_ref: localhost_ref.into(),
+            }),
+            ..Default::default()
+        };
+        let path = |p: &str| cri::LinuxContainerSecurityContext {
+            seccomp_profile_path: p.into(),
+            ..Default::default()
+        };
+        let local = SeccompProfile::Localhost("/etc/profiles/p.json".into());
+        for (sc, expected) in [
+            (profile(ProfileType::RuntimeDefault, ""), SeccompProfile::RuntimeDefault),
+            (profile(ProfileType::Unconfined, ""), SeccompProfile::Unconfined),
+            (profile(ProfileType::Localhost, "/etc/profiles/p.json"), local.clone()),
+            (path(""), SeccompProfile::Unconfined),
+            (path("unconfined"), SeccompProfile::Unconfined),
+            (path("runtime/default"), SeccompProfile::RuntimeDefault),
+            (path("docker/default"), SeccompProfile::RuntimeDefault),
+            (path("localhost//etc/profiles/p.json"), local.clone()),
+            // The structured field wins over the deprecated one.
+            (
+                cri::LinuxContainerSecurityContext {
+                    seccomp_profile_path: "unconfined".into(),
+                    ..profile(ProfileType::RuntimeDefault, "")
+                },
+                SeccompProfile::RuntimeDefault,
+            ),
+        ] {
+            assert_eq!(security_of(sc.clone()).unwrap().seccomp, expected, "{sc:?}");
+        }
+        refused_naming(profile(ProfileType::Localhost, "profiles/p.json"), "seccomp.localhost_ref");
+        refused_naming(profile(ProfileType::Localhost, ""), "seccomp.localhost_ref");
+        refused_naming(profile(ProfileType::RuntimeDefault, "/p.json"), "seccomp.localhost_ref");
+        refused_naming(
+            cri::LinuxContainerSecurityContext {
+                seccomp: Some(cri::SecurityProfile {
+                    profile_type: 9,
+                    localhost_ref: String::new(),
+                }),
+                ..Default::default()
+            },
+            "seccomp.profile_type",
+        );
+        refused_naming(path("localhost/relative.json"), "seccomp_profile_path");
+        refused_naming(path("strict"), "seccomp_profile_path");
+    }
+
+    #[test]
+    #[allow(deprecated)]
+    fn apparmor_and_selinux_are_accepted_as_not_applicable() {
+        let sc = cri::LinuxContainerSecurityContext {
+            apparmor: Some(cri::SecurityProfile::default()),
+            apparmor_profile: "runtime/default".into(),
+            selinux_options: Some(cri::SeLinuxOption {
+                r#type: "spc_t".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            security_of(sc).unwrap().not_applicable,
+            vec!["apparmor", "apparmor_profile", "selinux_options"]
+        );
+        let empty_selinux = cri::LinuxContainerSecurityContext {
+            selinux_options: Some(cri::SeLinuxOption::default()),
+            ..Default::default()
+        };
+        assert!(security_of(empty_selinux).unwrap().not_applicable.is_empty());
     }
 
     /// A log path is relative to the pod's log directory and stays in it: the daemon appends

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::io::{LogSink, OutputOffsets, ProcessIo};
 use super::*;
@@ -47,6 +47,13 @@ impl SandboxManager {
         if let Some(resources) = &spec.resources {
             self.check_fits_vm(resources, &sandbox)?;
         }
+        if !spec.security.not_applicable.is_empty() {
+            info!(
+                container = spec.name,
+                fields = ?spec.security.not_applicable,
+                "accepted, not applicable inside the VM"
+            );
+        }
         let image = self
             .images
             .resolve(&spec.image)
@@ -83,6 +90,7 @@ impl SandboxManager {
                             tty: spec.tty,
                         },
                         join_pod_pid_namespace: sandbox.namespaces.pid == NamespaceMode::Pod,
+                        privileged: spec.security.privileged,
                     })
                     .await
                     .map_err(SandboxError::from)
@@ -122,6 +130,7 @@ impl SandboxManager {
             pid,
             stop_signal: image.defaults.stop_signal.as_deref().map(parse_signal).unwrap_or(0),
             resources: spec.resources,
+            not_applicable: spec.security.not_applicable,
             state: ContainerState::Created,
         };
         {

@@ -21,6 +21,7 @@ pub mod io;
 pub mod logs;
 pub mod pod;
 pub mod records;
+pub mod seccomp;
 pub mod spec;
 pub mod stats;
 pub mod types;

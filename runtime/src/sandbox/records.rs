@@ -143,7 +143,24 @@ pub struct ContainerRecord {
     /// The cgroup limits it was created with or last updated to.
     #[serde(default)]
     pub resources: Option<Resources>,
+    /// Security fields it was given that mean nothing inside the VM (AppArmor, SELinux).
+    #[serde(default)]
+    pub not_applicable: Vec<String>,
     pub state: ContainerState,
+}
+
+impl ContainerRecord {
+    /// Who its first process runs as, from its OCI process (None if that does not say).
+    pub fn process_identity(&self) -> Option<super::spec::Identity> {
+        let process: oci_spec::runtime::Process =
+            serde_json::from_str(&self.oci_process_json).ok()?;
+        let user = process.user();
+        Some(super::spec::Identity {
+            uid: user.uid(),
+            gid: user.gid(),
+            additional_gids: user.additional_gids().clone().unwrap_or_default(),
+        })
+    }
 }
 
 /// The version a record says it has (0 when it says none).

@@ -4,11 +4,16 @@
 
 use std::path::{Path, PathBuf};
 
-use super::types::{ContainerSpec, NamespaceMode, Resources, SecurityContext};
+use super::seccomp::{self, SeccompError};
+use super::types::{
+    ContainerSpec, NamespaceMode, Resources, SeccompProfile, SecurityContext,
+    SupplementalGroupsPolicy,
+};
 use oci_spec::runtime::{
-    Capability, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespace,
-    LinuxNamespaceType, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
-    PosixRlimitType, Spec, UserBuilder,
+    Capability, Linux, LinuxCapabilities, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    LinuxDeviceCgroupBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceType,
+    LinuxResourcesBuilder, LinuxSeccomp, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
+    Process, Spec, UserBuilder,
 };
 
 /// Where the agent writes the pod's hostname/hosts/resolv.conf inside the guest.
@@ -22,8 +27,14 @@ pub enum SpecError {
     UnknownUser(String),
     #[error("group {0:?} not found in the image's /etc/group")]
     UnknownGroup(String),
-    #[error("invalid user {0:?}")]
-    InvalidUser(String),
+    #[error("invalid user or group id {0}: ids are 0..=4294967295")]
+    InvalidId(i64),
+    #[error("capabilities.{field}: unknown capability {name:?}")]
+    UnknownCapability { field: &'static str, name: String },
+    #[error("{field}: {path:?} is not an absolute path")]
+    RelativePath { field: &'static str, path: String },
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("mount with an empty container path")]
     EmptyMountPath,
     #[error("the built spec has no process")]
@@ -125,61 +136,100 @@ pub struct Identity {
 
 /// Resolves the process identity: the security context's run_as_user/run_as_username/
 /// run_as_group, else the image's User; names are looked up in the image's /etc/passwd and
-/// /etc/group (the host reads the unpacked image, so the agent never has to).
+/// /etc/group (the host reads the unpacked image, so the agent never has to). The
+/// supplementary groups start with the primary group, as containerd's do, then (policy Merge)
+/// the image's groups of the user, then the requested ones.
 pub fn resolve_identity(
     security: &SecurityContext,
     image: &ImageDefaults,
 ) -> Result<Identity, SpecError> {
     let passwd = std::fs::read_to_string(image.rootfs.join("etc/passwd")).unwrap_or_default();
     let group = std::fs::read_to_string(image.rootfs.join("etc/group")).unwrap_or_default();
-
-    let (user_part, group_part): (String, Option<String>) = match security {
-        SecurityContext { run_as_user: Some(uid), .. } => (uid.to_string(), None),
-        sc if !sc.run_as_username.is_empty() => (sc.run_as_username.clone(), None),
-        _ => match image.user.split_once(':') {
-            Some((u, g)) => (u.to_string(), Some(g.to_string())),
-            None => (image.user.clone(), None),
-        },
-    };
-    let (uid, mut gid, username) = if user_part.is_empty() {
-        (0, 0, Some("root".to_string()))
-    } else if let Ok(uid) = user_part.parse::<u32>() {
-        // A numeric uid need not exist in passwd; its primary group then is the uid's entry or 0.
-        let entry = passwd_entries(&passwd).find(|e| e.1 == uid);
-        (uid, entry.as_ref().map(|e| e.2).unwrap_or(0), entry.map(|e| e.0))
-    } else {
-        let entry = passwd_entries(&passwd)
-            .find(|e| e.0 == user_part)
-            .ok_or_else(|| SpecError::UnknownUser(user_part.clone()))?;
-        (entry.1, entry.2, Some(entry.0))
-    };
+    let (user_part, group_part) = requested_user(security, image)?;
+    let (uid, mut gid, username) = lookup_user(&user_part, &passwd)?;
     if let Some(g) = group_part.filter(|g| !g.is_empty()) {
-        gid = match g.parse::<u32>() {
-            Ok(gid) => gid,
-            Err(_) => group_entries(&group)
-                .find(|e| e.0 == g)
-                .map(|e| e.1)
-                .ok_or(SpecError::UnknownGroup(g))?,
-        };
+        gid = lookup_group(g, &group)?;
     }
     if let Some(rg) = security.run_as_group {
-        gid = u32::try_from(rg).map_err(|_| SpecError::InvalidUser(rg.to_string()))?;
+        gid = id_from(rg)?;
     }
-    let mut additional_gids: Vec<u32> = Vec::new();
-    if let Some(name) = username {
-        for (_, g, members) in group_entries(&group) {
-            if g != gid && members.contains(&name) {
-                additional_gids.push(g);
+    let additional_gids = supplementary_groups(security, gid, username.as_deref(), &group)?;
+    Ok(Identity { uid, gid, additional_gids })
+}
+
+/// A CRI id (int64) as a kernel id.
+fn id_from(value: i64) -> Result<u32, SpecError> {
+    u32::try_from(value).map_err(|_| SpecError::InvalidId(value))
+}
+
+/// The user (name or uid) and the group, if the image's `user:group` named one.
+fn requested_user(
+    security: &SecurityContext,
+    image: &ImageDefaults,
+) -> Result<(String, Option<String>), SpecError> {
+    if let Some(uid) = security.run_as_user {
+        return Ok((id_from(uid)?.to_string(), None));
+    }
+    if !security.run_as_username.is_empty() {
+        return Ok((security.run_as_username.clone(), None));
+    }
+    Ok(match image.user.split_once(':') {
+        Some((u, g)) => (u.to_string(), Some(g.to_string())),
+        None => (image.user.clone(), None),
+    })
+}
+
+/// (uid, primary gid, name if passwd knows the user).
+fn lookup_user(user: &str, passwd: &str) -> Result<(u32, u32, Option<String>), SpecError> {
+    if user.is_empty() {
+        return Ok((0, 0, Some("root".to_string())));
+    }
+    if let Ok(uid) = user.parse::<u32>() {
+        // A numeric uid need not exist in passwd; its primary group then is the uid's entry or 0.
+        let entry = passwd_entries(passwd).find(|e| e.1 == uid);
+        return Ok((uid, entry.as_ref().map(|e| e.2).unwrap_or(0), entry.map(|e| e.0)));
+    }
+    let entry = passwd_entries(passwd)
+        .find(|e| e.0 == user)
+        .ok_or_else(|| SpecError::UnknownUser(user.to_string()))?;
+    Ok((entry.1, entry.2, Some(entry.0)))
+}
+
+fn lookup_group(group: String, group_file: &str) -> Result<u32, SpecError> {
+    match group.parse::<u32>() {
+        Ok(gid) => Ok(gid),
+        Err(_) => group_entries(group_file)
+            .find(|e| e.0 == group)
+            .map(|e| e.1)
+            .ok_or(SpecError::UnknownGroup(group)),
+    }
+}
+
+fn supplementary_groups(
+    security: &SecurityContext,
+    gid: u32,
+    username: Option<&str>,
+    group_file: &str,
+) -> Result<Vec<u32>, SpecError> {
+    let mut gids = vec![gid];
+    let mut add = |g: u32| {
+        if !gids.contains(&g) {
+            gids.push(g);
+        }
+    };
+    if let (SupplementalGroupsPolicy::Merge, Some(name)) =
+        (security.supplemental_groups_policy, username)
+    {
+        for (_, g, members) in group_entries(group_file) {
+            if members.iter().any(|m| m == name) {
+                add(g);
             }
         }
     }
     for g in &security.supplemental_groups {
-        let g = u32::try_from(*g).map_err(|_| SpecError::InvalidUser(g.to_string()))?;
-        if !additional_gids.contains(&g) {
-            additional_gids.push(g);
-        }
+        add(id_from(*g)?);
     }
-    Ok(Identity { uid, gid, additional_gids })
+    Ok(gids)
 }
 
 /// (name, uid, gid) per line of an /etc/passwd.
@@ -235,10 +285,35 @@ pub fn build_spec(
 ) -> Result<Vec<u8>, SpecError> {
     let mut spec = Spec::default();
     let security = &config.security;
-    let identity = resolve_identity(security, image)?;
-    let privileged = security.privileged;
+    let capabilities = capability_set(security)?;
+    spec.set_process(Some(process(config, image, &capabilities)?));
+    // The container shares the VM's UTS namespace, whose hostname the agent set to the pod's;
+    // runtimes refuse a hostname without a private UTS namespace.
+    spec.set_hostname(None);
+    if let Some(root) = spec.root_mut() {
+        root.set_readonly(Some(security.readonly_rootfs));
+    }
+    let defaults = spec.mounts().clone().unwrap_or_default();
+    spec.set_mounts(Some(container_mounts(defaults, security.privileged, mounts)?));
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    set_namespaces(&mut linux, sandbox.pid_mode);
+    set_confinement(&mut linux, security, &capabilities.granted)?;
+    if let Some(res) = &config.resources {
+        linux.set_resources(Some(resources(res)?));
+    }
+    spec.set_linux(Some(linux));
+    Ok(serde_json::to_vec(&spec)?)
+}
 
-    let mut process = spec.process().clone().unwrap_or_default();
+/// The container's process: argv, env, cwd, identity, limits and capabilities.
+fn process(
+    config: &ContainerSpec,
+    image: &ImageDefaults,
+    capabilities: &CapabilitySet,
+) -> Result<Process, SpecError> {
+    let security = &config.security;
+    let identity = resolve_identity(security, image)?;
+    let mut process = Process::default();
     process.set_args(Some(process_args(config, image)?));
     process.set_env(Some(merge_env(&image.env, config)));
     let cwd = if !config.working_dir.is_empty() {
@@ -254,63 +329,30 @@ pub fn build_spec(
         UserBuilder::default()
             .uid(identity.uid)
             .gid(identity.gid)
-            .additional_gids(identity.additional_gids.clone())
+            .additional_gids(identity.additional_gids)
             .build()?,
     );
-    process.set_no_new_privileges(Some(security.no_new_privs));
+    // Unset rather than false: with `false` libcontainer loads the seccomp filter after
+    // dropping capabilities, which fails without CAP_SYS_ADMIN.
+    process.set_no_new_privileges(security.no_new_privs.then_some(true));
     process.set_rlimits(Some(vec![PosixRlimitBuilder::default()
         .typ(PosixRlimitType::RlimitNofile)
         .hard(1_048_576u64)
         .soft(1_048_576u64)
         .build()?]));
+    process.set_capabilities(Some(capabilities.oci()?));
+    Ok(process)
+}
 
-    // Capabilities: the defaults, plus/minus the security context; privileged gets them all.
-    let mut caps: Vec<Capability> =
-        if privileged { all_capabilities() } else { DEFAULT_CAPABILITIES.to_vec() };
-    {
-        let c = security;
-        let parse = |name: &str| -> Option<Capability> {
-            let n = name.trim().to_ascii_uppercase();
-            let n = if n.starts_with("CAP_") { n } else { format!("CAP_{n}") };
-            serde_json::from_value(serde_json::Value::String(n)).ok()
-        };
-        if c.add_capabilities.iter().any(|n| n.eq_ignore_ascii_case("ALL")) {
-            caps = all_capabilities();
-        } else {
-            for cap in c.add_capabilities.iter().filter_map(|n| parse(n)) {
-                if !caps.contains(&cap) {
-                    caps.push(cap);
-                }
-            }
-        }
-        if c.drop_capabilities.iter().any(|n| n.eq_ignore_ascii_case("ALL")) {
-            caps.clear();
-        } else {
-            let drop: Vec<Capability> =
-                c.drop_capabilities.iter().filter_map(|n| parse(n)).collect();
-            caps.retain(|cap| !drop.contains(cap));
-        }
-    }
-    let cap_set: oci_spec::runtime::Capabilities = caps.into_iter().collect();
-    process.set_capabilities(Some(
-        LinuxCapabilitiesBuilder::default()
-            .bounding(cap_set.clone())
-            .effective(cap_set.clone())
-            .permitted(cap_set)
-            .build()?,
-    ));
-    spec.set_process(Some(process));
-    // The container shares the VM's UTS namespace, whose hostname the agent set to the pod's;
-    // runtimes refuse a hostname without a private UTS namespace.
-    spec.set_hostname(None);
-
-    if let Some(root) = spec.root_mut() {
-        root.set_readonly(Some(security.readonly_rootfs));
-    }
-
-    // Mounts: the defaults, the pod's hostname/hosts/resolv.conf, then the CRI mounts
-    // (which may replace a default at the same path).
-    let mut all_mounts: Vec<Mount> = spec.mounts().clone().unwrap_or_default();
+/// The defaults, the pod's hostname/hosts/resolv.conf, then the CRI mounts (which may replace
+/// a default at the same path). A privileged container gets /sys and its cgroup tree
+/// read-write.
+fn container_mounts(
+    defaults: Vec<Mount>,
+    privileged: bool,
+    mounts: &[GuestMount],
+) -> Result<Vec<Mount>, SpecError> {
+    let mut all_mounts = defaults;
     if privileged {
         for m in all_mounts.iter_mut() {
             if m.destination() == Path::new("/sys")
@@ -344,36 +386,161 @@ pub fn build_spec(
         all_mounts.retain(|existing| existing.destination() != Path::new(&m.container_path));
         all_mounts.push(bind_mount(&m.guest_source, &m.container_path, m.read_only)?);
     }
-    spec.set_mounts(Some(all_mounts));
+    Ok(all_mounts)
+}
 
-    if let Some(linux) = spec.linux_mut() {
-        // The VM is the pod: containers share its network, IPC and UTS namespaces; each gets
-        // its own mount and cgroup namespaces, and a PID namespace unless the pod shares one
-        // (POD: the agent joins them to the pod's, held by a pause process; NODE: the VM's).
-        let keep_pid = sandbox.pid_mode == NamespaceMode::Container;
-        let namespaces: Vec<LinuxNamespace> = linux
-            .namespaces()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|ns| match ns.typ() {
-                LinuxNamespaceType::Network | LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts => {
-                    false
-                }
-                LinuxNamespaceType::Pid => keep_pid,
-                _ => true,
-            })
-            .collect();
-        linux.set_namespaces(Some(namespaces));
-        if privileged {
-            linux.set_masked_paths(None);
-            linux.set_readonly_paths(None);
-        }
-        if let Some(res) = &config.resources {
-            linux.set_resources(Some(resources(res)?));
+/// The VM is the pod: containers share its network, IPC and UTS namespaces; each gets its own
+/// mount and cgroup namespaces, and a PID namespace unless the pod shares one (POD: the agent
+/// joins them to the pod's, held by a pause process; NODE: the VM's).
+fn set_namespaces(linux: &mut Linux, pid_mode: NamespaceMode) {
+    let keep_pid = pid_mode == NamespaceMode::Container;
+    let namespaces: Vec<LinuxNamespace> = linux
+        .namespaces()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|ns| match ns.typ() {
+            LinuxNamespaceType::Network | LinuxNamespaceType::Ipc | LinuxNamespaceType::Uts => {
+                false
+            }
+            LinuxNamespaceType::Pid => keep_pid,
+            _ => true,
+        })
+        .collect();
+    linux.set_namespaces(Some(namespaces));
+}
+
+/// Masked and read-only paths and the seccomp filter. A privileged container has none of
+/// them and may use every device: it has all of the VM (never more: the VM stays the
+/// boundary).
+fn set_confinement(
+    linux: &mut Linux,
+    security: &SecurityContext,
+    capabilities: &[Capability],
+) -> Result<(), SpecError> {
+    if security.privileged {
+        linux.set_masked_paths(None);
+        linux.set_readonly_paths(None);
+        linux.set_seccomp(None);
+        let mut resources = linux.resources().clone().unwrap_or_default();
+        resources.set_devices(Some(vec![LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .access("rwm")
+            .build()?]));
+        linux.set_resources(Some(resources));
+        return Ok(());
+    }
+    // Empty lists keep the defaults, as with containerd (the CRI cannot tell empty from unset).
+    if !security.masked_paths.is_empty() {
+        linux.set_masked_paths(Some(absolute_paths("masked_paths", &security.masked_paths)?));
+    }
+    if !security.readonly_paths.is_empty() {
+        linux.set_readonly_paths(Some(absolute_paths("readonly_paths", &security.readonly_paths)?));
+    }
+    linux.set_seccomp(seccomp_filter(&security.seccomp, capabilities)?);
+    Ok(())
+}
+
+fn absolute_paths(field: &'static str, paths: &[String]) -> Result<Vec<String>, SpecError> {
+    for path in paths {
+        if !Path::new(path).is_absolute() {
+            return Err(SpecError::RelativePath { field, path: path.clone() });
         }
     }
-    Ok(serde_json::to_vec(&spec)?)
+    Ok(paths.to_vec())
+}
+
+fn seccomp_filter(
+    profile: &SeccompProfile,
+    capabilities: &[Capability],
+) -> Result<Option<LinuxSeccomp>, SpecError> {
+    Ok(match profile {
+        SeccompProfile::Unconfined => None,
+        SeccompProfile::RuntimeDefault => Some(seccomp::runtime_default(capabilities)?),
+        SeccompProfile::Localhost(path) => Some(seccomp::load_localhost(path, capabilities)?),
+    })
+}
+
+/// The capabilities of the container's process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapabilitySet {
+    /// Bounding, permitted and effective.
+    pub granted: Vec<Capability>,
+    /// Inheritable and ambient (CRI add_ambient_capabilities).
+    pub ambient: Vec<Capability>,
+}
+
+impl CapabilitySet {
+    /// Every set given explicitly: oci-spec's builder would fill the missing ones with its
+    /// own defaults (an inheritable set outside an empty bounding set cannot be applied).
+    fn oci(&self) -> Result<LinuxCapabilities, SpecError> {
+        let granted: oci_spec::runtime::Capabilities = self.granted.iter().copied().collect();
+        let ambient: oci_spec::runtime::Capabilities = self.ambient.iter().copied().collect();
+        Ok(LinuxCapabilitiesBuilder::default()
+            .bounding(granted.clone())
+            .effective(granted.clone())
+            .permitted(granted)
+            .inheritable(ambient.clone())
+            .ambient(ambient)
+            .build()?)
+    }
+}
+
+/// containerd's rules: privileged gets every capability (add/drop have no effect, as the CRI
+/// allows); else the defaults, then ALL of add, ALL of drop, the named adds, the named drops.
+pub fn capability_set(security: &SecurityContext) -> Result<CapabilitySet, SpecError> {
+    if security.privileged {
+        return Ok(CapabilitySet { granted: all_capabilities(), ambient: Vec::new() });
+    }
+    let add = parse_capabilities("add_capabilities", &security.add_capabilities)?;
+    let drop = parse_capabilities("drop_capabilities", &security.drop_capabilities)?;
+    let ambient =
+        parse_capabilities("add_ambient_capabilities", &security.add_ambient_capabilities)?;
+    let mut granted = DEFAULT_CAPABILITIES.to_vec();
+    if add.all {
+        granted = all_capabilities();
+    }
+    if drop.all {
+        granted.clear();
+    }
+    let ambient_named = if ambient.all { all_capabilities() } else { ambient.named };
+    for cap in add.named.iter().chain(&ambient_named) {
+        if !granted.contains(cap) {
+            granted.push(*cap);
+        }
+    }
+    granted.retain(|cap| !drop.named.contains(cap));
+    let ambient = ambient_named.into_iter().filter(|cap| granted.contains(cap)).collect();
+    Ok(CapabilitySet { granted, ambient })
+}
+
+/// Capability names of one CRI list.
+struct NamedCapabilities {
+    all: bool,
+    named: Vec<Capability>,
+}
+
+fn parse_capabilities(
+    field: &'static str,
+    names: &[String],
+) -> Result<NamedCapabilities, SpecError> {
+    let mut parsed = NamedCapabilities { all: false, named: Vec::new() };
+    for name in names {
+        if name.trim().eq_ignore_ascii_case("ALL") {
+            parsed.all = true;
+        } else {
+            parsed.named.push(parse_capability(field, name)?);
+        }
+    }
+    Ok(parsed)
+}
+
+/// `NET_RAW`, `net_raw` or `CAP_NET_RAW`.
+fn parse_capability(field: &'static str, name: &str) -> Result<Capability, SpecError> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("CAP_") { upper } else { format!("CAP_{upper}") };
+    serde_json::from_value(serde_json::Value::String(full))
+        .map_err(|_| SpecError::UnknownCapability { field, name: name.to_string() })
 }
 
 /// Resources as the OCI `LinuxResources` JSON that UpdateContainer takes.
@@ -524,20 +691,19 @@ mod tests {
     fn identity_from_image_user_and_security_context() {
         let dir = tempfile::tempdir().unwrap();
         let mut img = image(dir.path());
-        assert_eq!(
-            resolve_identity(&SecurityContext::default(), &img).unwrap(),
-            Identity { uid: 0, gid: 0, additional_gids: vec![] }
-        );
+        let id = |sc: &SecurityContext, img: &ImageDefaults| resolve_identity(sc, img).unwrap();
+        let identity = |uid, gid, additional_gids: &[u32]| Identity {
+            uid,
+            gid,
+            additional_gids: additional_gids.to_vec(),
+        };
+        assert_eq!(id(&SecurityContext::default(), &img), identity(0, 0, &[0]));
         img.user = "web".into();
-        assert_eq!(
-            resolve_identity(&SecurityContext::default(), &img).unwrap(),
-            Identity { uid: 1000, gid: 1001, additional_gids: vec![2000] }
-        );
+        assert_eq!(id(&SecurityContext::default(), &img), identity(1000, 1001, &[1001, 2000]));
         img.user = "1234:1234".into();
-        assert_eq!(
-            resolve_identity(&SecurityContext::default(), &img).unwrap(),
-            Identity { uid: 1234, gid: 1234, additional_gids: vec![] }
-        );
+        assert_eq!(id(&SecurityContext::default(), &img), identity(1234, 1234, &[1234]));
+        img.user = "web:extra".into();
+        assert_eq!(id(&SecurityContext::default(), &img), identity(1000, 2000, &[2000]));
         img.user = "nobody-here".into();
         assert!(matches!(
             resolve_identity(&SecurityContext::default(), &img),
@@ -549,10 +715,177 @@ mod tests {
             supplemental_groups: vec![9],
             ..Default::default()
         };
+        assert_eq!(id(&sc, &img), identity(7, 8, &[8, 9]));
+        let by_name = SecurityContext { run_as_username: "web".into(), ..Default::default() };
+        assert_eq!(id(&by_name, &img), identity(1000, 1001, &[1001, 2000]));
+        let unknown = SecurityContext { run_as_username: "ghost".into(), ..Default::default() };
+        assert!(matches!(resolve_identity(&unknown, &img), Err(SpecError::UnknownUser(_))));
+        for bad in [
+            SecurityContext { run_as_user: Some(-1), ..Default::default() },
+            SecurityContext { run_as_user: Some(1), run_as_group: Some(1 << 32), ..sc.clone() },
+            SecurityContext { supplemental_groups: vec![-5], ..sc.clone() },
+        ] {
+            assert!(matches!(resolve_identity(&bad, &img), Err(SpecError::InvalidId(_))));
+        }
+    }
+
+    /// Merge adds the image's groups of the user to the requested ones; Strict only the
+    /// requested ones. Both keep the primary group first.
+    #[test]
+    fn supplemental_groups_follow_the_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let merge = SecurityContext {
+            run_as_user: Some(1000),
+            run_as_group: Some(3000),
+            supplemental_groups: vec![4000, 3000],
+            ..Default::default()
+        };
+        assert_eq!(resolve_identity(&merge, &img).unwrap().additional_gids, vec![3000, 2000, 4000]);
+        let strict = SecurityContext {
+            supplemental_groups_policy: SupplementalGroupsPolicy::Strict,
+            ..merge.clone()
+        };
+        assert_eq!(resolve_identity(&strict, &img).unwrap().additional_gids, vec![3000, 4000]);
+        // A uid passwd does not know has no image groups to merge.
+        let stranger = SecurityContext { run_as_user: Some(4242), ..merge };
+        assert_eq!(resolve_identity(&stranger, &img).unwrap().additional_gids, vec![3000, 4000]);
+    }
+
+    fn caps(add: &[&str], drop: &[&str]) -> SecurityContext {
+        SecurityContext {
+            add_capabilities: add.iter().map(|s| s.to_string()).collect(),
+            drop_capabilities: drop.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn capabilities_follow_containerds_rules() {
+        let granted = |sc: &SecurityContext| capability_set(sc).unwrap().granted;
+        assert_eq!(granted(&caps(&[], &[])), DEFAULT_CAPABILITIES.to_vec());
+        let dropped = granted(&caps(&[], &["NET_RAW", "cap_chown"]));
+        assert!(!dropped.contains(&Capability::NetRaw) && !dropped.contains(&Capability::Chown));
+        assert!(dropped.contains(&Capability::Kill));
+        assert!(granted(&caps(&["SYS_ADMIN"], &[])).contains(&Capability::SysAdmin));
+        assert!(granted(&caps(&[], &["ALL"])).is_empty());
+        // Kubernetes' usual pattern: drop everything, add back what is needed.
         assert_eq!(
-            resolve_identity(&sc, &img).unwrap(),
-            Identity { uid: 7, gid: 8, additional_gids: vec![9] }
+            granted(&caps(&["NET_BIND_SERVICE"], &["ALL"])),
+            vec![Capability::NetBindService]
         );
+        let all_but = granted(&caps(&["ALL"], &["CHOWN"]));
+        assert_eq!(all_but.len(), all_capabilities().len() - 1);
+        let privileged = SecurityContext { privileged: true, ..caps(&[], &["ALL"]) };
+        assert_eq!(granted(&privileged), all_capabilities());
+        let ambient = SecurityContext {
+            add_ambient_capabilities: vec!["NET_ADMIN".into()],
+            ..caps(&[], &["ALL"])
+        };
+        let set = capability_set(&ambient).unwrap();
+        assert_eq!(
+            (set.granted.clone(), set.ambient.clone()),
+            (vec![Capability::NetAdmin], vec![Capability::NetAdmin])
+        );
+        for (sc, field) in [
+            (caps(&["NOT_A_CAP"], &[]), "add_capabilities"),
+            (caps(&[], &["CAP_FLY"]), "drop_capabilities"),
+        ] {
+            let err = capability_set(&sc).unwrap_err();
+            assert!(
+                matches!(err, SpecError::UnknownCapability { field: f, .. } if f == field),
+                "{err}"
+            );
+        }
+    }
+
+    fn built(security: SecurityContext) -> Spec {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let c = ContainerSpec { security, ..Default::default() };
+        let ctx = SandboxContext { pid_mode: NamespaceMode::Pod };
+        serde_json::from_slice(&build_spec(&c, &img, &ctx, &[]).unwrap()).unwrap()
+    }
+
+    /// Every set is explicit: dropping ALL must leave nothing for the runtime to apply (an
+    /// inheritable set outside an empty bounding set fails inside libcontainer).
+    #[test]
+    fn dropping_all_capabilities_empties_every_set() {
+        let spec = built(caps(&[], &["ALL"]));
+        let c = spec.process().as_ref().unwrap().capabilities().clone().unwrap();
+        for set in [c.bounding(), c.effective(), c.permitted(), c.inheritable(), c.ambient()] {
+            assert_eq!(set.as_ref().map(|s| s.len()), Some(0));
+        }
+        let plain = built(SecurityContext::default());
+        let c = plain.process().as_ref().unwrap().capabilities().clone().unwrap();
+        assert_eq!(c.inheritable().as_ref().map(|s| s.len()), Some(0));
+        assert_eq!(c.bounding().as_ref().map(|s| s.len()), Some(DEFAULT_CAPABILITIES.len()));
+    }
+
+    #[test]
+    fn no_new_privs_is_set_or_left_unset() {
+        let nnp = |spec: &Spec| spec.process().as_ref().unwrap().no_new_privileges();
+        assert_eq!(nnp(&built(SecurityContext::default())), None);
+        assert_eq!(
+            nnp(&built(SecurityContext { no_new_privs: true, ..Default::default() })),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn seccomp_masked_and_readonly_paths() {
+        let linux = |spec: Spec| spec.linux().clone().unwrap();
+        let plain = linux(built(SecurityContext::default()));
+        assert!(plain.seccomp().is_none());
+        assert!(plain.masked_paths().as_ref().unwrap().contains(&"/proc/kcore".to_string()));
+        assert!(plain.readonly_paths().as_ref().unwrap().contains(&"/proc/sys".to_string()));
+
+        let confined = linux(built(SecurityContext {
+            seccomp: SeccompProfile::RuntimeDefault,
+            masked_paths: vec!["/secret".into()],
+            readonly_paths: vec!["/data".into()],
+            ..Default::default()
+        }));
+        assert_eq!(
+            confined.seccomp().as_ref().unwrap().default_action(),
+            oci_spec::runtime::LinuxSeccompAction::ScmpActErrno
+        );
+        assert_eq!(confined.masked_paths().clone().unwrap(), vec!["/secret"]);
+        assert_eq!(confined.readonly_paths().clone().unwrap(), vec!["/data"]);
+
+        let privileged = built(SecurityContext {
+            privileged: true,
+            seccomp: SeccompProfile::RuntimeDefault,
+            masked_paths: vec!["/secret".into()],
+            ..Default::default()
+        });
+        let sys = privileged
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/sys"))
+            .unwrap();
+        assert!(!sys.options().as_ref().unwrap().iter().any(|o| o == "ro"));
+        let privileged = linux(privileged);
+        assert!(privileged.seccomp().is_none());
+        assert!(privileged.masked_paths().is_none() && privileged.readonly_paths().is_none());
+        let devices = privileged.resources().as_ref().unwrap().devices().clone().unwrap();
+        assert!(devices[0].allow() && devices[0].access().as_deref() == Some("rwm"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let ctx = SandboxContext { pid_mode: NamespaceMode::Pod };
+        for security in [
+            SecurityContext { masked_paths: vec!["proc/kcore".into()], ..Default::default() },
+            SecurityContext {
+                seccomp: SeccompProfile::Localhost(dir.path().join("none.json")),
+                ..Default::default()
+            },
+        ] {
+            let c = ContainerSpec { security, ..Default::default() };
+            assert!(build_spec(&c, &img, &ctx, &[]).is_err());
+        }
     }
 
     #[test]

@@ -534,6 +534,44 @@ async fn a_container_is_created_from_its_image_and_spec() {
     assert!(h.manager.container_using_image("sha256:feedbeef").is_some());
 }
 
+/// The identity reaches the record (ContainerStatus reports it), privileged reaches the agent
+/// (it adds the VM's devices), and a missing Localhost profile fails before the agent is asked.
+#[tokio::test]
+async fn the_security_context_reaches_the_agent_and_the_record() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let mut spec = container("c");
+    spec.security = SecurityContext {
+        run_as_user: Some(1000),
+        run_as_group: Some(3000),
+        supplemental_groups: vec![4000],
+        privileged: true,
+        not_applicable: vec!["apparmor".into()],
+        ..Default::default()
+    };
+    let cid = h.manager.create_container(&sid, spec).await.unwrap();
+    assert!(h.agent(&sid).container(&cid).unwrap().privileged);
+    let rec = h.manager.container(&cid).unwrap();
+    assert_eq!(
+        rec.process_identity(),
+        Some(spec::Identity { uid: 1000, gid: 3000, additional_gids: vec![3000, 4000] })
+    );
+    assert_eq!(rec.not_applicable, vec!["apparmor"]);
+
+    let mut missing = container("d");
+    missing.security.seccomp = SeccompProfile::Localhost(h.dir.path().join("missing.json"));
+    let err = h.manager.create_container(&sid, missing).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SandboxError::Spec(spec::SpecError::Seccomp(seccomp::SeccompError::Open { .. }))
+        ),
+        "{err}"
+    );
+    assert_eq!(h.manager.containers_of(&sid).len(), 1);
+}
+
 #[tokio::test]
 async fn containers_are_refused_for_unknown_images_duplicates_and_stopped_pods() {
     needs_root!();

@@ -71,6 +71,28 @@ pub struct Resources {
     pub unified: HashMap<String, String>,
 }
 
+/// How a container's supplementary groups are found (CRI `SupplementalGroupsPolicy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SupplementalGroupsPolicy {
+    /// The groups the image's /etc/group gives the user, plus the requested ones.
+    #[default]
+    Merge,
+    /// Only the requested groups (and the primary group).
+    Strict,
+}
+
+/// Which seccomp filter a container runs under.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SeccompProfile {
+    /// No filter (the CRI's meaning of an empty profile).
+    #[default]
+    Unconfined,
+    /// The runtime's own profile (see `sandbox/seccomp.rs`).
+    RuntimeDefault,
+    /// A profile file on the node, by absolute path; the daemon reads it.
+    Localhost(std::path::PathBuf),
+}
+
 /// Who the container's process runs as, and with which privileges.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SecurityContext {
@@ -78,11 +100,22 @@ pub struct SecurityContext {
     pub run_as_username: String,
     pub run_as_group: Option<i64>,
     pub supplemental_groups: Vec<i64>,
+    pub supplemental_groups_policy: SupplementalGroupsPolicy,
     pub privileged: bool,
     pub readonly_rootfs: bool,
     pub no_new_privs: bool,
     pub add_capabilities: Vec<String>,
     pub drop_capabilities: Vec<String>,
+    /// Added to every set, the ambient one included.
+    pub add_ambient_capabilities: Vec<String>,
+    /// Empty: the runtime's defaults.
+    pub masked_paths: Vec<String>,
+    /// Empty: the runtime's defaults.
+    pub readonly_paths: Vec<String>,
+    pub seccomp: SeccompProfile,
+    /// Fields that were given but mean nothing inside the VM (AppArmor, SELinux), by name:
+    /// accepted, and reported as not applicable.
+    pub not_applicable: Vec<String>,
 }
 
 /// A container as CreateContainer asked for it, already validated.
