@@ -174,6 +174,21 @@ pub enum Error {
         /// In the manifest.
         layers: usize,
     },
+    /// A registry sent no bytes for `pull_progress_timeout`; the partial blob was discarded.
+    #[error(
+        "pull of {reference} stalled: registry {host} sent nothing for {seconds} s while \
+         fetching {what} (see [images] pull_progress_timeout_seconds)"
+    )]
+    PullStalled {
+        /// host[:port].
+        host: String,
+        /// The image.
+        reference: String,
+        /// The manifest or blob being fetched.
+        what: String,
+        /// The timeout that passed.
+        seconds: u64,
+    },
     /// The download stream broke.
     #[error("download blob {digest}: {source}")]
     DownloadBlob {
@@ -266,8 +281,11 @@ pub struct ImageStoreConfig {
     pub max_concurrent_downloads: usize,
     /// TCP connect timeout to registries.
     pub connect_timeout: Duration,
-    /// Longest silence of a registry connection mid-download.
-    pub read_timeout: Duration,
+    /// Longest a registry may send nothing (a manifest request, a blob's body) before the pull
+    /// is aborted; None waits forever (containerd's `image_pull_progress_timeout`).
+    pub pull_progress_timeout: Option<Duration>,
+    /// How often a pull logs its bytes done / total.
+    pub progress_interval: Duration,
 }
 
 impl Default for ImageStoreConfig {
@@ -277,7 +295,8 @@ impl Default for ImageStoreConfig {
             docker_config: None,
             max_concurrent_downloads: 3,
             connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(60),
+            pull_progress_timeout: Some(Duration::from_secs(60)),
+            progress_interval: Duration::from_secs(5),
         }
     }
 }

@@ -10,6 +10,8 @@ use podvisor_e2e::registry::{registry_tests_can_run, TestRegistry};
 
 use super::*;
 
+mod progress;
+
 fn store(dir: &Path) -> ImageStore {
     ImageStore::open(dir, ImageStoreConfig::default()).expect("open store")
 }

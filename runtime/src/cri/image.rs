@@ -59,7 +59,11 @@ pub fn error_code(error: &Error) -> Code {
         }
         Error::ImageNotFound(_) | Error::ManifestUnknown { .. } => Code::NotFound,
         Error::NoMatchingPlatform { .. } => Code::NotFound,
-        Error::RegistryUnreachable { .. } | Error::Registry { .. } => Code::Unavailable,
+        // A stall is the registry's failure, and a retry may well succeed: Unavailable, not
+        // DeadlineExceeded (which would read as the caller's own deadline passing).
+        Error::RegistryUnreachable { .. } | Error::Registry { .. } | Error::PullStalled { .. } => {
+            Code::Unavailable
+        }
         Error::HttpClient { .. } => Code::FailedPrecondition,
         Error::Unauthorized { .. } => Code::Unauthenticated,
         Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => Code::DataLoss,
@@ -299,5 +303,12 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{err}");
         assert!(err.message().contains(&format!("127.0.0.1:{port}")));
+        let stalled = Error::PullStalled {
+            host: "reg".into(),
+            reference: "reg/x:1".into(),
+            what: "blob sha256:00".into(),
+            seconds: 60,
+        };
+        assert_eq!(error_code(&stalled), Code::Unavailable);
     }
 }
