@@ -179,6 +179,8 @@ pub struct ImagesSection {
     pub docker_config: Option<PathBuf>,
     /// A pull whose registry sends nothing this long is aborted; 0 waits forever.
     pub pull_progress_timeout_seconds: u64,
+    /// Images (tags or digests) never removed and reported pinned to kubelet's image GC.
+    pub pinned: Vec<String>,
 }
 
 impl Default for ImagesSection {
@@ -189,6 +191,7 @@ impl Default for ImagesSection {
             // containerd's image_pull_progress_timeout is 5 min; a node behind a slow link
             // sees some bytes every few seconds, so a minute of silence is a dead registry.
             pull_progress_timeout_seconds: 60,
+            pinned: Vec::new(),
         }
     }
 }
@@ -411,8 +414,12 @@ mod tests {
         assert_eq!(c.vm.vcpus, 1);
         assert_eq!(c.images.insecure_registries, vec!["reg:5000".to_string()]);
         assert_eq!(c.images.pull_progress_timeout(), Some(std::time::Duration::from_secs(60)));
-        let c = Config::parse("[images]\npull_progress_timeout_seconds = 0\n").unwrap();
+        let c = Config::parse(
+            "[images]\npull_progress_timeout_seconds = 0\npinned = [\"registry.k8s.io/pause:3.9\"]\n",
+        )
+        .unwrap();
         assert_eq!(c.images.pull_progress_timeout(), None);
+        assert_eq!(c.images.pinned, vec!["registry.k8s.io/pause:3.9".to_string()]);
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub fn open_store(config: &Config) -> anyhow::Result<Images> {
             insecure_registries: config.images.insecure_registries.clone(),
             docker_config: config.images.docker_config.clone(),
             pull_progress_timeout: config.images.pull_progress_timeout(),
+            pinned: config.images.pinned.clone(),
             ..ImageStoreConfig::default()
         },
     )
