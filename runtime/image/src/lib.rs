@@ -13,6 +13,7 @@
 //! - `tmp/`: downloads and unpacks in progress; emptied when the store opens.
 
 mod auth;
+mod import;
 mod pull;
 pub mod unpack;
 
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use auth::RegistryCredentials;
+pub use import::ArchiveError;
 pub use unpack::UnpackError;
 
 /// Image store errors. The CRI layer maps each to a gRPC code (see `code`-like helpers below).
@@ -271,6 +273,9 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// An archive to import is unreadable or malformed; nothing of it was recorded.
+    #[error("image archive: {0}")]
+    Archive(#[from] ArchiveError),
     /// The blocking unpack task panicked or was cancelled.
     #[error("unpack task failed: {0}")]
     UnpackTask(String),

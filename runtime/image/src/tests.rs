@@ -10,6 +10,7 @@ use podvisor_e2e::registry::{registry_tests_can_run, TestRegistry};
 
 use super::*;
 
+mod import;
 mod progress;
 
 fn store(dir: &Path) -> ImageStore {
