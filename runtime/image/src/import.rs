@@ -386,21 +386,23 @@ impl ImageStore {
     }
 
     fn import_one(&self, mut image: Found) -> crate::Result<ImageRecord> {
-        let (config_digest, config_size) =
+        // Every blob stays pinned (kept by a concurrent GC) until the record exists.
+        let (config_digest, config_size, _config_pin) =
             self.put_blob_file(&image.config.0, image.config.1.as_deref())?;
-        let mut pinned = vec![config_digest.clone()];
-        let _config_pin = self.pin(&pinned);
         let mut layers = Vec::new();
+        let mut layer_pins = Vec::new();
         for (file, digest) in &image.layers {
-            let stored = self.put_blob_file(file, digest.as_deref())?;
-            pinned.push(stored.0.clone());
-            layers.push(stored);
+            let (digest, size, pin) = self.put_blob_file(file, digest.as_deref())?;
+            layers.push((digest, size));
+            layer_pins.push(pin);
         }
-        let _pin = self.pin(&pinned);
         if image.manifest.is_empty() {
             image.manifest = docker_manifest((&config_digest, config_size), &layers);
         }
         let manifest_digest = crate::sha256_digest(&image.manifest);
+        let mut top_pins = vec![manifest_digest.clone()];
+        top_pins.extend(image.index.iter().map(|(digest, _)| digest.clone()));
+        let _top_pin = self.pin(&top_pins);
         self.put_blob(&manifest_digest, &image.manifest, "manifest")?;
         let mut top_digest = manifest_digest.clone();
         if let Some((digest, bytes)) = &image.index {
@@ -450,8 +452,13 @@ impl ImageStore {
     }
 
     /// Copies `file` into the blobs, hashing on the way; `expected` (when the archive names
-    /// the blob by digest) must match. Returns the digest and size.
-    fn put_blob_file(&self, file: &Path, expected: Option<&str>) -> crate::Result<(String, u64)> {
+    /// the blob by digest) must match. Returns the digest, the size and a pin taken as the blob
+    /// lands, so a concurrent GC never sees it unpinned.
+    fn put_blob_file(
+        &self,
+        file: &Path,
+        expected: Option<&str>,
+    ) -> crate::Result<(String, u64, crate::PinGuard<'_>)> {
         if let Some(digest) = expected {
             digest_hex(digest)?;
         }
@@ -488,11 +495,16 @@ impl ImageStore {
                 }
             }
             let path = self.blob_path(&actual)?;
+            // Under the pins lock, which GC holds throughout its scan.
+            let mut pins = crate::lock(&self.pins);
             if !path.exists() {
                 std::fs::rename(&temp, &path)
                     .map_err(|source| Error::WriteBlob { path, source })?;
             }
-            Ok((actual, size))
+            *pins.entry(actual.clone()).or_insert(0) += 1;
+            drop(pins);
+            let pin = crate::PinGuard { store: self, digests: vec![actual.clone()] };
+            Ok((actual, size, pin))
         })();
         // Gone after a rename; otherwise a failed or redundant copy.
         let _ = std::fs::remove_file(&temp);
