@@ -181,13 +181,38 @@ impl Default for BuiltinSection {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ImagesSection {
     /// Registries (host or host:port) reached over plain HTTP; localhost always is.
     pub insecure_registries: Vec<String>,
     /// A docker `config.json` with registry credentials.
     pub docker_config: Option<PathBuf>,
+    /// A pull whose registry sends nothing this long is aborted; 0 waits forever.
+    pub pull_progress_timeout_seconds: u64,
+    /// Images (tags or digests) never removed and reported pinned to kubelet's image GC.
+    pub pinned: Vec<String>,
+}
+
+impl Default for ImagesSection {
+    fn default() -> Self {
+        Self {
+            insecure_registries: Vec::new(),
+            docker_config: None,
+            // containerd's image_pull_progress_timeout is 5 min; a node behind a slow link
+            // sees some bytes every few seconds, so a minute of silence is a dead registry.
+            pull_progress_timeout_seconds: 60,
+            pinned: Vec::new(),
+        }
+    }
+}
+
+impl ImagesSection {
+    /// `pull_progress_timeout_seconds` as the store takes it.
+    pub fn pull_progress_timeout(&self) -> Option<std::time::Duration> {
+        (self.pull_progress_timeout_seconds > 0)
+            .then(|| std::time::Duration::from_secs(self.pull_progress_timeout_seconds))
+    }
 }
 
 impl Config {
@@ -407,6 +432,13 @@ mod tests {
         assert_eq!(c.vm.memory_mib, 128);
         assert_eq!(c.vm.vcpus, 1);
         assert_eq!(c.images.insecure_registries, vec!["reg:5000".to_string()]);
+        assert_eq!(c.images.pull_progress_timeout(), Some(std::time::Duration::from_secs(60)));
+        let c = Config::parse(
+            "[images]\npull_progress_timeout_seconds = 0\npinned = [\"registry.k8s.io/pause:3.9\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.images.pull_progress_timeout(), None);
+        assert_eq!(c.images.pinned, vec!["registry.k8s.io/pause:3.9".to_string()]);
     }
 
     #[test]

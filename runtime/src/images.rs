@@ -1,6 +1,8 @@
 //! Glue between the image store (crate `podvisor-image`) and the daemon: the CRI
 //! ImageService, and the sandbox manager's [`ImageResolver`].
 
+pub mod control;
+
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -22,6 +24,8 @@ pub fn open_store(config: &Config) -> anyhow::Result<Images> {
         ImageStoreConfig {
             insecure_registries: config.images.insecure_registries.clone(),
             docker_config: config.images.docker_config.clone(),
+            pull_progress_timeout: config.images.pull_progress_timeout(),
+            pinned: config.images.pinned.clone(),
             ..ImageStoreConfig::default()
         },
     )
@@ -38,6 +42,12 @@ impl Images {
     pub fn bytes_downloaded(&self) -> impl Fn() -> u64 + Send + Sync + 'static {
         let store = self.store.clone();
         move || store.bytes_downloaded()
+    }
+
+    /// Serves `podvisor images import|export` on `<state>/images.sock`.
+    pub fn serve_control(&self, config: &Config) -> anyhow::Result<()> {
+        control::serve(&config.state, self.store.clone())?;
+        Ok(())
     }
 
     /// The CRI ImageService; `users` keeps images that containers use from being removed.

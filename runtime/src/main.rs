@@ -38,6 +38,9 @@ struct Cli {
 enum Command {
     /// Serve CRI runtime.v1 (RuntimeService + ImageService) on a unix socket.
     Daemon(DaemonArgs),
+    /// Import images from archives into the store, or export one (through the running
+    /// daemon, or on the store directly when none runs).
+    Images(ImagesArgs),
     /// Report what this host can do (KVM, QEMU, virtiofsd, vsock, CNI) and which backend runs.
     Check,
     /// Run one VM with the built-in VMM (started by the daemon, one process per sandbox).
@@ -63,10 +66,52 @@ struct DaemonArgs {
     state: Option<PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct ImagesArgs {
+    #[command(flatten)]
+    daemon: DaemonArgs,
+    #[command(subcommand)]
+    command: ImagesCommand,
+}
+
+#[derive(Subcommand)]
+enum ImagesCommand {
+    /// Import every image of each FILE: an OCI image layout (directory or tar) or a docker
+    /// archive (`docker save`, `skopeo copy … docker-archive:`), verified by digest.
+    Import {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Write image REF as an OCI image layout tar to FILE.
+    Export { reference: String, file: PathBuf },
+}
+
+/// `podvisor images …`: prints one line per image handled.
+fn images_command(args: ImagesArgs) -> anyhow::Result<()> {
+    let config = load_config(&args.daemon)?;
+    let request = match args.command {
+        ImagesCommand::Import { files } => images::control::Request::Import(files),
+        ImagesCommand::Export { reference, file } => {
+            images::control::Request::Export { reference, file }
+        }
+    };
+    for done in images::control::request(&config.root, &config.state, request)? {
+        println!("{} {}", done.id, done.tags.join(" "));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check => check::run(),
+        Command::Images(args) => match images_command(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("podvisor images: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Vmm { args } => podvisor_vmm::main_with_args(args),
         Command::Daemon(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
@@ -220,6 +265,11 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         }
     }
     let (hypervisors, backend_reason) = select_hypervisor(&config)?;
+    // Held for the daemon's life: `podvisor images` then goes through images.sock.
+    let root = config.root.clone();
+    let _store_lock = tokio::task::spawn_blocking(move || images::control::lock_for_daemon(&root))
+        .await
+        .context("image store lock task")??;
     let image_store = images::open_store(&config)?;
     let manager = sandbox::SandboxManager::new(
         config.clone(),
@@ -229,6 +279,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     );
     manager.recover().await.context("recovering sandboxes")?;
     serve_metrics(&config, &manager, &image_store).await?;
+    image_store.serve_control(&config)?;
 
     if let Some(dir) = config.listen.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -262,5 +313,6 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .await
         .context("serving CRI")?;
     let _ = std::fs::remove_file(&config.listen);
+    let _ = std::fs::remove_file(images::control::socket_path(&config.state));
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod cni;
 pub mod daemon;
 pub mod images;
 pub mod registry;
+pub mod slow_registry;
 pub mod streaming;
 pub mod streaming_ws;
 pub mod token_server;

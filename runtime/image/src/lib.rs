@@ -13,6 +13,7 @@
 //! - `tmp/`: downloads and unpacks in progress; emptied when the store opens.
 
 mod auth;
+mod import;
 mod pull;
 pub mod unpack;
 
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use auth::RegistryCredentials;
+pub use import::ArchiveError;
 pub use unpack::UnpackError;
 
 /// Image store errors. The CRI layer maps each to a gRPC code (see `code`-like helpers below).
@@ -64,6 +66,16 @@ pub enum Error {
     /// No image in the store matches.
     #[error("image {0:?} not found")]
     ImageNotFound(String),
+    /// The image is in the configured pinned list, so it is never removed.
+    #[error("image {reference} ({id}) is pinned by [images] pinned = [.., {pinned:?}, ..]")]
+    ImagePinned {
+        /// As asked to remove.
+        reference: String,
+        /// The image id.
+        id: String,
+        /// The pinned entry that names it.
+        pinned: String,
+    },
     /// The registry cannot be reached (connection refused, DNS, TLS, timeout).
     #[error("registry {host} is unreachable: {message}")]
     RegistryUnreachable {
@@ -174,6 +186,21 @@ pub enum Error {
         /// In the manifest.
         layers: usize,
     },
+    /// A registry sent no bytes for `pull_progress_timeout`; the partial blob was discarded.
+    #[error(
+        "pull of {reference} stalled: registry {host} sent nothing for {seconds} s while \
+         fetching {what} (see [images] pull_progress_timeout_seconds)"
+    )]
+    PullStalled {
+        /// host[:port].
+        host: String,
+        /// The image.
+        reference: String,
+        /// The manifest or blob being fetched.
+        what: String,
+        /// The timeout that passed.
+        seconds: u64,
+    },
     /// The download stream broke.
     #[error("download blob {digest}: {source}")]
     DownloadBlob {
@@ -246,6 +273,9 @@ pub enum Error {
         /// The cause.
         source: std::io::Error,
     },
+    /// An archive to import is unreadable or malformed; nothing of it was recorded.
+    #[error("image archive: {0}")]
+    Archive(#[from] ArchiveError),
     /// The blocking unpack task panicked or was cancelled.
     #[error("unpack task failed: {0}")]
     UnpackTask(String),
@@ -266,8 +296,13 @@ pub struct ImageStoreConfig {
     pub max_concurrent_downloads: usize,
     /// TCP connect timeout to registries.
     pub connect_timeout: Duration,
-    /// Longest silence of a registry connection mid-download.
-    pub read_timeout: Duration,
+    /// Longest a registry may send nothing (a manifest request, a blob's body) before the pull
+    /// is aborted; None waits forever (containerd's `image_pull_progress_timeout`).
+    pub pull_progress_timeout: Option<Duration>,
+    /// How often a pull logs its bytes done / total.
+    pub progress_interval: Duration,
+    /// References (tags or digests) of images never removed, reported pinned to kubelet.
+    pub pinned: Vec<String>,
 }
 
 impl Default for ImageStoreConfig {
@@ -277,7 +312,9 @@ impl Default for ImageStoreConfig {
             docker_config: None,
             max_concurrent_downloads: 3,
             connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(60),
+            pull_progress_timeout: Some(Duration::from_secs(60)),
+            progress_interval: Duration::from_secs(5),
+            pinned: Vec::new(),
         }
     }
 }
@@ -373,6 +410,32 @@ pub struct FsUsage {
     pub timestamp_ns: i64,
 }
 
+/// Space on disk: allocated bytes and inodes, each hard-linked file once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Bytes allocated (st_blocks × 512, not apparent sizes).
+    pub bytes: u64,
+    /// Files, directories and links.
+    pub inodes: u64,
+}
+
+impl DiskUsage {
+    fn add(&mut self, metadata: &std::fs::Metadata) {
+        self.bytes += metadata.blocks() * 512;
+        self.inodes += 1;
+    }
+
+    /// Counts `metadata` unless it is a hard link to an inode already counted.
+    fn add_once(&mut self, metadata: &std::fs::Metadata, seen: &mut HashSet<(u64, u64)>) {
+        if metadata.is_dir()
+            || metadata.nlink() <= 1
+            || seen.insert((metadata.dev(), metadata.ino()))
+        {
+            self.add(metadata);
+        }
+    }
+}
+
 /// What a garbage collection removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -395,6 +458,8 @@ pub struct ImageStore {
     blob_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// One unpack per image at a time.
     unpack_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Disk usage of unpacked trees by image id: measured once, the trees never change.
+    tree_usage: Mutex<HashMap<String, DiskUsage>>,
     blobs_downloaded: AtomicU64,
     bytes_downloaded: AtomicU64,
     temp_counter: AtomicU64,
@@ -504,6 +569,7 @@ impl ImageStore {
             pins: Mutex::new(HashMap::new()),
             blob_locks: Mutex::new(HashMap::new()),
             unpack_locks: Mutex::new(HashMap::new()),
+            tree_usage: Mutex::new(HashMap::new()),
             blobs_downloaded: AtomicU64::new(0),
             bytes_downloaded: AtomicU64::new(0),
             temp_counter: AtomicU64::new(0),
@@ -713,6 +779,13 @@ impl ImageStore {
         let Some(record) = self.resolve(reference) else {
             return Ok(None);
         };
+        if let Some(pinned) = self.pinned_by(&record) {
+            return Err(Error::ImagePinned {
+                reference: reference.to_owned(),
+                id: record.id,
+                pinned: pinned.to_owned(),
+            });
+        }
         {
             let _serialised = lock(&self.record_writes);
             let path = self.record_path(&record.id)?;
@@ -760,6 +833,7 @@ impl ImageStore {
             if !keep.contains(&format!("sha256:{name}")) {
                 let path = entry.path();
                 remove_tree(&path, &self.temp_path("trash"))?;
+                lock(&self.tree_usage).remove(&format!("sha256:{name}"));
                 report.rootfs_removed += 1;
             }
         }
@@ -770,31 +844,62 @@ impl ImageStore {
         Ok(report)
     }
 
-    /// Bytes and inodes used under `<root>/images`.
+    /// Bytes and inodes used under `<root>/images` (blobs, unpacked trees, records and
+    /// downloads in progress), each hard-linked file once.
     pub fn fs_info(&self) -> Result<FsUsage> {
         let timestamp_ns = now_ns();
-        let mut used_bytes = 0u64;
-        let mut inodes_used = 0u64;
-        let mut stack = vec![self.dir.clone()];
-        while let Some(dir) = stack.pop() {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                // Removed while walking (a GC or an unpack renaming into place).
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(source) => return Err(Error::Scan { path: dir, source }),
-            };
-            for entry in entries.flatten() {
-                let Ok(metadata) = entry.metadata() else {
-                    continue;
-                };
-                inodes_used += 1;
-                used_bytes += metadata.blocks() * 512;
-                if metadata.is_dir() {
-                    stack.push(entry.path());
-                }
+        let usage = tree_usage(&self.dir, false)?;
+        Ok(FsUsage {
+            mountpoint: self.dir.clone(),
+            used_bytes: usage.bytes,
+            inodes_used: usage.inodes,
+            timestamp_ns,
+        })
+    }
+
+    /// The configured pinned reference that names `record`, if any.
+    pub fn pinned_by(&self, record: &ImageRecord) -> Option<&str> {
+        self.config
+            .pinned
+            .iter()
+            .find(|pinned| self.resolve(pinned).is_some_and(|r| r.id == record.id))
+            .map(String::as_str)
+    }
+
+    /// What removing `record` frees when no other image shares its blobs: its record, its
+    /// blobs and its unpacked tree. This is the size ListImages reports, so kubelet's image GC
+    /// sees the figure ImageFsInfo falls by. Blocking (walks the tree the first time).
+    pub fn disk_usage(&self, record: &ImageRecord) -> Result<DiskUsage> {
+        let mut usage = DiskUsage::default();
+        let mut files = vec![self.record_path(&record.id)?];
+        let blobs: HashSet<&String> = record.blobs().collect();
+        for blob in blobs {
+            files.push(self.blob_path(blob)?);
+        }
+        for file in files {
+            // Gone (a concurrent removal) counts nothing.
+            if let Ok(metadata) = std::fs::symlink_metadata(&file) {
+                usage.add(&metadata);
             }
         }
-        Ok(FsUsage { mountpoint: self.dir.clone(), used_bytes, inodes_used, timestamp_ns })
+        let tree = self.tree_disk_usage(&record.id)?;
+        usage.bytes += tree.bytes;
+        usage.inodes += tree.inodes;
+        Ok(usage)
+    }
+
+    fn tree_disk_usage(&self, image_id: &str) -> Result<DiskUsage> {
+        if let Some(usage) = lock(&self.tree_usage).get(image_id) {
+            return Ok(*usage);
+        }
+        let tree = self.dir.join("rootfs").join(digest_hex(image_id)?);
+        if !tree.is_dir() {
+            // Not unpacked (yet): nothing to count or to cache.
+            return Ok(DiskUsage::default());
+        }
+        let usage = tree_usage(&tree, true)?;
+        lock(&self.tree_usage).insert(image_id.to_owned(), usage);
+        Ok(usage)
     }
 
     /// The image's config fields a container spec is built from.
@@ -830,6 +935,38 @@ impl ImageStore {
             lock,
         })
     }
+}
+
+/// Disk usage of everything under `root` (and of `root` itself if `with_root`), each
+/// hard-linked inode once.
+fn tree_usage(root: &Path, with_root: bool) -> Result<DiskUsage> {
+    let mut usage = DiskUsage::default();
+    let mut seen = HashSet::new();
+    if with_root {
+        let metadata = std::fs::symlink_metadata(root)
+            .map_err(|source| Error::Scan { path: root.to_owned(), source })?;
+        usage.add(&metadata);
+    }
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // Removed while walking (a GC or an unpack renaming into place).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(Error::Scan { path: dir, source }),
+        };
+        for entry in entries.flatten() {
+            // DirEntry::metadata does not follow symlinks; a file gone since read_dir is skipped.
+            let Ok(metadata) = entry.metadata() else {
+                continue;
+            };
+            usage.add_once(&metadata, &mut seen);
+            if metadata.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(usage)
 }
 
 /// Removes a directory tree: first renamed out of the way (atomic), then deleted.

@@ -1,6 +1,8 @@
 //! Pulling: manifests and blobs from a registry into the store, then the unpack.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -14,7 +16,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::{
     auth, digest_hex, parse_image_config, parse_reference, sha256_digest, Error, ImageRecord,
@@ -43,16 +45,33 @@ const TAR_LAYERS: &[&str] = &[
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 ];
 
-/// Log download progress at most this often per layer.
-const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
-
 /// Everything a failing registry call is reported against.
 struct Target<'a> {
     host: &'a str,
     reference: &'a str,
+    /// Longest the registry may stay silent (`ImageStoreConfig::pull_progress_timeout`).
+    progress_timeout: Option<Duration>,
 }
 
 impl Target<'_> {
+    /// Awaits one registry step (a request, a chunk of a body), failing with `PullStalled`
+    /// once it has brought nothing for the progress timeout.
+    async fn within_progress_timeout<T>(
+        &self,
+        what: &str,
+        step: impl Future<Output = T>,
+    ) -> Result<T> {
+        let Some(limit) = self.progress_timeout else {
+            return Ok(step.await);
+        };
+        tokio::time::timeout(limit, step).await.map_err(|_| Error::PullStalled {
+            host: self.host.to_owned(),
+            reference: self.reference.to_owned(),
+            what: what.to_owned(),
+            seconds: limit.as_secs(),
+        })
+    }
+
     fn error(&self, error: OciDistributionError) -> Error {
         let unauthorized = || Error::Unauthorized {
             host: self.host.to_owned(),
@@ -136,6 +155,60 @@ fn platforms(index: &OciImageIndex) -> String {
         .join(", ")
 }
 
+/// Bytes of one pull's blobs, shared by its downloads and its progress log.
+struct PullProgress {
+    /// Received, or found already stored.
+    done: AtomicU64,
+    /// Received from the registry (for the rate).
+    received: AtomicU64,
+    /// The config's and layers' sizes from the manifest.
+    total: u64,
+    started: Instant,
+}
+
+impl PullProgress {
+    fn new(total: u64) -> Self {
+        Self {
+            done: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            total,
+            started: Instant::now(),
+        }
+    }
+
+    fn received(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+        self.received.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn already_stored(&self, bytes: u64) {
+        self.done.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Received bytes per second since the pull started.
+    fn rate(&self) -> u64 {
+        let seconds = self.started.elapsed().as_secs_f64().max(0.001);
+        (self.received.load(Ordering::Relaxed) as f64 / seconds) as u64
+    }
+
+    /// Logs bytes done / total every `interval`; never returns (dropped when the downloads end).
+    async fn log_every(&self, reference: &str, interval: Duration) {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            ticks.tick().await;
+            let done = self.done.load(Ordering::Relaxed);
+            info!(
+                reference,
+                done,
+                total = self.total,
+                percent = done.saturating_mul(100).checked_div(self.total).unwrap_or(0),
+                bytes_per_second = self.rate(),
+                "pulling image"
+            );
+        }
+    }
+}
+
 fn is_index(media_type: Option<&str>, body: &serde_json::Value) -> bool {
     match media_type {
         Some(t) => t == OCI_IMAGE_INDEX_MEDIA_TYPE || t == IMAGE_MANIFEST_LIST_MEDIA_TYPE,
@@ -166,7 +239,8 @@ impl ImageStore {
             // Platform selection is ours (it names the platforms found when none fits).
             platform_resolver: None,
             connect_timeout: Some(self.config.connect_timeout),
-            read_timeout: Some(self.config.read_timeout),
+            // The progress timeout covers silence, with a clearer error than reqwest's.
+            read_timeout: None,
             max_concurrent_download: self.config.max_concurrent_downloads,
             ..Default::default()
         })
@@ -201,15 +275,22 @@ impl ImageStore {
         let parsed = parse_reference(reference)?;
         let registry = parsed.resolve_registry().to_owned();
         let whole = parsed.whole();
-        let target = Target { host: &registry, reference: &whole };
+        let target = Target {
+            host: &registry,
+            reference: &whole,
+            progress_timeout: self.config.pull_progress_timeout,
+        };
         let registry_auth = self.registry_auth(parsed.registry(), credentials)?;
         let client = self.client_for(&registry)?;
         let started = Instant::now();
 
         // Top-level manifest or index, by tag or digest.
-        let (top_bytes, _) = client
-            .pull_manifest_raw(&parsed, &registry_auth, ACCEPTED_MANIFESTS)
-            .await
+        let (top_bytes, _) = target
+            .within_progress_timeout(
+                "the manifest",
+                client.pull_manifest_raw(&parsed, &registry_auth, ACCEPTED_MANIFESTS),
+            )
+            .await?
             .map_err(|e| target.error(e))?;
         let top_digest = sha256_digest(&top_bytes);
         if let Some(wanted) = parsed.digest() {
@@ -243,9 +324,12 @@ impl ImageStore {
             };
             digest_hex(&entry.digest)?;
             let by_digest = parsed.clone_with_digest(entry.digest.clone());
-            let (bytes, _) = client
-                .pull_manifest_raw(&by_digest, &registry_auth, ACCEPTED_MANIFESTS)
-                .await
+            let (bytes, _) = target
+                .within_progress_timeout(
+                    "the linux/amd64 manifest",
+                    client.pull_manifest_raw(&by_digest, &registry_auth, ACCEPTED_MANIFESTS),
+                )
+                .await?
                 .map_err(|e| target.error(e))?;
             (entry.digest.clone(), bytes.to_vec(), Some(top_digest.clone()))
         } else {
@@ -288,8 +372,11 @@ impl ImageStore {
             &format!("linux/amd64 manifest of {whole}"),
         )?;
 
+        let size = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>()
+            + manifest.config.size.max(0) as u64;
+        let progress = PullProgress::new(size);
         let blob_ref = parsed.clone_with_digest(manifest_digest.clone());
-        self.fetch_blob(&client, &blob_ref, &target, &manifest.config).await?;
+        self.fetch_blob(&client, &blob_ref, &target, &progress, &manifest.config).await?;
         let config_bytes = self.read_blob(&image_id)?;
         let config = oci_spec::image::ImageConfiguration::from_reader(&config_bytes[..])
             .map_err(|e| Error::ParseConfig { digest: image_id.clone(), reason: e.to_string() })?;
@@ -303,17 +390,20 @@ impl ImageStore {
         }
         let user = parse_image_config(&image_id, &config_bytes)?.user;
 
-        let (client_ref, blob_ref_ref, target_ref) = (&client, &blob_ref, &target);
-        futures::stream::iter(manifest.layers.clone())
+        let (client_ref, blob_ref_ref, target_ref, progress_ref) =
+            (&client, &blob_ref, &target, &progress);
+        let downloads = futures::stream::iter(manifest.layers.clone())
             .map(|layer| async move {
-                self.fetch_blob(client_ref, blob_ref_ref, target_ref, &layer).await
+                self.fetch_blob(client_ref, blob_ref_ref, target_ref, progress_ref, &layer).await
             })
             .buffer_unordered(self.config.max_concurrent_downloads.max(1))
-            .try_collect::<Vec<PathBuf>>()
-            .await?;
-
-        let size = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>()
-            + manifest.config.size.max(0) as u64;
+            .try_collect::<Vec<PathBuf>>();
+        tokio::select! {
+            downloaded = downloads => { downloaded?; }
+            () = progress.log_every(&whole, self.config.progress_interval) => {}
+        }
+        // Before the unpack, which is not download time.
+        let download_rate = progress.rate();
         let mut record = ImageRecord {
             id: image_id.clone(),
             repo_tags: Vec::new(),
@@ -345,6 +435,8 @@ impl ImageStore {
             reference = %whole,
             image = %record.id,
             size = record.size,
+            received = progress.received.load(Ordering::Relaxed),
+            bytes_per_second = download_rate,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "image pulled"
         );
@@ -357,6 +449,7 @@ impl ImageStore {
         client: &Client,
         reference: &Reference,
         target: &Target<'_>,
+        progress: &PullProgress,
         descriptor: &OciDescriptor,
     ) -> Result<PathBuf> {
         let digest = descriptor.digest.as_str();
@@ -365,11 +458,13 @@ impl ImageStore {
         let result = {
             let _one_download = blob_lock.lock().await;
             if path.exists() {
+                progress.already_stored(u64::try_from(descriptor.size).unwrap_or(0));
                 Ok(())
             } else {
                 let temp = self.temp_path(&format!("blob-{}", digest_hex(digest)?));
-                let result =
-                    self.download_blob(client, reference, target, descriptor, &temp, &path).await;
+                let result = self
+                    .download_blob(client, reference, target, progress, descriptor, &temp, &path)
+                    .await;
                 if result.is_err() {
                     // Best effort: tmp/ is emptied on the next open anyway.
                     let _ = tokio::fs::remove_file(&temp).await;
@@ -383,28 +478,32 @@ impl ImageStore {
         result.map(|()| path)
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn download_blob(
         &self,
         client: &Client,
         reference: &Reference,
         target: &Target<'_>,
+        progress: &PullProgress,
         descriptor: &OciDescriptor,
         temp: &std::path::Path,
         path: &std::path::Path,
     ) -> Result<()> {
         let digest = descriptor.digest.as_str();
         let expected_size = u64::try_from(descriptor.size).unwrap_or(0);
-        let mut stream =
-            client.pull_blob_stream(reference, descriptor).await.map_err(|e| target.error(e))?;
+        let what = format!("blob {digest}");
+        let mut stream = target
+            .within_progress_timeout(&what, client.pull_blob_stream(reference, descriptor))
+            .await?
+            .map_err(|e| target.error(e))?;
         let total = stream.content_length.unwrap_or(expected_size);
         let write_error = |source| Error::WriteBlob { path: temp.to_owned(), source };
         let mut file = tokio::fs::File::create(temp).await.map_err(write_error)?;
         let mut hasher = sha2::Sha256::new();
         let mut received = 0u64;
         let started = Instant::now();
-        let mut last_report = Instant::now();
-        info!(digest, total, "downloading blob");
-        while let Some(chunk) = stream.next().await {
+        debug!(digest, total, "downloading blob");
+        while let Some(chunk) = target.within_progress_timeout(&what, stream.next()).await? {
             let chunk = chunk.map_err(|e| {
                 match e.get_ref().and_then(|inner| inner.downcast_ref::<DigestError>()) {
                     Some(DigestError::VerificationError { expected, actual }) => {
@@ -419,8 +518,8 @@ impl ImageStore {
             })?;
             hasher.update(&chunk);
             received += chunk.len() as u64;
-            self.bytes_downloaded
-                .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.bytes_downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            progress.received(chunk.len() as u64);
             if expected_size > 0 && received > expected_size {
                 return Err(Error::SizeMismatch {
                     digest: digest.to_owned(),
@@ -429,10 +528,6 @@ impl ImageStore {
                 });
             }
             file.write_all(&chunk).await.map_err(write_error)?;
-            if last_report.elapsed() >= PROGRESS_INTERVAL {
-                last_report = Instant::now();
-                info!(digest, received, total, "downloading blob");
-            }
         }
         file.sync_all().await.map_err(write_error)?;
         drop(file);
@@ -458,7 +553,7 @@ impl ImageStore {
             crate::sync_dir(parent)
                 .map_err(|source| Error::WriteBlob { path: parent.to_owned(), source })?;
         }
-        info!(
+        debug!(
             digest,
             received,
             total,

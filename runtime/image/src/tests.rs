@@ -10,6 +10,9 @@ use podvisor_e2e::registry::{registry_tests_can_run, TestRegistry};
 
 use super::*;
 
+mod import;
+mod progress;
+
 fn store(dir: &Path) -> ImageStore {
     ImageStore::open(dir, ImageStoreConfig::default()).expect("open store")
 }
@@ -552,4 +555,53 @@ async fn bearer_token_auth_with_right_and_wrong_credentials() {
         let err = fresh.pull(&reference, Some(&creds)).await.unwrap_err();
         assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
     }
+}
+
+#[tokio::test]
+async fn fs_info_falls_by_what_remove_frees_and_list_sizes_match() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let busybox = reg.push_busybox("busybox:1").unwrap();
+    let multi = reg.push_multilayer("multi:1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let a = store.pull(&busybox, None).await.unwrap();
+    let b = store.pull(&multi, None).await.unwrap();
+    for (record, reference) in [(&a, &busybox), (&b, &multi)] {
+        // The two share no blob, so each frees exactly its own usage.
+        let usage = store.disk_usage(record).unwrap();
+        assert!(usage.bytes > record.size, "{usage:?} vs compressed {}", record.size);
+        let before = store.fs_info().unwrap();
+        store.remove(reference).unwrap().unwrap();
+        let after = store.fs_info().unwrap();
+        assert_eq!(before.used_bytes - after.used_bytes, usage.bytes, "{reference}");
+        assert_eq!(before.inodes_used - after.inodes_used, usage.inodes, "{reference}");
+    }
+    assert!(store.list().is_empty());
+}
+
+#[tokio::test]
+async fn pinned_images_are_reported_and_never_removed() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let busybox = reg.push_busybox("busybox:1").unwrap();
+    let multi = reg.push_multilayer("multi:1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ImageStoreConfig { pinned: vec![busybox.clone()], ..Default::default() };
+    let store = ImageStore::open(dir.path(), config).unwrap();
+    let a = store.pull(&busybox, None).await.unwrap();
+    let b = store.pull(&multi, None).await.unwrap();
+    assert_eq!(store.pinned_by(&a), Some(busybox.as_str()));
+    assert_eq!(store.pinned_by(&b), None);
+    // By id, tag or digest: refused all the same, and nothing is deleted.
+    let blobs = blob_count(&store);
+    for name in [a.id.as_str(), busybox.as_str(), a.repo_digests[0].as_str()] {
+        let err = store.remove(name).unwrap_err();
+        assert!(matches!(err, Error::ImagePinned { .. }), "{err}");
+        assert!(err.to_string().contains(&busybox), "{err}");
+    }
+    assert_eq!(blob_count(&store), blobs);
+    assert!(store.rootfs_dir(&a.id).unwrap().is_dir());
+    store.remove(&b.id).unwrap().unwrap();
+    assert_eq!(store.list().len(), 1);
 }

@@ -59,8 +59,12 @@ pub fn error_code(error: &Error) -> Code {
         }
         Error::ImageNotFound(_) | Error::ManifestUnknown { .. } => Code::NotFound,
         Error::NoMatchingPlatform { .. } => Code::NotFound,
-        Error::RegistryUnreachable { .. } | Error::Registry { .. } => Code::Unavailable,
-        Error::HttpClient { .. } => Code::FailedPrecondition,
+        // A stall is the registry's failure, and a retry may well succeed: Unavailable, not
+        // DeadlineExceeded (which would read as the caller's own deadline passing).
+        Error::RegistryUnreachable { .. } | Error::Registry { .. } | Error::PullStalled { .. } => {
+            Code::Unavailable
+        }
+        Error::HttpClient { .. } | Error::ImagePinned { .. } => Code::FailedPrecondition,
         Error::Unauthorized { .. } => Code::Unauthenticated,
         Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => Code::DataLoss,
         Error::UnsupportedManifest { .. }
@@ -110,17 +114,36 @@ fn credentials(auth: Option<&AuthConfig>) -> Result<Option<RegistryCredentials>,
     .map_err(status)
 }
 
-fn to_cri(record: &ImageRecord) -> Image {
+/// `size` is what removing the image frees (see `ImageStore::disk_usage`).
+fn to_cri(record: &ImageRecord, size: u64, pinned: bool) -> Image {
     Image {
         id: record.id.clone(),
         repo_tags: record.repo_tags.clone(),
         repo_digests: record.repo_digests.clone(),
-        size: record.size,
+        size,
         uid: record.uid().map(|value| Int64Value { value }),
         username: record.username().unwrap_or_default().to_owned(),
         spec: Some(ImageSpec { image: record.id.clone(), ..Default::default() }),
-        pinned: false,
+        pinned,
     }
+}
+
+/// The CRI view of `records`, with their disk usage (a stat per blob; a walk of each tree the
+/// first time) and pinned flags.
+async fn cri_images(
+    store: &Arc<ImageStore>,
+    records: Vec<ImageRecord>,
+) -> Result<Vec<Image>, Status> {
+    blocking(store, move |s| {
+        let images = records.iter().map(|r| {
+            // One unreadable tree must not fail kubelet's whole ListImages: the compressed
+            // size is a usable estimate.
+            let size = s.disk_usage(r).map(|usage| usage.bytes).unwrap_or(r.size);
+            to_cri(r, size, s.pinned_by(r).is_some())
+        });
+        Ok(images.collect())
+    })
+    .await
 }
 
 /// Runs a blocking store call off the async workers.
@@ -147,10 +170,11 @@ impl ImageService for ImageServiceImpl {
             .and_then(|f| f.image)
             .map(|spec| spec.image)
             .filter(|name| !name.trim().is_empty());
-        let images = match wanted {
-            Some(name) => self.store.resolve(&name).iter().map(to_cri).collect(),
-            None => self.store.list().iter().map(to_cri).collect(),
+        let records = match wanted {
+            Some(name) => self.store.resolve(&name).into_iter().collect(),
+            None => self.store.list(),
         };
+        let images = cri_images(&self.store, records).await?;
         Ok(Response::new(ListImagesResponse { images }))
     }
 
@@ -181,7 +205,8 @@ impl ImageService for ImageServiceImpl {
             });
             info.insert("info".to_owned(), details.to_string());
         }
-        Ok(Response::new(ImageStatusResponse { image: Some(to_cri(&record)), info }))
+        let image = cri_images(&self.store, vec![record]).await?.pop();
+        Ok(Response::new(ImageStatusResponse { image, info }))
     }
 
     async fn pull_image(
@@ -299,5 +324,18 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{err}");
         assert!(err.message().contains(&format!("127.0.0.1:{port}")));
+        let stalled = Error::PullStalled {
+            host: "reg".into(),
+            reference: "reg/x:1".into(),
+            what: "blob sha256:00".into(),
+            seconds: 60,
+        };
+        assert_eq!(error_code(&stalled), Code::Unavailable);
+        let pinned = Error::ImagePinned {
+            reference: "pause".into(),
+            id: "sha256:00".into(),
+            pinned: "registry.k8s.io/pause:3.9".into(),
+        };
+        assert_eq!(error_code(&pinned), Code::FailedPrecondition);
     }
 }
