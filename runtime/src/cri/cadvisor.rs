@@ -322,6 +322,7 @@ mod tests {
             pid: 7,
             stop_signal: 0,
             resources: Some(Resources { memory_limit_bytes: limit, ..Default::default() }),
+            not_applicable: Vec::new(),
             state: ContainerState::Running,
         }
     }
