@@ -182,8 +182,9 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Root-only: records hold env vars, the state dir pods' volumes and logs.
     for dir in [&config.root, &config.state] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        store::create_private_dir(dir)?;
     }
     let config = Arc::new(config);
     for (what, path) in [("kernel", config.kernel_path()), ("initrd", config.initrd_path())] {

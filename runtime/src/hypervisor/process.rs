@@ -4,7 +4,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -40,8 +40,9 @@ pub fn virtiofsd_args(run_dir: &Path, dir: &SharedDir) -> Vec<OsString> {
     args
 }
 
-/// Creates the run directory (private) and the console log's directory, and removes the
-/// sockets a previous run may have left, so that a socket appearing means this run made it.
+/// Creates the run directory (private) and the console log (private: the guest's kernel and
+/// init print what they like), and removes the sockets a previous run may have left, so that a
+/// socket appearing means this run made it.
 pub fn prepare_run_dir(config: &VmConfig, stale_sockets: &[PathBuf]) -> Result<()> {
     let run_dir_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -53,8 +54,13 @@ pub fn prepare_run_dir(config: &VmConfig, stale_sockets: &[PathBuf]) -> Result<(
         .create(&config.run_dir)
         .map_err(run_dir_err(&config.run_dir))?;
     if let Some(parent) = config.console_log.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(run_dir_err(parent))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(run_dir_err(parent))?;
     }
+    create_private_file(&config.console_log).map_err(run_dir_err(&config.console_log))?;
     for path in stale_sockets {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -64,6 +70,14 @@ pub fn prepare_run_dir(config: &VmConfig, stale_sockets: &[PathBuf]) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Creates `path` 0600, or makes an existing one 0600, before a VMM or QEMU appends to it
+/// (they would create it 0644).
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
 /// Where a starting VM lists the processes spawned so far, until its handle is recorded.
@@ -166,8 +180,12 @@ impl Starting {
         fds: &[std::os::fd::RawFd],
     ) -> Result<()> {
         let spawn_err = |source| HypervisorError::Spawn { what: name.to_string(), source };
-        let log_file: File =
-            OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
+        let log_file: File = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log)
+            .map_err(spawn_err)?;
         let log_file2 = log_file.try_clone().map_err(spawn_err)?;
         let mut command = Command::new(program);
         let inherit = fds.to_vec();
@@ -325,6 +343,48 @@ impl Starting {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_run_dir_and_the_console_log_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let config = VmConfig {
+            sandbox_id: "sb".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            extra_kernel_args: String::new(),
+            run_dir: dir.path().join("vms/sb"),
+            console_log: dir.path().join("sandboxes/sb/console.log"),
+            shared_dirs: vec![],
+            block_devices: vec![],
+            net_devices: vec![],
+        };
+        prepare_run_dir(&config, &[]).unwrap();
+        assert_eq!(mode(&config.run_dir), 0o700);
+        assert_eq!(mode(config.console_log.parent().unwrap()), 0o700);
+        assert_eq!(mode(&config.console_log), 0o600);
+        // A console log an older daemon's VMM made 0644 is tightened.
+        std::fs::set_permissions(&config.console_log, std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        prepare_run_dir(&config, &[]).unwrap();
+        assert_eq!(mode(&config.console_log), 0o600);
+    }
+
+    /// What a VMM or helper prints (the guest's kernel arguments, paths, errors) is root's.
+    #[tokio::test]
+    async fn process_logs_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("helper.log");
+        let mut starting = Starting::new("helper", Duration::from_secs(5), dir.path());
+        starting.spawn("helper", OsStr::new("true"), &[], log.clone()).unwrap();
+        let mode = std::fs::metadata(&log).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+        starting.finish();
+    }
 
     /// A helper whose spawn the record missed is found by its arguments and stopped.
     #[tokio::test]

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 
 /// Longest log entry before it is split (containerd's default is 16 KiB).
 pub const MAX_LINE: usize = 16 * 1024;
@@ -33,9 +34,11 @@ fn open(path: &Path) -> Result<std::fs::File, LogError> {
         std::fs::create_dir_all(dir)
             .map_err(|source| LogError::CreateDir { path: dir.into(), source })?;
     }
+    // kubelet reads the logs as root; the group may read, as containerd's 0640.
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o640)
         .open(path)
         .map_err(|source| LogError::Open { path: path.into(), source })
 }
@@ -149,6 +152,18 @@ mod tests {
         assert_eq!(parts[3][3].len(), MAX_LINE);
         assert_eq!(parts[4][3], "x".repeat(10));
         assert!(parts[0][0].ends_with('Z') && parts[0][0].contains('T'));
+    }
+
+    /// Container output is the tenant's and often holds secrets: no other host user reads it.
+    #[test]
+    fn log_files_are_not_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        let w = LogWriter::open(&path).unwrap();
+        w.write_chunk(0, b"secret\n").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o037, 0, "mode {mode:o}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -208,13 +209,15 @@ impl Vmm {
 
         let exit = Arc::new(VmExit::new().map_err(VmmError::EventFd)?);
         let mut pio = Bus::new();
-        let console =
-            OpenOptions::new().create(true).append(true).open(&config.console_log).map_err(
-                |source| VmmError::ConsoleLog {
-                    path: config.console_log.display().to_string(),
-                    source,
-                },
-            )?;
+        let console = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&config.console_log)
+            .map_err(|source| VmmError::ConsoleLog {
+                path: config.console_log.display().to_string(),
+                source,
+            })?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
             .map_err(|source| VmmError::Irqfd { gsi: layout::SERIAL_IRQ, source })?;
