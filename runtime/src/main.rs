@@ -44,6 +44,26 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Copy a QEMU VM's serial console from a pipe into its capped log (started by the
+    /// daemon, one process per QEMU VM).
+    #[command(hide = true)]
+    ConsoleLog(ConsoleLogArgs),
+}
+
+#[derive(clap::Args)]
+struct ConsoleLogArgs {
+    /// The VM's run directory.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// The pipe QEMU writes the console to (inherited).
+    #[arg(long)]
+    input_fd: i32,
+    /// The console log.
+    #[arg(long)]
+    output: PathBuf,
+    /// Past this size only the log's newest half is kept.
+    #[arg(long)]
+    max_bytes: u64,
 }
 
 #[derive(clap::Args)]
@@ -67,6 +87,21 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check => check::run(),
         Command::Vmm { args } => podvisor_vmm::main_with_args(args),
+        Command::ConsoleLog(args) => {
+            let args = hypervisor::qemu::console::HelperArgs {
+                run_dir: args.run_dir,
+                input_fd: args.input_fd,
+                output: args.output,
+                max_bytes: args.max_bytes,
+            };
+            match hypervisor::qemu::console::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("podvisor console-log: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Daemon(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
