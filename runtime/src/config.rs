@@ -144,6 +144,15 @@ pub struct VmSection {
     /// Added to what a pod asks for (its resources plus overhead) when it asks for any: the
     /// guest kernel, agent and page cache.
     pub memory_overhead_mib: u32,
+    /// The guest console log's cap (it lives on the state directory's tmpfs): past it, only
+    /// its newest half is kept.
+    pub console_log_max_kib: u32,
+}
+
+impl VmSection {
+    pub fn console_log_max_bytes(&self) -> u64 {
+        u64::from(self.console_log_max_kib) * 1024
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -258,6 +267,7 @@ impl Default for VmSection {
             kernel_args: String::new(),
             boot_timeout_seconds: 60,
             memory_overhead_mib: 64,
+            console_log_max_kib: 1024,
         }
     }
 }
@@ -323,6 +333,10 @@ impl Config {
         }
         if self.vm.memory_mib < 64 {
             return Err(ConfigError::Invalid("vm.memory_mib must be at least 64".into()));
+        }
+        if self.vm.console_log_max_kib < 16 {
+            // Less would not hold the end of a failed boot.
+            return Err(ConfigError::Invalid("vm.console_log_max_kib must be at least 16".into()));
         }
         for (name, rt) in &self.runtimes {
             self.validate_runtime(name, rt)?;
@@ -422,6 +436,7 @@ mod tests {
         let c = Config::parse("").unwrap();
         assert_eq!(c.listen, PathBuf::from("/run/podvisor/podvisor.sock"));
         assert_eq!(c.vm.memory_mib, 256);
+        assert_eq!(c.vm.console_log_max_bytes(), 1 << 20);
         c.validate().unwrap();
     }
 
@@ -447,6 +462,7 @@ mod tests {
         let c = Config::parse("hypervisor = \"xen\"").unwrap();
         assert!(c.validate().is_err());
         assert!(Config::parse("[builtin]\nseccomp = \"maybe\"").is_err());
+        assert!(Config::parse("[vm]\nconsole_log_max_kib = 8").unwrap().validate().is_err());
         for bad in ["jail_first_id = 0", "jail_ids = 0", "jail_first_id = 4294967295"] {
             let c = Config::parse(&format!("[builtin]\n{bad}")).unwrap();
             assert!(c.validate().is_err(), "{bad}");

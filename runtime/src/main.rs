@@ -48,6 +48,26 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Copy a QEMU VM's serial console from a pipe into its capped log (started by the
+    /// daemon, one process per QEMU VM).
+    #[command(hide = true)]
+    ConsoleLog(ConsoleLogArgs),
+}
+
+#[derive(clap::Args)]
+struct ConsoleLogArgs {
+    /// The VM's run directory.
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// The pipe QEMU writes the console to (inherited).
+    #[arg(long)]
+    input_fd: i32,
+    /// The console log.
+    #[arg(long)]
+    output: PathBuf,
+    /// Past this size only the log's newest half is kept.
+    #[arg(long)]
+    max_bytes: u64,
 }
 
 #[derive(clap::Args)]
@@ -113,6 +133,21 @@ fn main() -> ExitCode {
             }
         },
         Command::Vmm { args } => podvisor_vmm::main_with_args(args),
+        Command::ConsoleLog(args) => {
+            let args = hypervisor::qemu::console::HelperArgs {
+                run_dir: args.run_dir,
+                input_fd: args.input_fd,
+                output: args.output,
+                max_bytes: args.max_bytes,
+            };
+            match hypervisor::qemu::console::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("podvisor console-log: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Daemon(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -255,8 +290,9 @@ fn init_logging(config: &Config) {
 async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let config = load_config(&args)?;
     init_logging(&config);
+    // Root-only: records hold env vars, the state dir pods' volumes and logs.
     for dir in [&config.root, &config.state] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        store::create_private_dir(dir)?;
     }
     let config = Arc::new(config);
     for (what, path) in [("kernel", config.kernel_path()), ("initrd", config.initrd_path())] {

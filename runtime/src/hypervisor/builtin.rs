@@ -146,6 +146,7 @@ pub fn vmm_config(config: &VmConfig, seccomp: SeccompMode) -> Result<VmmConfig> 
         initrd: Some(config.initrd.clone()),
         cmdline: config.extra_kernel_args.clone(),
         console_log: config.console_log.clone(),
+        console_log_max_bytes: config.console_log_max_bytes,
         vsock: Some(VsockConfig { guest_cid: GUEST_CID, uds: layout.vsock_uds() }),
         drives: config
             .block_devices
@@ -347,7 +348,7 @@ impl BuiltinHypervisor {
 impl Starting {
     async fn wait_for_status(&mut self, socket: &Path, deadline: Instant) -> Result<()> {
         loop {
-            self.check_running()?;
+            self.check_running().await?;
             let path = socket.to_path_buf();
             let answer = tokio::task::spawn_blocking(move || {
                 control::request(&path, &Request::Status, Duration::from_secs(1))
@@ -382,6 +383,7 @@ mod tests {
             extra_kernel_args: "quiet".into(),
             run_dir: run_dir.to_path_buf(),
             console_log: run_dir.join("console.log"),
+            console_log_max_bytes: podvisor_vmm::console::DEFAULT_MAX_BYTES,
             shared_dirs: vec![SharedDir {
                 tag: "rootfs".into(),
                 host_path: "/srv".into(),

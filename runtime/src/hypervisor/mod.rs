@@ -135,6 +135,8 @@ pub struct VmSpec {
     pub extra_kernel_args: String,
     /// The guest serial console is appended here.
     pub console_log: PathBuf,
+    /// Past this size the console log keeps only its newest half.
+    pub console_log_max_bytes: u64,
     pub shared_dirs: Vec<SharedDir>,
     pub block_devices: Vec<BlockDevice>,
     pub net_devices: Vec<NetDevice>,
@@ -154,6 +156,8 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
     /// The guest serial console is appended here.
     pub console_log: PathBuf,
+    /// Past this size the console log keeps only its newest half.
+    pub console_log_max_bytes: u64,
     pub shared_dirs: Vec<SharedDir>,
     pub block_devices: Vec<BlockDevice>,
     pub net_devices: Vec<NetDevice>,
@@ -171,6 +175,7 @@ impl VmConfig {
             extra_kernel_args: spec.extra_kernel_args.clone(),
             run_dir: prepared.run_dir.clone(),
             console_log: spec.console_log.clone(),
+            console_log_max_bytes: spec.console_log_max_bytes,
             shared_dirs: spec.shared_dirs.clone(),
             block_devices: spec.block_devices.clone(),
             net_devices: spec.net_devices.clone(),

@@ -4,7 +4,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -40,8 +40,9 @@ pub fn virtiofsd_args(run_dir: &Path, dir: &SharedDir) -> Vec<OsString> {
     args
 }
 
-/// Creates the run directory (private) and the console log's directory, and removes the
-/// sockets a previous run may have left, so that a socket appearing means this run made it.
+/// Creates the run directory (private) and the console log (private: the guest's kernel and
+/// init print what they like), and removes the sockets a previous run may have left, so that a
+/// socket appearing means this run made it.
 pub fn prepare_run_dir(config: &VmConfig, stale_sockets: &[PathBuf]) -> Result<()> {
     let run_dir_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -53,8 +54,13 @@ pub fn prepare_run_dir(config: &VmConfig, stale_sockets: &[PathBuf]) -> Result<(
         .create(&config.run_dir)
         .map_err(run_dir_err(&config.run_dir))?;
     if let Some(parent) = config.console_log.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(run_dir_err(parent))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(run_dir_err(parent))?;
     }
+    create_private_file(&config.console_log).map_err(run_dir_err(&config.console_log))?;
     for path in stale_sockets {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -66,6 +72,17 @@ pub fn prepare_run_dir(config: &VmConfig, stale_sockets: &[PathBuf]) -> Result<(
     Ok(())
 }
 
+/// Creates `path` 0600, or makes an existing one 0600, before a VMM or QEMU appends to it
+/// (they would create it 0644).
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    OpenOptions::new().create(true).append(true).mode(0o600).open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+/// How long a helper's exit waits for the VMM's to show before it is reported itself.
+const HELPER_EXIT_GRACE: Duration = Duration::from_millis(200);
+
 /// Where a starting VM lists the processes spawned so far, until its handle is recorded.
 fn starting_record(run_dir: &Path) -> PathBuf {
     run_dir.join("starting.json")
@@ -73,8 +90,8 @@ fn starting_record(run_dir: &Path) -> PathBuf {
 
 /// Stops the processes an interrupted start listed in `run_dir` and removes the directory.
 /// A process spawned just before the daemon died may be missing from the record, so processes
-/// whose command line names the run directory (every VMM and helper is given a socket in it)
-/// are stopped too.
+/// whose command line names the run directory (every VMM and helper is given it or a socket in
+/// it) are stopped too.
 pub async fn reclaim_interrupted_start(run_dir: &Path) -> Result<()> {
     let mut processes =
         crate::store::read_json::<Vec<VmProcess>>(&starting_record(run_dir)).unwrap_or_default();
@@ -92,9 +109,10 @@ pub async fn reclaim_interrupted_start(run_dir: &Path) -> Result<()> {
         .map_err(|source| HypervisorError::RunDir { path: run_dir.to_path_buf(), source })
 }
 
-/// Processes (not this one) with an argument inside `dir`.
+/// Processes (not this one) with an argument that is `dir` or names a path inside it.
 fn processes_naming(dir: &Path) -> Vec<VmProcess> {
-    let mut prefix = dir.as_os_str().as_encoded_bytes().to_vec();
+    let exact = dir.as_os_str().as_encoded_bytes().to_vec();
+    let mut prefix = exact.clone();
     prefix.push(b'/');
     let me = std::process::id() as i32;
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -106,7 +124,7 @@ fn processes_naming(dir: &Path) -> Vec<VmProcess> {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
             let names = cmdline
                 .split(|b| *b == 0)
-                .any(|arg| arg.windows(prefix.len()).any(|w| w == prefix.as_slice()));
+                .any(|arg| arg == exact || arg.windows(prefix.len()).any(|w| w == prefix));
             let start_time = process_start_time(pid)?;
             names.then(|| VmProcess { name: "leftover".into(), pid, start_time })
         })
@@ -166,8 +184,12 @@ impl Starting {
         fds: &[std::os::fd::RawFd],
     ) -> Result<()> {
         let spawn_err = |source| HypervisorError::Spawn { what: name.to_string(), source };
-        let log_file: File =
-            OpenOptions::new().create(true).append(true).open(&log).map_err(spawn_err)?;
+        let log_file: File = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log)
+            .map_err(spawn_err)?;
         let log_file2 = log_file.try_clone().map_err(spawn_err)?;
         let mut command = Command::new(program);
         let inherit = fds.to_vec();
@@ -211,21 +233,45 @@ impl Starting {
         Ok(())
     }
 
-    /// Fails if any process has exited, naming its log.
-    pub fn check_running(&mut self) -> Result<()> {
-        for s in &mut self.spawned {
-            let status = match s.child.try_wait() {
-                Ok(None) => continue,
-                Ok(Some(status)) => status.to_string(),
-                Err(e) => format!("unknown: {e}"),
-            };
-            return Err(HypervisorError::EarlyExit {
-                what: s.process.name.clone(),
-                status,
-                log: s.log.clone(),
-            });
+    /// Fails if any process has exited, naming its log. Helpers end when the VMM does (the
+    /// console copier at the end of its pipe, virtiofsd when the VMM hangs up), possibly a
+    /// moment before the VMM's own exit shows: a helper's exit is reported only if the VMM
+    /// still runs a little later, so the error names the VMM's log when the VMM failed.
+    pub async fn check_running(&mut self) -> Result<()> {
+        let Some(exited) = self.first_exited() else { return Ok(()) };
+        let main = self.main;
+        let deadline = Instant::now() + HELPER_EXIT_GRACE;
+        while self.spawned[exited].process.name != main && Instant::now() < deadline {
+            if let Some(index) = self.exited_named(main) {
+                return Err(self.early_exit(index));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(())
+        let reported = self.exited_named(main).unwrap_or(exited);
+        Err(self.early_exit(reported))
+    }
+
+    /// The first spawned process that has exited.
+    fn first_exited(&mut self) -> Option<usize> {
+        (0..self.spawned.len()).find(|&i| !matches!(self.spawned[i].child.try_wait(), Ok(None)))
+    }
+
+    /// The process named `name`, if it has exited.
+    fn exited_named(&mut self, name: &str) -> Option<usize> {
+        (0..self.spawned.len()).find(|&i| {
+            self.spawned[i].process.name == name
+                && !matches!(self.spawned[i].child.try_wait(), Ok(None))
+        })
+    }
+
+    fn early_exit(&mut self, index: usize) -> HypervisorError {
+        let s = &mut self.spawned[index];
+        let status = match s.child.try_wait() {
+            Ok(Some(status)) => status.to_string(),
+            Ok(None) => "still running".into(),
+            Err(e) => format!("unknown: {e}"),
+        };
+        HypervisorError::EarlyExit { what: s.process.name.clone(), status, log: s.log.clone() }
     }
 
     /// Waits until `path` exists, failing early if a process exits.
@@ -236,7 +282,7 @@ impl Starting {
         deadline: Instant,
     ) -> Result<()> {
         loop {
-            self.check_running()?;
+            self.check_running().await?;
             if path.exists() {
                 return Ok(());
             }
@@ -326,6 +372,49 @@ impl Starting {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_run_dir_and_the_console_log_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let config = VmConfig {
+            sandbox_id: "sb".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            extra_kernel_args: String::new(),
+            run_dir: dir.path().join("vms/sb"),
+            console_log: dir.path().join("sandboxes/sb/console.log"),
+            console_log_max_bytes: podvisor_vmm::console::DEFAULT_MAX_BYTES,
+            shared_dirs: vec![],
+            block_devices: vec![],
+            net_devices: vec![],
+        };
+        prepare_run_dir(&config, &[]).unwrap();
+        assert_eq!(mode(&config.run_dir), 0o700);
+        assert_eq!(mode(config.console_log.parent().unwrap()), 0o700);
+        assert_eq!(mode(&config.console_log), 0o600);
+        // A console log an older daemon's VMM made 0644 is tightened.
+        std::fs::set_permissions(&config.console_log, std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        prepare_run_dir(&config, &[]).unwrap();
+        assert_eq!(mode(&config.console_log), 0o600);
+    }
+
+    /// What a VMM or helper prints (the guest's kernel arguments, paths, errors) is root's.
+    #[tokio::test]
+    async fn process_logs_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("helper.log");
+        let mut starting = Starting::new("helper", Duration::from_secs(5), dir.path());
+        starting.spawn("helper", OsStr::new("true"), &[], log.clone()).unwrap();
+        let mode = std::fs::metadata(&log).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+        starting.finish();
+    }
+
     /// A helper whose spawn the record missed is found by its arguments and stopped.
     #[tokio::test]
     async fn an_interrupted_start_is_reclaimed_with_processes_the_record_missed() {
@@ -337,14 +426,24 @@ mod tests {
             .args(["-c", "sleep 30", &socket.display().to_string()])
             .spawn()
             .unwrap();
-        let other = std::process::Command::new("sh")
-            .args(["-c", "sleep 30", &dir.path().join("elsewhere").display().to_string()])
+        // The console copier is given the run directory itself.
+        let mut named = std::process::Command::new("sh")
+            .args(["-c", "sleep 30", &run_dir.display().to_string()])
             .spawn()
             .unwrap();
-        let found = processes_naming(&run_dir);
-        assert_eq!(found.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![orphan.id() as i32]);
+        // A sibling's name starts like ours.
+        let other = std::process::Command::new("sh")
+            .args(["-c", "sleep 30", &dir.path().join("vm2").display().to_string()])
+            .spawn()
+            .unwrap();
+        let mut found: Vec<i32> = processes_naming(&run_dir).iter().map(|p| p.pid).collect();
+        found.sort();
+        let mut want = vec![orphan.id() as i32, named.id() as i32];
+        want.sort();
+        assert_eq!(found, want);
         reclaim_interrupted_start(&run_dir).await.unwrap();
         assert!(orphan.wait().unwrap().code().is_none(), "the orphan was not signalled");
+        assert!(named.wait().unwrap().code().is_none(), "the orphan was not signalled");
         assert!(!run_dir.exists());
         let mut other = other;
         assert!(other.try_wait().unwrap().is_none(), "an unrelated process was stopped");

@@ -5,7 +5,12 @@
 //! bind-mounts what a container needs; `shared/` is a read-only slave bind of `mounts/`, and
 //! virtiofsd serves `shared/`. New mounts under `mounts/` propagate into `shared/` (and into
 //! virtiofsd's own mount namespace), while nothing the guest does can write through.
+//!
+//! The share holds secret volumes and service-account tokens, and image trees with set-uid
+//! binaries: its directories are 0700, and read-only views are also nosuid and nodev, so a
+//! host user reaching them anyway can neither read them nor gain privileges from them.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -14,6 +19,8 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 pub enum ShareError {
     #[error("creating {path}: {source}")]
     CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("making {path} private: {source}")]
+    SetMode { path: PathBuf, source: std::io::Error },
     #[error("creating mount target {path}: {source}")]
     CreateTarget { path: PathBuf, source: std::io::Error },
     #[error("mounting {what} at {path}: {source}")]
@@ -62,8 +69,17 @@ impl SandboxShare {
         let shared = self.shared_dir();
         let staging = self.staging_dir();
         for dir in [&mounts, &shared, &staging] {
-            std::fs::create_dir_all(dir)
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
                 .map_err(|source| ShareError::CreateDir { path: dir.clone(), source })?;
+        }
+        // Also tightens the directories of a share an older daemon made (`shared` is a view of
+        // `mounts`, so it follows).
+        for dir in [&self.base, &mounts] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|source| ShareError::SetMode { path: dir.clone(), source })?;
         }
         if !is_mount_point(&staging) {
             bind(&staging, &staging, MsFlags::empty())?;
@@ -171,12 +187,18 @@ fn remount_propagation(target: &Path, flag: MsFlags) -> Result<(), ShareError> {
     })
 }
 
+/// Read-only, nosuid and nodev: image trees are not the host's to run set-uid binaries or
+/// open devices from.
 fn remount_read_only(target: &Path) -> Result<(), ShareError> {
     mount(
         None::<&str>,
         target,
         None::<&str>,
-        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+        MsFlags::MS_REMOUNT
+            | MsFlags::MS_BIND
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
         None::<&str>,
     )
     .map_err(|e| ShareError::Mount {
@@ -307,6 +329,45 @@ mod tests {
         share.destroy().unwrap();
         assert!(!dir.path().join("sb").exists());
         assert_eq!(std::fs::read(src.join("file")).unwrap(), b"content");
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Secret volumes and image trees are out of other host users' reach, and a read-only
+    /// image bind cannot lend its set-uid binaries or device nodes to the host.
+    #[test]
+    fn share_is_private_and_read_only_binds_are_nosuid_nodev() {
+        use nix::sys::statvfs::{statvfs, FsFlags};
+        if !is_root() {
+            eprintln!("skipped: needs root for mounts");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("image");
+        std::fs::create_dir_all(&src).unwrap();
+        let base = dir.path().join("sb/share");
+        // A share left by an older daemon, world-readable.
+        std::fs::create_dir_all(base.join("mounts")).unwrap();
+        for d in [&base, &base.join("mounts")] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let share = SandboxShare::new(&base);
+        share.create().unwrap();
+        for d in [base.clone(), share.mounts_dir(), share.shared_dir(), share.staging_dir()] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        let rel = share.bind(&src, "images/one", true).unwrap();
+        for view in
+            [share.shared_dir(), share.mounts_dir().join(&rel), share.shared_dir().join(&rel)]
+        {
+            let flags = statvfs(&view).unwrap().flags();
+            for want in [FsFlags::ST_RDONLY, FsFlags::ST_NOSUID, FsFlags::ST_NODEV] {
+                assert!(flags.contains(want), "{} lacks {want:?}: {flags:?}", view.display());
+            }
+        }
+        share.destroy().unwrap();
     }
 
     /// The volume share: a read-write bind is writable through the served view, while the

@@ -55,6 +55,24 @@ pub struct LogSink {
     pub offsets_path: PathBuf,
 }
 
+impl LogSink {
+    /// Appends accepted output and records how far the log has come. Blocking.
+    fn append(&self, slot: usize, data: &[u8], offsets: OutputOffsets) {
+        if let Err(e) = self.writer.write_chunk(slot, data) {
+            warn!(error = %e, "writing container log");
+        }
+        offsets.save(&self.offsets_path, Some(&self.writer));
+    }
+
+    /// The output has ended: what is held back goes out too. Blocking.
+    fn finish(&self, offsets: OutputOffsets) {
+        if let Err(e) = self.writer.flush_partial() {
+            warn!(error = %e, "writing container log");
+        }
+        offsets.save(&self.offsets_path, Some(&self.writer));
+    }
+}
+
 impl ProcessIo {
     pub fn new(agent: Arc<dyn GuestAgent>, process: ProcessId) -> Arc<Self> {
         Arc::new(Self {
@@ -134,6 +152,19 @@ impl ProcessIo {
         }
     }
 
+    /// Runs `work` on the log from the blocking pool: file writes on an async worker would
+    /// hold up every other CRI call it serves (a container printing newlines did).
+    async fn off_the_workers(
+        &self,
+        log: &Arc<LogSink>,
+        work: impl FnOnce(&LogSink) + Send + 'static,
+    ) {
+        let log = Arc::clone(log);
+        if let Err(e) = tokio::task::spawn_blocking(move || work(&log)).await {
+            warn!(process = ?self.process, error = %e, "the container log writer failed");
+        }
+    }
+
     /// The output has ended: subscribers see the end of their streams.
     fn finish(&self) {
         self.ended.send_replace(true);
@@ -148,35 +179,31 @@ impl ProcessIo {
         log: Option<LogSink>,
         keep_going: impl Fn() -> bool + Send,
     ) {
-        let writer = log.as_ref().map(|l| l.writer.as_ref());
-        let save = |offsets: &OutputOffsets| {
-            if let Some(l) = &log {
-                offsets.save(&l.offsets_path, Some(&l.writer));
-            }
-        };
+        let log = log.map(Arc::new);
         loop {
-            match self.agent.output(&self.process, offsets.written(writer)).await {
+            let from = offsets.written(log.as_ref().map(|l| l.writer.as_ref()));
+            match self.agent.output(&self.process, from).await {
                 Ok(mut stream) => loop {
                     match stream.next().await {
                         Some(Ok(chunk)) => {
                             let Some((slot, data)) = offsets.accept(&self.process, &chunk) else {
                                 continue;
                             };
-                            if let Some(w) = writer {
-                                if let Err(e) = w.write_chunk(slot, data) {
-                                    warn!(process = ?self.process, error = %e, "writing container log");
-                                }
-                            }
                             let fresh =
                                 OutputChunk { kind: chunk.kind, data: data.to_vec(), offset: 0 };
-                            save(&offsets);
+                            if let Some(log) = &log {
+                                let data = fresh.data.clone();
+                                self.off_the_workers(log, move |log| {
+                                    log.append(slot, &data, offsets)
+                                })
+                                .await;
+                            }
                             self.fan_out(fresh).await;
                         }
                         None => {
-                            if let Some(w) = writer {
-                                let _ = w.flush_partial();
+                            if let Some(log) = &log {
+                                self.off_the_workers(log, move |log| log.finish(offsets)).await;
                             }
-                            save(&offsets);
                             self.finish();
                             return;
                         }
@@ -351,6 +378,33 @@ mod tests {
         // A late subscriber sees the end at once.
         assert!(io.subscribe(Delivery::Lossless).recv().await.is_none());
         assert_eq!(OutputOffsets::load(&dir.path().join("c.offsets")).received, [4, 4]);
+    }
+
+    /// A container printing newlines must not stall other CRI calls: its log (and the
+    /// offsets beside it) are written from the blocking pool, never from the async worker
+    /// (a `#[tokio::test]` runs everything else on this one thread).
+    #[tokio::test]
+    async fn log_writes_stay_off_the_async_worker() {
+        let worker = std::thread::current().id();
+        let dir = tempfile::tempdir().unwrap();
+        let agent = FakeAgent::default();
+        let process = running_container(&agent).await;
+        let io = ProcessIo::new(Arc::new(agent.clone()), process);
+        let writer = Arc::new(LogWriter::open(&dir.path().join("c.log")).unwrap());
+        let sink = LogSink { writer: writer.clone(), offsets_path: dir.path().join("c.offsets") };
+        let pump = tokio::spawn(io.clone().pump(OutputOffsets::default(), Some(sink), || true));
+        const LINES: usize = 256 * 1024;
+        agent.emit("c", OutputKind::Stdout, &vec![b'\n'; LINES]);
+        agent.emit("c", OutputKind::Stderr, b"unfinished");
+        agent.exit("c", 0);
+        pump.await.unwrap();
+        let threads = writer.write_threads();
+        assert!(!threads.is_empty());
+        assert!(!threads.contains(&worker), "the log was written from the async worker");
+        let log = std::fs::read_to_string(dir.path().join("c.log")).unwrap();
+        assert_eq!(log.lines().count(), LINES + 1);
+        assert!(log.ends_with(" stderr F unfinished\n"));
+        assert_eq!(OutputOffsets::load(&dir.path().join("c.offsets")).received, [LINES as u64, 10]);
     }
 
     /// A client that stops reading is cut off; the log and the other client go on.

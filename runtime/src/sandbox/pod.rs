@@ -19,6 +19,8 @@ use crate::resource::ShareLayout;
 const VM_STOP_GRACE: Duration = Duration::from_secs(3);
 /// Lines of the guest console quoted when a boot fails.
 const CONSOLE_TAIL_LINES: usize = 15;
+/// Bytes of the console's end read to find them: the log may be megabytes.
+const CONSOLE_TAIL_BYTES: u64 = 16 * 1024;
 
 impl SandboxManager {
     /// RunPodSandbox: boots the pod's VM and prepares it. Returns the sandbox id.
@@ -155,6 +157,7 @@ impl SandboxManager {
             initrd: handler.initrd.clone(),
             extra_kernel_args: handler.kernel_args.clone(),
             console_log: self.console_log_path(id),
+            console_log_max_bytes: self.config.vm.console_log_max_bytes(),
             shared_dirs: resources.shared_dirs(),
             block_devices: resources.block_devices(),
             net_devices,
@@ -266,9 +269,7 @@ impl SandboxManager {
 
     /// A boot failure, with the end of the guest console (removed with the failed sandbox).
     fn boot_failed(&self, id: &str, reason: &str) -> SandboxError {
-        let console = std::fs::read_to_string(self.console_log_path(id)).unwrap_or_default();
-        let lines: Vec<&str> = console.lines().collect();
-        let tail = lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n");
+        let tail = console_tail(&self.console_log_path(id));
         SandboxError::Boot {
             sandbox: id.to_string(),
             reason: format!("{reason}; guest console ends with:\n{tail}"),
@@ -540,7 +541,44 @@ fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
     }
 }
 
+/// The last [`CONSOLE_TAIL_LINES`] lines of the console log, from its last
+/// [`CONSOLE_TAIL_BYTES`] only; bytes that are not UTF-8 (a guest prints what it likes) are
+/// replaced, not a reason to show nothing.
+fn console_tail(path: &std::path::Path) -> String {
+    let tail = podvisor_vmm::console::read_tail(path, CONSOLE_TAIL_BYTES).unwrap_or_default();
+    let text = String::from_utf8_lossy(&tail);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
+}
+
 /// The pod's addresses from its record.
 fn rec_pod_ips(rec: &SandboxRecord) -> Vec<std::net::IpAddr> {
     rec.network.as_ref().map(|n| n.pod_ips()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A boot failure quotes the console's last lines without reading a large log whole, and
+    /// garbage the guest printed earlier does not hide them.
+    #[test]
+    fn the_console_tail_comes_from_the_end_of_a_large_log() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"\xff\xfe early garbage\n").unwrap();
+        for i in 0..200_000 {
+            writeln!(f, "boot line {i}").unwrap();
+        }
+        f.write_all(b"Kernel panic - not syncing: \xff\n").unwrap();
+        drop(f);
+        let tail = console_tail(&path);
+        let lines: Vec<&str> = tail.lines().collect();
+        assert_eq!(lines.len(), CONSOLE_TAIL_LINES);
+        assert_eq!(lines[0], "boot line 199986");
+        assert!(lines[CONSOLE_TAIL_LINES - 1].starts_with("Kernel panic - not syncing: "));
+        assert_eq!(console_tail(&dir.path().join("missing")), "");
+    }
 }

@@ -97,6 +97,7 @@ fn one_run(vmm_command: &[OsString], dir: &Path) -> Result<(u64, u64, u64, Durat
         initrd: None,
         cmdline: String::new(),
         console_log: dir.join("console.log"),
+        console_log_max_bytes: crate::console::DEFAULT_MAX_BYTES,
         vsock: None,
         drives: vec![],
         nets: vec![],

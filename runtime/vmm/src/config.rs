@@ -97,6 +97,9 @@ pub struct VmmConfig {
     pub cmdline: String,
     /// The serial console is appended here.
     pub console_log: PathBuf,
+    /// The console log's cap: past it, only its newest half is kept (see [`crate::console`]).
+    #[serde(default = "default_console_log_max_bytes")]
+    pub console_log_max_bytes: u64,
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
     #[serde(default)]
@@ -107,6 +110,10 @@ pub struct VmmConfig {
     pub fs: Vec<FsConfig>,
     #[serde(default)]
     pub seccomp: SeccompMode,
+}
+
+fn default_console_log_max_bytes() -> u64 {
+    crate::console::DEFAULT_MAX_BYTES
 }
 
 impl VmmConfig {
@@ -177,6 +184,7 @@ mod tests {
     fn minimal_config_parses_with_defaults() {
         let c = minimal();
         assert_eq!(c.seccomp, SeccompMode::Trap);
+        assert_eq!(c.console_log_max_bytes, crate::console::DEFAULT_MAX_BYTES);
         assert!(c.initrd.is_none() && c.vsock.is_none() && c.drives.is_empty());
         c.validate().unwrap();
         assert_eq!(c.memory_bytes(), 128 << 20);

@@ -48,6 +48,7 @@ fn guest(code: &[u8], vcpus: u8) -> Guest {
         initrd: None,
         cmdline: String::new(),
         console_log: console.clone(),
+        console_log_max_bytes: crate::console::DEFAULT_MAX_BYTES,
         vsock: None,
         drives: vec![],
         nets: vec![],

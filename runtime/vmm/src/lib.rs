@@ -3,15 +3,17 @@
 //!
 //! Modules: [`layout`] (every guest-physical address), [`memory`] (memfd guest RAM),
 //! [`arch`] (kernel loading, boot CPU state, CPUID, MP table), [`bus`] + [`legacy`] (PIO
-//! serial and i8042), [`devices`] (virtio-mmio devices), [`vcpu`] + [`vstate`] (vCPU threads
-//! and the run/pause/stop protocol), [`vmm`] (building and running a VM), [`control`] (control
-//! socket), [`signals`] (SIGTERM/SIGINT = clean stop), [`seccomp`] and [`jail`] (hardening),
-//! [`host`] (what KVM here can do), [`bench`] (`make bench` figures).
+//! serial and i8042), [`console`] (the serial console's capped log), [`devices`] (virtio-mmio
+//! devices), [`vcpu`] + [`vstate`] (vCPU threads and the run/pause/stop protocol), [`vmm`]
+//! (building and running a VM), [`control`] (control socket), [`signals`] (SIGTERM/SIGINT =
+//! clean stop), [`seccomp`] and [`jail`] (hardening), [`host`] (what KVM here can do),
+//! [`bench`] (`make bench` figures).
 
 pub mod arch;
 pub mod bench;
 pub mod bus;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod devices;
 pub mod guest_program;

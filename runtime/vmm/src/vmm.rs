@@ -3,7 +3,6 @@
 //! until the VM exits.
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -19,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{boot, cpuid, mptable, regs};
 use crate::bus::{Bus, BusError};
 use crate::config::VmmConfig;
+use crate::console::CappedLog;
 use crate::devices::{MmioTransport, VirtioDevice};
 use crate::layout;
 use crate::legacy::{SerialDevice, I8042};
@@ -208,13 +208,13 @@ impl Vmm {
 
         let exit = Arc::new(VmExit::new().map_err(VmmError::EventFd)?);
         let mut pio = Bus::new();
-        let console =
-            OpenOptions::new().create(true).append(true).open(&config.console_log).map_err(
-                |source| VmmError::ConsoleLog {
-                    path: config.console_log.display().to_string(),
-                    source,
-                },
-            )?;
+        // Capped: the guest decides how much it prints, the host's memory holds the log.
+        let console = CappedLog::open(&config.console_log, config.console_log_max_bytes).map_err(
+            |source| VmmError::ConsoleLog {
+                path: config.console_log.display().to_string(),
+                source,
+            },
+        )?;
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
             .map_err(|source| VmmError::Irqfd { gsi: layout::SERIAL_IRQ, source })?;

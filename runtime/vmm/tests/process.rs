@@ -125,6 +125,34 @@ fn jailed_vmm_runs_unprivileged_in_its_own_mount_namespace() {
     assert_eq!(code, Some(0), "stderr: {stderr}");
 }
 
+/// A guest printing more than the console log's cap, from a jailed VMM under seccomp (the
+/// serial device cuts the log back on the vCPU thread, through the fd it opened before the
+/// jail): the log stays within the cap and holds the newest output.
+#[test]
+fn a_flooding_guest_leaves_a_capped_console_log() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text: Vec<u8> = (0..800).flat_map(|i| format!("line {i:04}\n").into_bytes()).collect();
+    let code = asm::program(&[
+        &asm::mov_dx(SERIAL_PORT_BASE as u16),
+        &asm::out_text(&text),
+        &asm::mov_al(0xfe),
+        &asm::out_imm_al(0x64),
+    ]);
+    let mut cfg = config(dir.path(), &code, 32);
+    cfg.console_log_max_bytes = 1024;
+    let jail: &[&str] =
+        if nix::unistd::geteuid().is_root() { &["--jail", "65534:65534"] } else { &[] };
+    let mut vmm = spawn(dir, &cfg, jail);
+    let (code, stderr) = vmm.wait_exit();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    let console = std::fs::read(&vmm.console).unwrap();
+    assert!((512..=1024).contains(&console.len()), "{} bytes kept", console.len());
+    assert!(text.ends_with(&console), "not the newest output: {console:?}");
+}
+
 #[test]
 fn vsock_device_is_visible_over_mmio_and_its_socket_exists() {
     if !kvm_available() {

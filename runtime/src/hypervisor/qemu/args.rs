@@ -60,6 +60,10 @@ impl RunDirLayout {
     pub fn vhost_vsock_log(&self) -> PathBuf {
         self.run_dir.join("vhost-device-vsock.log")
     }
+    /// What the console copier itself reports (not the console).
+    pub fn console_helper_log(&self) -> PathBuf {
+        self.run_dir.join("console-log.log")
+    }
 }
 
 /// Checks what QEMU would otherwise reject late (or misparse) before anything is spawned.
@@ -190,8 +194,14 @@ pub fn kernel_cmdline(config: &VmConfig) -> String {
     cmdline
 }
 
-/// QEMU's full argument list (without the binary).
-pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout, accel: ResolvedAccel) -> Vec<OsString> {
+/// QEMU's full argument list (without the binary). The serial console goes to `console_fd`,
+/// inherited: the write end of the console copier's pipe.
+pub fn qemu_args(
+    config: &VmConfig,
+    layout: &RunDirLayout,
+    accel: ResolvedAccel,
+    console_fd: std::os::fd::RawFd,
+) -> Vec<OsString> {
     let mem = config.memory_mib;
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
@@ -228,7 +238,8 @@ pub fn qemu_args(config: &VmConfig, layout: &RunDirLayout, accel: ResolvedAccel)
     args.push(kernel_cmdline(config).into());
 
     args.push("-chardev".into());
-    args.push(opt_with_path("file,id=console,append=on,path=", &config.console_log, ""));
+    // QEMU opens the path itself; /dev/fd/N reopens the inherited pipe.
+    args.push(format!("file,id=console,path=/dev/fd/{console_fd}").into());
     args.push("-serial".into());
     args.push("chardev:console".into());
 
@@ -304,6 +315,7 @@ mod tests {
             extra_kernel_args: " quiet ".into(),
             run_dir: dir.join("run"),
             console_log: dir.join("console,log"),
+            console_log_max_bytes: podvisor_vmm::console::DEFAULT_MAX_BYTES,
             shared_dirs: vec![],
             block_devices: vec![],
             net_devices: vec![],
@@ -319,7 +331,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = config(tmp.path());
         let layout = RunDirLayout::new(&cfg.run_dir);
-        let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg));
+        let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg, 9));
         assert!(line.starts_with(
             "-M microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on,memory-backend=mem \
              -object memory-backend-memfd,id=mem,size=128M,share=on -m 128M -smp 1 -cpu max \
@@ -327,16 +339,13 @@ mod tests {
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         ));
         assert!(line.contains("-append console=ttyS0 reboot=t panic=-1 quiet -chardev"));
-        // The comma in the console log's name is doubled.
-        assert!(line.contains(&format!(
-            "file,id=console,append=on,path={}/console,,log -serial chardev:console",
-            tmp.path().display()
-        )));
+        // The console goes to the copier's pipe, never to a file QEMU appends to unbounded.
+        assert!(line.contains("-chardev file,id=console,path=/dev/fd/9 -serial chardev:console"));
         assert!(line.contains(&format!(
             "socket,id=vsock,path={}/run/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock",
             tmp.path().display()
         )));
-        assert!(joined(&qemu_args(&cfg, &layout, ResolvedAccel::Kvm)).contains("-accel kvm "));
+        assert!(joined(&qemu_args(&cfg, &layout, ResolvedAccel::Kvm, 9)).contains("-accel kvm "));
         assert!(validate(&cfg).is_ok());
     }
 
@@ -375,7 +384,7 @@ mod tests {
         assert_eq!(cfg.inherited_fds(), vec![tap.raw()]);
         validate(&cfg).unwrap();
         let layout = RunDirLayout::new(&cfg.run_dir);
-        let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg));
+        let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg, 9));
         let run = cfg.run_dir.display();
         assert!(line.contains("-smp 2 "));
         assert!(line.contains(&format!(

@@ -4,12 +4,14 @@
 //! - `vhost-device-vsock` gives the guest its vsock device and the host the hybrid-vsock socket
 //!   `<run_dir>/vsock.sock`;
 //! - one `virtiofsd` per [`SharedDir`](crate::hypervisor::SharedDir);
-//! - QEMU itself, whose QMP socket (`<run_dir>/qmp.sock`) tells when the machine runs.
+//! - QEMU itself, whose QMP socket (`<run_dir>/qmp.sock`) tells when the machine runs;
+//! - `podvisor console-log`, which copies the serial console from a pipe into
+//!   [`VmConfig::console_log`], capped (see [`console`]).
 //!
 //! Every process is spawned in its own process group so that a daemon restart (or a Ctrl-C on
 //! its terminal) does not take the VMs down; their pids and start times go into
 //! [`VmHandle::processes`], QEMU first, so a restarted daemon can stop them. Helper output goes
-//! to `<run_dir>/<name>.log`, the guest console to [`VmConfig::console_log`].
+//! to `<run_dir>/<name>.log`.
 //!
 //! When QEMU exits on its own (the guest powered off: `reboot=t` plus `-no-reboot`), the daemon
 //! that started the VM stops its helpers too; [`Hypervisor::stop`] is still needed after a
@@ -17,11 +19,15 @@
 
 pub mod accel;
 pub mod args;
+pub mod console;
 
+use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tokio::time::Instant;
@@ -38,6 +44,9 @@ use super::{
 };
 use crate::check::{find_binary, is_executable};
 
+/// How long a VM's exit waits for the console copier to drain the pipe after QEMU exited.
+const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How to run QEMU and its helpers. Bare names are looked up in `PATH`, then in
 /// `$HOME/.cargo/bin` (where `cargo install` puts the vhost-user daemons).
 #[derive(Debug, Clone)]
@@ -50,11 +59,16 @@ pub struct QemuConfig {
     pub startup_timeout: Duration,
     /// Where VM run directories go.
     pub run_root: PathBuf,
+    /// The program and leading arguments of the console copier: by default this very binary
+    /// with the `console-log` subcommand.
+    pub console_command: Vec<OsString>,
 }
 
 impl Default for QemuConfig {
     fn default() -> Self {
+        let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("podvisor"));
         Self {
+            console_command: vec![exe.into(), "console-log".into()],
             run_root: "/run/podvisor/vms".into(),
             qemu_binary: "qemu-system-x86_64".into(),
             vhost_vsock_binary: "vhost-device-vsock".into(),
@@ -75,6 +89,7 @@ pub struct QemuHypervisor {
     accel_reason: String,
     startup_timeout: Duration,
     run_root: RunRoot,
+    console_command: Vec<OsString>,
 }
 
 impl QemuHypervisor {
@@ -88,8 +103,12 @@ impl QemuHypervisor {
             &config.virtiofsd_binary,
             "apt-get install libseccomp-dev libcap-ng-dev && cargo install virtiofsd",
         )?;
+        if config.console_command.is_empty() {
+            return Err(HypervisorError::InvalidConfig("empty console-log command".into()));
+        }
         let (accel, accel_reason) = resolve_accel(config.accel);
         Ok(Self {
+            console_command: config.console_command,
             qemu,
             vhost_vsock,
             virtiofsd,
@@ -122,13 +141,39 @@ impl QemuHypervisor {
 
         starting.start_virtiofsds(self.virtiofsd.as_os_str(), config, deadline).await?;
 
+        // Both ends are close-on-exec: only the two processes below inherit one each, and
+        // ours close on return, so the copier sees the end of the pipe when QEMU exits.
+        let (console_read, console_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
+                HypervisorError::Spawn { what: console::HELPER_NAME.into(), source: e.into() }
+            })?;
+        let helper = console::HelperArgs {
+            run_dir: config.run_dir.clone(),
+            input_fd: console_read.as_raw_fd(),
+            output: config.console_log.clone(),
+            max_bytes: config.console_log_max_bytes,
+        };
+        let mut helper_args = self.console_command[1..].to_vec();
+        helper_args.extend(helper.to_args());
+        starting.spawn_inheriting(
+            console::HELPER_NAME,
+            &self.console_command[0],
+            &helper_args,
+            layout.console_helper_log(),
+            &[console_read.as_raw_fd()],
+        )?;
+        drop(console_read);
+
+        let mut inherited = config.inherited_fds();
+        inherited.push(console_write.as_raw_fd());
         starting.spawn_inheriting(
             "qemu",
             self.qemu.as_os_str(),
-            &args::qemu_args(config, &layout, self.accel),
+            &args::qemu_args(config, &layout, self.accel, console_write.as_raw_fd()),
             layout.qemu_log(),
-            &config.inherited_fds(),
+            &inherited,
         )?;
+        drop(console_write);
         starting.wait_for_path("qemu", &layout.qmp_socket(), deadline).await?;
         starting.wait_for_qmp_greeting(&layout.qmp_socket(), deadline).await
     }
@@ -150,6 +195,22 @@ impl Hypervisor for QemuHypervisor {
 
     async fn reclaim_interrupted_start(&self, sandbox_id: &str) -> Result<()> {
         super::process::reclaim_interrupted_start(&self.run_root.run_dir(sandbox_id)?).await
+    }
+
+    /// QEMU's exit, and then (briefly) the console copier's: it drains what QEMU wrote last,
+    /// which a boot failure reports.
+    fn exited(&self, vm: &VmHandle) -> BoxFuture<'static, ()> {
+        let qemu = vm.processes.first().cloned();
+        let copier = vm.processes.iter().find(|p| p.name == console::HELPER_NAME).cloned();
+        Box::pin(async move {
+            if let Some(qemu) = qemu {
+                crate::procwait::wait_for_exit(&qemu).await;
+            }
+            if let Some(copier) = copier {
+                let drained = crate::procwait::wait_for_exit(&copier);
+                let _ = tokio::time::timeout(CONSOLE_DRAIN_TIMEOUT, drained).await;
+            }
+        })
     }
 
     async fn stop(&self, vm: &VmHandle, grace: Duration) -> Result<()> {
@@ -207,7 +268,7 @@ impl Starting {
     /// loaded, vhost-user back-ends connected) and the vCPUs run.
     async fn wait_for_qmp_greeting(&mut self, qmp: &Path, deadline: Instant) -> Result<()> {
         let mut stream = loop {
-            self.check_running()?;
+            self.check_running().await?;
             if let Ok(stream) = UnixStream::connect(qmp).await {
                 break stream;
             }
@@ -218,7 +279,7 @@ impl Starting {
         };
         let mut greeting = Vec::new();
         loop {
-            self.check_running()?;
+            self.check_running().await?;
             if greeting.contains(&b'\n') {
                 return if greeting.starts_with(b"{\"QMP\"") {
                     Ok(())

@@ -35,8 +35,16 @@ fn kernel() -> Option<PathBuf> {
     artefact("PODVISOR_KERNEL", "build/vmlinux")
 }
 
+/// The console copier is the daemon binary's `console-log` (this test binary has none).
+fn console_command() -> Option<Vec<OsString>> {
+    let bin = artefact("PODVISOR_BIN", "target/debug/podvisor")?;
+    Some(vec![bin.into(), "console-log".into()])
+}
+
 fn hypervisor() -> Option<QemuHypervisor> {
-    match QemuHypervisor::new(QemuConfig { accel: Accel::Auto, ..QemuConfig::default() }) {
+    let console_command = console_command()?;
+    let config = QemuConfig { accel: Accel::Auto, console_command, ..QemuConfig::default() };
+    match QemuHypervisor::new(config) {
         Ok(hv) => Some(hv),
         Err(e) => {
             assert!(!require_e2e(), "PODVISOR_REQUIRE_E2E=1 but {e}");
@@ -98,6 +106,7 @@ fn vm_config(dir: &Path, kernel: PathBuf, initrd: PathBuf) -> VmConfig {
         extra_kernel_args: String::new(),
         run_dir: dir.join("run"),
         console_log: dir.join("console.log"),
+        console_log_max_bytes: podvisor_vmm::console::DEFAULT_MAX_BYTES,
         shared_dirs: vec![],
         block_devices: vec![],
         net_devices: vec![],
@@ -193,8 +202,8 @@ async fn busybox_guest_sees_devices_and_powers_off() {
     let vm = hv.launch(&config).await.unwrap();
     let _kill = KillOnDrop(vm.processes.clone());
     println!("start() returned after {:?}", started.elapsed());
-    assert_eq!(vm.processes[0].name, "qemu");
-    assert_eq!(vm.processes.len(), 3);
+    let names: Vec<&str> = vm.processes.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["qemu", "vhost-device-vsock", "virtiofsd-share", "console"]);
     assert!(vm.vsock_uds.exists());
     let console =
         wait_console(&config.console_log, "PODVISOR-BUSYBOX-DONE", Duration::from_secs(120)).await;
@@ -236,6 +245,31 @@ async fn stop_running_vm_leaves_nothing() {
     stop_and_check_nothing_left(&hv, &vm, tmp.path()).await;
     // The console log is the caller's: it stays.
     assert!(config.console_log.exists());
+}
+
+/// A guest that floods its serial console leaves a log within the cap, ending with what it
+/// printed last (QEMU's `file` chardev used to append all of it, into host RAM on tmpfs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_flooding_its_console_leaves_a_capped_log() {
+    let (Some(kernel), Some(hv)) = (kernel(), hypervisor()) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let script = "yes 'flooding the serial console, flooding the serial console' | head -n 16000\n\
+                  echo PODVISOR-FLOOD-DONE\nreboot -f";
+    let Some(initrd) = busybox_initrd(tmp.path(), script) else { return };
+    let mut config = vm_config(tmp.path(), kernel, initrd);
+    let cap = 64 * 1024;
+    config.console_log_max_bytes = cap;
+    let vm = hv.launch(&config).await.unwrap();
+    let _kill = KillOnDrop(vm.processes.clone());
+    wait_qemu_exit(&hv, &vm, Duration::from_secs(180)).await;
+    // The copier has drained the pipe once the VM counts as exited.
+    tokio::time::timeout(Duration::from_secs(10), hv.exited(&vm)).await.unwrap();
+    let size = std::fs::metadata(&config.console_log).unwrap().len();
+    let text = std::fs::read_to_string(&config.console_log).unwrap_or_default();
+    println!("console log: {size} bytes after about 1 MiB of output");
+    assert!(size <= cap, "the console log grew to {size} bytes");
+    assert!(text.contains("PODVISOR-FLOOD-DONE"), "{text}");
+    stop_and_check_nothing_left(&hv, &vm, tmp.path()).await;
 }
 
 /// A start that QEMU rejects (a directory as a disk) names QEMU's log and leaves no process.

@@ -41,6 +41,7 @@ pub fn config(dir: &Path, code: &[u8], memory_mib: u32) -> VmmConfig {
         initrd: None,
         cmdline: String::new(),
         console_log: dir.join("console.log"),
+        console_log_max_bytes: podvisor_vmm::console::DEFAULT_MAX_BYTES,
         vsock: None,
         drives: vec![],
         nets: vec![],

@@ -10,6 +10,12 @@
 //! from the vCPU thread too. Edge-triggered readiness is remembered per connection
 //! (`host_readable`) until a read returns EAGAIN, so a connection without guest credit or
 //! without rx buffers simply waits without spinning.
+//!
+//! Header-only packets owed to the guest wait in one queue, bounded even for a guest that
+//! sends without ever posting rx buffers: RSTs past [`MAX_QUEUED_RSTS`] are dropped (an RST
+//! answers a packet for a connection that does not exist, or ends one that is gone; the guest
+//! times out instead), and what is owed to a connection (REQUEST, RESPONSE) leaves the queue
+//! with the connection, so at most one per live connection waits.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{ErrorKind, Read};
@@ -32,6 +38,8 @@ pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 const MAX_CONNECT_LINE: usize = 32;
 /// First local port handed to host-initiated connections (as Firecracker does).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// RSTs that may wait for the guest's rx buffers; more are dropped.
+pub const MAX_QUEUED_RSTS: usize = 1024;
 /// Epoll token of the listening socket.
 const LISTENER_TOKEN: u64 = u64::MAX;
 /// Epoll token of the request timer.
@@ -178,6 +186,8 @@ pub struct MuxerCounters {
     pub host_connect_failures: u64,
     pub bytes_to_guest: u64,
     pub bytes_from_guest: u64,
+    /// RSTs not sent because [`MAX_QUEUED_RSTS`] were already waiting.
+    pub rsts_dropped: u64,
 }
 
 /// The connection table and its host sockets.
@@ -194,8 +204,10 @@ pub struct Muxer {
     handshakes: HashMap<RawFd, Handshake>,
     conns: BTreeMap<ConnKey, Connection>,
     fd_to_conn: HashMap<RawFd, ConnKey>,
-    /// Header-only packets owed to the guest (RESPONSE, RST, REQUEST, SHUTDOWN).
+    /// Header-only packets owed to the guest (RESPONSE, RST, REQUEST).
     control: VecDeque<Header>,
+    /// How many of `control` are RSTs.
+    queued_rsts: usize,
     next_local_port: u32,
     counters: MuxerCounters,
 }
@@ -236,6 +248,7 @@ impl Muxer {
             conns: BTreeMap::new(),
             fd_to_conn: HashMap::new(),
             control: VecDeque::new(),
+            queued_rsts: 0,
             next_local_port: FIRST_LOCAL_PORT,
             counters: MuxerCounters::default(),
         })
@@ -266,6 +279,13 @@ impl Muxer {
             self.forget_fd(fd);
         }
         self.control.clear();
+        self.queued_rsts = 0;
+    }
+
+    /// Packets waiting in the control queue.
+    #[cfg(test)]
+    pub fn queued_control(&self) -> usize {
+        self.control.len()
     }
 
     fn forget_fd(&mut self, fd: RawFd) {
@@ -302,14 +322,22 @@ impl Muxer {
     }
 
     fn queue_rst(&mut self, key: ConnKey) {
+        if self.queued_rsts >= MAX_QUEUED_RSTS {
+            self.counters.rsts_dropped += 1;
+            return;
+        }
         let hdr = self.header(key, OP_RST);
         self.control.push_back(hdr);
+        self.queued_rsts += 1;
     }
 
     fn remove(&mut self, key: ConnKey) {
         if let Some(conn) = self.conns.remove(&key) {
             self.forget_fd(conn.stream.as_raw_fd());
             self.counters.conns_removed += 1;
+            // What was owed to the connection is moot: without this, a guest cycling REQUEST
+            // and RST on one port while posting no rx buffers would pile up RESPONSEs.
+            self.control.retain(|h| h.op == OP_RST || (h.src_port, h.dst_port) != key);
         }
     }
 
@@ -594,18 +622,13 @@ impl Muxer {
         }
         for key in expired {
             tracing::debug!("vsock: guest did not answer the connection request {key:?}");
+            // A REQUEST still waiting for an rx buffer (driver not up yet) is withdrawn with
+            // the connection; one the guest has seen is cancelled with an RST.
+            let undelivered =
+                self.control.iter().any(|h| h.op == OP_REQUEST && (h.src_port, h.dst_port) == key);
             self.remove(key);
-            // A REQUEST still waiting for an rx buffer (driver not up yet) is withdrawn;
-            // one the guest has seen is cancelled with an RST.
-            let undelivered = self
-                .control
-                .iter()
-                .position(|h| h.op == OP_REQUEST && (h.src_port, h.dst_port) == key);
-            match undelivered {
-                Some(index) => {
-                    self.control.remove(index);
-                }
-                None => self.queue_rst(key),
+            if !undelivered {
+                self.queue_rst(key);
             }
         }
         if let Some(after) = next_deadline {
@@ -651,6 +674,9 @@ impl Muxer {
     /// host socket. `None` when nothing is ready.
     pub fn next_rx(&mut self, max_payload: usize) -> Option<(Header, RxPayload)> {
         if let Some(hdr) = self.control.pop_front() {
+            if hdr.op == OP_RST {
+                self.queued_rsts = self.queued_rsts.saturating_sub(1);
+            }
             return Some((hdr, RxPayload::None));
         }
         // Start after the connection served last, so none is starved.

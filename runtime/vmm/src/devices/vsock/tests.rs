@@ -671,3 +671,51 @@ fn host_half_close_still_gets_the_reply() {
     assert_eq!(h.guest_recv()[0].0.op, OP_RST);
     assert_eq!(h.device.lock().unwrap().connection_count(), 0);
 }
+
+/// A guest that floods tx while posting no rx buffers (data and connects the host answers
+/// with RSTs, connect-reset cycles on a port with a listener) cannot grow what the VMM holds
+/// for it: the queue of packets owed to the guest stays bounded, and once rx buffers come the
+/// guest gets what is still owed, in order, and the device still works.
+#[test]
+fn a_tx_flood_without_rx_buffers_keeps_the_reply_queue_bounded() {
+    let mut h = Harness::new();
+    let _listener = UnixListener::bind(format!("{}_5000", h.uds.display())).unwrap();
+    let addr = h.driver.alloc(HEADER_SIZE);
+    let floods = 4 * muxer::MAX_QUEUED_RSTS as u32 + 100;
+    for i in 0..floods {
+        let hdr = match i % 4 {
+            // Data and a credit request on connections that do not exist.
+            0 => guest_hdr(10_000 + i, 6000, OP_RW),
+            1 => guest_hdr(10_000 + i, 6000, OP_CREDIT_REQUEST),
+            // A connect to a port nobody listens on, then connect and reset on one that does.
+            2 => guest_hdr(20_000 + i, 6001, OP_REQUEST),
+            _ => guest_hdr(7, 5000, if i % 8 == 3 { OP_REQUEST } else { OP_RST }),
+        };
+        h.driver.mem.write_slice(&hdr.to_bytes(), addr).unwrap();
+        h.driver.add_chain(TX, &[(addr, HEADER_SIZE as u32, false)]);
+        h.driver.kick(TX);
+        h.driver.take_used(TX);
+    }
+    let device = h.device.lock().unwrap();
+    let queued = device.muxer.queued_control();
+    let live = device.connection_count();
+    let dropped = device.metrics().1.rsts_dropped;
+    drop(device);
+    assert!(queued <= muxer::MAX_QUEUED_RSTS + live, "{queued} packets queued, {live} live");
+    assert!(dropped > 0);
+
+    h.add_rx_buffers(64, RX_BUF);
+    let mut delivered = 0;
+    loop {
+        let got = h.guest_recv().len();
+        if got == 0 {
+            break;
+        }
+        delivered += got;
+        h.add_rx_buffers(got, RX_BUF);
+    }
+    assert_eq!(delivered, queued);
+    // The device still answers.
+    h.guest_send(guest_hdr(40_000, 6002, OP_REQUEST), &[]);
+    assert_eq!(h.guest_recv()[0].0.op, OP_RST);
+}
