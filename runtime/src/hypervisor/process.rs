@@ -436,10 +436,19 @@ mod tests {
             .args(["-c", "sleep 30", &dir.path().join("vm2").display().to_string()])
             .spawn()
             .unwrap();
-        let mut found: Vec<i32> = processes_naming(&run_dir).iter().map(|p| p.pid).collect();
-        found.sort();
         let mut want = vec![orphan.id() as i32, named.id() as i32];
         want.sort();
+        // spawn() returns once the child is in execve, which sets the new command line only
+        // a moment later: until then /proc shows none.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let found = loop {
+            let mut found: Vec<i32> = processes_naming(&run_dir).iter().map(|p| p.pid).collect();
+            found.sort();
+            if found == want || Instant::now() > deadline {
+                break found;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         assert_eq!(found, want);
         reclaim_interrupted_start(&run_dir).await.unwrap();
         assert!(orphan.wait().unwrap().code().is_none(), "the orphan was not signalled");
