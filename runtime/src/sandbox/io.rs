@@ -255,7 +255,9 @@ impl OutputOffsets {
         [self.received[0].saturating_sub(held(0)), self.received[1].saturating_sub(held(1))]
     }
 
-    /// The part of `chunk` not seen yet, with its stream slot; records it as received.
+    /// The part of `chunk` not seen yet, with its stream slot; records it as received. A
+    /// chunk whose end does not fit in a u64 is no agent's output: it is dropped (saturating
+    /// at u64::MAX instead would take every later chunk for a repeat and silence the log).
     fn accept<'a>(
         &mut self,
         process: &ProcessId,
@@ -263,7 +265,12 @@ impl OutputOffsets {
     ) -> Option<(usize, &'a [u8])> {
         let slot = chunk.kind.slot();
         let have = self.received[slot];
-        let end = chunk.offset.saturating_add(chunk.data.len() as u64);
+        let Some(end) =
+            u64::try_from(chunk.data.len()).ok().and_then(|len| chunk.offset.checked_add(len))
+        else {
+            warn!(?process, offset = chunk.offset, "dropping output at an impossible offset");
+            return None;
+        };
         if end <= have {
             return None;
         }
@@ -274,6 +281,7 @@ impl OutputOffsets {
                 "output was lost before reaching the host (older than the agent keeps)"
             );
         }
+        // `have < end`, so what to skip is shorter than the chunk.
         let skip = usize::try_from(have.saturating_sub(chunk.offset)).unwrap_or(usize::MAX);
         self.received[slot] = end;
         Some((slot, chunk.data.get(skip..).unwrap_or_default()))
@@ -312,8 +320,24 @@ mod tests {
         // Older than the agent keeps: a gap, logged, and the output goes on.
         assert_eq!(o.accept(&p, &chunk(Stdout, 20, b"!")), Some((0, &b"!"[..])));
         assert_eq!(o.received, [21, 3]);
-        // A hostile offset does not overflow.
-        assert!(o.accept(&p, &chunk(Stdout, u64::MAX, b"xx")).is_some());
+    }
+
+    /// An agent sending offsets whose end does not fit in a u64 neither panics the daemon nor
+    /// silences the log: the chunk is dropped and the stream goes on.
+    #[test]
+    fn output_offsets_drop_chunks_ending_past_u64() {
+        use OutputKind::Stdout;
+        let p = ProcessId::init("c");
+        let mut o = OutputOffsets::default();
+        assert_eq!(o.accept(&p, &chunk(Stdout, 0, b"ok")), Some((0, &b"ok"[..])));
+        for offset in [u64::MAX, u64::MAX - 1] {
+            assert_eq!(o.accept(&p, &chunk(Stdout, offset, b"xx")), None, "{offset}");
+        }
+        assert_eq!(o.received, [2, 0]);
+        assert_eq!(o.accept(&p, &chunk(Stdout, 2, b"more")), Some((0, &b"more"[..])));
+        // The largest end that fits is still output (a gap, as any).
+        assert!(o.accept(&p, &chunk(Stdout, u64::MAX - 2, b"xx")).is_some());
+        assert_eq!(o.received[0], u64::MAX);
     }
 
     #[test]
