@@ -44,13 +44,45 @@ pub fn is_executable(path: &Path) -> bool {
 }
 
 /// Finds `name` in `PATH`, then in `$HOME/.cargo/bin` (where `cargo install` puts helpers).
+/// A daemon running as root takes only a binary [`only_root_can_replace`]: `HOME` and `PATH`
+/// may lead into a user's directories (`sudo` keeps `HOME`), and whatever is found there would
+/// run as root.
 pub fn find_binary(name: impl AsRef<Path>) -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> =
         std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         dirs.push(Path::new(&home).join(".cargo/bin"));
     }
-    dirs.into_iter().map(|d| d.join(name.as_ref())).find(|p| is_executable(p))
+    let as_root = nix::unistd::geteuid().is_root();
+    find_in(&dirs, name.as_ref(), |path| !as_root || only_root_can_replace(path))
+}
+
+/// The first executable `name` in `dirs` that `trusted` accepts; the others are logged.
+fn find_in(dirs: &[PathBuf], name: &Path, trusted: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    dirs.iter().map(|d| d.join(name)).filter(|p| is_executable(p)).find(|p| {
+        let ok = trusted(p);
+        if !ok {
+            tracing::warn!(
+                path = %p.display(),
+                "ignoring a binary a user other than root could have put there or replace"
+            );
+        }
+        ok
+    })
+}
+
+/// Whether only root can have put the file at `path` there or replace it: `path` is absolute,
+/// and the file it resolves to and every directory on the way, to it and to `path` itself
+/// (which may be a symlink), are owned by root and writable by no group or other user.
+pub fn only_root_can_replace(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let root_only =
+        |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0);
+    if !path.is_absolute() {
+        return false;
+    }
+    let Ok(target) = std::fs::canonicalize(path) else { return false };
+    path.ancestors().skip(1).all(root_only) && target.ancestors().all(root_only)
 }
 
 impl HostCapabilities {
@@ -154,6 +186,55 @@ pub fn run() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A root daemon skips helpers in directories a user owns or anyone may write, and links
+    /// to them, and takes the next one only root could have put there.
+    #[test]
+    fn a_root_daemon_takes_only_binaries_only_root_can_replace() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to give files away");
+            return;
+        }
+        // Built in a directory only root can write to, or the test proves nothing.
+        let Some(base) = [env!("CARGO_MANIFEST_DIR"), "/run"]
+            .into_iter()
+            .map(Path::new)
+            .find(|d| only_root_can_replace(d))
+        else {
+            eprintln!("skipped: no directory only root can write to");
+            return;
+        };
+        let dir = tempfile::tempdir_in(base).unwrap();
+        let bin = |name: &str| {
+            let d = dir.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let helper = d.join("helper");
+            std::fs::write(&helper, b"#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+            d
+        };
+        let (user, open, owned_file, good) = (bin("user"), bin("open"), bin("file"), bin("good"));
+        nix::unistd::chown(&user, Some(65534.into()), None).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        nix::unistd::chown(&owned_file.join("helper"), Some(65534.into()), None).unwrap();
+        let linked = bin("linked");
+        std::fs::remove_file(linked.join("helper")).unwrap();
+        symlink(user.join("helper"), linked.join("helper")).unwrap();
+
+        assert!(only_root_can_replace(&good.join("helper")));
+        for d in [&user, &open, &owned_file, &linked] {
+            assert!(!only_root_can_replace(&d.join("helper")), "{}", d.display());
+        }
+        assert!(!only_root_can_replace(Path::new("bin/helper")));
+        let dirs = [user, open, owned_file, linked, good.clone()];
+        let found = find_in(&dirs, Path::new("helper"), only_root_can_replace);
+        assert_eq!(found, Some(good.join("helper")));
+        assert_eq!(find_in(&dirs[..4], Path::new("helper"), only_root_can_replace), None);
+        // The helpers this machine has are found as before.
+        assert!(only_root_can_replace(Path::new("/bin/sh")));
+    }
 
     fn caps() -> HostCapabilities {
         HostCapabilities {

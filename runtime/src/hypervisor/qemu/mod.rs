@@ -48,7 +48,8 @@ use crate::check::{find_binary, is_executable};
 const CONSOLE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How to run QEMU and its helpers. Bare names are looked up in `PATH`, then in
-/// `$HOME/.cargo/bin` (where `cargo install` puts the vhost-user daemons).
+/// `$HOME/.cargo/bin` (where `cargo install` puts the vhost-user daemons); as root, only where
+/// nobody but root could have put them ([`crate::check::find_binary`]).
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
     pub qemu_binary: PathBuf,
