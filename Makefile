@@ -10,7 +10,7 @@ AGENT_TARGET_DIR ?= $(CURDIR)/target/agent
 APT_PACKAGES := qemu-system-x86 linux-source-6.1 flex bison bc libelf-dev libssl-dev \
 	erofs-utils docker-registry skopeo umoci busybox-static containernetworking-plugins \
 	libseccomp-dev libcap-ng-dev protobuf-compiler cpio iproute2 pkg-config apache2-utils \
-	build-essential kmod ca-certificates binutils openssl python3 python3-venv
+	build-essential kmod ca-certificates binutils openssl python3 python3-venv iptables
 VHOST_DEVICE_VSOCK_VERSION := 0.3.0
 VIRTIOFSD_VERSION := 1.14.0
 # The e2e tests drive the streaming server with PyPI's kubernetes client too (a WebSocket
