@@ -447,7 +447,7 @@ pub fn container_metadata(c: &ContainerRecord) -> cri::ContainerMetadata {
 
 /// The pod's IPs: IPv4 first as `ip`, the rest as `additional_ips`.
 fn network_status(r: &SandboxRecord) -> cri::PodSandboxNetworkStatus {
-    let mut ips = r.network.as_ref().map(|n| n.pod_ips()).unwrap_or_default().into_iter();
+    let mut ips = r.pod_ips().into_iter();
     cri::PodSandboxNetworkStatus {
         ip: ips.next().map(|ip| ip.to_string()).unwrap_or_default(),
         additional_ips: ips.map(|ip| cri::PodIp { ip: ip.to_string() }).collect(),

@@ -198,7 +198,9 @@ impl SandboxManager {
         if let Some(network) = network {
             let mut setup = network.guest;
             // As CRI-O writes it: the pod's own addresses resolve to its hostname.
-            setup.hosts = rec_pod_ips(&self.sandbox(id)?)
+            setup.hosts = self
+                .sandbox(id)?
+                .pod_ips()
                 .into_iter()
                 .map(|ip| (ip, vec![pod.hostname.clone()]))
                 .filter(|(_, names)| !names[0].is_empty())
@@ -549,11 +551,6 @@ fn console_tail(path: &std::path::Path) -> String {
     let text = String::from_utf8_lossy(&tail);
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..].join("\n")
-}
-
-/// The pod's addresses from its record.
-fn rec_pod_ips(rec: &SandboxRecord) -> Vec<std::net::IpAddr> {
-    rec.network.as_ref().map(|n| n.pod_ips()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -83,6 +83,13 @@ pub struct SandboxRecord {
     pub vm_size: Option<VmSize>,
 }
 
+impl SandboxRecord {
+    /// The pod's addresses, IPv4 first; none without a network attachment.
+    pub fn pod_ips(&self) -> Vec<std::net::IpAddr> {
+        self.network.as_ref().map(NetworkRecord::pod_ips).unwrap_or_default()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ContainerState {
     Created,
