@@ -52,8 +52,10 @@ pub enum SeccompError {
     NotAFile { path: PathBuf },
     #[error("seccomp profile {path:?} is larger than {MAX_PROFILE_BYTES} bytes")]
     TooLarge { path: PathBuf },
-    #[error("seccomp profile {path:?} is not a valid seccomp profile: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    /// Only where parsing stopped, never serde's message: that quotes the file, and a CRI
+    /// client may name any file on the node.
+    #[error("seccomp profile {path:?} is not a valid seccomp profile ({what} at line {line}, column {column})")]
+    Parse { path: PathBuf, what: &'static str, line: usize, column: usize },
     #[error("seccomp profile {path:?}: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("building the seccomp filter: {0}")]
@@ -154,12 +156,21 @@ fn arg(
 /// container holding `caps`.
 pub fn load_localhost(path: &Path, caps: &[Capability]) -> Result<LinuxSeccomp, SeccompError> {
     let bytes = read_profile(path)?;
-    let profile: ProfileFile = serde_json::from_slice(&bytes)
-        .map_err(|source| SeccompError::Parse { path: path.to_path_buf(), source })?;
+    let profile: ProfileFile = serde_json::from_slice(&bytes).map_err(|e| parse_error(path, &e))?;
     profile.resolve(caps).map_err(|reason| match reason {
         Resolve::Invalid(reason) => SeccompError::Invalid { path: path.to_path_buf(), reason },
         Resolve::Build(e) => SeccompError::Build(e),
     })
+}
+
+fn parse_error(path: &Path, e: &serde_json::Error) -> SeccompError {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Data => "not a seccomp profile",
+        serde_json::error::Category::Eof => "truncated JSON",
+    };
+    SeccompError::Parse { path: path.to_path_buf(), what, line: e.line(), column: e.column() }
 }
 
 fn read_profile(path: &Path) -> Result<Vec<u8>, SeccompError> {
@@ -887,6 +898,11 @@ mod tests {
                 "{name}"
             );
         }
+        // A file that is not a profile: the error must not quote it.
+        let secret = write(dir.path(), "token.json", r#"{"defaultAction": "s3cr3t-token"}"#);
+        let err = load_localhost(&secret, &[]).unwrap_err().to_string();
+        assert!(!err.contains("s3cr3t"), "{err}");
+        assert!(err.contains("not a seccomp profile at line 1"), "{err}");
         for (name, text) in [
             (
                 "notify.json",
