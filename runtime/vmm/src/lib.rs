@@ -7,7 +7,7 @@
 //! devices), [`vcpu`] + [`vstate`] (vCPU threads and the run/pause/stop protocol), [`vmm`]
 //! (building and running a VM), [`control`] (control socket), [`signals`] (SIGTERM/SIGINT =
 //! clean stop), [`seccomp`] and [`jail`] (hardening), [`host`] (what KVM here can do),
-//! [`bench`] (`make bench` figures).
+//! [`snapshot`] (snapshot/restore, the base of VM templates), [`bench`] (`make bench` figures).
 
 pub mod arch;
 pub mod bench;
@@ -24,6 +24,7 @@ pub mod legacy;
 pub mod memory;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vmm;
 pub mod vstate;
