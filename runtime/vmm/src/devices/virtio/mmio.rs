@@ -494,7 +494,10 @@ impl Snapshottable for MmioTransport {
                 acked_features: self.acked_features,
                 interrupt: self.interrupt.clone(),
             };
-            self.lock_device().activate(ctx)?;
+            let mut device = self.lock_device();
+            device.activate(ctx)?;
+            device.restored();
+            drop(device);
             self.activated = true;
         }
         Ok(())

@@ -164,6 +164,9 @@ pub trait VirtioDevice: Send {
     fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
         None
     }
+    /// Called once a snapshot restore re-activated the device on its saved queues: the guest
+    /// driver believes in host-side state (connections) this new device never had.
+    fn restored(&mut self) {}
 }
 
 /// Pops the next available chain. A corrupt available ring (an index more than a queue

@@ -307,6 +307,11 @@ impl VirtioDevice for VsockDevice {
         Some(states)
     }
 
+    /// The guest's connections went with the snapshotted VM's host side: it must drop them.
+    fn restored(&mut self) {
+        self.send_transport_reset();
+    }
+
     fn queue_notify(&mut self, queue_index: u32) {
         match queue_index as usize {
             TX => {
