@@ -597,6 +597,9 @@ mod tests {
         let pod = guest("pod");
         let restored = hv.launch_restored(&pod, &kept).await.unwrap();
         let after = wait_for_bytes(&pod.console_log, 2).await;
+        let memory = &hv.describe(&restored)["vmmMemory"];
+        let (pss, uss) = (memory["pssKib"].as_u64().unwrap(), memory["ussKib"].as_u64().unwrap());
+        assert!(uss > 0 && pss >= uss, "{memory}");
         hv.stop(&restored, Duration::from_secs(5)).await.unwrap();
         hv.cleanup(&restored).await.unwrap();
         let last = *before.last().unwrap();
