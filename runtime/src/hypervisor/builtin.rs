@@ -551,11 +551,25 @@ mod tests {
         panic!("{} never reached {len} bytes", path.display());
     }
 
+    #[tokio::test]
+    async fn snapshot_and_restore_through_the_trait() {
+        snapshot_and_restore(None).await;
+    }
+
+    /// The daemon's default: every VMM jailed under a uid of its own. The template's VMM
+    /// writes the snapshot inside its run directory; the pod's reads it before its jail.
+    #[tokio::test]
+    async fn snapshot_and_restore_through_the_trait_jailed() {
+        if !nix::unistd::geteuid().is_root() {
+            return require("the jail needs root");
+        }
+        snapshot_and_restore(Some(JailIds { first: 300_100, count: 16 })).await;
+    }
+
     /// Through the trait: a counting guest is paused and snapshotted into its run directory,
     /// and a second VM with its own run directory starts from that snapshot and counts on. A
     /// VM with shared directories is refused.
-    #[tokio::test]
-    async fn snapshot_and_restore_through_the_trait() {
+    async fn snapshot_and_restore(jail: Option<JailIds>) {
         use podvisor_vmm::guest_program::{asm, elf};
         if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
             return require("/dev/kvm unavailable");
@@ -565,7 +579,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let guest = |name: &str| {
-            let mut config = vm_config(&dir.path().join(name));
+            let mut config = vm_config(&dir.path().join("vms").join(name));
             config.sandbox_id = name.into();
             config.kernel = dir.path().join("prog.elf");
             config.initrd = dir.path().join("initrd");
@@ -577,8 +591,9 @@ mod tests {
         std::fs::write(dir.path().join("prog.elf"), elf(&asm::counting(0x20_0000, 10_000)))
             .unwrap();
         std::fs::write(dir.path().join("initrd"), b"not really an initramfs").unwrap();
-        let hv = BuiltinHypervisor::new(BuiltinConfig { vmm_command, ..BuiltinConfig::default() })
-            .unwrap();
+        let hv =
+            BuiltinHypervisor::new(BuiltinConfig { vmm_command, jail, ..BuiltinConfig::default() })
+                .unwrap();
 
         let template = guest("template");
         let vm = hv.launch(&template).await.unwrap();
@@ -605,7 +620,7 @@ mod tests {
         let last = *before.last().unwrap();
         assert_eq!(after[0], last.wrapping_add(1), "counting resumes after {last}: {after:?}");
 
-        let with_share = vm_config(&dir.path().join("shared"));
+        let with_share = vm_config(&dir.path().join("vms").join("shared"));
         let err = hv.launch_restored(&with_share, &kept).await.unwrap_err();
         assert!(err.to_string().contains("shared directories"), "{err}");
     }
