@@ -412,6 +412,16 @@ fn damaged_or_mismatched_snapshots_are_refused_with_the_reason() {
     assert!(error(&config).contains("has 33550336 bytes"), "{}", error(&config));
     std::fs::write(&memory, &full).unwrap();
 
+    // A flipped bit in guest memory: the full check finds it (a restore checks the size).
+    let state = crate::snapshot::read_state(&snap).unwrap();
+    crate::snapshot::verify_memory(&snap, &state).unwrap();
+    let mut flipped = full.clone();
+    flipped[COUNTER_ADDR as usize] ^= 0x80;
+    std::fs::write(&memory, &flipped).unwrap();
+    let err = crate::snapshot::verify_memory(&snap, &state).unwrap_err().to_string();
+    assert!(err.contains("memory file") && err.contains("is corrupt"), "{err}");
+    std::fs::write(&memory, &full).unwrap();
+
     let state_file = snap.join(crate::snapshot::STATE_FILE);
     let mut bytes = std::fs::read(&state_file).unwrap();
     let middle = bytes.len() / 2;

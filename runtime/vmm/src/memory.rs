@@ -83,13 +83,22 @@ const SAVE_CHUNK: usize = 1 << 20;
 const PAGE: usize = 4096;
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
+/// What [`save_to_file`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SavedMemory {
+    pub len: u64,
+    /// CRC-32 of the whole file's contents (holes read as zeros), for [`file_crc32`].
+    pub crc32: u32,
+}
+
 /// Writes all of guest memory to `path`, regions back to back (the layout
 /// [`map_snapshot_private`] expects). All-zero pages are left as holes, so the file takes
 /// the disk space of the pages the guest used. The VM must be paused.
-pub fn save_to_file(mem: &GuestMemory, path: &Path) -> Result<u64, MemoryError> {
+pub fn save_to_file(mem: &GuestMemory, path: &Path) -> Result<SavedMemory, MemoryError> {
     let write_err = |source| MemoryError::SaveWrite { path: path.to_path_buf(), source };
     let mut file = File::create(path).map_err(write_err)?;
     let mut buf = vec![0u8; SAVE_CHUNK];
+    let mut crc = crc32fast::Hasher::new();
     let mut offset = 0u64;
     for region in mem.iter() {
         let (start, len) = (region.start_addr().raw_value(), region.len());
@@ -99,6 +108,7 @@ pub fn save_to_file(mem: &GuestMemory, path: &Path) -> Result<u64, MemoryError> 
             let addr = start + done;
             mem.read_slice(&mut buf[..step], GuestAddress(addr))
                 .map_err(|source| MemoryError::SaveRead { addr, source })?;
+            crc.update(&buf[..step]);
             for (i, page) in buf[..step].chunks(PAGE).enumerate() {
                 // A slice comparison (memcmp), fast even in debug builds.
                 if page != &ZERO_PAGE[..page.len()] {
@@ -113,7 +123,26 @@ pub fn save_to_file(mem: &GuestMemory, path: &Path) -> Result<u64, MemoryError> 
     }
     file.set_len(offset).map_err(write_err)?;
     file.sync_all().map_err(write_err)?;
-    Ok(offset)
+    Ok(SavedMemory { len: offset, crc32: crc.finalize() })
+}
+
+/// Reads the file at `path` through and returns its length and CRC-32: the full check of a
+/// memory file against its snapshot, too slow for every restore (it reads all of guest
+/// RAM) but right when a template is adopted.
+pub fn file_crc32(path: &Path) -> Result<(u64, u32), MemoryError> {
+    use std::io::Read;
+    let open_err = |source| MemoryError::OpenSnapshot { path: path.to_path_buf(), source };
+    let mut file = File::open(path).map_err(open_err)?;
+    let mut buf = vec![0u8; SAVE_CHUNK];
+    let (mut len, mut crc) = (0u64, crc32fast::Hasher::new());
+    loop {
+        let n = file.read(&mut buf).map_err(open_err)?;
+        if n == 0 {
+            return Ok((len, crc.finalize()));
+        }
+        crc.update(&buf[..n]);
+        len += n as u64;
+    }
 }
 
 /// Maps the snapshot memory file at `path` (written by [`save_to_file`] for a VM with `size`
@@ -198,7 +227,9 @@ mod tests {
         let mem = create_guest_memory(8 << 20).unwrap();
         mem.write_obj(0x1234_5678u32, GuestAddress(0x2000)).unwrap();
         mem.write_obj(7u8, GuestAddress((8 << 20) - 1)).unwrap();
-        assert_eq!(save_to_file(&mem, &path).unwrap(), 8 << 20);
+        let saved = save_to_file(&mem, &path).unwrap();
+        assert_eq!(saved.len, 8 << 20);
+        assert_eq!(file_crc32(&path).unwrap(), (saved.len, saved.crc32));
         // Two pages hold data; the rest of the file is holes.
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&path).unwrap().blocks() * 512 < 1 << 20);

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{VcpuFd, VmFd};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use vm_memory::GuestMemoryBackend;
 
 use crate::devices::{MmioTransport, TransportState};
 use crate::legacy::{SerialDevice, SerialSnapshot};
@@ -70,6 +71,11 @@ pub enum SnapshotError {
     #[error("the snapshot was taken with {snapshot}, this VM is configured with {config}")]
     Mismatch { snapshot: String, config: String },
     #[error(
+        "the memory file {path} is corrupt: CRC-32 {found:#010x}, the snapshot says \
+         {expected:#010x}"
+    )]
+    MemoryChecksum { path: PathBuf, expected: u32, found: u32 },
+    #[error(
         "virtio-fs over vhost-user cannot be restored: the backend would map the snapshot file \
          shared, not the VM's private copy-on-write memory"
     )]
@@ -80,6 +86,8 @@ pub enum SnapshotError {
 #[derive(Serialize, Deserialize)]
 pub struct SnapshotState {
     pub memory_bytes: u64,
+    /// CRC-32 of the memory file ([`verify_memory`]).
+    pub memory_crc32: u32,
     pub vm: VmState,
     pub vcpus: Vec<VcpuState>,
     pub serial: SerialSnapshot,
@@ -148,14 +156,14 @@ impl SnapshotSource {
         }
         std::fs::create_dir_all(dir)
             .map_err(|source| SnapshotError::CreateDir { path: dir.to_path_buf(), source })?;
-        let state = self.collect()?;
         let memory_path = dir.join(MEMORY_FILE);
-        let memory_bytes = memory::save_to_file(&self.mem, &memory_path)?;
+        let saved = memory::save_to_file(&self.mem, &memory_path)?;
+        let state = SnapshotState { memory_crc32: saved.crc32, ..self.collect()? };
         format::write_file(&state, &state_path)?;
         use std::os::unix::fs::MetadataExt;
         let allocated = std::fs::metadata(&memory_path).map(|m| m.blocks() * 512).unwrap_or(0);
         Ok(SnapshotSummary {
-            memory_bytes,
+            memory_bytes: saved.len,
             memory_file_allocated_bytes: allocated,
             skipped_msrs: state.skipped_msrs,
         })
@@ -179,6 +187,7 @@ impl SnapshotSource {
             .collect::<Result<_, _>>()?;
         Ok(SnapshotState {
             memory_bytes: self.mem.iter().map(vm_memory::GuestMemoryRegion::len).sum(),
+            memory_crc32: 0,
             vm: kvm_state::save_vm(&self.vm)?,
             vcpus,
             serial: lock(&self.serial).save_state()?,
@@ -188,9 +197,32 @@ impl SnapshotSource {
     }
 }
 
-use vm_memory::GuestMemoryBackend;
-
 /// Reads and checks the state file of the snapshot in `dir`.
 pub fn read_state(dir: &Path) -> Result<SnapshotState, SnapshotError> {
     Ok(format::read_file(&dir.join(STATE_FILE))?)
+}
+
+/// Reads the memory file of the snapshot in `dir` through and checks it against `state`
+/// (length and CRC-32). A restore only checks the length (reading all of guest RAM would
+/// cost more than the restore itself); this is the full check for when a template is
+/// adopted (built, or found on disk after a daemon restart).
+pub fn verify_memory(dir: &Path, state: &SnapshotState) -> Result<(), SnapshotError> {
+    let path = dir.join(MEMORY_FILE);
+    let (len, crc) = memory::file_crc32(&path)?;
+    if len != state.memory_bytes {
+        return Err(memory::MemoryError::SnapshotSize {
+            path,
+            expected: state.memory_bytes,
+            found: len,
+        }
+        .into());
+    }
+    if crc != state.memory_crc32 {
+        return Err(SnapshotError::MemoryChecksum {
+            path,
+            expected: state.memory_crc32,
+            found: crc,
+        });
+    }
+    Ok(())
 }
