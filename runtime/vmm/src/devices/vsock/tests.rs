@@ -393,7 +393,7 @@ fn a_restored_device_resets_the_guests_connections_and_serves_new_ones() {
     let ev = h.driver.alloc(4);
     let head = h.driver.add_chain(EVENT, &[(ev, 4, true)]);
     h.driver.kick(EVENT);
-    let (mut client, port) = host_connect(&mut h, 1024);
+    let (mut client, _) = host_connect(&mut h, 1024);
     client.write_all(b"before").unwrap();
     h.host_events();
     assert_eq!(h.guest_recv()[0].1, b"before");
@@ -424,7 +424,6 @@ fn a_restored_device_resets_the_guests_connections_and_serves_new_ones() {
     h.host_events();
     let pkts = h.guest_recv();
     assert_eq!((pkts[0].0.src_port, pkts[0].1.as_slice()), (fresh_port, &b"after"[..]));
-    let _ = port;
 }
 
 #[test]
