@@ -390,9 +390,8 @@ impl TestDaemon {
         .map(|r| r.into_inner())
     }
 
-    /// The pod agent's own figures from verbose PodSandboxStatus: (tracked processes, RSS
-    /// bytes).
-    pub async fn agent_figures(&self, pod: &str) -> (u64, u64) {
+    /// The `info` JSON of a verbose PodSandboxStatus.
+    pub async fn pod_verbose_info(&self, pod: &str) -> serde_json::Value {
         let mut rt = self.runtime().await.unwrap();
         let status = rt
             .pod_sandbox_status(k8s_cri::v1::PodSandboxStatusRequest {
@@ -402,7 +401,13 @@ impl TestDaemon {
             .await
             .unwrap()
             .into_inner();
-        let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
+        serde_json::from_str(&status.info["info"]).unwrap()
+    }
+
+    /// The pod agent's own figures from verbose PodSandboxStatus: (tracked processes, RSS
+    /// bytes).
+    pub async fn agent_figures(&self, pod: &str) -> (u64, u64) {
+        let info = self.pod_verbose_info(pod).await;
         let agent = &info["agent"];
         match (agent["trackedProcesses"].as_u64(), agent["rssBytes"].as_u64()) {
             (Some(tracked), Some(rss)) => (tracked, rss),

@@ -9,6 +9,13 @@
 //!
 //! Stop: a `stop` request on the control socket (the VMM stops its vCPUs and exits 0), then
 //! [`terminate_processes`] for whatever is left (helpers, or a VMM that did not answer).
+//!
+//! Snapshot/restore (the base of VM templates): `snapshot` asks the paused VMM to write a
+//! snapshot directory (see `podvisor_vmm::snapshot`); a jailed VMM can only write inside its
+//! run directory. `restore` starts the VMM with `--restore <dir>` on the new VM's own run
+//! directory, console and sockets. VMs with shared directories cannot be restored: their
+//! vhost-user virtio-fs backend would map the snapshot file shared, not the VM's private
+//! copy-on-write memory.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -229,6 +236,7 @@ impl BuiltinHypervisor {
         &self,
         config: &VmConfig,
         vmm: &VmmConfig,
+        restore: Option<&Path>,
         starting: &mut Starting,
     ) -> Result<()> {
         let layout = BuiltinLayout::new(&config.run_dir);
@@ -250,6 +258,9 @@ impl BuiltinHypervisor {
             "--control".into(),
             layout.control().into(),
         ]);
+        if let Some(dir) = restore {
+            args.extend(["--restore".into(), dir.into()]);
+        }
         if let Some(ids) = self.config.jail {
             let id = {
                 let _assigning = self.jail_ids.lock().unwrap_or_else(|e| e.into_inner());
@@ -318,6 +329,14 @@ impl Hypervisor for BuiltinHypervisor {
     async fn resume(&self, vm: &VmHandle) -> Result<()> {
         self.control_ok(vm, Request::Resume, "resume").await
     }
+
+    async fn snapshot(&self, vm: &VmHandle, dir: &Path) -> Result<()> {
+        self.control_ok(vm, Request::Snapshot { dir: dir.to_path_buf() }, "snapshot").await
+    }
+
+    async fn restore(&self, prepared: &PreparedVm, spec: &VmSpec, dir: &Path) -> Result<VmHandle> {
+        self.launch_restored(&VmConfig::new(spec, prepared), dir).await
+    }
 }
 
 impl BuiltinHypervisor {
@@ -325,13 +344,30 @@ impl BuiltinHypervisor {
     /// exists. Leaves the run directory's other files alone, so listeners bound there before
     /// the start survive it.
     pub async fn launch(&self, config: &VmConfig) -> Result<VmHandle> {
+        self.launch_from(config, None).await
+    }
+
+    /// Like [`Self::launch`], but the VM starts from the snapshot in `dir` (taken of a VM
+    /// with the same vCPUs, memory and devices) instead of booting.
+    pub async fn launch_restored(&self, config: &VmConfig, dir: &Path) -> Result<VmHandle> {
+        if !config.shared_dirs.is_empty() {
+            return Err(HypervisorError::InvalidConfig(
+                "a VM with shared directories cannot start from a snapshot: vhost-user \
+                 virtio-fs cannot map private copy-on-write guest memory"
+                    .into(),
+            ));
+        }
+        self.launch_from(config, Some(dir)).await
+    }
+
+    async fn launch_from(&self, config: &VmConfig, restore: Option<&Path>) -> Result<VmHandle> {
         let vmm = vmm_config(config, self.config.seccomp)?;
         let layout = BuiltinLayout::new(&config.run_dir);
         let mut stale = vec![layout.control(), layout.vsock_uds()];
         stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
         prepare_run_dir(config, &stale)?;
         let mut starting = Starting::new("vmm", self.config.startup_timeout, &config.run_dir);
-        if let Err(e) = self.start_processes(config, &vmm, &mut starting).await {
+        if let Err(e) = self.start_processes(config, &vmm, restore, &mut starting).await {
             starting.abort().await;
             return Err(e);
         }
@@ -501,6 +537,92 @@ mod tests {
         assert_eq!(std::fs::read(&config.console_log).unwrap(), b"tiny");
         hv.cleanup(&vm).await.unwrap();
         assert!(!config.run_dir.exists());
+    }
+
+    /// Waits (up to 30 s) until `path` holds at least `len` bytes; returns them.
+    async fn wait_for_bytes(path: &Path, len: usize) -> Vec<u8> {
+        for _ in 0..3000 {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            if bytes.len() >= len {
+                return bytes;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{} never reached {len} bytes", path.display());
+    }
+
+    #[tokio::test]
+    async fn snapshot_and_restore_through_the_trait() {
+        snapshot_and_restore(None).await;
+    }
+
+    /// The daemon's default: every VMM jailed under a uid of its own. The template's VMM
+    /// writes the snapshot inside its run directory; the pod's reads it before its jail.
+    #[tokio::test]
+    async fn snapshot_and_restore_through_the_trait_jailed() {
+        if !nix::unistd::geteuid().is_root() {
+            return require("the jail needs root");
+        }
+        snapshot_and_restore(Some(JailIds { first: 300_100, count: 16 })).await;
+    }
+
+    /// Through the trait: a counting guest is paused and snapshotted into its run directory,
+    /// and a second VM with its own run directory starts from that snapshot and counts on. A
+    /// VM with shared directories is refused.
+    async fn snapshot_and_restore(jail: Option<JailIds>) {
+        use podvisor_vmm::guest_program::{asm, elf};
+        if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+            return require("/dev/kvm unavailable");
+        }
+        let Some(vmm_command) = vmm_command() else {
+            return require("no podvisor binary with the `vmm` subcommand (set PODVISOR_BIN)");
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let guest = |name: &str| {
+            let mut config = vm_config(&dir.path().join("vms").join(name));
+            config.sandbox_id = name.into();
+            config.kernel = dir.path().join("prog.elf");
+            config.initrd = dir.path().join("initrd");
+            config.console_log = dir.path().join(format!("{name}.log"));
+            config.shared_dirs.clear();
+            config.block_devices.clear();
+            config
+        };
+        std::fs::write(dir.path().join("prog.elf"), elf(&asm::counting(0x20_0000, 10_000)))
+            .unwrap();
+        std::fs::write(dir.path().join("initrd"), b"not really an initramfs").unwrap();
+        let hv =
+            BuiltinHypervisor::new(BuiltinConfig { vmm_command, jail, ..BuiltinConfig::default() })
+                .unwrap();
+
+        let template = guest("template");
+        let vm = hv.launch(&template).await.unwrap();
+        wait_for_bytes(&template.console_log, 3).await;
+        let snap = template.run_dir.join("snap");
+        assert!(hv.snapshot(&vm, &snap).await.is_err(), "a running VM is not snapshotted");
+        hv.pause(&vm).await.unwrap();
+        hv.snapshot(&vm, &snap).await.unwrap();
+        hv.stop(&vm, Duration::from_secs(5)).await.unwrap();
+        let before = std::fs::read(&template.console_log).unwrap();
+        // The daemon keeps snapshots outside run directories, which `cleanup` removes.
+        let kept = dir.path().join("snap");
+        std::fs::rename(&snap, &kept).unwrap();
+        hv.cleanup(&vm).await.unwrap();
+
+        let pod = guest("pod");
+        let restored = hv.launch_restored(&pod, &kept).await.unwrap();
+        let after = wait_for_bytes(&pod.console_log, 2).await;
+        let memory = &hv.describe(&restored)["vmmMemory"];
+        let (pss, uss) = (memory["pssKib"].as_u64().unwrap(), memory["ussKib"].as_u64().unwrap());
+        assert!(uss > 0 && pss >= uss, "{memory}");
+        hv.stop(&restored, Duration::from_secs(5)).await.unwrap();
+        hv.cleanup(&restored).await.unwrap();
+        let last = *before.last().unwrap();
+        assert_eq!(after[0], last.wrapping_add(1), "counting resumes after {last}: {after:?}");
+
+        let with_share = vm_config(&dir.path().join("vms").join("shared"));
+        let err = hv.launch_restored(&with_share, &kept).await.unwrap_err();
+        assert!(err.to_string().contains("shared directories"), "{err}");
     }
 
     /// Two VMs through the trait with the daemon's default confinement: each VMM runs jailed

@@ -5,8 +5,11 @@
 //! {"op":"status"}                                   -> {"ok":true,"status":{...}}
 //! {"op":"pause"} / {"op":"resume"} / {"op":"stop"}  -> {"ok":true}
 //! {"op":"swap_drive","id":"d1","path":"/x.img","read_only":true} -> {"ok":true}
+//! {"op":"snapshot","dir":"/run/x/snap"}             -> {"ok":true,"snapshot":{...}}
 //! anything else                                     -> {"ok":false,"error":"..."}
 //! ```
+//! `snapshot` needs a paused VM and a directory without a snapshot in it (see
+//! [`crate::snapshot`]); `podvisor vmm --restore <dir>` starts a VM from it.
 //! `stop` answers first, then the VMM stops the vCPUs and exits.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -19,6 +22,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::snapshot::SnapshotSummary;
 use crate::vmm::RunControl;
 use crate::vstate::{ExitReason, RunState};
 
@@ -51,6 +55,9 @@ pub enum Request {
         #[serde(default)]
         read_only: bool,
     },
+    Snapshot {
+        dir: PathBuf,
+    },
 }
 
 /// What `status` reports.
@@ -74,6 +81,8 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotSummary>,
 }
 
 impl Response {
@@ -82,7 +91,7 @@ impl Response {
     }
 
     fn error(message: impl Into<String>) -> Self {
-        Response { ok: false, error: Some(message.into()), status: None }
+        Response { ok: false, error: Some(message.into()), ..Default::default() }
     }
 }
 
@@ -152,6 +161,13 @@ impl ControlServer {
                 self.run.exit.request(ExitReason::HostStop);
                 Response::ok()
             }
+            Request::Snapshot { dir } => match self.run.snapshot(&dir) {
+                Ok(summary) => {
+                    tracing::info!(dir = %dir.display(), ?summary, "snapshot written");
+                    Response { snapshot: Some(summary), ..Response::ok() }
+                }
+                Err(e) => Response::error(format!("snapshot into {}: {e}", dir.display())),
+            },
             Request::SwapDrive { id, path, read_only } => {
                 let drives = self.run.drives.lock().unwrap_or_else(|p| p.into_inner());
                 match drives.get(&id) {
@@ -237,6 +253,8 @@ mod tests {
             Request::SwapDrive { id: "d".into(), path: "/x".into(), read_only: false }
         );
         assert!(serde_json::from_str::<Request>(r#"{"op":"reboot"}"#).is_err());
+        let snap: Request = serde_json::from_str(r#"{"op":"snapshot","dir":"/s"}"#).unwrap();
+        assert_eq!(snap, Request::Snapshot { dir: "/s".into() });
         let err = serde_json::to_string(&Response::error("x")).unwrap();
         assert_eq!(err, r#"{"ok":false,"error":"x"}"#);
     }

@@ -107,6 +107,27 @@ pub mod asm {
     pub fn program(parts: &[&[u8]]) -> Vec<u8> {
         parts.concat()
     }
+
+    /// A guest that counts forever: it increments ebx, stores it at guest-physical
+    /// `counter_addr` (identity-mapped by the boot page tables), writes its low byte to the
+    /// serial port, then spins `delay` iterations. Its whole state is in registers and that
+    /// one word, which makes it a probe for snapshot/restore.
+    pub fn counting(counter_addr: u32, delay: u32) -> Vec<u8> {
+        let mut code = mov_dx(crate::layout::SERIAL_PORT_BASE as u16);
+        code.extend_from_slice(&[0x31, 0xdb]); // xor ebx, ebx
+        let outer = code.len();
+        code.extend_from_slice(&[0xff, 0xc3]); // inc ebx
+        code.extend_from_slice(&[0x89, 0x1c, 0x25]); // mov [disp32], ebx
+        code.extend_from_slice(&counter_addr.to_le_bytes());
+        code.extend_from_slice(&[0x89, 0xd8]); // mov eax, ebx
+        code.extend_from_slice(&OUT_DX_AL);
+        code.push(0xb9); // mov ecx, imm32
+        code.extend_from_slice(&delay.to_le_bytes());
+        code.extend_from_slice(&[0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz (back to dec)
+        let back = code.len() + 2 - outer;
+        code.extend_from_slice(&[0xeb, (back as u8).wrapping_neg()]); // jmp outer
+        code
+    }
 }
 
 #[cfg(test)]

@@ -38,10 +38,18 @@ struct Guest {
 
 fn guest(code: &[u8], vcpus: u8) -> Guest {
     let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("prog.elf");
+    let config = guest_config(dir.path(), code, vcpus);
+    let console = config.console_log.clone();
+    let vmm = Vmm::new(&config).unwrap();
+    Guest { _dir: dir, console, vmm }
+}
+
+/// The config of a tiny guest running `code`, with its files in `dir`.
+pub(crate) fn guest_config(dir: &std::path::Path, code: &[u8], vcpus: u8) -> VmmConfig {
+    let kernel = dir.join("prog.elf");
     std::fs::write(&kernel, elf(code)).unwrap();
-    let console = dir.path().join("console.log");
-    let config = VmmConfig {
+    let console = dir.join("console.log");
+    VmmConfig {
         vcpus,
         memory_mib: 32,
         kernel,
@@ -54,9 +62,7 @@ fn guest(code: &[u8], vcpus: u8) -> Guest {
         nets: vec![],
         fs: vec![],
         seccomp: SeccompMode::Off,
-    };
-    let vmm = Vmm::new(&config).unwrap();
-    Guest { _dir: dir, console, vmm }
+    }
 }
 
 /// Loads, runs until exit (or a 60 s watchdog: ring-0 code is emulated on nested PVM), and
@@ -248,4 +254,182 @@ fn pause_resume_and_host_stop() {
     let reason = g.vmm.run_until_exit();
     driver.join().unwrap();
     assert_eq!(reason, ExitReason::HostStop);
+}
+
+/// Where the counting guest keeps its counter.
+const COUNTER_ADDR: u32 = 0x20_0000;
+/// Spin iterations between counts (~20 ms each with ring-0 code emulated on nested PVM).
+const COUNT_DELAY: u32 = 10_000;
+
+/// Starts `vmm` with its event loop on a thread of its own; returns the run control and the
+/// thread, which yields the exit reason.
+fn run_in_background(
+    mut vmm: Vmm,
+) -> (Arc<crate::vmm::RunControl>, std::thread::JoinHandle<(ExitReason, Vmm)>) {
+    vmm.start(None, None).unwrap();
+    let run = vmm.run_control();
+    let thread = std::thread::spawn(move || {
+        let reason = vmm.run_until_exit();
+        (reason, vmm)
+    });
+    (run, thread)
+}
+
+/// Waits (up to 60 s) until the file at `path` has at least `len` bytes; returns them.
+fn wait_for_output(path: &std::path::Path, len: usize) -> Vec<u8> {
+    for _ in 0..600 {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        if bytes.len() >= len {
+            return bytes;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{} did not reach {len} bytes", path.display());
+}
+
+fn read_counter(mem: &crate::memory::GuestMemory) -> u32 {
+    mem.read_obj(GuestAddress(u64::from(COUNTER_ADDR))).unwrap()
+}
+
+/// Boots the counting guest, lets it count to at least 3, pauses and snapshots it into
+/// `dir/snap`, stops it; returns the console output and the counter at the snapshot.
+fn counting_guest_snapshot(dir: &std::path::Path) -> (Vec<u8>, u32) {
+    let code = asm::counting(COUNTER_ADDR, COUNT_DELAY);
+    let config = guest_config(dir, &code, 1);
+    let mut vmm = Vmm::new(&config).unwrap();
+    vmm.load().unwrap();
+    let (run, thread) = run_in_background(vmm);
+    wait_for_output(&config.console_log, 3);
+    run.pause().unwrap();
+    let summary = run.snapshot(&dir.join("snap")).unwrap();
+    println!("snapshot: {summary:?}");
+    assert!(summary.memory_file_allocated_bytes < 1 << 20, "zero pages are holes");
+    let console = std::fs::read(&config.console_log).unwrap();
+    run.exit.request(ExitReason::HostStop);
+    let (reason, vmm) = thread.join().unwrap();
+    assert_eq!(reason, ExitReason::HostStop);
+    let counter = read_counter(vmm.guest_memory());
+    (console, counter)
+}
+
+/// A VM restored from `snap` with its console in `dir`, not started yet.
+fn restored_guest(dir: &std::path::Path, snap: &std::path::Path) -> (Vmm, PathBuf) {
+    let code = asm::counting(COUNTER_ADDR, COUNT_DELAY);
+    let config = guest_config(dir, &code, 1);
+    let (mut vmm, state) = Vmm::from_snapshot(&config, snap).unwrap();
+    vmm.restore(&state).unwrap();
+    (vmm, config.console_log)
+}
+
+#[test]
+fn a_restored_guest_counts_on_from_its_snapshot() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (before, counter) = counting_guest_snapshot(dir.path());
+    let last = *before.last().unwrap();
+    // The pause lands between any two instructions: the counter is stored before it is
+    // printed, so it is the last printed value or the one after.
+    assert!(counter as u8 == last || counter as u8 == last.wrapping_add(1), "{counter} vs {last}");
+
+    let restored_dir = dir.path().join("restored");
+    std::fs::create_dir(&restored_dir).unwrap();
+    let (vmm, console) = restored_guest(&restored_dir, &dir.path().join("snap"));
+    assert_eq!(read_counter(vmm.guest_memory()), counter);
+    let (run, thread) = run_in_background(vmm);
+    let after = wait_for_output(&console, 3);
+    run.exit.request(ExitReason::HostStop);
+    assert_eq!(thread.join().unwrap().0, ExitReason::HostStop);
+    assert_eq!(after[0], last.wrapping_add(1), "counting resumes after {last}: {after:?}");
+    assert_eq!(after[1], after[0].wrapping_add(1));
+    assert_eq!(after[2], after[1].wrapping_add(1));
+}
+
+#[test]
+fn two_restores_of_one_snapshot_share_no_writable_page() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_, counter) = counting_guest_snapshot(dir.path());
+    let snap = dir.path().join("snap");
+    let (dir_a, dir_b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir(&dir_a).unwrap();
+    std::fs::create_dir(&dir_b).unwrap();
+    let (a, console_a) = restored_guest(&dir_a, &snap);
+    let (b, _) = restored_guest(&dir_b, &snap);
+
+    // The guest in A counts on (writing its counter page); B and the file keep the snapshot.
+    let (run_a, thread_a) = run_in_background(a);
+    wait_for_output(&console_a, 3);
+    run_a.pause().unwrap();
+    run_a.exit.request(ExitReason::HostStop);
+    let (_, a) = thread_a.join().unwrap();
+    let counted = read_counter(a.guest_memory());
+    assert!(counted >= counter + 3, "A counted from {counter} to {counted}");
+    assert_eq!(read_counter(b.guest_memory()), counter, "A's guest writes reached B");
+    // Host-side writes (device DMA) are private too.
+    b.guest_memory().write_obj(0x5a5a_5a5au32, GuestAddress(0x30_0000)).unwrap();
+    assert_eq!(a.guest_memory().read_obj::<u32>(GuestAddress(0x30_0000)).unwrap(), 0);
+    let file = std::fs::read(snap.join(crate::snapshot::MEMORY_FILE)).unwrap();
+    let at = COUNTER_ADDR as usize;
+    assert_eq!(u32::from_le_bytes(file[at..at + 4].try_into().unwrap()), counter);
+    assert!(file[0x30_0000..0x30_0004].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn damaged_or_mismatched_snapshots_are_refused_with_the_reason() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    counting_guest_snapshot(dir.path());
+    let snap = dir.path().join("snap");
+    let code = asm::counting(COUNTER_ADDR, COUNT_DELAY);
+    let config = guest_config(dir.path(), &code, 1);
+    let error = |config: &VmmConfig| match Vmm::from_snapshot(config, &snap) {
+        Ok(_) => panic!("restored from a bad snapshot"),
+        Err(e) => e.to_string(),
+    };
+
+    let two_vcpus = VmmConfig { vcpus: 2, ..config.clone() };
+    assert!(error(&two_vcpus).contains("snapshot was taken with 1 vCPUs"), "{}", error(&two_vcpus));
+    let mut with_fs = config.clone();
+    with_fs.fs.push(crate::config::FsConfig { tag: "t".into(), socket: "/x".into() });
+    assert!(error(&with_fs).contains("vhost-user"), "{}", error(&with_fs));
+
+    // A snapshot whose VM had a virtio device does not restore into one without it.
+    let mut vmm = Vmm::new(&config).unwrap();
+    vmm.add_virtio_device(Arc::new(Mutex::new(DummyDevice::new(1)))).unwrap();
+    let state = crate::snapshot::read_state(&snap).unwrap();
+    let err = vmm.restore(&state).unwrap_err().to_string();
+    assert!(err.contains("virtio device types [255]"), "{err}");
+
+    let memory = snap.join(crate::snapshot::MEMORY_FILE);
+    let full = std::fs::read(&memory).unwrap();
+    std::fs::write(&memory, &full[..full.len() - 4096]).unwrap();
+    assert!(error(&config).contains("has 33550336 bytes"), "{}", error(&config));
+    std::fs::write(&memory, &full).unwrap();
+
+    // A flipped bit in guest memory: the full check finds it (a restore checks the size).
+    let state = crate::snapshot::read_state(&snap).unwrap();
+    crate::snapshot::verify_memory(&snap, &state).unwrap();
+    let mut flipped = full.clone();
+    flipped[COUNTER_ADDR as usize] ^= 0x80;
+    std::fs::write(&memory, &flipped).unwrap();
+    let err = crate::snapshot::verify_memory(&snap, &state).unwrap_err().to_string();
+    assert!(err.contains("memory file") && err.contains("is corrupt"), "{err}");
+    std::fs::write(&memory, &full).unwrap();
+
+    let state_file = snap.join(crate::snapshot::STATE_FILE);
+    let mut bytes = std::fs::read(&state_file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&state_file, &bytes).unwrap();
+    assert!(error(&config).contains("is corrupt: payload CRC-32"), "{}", error(&config));
+    std::fs::write(&state_file, b"").unwrap();
+    assert!(error(&config).contains("truncated"), "{}", error(&config));
+    std::fs::remove_file(&state_file).unwrap();
+    assert!(error(&config).contains("reading the snapshot state file"), "{}", error(&config));
 }

@@ -7,7 +7,7 @@
 //! devices), [`vcpu`] + [`vstate`] (vCPU threads and the run/pause/stop protocol), [`vmm`]
 //! (building and running a VM), [`control`] (control socket), [`signals`] (SIGTERM/SIGINT =
 //! clean stop), [`seccomp`] and [`jail`] (hardening), [`host`] (what KVM here can do),
-//! [`bench`] (`make bench` figures).
+//! [`snapshot`] (snapshot/restore, the base of VM templates), [`bench`] (`make bench` figures).
 
 pub mod arch;
 pub mod bench;
@@ -24,6 +24,7 @@ pub mod legacy;
 pub mod memory;
 pub mod seccomp;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vmm;
 pub mod vstate;
@@ -41,7 +42,8 @@ use crate::vstate::ExitReason;
 #[derive(Debug, thiserror::Error)]
 pub enum MainError {
     #[error(
-        "usage: podvisor vmm --config <file.json> --control <socket> [--jail <uid>:<gid>] ({0})"
+        "usage: podvisor vmm --config <file.json> --control <socket> [--jail <uid>:<gid>] \
+         [--restore <snapshot dir>] ({0})"
     )]
     Usage(String),
     #[error(transparent)]
@@ -66,20 +68,23 @@ pub struct Args {
     pub config: PathBuf,
     pub control: PathBuf,
     pub jail: Option<(u32, u32)>,
+    /// Start from this snapshot directory instead of booting the kernel.
+    pub restore: Option<PathBuf>,
 }
 
-/// Parses `--config X --control Y [--jail U:G]`; leading words before the first option (the
+/// Parses `--config X --control Y [--jail U:G] [--restore DIR]`; leading words before the first option (the
 /// program name, `vmm`) are ignored.
 pub fn parse_args(args: &[String]) -> Result<Args, MainError> {
     let usage = |m: &str| MainError::Usage(m.to_string());
     let mut iter = args.iter().skip_while(|a| !a.starts_with("--"));
-    let (mut config, mut control, mut jail) = (None, None, None);
+    let (mut config, mut control, mut jail, mut restore) = (None, None, None, None);
     while let Some(flag) = iter.next() {
         let mut value = || iter.next().ok_or_else(|| usage(&format!("{flag} needs a value")));
         match flag.as_str() {
             "--config" => config = Some(PathBuf::from(value()?)),
             "--control" => control = Some(PathBuf::from(value()?)),
             "--jail" => jail = Some(jail::parse_ids(value()?)?),
+            "--restore" => restore = Some(PathBuf::from(value()?)),
             other => return Err(usage(&format!("unknown argument {other:?}"))),
         }
     }
@@ -87,6 +92,7 @@ pub fn parse_args(args: &[String]) -> Result<Args, MainError> {
         config: config.ok_or_else(|| usage("--config is required"))?,
         control: control.ok_or_else(|| usage("--control is required"))?,
         jail,
+        restore,
     })
 }
 
@@ -182,17 +188,31 @@ fn add_devices(vmm: &mut vmm::Vmm, config: &VmmConfig) -> Result<(), MainError> 
     Ok(())
 }
 
+/// Builds the VM with its devices and either loads the kernel or, with `--restore`, puts the
+/// snapshot's state in place.
+fn build(args: &Args, config: &VmmConfig) -> Result<vmm::Vmm, MainError> {
+    let Some(dir) = &args.restore else {
+        let mut vmm = vmm::Vmm::new(config)?;
+        add_devices(&mut vmm, config)?;
+        let boot = vmm.load()?;
+        tracing::info!(
+            kernel = %config.kernel.display(),
+            entry = format_args!("{:#x}", boot.entry),
+            cmdline = %boot.cmdline,
+            "guest loaded"
+        );
+        return Ok(vmm);
+    };
+    let (mut vmm, state) = vmm::Vmm::from_snapshot(config, dir)?;
+    add_devices(&mut vmm, config)?;
+    vmm.restore(&state)?;
+    tracing::info!(snapshot = %dir.display(), "guest restored");
+    Ok(vmm)
+}
+
 fn run(args: &Args, started: u64) -> Result<ExitReason, MainError> {
     let config = VmmConfig::from_file(&args.config)?;
-    let mut vmm = vmm::Vmm::new(&config)?;
-    add_devices(&mut vmm, &config)?;
-    let boot = vmm.load()?;
-    tracing::info!(
-        kernel = %config.kernel.display(),
-        entry = format_args!("{:#x}", boot.entry),
-        cmdline = %boot.cmdline,
-        "guest loaded"
-    );
+    let mut vmm = build(args, &config)?;
     let filters = seccomp::filters(config.seccomp)?;
     let control = control::ControlServer::bind(&args.control, vmm.run_control(), started)?;
 
@@ -228,7 +248,8 @@ mod tests {
 
     #[test]
     fn args_parse_with_or_without_the_subcommand() {
-        let want = Args { config: "c.json".into(), control: "s.sock".into(), jail: None };
+        let want =
+            Args { config: "c.json".into(), control: "s.sock".into(), jail: None, restore: None };
         assert_eq!(
             parse_args(&strings(&["--config", "c.json", "--control", "s.sock"])).unwrap(),
             want
@@ -242,6 +263,10 @@ mod tests {
             parse_args(&strings(&["--config", "c", "--control", "s", "--jail", "100:101"]))
                 .unwrap();
         assert_eq!(jailed.jail, Some((100, 101)));
+        let restoring =
+            parse_args(&strings(&["--config", "c", "--control", "s", "--restore", "/snap"]))
+                .unwrap();
+        assert_eq!(restoring.restore, Some(PathBuf::from("/snap")));
         assert!(parse_args(&strings(&["--config", "c"])).is_err());
         assert!(parse_args(&strings(&["--config"])).is_err());
         assert!(parse_args(&strings(&["--config", "c", "--control", "s", "--x"])).is_err());

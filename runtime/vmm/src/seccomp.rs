@@ -112,6 +112,8 @@ const VMM_THREAD: &[i64] = &[
     libc::SYS_timerfd_create,
     libc::SYS_timerfd_settime,
     libc::SYS_wait4,
+    // A snapshot (control socket `snapshot`) creates its directory.
+    libc::SYS_mkdir,
 ];
 
 fn build(

@@ -2,7 +2,7 @@
 //! every other exit into a VM exit reason. A vCPU is kicked out of KVM_RUN with a real-time
 //! signal whose handler does nothing (the ioctl returns EINTR).
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -73,7 +73,8 @@ enum Emulation {
 /// One vCPU with what it needs to run.
 pub struct Vcpu {
     pub id: u8,
-    pub fd: VcpuFd,
+    /// Shared with the snapshot code, which reads the state while this thread is paused.
+    pub fd: Arc<Mutex<VcpuFd>>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit: Arc<VmExit>,
@@ -109,11 +110,19 @@ impl Vcpu {
             .map_err(|source| VcpuError::Spawn { id, source })
     }
 
-    fn run(mut self) {
+    fn lock_fd(&self) -> MutexGuard<'_, VcpuFd> {
+        self.fd.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(self) {
         loop {
             match self.control.state() {
                 RunState::Stopping => return,
                 RunState::Paused => {
+                    if let Emulation::Exit(reason) = self.finish_pending_io() {
+                        self.exit.request(reason);
+                        return;
+                    }
                     if self.control.wait_while_paused() == RunState::Stopping {
                         return;
                     }
@@ -121,7 +130,8 @@ impl Vcpu {
                 }
                 RunState::Running => {}
             }
-            let outcome = match self.fd.run() {
+            let mut fd = self.lock_fd();
+            let outcome = match fd.run() {
                 Ok(exit) => {
                     if self.id == 0 {
                         self.control.note_exit();
@@ -135,11 +145,27 @@ impl Vcpu {
                     Emulation::Exit(ExitReason::Error(format!("vCPU{} KVM_RUN: {e}", self.id)))
                 }
             };
+            drop(fd);
             if let Emulation::Exit(reason) = outcome {
                 self.exit.request(reason);
                 return;
             }
         }
+    }
+
+    /// Lets KVM finish the instruction of the last exit before the vCPU pauses: after a port
+    /// or MMIO read, the data the VMM produced only reaches the guest's register on the next
+    /// KVM_RUN. With `immediate_exit` set, KVM_RUN completes that and returns EINTR at once
+    /// without running guest code (the KVM API's recipe before saving vCPU state).
+    fn finish_pending_io(&self) -> Emulation {
+        let mut fd = self.lock_fd();
+        fd.set_kvm_immediate_exit(1);
+        let outcome = match fd.run() {
+            Ok(exit) => handle_exit(exit, &self.pio, &self.mmio, self.id),
+            Err(_) => Emulation::Continue,
+        };
+        fd.set_kvm_immediate_exit(0);
+        outcome
     }
 }
 

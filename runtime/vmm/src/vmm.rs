@@ -1,10 +1,12 @@
 //! Building and running one VM: KVM VM + memfd guest memory + kernel/initramfs + legacy and
 //! virtio-mmio devices + vCPUs, then an event loop (event-manager) on the calling thread
-//! until the VM exits.
+//! until the VM exits. A VM restored from a snapshot is built the same way, on the
+//! snapshot's memory file, and takes the saved state instead of loading a kernel.
 
 use std::collections::HashMap;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,10 @@ use crate::devices::{MmioTransport, VirtioDevice};
 use crate::layout;
 use crate::legacy::{SerialDevice, I8042};
 use crate::memory::{self, GuestMemory};
+use crate::snapshot::{
+    self, kvm_state, Pausable, SnapshotError, SnapshotSource, SnapshotState, SnapshotSummary,
+    Snapshottable,
+};
 use crate::vcpu::{self, Vcpu};
 use crate::vstate::{ExitReason, RunState, VcpuControl, VmExit};
 
@@ -76,6 +82,8 @@ pub enum VmmError {
     VcpuTimeout(&'static str),
     #[error("the vCPUs were already started")]
     AlreadyStarted,
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// Subscribers run by the event loop (devices' host-side event handlers, the control socket).
@@ -102,6 +110,8 @@ pub struct RunControl {
     threads: Mutex<Vec<libc::pthread_t>>,
     pub drives: Mutex<HashMap<String, DriveSwapper>>,
     pub memory_mib: u32,
+    /// What a snapshot reads; set when the vCPUs start.
+    snapshot: OnceLock<SnapshotSource>,
 }
 
 impl RunControl {
@@ -147,10 +157,33 @@ impl RunControl {
         }
     }
 
+    /// Writes a snapshot of the paused VM into `dir`.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotSummary, SnapshotError> {
+        let source = self.snapshot.get().ok_or(SnapshotError::NotStarted)?;
+        match self.control.state() {
+            RunState::Paused => source.write(dir),
+            RunState::Running => Err(SnapshotError::NotPaused("running")),
+            RunState::Stopping => Err(SnapshotError::NotPaused("stopping")),
+        }
+    }
+
     pub fn stop(&self) -> Result<(), VmmError> {
         self.transition(RunState::Stopping, "stop", || {
             self.control.wait_finished(self.vcpus, Duration::from_millis(20))
         })
+    }
+}
+
+impl Pausable for RunControl {
+    type Error = VmmError;
+
+    fn pause(&self) -> Result<(), VmmError> {
+        RunControl::pause(self)
+    }
+
+    fn resume(&self) -> Result<(), VmmError> {
+        RunControl::resume(self);
+        Ok(())
     }
 }
 
@@ -172,12 +205,15 @@ impl MutEventSubscriber for ExitSubscriber {
 /// One VM.
 pub struct Vmm {
     kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
     mem: GuestMemory,
     pio: Bus,
     mmio: Bus,
-    /// vCPU fds until the threads start.
-    vcpu_fds: Vec<VcpuFd>,
+    serial: Arc<Mutex<SerialDevice>>,
+    /// The vCPU fds; each vCPU thread holds its own one locked while in KVM_RUN.
+    vcpu_fds: Vec<Arc<Mutex<VcpuFd>>>,
+    started: bool,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
     threads: Vec<JoinHandle<()>>,
     run: Arc<RunControl>,
     events: EventManager<Subscriber>,
@@ -191,6 +227,34 @@ impl Vmm {
     /// Creates the VM, its memory, the legacy devices and the vCPUs (not yet configured for
     /// boot: add virtio devices, then call [`Vmm::load`]).
     pub fn new(config: &VmmConfig) -> Result<Self, VmmError> {
+        let mem = memory::create_guest_memory(config.memory_bytes())?;
+        Self::with_memory(config, mem)
+    }
+
+    /// Creates the VM for a restore from the snapshot in `dir`: its memory is the snapshot's
+    /// memory file mapped copy-on-write. Add the same virtio devices as the snapshotted VM
+    /// had, then call [`Vmm::restore`] with the returned state.
+    pub fn from_snapshot(
+        config: &VmmConfig,
+        dir: &Path,
+    ) -> Result<(Self, SnapshotState), VmmError> {
+        if !config.fs.is_empty() {
+            return Err(SnapshotError::VhostUserFs.into());
+        }
+        let state = snapshot::read_state(dir)?;
+        let configured = config.memory_bytes();
+        if state.memory_bytes != configured || state.vcpus.len() != usize::from(config.vcpus) {
+            return Err(SnapshotError::Mismatch {
+                snapshot: format!("{} vCPUs, {} MiB", state.vcpus.len(), state.memory_bytes >> 20),
+                config: format!("{} vCPUs, {} MiB", config.vcpus, configured >> 20),
+            }
+            .into());
+        }
+        let mem = memory::map_snapshot_private(&dir.join(snapshot::MEMORY_FILE), configured)?;
+        Ok((Self::with_memory(config, mem)?, state))
+    }
+
+    fn with_memory(config: &VmmConfig, mem: GuestMemory) -> Result<Self, VmmError> {
         let kvm = Kvm::new().map_err(VmmError::OpenKvm)?;
         for cap in [Cap::Irqchip, Cap::Irqfd, Cap::Pit2, Cap::UserMemory, Cap::SetTssAddr] {
             if !kvm.check_extension(cap) {
@@ -203,7 +267,6 @@ impl Vmm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         vm.create_pit2(pit).map_err(VmmError::CreatePit)?;
 
-        let mem = memory::create_guest_memory(config.memory_bytes())?;
         memory::register_with_kvm(&vm, &mem)?;
 
         let exit = Arc::new(VmExit::new().map_err(VmmError::EventFd)?);
@@ -218,11 +281,8 @@ impl Vmm {
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
         vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
             .map_err(|source| VmmError::Irqfd { gsi: layout::SERIAL_IRQ, source })?;
-        pio.insert(
-            Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(console)))),
-            layout::SERIAL_PORT_BASE,
-            layout::SERIAL_PORT_SIZE,
-        )?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, Box::new(console))));
+        pio.insert(serial.clone(), layout::SERIAL_PORT_BASE, layout::SERIAL_PORT_SIZE)?;
         pio.insert(
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
             layout::I8042_PORT_BASE,
@@ -234,7 +294,7 @@ impl Vmm {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|source| VmmError::CreateVcpu { id, source })?;
-            vcpu_fds.push(fd);
+            vcpu_fds.push(Arc::new(Mutex::new(fd)));
         }
 
         let mut events: EventManager<Subscriber> =
@@ -247,14 +307,18 @@ impl Vmm {
             threads: Mutex::new(Vec::new()),
             drives: Mutex::new(HashMap::new()),
             memory_mib: config.memory_mib,
+            snapshot: OnceLock::new(),
         });
         Ok(Self {
             kvm,
-            vm,
+            vm: Arc::new(vm),
             mem,
             pio,
             mmio: Bus::new(),
+            serial,
             vcpu_fds,
+            started: false,
+            transports: Vec::new(),
             threads: Vec::new(),
             run,
             events,
@@ -274,9 +338,9 @@ impl Vmm {
         self.run.clone()
     }
 
-    /// A vCPU before the threads start (for boot-state inspection).
-    pub fn vcpu_fd(&self, id: usize) -> Option<&VcpuFd> {
-        self.vcpu_fds.get(id)
+    /// A vCPU's fd (for state inspection while its thread does not run it).
+    pub fn vcpu_fd(&self, id: usize) -> Option<MutexGuard<'_, VcpuFd>> {
+        Some(lock(self.vcpu_fds.get(id)?))
     }
 
     /// Adds a subscriber to the event loop.
@@ -297,8 +361,9 @@ impl Vmm {
         self.vm
             .register_irqfd(&irq_evt, irq)
             .map_err(|source| VmmError::Irqfd { gsi: irq, source })?;
-        let transport = MmioTransport::new(self.mem.clone(), irq_evt, device);
-        self.mmio.insert(Arc::new(Mutex::new(transport)), addr, layout::MMIO_DEVICE_SIZE)?;
+        let transport = Arc::new(Mutex::new(MmioTransport::new(self.mem.clone(), irq_evt, device)));
+        self.mmio.insert(transport.clone(), addr, layout::MMIO_DEVICE_SIZE)?;
+        self.transports.push(transport);
         self.next_mmio_index += 1;
         self.mmio_devices.push((addr, irq));
         Ok((addr, irq))
@@ -336,8 +401,9 @@ impl Vmm {
 
         let count = self.config.vcpus;
         for (id, fd) in self.vcpu_fds.iter().enumerate() {
-            cpuid::configure_vcpu(&self.kvm, fd, id as u8, count)?;
-            regs::configure_vcpu(fd, &self.mem, kernel.entry)?;
+            let fd = lock(fd);
+            cpuid::configure_vcpu(&self.kvm, &fd, id as u8, count)?;
+            regs::configure_vcpu(&fd, &self.mem, kernel.entry)?;
         }
         let cmdline =
             cmdline.as_cstring().map_err(VmmError::Cmdline)?.into_string().unwrap_or_default();
@@ -350,6 +416,30 @@ impl Vmm {
         }))
     }
 
+    /// Puts a snapshot's state (from [`Vmm::from_snapshot`]) into this VM, in place of
+    /// [`Vmm::load`]: the in-kernel irqchip, PIT and clock, every vCPU, the serial port and
+    /// each virtio transport (an active device is re-activated on its restored queues).
+    pub fn restore(&mut self, state: &SnapshotState) -> Result<(), VmmError> {
+        let virtio_types: Vec<u32> = self
+            .transports
+            .iter()
+            .map(|t| lock(t).device().lock().map_or(0, |d| d.device_type()))
+            .collect();
+        state.check_matches(self.vcpu_fds.len(), self.config.memory_bytes(), &virtio_types)?;
+        kvm_state::check_xsave_size(&self.kvm).map_err(SnapshotError::from)?;
+        kvm_state::restore_vm(&self.vm, &state.vm).map_err(SnapshotError::from)?;
+        for (fd, vcpu) in self.vcpu_fds.iter().zip(&state.vcpus) {
+            kvm_state::restore_vcpu(&lock(fd), vcpu).map_err(SnapshotError::from)?;
+        }
+        lock(&self.serial).restore_state(&state.serial).map_err(SnapshotError::from)?;
+        for (index, (transport, saved)) in self.transports.iter().zip(&state.virtio).enumerate() {
+            lock(transport)
+                .restore_state(saved)
+                .map_err(|source| SnapshotError::Virtio { index, source })?;
+        }
+        Ok(())
+    }
+
     /// Starts the vCPU threads. Each installs `vcpu_filter` first, the calling thread installs
     /// `vmm_filter`, and only then does any guest code run (the threads wait at a gate).
     pub fn start(
@@ -357,17 +447,28 @@ impl Vmm {
         vcpu_filter: Option<BpfProgram>,
         vmm_filter: Option<BpfProgram>,
     ) -> Result<(), VmmError> {
-        if self.vcpu_fds.is_empty() {
+        if self.started {
             return Err(VmmError::AlreadyStarted);
         }
+        self.started = true;
+        let msr_indices = kvm_state::msr_indices(&self.kvm).map_err(SnapshotError::from)?;
+        // Set once: `started` guards against a second start.
+        let _ = self.run.snapshot.set(SnapshotSource {
+            vm: self.vm.clone(),
+            vcpus: self.vcpu_fds.clone(),
+            msr_indices,
+            mem: self.mem.clone(),
+            serial: self.serial.clone(),
+            virtio: self.transports.clone(),
+        });
         vcpu::register_kick_handler()?;
         let pio = Arc::new(std::mem::take(&mut self.pio));
         let mmio = Arc::new(std::mem::take(&mut self.mmio));
         let gate = Arc::new(vcpu::StartGate::default());
-        for (id, fd) in self.vcpu_fds.drain(..).enumerate() {
+        for (id, fd) in self.vcpu_fds.iter().enumerate() {
             let vcpu = Vcpu {
                 id: id as u8,
-                fd,
+                fd: fd.clone(),
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 exit: self.run.exit.clone(),
@@ -416,4 +517,8 @@ impl Vmm {
             }
         }
     }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

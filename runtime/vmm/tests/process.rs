@@ -257,3 +257,59 @@ fn linux_sees_our_e820_cmdline_mptable_and_kvm() {
     let (code, stderr) = vmm.wait_exit();
     assert_eq!(code, Some(0), "stderr: {stderr}");
 }
+
+/// The counting guest of the snapshot tests: its counter at 2 MiB, one count per ~20 ms.
+fn counting_guest() -> Vec<u8> {
+    asm::counting(0x20_0000, 10_000)
+}
+
+#[test]
+fn snapshot_over_the_control_socket_restores_in_a_new_process_under_seccomp() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &counting_guest(), 32);
+    let mut template = spawn(dir, &cfg, &[]);
+    template.wait_console_len(3);
+    let snap = template.run_dir.join("snap");
+    let running = template.request(&Request::Snapshot { dir: snap.clone() });
+    assert!(!running.ok && running.error.unwrap().contains("must be paused"));
+    assert!(template.request(&Request::Pause).ok);
+    let taken = template.request(&Request::Snapshot { dir: snap.clone() });
+    assert!(taken.ok, "{taken:?}");
+    assert_eq!(taken.snapshot.unwrap().memory_bytes, 32 << 20);
+    let again = template.request(&Request::Snapshot { dir: snap.clone() });
+    assert!(!again.ok && again.error.unwrap().contains("already holds a snapshot"));
+    let before = std::fs::read(&template.console).unwrap();
+    assert!(template.request(&Request::Stop).ok);
+    let (code, stderr) = template.wait_exit();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+
+    // A new VMM process on a fresh run directory and console starts from the snapshot.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &counting_guest(), 32);
+    let snap_arg = snap.to_str().unwrap();
+    let mut restored = spawn(dir, &cfg, &["--restore", snap_arg]);
+    let after = restored.wait_console_len(2);
+    let last = *before.last().unwrap();
+    assert_eq!(after[0], last.wrapping_add(1), "counting resumes after {last}: {after:?}");
+    assert_eq!(after[1], after[0].wrapping_add(1));
+    assert!(restored.request(&Request::Stop).ok);
+    let (code, stderr) = restored.wait_exit();
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    assert!(stderr.contains("guest restored"), "stderr: {stderr}");
+
+    // A damaged state file: the VMM refuses to start, with the reason, exit code 2.
+    let state = snap.join(podvisor_vmm::snapshot::STATE_FILE);
+    let mut bytes = std::fs::read(&state).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 0x10;
+    std::fs::write(&state, bytes).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &counting_guest(), 32);
+    let (code, stderr) = spawn(dir, &cfg, &["--restore", snap_arg]).wait_exit();
+    assert_eq!(code, Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("is corrupt: payload CRC-32"), "stderr: {stderr}");
+    drop(template);
+}

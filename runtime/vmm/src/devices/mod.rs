@@ -46,6 +46,6 @@ pub mod vsock;
 pub use block::BlockDevice;
 pub use fs::VhostUserFsDevice;
 pub use net::NetDevice;
-pub use virtio::mmio::MmioTransport;
+pub use virtio::mmio::{MmioTransport, TransportState};
 pub use virtio::{Interrupt, VirtioDevice};
 pub use vsock::VsockDevice;

@@ -97,6 +97,19 @@ impl VmmProcess {
         panic!("console never showed {:?}", String::from_utf8_lossy(text));
     }
 
+    /// Waits for the console log to hold at least `len` bytes; returns them.
+    pub fn wait_console_len(&self, len: usize) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let log = std::fs::read(&self.console).unwrap_or_default();
+            if log.len() >= len {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("console never reached {len} bytes");
+    }
+
     /// Waits (bounded) for the process to exit; returns its code and stderr.
     pub fn wait_exit(&mut self) -> (Option<i32>, String) {
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -355,6 +355,10 @@ impl VirtioDevice for BlockDevice {
         Ok(())
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        Some(vec![self.active.as_ref()?.queue.state()])
+    }
+
     fn queue_notify(&mut self, queue_index: u32) {
         if queue_index == 0 {
             self.process_queue();

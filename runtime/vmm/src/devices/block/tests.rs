@@ -89,6 +89,35 @@ fn config_and_features() {
 }
 
 #[test]
+fn a_restored_device_serves_the_saved_ring_from_its_own_disk() {
+    use crate::snapshot::Snapshottable;
+    let mut h = Harness::new(false);
+    assert_eq!(h.request(VIRTIO_BLK_T_IN, 1, Some((&[0u8; 512], true))).0, OK);
+    let state = h.driver.transport.lock().unwrap().save_state().unwrap();
+
+    // The pod's VM: a disk of its own (sectors filled with 0xaa), the snapshot's ring.
+    let pod_disk = disk(h._dir.path(), "pod.raw", SECTORS, 0xaa);
+    let device = Arc::new(Mutex::new(BlockDevice::new(&pod_disk, false).unwrap()));
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut transport =
+        crate::devices::MmioTransport::new(h.driver.mem.clone(), irq, device.clone());
+    transport.restore_state(&state).unwrap();
+    h.driver.transport = Arc::new(Mutex::new(transport));
+    h.device = device;
+
+    let (status, _, data) = h.request(VIRTIO_BLK_T_IN, 1, Some((&[0u8; 512], true)));
+    assert_eq!(status, OK);
+    assert!(h.driver.read_mem(data, 512).iter().all(|&b| b == 0xaa), "read from the pod's disk");
+    assert_eq!(h.request(VIRTIO_BLK_T_OUT, 2, Some((&[7u8; 512], false))).0, OK);
+    let mut sector = vec![0u8; 512];
+    File::open(&pod_disk).unwrap().read_exact_at(&mut sector, 2 * SECTOR_SIZE).unwrap();
+    assert!(sector.iter().all(|&b| b == 7), "the write went to the pod's disk");
+    let mut template = vec![0u8; 512];
+    File::open(&h.path).unwrap().read_exact_at(&mut template, 2 * SECTOR_SIZE).unwrap();
+    assert!(template.iter().all(|&b| b == 2), "the template's disk is untouched");
+}
+
+#[test]
 fn read_sectors() {
     let mut h = Harness::new(false);
     let (status, len, data) = h.request(VIRTIO_BLK_T_IN, 3, Some((&[0u8; 1024], true)));

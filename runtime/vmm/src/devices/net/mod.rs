@@ -280,6 +280,10 @@ impl VirtioDevice for NetDevice {
         Ok(())
     }
 
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        Some(self.active.as_ref()?.queues.iter().map(Queue::state).collect())
+    }
+
     fn queue_notify(&mut self, queue_index: u32) {
         match queue_index as usize {
             RX => self.process_rx(),

@@ -40,24 +40,8 @@ impl Harness {
 
     /// Device + the host end of a frame socketpair.
     fn with_socketpair() -> (Self, UnixDatagram) {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
-        let ret = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
-        };
-        assert_eq!(ret, 0);
-        // SAFETY: both fds were just created by socketpair and are owned by nobody else.
-        let (dev_fd, host_fd) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let host = UnixDatagram::from(host_fd);
-        host.set_nonblocking(false).unwrap();
-        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        (Self::new(NetDevice::from_frame_fd(dev_fd, MAC)), host)
+        let (device, host) = device_on_socketpair(MAC);
+        (Self::new(device), host)
     }
 
     fn add_rx_buffers(&mut self, count: usize, size: u32) {
@@ -82,6 +66,59 @@ impl Harness {
             .map(|(id, len)| self.driver.read_mem(self.rx_heads[&(id as u16)], len as usize))
             .collect()
     }
+}
+
+/// A device with `mac` on one end of a frame socketpair; returns the host end too.
+fn device_on_socketpair(mac: [u8; 6]) -> (NetDevice, UnixDatagram) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for socketpair to fill.
+    let ret = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(ret, 0);
+    // SAFETY: both fds were just created by socketpair and are owned by nobody else.
+    let (dev_fd, host_fd) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let host = UnixDatagram::from(host_fd);
+    host.set_nonblocking(false).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    (NetDevice::from_frame_fd(dev_fd, mac), host)
+}
+
+#[test]
+fn a_restored_device_moves_frames_on_its_own_backend_from_the_saved_rings() {
+    use crate::snapshot::Snapshottable;
+    let (mut h, template_host) = Harness::with_socketpair();
+    h.add_rx_buffers(4, 2048);
+    h.guest_send(&frame(b"template"));
+    let mut buf = vec![0u8; 4096];
+    assert!(template_host.recv(&mut buf).unwrap() > 0);
+    let state = h.driver.transport.lock().unwrap().save_state().unwrap();
+    assert_eq!(state.queues.len(), 2);
+
+    // The pod's VM: its own backend (tap) and MAC, the snapshot's rings.
+    let pod_mac = [0x02, 0, 0, 0, 0, 0x42];
+    let (device, pod_host) = device_on_socketpair(pod_mac);
+    let device = Arc::new(Mutex::new(device));
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut transport =
+        crate::devices::MmioTransport::new(h.driver.mem.clone(), irq, device.clone());
+    transport.restore_state(&state).unwrap();
+    h.driver.transport = Arc::new(Mutex::new(transport));
+    h.device = device;
+    assert_eq!(h.driver.read_config(0, 6), pod_mac);
+
+    h.guest_send(&frame(b"pod"));
+    let n = pod_host.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], &frame(b"pod")[..]);
+    assert_eq!(h.driver.take_used(TX).len(), 2, "both tx chains were used, in ring order");
+    pod_host.send(&frame(b"to pod")).unwrap();
+    h.device.lock().unwrap().process_backend_events();
+    assert_eq!(h.guest_recv(), vec![frame(b"to pod")], "on an rx buffer posted before");
 }
 
 #[test]

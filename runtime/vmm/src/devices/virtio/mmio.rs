@@ -2,15 +2,18 @@
 
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, GuestMemory, Interrupt, VirtioDevice};
 use crate::devices::BusDevice;
+use crate::snapshot::Snapshottable;
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -335,6 +338,172 @@ impl MmioTransport {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("device type {found} in the snapshot, {expected} in this VM")]
+    DeviceType { expected: u32, found: u32 },
+    #[error("the active device cannot report its queues (its rings live in another process)")]
+    QueuesUnknown,
+    #[error("the snapshot has {found} queues, the device has {expected}")]
+    QueueCount { expected: usize, found: usize },
+    #[error("queue {index} in the snapshot is invalid: {source}")]
+    Queue { index: usize, source: virtio_queue::Error },
+    #[error("the restored queues do not fit guest memory")]
+    QueuesInvalid,
+    #[error("re-activating the device: {0}")]
+    Activate(#[from] super::ActivateError),
+}
+
+/// One queue's registers and ring positions (virtio-queue's `QueueState`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        Self {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// What Firecracker's `MmioTransportState` keeps: the transport registers, the interrupt
+/// line, and each queue. The device itself is rebuilt from the new VM's configuration (its
+/// tap, socket or file); an active device is re-activated on the restored queues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    pub device_type: u32,
+    pub status: u32,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub acked_features: u64,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub config_generation: u32,
+    pub needs_reset: bool,
+    pub activated: bool,
+    pub queues: Vec<QueueSnapshot>,
+}
+
+impl Snapshottable for MmioTransport {
+    type State = TransportState;
+    type Error = TransportError;
+
+    fn save_state(&self) -> Result<TransportState, TransportError> {
+        let device = self.lock_device();
+        let queues: Vec<QueueSnapshot> = if self.activated {
+            device
+                .queue_states()
+                .ok_or(TransportError::QueuesUnknown)?
+                .into_iter()
+                .map(Into::into)
+                .collect()
+        } else {
+            self.queues.iter().map(|q| q.state().into()).collect()
+        };
+        Ok(TransportState {
+            device_type: device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+            needs_reset: self.interrupt.needs_reset(),
+            activated: self.activated,
+            queues,
+        })
+    }
+
+    fn restore_state(&mut self, state: &TransportState) -> Result<(), TransportError> {
+        let (device_type, max_sizes) = {
+            let device = self.lock_device();
+            (device.device_type(), device.queue_max_sizes().to_vec())
+        };
+        if state.device_type != device_type {
+            return Err(TransportError::DeviceType {
+                expected: device_type,
+                found: state.device_type,
+            });
+        }
+        if state.queues.len() != max_sizes.len() {
+            return Err(TransportError::QueueCount {
+                expected: max_sizes.len(),
+                found: state.queues.len(),
+            });
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (index, (saved, &max)) in state.queues.iter().zip(&max_sizes).enumerate() {
+            // The device decides its queue sizes; a snapshot cannot enlarge them.
+            let saved = QueueSnapshot { max_size: max, ..*saved };
+            let queue = Queue::try_from(QueueState::from(saved))
+                .map_err(|source| TransportError::Queue { index, source })?;
+            queues.push(queue);
+        }
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.interrupt.restore(state.interrupt_status, state.config_generation);
+        if state.needs_reset {
+            self.interrupt.signal_needs_reset();
+        }
+        self.queues = queues;
+        if state.activated {
+            if !self.queues.iter().all(|q| q.ready() && q.is_valid(&self.mem)) {
+                return Err(TransportError::QueuesInvalid);
+            }
+            let ctx = ActivateContext {
+                mem: self.mem.clone(),
+                queues: std::mem::take(&mut self.queues),
+                acked_features: self.acked_features,
+                interrupt: self.interrupt.clone(),
+            };
+            let mut device = self.lock_device();
+            device.activate(ctx)?;
+            device.restored();
+            drop(device);
+            self.activated = true;
+        }
+        Ok(())
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= REG_CONFIG {
@@ -432,6 +601,41 @@ mod tests {
         assert!(!dummy.lock().unwrap().activated);
         assert_eq!(driver.read_reg(REG_STATUS), 0);
         assert_eq!(driver.read_reg(REG_QUEUE_READY), 0);
+    }
+
+    #[test]
+    fn transport_state_restores_into_a_new_transport_and_reactivates() {
+        let dummy = Arc::new(Mutex::new(DummyDevice::new(2)));
+        let mut driver = VirtioTestDriver::new(dummy.clone());
+        driver.negotiate(0);
+        driver.setup_queues();
+        driver.write_reg(
+            REG_STATUS,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+        );
+        driver.write_reg(REG_QUEUE_SEL, 1);
+        let state = driver.transport.lock().unwrap().save_state().unwrap();
+        assert!(state.activated);
+        assert_eq!(state.queues.len(), 2);
+        assert!(state.queues.iter().all(|q| q.ready));
+
+        let restored = Arc::new(Mutex::new(DummyDevice::new(2)));
+        let mut again = VirtioTestDriver::with_memory(driver.mem.clone(), restored.clone());
+        again.transport.lock().unwrap().restore_state(&state).unwrap();
+        assert!(restored.lock().unwrap().activated, "an active device is re-activated");
+        assert_eq!(again.transport.lock().unwrap().save_state().unwrap(), state);
+        assert_eq!(again.read_reg(REG_STATUS), state.status);
+        again.write_reg(REG_QUEUE_NOTIFY, 1);
+        assert_eq!(restored.lock().unwrap().notified, vec![1]);
+
+        // A snapshot of another device type, or with other queues, is refused.
+        let other = Arc::new(Mutex::new(DummyDevice::new(3)));
+        let third = VirtioTestDriver::with_memory(driver.mem.clone(), other);
+        let err = third.transport.lock().unwrap().restore_state(&state).unwrap_err();
+        assert!(matches!(err, TransportError::QueueCount { expected: 3, found: 2 }), "{err}");
+        let wrong_type = TransportState { device_type: 1, ..state };
+        let err = again.transport.lock().unwrap().restore_state(&wrong_type).unwrap_err();
+        assert!(matches!(err, TransportError::DeviceType { .. }), "{err}");
     }
 
     #[test]

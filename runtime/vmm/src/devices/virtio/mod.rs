@@ -3,6 +3,8 @@
 
 pub mod mmio;
 
+pub use mmio::{QueueSnapshot, TransportError, TransportState};
+
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
@@ -108,6 +110,13 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Puts back a snapshot's InterruptStatus and ConfigGeneration (no interrupt is raised:
+    /// the restored in-kernel irqchip already holds the line's level).
+    pub(crate) fn restore(&self, status: u32, config_generation: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        self.config_generation.store(config_generation, Ordering::SeqCst);
+    }
+
     fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);
@@ -149,6 +158,15 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, queue_index: u32);
     /// Stops the device and drops its queues (status was set to 0).
     fn reset(&mut self);
+    /// The ring positions of an activated device's queues, in queue-index order, for a
+    /// snapshot: what a restored device resumes from. `None` when the rings are processed
+    /// outside this process (vhost-user), whose positions the VMM cannot know.
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        None
+    }
+    /// Called once a snapshot restore re-activated the device on its saved queues: the guest
+    /// driver believes in host-side state (connections) this new device never had.
+    fn restored(&mut self) {}
 }
 
 /// Pops the next available chain. A corrupt available ring (an index more than a queue

@@ -243,6 +243,8 @@ pub struct DummyDevice {
     pub activated: bool,
     pub notified: Vec<u32>,
     pub config: Vec<u8>,
+    /// The queues it was activated with (what a snapshot reports).
+    pub active_queues: Vec<virtio_queue::QueueState>,
 }
 
 impl DummyDevice {
@@ -252,6 +254,7 @@ impl DummyDevice {
             activated: false,
             notified: Vec::new(),
             config: vec![1, 2, 3, 4],
+            active_queues: Vec::new(),
         }
     }
 }
@@ -284,10 +287,14 @@ impl VirtioDevice for DummyDevice {
             });
         }
         self.activated = true;
+        self.active_queues = ctx.queues.iter().map(virtio_queue::Queue::state).collect();
         Ok(())
     }
     fn queue_notify(&mut self, queue_index: u32) {
         self.notified.push(queue_index);
+    }
+    fn queue_states(&self) -> Option<Vec<virtio_queue::QueueState>> {
+        self.activated.then(|| self.active_queues.clone())
     }
     fn reset(&mut self) {
         self.activated = false;

@@ -386,6 +386,47 @@ fn transport_reset_event_drops_connections() {
 }
 
 #[test]
+fn a_restored_device_resets_the_guests_connections_and_serves_new_ones() {
+    use crate::snapshot::Snapshottable;
+    let mut h = Harness::new();
+    h.add_rx_buffers(8, RX_BUF);
+    let ev = h.driver.alloc(4);
+    let head = h.driver.add_chain(EVENT, &[(ev, 4, true)]);
+    h.driver.kick(EVENT);
+    let (mut client, _) = host_connect(&mut h, 1024);
+    client.write_all(b"before").unwrap();
+    h.host_events();
+    assert_eq!(h.guest_recv()[0].1, b"before");
+    let state = h.driver.transport.lock().unwrap().save_state().unwrap();
+
+    // A new VM from the snapshot: same guest memory and driver, a new device and socket.
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("pod.vsock");
+    let device = Arc::new(Mutex::new(VsockDevice::new(GUEST_CID, &uds).unwrap()));
+    let irq = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let mut transport =
+        crate::devices::MmioTransport::new(h.driver.mem.clone(), irq, device.clone());
+    transport.restore_state(&state).unwrap();
+    h.driver.transport = Arc::new(Mutex::new(transport));
+    h.device = device;
+    h.uds = uds;
+
+    // The guest learns its connections are gone, on the buffer it posted before the snapshot.
+    assert_eq!(h.driver.take_used(EVENT), vec![(u32::from(head), 4)]);
+    assert_eq!(h.driver.read_mem(ev, 4), EVENT_TRANSPORT_RESET.to_le_bytes());
+    // The old host client belongs to the snapshotted VM: nothing reaches the new one.
+    let _ = client.write_all(b"stale");
+    h.host_events();
+    assert!(h.guest_recv().is_empty());
+    // The rings carry on: a new connection works on the rx buffers posted before.
+    let (mut fresh, fresh_port) = host_connect(&mut h, 1024);
+    fresh.write_all(b"after").unwrap();
+    h.host_events();
+    let pkts = h.guest_recv();
+    assert_eq!((pkts[0].0.src_port, pkts[0].1.as_slice()), (fresh_port, &b"after"[..]));
+}
+
+#[test]
 fn device_reset_drops_connections_and_reactivates() {
     let mut h = Harness::new();
     h.add_rx_buffers(4, RX_BUF);
