@@ -201,6 +201,10 @@ pub struct ImagesSection {
     pub pull_progress_timeout_seconds: u64,
     /// Images (tags or digests) never removed and reported pinned to kubelet's image GC.
     pub pinned: Vec<String>,
+    /// Largest image pulled (its compressed layers and config, as its manifest declares).
+    pub max_image_gib: u32,
+    /// Largest image unpacked (its uncompressed layers added up).
+    pub max_unpacked_gib: u32,
 }
 
 impl Default for ImagesSection {
@@ -212,6 +216,8 @@ impl Default for ImagesSection {
             // sees some bytes every few seconds, so a minute of silence is a dead registry.
             pull_progress_timeout_seconds: 60,
             pinned: Vec::new(),
+            max_image_gib: 32,
+            max_unpacked_gib: 64,
         }
     }
 }
@@ -338,6 +344,11 @@ impl Config {
             // Less would not hold the end of a failed boot.
             return Err(ConfigError::Invalid("vm.console_log_max_kib must be at least 16".into()));
         }
+        if self.images.max_image_gib == 0 || self.images.max_unpacked_gib == 0 {
+            return Err(ConfigError::Invalid(
+                "images.max_image_gib and images.max_unpacked_gib must be at least 1".into(),
+            ));
+        }
         for (name, rt) in &self.runtimes {
             self.validate_runtime(name, rt)?;
         }
@@ -463,6 +474,7 @@ mod tests {
         assert!(c.validate().is_err());
         assert!(Config::parse("[builtin]\nseccomp = \"maybe\"").is_err());
         assert!(Config::parse("[vm]\nconsole_log_max_kib = 8").unwrap().validate().is_err());
+        assert!(Config::parse("[images]\nmax_image_gib = 0").unwrap().validate().is_err());
         for bad in ["jail_first_id = 0", "jail_ids = 0", "jail_first_id = 4294967295"] {
             let c = Config::parse(&format!("[builtin]\n{bad}")).unwrap();
             assert!(c.validate().is_err(), "{bad}");

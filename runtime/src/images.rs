@@ -26,6 +26,8 @@ pub fn open_store(config: &Config) -> anyhow::Result<Images> {
             docker_config: config.images.docker_config.clone(),
             pull_progress_timeout: config.images.pull_progress_timeout(),
             pinned: config.images.pinned.clone(),
+            max_image_bytes: u64::from(config.images.max_image_gib) << 30,
+            max_unpacked_bytes: u64::from(config.images.max_unpacked_gib) << 30,
             ..ImageStoreConfig::default()
         },
     )

@@ -476,6 +476,35 @@ impl TestRegistry {
         Ok(output.stdout)
     }
 
+    /// Puts `body` as the manifest `name:tag` (anonymous registries only), bypassing skopeo,
+    /// which would fix what tests break on purpose; returns the reference. The blobs it names
+    /// must be in the repository already.
+    pub fn put_manifest(
+        &self,
+        name: &str,
+        tag: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "PUT /v2/{name}/manifests/{tag} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\
+             Content-Type: {media_type}\r\nContent-Length: {}\r\n\r\n",
+            self.port,
+            body.len()
+        )?;
+        stream.write_all(body)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        let response = String::from_utf8_lossy(&response);
+        if !response.starts_with("HTTP/1.0 201") && !response.starts_with("HTTP/1.1 201") {
+            bail!("the registry refused the manifest: {response}");
+        }
+        Ok(self.reference(&format!("{name}:{tag}")))
+    }
+
     /// `sha256:…` of the manifest (or index) `reference` names.
     pub fn manifest_digest(&self, reference: &str) -> Result<String> {
         Ok(sha256_digest(&self.raw_manifest(reference)?))

@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciEnvelope;
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::{
     OciDescriptor, OciImageIndex, OciImageManifest, IMAGE_MANIFEST_LIST_MEDIA_TYPE,
     IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::{Client, Reference, RegistryOperation};
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info};
@@ -229,6 +230,16 @@ impl ImageStore {
             || self.config.insecure_registries.iter().any(|r| r == registry || r == host)
     }
 
+    /// The plain HTTP client manifests are fetched with (oci-client reads them whole), set up
+    /// as [`Self::client_for`] sets up oci-client's.
+    fn http_client_for(&self, registry: &str) -> Result<reqwest::Client> {
+        reqwest::Client::builder()
+            .connect_timeout(self.config.connect_timeout)
+            // The progress timeout covers silence, as for oci-client's client.
+            .build()
+            .map_err(|e| Error::HttpClient { host: registry.to_string(), message: e.to_string() })
+    }
+
     /// A client for `registry`. Not `Client::new`: on a configuration it cannot build (a host
     /// without CA certificates, say) that falls back to `reqwest::Client::new()`, which panics.
     fn client_for(&self, registry: &str) -> Result<Client> {
@@ -282,16 +293,23 @@ impl ImageStore {
         };
         let registry_auth = self.registry_auth(parsed.registry(), credentials)?;
         let client = self.client_for(&registry)?;
+        let registry_client = RegistryClient {
+            oci: &client,
+            http: self.http_client_for(&registry)?,
+            auth: &registry_auth,
+            target: &target,
+            scheme: if self.is_insecure(&registry) { "http" } else { "https" },
+            max_manifest_bytes: self.config.max_manifest_bytes,
+        };
         let started = Instant::now();
 
         // Top-level manifest or index, by tag or digest.
-        let (top_bytes, _) = target
+        let top_bytes = target
             .within_progress_timeout(
                 "the manifest",
-                client.pull_manifest_raw(&parsed, &registry_auth, ACCEPTED_MANIFESTS),
+                registry_client.manifest(&parsed, &format!("manifest of {whole}")),
             )
-            .await?
-            .map_err(|e| target.error(e))?;
+            .await??;
         let top_digest = sha256_digest(&top_bytes);
         if let Some(wanted) = parsed.digest() {
             if wanted != top_digest {
@@ -323,17 +341,25 @@ impl ImageStore {
                 });
             };
             digest_hex(&entry.digest)?;
+            let what = format!("linux/amd64 manifest of {whole}");
+            let size = declared_size(&entry.digest, entry.size)?;
+            if size > self.config.max_manifest_bytes {
+                return Err(Error::ManifestTooLarge {
+                    what,
+                    limit: self.config.max_manifest_bytes,
+                });
+            }
             let by_digest = parsed.clone_with_digest(entry.digest.clone());
-            let (bytes, _) = target
+            let bytes = target
                 .within_progress_timeout(
                     "the linux/amd64 manifest",
-                    client.pull_manifest_raw(&by_digest, &registry_auth, ACCEPTED_MANIFESTS),
+                    registry_client.manifest(&by_digest, &what),
                 )
-                .await?
-                .map_err(|e| target.error(e))?;
-            (entry.digest.clone(), bytes.to_vec(), Some(top_digest.clone()))
+                .await??;
+            check_content(&entry.digest, size, &bytes, &what)?;
+            (entry.digest.clone(), bytes, Some(top_digest.clone()))
         } else {
-            (top_digest.clone(), top_bytes.to_vec(), None)
+            (top_digest.clone(), top_bytes.clone(), None)
         };
         let manifest: OciImageManifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|source| Error::ParseManifest { digest: manifest_digest.clone(), source })?;
@@ -359,6 +385,7 @@ impl ImageStore {
         }
         let image_id = manifest.config.digest.clone();
         digest_hex(&image_id)?;
+        let size = self.check_sizes(&manifest, &whole)?;
 
         pinned.push(manifest_digest.clone());
         pinned.push(image_id.clone());
@@ -372,8 +399,6 @@ impl ImageStore {
             &format!("linux/amd64 manifest of {whole}"),
         )?;
 
-        let size = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>()
-            + manifest.config.size.max(0) as u64;
         let progress = PullProgress::new(size);
         let blob_ref = parsed.clone_with_digest(manifest_digest.clone());
         self.fetch_blob(&client, &blob_ref, &target, &progress, &manifest.config).await?;
@@ -443,6 +468,32 @@ impl ImageStore {
         Ok(record)
     }
 
+    /// Checks what the manifest declares before anything is downloaded: every size there
+    /// (the spec requires one), the config within `max_config_bytes`, all of it within
+    /// `max_image_bytes`. Returns the image's size.
+    fn check_sizes(&self, manifest: &OciImageManifest, reference: &str) -> Result<u64> {
+        let config = declared_size(&manifest.config.digest, manifest.config.size)?;
+        if config > self.config.max_config_bytes {
+            return Err(Error::ConfigTooLarge {
+                digest: manifest.config.digest.clone(),
+                size: config,
+                limit: self.config.max_config_bytes,
+            });
+        }
+        let mut total = config;
+        for layer in &manifest.layers {
+            total = total.saturating_add(declared_size(&layer.digest, layer.size)?);
+        }
+        if total > self.config.max_image_bytes {
+            return Err(Error::ImageTooLarge {
+                reference: reference.to_owned(),
+                size: total,
+                limit: self.config.max_image_bytes,
+            });
+        }
+        Ok(total)
+    }
+
     /// Ensures the blob `descriptor` names is stored and verified, downloading it if needed.
     async fn fetch_blob(
         &self,
@@ -490,7 +541,9 @@ impl ImageStore {
         path: &std::path::Path,
     ) -> Result<()> {
         let digest = descriptor.digest.as_str();
-        let expected_size = u64::try_from(descriptor.size).unwrap_or(0);
+        // A blob is exactly its declared size (checked non-negative with the manifest): no
+        // size, no unbounded download.
+        let expected_size = declared_size(digest, descriptor.size)?;
         let what = format!("blob {digest}");
         let mut stream = target
             .within_progress_timeout(&what, client.pull_blob_stream(reference, descriptor))
@@ -520,7 +573,7 @@ impl ImageStore {
             received += chunk.len() as u64;
             self.bytes_downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             progress.received(chunk.len() as u64);
-            if expected_size > 0 && received > expected_size {
+            if received > expected_size {
                 return Err(Error::SizeMismatch {
                     digest: digest.to_owned(),
                     expected: expected_size,
@@ -539,7 +592,7 @@ impl ImageStore {
                 actual,
             });
         }
-        if expected_size > 0 && received != expected_size {
+        if received != expected_size {
             return Err(Error::SizeMismatch {
                 digest: digest.to_owned(),
                 expected: expected_size,
@@ -561,5 +614,130 @@ impl ImageStore {
             "blob downloaded"
         );
         Ok(())
+    }
+}
+
+/// A descriptor's size, which must not be negative.
+fn declared_size(digest: &str, size: i64) -> Result<u64> {
+    u64::try_from(size).map_err(|_| Error::InvalidSize { digest: digest.to_owned(), size })
+}
+
+/// Checks fetched content against the descriptor that named it.
+fn check_content(digest: &str, size: u64, bytes: &[u8], what: &str) -> Result<()> {
+    let actual = sha256_digest(bytes);
+    if actual != digest {
+        return Err(Error::DigestMismatch {
+            what: what.to_owned(),
+            expected: digest.to_owned(),
+            actual,
+        });
+    }
+    if bytes.len() as u64 != size {
+        return Err(Error::SizeMismatch {
+            digest: digest.to_owned(),
+            expected: size,
+            actual: bytes.len() as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Fetches manifests itself, with oci-client's authentication: oci-client reads a manifest
+/// response whole, however large the registry makes it.
+struct RegistryClient<'a> {
+    oci: &'a Client,
+    http: reqwest::Client,
+    auth: &'a RegistryAuth,
+    target: &'a Target<'a>,
+    scheme: &'static str,
+    max_manifest_bytes: u64,
+}
+
+impl RegistryClient<'_> {
+    /// The manifest or index `reference` names (by tag or digest), at most
+    /// `max_manifest_bytes` of it, checked against the registry's `Docker-Content-Digest`.
+    async fn manifest(&self, reference: &Reference, what: &str) -> Result<Vec<u8>> {
+        let token = self
+            .oci
+            .auth(reference, self.auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| self.target.error(e))?;
+        let url = self.manifest_url(reference);
+        let mut request =
+            self.http.get(&url).header(reqwest::header::ACCEPT, ACCEPTED_MANIFESTS.join(", "));
+        request = match (token, self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            (None, _) => request,
+        };
+        let response = request.send().await.map_err(|e| self.target.error(e.into()))?;
+        let status = response.status();
+        let header_digest = response
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = self.read_limited(response, what).await?;
+        if status != reqwest::StatusCode::OK {
+            return Err(self.target.error(response_error(status, &body, &url)));
+        }
+        if let Some(header) = header_digest.filter(|d| d.starts_with("sha256:")) {
+            let actual = sha256_digest(&body);
+            if actual != header {
+                return Err(Error::DigestMismatch {
+                    what: what.to_owned(),
+                    expected: header,
+                    actual,
+                });
+            }
+        }
+        Ok(body)
+    }
+
+    fn manifest_url(&self, reference: &Reference) -> String {
+        let name = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let namespace = reference.namespace().map(|ns| format!("?ns={ns}")).unwrap_or_default();
+        format!(
+            "{}://{}/v2/{}/manifests/{name}{namespace}",
+            self.scheme,
+            reference.resolve_registry(),
+            reference.repository()
+        )
+    }
+
+    /// The body, failing (and dropping the connection) as soon as it exceeds the limit.
+    async fn read_limited(&self, mut response: reqwest::Response, what: &str) -> Result<Vec<u8>> {
+        let limit = self.max_manifest_bytes;
+        let too_large = || Error::ManifestTooLarge { what: what.to_owned(), limit };
+        if response.content_length().is_some_and(|n| n > limit) {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.target.error(e.into()))? {
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+/// What a registry's non-200 answer means, in oci-client's terms (so [`Target::error`] maps
+/// it as it maps oci-client's own).
+fn response_error(status: reqwest::StatusCode, body: &[u8], url: &str) -> OciDistributionError {
+    let url = url.to_owned();
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return OciDistributionError::UnauthorizedError { url };
+    }
+    if status.is_client_error() {
+        if let Ok(envelope) = serde_json::from_slice::<OciEnvelope>(body) {
+            return OciDistributionError::RegistryError { envelope, url };
+        }
+    }
+    OciDistributionError::ServerError {
+        code: status.as_u16(),
+        url,
+        message: String::from_utf8_lossy(body).into_owned(),
     }
 }

@@ -67,7 +67,11 @@ pub fn error_code(error: &Error) -> Code {
         Error::HttpClient { .. } | Error::ImagePinned { .. } => Code::FailedPrecondition,
         Error::Unauthorized { .. } => Code::Unauthenticated,
         Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => Code::DataLoss,
-        Error::UnsupportedManifest { .. }
+        Error::ManifestTooLarge { .. }
+        | Error::ConfigTooLarge { .. }
+        | Error::ImageTooLarge { .. } => Code::ResourceExhausted,
+        Error::InvalidSize { .. }
+        | Error::UnsupportedManifest { .. }
         | Error::UnsupportedLayer(_)
         | Error::ParseManifest { .. }
         | Error::ParseConfig { .. }
@@ -79,6 +83,7 @@ pub fn error_code(error: &Error) -> Code {
             | UnpackError::ReadTar(_)
             | UnpackError::Decompress(_) => Code::FailedPrecondition,
             UnpackError::DiffIdMismatch { .. } => Code::DataLoss,
+            UnpackError::TooLarge { .. } => Code::ResourceExhausted,
             UnpackError::Create { source, .. } => io_code(source),
             _ => Code::Internal,
         },
