@@ -123,11 +123,24 @@ struct DockerEntry {
     layers: Vec<String>,
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> Result<T, ArchiveError> {
-    let bytes =
-        std::fs::read(dir.join(name)).map_err(|_| ArchiveError::Missing(name.to_owned()))?;
+/// The file `path`, refused past `limit` bytes (the limit on manifests applies to every JSON
+/// document of an archive, as it does to a registry's) without reading further.
+fn read_capped(path: &Path, limit: u64, what: &str) -> crate::Result<Vec<u8>> {
+    let file = std::fs::File::open(path).map_err(|_| ArchiveError::Missing(what.to_owned()))?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|source| Error::ReadBlob { path: path.to_owned(), source })?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::ManifestTooLarge { what: what.to_owned(), limit });
+    }
+    Ok(bytes)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str, limit: u64) -> crate::Result<T> {
+    let bytes = read_capped(&dir.join(name), limit, name)?;
     serde_json::from_slice(&bytes)
-        .map_err(|source| ArchiveError::Parse { name: name.to_owned(), source })
+        .map_err(|source| ArchiveError::Parse { name: name.to_owned(), source }.into())
 }
 
 /// `dir/name` for a name an archive gives, refusing anything that leaves `dir`.
@@ -160,12 +173,12 @@ fn is_index(media_type: &str) -> bool {
     media_type == OCI_IMAGE_INDEX_MEDIA_TYPE || media_type == IMAGE_MANIFEST_LIST_MEDIA_TYPE
 }
 
-fn oci_images(dir: &Path) -> crate::Result<Vec<Found>> {
-    let index: Index = read_json(dir, "index.json")?;
+fn oci_images(dir: &Path, max_manifest_bytes: u64) -> crate::Result<Vec<Found>> {
+    let index: Index = read_json(dir, "index.json", max_manifest_bytes)?;
     let mut found = Vec::new();
     for entry in &index.manifests {
-        let top = std::fs::read(oci_blob(dir, &entry.digest)?)
-            .map_err(|_| ArchiveError::Missing(format!("blob {}", entry.digest)))?;
+        let what = format!("blob {}", entry.digest);
+        let top = read_capped(&oci_blob(dir, &entry.digest)?, max_manifest_bytes, &what)?;
         verify(&entry.digest, &top, "manifest")?;
         let (manifest, index) = if is_index(&entry.media_type) {
             let nested: Index = serde_json::from_slice(&top)
@@ -179,8 +192,8 @@ fn oci_images(dir: &Path) -> crate::Result<Vec<Found>> {
                 ))
                 .into());
             };
-            let bytes = std::fs::read(oci_blob(dir, &amd64.digest)?)
-                .map_err(|_| ArchiveError::Missing(format!("blob {}", amd64.digest)))?;
+            let what = format!("blob {}", amd64.digest);
+            let bytes = read_capped(&oci_blob(dir, &amd64.digest)?, max_manifest_bytes, &what)?;
             verify(&amd64.digest, &bytes, "manifest")?;
             (bytes, Some((entry.digest.clone(), top)))
         } else {
@@ -203,8 +216,8 @@ fn oci_images(dir: &Path) -> crate::Result<Vec<Found>> {
     Ok(found)
 }
 
-fn docker_images(dir: &Path) -> crate::Result<Vec<Found>> {
-    let entries: Vec<DockerEntry> = read_json(dir, "manifest.json")?;
+fn docker_images(dir: &Path, max_manifest_bytes: u64) -> crate::Result<Vec<Found>> {
+    let entries: Vec<DockerEntry> = read_json(dir, "manifest.json", max_manifest_bytes)?;
     let mut found = Vec::new();
     for entry in entries {
         let mut names = Vec::new();
@@ -371,9 +384,9 @@ impl ImageStore {
             (temp, extracted)
         };
         let found = if dir.join("index.json").is_file() {
-            oci_images(&dir)?
+            oci_images(&dir, self.config.max_manifest_bytes)?
         } else if dir.join("manifest.json").is_file() {
-            docker_images(&dir)?
+            docker_images(&dir, self.config.max_manifest_bytes)?
         } else {
             return Err(ArchiveError::UnknownFormat(path.to_owned()).into());
         };
@@ -385,14 +398,71 @@ impl ImageStore {
         found.into_iter().map(|image| self.import_one(image)).collect()
     }
 
-    fn import_one(&self, mut image: Found) -> crate::Result<ImageRecord> {
+    /// Imports one image; a failed import leaves none of its blobs behind (the archive is
+    /// still there to retry from, unlike a registry's download).
+    fn import_one(&self, image: Found) -> crate::Result<ImageRecord> {
+        let mut added = Vec::new();
+        let result = self.copy_and_unpack(image, &mut added);
+        if result.is_err() {
+            self.discard_unused_blobs(&added);
+        }
+        result
+    }
+
+    /// The limits a pull applies, on the archive's files as they are: the config within
+    /// `max_config_bytes`, config and layers within `max_image_bytes` (the unpack checks
+    /// `max_unpacked_bytes`).
+    fn check_archive_sizes(&self, image: &Found) -> crate::Result<()> {
+        let size_of = |file: &Path| {
+            std::fs::metadata(file)
+                .map(|m| m.len())
+                .map_err(|_| ArchiveError::Missing(file.display().to_string()))
+        };
+        let config = size_of(&image.config.0)?;
+        if config > self.config.max_config_bytes {
+            return Err(Error::ConfigTooLarge {
+                digest: image
+                    .config
+                    .1
+                    .clone()
+                    .unwrap_or_else(|| image.config.0.display().to_string()),
+                size: config,
+                limit: self.config.max_config_bytes,
+            });
+        }
+        let mut total = config;
+        for (file, _) in &image.layers {
+            total = total.saturating_add(size_of(file)?);
+        }
+        if total > self.config.max_image_bytes {
+            return Err(Error::ImageTooLarge {
+                reference: image
+                    .names
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "an archived image".into()),
+                size: total,
+                limit: self.config.max_image_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn copy_and_unpack(
+        &self,
+        mut image: Found,
+        added: &mut Vec<String>,
+    ) -> crate::Result<ImageRecord> {
+        self.check_archive_sizes(&image)?;
         // Every blob stays pinned (kept by a concurrent GC) until the record exists.
         let (config_digest, config_size, _config_pin) =
             self.put_blob_file(&image.config.0, image.config.1.as_deref())?;
+        added.push(config_digest.clone());
         let mut layers = Vec::new();
         let mut layer_pins = Vec::new();
         for (file, digest) in &image.layers {
             let (digest, size, pin) = self.put_blob_file(file, digest.as_deref())?;
+            added.push(digest.clone());
             layers.push((digest, size));
             layer_pins.push(pin);
         }
@@ -403,6 +473,7 @@ impl ImageStore {
         let mut top_pins = vec![manifest_digest.clone()];
         top_pins.extend(image.index.iter().map(|(digest, _)| digest.clone()));
         let _top_pin = self.pin(&top_pins);
+        added.extend(top_pins.iter().cloned());
         self.put_blob(&manifest_digest, &image.manifest, "manifest")?;
         let mut top_digest = manifest_digest.clone();
         if let Some((digest, bytes)) = &image.index {

@@ -895,6 +895,23 @@ impl ImageStore {
         Ok(report)
     }
 
+    /// Deletes those of `digests` that no image and no pull or import in progress uses: what
+    /// a failed import stored.
+    fn discard_unused_blobs(&self, digests: &[String]) {
+        let pins = lock(&self.pins);
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        for digest in digests {
+            let used = pins.contains_key(digest)
+                || records.values().any(|record| record.blobs().any(|b| b == digest));
+            if !used {
+                if let Ok(path) = self.blob_path(digest) {
+                    // Best effort: GC takes what is left.
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+
     /// Bytes and inodes used under `<root>/images` (blobs, unpacked trees, records and
     /// downloads in progress), each hard-linked file once.
     pub fn fs_info(&self) -> Result<FsUsage> {
