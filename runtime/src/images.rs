@@ -28,6 +28,7 @@ pub fn open_store(config: &Config) -> anyhow::Result<Images> {
             pinned: config.images.pinned.clone(),
             max_image_bytes: u64::from(config.images.max_image_gib) << 30,
             max_unpacked_bytes: u64::from(config.images.max_unpacked_gib) << 30,
+            registries: config.images.registries()?,
             ..ImageStoreConfig::default()
         },
     )

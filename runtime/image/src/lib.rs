@@ -14,6 +14,7 @@
 
 mod auth;
 mod import;
+mod mirrors;
 mod pull;
 pub mod unpack;
 
@@ -31,6 +32,7 @@ use tracing::{info, warn};
 
 pub use auth::RegistryCredentials;
 pub use import::ArchiveError;
+pub use mirrors::{Mirror, MirrorError, RegistryHosts};
 pub use unpack::UnpackError;
 
 /// Image store errors. The CRI layer maps each to a gRPC code (see `code`-like helpers below).
@@ -312,6 +314,17 @@ pub enum Error {
     /// An archive to import is unreadable or malformed; nothing of it was recorded.
     #[error("image archive: {0}")]
     Archive(#[from] ArchiveError),
+    /// Every endpoint of a pull (mirrors, then the upstream) failed; `last` is the last one's
+    /// error, which decides the gRPC code.
+    #[error("pull of {reference} failed at every endpoint: {tried}")]
+    EndpointsFailed {
+        /// The image as requested.
+        reference: String,
+        /// "mirror https://…: error; upstream …: error", in the order tried.
+        tried: String,
+        /// The last endpoint's error.
+        last: Box<Error>,
+    },
     /// The blocking unpack task panicked or was cancelled.
     #[error("unpack task failed: {0}")]
     UnpackTask(String),
@@ -339,6 +352,8 @@ pub struct ImageStoreConfig {
     pub progress_interval: Duration,
     /// References (tags or digests) of images never removed, reported pinned to kubelet.
     pub pinned: Vec<String>,
+    /// Mirrors per registry host as references name it (`docker.io`, `registry.k8s.io`).
+    pub registries: BTreeMap<String, RegistryHosts>,
     /// Largest manifest or index read from a registry (what the distribution spec's
     /// reference registry accepts).
     pub max_manifest_bytes: u64,
@@ -362,6 +377,7 @@ impl Default for ImageStoreConfig {
             pull_progress_timeout: Some(Duration::from_secs(60)),
             progress_interval: Duration::from_secs(5),
             pinned: Vec::new(),
+            registries: BTreeMap::new(),
             max_manifest_bytes: 4 << 20,
             max_config_bytes: 8 << 20,
             max_image_bytes: 32 << 30,

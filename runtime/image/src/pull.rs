@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::OciEnvelope;
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::{
@@ -17,11 +17,12 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use crate::mirrors::{self, Endpoint};
 use crate::{
     auth, digest_hex, parse_image_config, parse_reference, sha256_digest, Error, ImageRecord,
-    ImageStore, RegistryCredentials, Result,
+    ImageStore, Mirror, RegistryCredentials, Result,
 };
 
 /// Manifest media types asked for (schema 1 is not).
@@ -128,6 +129,57 @@ impl Target<'_> {
     }
 }
 
+/// One endpoint (a mirror or the upstream) a pull talks to, set up.
+#[derive(Clone)]
+struct Source {
+    /// `host[:port]` contacted.
+    host: String,
+    /// The image on that endpoint: its host, the repository under the mirror's prefix, the
+    /// requested tag or digest.
+    reference: Reference,
+    client: Client,
+    /// Fetches manifests (see [`RegistryClient`]), with the same TLS settings.
+    http: reqwest::Client,
+    auth: RegistryAuth,
+    scheme: &'static str,
+}
+
+impl Source {
+    fn target<'a>(&'a self, reference: &'a str, progress_timeout: Option<Duration>) -> Target<'a> {
+        Target { host: &self.host, reference, progress_timeout }
+    }
+
+    fn registry_client<'a>(
+        &'a self,
+        target: &'a Target<'a>,
+        max_manifest_bytes: u64,
+    ) -> RegistryClient<'a> {
+        RegistryClient {
+            oci: &self.client,
+            http: self.http.clone(),
+            auth: &self.auth,
+            target,
+            scheme: self.scheme,
+            max_manifest_bytes,
+        }
+    }
+}
+
+/// Whether a pull tries the next endpoint after this error: the endpoint is unreachable,
+/// lacks the image, refuses us or fails. Not when it sent something hostile (too large, a
+/// wrong digest), which no other endpoint excuses.
+fn moves_on(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::RegistryUnreachable { .. }
+            | Error::ManifestUnknown { .. }
+            | Error::Unauthorized { .. }
+            | Error::Registry { .. }
+            | Error::PullStalled { .. }
+            | Error::HttpClient { .. }
+    )
+}
+
 /// An error with its sources ("error sending request: connection refused").
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
@@ -232,21 +284,44 @@ impl ImageStore {
 
     /// The plain HTTP client manifests are fetched with (oci-client reads them whole), set up
     /// as [`Self::client_for`] sets up oci-client's.
-    fn http_client_for(&self, registry: &str) -> Result<reqwest::Client> {
+    fn http_client_for(&self, registry: &str, mirror: Option<&Mirror>) -> Result<reqwest::Client> {
+        let error = |e: reqwest::Error| Error::HttpClient {
+            host: registry.to_string(),
+            message: error_chain(&e),
+        };
+        let certificates = mirror
+            .map_or(&[][..], |m| &m.ca_certificates[..])
+            .iter()
+            .map(|pem| reqwest::Certificate::from_pem(pem))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(error)?;
         reqwest::Client::builder()
             .connect_timeout(self.config.connect_timeout)
             // The progress timeout covers silence, as for oci-client's client.
+            .tls_certs_merge(certificates)
+            .danger_accept_invalid_certs(mirror.is_some_and(|m| m.skip_verify))
             .build()
-            .map_err(|e| Error::HttpClient { host: registry.to_string(), message: e.to_string() })
+            .map_err(error)
     }
 
-    /// A client for `registry`. Not `Client::new`: on a configuration it cannot build (a host
-    /// without CA certificates, say) that falls back to `reqwest::Client::new()`, which panics.
-    fn client_for(&self, registry: &str) -> Result<Client> {
-        let protocol =
-            if self.is_insecure(registry) { ClientProtocol::Http } else { ClientProtocol::Https };
+    /// A client for `registry`, with a mirror's TLS settings. Not `Client::new`: on a
+    /// configuration it cannot build (a host without CA certificates, say) that falls back to
+    /// `reqwest::Client::new()`, which panics.
+    fn client_for(&self, registry: &str, mirror: Option<&Mirror>) -> Result<Client> {
+        let plain_http = match mirror {
+            Some(mirror) => mirror.plain_http,
+            None => self.is_insecure(registry),
+        };
+        let protocol = if plain_http { ClientProtocol::Http } else { ClientProtocol::Https };
+        let extra_root_certificates = mirror
+            .map_or(&[][..], |m| &m.ca_certificates[..])
+            .iter()
+            .map(|pem| Certificate { encoding: CertificateEncoding::Pem, data: pem.clone() })
+            .collect();
         Client::try_from(ClientConfig {
             protocol,
+            extra_root_certificates,
+            accept_invalid_certificates: mirror.is_some_and(|m| m.skip_verify),
             // Platform selection is ours (it names the platforms found when none fits).
             platform_resolver: None,
             connect_timeout: Some(self.config.connect_timeout),
@@ -284,32 +359,13 @@ impl ImageStore {
         credentials: Option<&RegistryCredentials>,
     ) -> Result<ImageRecord> {
         let parsed = parse_reference(reference)?;
-        let registry = parsed.resolve_registry().to_owned();
         let whole = parsed.whole();
-        let target = Target {
-            host: &registry,
-            reference: &whole,
-            progress_timeout: self.config.pull_progress_timeout,
-        };
-        let registry_auth = self.registry_auth(parsed.registry(), credentials)?;
-        let client = self.client_for(&registry)?;
-        let registry_client = RegistryClient {
-            oci: &client,
-            http: self.http_client_for(&registry)?,
-            auth: &registry_auth,
-            target: &target,
-            scheme: if self.is_insecure(&registry) { "http" } else { "https" },
-            max_manifest_bytes: self.config.max_manifest_bytes,
-        };
         let started = Instant::now();
-
-        // Top-level manifest or index, by tag or digest.
-        let top_bytes = target
-            .within_progress_timeout(
-                "the manifest",
-                registry_client.manifest(&parsed, &format!("manifest of {whole}")),
-            )
-            .await??;
+        // Top-level manifest or index, by tag or digest, from the first endpoint that has it.
+        let (source, top_bytes) = self.first_source_with(&parsed, &whole, credentials).await?;
+        let target = source.target(&whole, self.config.pull_progress_timeout);
+        let registry_client = source.registry_client(&target, self.config.max_manifest_bytes);
+        let client = &source.client;
         let top_digest = sha256_digest(&top_bytes);
         if let Some(wanted) = parsed.digest() {
             if wanted != top_digest {
@@ -349,7 +405,7 @@ impl ImageStore {
                     limit: self.config.max_manifest_bytes,
                 });
             }
-            let by_digest = parsed.clone_with_digest(entry.digest.clone());
+            let by_digest = source.reference.clone_with_digest(entry.digest.clone());
             let bytes = target
                 .within_progress_timeout(
                     "the linux/amd64 manifest",
@@ -400,8 +456,8 @@ impl ImageStore {
         )?;
 
         let progress = PullProgress::new(size);
-        let blob_ref = parsed.clone_with_digest(manifest_digest.clone());
-        self.fetch_blob(&client, &blob_ref, &target, &progress, &manifest.config).await?;
+        let blob_ref = source.reference.clone_with_digest(manifest_digest.clone());
+        self.fetch_blob(client, &blob_ref, &target, &progress, &manifest.config).await?;
         let config_bytes = self.read_blob(&image_id)?;
         let config = oci_spec::image::ImageConfiguration::from_reader(&config_bytes[..])
             .map_err(|e| Error::ParseConfig { digest: image_id.clone(), reason: e.to_string() })?;
@@ -416,7 +472,7 @@ impl ImageStore {
         let user = parse_image_config(&image_id, &config_bytes)?.user;
 
         let (client_ref, blob_ref_ref, target_ref, progress_ref) =
-            (&client, &blob_ref, &target, &progress);
+            (client, &blob_ref, &target, &progress);
         let downloads = futures::stream::iter(manifest.layers.clone())
             .map(|layer| async move {
                 self.fetch_blob(client_ref, blob_ref_ref, target_ref, progress_ref, &layer).await
@@ -458,6 +514,7 @@ impl ImageStore {
         let record = self.commit_record(record)?;
         info!(
             reference = %whole,
+            from = %source.host,
             image = %record.id,
             size = record.size,
             received = progress.received.load(Ordering::Relaxed),
@@ -466,6 +523,101 @@ impl ImageStore {
             "image pulled"
         );
         Ok(record)
+    }
+
+    /// Tries the endpoints of `parsed`'s registry in order (its mirrors, then the upstream
+    /// unless disabled) for the top-level manifest; an endpoint that is unreachable, lacks
+    /// the image, refuses us or fails moves on to the next. Returns the endpoint that
+    /// answered, which serves the rest of the pull, and the manifest.
+    async fn first_source_with(
+        &self,
+        parsed: &Reference,
+        whole: &str,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<(Source, Vec<u8>)> {
+        let endpoints = mirrors::endpoints(&self.config.registries, parsed.registry());
+        let what = format!("manifest of {whole}");
+        let mut tried = Vec::new();
+        for (n, endpoint) in endpoints.iter().enumerate() {
+            let result = match self.source_for(*endpoint, parsed, credentials) {
+                Ok(source) => {
+                    let target = source.target(whole, self.config.pull_progress_timeout);
+                    let registry = source.registry_client(&target, self.config.max_manifest_bytes);
+                    let fetched = target
+                        .within_progress_timeout(
+                            "the manifest",
+                            registry.manifest(&source.reference, &what),
+                        )
+                        .await
+                        .and_then(|manifest| manifest);
+                    fetched.map(|manifest| (source.clone(), manifest))
+                }
+                Err(e) => Err(e),
+            };
+            let error = match result {
+                Ok(found) => return Ok(found),
+                Err(error) if endpoints.len() == 1 => return Err(error),
+                Err(error) if !moves_on(&error) => return Err(error),
+                Err(error) => error,
+            };
+            let described = endpoint.describe(parsed.registry());
+            if n + 1 < endpoints.len() {
+                warn!(reference = whole, endpoint = %described, %error, "trying the next endpoint");
+            }
+            tried.push(format!("{described}: {error}"));
+            if n + 1 == endpoints.len() {
+                return Err(Error::EndpointsFailed {
+                    reference: whole.to_owned(),
+                    tried: tried.join("; "),
+                    last: Box::new(error),
+                });
+            }
+        }
+        unreachable!("endpoints() always gives one endpoint at least")
+    }
+
+    /// A pull's connection to one endpoint. Credentials are those of the host contacted:
+    /// CRI's (kubelet's, for the image's registry) and the docker config's for the upstream,
+    /// the docker config's entry for the mirror's own host for a mirror.
+    fn source_for(
+        &self,
+        endpoint: Endpoint<'_>,
+        parsed: &Reference,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<Source> {
+        match endpoint {
+            Endpoint::Upstream => {
+                let host = parsed.resolve_registry().to_owned();
+                Ok(Source {
+                    client: self.client_for(&host, None)?,
+                    http: self.http_client_for(&host, None)?,
+                    auth: self.registry_auth(parsed.registry(), credentials)?,
+                    scheme: if self.is_insecure(&host) { "http" } else { "https" },
+                    reference: parsed.clone(),
+                    host,
+                })
+            }
+            Endpoint::Mirror(mirror) => {
+                let host = mirror.host.clone();
+                let repository = mirror.repository(parsed.repository());
+                let reference = match parsed.digest() {
+                    Some(digest) => Reference::with_digest(host.clone(), repository, digest.into()),
+                    None => Reference::with_tag(
+                        host.clone(),
+                        repository,
+                        parsed.tag().unwrap_or("latest").to_owned(),
+                    ),
+                };
+                Ok(Source {
+                    client: self.client_for(&host, Some(mirror))?,
+                    http: self.http_client_for(&host, Some(mirror))?,
+                    auth: self.registry_auth(&host, None)?,
+                    scheme: if mirror.plain_http { "http" } else { "https" },
+                    reference,
+                    host,
+                })
+            }
+        }
     }
 
     /// Checks what the manifest declares before anything is downloaded: every size there

@@ -59,6 +59,8 @@ pub fn error_code(error: &Error) -> Code {
         }
         Error::ImageNotFound(_) | Error::ManifestUnknown { .. } => Code::NotFound,
         Error::NoMatchingPlatform { .. } => Code::NotFound,
+        // Every mirror and the upstream failed: the last one tried speaks for them.
+        Error::EndpointsFailed { last, .. } => error_code(last),
         // A stall is the registry's failure, and a retry may well succeed: Unavailable, not
         // DeadlineExceeded (which would read as the caller's own deadline passing).
         Error::RegistryUnreachable { .. } | Error::Registry { .. } | Error::PullStalled { .. } => {
