@@ -66,6 +66,65 @@ pub enum ArchiveError {
     },
 }
 
+/// How far an import or export is, for a progress display.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveProgress {
+    /// `extract` (a tar into the store's tmp/), `copy` (blobs into the store, hashed),
+    /// `unpack` (the image's tree) or `write` (an export's tar).
+    pub step: &'static str,
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all; 0 when unknown (the unpack).
+    pub total: u64,
+}
+
+/// Counts one step's bytes and tells the callback at most every [`Self::EVERY`] bytes, and
+/// when the step starts and ends.
+struct StepCounter<'a> {
+    report: &'a dyn Fn(&ArchiveProgress),
+    step: &'static str,
+    total: u64,
+    done: std::cell::Cell<u64>,
+    reported: std::cell::Cell<u64>,
+}
+
+impl<'a> StepCounter<'a> {
+    const EVERY: u64 = 1 << 20;
+
+    fn start(report: &'a dyn Fn(&ArchiveProgress), step: &'static str, total: u64) -> Self {
+        report(&ArchiveProgress { step, done: 0, total });
+        Self { report, step, total, done: 0.into(), reported: 0.into() }
+    }
+
+    fn add(&self, bytes: u64) {
+        let done = self.done.get() + bytes;
+        self.done.set(done);
+        if done - self.reported.get() >= Self::EVERY {
+            self.reported.set(done);
+            (self.report)(&ArchiveProgress { step: self.step, done, total: self.total });
+        }
+    }
+
+    fn finish(&self) {
+        let done = self.done.get();
+        (self.report)(&ArchiveProgress { step: self.step, done, total: self.total.max(done) });
+    }
+}
+
+/// A reader that counts what passes through it.
+struct Counted<'a, R> {
+    inner: R,
+    counter: &'a StepCounter<'a>,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.counter.add(n as u64);
+        Ok(n)
+    }
+}
+
 /// An image found in an archive, before its blobs are copied.
 struct Found {
     /// Normalised names (`registry/repository:tag`).
@@ -317,11 +376,11 @@ fn link_target(name: &str, target: &str, symbolic: bool) -> Option<String> {
 /// Extracts plain files and directories of `archive` into `into`, and links as hard links
 /// to files inside it (skopeo's docker archives link `<id>/layer.tar` to `<id>.tar`); refuses
 /// anything else.
-fn extract(archive: &Path, into: &Path) -> Result<(), ArchiveError> {
+fn extract(archive: &Path, into: &Path, counter: &StepCounter<'_>) -> Result<(), ArchiveError> {
     let tar_error = |source| ArchiveError::ReadTar { path: archive.to_owned(), source };
     let file = std::fs::File::open(archive)
         .map_err(|source| ArchiveError::Open { path: archive.to_owned(), source })?;
-    let mut tar = tar::Archive::new(file);
+    let mut tar = tar::Archive::new(Counted { inner: file, counter });
     let mut links = Vec::new();
     for entry in tar.entries().map_err(tar_error)? {
         let mut entry = entry.map_err(tar_error)?;
@@ -371,6 +430,15 @@ impl ImageStore {
     /// the names the archive gives them; OCI entries named by a bare tag are imported by id.
     /// Blocking.
     pub fn import(&self, path: &Path) -> crate::Result<Vec<ImageRecord>> {
+        self.import_reporting(path, &|_| {})
+    }
+
+    /// [`Self::import`], telling `report` how far it is.
+    pub fn import_reporting(
+        &self,
+        path: &Path,
+        report: &dyn Fn(&ArchiveProgress),
+    ) -> crate::Result<Vec<ImageRecord>> {
         let metadata = std::fs::metadata(path)
             .map_err(|source| ArchiveError::Open { path: path.to_owned(), source })?;
         let (dir, _extracted) = if metadata.is_dir() {
@@ -380,7 +448,9 @@ impl ImageStore {
             std::fs::create_dir(&temp)
                 .map_err(|source| Error::UnpackDir { path: temp.clone(), source })?;
             let extracted = Extracted(Some(temp.clone()));
-            extract(path, &temp)?;
+            let counter = StepCounter::start(report, "extract", metadata.len());
+            extract(path, &temp, &counter)?;
+            counter.finish();
             (temp, extracted)
         };
         let found = if dir.join("index.json").is_file() {
@@ -395,14 +465,18 @@ impl ImageStore {
                 ArchiveError::Unsupported(format!("{} holds no image", path.display())).into()
             );
         }
-        found.into_iter().map(|image| self.import_one(image)).collect()
+        found.into_iter().map(|image| self.import_one(image, report)).collect()
     }
 
     /// Imports one image; a failed import leaves none of its blobs behind (the archive is
     /// still there to retry from, unlike a registry's download).
-    fn import_one(&self, image: Found) -> crate::Result<ImageRecord> {
+    fn import_one(
+        &self,
+        image: Found,
+        report: &dyn Fn(&ArchiveProgress),
+    ) -> crate::Result<ImageRecord> {
         let mut added = Vec::new();
-        let result = self.copy_and_unpack(image, &mut added);
+        let result = self.copy_and_unpack(image, &mut added, report);
         if result.is_err() {
             self.discard_unused_blobs(&added);
         }
@@ -412,7 +486,8 @@ impl ImageStore {
     /// The limits a pull applies, on the archive's files as they are: the config within
     /// `max_config_bytes`, config and layers within `max_image_bytes` (the unpack checks
     /// `max_unpacked_bytes`).
-    fn check_archive_sizes(&self, image: &Found) -> crate::Result<()> {
+    /// Returns the bytes to copy.
+    fn check_archive_sizes(&self, image: &Found) -> crate::Result<u64> {
         let size_of = |file: &Path| {
             std::fs::metadata(file)
                 .map(|m| m.len())
@@ -445,27 +520,30 @@ impl ImageStore {
                 limit: self.config.max_image_bytes,
             });
         }
-        Ok(())
+        Ok(total)
     }
 
     fn copy_and_unpack(
         &self,
         mut image: Found,
         added: &mut Vec<String>,
+        report: &dyn Fn(&ArchiveProgress),
     ) -> crate::Result<ImageRecord> {
-        self.check_archive_sizes(&image)?;
+        let to_copy = self.check_archive_sizes(&image)?;
+        let counter = StepCounter::start(report, "copy", to_copy);
         // Every blob stays pinned (kept by a concurrent GC) until the record exists.
         let (config_digest, config_size, _config_pin) =
-            self.put_blob_file(&image.config.0, image.config.1.as_deref())?;
+            self.put_blob_file(&image.config.0, image.config.1.as_deref(), &counter)?;
         added.push(config_digest.clone());
         let mut layers = Vec::new();
         let mut layer_pins = Vec::new();
         for (file, digest) in &image.layers {
-            let (digest, size, pin) = self.put_blob_file(file, digest.as_deref())?;
+            let (digest, size, pin) = self.put_blob_file(file, digest.as_deref(), &counter)?;
             added.push(digest.clone());
             layers.push((digest, size));
             layer_pins.push(pin);
         }
+        counter.finish();
         if image.manifest.is_empty() {
             image.manifest = docker_manifest((&config_digest, config_size), &layers);
         }
@@ -516,7 +594,9 @@ impl ImageStore {
             pulled_at: crate::now_ns() / 1_000_000_000,
         };
         // Unpacked before the record exists, as a pull does.
+        let unpack = StepCounter::start(report, "unpack", 0);
         self.unpack_job(&record)?.run()?;
+        unpack.finish();
         let record = self.commit_record(record)?;
         info!(image = %record.id, tags = ?record.repo_tags, "image imported");
         Ok(record)
@@ -529,6 +609,7 @@ impl ImageStore {
         &self,
         file: &Path,
         expected: Option<&str>,
+        counter: &StepCounter<'_>,
     ) -> crate::Result<(String, u64, crate::PinGuard<'_>)> {
         if let Some(digest) = expected {
             digest_hex(digest)?;
@@ -553,6 +634,7 @@ impl ImageStore {
                 hasher.update(&buffer[..n]);
                 out.write_all(&buffer[..n]).map_err(write_error)?;
                 size += n as u64;
+                counter.add(n as u64);
             }
             out.sync_all().map_err(write_error)?;
             let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
@@ -600,6 +682,16 @@ impl ImageStore {
     /// Writes the image `reference` names as an OCI image layout tar at `file` (its linux/amd64
     /// manifest, config and layers; named by its first tag), atomically. Blocking.
     pub fn export(&self, reference: &str, file: &Path) -> crate::Result<ImageRecord> {
+        self.export_reporting(reference, file, &|_| {})
+    }
+
+    /// [`Self::export`], telling `report` how far it is.
+    pub fn export_reporting(
+        &self,
+        reference: &str,
+        file: &Path,
+        report: &dyn Fn(&ArchiveProgress),
+    ) -> crate::Result<ImageRecord> {
         let record = self.get(reference)?;
         let manifest = self.read_blob(&record.manifest_digest)?;
         let media_type = serde_json::from_slice::<serde_json::Value>(&manifest)
@@ -614,7 +706,7 @@ impl ImageStore {
         );
         let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let temp = file.with_file_name(format!(".{name}.partial.{}", std::process::id()));
-        let result = self.write_layout_tar(&record, &index, &temp).and_then(|()| {
+        let result = self.write_layout_tar(&record, &index, &temp, report).and_then(|()| {
             std::fs::rename(&temp, file)
                 .map_err(|source| ArchiveError::Write { path: file.to_owned(), source }.into())
         });
@@ -631,7 +723,21 @@ impl ImageStore {
         record: &ImageRecord,
         index: &[u8],
         path: &Path,
+        report: &dyn Fn(&ArchiveProgress),
     ) -> crate::Result<()> {
+        let blobs: Vec<&String> = std::iter::once(&record.manifest_digest)
+            .chain(std::iter::once(&record.id))
+            .chain(&record.layers)
+            .collect();
+        let mut total = 0u64;
+        for digest in &blobs {
+            let blob = self.blob_path(digest)?;
+            let size = std::fs::metadata(&blob)
+                .map_err(|source| Error::ReadBlob { path: blob.clone(), source })?
+                .len();
+            total = total.saturating_add(size);
+        }
+        let counter = StepCounter::start(report, "write", total);
         let write_error = |source| ArchiveError::Write { path: path.to_owned(), source };
         let out = std::fs::File::create(path).map_err(write_error)?;
         let mut tar = tar::Builder::new(std::io::BufWriter::new(out));
@@ -644,9 +750,6 @@ impl ImageStore {
         };
         add("oci-layout", &mut &br#"{"imageLayoutVersion":"1.0.0"}"#[..], 30)?;
         add("index.json", &mut &index[..], index.len() as u64)?;
-        let blobs = std::iter::once(&record.manifest_digest)
-            .chain(std::iter::once(&record.id))
-            .chain(&record.layers);
         for digest in blobs {
             let blob = self.blob_path(digest)?;
             let file = std::fs::File::open(&blob)
@@ -655,11 +758,13 @@ impl ImageStore {
                 .metadata()
                 .map_err(|source| Error::ReadBlob { path: blob.clone(), source })?
                 .len();
-            add(&format!("blobs/sha256/{}", digest_hex(digest)?), &mut &file, size)?;
+            let mut counted = Counted { inner: &file, counter: &counter };
+            add(&format!("blobs/sha256/{}", digest_hex(digest)?), &mut counted, size)?;
         }
         let out = tar.into_inner().map_err(write_error)?;
         let file = out.into_inner().map_err(|e| write_error(e.into_error()))?;
         file.sync_all().map_err(write_error)?;
+        counter.finish();
         Ok(())
     }
 }

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use auth::RegistryCredentials;
-pub use import::ArchiveError;
+pub use import::{ArchiveError, ArchiveProgress};
 pub use mirrors::{Mirror, MirrorError, RegistryHosts};
 pub use unpack::UnpackError;
 
