@@ -273,3 +273,34 @@ fn archive_files_past_the_size_limits_are_refused_before_copying() {
         super::nothing_kept(&store);
     }
 }
+
+/// An OCI archive as `skopeo copy … oci-archive:` writes it imports under the name skopeo
+/// gives it, as the image pulled from the registry.
+#[tokio::test]
+async fn oci_archive_made_by_skopeo_imports_as_the_pulled_image() {
+    if !registry_tests_can_run() {
+        return;
+    }
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_busybox("busybox:1").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("busybox-oci.tar");
+    let output = Command::new("skopeo")
+        .args(["copy", "--insecure-policy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .arg(format!("oci-archive:{}:example.com/tools/busybox:1", archive.display()))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let pulled_dir = tempfile::tempdir().unwrap();
+    let pulled = store(pulled_dir.path()).pull(&reference, None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let imported = store.import(&archive).unwrap();
+    assert_eq!(imported.len(), 1);
+    assert_eq!(imported[0].id, pulled.id);
+    assert_eq!(imported[0].repo_tags, vec!["example.com/tools/busybox:1".to_owned()]);
+    assert!(store.rootfs_dir(&pulled.id).unwrap().join("bin/busybox").is_file());
+    assert!(tmp_is_empty(&store));
+}
