@@ -618,9 +618,18 @@ impl ImageStore {
         let mut source =
             std::fs::File::open(file).map_err(|_| ArchiveError::Missing(name.clone()))?;
         let temp = self.temp_path("import-blob");
+        // A file this import extracted into tmp/ is the store's own: linked, not copied again
+        // (a second write of every layer). Anything else, a layout directory the caller
+        // owns, is copied.
+        let linked =
+            file.starts_with(self.dir.join("tmp")) && std::fs::hard_link(file, &temp).is_ok();
         let result = (|| {
             let write_error = |source| Error::WriteBlob { path: temp.clone(), source };
-            let mut out = std::fs::File::create(&temp).map_err(write_error)?;
+            let mut out = if linked {
+                None
+            } else {
+                Some(std::fs::File::create(&temp).map_err(write_error)?)
+            };
             let mut hasher = sha2::Sha256::new();
             let mut size = 0u64;
             let mut buffer = vec![0u8; 256 * 1024];
@@ -632,11 +641,17 @@ impl ImageStore {
                     break;
                 }
                 hasher.update(&buffer[..n]);
-                out.write_all(&buffer[..n]).map_err(write_error)?;
+                if let Some(out) = &mut out {
+                    out.write_all(&buffer[..n]).map_err(write_error)?;
+                }
                 size += n as u64;
                 counter.add(n as u64);
             }
-            out.sync_all().map_err(write_error)?;
+            match &out {
+                Some(out) => out.sync_all().map_err(write_error)?,
+                // The extracted file's data, before it is named as a blob.
+                None => source.sync_all().map_err(write_error)?,
+            }
             let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
             if let Some(expected) = expected {
                 if actual != expected {
