@@ -201,6 +201,44 @@ pub struct ImagesSection {
     pub pull_progress_timeout_seconds: u64,
     /// Images (tags or digests) never removed and reported pinned to kubelet's image GC.
     pub pinned: Vec<String>,
+    /// Largest image pulled (its compressed layers and config, as its manifest declares).
+    pub max_image_gib: u32,
+    /// Largest image unpacked (its uncompressed layers added up).
+    pub max_unpacked_gib: u32,
+    /// Mirrors per registry host, keyed as image names spell the host (`docker.io`,
+    /// `registry.k8s.io`, `host:5000`).
+    pub registries: std::collections::BTreeMap<String, RegistrySection>,
+}
+
+/// `[images.registries."<host>"]`: where pulls of that registry's images go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySection {
+    /// Tried in order before the upstream.
+    pub mirrors: Vec<MirrorSection>,
+    /// Try the upstream once every mirror failed.
+    pub fallback_to_upstream: bool,
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        Self { mirrors: Vec::new(), fallback_to_upstream: true }
+    }
+}
+
+/// One mirror endpoint.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorSection {
+    /// `http(s)://host[:port][/repository-prefix]`.
+    pub url: String,
+    /// PEM CA certificates trusted for this mirror besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// Refused: oci-client cannot present a client certificate (see `registries()`).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// Accept any certificate from this mirror.
+    pub skip_verify: bool,
 }
 
 impl Default for ImagesSection {
@@ -212,11 +250,68 @@ impl Default for ImagesSection {
             // sees some bytes every few seconds, so a minute of silence is a dead registry.
             pull_progress_timeout_seconds: 60,
             pinned: Vec::new(),
+            max_image_gib: 32,
+            max_unpacked_gib: 64,
+            registries: std::collections::BTreeMap::new(),
         }
     }
 }
 
 impl ImagesSection {
+    /// `registries` checked and as the store takes them (CA files read): a bad URL, an
+    /// unreadable CA or a key that is no registry host fails the daemon's start.
+    pub fn registries(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, podvisor_image::RegistryHosts>, ConfigError>
+    {
+        let mut registries = std::collections::BTreeMap::new();
+        for (host, section) in &self.registries {
+            let bad =
+                |why: String| ConfigError::Invalid(format!("images.registries.{host:?}: {why}"));
+            let names_a_registry = podvisor_image::parse_reference(&format!("{host}/x"))
+                .is_ok_and(|r| r.registry() == host);
+            if !names_a_registry {
+                return Err(bad(
+                    "not a registry host as image names spell it (docker.io, registry.k8s.io, \
+                     host:5000)"
+                        .into(),
+                ));
+            }
+            if section.mirrors.is_empty() && !section.fallback_to_upstream {
+                return Err(bad(
+                    "no mirrors and no fallback_to_upstream: nothing to pull from".into()
+                ));
+            }
+            let mut mirrors = Vec::new();
+            for mirror in &section.mirrors {
+                if mirror.client_cert.is_some() || mirror.client_key.is_some() {
+                    // Not silently ignored: a mirror that wants one would fail every pull.
+                    return Err(bad(format!(
+                        "mirror {}: client_cert/client_key are not supported yet (oci-client \
+                         0.18, which authenticates and fetches blobs, cannot present a client \
+                         certificate)",
+                        mirror.url
+                    )));
+                }
+                let checked = podvisor_image::Mirror::new(
+                    &mirror.url,
+                    mirror.ca_file.as_deref(),
+                    mirror.skip_verify,
+                )
+                .map_err(|e| bad(e.to_string()))?;
+                mirrors.push(checked);
+            }
+            registries.insert(
+                host.clone(),
+                podvisor_image::RegistryHosts {
+                    mirrors,
+                    fallback_to_upstream: section.fallback_to_upstream,
+                },
+            );
+        }
+        Ok(registries)
+    }
+
     /// `pull_progress_timeout_seconds` as the store takes it.
     pub fn pull_progress_timeout(&self) -> Option<std::time::Duration> {
         (self.pull_progress_timeout_seconds > 0)
@@ -338,6 +433,12 @@ impl Config {
             // Less would not hold the end of a failed boot.
             return Err(ConfigError::Invalid("vm.console_log_max_kib must be at least 16".into()));
         }
+        if self.images.max_image_gib == 0 || self.images.max_unpacked_gib == 0 {
+            return Err(ConfigError::Invalid(
+                "images.max_image_gib and images.max_unpacked_gib must be at least 1".into(),
+            ));
+        }
+        self.images.registries()?;
         for (name, rt) in &self.runtimes {
             self.validate_runtime(name, rt)?;
         }
@@ -463,6 +564,7 @@ mod tests {
         assert!(c.validate().is_err());
         assert!(Config::parse("[builtin]\nseccomp = \"maybe\"").is_err());
         assert!(Config::parse("[vm]\nconsole_log_max_kib = 8").unwrap().validate().is_err());
+        assert!(Config::parse("[images]\nmax_image_gib = 0").unwrap().validate().is_err());
         for bad in ["jail_first_id = 0", "jail_ids = 0", "jail_first_id = 4294967295"] {
             let c = Config::parse(&format!("[builtin]\n{bad}")).unwrap();
             assert!(c.validate().is_err(), "{bad}");
@@ -491,6 +593,52 @@ mod tests {
         let c = Config::parse("[metrics]\naddress = \"localhost\"").unwrap();
         assert!(c.validate().is_err());
         assert!(Config::parse("[metrics]\npath = \"/m\"").is_err());
+    }
+
+    #[test]
+    fn registry_mirrors_parse_and_bad_ones_fail_at_start() {
+        let config = Config::parse(
+            r#"
+            [images.registries."registry.k8s.io"]
+            mirrors = [{ url = "https://mirror.local:5443/proxy", skip_verify = true },
+                       { url = "http://10.0.0.1:5000" }]
+            [images.registries."docker.io"]
+            mirrors = [{ url = "https://hub-mirror.local" }]
+            fallback_to_upstream = false
+            "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let registries = config.images.registries().unwrap();
+        let k8s = &registries["registry.k8s.io"];
+        assert!(k8s.fallback_to_upstream);
+        assert_eq!(k8s.mirrors.len(), 2);
+        assert_eq!(k8s.mirrors[0].host, "mirror.local:5443");
+        assert_eq!(k8s.mirrors[0].prefix.as_deref(), Some("proxy"));
+        assert!(k8s.mirrors[0].skip_verify && k8s.mirrors[1].plain_http);
+        assert!(!registries["docker.io"].fallback_to_upstream);
+
+        for (text, complaint) in [
+            (r#"mirrors = [{ url = "mirror.local:5000" }]"#, "neither http nor https"),
+            (r#"mirrors = [{ url = "https://m", ca_file = "/nonexistent.pem" }]"#, "ca_file"),
+            (r#"mirrors = [{ url = "http://m", skip_verify = true }]"#, "need an https"),
+            (r#"mirrors = [{ url = "https://m", client_cert = "/c.pem" }]"#, "not supported"),
+            ("fallback_to_upstream = false", "nothing to pull from"),
+        ] {
+            let config =
+                Config::parse(&format!("[images.registries.\"quay.io\"]\n{text}")).unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("quay.io") && err.contains(complaint), "{text}: {err}");
+        }
+        let config = Config::parse(
+            "[images.registries.\"https://quay.io\"]\nmirrors = [{ url = \"https://m\" }]",
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("not a registry host"), "{err}");
+        let unknown =
+            "[images.registries.\"quay.io\"]\nmirrors = [{ url = \"https://m\", tls = 1 }]";
+        assert!(Config::parse(unknown).is_err());
     }
 
     #[test]

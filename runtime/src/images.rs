@@ -2,6 +2,7 @@
 //! ImageService, and the sandbox manager's [`ImageResolver`].
 
 pub mod control;
+pub mod progress;
 
 use std::sync::Arc;
 
@@ -18,18 +19,24 @@ pub struct Images {
     store: Arc<ImageStore>,
 }
 
+/// The store's settings from `[images]`: the daemon's, and `podvisor images`' when it works
+/// on the store itself (the same limits hold for an import either way).
+pub fn store_config(config: &Config) -> anyhow::Result<ImageStoreConfig> {
+    Ok(ImageStoreConfig {
+        insecure_registries: config.images.insecure_registries.clone(),
+        docker_config: config.images.docker_config.clone(),
+        pull_progress_timeout: config.images.pull_progress_timeout(),
+        pinned: config.images.pinned.clone(),
+        max_image_bytes: u64::from(config.images.max_image_gib) << 30,
+        max_unpacked_bytes: u64::from(config.images.max_unpacked_gib) << 30,
+        registries: config.images.registries()?,
+        ..ImageStoreConfig::default()
+    })
+}
+
 pub fn open_store(config: &Config) -> anyhow::Result<Images> {
-    let store = ImageStore::open(
-        &config.root,
-        ImageStoreConfig {
-            insecure_registries: config.images.insecure_registries.clone(),
-            docker_config: config.images.docker_config.clone(),
-            pull_progress_timeout: config.images.pull_progress_timeout(),
-            pinned: config.images.pinned.clone(),
-            ..ImageStoreConfig::default()
-        },
-    )
-    .with_context(|| format!("opening the image store under {}", config.root.display()))?;
+    let store = ImageStore::open(&config.root, store_config(config)?)
+        .with_context(|| format!("opening the image store under {}", config.root.display()))?;
     Ok(Images { store: Arc::new(store) })
 }
 

@@ -115,7 +115,15 @@ fn images_command(args: ImagesArgs) -> anyhow::Result<()> {
             images::control::Request::Export { reference, file }
         }
     };
-    for done in images::control::request(&config.root, &config.state, request)? {
+    let store_config = images::store_config(&config)?;
+    // On stderr, so stdout keeps only the result lines scripts read.
+    let display = images::progress::Display::for_stderr();
+    let result =
+        images::control::request(&config.root, &config.state, store_config, request, &|p| {
+            display.show(p)
+        });
+    display.finish();
+    for done in result? {
         println!("{} {}", done.id, done.tags.join(" "));
     }
     Ok(())

@@ -26,6 +26,55 @@ use crate::images::{
 };
 use crate::token_server::TokenServer;
 
+/// OpenSSL extensions of the test CA and of a registry's certificate (rustls wants a CA marked
+/// as one and the registry's IP address in the subject alternative names).
+const TLS_EXTENSIONS: &str = "[req]\ndistinguished_name = dn\n[dn]\n\
+[ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n\
+subjectKeyIdentifier = hash\n\
+[server]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
+extendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1,DNS:localhost\n\
+subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n";
+
+/// Makes a CA and a certificate it signs for 127.0.0.1 under `dir`: (certificate, key, CA).
+fn make_server_certificate(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let path = |name: &str| dir.join(name);
+    let cnf = path("tls.cnf");
+    std::fs::write(&cnf, TLS_EXTENSIONS)?;
+    let text = |p: &Path| p.to_str().map(str::to_owned).context("temporary path is not UTF-8");
+    let (cnf, ca, ca_key) = (text(&cnf)?, text(&path("ca.pem"))?, text(&path("ca.key"))?);
+    let (cert, key, csr) =
+        (text(&path("server.pem"))?, text(&path("server.key"))?, text(&path("server.csr"))?);
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut args = vec!["req", "-x509", "-config", &cnf, "-extensions", "ca", "-days", "2"];
+    args.extend(ec);
+    args.extend(["-keyout", &ca_key, "-out", &ca, "-subj", "/CN=podvisor test CA"]);
+    crate::token_server::run_openssl(&args)?;
+    let mut args = vec!["req", "-new", "-config", &cnf];
+    args.extend(ec);
+    args.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=127.0.0.1"]);
+    crate::token_server::run_openssl(&args)?;
+    crate::token_server::run_openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &cnf,
+        "-extensions",
+        "server",
+        "-out",
+        &cert,
+    ])?;
+    Ok((path("server.pem"), path("server.key"), path("ca.pem")))
+}
+
 /// The registry binary of Debian's `docker-registry` package.
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 /// skopeo pushes the test images.
@@ -101,6 +150,8 @@ pub struct TestRegistry {
     credentials: Option<(String, String)>,
     // Token auth only: hands out the JWTs the registry accepts.
     token_server: Option<TokenServer>,
+    // HTTPS only: the CA that signed its certificate.
+    ca_file: Option<PathBuf>,
     // Keeps the storage, config and log alive until the registry is stopped.
     dir: tempfile::TempDir,
 }
@@ -108,12 +159,23 @@ pub struct TestRegistry {
 impl TestRegistry {
     /// Starts an anonymous registry.
     pub fn start() -> Result<Self> {
-        Self::start_inner(AuthMode::Anonymous, None)
+        Self::start_inner(AuthMode::Anonymous, None, false)
+    }
+
+    /// Starts an anonymous registry serving HTTPS only, with a certificate for 127.0.0.1 and
+    /// localhost signed by a CA made for it with `openssl` ([`Self::ca_file`]).
+    pub fn start_with_tls() -> Result<Self> {
+        Self::start_inner(AuthMode::Anonymous, None, true)
+    }
+
+    /// The PEM CA certificate of a registry started with [`Self::start_with_tls`].
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file.as_deref()
     }
 
     /// Starts a registry that requires HTTP basic auth with these credentials (bcrypt htpasswd).
     pub fn start_with_basic_auth(username: &str, password: &str) -> Result<Self> {
-        Self::start_inner(AuthMode::Basic, Some((username.to_owned(), password.to_owned())))
+        Self::start_inner(AuthMode::Basic, Some((username.to_owned(), password.to_owned())), false)
     }
 
     /// Starts a registry with token auth: it answers 401 with `WWW-Authenticate: Bearer
@@ -122,15 +184,19 @@ impl TestRegistry {
     /// `rootcertbundle`). The token server gives pull/push to these basic credentials, 401 to
     /// wrong ones and a token granting nothing to anonymous clients.
     pub fn start_with_token_auth(username: &str, password: &str) -> Result<Self> {
-        Self::start_inner(AuthMode::Token, Some((username.to_owned(), password.to_owned())))
+        Self::start_inner(AuthMode::Token, Some((username.to_owned(), password.to_owned())), false)
     }
 
-    fn start_inner(mode: AuthMode, credentials: Option<(String, String)>) -> Result<Self> {
+    fn start_inner(
+        mode: AuthMode,
+        credentials: Option<(String, String)>,
+        tls: bool,
+    ) -> Result<Self> {
         // A port picked by the kernel can be taken by someone else before the registry binds
         // it: retry a few times.
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::try_start(mode, credentials.clone()) {
+            match Self::try_start(mode, credentials.clone(), tls) {
                 Ok(registry) => return Ok(registry),
                 Err(error) => last_error = Some(error),
             }
@@ -138,7 +204,7 @@ impl TestRegistry {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("registry did not start")))
     }
 
-    fn try_start(mode: AuthMode, credentials: Option<(String, String)>) -> Result<Self> {
+    fn try_start(mode: AuthMode, credentials: Option<(String, String)>, tls: bool) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("podvisor-registry-").tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let storage = dir.path().join("storage");
@@ -175,10 +241,21 @@ impl TestRegistry {
             (AuthMode::Anonymous, _) => String::new(),
             (_, None) => bail!("basic or token auth without credentials"),
         };
+        let (tls_config, ca_file) = if tls {
+            let (certificate, key, ca) = make_server_certificate(dir.path())?;
+            let config = format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                certificate.display(),
+                key.display()
+            );
+            (config, Some(ca))
+        } else {
+            (String::new(), None)
+        };
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             http:\n  addr: 127.0.0.1:{port}\n{auth}",
+             http:\n  addr: 127.0.0.1:{port}\n{tls_config}{auth}",
             storage.display()
         );
         let config_path = dir.path().join("config.yml");
@@ -192,7 +269,7 @@ impl TestRegistry {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawn {REGISTRY_BIN}"))?;
-        let mut registry = Self { child, port, credentials, token_server, dir };
+        let mut registry = Self { child, port, credentials, token_server, ca_file, dir };
         registry.wait_ready()?;
         Ok(registry)
     }
@@ -208,7 +285,9 @@ impl TestRegistry {
                 );
             }
             if let Ok(status) = self.http_status("/v2/") {
-                if status == 200 || status == 401 {
+                // An HTTPS registry answers plain HTTP with 400 once it listens.
+                let https_up = self.ca_file.is_some() && status == 400;
+                if status == 200 || status == 401 || https_up {
                     return Ok(());
                 }
             }
@@ -474,6 +553,35 @@ impl TestRegistry {
             bail!("skopeo inspect {reference} failed: {}", String::from_utf8_lossy(&output.stderr));
         }
         Ok(output.stdout)
+    }
+
+    /// Puts `body` as the manifest `name:tag` (anonymous registries only), bypassing skopeo,
+    /// which would fix what tests break on purpose; returns the reference. The blobs it names
+    /// must be in the repository already.
+    pub fn put_manifest(
+        &self,
+        name: &str,
+        tag: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            stream,
+            "PUT /v2/{name}/manifests/{tag} HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\
+             Content-Type: {media_type}\r\nContent-Length: {}\r\n\r\n",
+            self.port,
+            body.len()
+        )?;
+        stream.write_all(body)?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        let response = String::from_utf8_lossy(&response);
+        if !response.starts_with("HTTP/1.0 201") && !response.starts_with("HTTP/1.1 201") {
+            bail!("the registry refused the manifest: {response}");
+        }
+        Ok(self.reference(&format!("{name}:{tag}")))
     }
 
     /// `sha256:…` of the manifest (or index) `reference` names.

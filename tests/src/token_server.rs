@@ -160,7 +160,7 @@ fn path_str(path: &Path) -> Result<&str> {
     path.to_str().with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
-fn run_openssl(args: &[&str]) -> Result<()> {
+pub(crate) fn run_openssl(args: &[&str]) -> Result<()> {
     let output = Command::new(OPENSSL_BIN)
         .args(args)
         .stdin(Stdio::null())

@@ -7,7 +7,8 @@ use k8s_cri::v1 as cri;
 use podvisor_e2e::daemon::{container_config, e2e_can_run, podvisor_bin, TestDaemon};
 use podvisor_e2e::registry::TestRegistry;
 
-fn images_cli(daemon: &TestDaemon, args: &[&std::ffi::OsStr]) -> String {
+/// Runs `podvisor images ARGS`: its stdout (result lines) and stderr (progress lines).
+fn images_cli(daemon: &TestDaemon, args: &[&std::ffi::OsStr]) -> (String, String) {
     let output = Command::new(podvisor_bin())
         .arg("images")
         .arg("--root")
@@ -23,7 +24,10 @@ fn images_cli(daemon: &TestDaemon, args: &[&std::ffi::OsStr]) -> String {
         String::from_utf8_lossy(&output.stderr),
         daemon.log_tail()
     );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +50,13 @@ async fn imported_docker_archive_runs_a_pod_with_no_registry() {
     } // The registry is gone before the daemon ever hears of the image.
 
     let daemon = TestDaemon::start("").await.unwrap();
-    let printed = images_cli(&daemon, &["import".as_ref(), archive.as_os_str()]);
+    let (printed, progress) = images_cli(&daemon, &["import".as_ref(), archive.as_os_str()]);
+    // Not a terminal: plain progress lines from the daemon, no escape codes.
+    let file = archive.display().to_string();
+    for step in ["extract", "copy", "unpack"] {
+        assert!(progress.contains(&format!("{file}: {step}")), "{step}: {progress}");
+    }
+    assert!(progress.contains("(100%)") && !progress.contains('\x1b'), "{progress}");
     assert!(printed.contains("registry.k8s.io/e2e/busybox:1"), "{printed}");
     let mut images = daemon.images().await.unwrap();
     let status = images
@@ -71,12 +81,13 @@ async fn imported_docker_archive_runs_a_pod_with_no_registry() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "imported\n");
 
     let exported = work.path().join("exported.tar");
-    let printed = images_cli(
+    let (printed, progress) = images_cli(
         &daemon,
         &["export".as_ref(), "registry.k8s.io/e2e/busybox:1".as_ref(), exported.as_os_str()],
     );
     assert!(printed.starts_with(&image.id), "{printed}");
     assert!(exported.is_file());
+    assert!(progress.contains("registry.k8s.io/e2e/busybox:1: write"), "{progress}");
     daemon.remove_pod(&pod).await;
     daemon.assert_nothing_left();
 }

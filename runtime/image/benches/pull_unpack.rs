@@ -1,9 +1,13 @@
 //! Pull + unpack time of a multi-layer image: podvisor-image against `skopeo copy` +
-//! `umoci unpack` of the same image from the same local registry.
+//! `umoci unpack` of the same image from the same local registry; and the import of an OCI
+//! archive of it (what `podvisor images import` runs: copy, verify, unpack) against `skopeo
+//! copy` of the same archive into an OCI layout (copy and verify, no unpack) and against
+//! `skopeo copy` + `umoci unpack`.
 //!
 //! `cargo bench -p podvisor-image --bench pull_unpack` (env: PODVISOR_BENCH_LAYERS, default 4;
 //! PODVISOR_BENCH_LAYER_MIB, default 16; PODVISOR_BENCH_RUNS, default 3). Prints one line per
-//! tool with the best and median wall time.
+//! tool with the best and median wall time, and the ratios of the medians, all measured in
+//! the same run.
 
 use std::path::Path;
 use std::process::Command;
@@ -65,17 +69,27 @@ fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn skopeo_umoci(reference: &str, work: &Path) -> Result<()> {
+/// `skopeo copy` of `source` (a transport:reference) into an OCI layout under `work`.
+fn skopeo_copy(source: &str, work: &Path) -> Result<()> {
     let layout = work.join("layout");
-    let bundle = work.join("bundle");
     run(Command::new("skopeo").args([
         "--insecure-policy",
         "copy",
         "--quiet",
         "--src-tls-verify=false",
-        &format!("docker://{reference}"),
+        source,
         &format!("oci:{}:bench", layout.display()),
-    ]))?;
+    ]))
+}
+
+fn skopeo_umoci(source: &str, work: &Path) -> Result<()> {
+    skopeo_copy(source, work)?;
+    umoci_unpack(work)
+}
+
+fn umoci_unpack(work: &Path) -> Result<()> {
+    let layout = work.join("layout");
+    let bundle = work.join("bundle");
     let mut umoci = Command::new("umoci");
     umoci.arg("unpack");
     if !nix_is_root() {
@@ -87,6 +101,16 @@ fn skopeo_umoci(reference: &str, work: &Path) -> Result<()> {
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+fn median(times: &mut [Duration]) -> f64 {
+    times.sort();
+    times.get(times.len() / 2).copied().unwrap_or_default().as_secs_f64()
+}
+
+/// "ours / theirs = 0.42" of the medians.
+fn ratio(what: &str, ours: &mut [Duration], theirs: &mut [Duration]) -> String {
+    format!("{what:<44}: {:.2}", median(ours) / median(theirs).max(1e-9))
 }
 
 fn summary(times: &mut [Duration]) -> String {
@@ -141,11 +165,52 @@ fn main() -> Result<()> {
 
         let work = tempfile::tempdir()?;
         let started = Instant::now();
-        skopeo_umoci(&reference, work.path())?;
+        skopeo_umoci(&format!("docker://{reference}"), work.path())?;
         theirs.push(started.elapsed());
     }
     println!("podvisor-image pull+unpack : {}", summary(&mut ours));
     println!("podvisor-image unpack only : {}", summary(&mut ours_unpack));
     println!("skopeo copy + umoci unpack : {}", summary(&mut theirs));
+    println!("{}", ratio("pull+unpack / skopeo copy + umoci unpack", &mut ours, &mut theirs));
+    import_bench(&reference, runs)
+}
+
+/// The same image as an OCI archive (`skopeo copy … oci-archive:`), imported.
+fn import_bench(reference: &str, runs: usize) -> Result<()> {
+    let archive_dir = tempfile::tempdir()?;
+    let archive = archive_dir.path().join("bench.tar");
+    run(Command::new("skopeo").args([
+        "--insecure-policy",
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{reference}"),
+        &format!("oci-archive:{}:example.com/bench:1", archive.display()),
+    ]))?;
+    let source = format!("oci-archive:{}", archive.display());
+    let (mut ours, mut copy, mut copy_unpack) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let dir = tempfile::tempdir()?;
+        let store = ImageStore::open(dir.path(), ImageStoreConfig::default())?;
+        let started = Instant::now();
+        store.import(&archive)?;
+        ours.push(started.elapsed());
+        drop((store, dir));
+
+        let work = tempfile::tempdir()?;
+        let started = Instant::now();
+        skopeo_copy(&source, work.path())?;
+        copy.push(started.elapsed());
+        umoci_unpack(work.path())?;
+        // From the same start: the copy and the unpack.
+        copy_unpack.push(started.elapsed());
+    }
+    let size = std::fs::metadata(&archive)?.len() >> 20;
+    println!("import of a {size} MiB OCI archive (copy, verify, unpack):");
+    println!("podvisor-image import      : {}", summary(&mut ours));
+    println!("skopeo copy (no unpack)    : {}", summary(&mut copy));
+    println!("skopeo copy + umoci unpack : {}", summary(&mut copy_unpack));
+    println!("{}", ratio("import / skopeo copy", &mut ours, &mut copy));
+    println!("{}", ratio("import / skopeo copy + umoci unpack", &mut ours, &mut copy_unpack));
     Ok(())
 }

@@ -66,6 +66,65 @@ pub enum ArchiveError {
     },
 }
 
+/// How far an import or export is, for a progress display.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArchiveProgress {
+    /// `extract` (a tar into the store's tmp/), `copy` (blobs into the store, hashed),
+    /// `unpack` (the image's tree) or `write` (an export's tar).
+    pub step: &'static str,
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all; 0 when unknown (the unpack).
+    pub total: u64,
+}
+
+/// Counts one step's bytes and tells the callback at most every [`Self::EVERY`] bytes, and
+/// when the step starts and ends.
+struct StepCounter<'a> {
+    report: &'a dyn Fn(&ArchiveProgress),
+    step: &'static str,
+    total: u64,
+    done: std::cell::Cell<u64>,
+    reported: std::cell::Cell<u64>,
+}
+
+impl<'a> StepCounter<'a> {
+    const EVERY: u64 = 1 << 20;
+
+    fn start(report: &'a dyn Fn(&ArchiveProgress), step: &'static str, total: u64) -> Self {
+        report(&ArchiveProgress { step, done: 0, total });
+        Self { report, step, total, done: 0.into(), reported: 0.into() }
+    }
+
+    fn add(&self, bytes: u64) {
+        let done = self.done.get() + bytes;
+        self.done.set(done);
+        if done - self.reported.get() >= Self::EVERY {
+            self.reported.set(done);
+            (self.report)(&ArchiveProgress { step: self.step, done, total: self.total });
+        }
+    }
+
+    fn finish(&self) {
+        let done = self.done.get();
+        (self.report)(&ArchiveProgress { step: self.step, done, total: self.total.max(done) });
+    }
+}
+
+/// A reader that counts what passes through it.
+struct Counted<'a, R> {
+    inner: R,
+    counter: &'a StepCounter<'a>,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.counter.add(n as u64);
+        Ok(n)
+    }
+}
+
 /// An image found in an archive, before its blobs are copied.
 struct Found {
     /// Normalised names (`registry/repository:tag`).
@@ -123,11 +182,24 @@ struct DockerEntry {
     layers: Vec<String>,
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> Result<T, ArchiveError> {
-    let bytes =
-        std::fs::read(dir.join(name)).map_err(|_| ArchiveError::Missing(name.to_owned()))?;
+/// The file `path`, refused past `limit` bytes (the limit on manifests applies to every JSON
+/// document of an archive, as it does to a registry's) without reading further.
+fn read_capped(path: &Path, limit: u64, what: &str) -> crate::Result<Vec<u8>> {
+    let file = std::fs::File::open(path).map_err(|_| ArchiveError::Missing(what.to_owned()))?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|source| Error::ReadBlob { path: path.to_owned(), source })?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::ManifestTooLarge { what: what.to_owned(), limit });
+    }
+    Ok(bytes)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str, limit: u64) -> crate::Result<T> {
+    let bytes = read_capped(&dir.join(name), limit, name)?;
     serde_json::from_slice(&bytes)
-        .map_err(|source| ArchiveError::Parse { name: name.to_owned(), source })
+        .map_err(|source| ArchiveError::Parse { name: name.to_owned(), source }.into())
 }
 
 /// `dir/name` for a name an archive gives, refusing anything that leaves `dir`.
@@ -160,12 +232,12 @@ fn is_index(media_type: &str) -> bool {
     media_type == OCI_IMAGE_INDEX_MEDIA_TYPE || media_type == IMAGE_MANIFEST_LIST_MEDIA_TYPE
 }
 
-fn oci_images(dir: &Path) -> crate::Result<Vec<Found>> {
-    let index: Index = read_json(dir, "index.json")?;
+fn oci_images(dir: &Path, max_manifest_bytes: u64) -> crate::Result<Vec<Found>> {
+    let index: Index = read_json(dir, "index.json", max_manifest_bytes)?;
     let mut found = Vec::new();
     for entry in &index.manifests {
-        let top = std::fs::read(oci_blob(dir, &entry.digest)?)
-            .map_err(|_| ArchiveError::Missing(format!("blob {}", entry.digest)))?;
+        let what = format!("blob {}", entry.digest);
+        let top = read_capped(&oci_blob(dir, &entry.digest)?, max_manifest_bytes, &what)?;
         verify(&entry.digest, &top, "manifest")?;
         let (manifest, index) = if is_index(&entry.media_type) {
             let nested: Index = serde_json::from_slice(&top)
@@ -179,8 +251,8 @@ fn oci_images(dir: &Path) -> crate::Result<Vec<Found>> {
                 ))
                 .into());
             };
-            let bytes = std::fs::read(oci_blob(dir, &amd64.digest)?)
-                .map_err(|_| ArchiveError::Missing(format!("blob {}", amd64.digest)))?;
+            let what = format!("blob {}", amd64.digest);
+            let bytes = read_capped(&oci_blob(dir, &amd64.digest)?, max_manifest_bytes, &what)?;
             verify(&amd64.digest, &bytes, "manifest")?;
             (bytes, Some((entry.digest.clone(), top)))
         } else {
@@ -203,8 +275,8 @@ fn oci_images(dir: &Path) -> crate::Result<Vec<Found>> {
     Ok(found)
 }
 
-fn docker_images(dir: &Path) -> crate::Result<Vec<Found>> {
-    let entries: Vec<DockerEntry> = read_json(dir, "manifest.json")?;
+fn docker_images(dir: &Path, max_manifest_bytes: u64) -> crate::Result<Vec<Found>> {
+    let entries: Vec<DockerEntry> = read_json(dir, "manifest.json", max_manifest_bytes)?;
     let mut found = Vec::new();
     for entry in entries {
         let mut names = Vec::new();
@@ -304,11 +376,11 @@ fn link_target(name: &str, target: &str, symbolic: bool) -> Option<String> {
 /// Extracts plain files and directories of `archive` into `into`, and links as hard links
 /// to files inside it (skopeo's docker archives link `<id>/layer.tar` to `<id>.tar`); refuses
 /// anything else.
-fn extract(archive: &Path, into: &Path) -> Result<(), ArchiveError> {
+fn extract(archive: &Path, into: &Path, counter: &StepCounter<'_>) -> Result<(), ArchiveError> {
     let tar_error = |source| ArchiveError::ReadTar { path: archive.to_owned(), source };
     let file = std::fs::File::open(archive)
         .map_err(|source| ArchiveError::Open { path: archive.to_owned(), source })?;
-    let mut tar = tar::Archive::new(file);
+    let mut tar = tar::Archive::new(Counted { inner: file, counter });
     let mut links = Vec::new();
     for entry in tar.entries().map_err(tar_error)? {
         let mut entry = entry.map_err(tar_error)?;
@@ -358,6 +430,15 @@ impl ImageStore {
     /// the names the archive gives them; OCI entries named by a bare tag are imported by id.
     /// Blocking.
     pub fn import(&self, path: &Path) -> crate::Result<Vec<ImageRecord>> {
+        self.import_reporting(path, &|_| {})
+    }
+
+    /// [`Self::import`], telling `report` how far it is.
+    pub fn import_reporting(
+        &self,
+        path: &Path,
+        report: &dyn Fn(&ArchiveProgress),
+    ) -> crate::Result<Vec<ImageRecord>> {
         let metadata = std::fs::metadata(path)
             .map_err(|source| ArchiveError::Open { path: path.to_owned(), source })?;
         let (dir, _extracted) = if metadata.is_dir() {
@@ -367,13 +448,15 @@ impl ImageStore {
             std::fs::create_dir(&temp)
                 .map_err(|source| Error::UnpackDir { path: temp.clone(), source })?;
             let extracted = Extracted(Some(temp.clone()));
-            extract(path, &temp)?;
+            let counter = StepCounter::start(report, "extract", metadata.len());
+            extract(path, &temp, &counter)?;
+            counter.finish();
             (temp, extracted)
         };
         let found = if dir.join("index.json").is_file() {
-            oci_images(&dir)?
+            oci_images(&dir, self.config.max_manifest_bytes)?
         } else if dir.join("manifest.json").is_file() {
-            docker_images(&dir)?
+            docker_images(&dir, self.config.max_manifest_bytes)?
         } else {
             return Err(ArchiveError::UnknownFormat(path.to_owned()).into());
         };
@@ -382,20 +465,85 @@ impl ImageStore {
                 ArchiveError::Unsupported(format!("{} holds no image", path.display())).into()
             );
         }
-        found.into_iter().map(|image| self.import_one(image)).collect()
+        found.into_iter().map(|image| self.import_one(image, report)).collect()
     }
 
-    fn import_one(&self, mut image: Found) -> crate::Result<ImageRecord> {
+    /// Imports one image; a failed import leaves none of its blobs behind (the archive is
+    /// still there to retry from, unlike a registry's download).
+    fn import_one(
+        &self,
+        image: Found,
+        report: &dyn Fn(&ArchiveProgress),
+    ) -> crate::Result<ImageRecord> {
+        let mut added = Vec::new();
+        let result = self.copy_and_unpack(image, &mut added, report);
+        if result.is_err() {
+            self.discard_unused_blobs(&added);
+        }
+        result
+    }
+
+    /// The limits a pull applies, on the archive's files as they are: the config within
+    /// `max_config_bytes`, config and layers within `max_image_bytes` (the unpack checks
+    /// `max_unpacked_bytes`).
+    /// Returns the bytes to copy.
+    fn check_archive_sizes(&self, image: &Found) -> crate::Result<u64> {
+        let size_of = |file: &Path| {
+            std::fs::metadata(file)
+                .map(|m| m.len())
+                .map_err(|_| ArchiveError::Missing(file.display().to_string()))
+        };
+        let config = size_of(&image.config.0)?;
+        if config > self.config.max_config_bytes {
+            return Err(Error::ConfigTooLarge {
+                digest: image
+                    .config
+                    .1
+                    .clone()
+                    .unwrap_or_else(|| image.config.0.display().to_string()),
+                size: config,
+                limit: self.config.max_config_bytes,
+            });
+        }
+        let mut total = config;
+        for (file, _) in &image.layers {
+            total = total.saturating_add(size_of(file)?);
+        }
+        if total > self.config.max_image_bytes {
+            return Err(Error::ImageTooLarge {
+                reference: image
+                    .names
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "an archived image".into()),
+                size: total,
+                limit: self.config.max_image_bytes,
+            });
+        }
+        Ok(total)
+    }
+
+    fn copy_and_unpack(
+        &self,
+        mut image: Found,
+        added: &mut Vec<String>,
+        report: &dyn Fn(&ArchiveProgress),
+    ) -> crate::Result<ImageRecord> {
+        let to_copy = self.check_archive_sizes(&image)?;
+        let counter = StepCounter::start(report, "copy", to_copy);
         // Every blob stays pinned (kept by a concurrent GC) until the record exists.
         let (config_digest, config_size, _config_pin) =
-            self.put_blob_file(&image.config.0, image.config.1.as_deref())?;
+            self.put_blob_file(&image.config.0, image.config.1.as_deref(), &counter)?;
+        added.push(config_digest.clone());
         let mut layers = Vec::new();
         let mut layer_pins = Vec::new();
         for (file, digest) in &image.layers {
-            let (digest, size, pin) = self.put_blob_file(file, digest.as_deref())?;
+            let (digest, size, pin) = self.put_blob_file(file, digest.as_deref(), &counter)?;
+            added.push(digest.clone());
             layers.push((digest, size));
             layer_pins.push(pin);
         }
+        counter.finish();
         if image.manifest.is_empty() {
             image.manifest = docker_manifest((&config_digest, config_size), &layers);
         }
@@ -403,6 +551,7 @@ impl ImageStore {
         let mut top_pins = vec![manifest_digest.clone()];
         top_pins.extend(image.index.iter().map(|(digest, _)| digest.clone()));
         let _top_pin = self.pin(&top_pins);
+        added.extend(top_pins.iter().cloned());
         self.put_blob(&manifest_digest, &image.manifest, "manifest")?;
         let mut top_digest = manifest_digest.clone();
         if let Some((digest, bytes)) = &image.index {
@@ -445,7 +594,9 @@ impl ImageStore {
             pulled_at: crate::now_ns() / 1_000_000_000,
         };
         // Unpacked before the record exists, as a pull does.
+        let unpack = StepCounter::start(report, "unpack", 0);
         self.unpack_job(&record)?.run()?;
+        unpack.finish();
         let record = self.commit_record(record)?;
         info!(image = %record.id, tags = ?record.repo_tags, "image imported");
         Ok(record)
@@ -458,6 +609,7 @@ impl ImageStore {
         &self,
         file: &Path,
         expected: Option<&str>,
+        counter: &StepCounter<'_>,
     ) -> crate::Result<(String, u64, crate::PinGuard<'_>)> {
         if let Some(digest) = expected {
             digest_hex(digest)?;
@@ -466,9 +618,18 @@ impl ImageStore {
         let mut source =
             std::fs::File::open(file).map_err(|_| ArchiveError::Missing(name.clone()))?;
         let temp = self.temp_path("import-blob");
+        // A file this import extracted into tmp/ is the store's own: linked, not copied again
+        // (a second write of every layer). Anything else, a layout directory the caller
+        // owns, is copied.
+        let linked =
+            file.starts_with(self.dir.join("tmp")) && std::fs::hard_link(file, &temp).is_ok();
         let result = (|| {
             let write_error = |source| Error::WriteBlob { path: temp.clone(), source };
-            let mut out = std::fs::File::create(&temp).map_err(write_error)?;
+            let mut out = if linked {
+                None
+            } else {
+                Some(std::fs::File::create(&temp).map_err(write_error)?)
+            };
             let mut hasher = sha2::Sha256::new();
             let mut size = 0u64;
             let mut buffer = vec![0u8; 256 * 1024];
@@ -480,10 +641,17 @@ impl ImageStore {
                     break;
                 }
                 hasher.update(&buffer[..n]);
-                out.write_all(&buffer[..n]).map_err(write_error)?;
+                if let Some(out) = &mut out {
+                    out.write_all(&buffer[..n]).map_err(write_error)?;
+                }
                 size += n as u64;
+                counter.add(n as u64);
             }
-            out.sync_all().map_err(write_error)?;
+            match &out {
+                Some(out) => out.sync_all().map_err(write_error)?,
+                // The extracted file's data, before it is named as a blob.
+                None => source.sync_all().map_err(write_error)?,
+            }
             let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
             if let Some(expected) = expected {
                 if actual != expected {
@@ -529,6 +697,16 @@ impl ImageStore {
     /// Writes the image `reference` names as an OCI image layout tar at `file` (its linux/amd64
     /// manifest, config and layers; named by its first tag), atomically. Blocking.
     pub fn export(&self, reference: &str, file: &Path) -> crate::Result<ImageRecord> {
+        self.export_reporting(reference, file, &|_| {})
+    }
+
+    /// [`Self::export`], telling `report` how far it is.
+    pub fn export_reporting(
+        &self,
+        reference: &str,
+        file: &Path,
+        report: &dyn Fn(&ArchiveProgress),
+    ) -> crate::Result<ImageRecord> {
         let record = self.get(reference)?;
         let manifest = self.read_blob(&record.manifest_digest)?;
         let media_type = serde_json::from_slice::<serde_json::Value>(&manifest)
@@ -543,7 +721,7 @@ impl ImageStore {
         );
         let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let temp = file.with_file_name(format!(".{name}.partial.{}", std::process::id()));
-        let result = self.write_layout_tar(&record, &index, &temp).and_then(|()| {
+        let result = self.write_layout_tar(&record, &index, &temp, report).and_then(|()| {
             std::fs::rename(&temp, file)
                 .map_err(|source| ArchiveError::Write { path: file.to_owned(), source }.into())
         });
@@ -560,7 +738,21 @@ impl ImageStore {
         record: &ImageRecord,
         index: &[u8],
         path: &Path,
+        report: &dyn Fn(&ArchiveProgress),
     ) -> crate::Result<()> {
+        let blobs: Vec<&String> = std::iter::once(&record.manifest_digest)
+            .chain(std::iter::once(&record.id))
+            .chain(&record.layers)
+            .collect();
+        let mut total = 0u64;
+        for digest in &blobs {
+            let blob = self.blob_path(digest)?;
+            let size = std::fs::metadata(&blob)
+                .map_err(|source| Error::ReadBlob { path: blob.clone(), source })?
+                .len();
+            total = total.saturating_add(size);
+        }
+        let counter = StepCounter::start(report, "write", total);
         let write_error = |source| ArchiveError::Write { path: path.to_owned(), source };
         let out = std::fs::File::create(path).map_err(write_error)?;
         let mut tar = tar::Builder::new(std::io::BufWriter::new(out));
@@ -573,9 +765,6 @@ impl ImageStore {
         };
         add("oci-layout", &mut &br#"{"imageLayoutVersion":"1.0.0"}"#[..], 30)?;
         add("index.json", &mut &index[..], index.len() as u64)?;
-        let blobs = std::iter::once(&record.manifest_digest)
-            .chain(std::iter::once(&record.id))
-            .chain(&record.layers);
         for digest in blobs {
             let blob = self.blob_path(digest)?;
             let file = std::fs::File::open(&blob)
@@ -584,11 +773,13 @@ impl ImageStore {
                 .metadata()
                 .map_err(|source| Error::ReadBlob { path: blob.clone(), source })?
                 .len();
-            add(&format!("blobs/sha256/{}", digest_hex(digest)?), &mut &file, size)?;
+            let mut counted = Counted { inner: &file, counter: &counter };
+            add(&format!("blobs/sha256/{}", digest_hex(digest)?), &mut counted, size)?;
         }
         let out = tar.into_inner().map_err(write_error)?;
         let file = out.into_inner().map_err(|e| write_error(e.into_error()))?;
         file.sync_all().map_err(write_error)?;
+        counter.finish();
         Ok(())
     }
 }

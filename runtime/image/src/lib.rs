@@ -14,6 +14,7 @@
 
 mod auth;
 mod import;
+mod mirrors;
 mod pull;
 pub mod unpack;
 
@@ -30,7 +31,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use auth::RegistryCredentials;
-pub use import::ArchiveError;
+pub use import::{ArchiveError, ArchiveProgress};
+pub use mirrors::{Mirror, MirrorError, RegistryHosts};
 pub use unpack::UnpackError;
 
 /// Image store errors. The CRI layer maps each to a gRPC code (see `code`-like helpers below).
@@ -145,6 +147,42 @@ pub enum Error {
         reference: String,
         /// The client's message.
         message: String,
+    },
+    /// A manifest or index larger than the store reads.
+    #[error("{what} is larger than the {limit}-byte limit on manifests")]
+    ManifestTooLarge {
+        /// Which manifest.
+        what: String,
+        /// `max_manifest_bytes`.
+        limit: u64,
+    },
+    /// An image config declared larger than the store reads.
+    #[error("image config {digest} is {size} bytes, more than the {limit}-byte limit")]
+    ConfigTooLarge {
+        /// The config blob.
+        digest: String,
+        /// As declared.
+        size: u64,
+        /// `max_config_bytes`.
+        limit: u64,
+    },
+    /// An image whose layers and config add up to more than the store pulls.
+    #[error("{reference} is {size} bytes to download, more than the {limit}-byte limit")]
+    ImageTooLarge {
+        /// The image.
+        reference: String,
+        /// Its declared blob sizes added up.
+        size: u64,
+        /// `max_image_bytes`.
+        limit: u64,
+    },
+    /// A descriptor whose size is negative (the spec requires a size of every descriptor).
+    #[error("descriptor of {digest} declares an invalid size {size}")]
+    InvalidSize {
+        /// The blob.
+        digest: String,
+        /// As declared.
+        size: i64,
     },
     /// A manifest of a kind the store cannot run (schema 1, artifact, nested index).
     #[error("unsupported manifest for {reference}: {reason}")]
@@ -276,6 +314,17 @@ pub enum Error {
     /// An archive to import is unreadable or malformed; nothing of it was recorded.
     #[error("image archive: {0}")]
     Archive(#[from] ArchiveError),
+    /// Every endpoint of a pull (mirrors, then the upstream) failed; `last` is the last one's
+    /// error, which decides the gRPC code.
+    #[error("pull of {reference} failed at every endpoint: {tried}")]
+    EndpointsFailed {
+        /// The image as requested.
+        reference: String,
+        /// "mirror https://…: error; upstream …: error", in the order tried.
+        tried: String,
+        /// The last endpoint's error.
+        last: Box<Error>,
+    },
     /// The blocking unpack task panicked or was cancelled.
     #[error("unpack task failed: {0}")]
     UnpackTask(String),
@@ -303,6 +352,19 @@ pub struct ImageStoreConfig {
     pub progress_interval: Duration,
     /// References (tags or digests) of images never removed, reported pinned to kubelet.
     pub pinned: Vec<String>,
+    /// Mirrors per registry host as references name it (`docker.io`, `registry.k8s.io`).
+    pub registries: BTreeMap<String, RegistryHosts>,
+    /// Largest manifest or index read from a registry (what the distribution spec's
+    /// reference registry accepts).
+    pub max_manifest_bytes: u64,
+    /// Largest image config pulled.
+    pub max_config_bytes: u64,
+    /// Largest image pulled: its layers' and config's declared sizes added up, checked on
+    /// the manifest before anything is downloaded (every blob must be the size it declares).
+    pub max_image_bytes: u64,
+    /// Largest image unpacked: its uncompressed layer tars added up; an unpack past it is
+    /// aborted and discarded.
+    pub max_unpacked_bytes: u64,
 }
 
 impl Default for ImageStoreConfig {
@@ -315,6 +377,11 @@ impl Default for ImageStoreConfig {
             pull_progress_timeout: Some(Duration::from_secs(60)),
             progress_interval: Duration::from_secs(5),
             pinned: Vec::new(),
+            registries: BTreeMap::new(),
+            max_manifest_bytes: 4 << 20,
+            max_config_bytes: 8 << 20,
+            max_image_bytes: 32 << 30,
+            max_unpacked_bytes: 64 << 30,
         }
     }
 }
@@ -844,6 +911,23 @@ impl ImageStore {
         Ok(report)
     }
 
+    /// Deletes those of `digests` that no image and no pull or import in progress uses: what
+    /// a failed import stored.
+    fn discard_unused_blobs(&self, digests: &[String]) {
+        let pins = lock(&self.pins);
+        let records = self.records.read().unwrap_or_else(|p| p.into_inner());
+        for digest in digests {
+            let used = pins.contains_key(digest)
+                || records.values().any(|record| record.blobs().any(|b| b == digest));
+            if !used {
+                if let Ok(path) = self.blob_path(digest) {
+                    // Best effort: GC takes what is left.
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+    }
+
     /// Bytes and inodes used under `<root>/images` (blobs, unpacked trees, records and
     /// downloads in progress), each hard-linked file once.
     pub fn fs_info(&self) -> Result<FsUsage> {
@@ -932,6 +1016,7 @@ impl ImageStore {
             target: self.dir.join("rootfs").join(&hex),
             temp: self.temp_path(&format!("rootfs-{hex}")),
             layers,
+            max_bytes: self.config.max_unpacked_bytes,
             lock,
         })
     }
@@ -1021,6 +1106,8 @@ struct UnpackJob {
     target: PathBuf,
     temp: PathBuf,
     layers: Vec<unpack::Layer>,
+    /// Uncompressed bytes the layers may add up to.
+    max_bytes: u64,
     lock: Arc<Mutex<()>>,
 }
 
@@ -1033,7 +1120,7 @@ impl UnpackJob {
         let started = std::time::Instant::now();
         std::fs::create_dir(&self.temp)
             .map_err(|source| Error::UnpackDir { path: self.temp.clone(), source })?;
-        let result = unpack::unpack_layers(&self.layers, &self.temp)
+        let result = unpack::unpack_layers(&self.layers, &self.temp, self.max_bytes)
             .map_err(|source| Error::Unpack { image: self.image.clone(), source })
             .and_then(|()| {
                 // The rename is the "complete" mark: a crash before it leaves only tmp/.

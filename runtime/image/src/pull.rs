@@ -6,21 +6,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::OciEnvelope;
 use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::manifest::{
     OciDescriptor, OciImageIndex, OciImageManifest, IMAGE_MANIFEST_LIST_MEDIA_TYPE,
     IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::{Client, Reference, RegistryOperation};
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use crate::mirrors::{self, Endpoint};
 use crate::{
     auth, digest_hex, parse_image_config, parse_reference, sha256_digest, Error, ImageRecord,
-    ImageStore, RegistryCredentials, Result,
+    ImageStore, Mirror, RegistryCredentials, Result,
 };
 
 /// Manifest media types asked for (schema 1 is not).
@@ -127,6 +129,57 @@ impl Target<'_> {
     }
 }
 
+/// One endpoint (a mirror or the upstream) a pull talks to, set up.
+#[derive(Clone)]
+struct Source {
+    /// `host[:port]` contacted.
+    host: String,
+    /// The image on that endpoint: its host, the repository under the mirror's prefix, the
+    /// requested tag or digest.
+    reference: Reference,
+    client: Client,
+    /// Fetches manifests (see [`RegistryClient`]), with the same TLS settings.
+    http: reqwest::Client,
+    auth: RegistryAuth,
+    scheme: &'static str,
+}
+
+impl Source {
+    fn target<'a>(&'a self, reference: &'a str, progress_timeout: Option<Duration>) -> Target<'a> {
+        Target { host: &self.host, reference, progress_timeout }
+    }
+
+    fn registry_client<'a>(
+        &'a self,
+        target: &'a Target<'a>,
+        max_manifest_bytes: u64,
+    ) -> RegistryClient<'a> {
+        RegistryClient {
+            oci: &self.client,
+            http: self.http.clone(),
+            auth: &self.auth,
+            target,
+            scheme: self.scheme,
+            max_manifest_bytes,
+        }
+    }
+}
+
+/// Whether a pull tries the next endpoint after this error: the endpoint is unreachable,
+/// lacks the image, refuses us or fails. Not when it sent something hostile (too large, a
+/// wrong digest), which no other endpoint excuses.
+fn moves_on(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::RegistryUnreachable { .. }
+            | Error::ManifestUnknown { .. }
+            | Error::Unauthorized { .. }
+            | Error::Registry { .. }
+            | Error::PullStalled { .. }
+            | Error::HttpClient { .. }
+    )
+}
+
 /// An error with its sources ("error sending request: connection refused").
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
@@ -229,13 +282,46 @@ impl ImageStore {
             || self.config.insecure_registries.iter().any(|r| r == registry || r == host)
     }
 
-    /// A client for `registry`. Not `Client::new`: on a configuration it cannot build (a host
-    /// without CA certificates, say) that falls back to `reqwest::Client::new()`, which panics.
-    fn client_for(&self, registry: &str) -> Result<Client> {
-        let protocol =
-            if self.is_insecure(registry) { ClientProtocol::Http } else { ClientProtocol::Https };
+    /// The plain HTTP client manifests are fetched with (oci-client reads them whole), set up
+    /// as [`Self::client_for`] sets up oci-client's.
+    fn http_client_for(&self, registry: &str, mirror: Option<&Mirror>) -> Result<reqwest::Client> {
+        let error = |e: reqwest::Error| Error::HttpClient {
+            host: registry.to_string(),
+            message: error_chain(&e),
+        };
+        let certificates = mirror
+            .map_or(&[][..], |m| &m.ca_certificates[..])
+            .iter()
+            .map(|pem| reqwest::Certificate::from_pem(pem))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(error)?;
+        reqwest::Client::builder()
+            .connect_timeout(self.config.connect_timeout)
+            // The progress timeout covers silence, as for oci-client's client.
+            .tls_certs_merge(certificates)
+            .danger_accept_invalid_certs(mirror.is_some_and(|m| m.skip_verify))
+            .build()
+            .map_err(error)
+    }
+
+    /// A client for `registry`, with a mirror's TLS settings. Not `Client::new`: on a
+    /// configuration it cannot build (a host without CA certificates, say) that falls back to
+    /// `reqwest::Client::new()`, which panics.
+    fn client_for(&self, registry: &str, mirror: Option<&Mirror>) -> Result<Client> {
+        let plain_http = match mirror {
+            Some(mirror) => mirror.plain_http,
+            None => self.is_insecure(registry),
+        };
+        let protocol = if plain_http { ClientProtocol::Http } else { ClientProtocol::Https };
+        let extra_root_certificates = mirror
+            .map_or(&[][..], |m| &m.ca_certificates[..])
+            .iter()
+            .map(|pem| Certificate { encoding: CertificateEncoding::Pem, data: pem.clone() })
+            .collect();
         Client::try_from(ClientConfig {
             protocol,
+            extra_root_certificates,
+            accept_invalid_certificates: mirror.is_some_and(|m| m.skip_verify),
             // Platform selection is ours (it names the platforms found when none fits).
             platform_resolver: None,
             connect_timeout: Some(self.config.connect_timeout),
@@ -273,25 +359,13 @@ impl ImageStore {
         credentials: Option<&RegistryCredentials>,
     ) -> Result<ImageRecord> {
         let parsed = parse_reference(reference)?;
-        let registry = parsed.resolve_registry().to_owned();
         let whole = parsed.whole();
-        let target = Target {
-            host: &registry,
-            reference: &whole,
-            progress_timeout: self.config.pull_progress_timeout,
-        };
-        let registry_auth = self.registry_auth(parsed.registry(), credentials)?;
-        let client = self.client_for(&registry)?;
         let started = Instant::now();
-
-        // Top-level manifest or index, by tag or digest.
-        let (top_bytes, _) = target
-            .within_progress_timeout(
-                "the manifest",
-                client.pull_manifest_raw(&parsed, &registry_auth, ACCEPTED_MANIFESTS),
-            )
-            .await?
-            .map_err(|e| target.error(e))?;
+        // Top-level manifest or index, by tag or digest, from the first endpoint that has it.
+        let (source, top_bytes) = self.first_source_with(&parsed, &whole, credentials).await?;
+        let target = source.target(&whole, self.config.pull_progress_timeout);
+        let registry_client = source.registry_client(&target, self.config.max_manifest_bytes);
+        let client = &source.client;
         let top_digest = sha256_digest(&top_bytes);
         if let Some(wanted) = parsed.digest() {
             if wanted != top_digest {
@@ -323,17 +397,25 @@ impl ImageStore {
                 });
             };
             digest_hex(&entry.digest)?;
-            let by_digest = parsed.clone_with_digest(entry.digest.clone());
-            let (bytes, _) = target
+            let what = format!("linux/amd64 manifest of {whole}");
+            let size = declared_size(&entry.digest, entry.size)?;
+            if size > self.config.max_manifest_bytes {
+                return Err(Error::ManifestTooLarge {
+                    what,
+                    limit: self.config.max_manifest_bytes,
+                });
+            }
+            let by_digest = source.reference.clone_with_digest(entry.digest.clone());
+            let bytes = target
                 .within_progress_timeout(
                     "the linux/amd64 manifest",
-                    client.pull_manifest_raw(&by_digest, &registry_auth, ACCEPTED_MANIFESTS),
+                    registry_client.manifest(&by_digest, &what),
                 )
-                .await?
-                .map_err(|e| target.error(e))?;
-            (entry.digest.clone(), bytes.to_vec(), Some(top_digest.clone()))
+                .await??;
+            check_content(&entry.digest, size, &bytes, &what)?;
+            (entry.digest.clone(), bytes, Some(top_digest.clone()))
         } else {
-            (top_digest.clone(), top_bytes.to_vec(), None)
+            (top_digest.clone(), top_bytes.clone(), None)
         };
         let manifest: OciImageManifest = serde_json::from_slice(&manifest_bytes)
             .map_err(|source| Error::ParseManifest { digest: manifest_digest.clone(), source })?;
@@ -359,6 +441,7 @@ impl ImageStore {
         }
         let image_id = manifest.config.digest.clone();
         digest_hex(&image_id)?;
+        let size = self.check_sizes(&manifest, &whole)?;
 
         pinned.push(manifest_digest.clone());
         pinned.push(image_id.clone());
@@ -372,11 +455,9 @@ impl ImageStore {
             &format!("linux/amd64 manifest of {whole}"),
         )?;
 
-        let size = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum::<u64>()
-            + manifest.config.size.max(0) as u64;
         let progress = PullProgress::new(size);
-        let blob_ref = parsed.clone_with_digest(manifest_digest.clone());
-        self.fetch_blob(&client, &blob_ref, &target, &progress, &manifest.config).await?;
+        let blob_ref = source.reference.clone_with_digest(manifest_digest.clone());
+        self.fetch_blob(client, &blob_ref, &target, &progress, &manifest.config).await?;
         let config_bytes = self.read_blob(&image_id)?;
         let config = oci_spec::image::ImageConfiguration::from_reader(&config_bytes[..])
             .map_err(|e| Error::ParseConfig { digest: image_id.clone(), reason: e.to_string() })?;
@@ -391,7 +472,7 @@ impl ImageStore {
         let user = parse_image_config(&image_id, &config_bytes)?.user;
 
         let (client_ref, blob_ref_ref, target_ref, progress_ref) =
-            (&client, &blob_ref, &target, &progress);
+            (client, &blob_ref, &target, &progress);
         let downloads = futures::stream::iter(manifest.layers.clone())
             .map(|layer| async move {
                 self.fetch_blob(client_ref, blob_ref_ref, target_ref, progress_ref, &layer).await
@@ -433,6 +514,7 @@ impl ImageStore {
         let record = self.commit_record(record)?;
         info!(
             reference = %whole,
+            from = %source.host,
             image = %record.id,
             size = record.size,
             received = progress.received.load(Ordering::Relaxed),
@@ -441,6 +523,127 @@ impl ImageStore {
             "image pulled"
         );
         Ok(record)
+    }
+
+    /// Tries the endpoints of `parsed`'s registry in order (its mirrors, then the upstream
+    /// unless disabled) for the top-level manifest; an endpoint that is unreachable, lacks
+    /// the image, refuses us or fails moves on to the next. Returns the endpoint that
+    /// answered, which serves the rest of the pull, and the manifest.
+    async fn first_source_with(
+        &self,
+        parsed: &Reference,
+        whole: &str,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<(Source, Vec<u8>)> {
+        let endpoints = mirrors::endpoints(&self.config.registries, parsed.registry());
+        let what = format!("manifest of {whole}");
+        let mut tried = Vec::new();
+        for (n, endpoint) in endpoints.iter().enumerate() {
+            let result = match self.source_for(*endpoint, parsed, credentials) {
+                Ok(source) => {
+                    let target = source.target(whole, self.config.pull_progress_timeout);
+                    let registry = source.registry_client(&target, self.config.max_manifest_bytes);
+                    let fetched = target
+                        .within_progress_timeout(
+                            "the manifest",
+                            registry.manifest(&source.reference, &what),
+                        )
+                        .await
+                        .and_then(|manifest| manifest);
+                    fetched.map(|manifest| (source.clone(), manifest))
+                }
+                Err(e) => Err(e),
+            };
+            let error = match result {
+                Ok(found) => return Ok(found),
+                Err(error) if endpoints.len() == 1 => return Err(error),
+                Err(error) if !moves_on(&error) => return Err(error),
+                Err(error) => error,
+            };
+            let described = endpoint.describe(parsed.registry());
+            if n + 1 < endpoints.len() {
+                warn!(reference = whole, endpoint = %described, %error, "trying the next endpoint");
+            }
+            tried.push(format!("{described}: {error}"));
+            if n + 1 == endpoints.len() {
+                return Err(Error::EndpointsFailed {
+                    reference: whole.to_owned(),
+                    tried: tried.join("; "),
+                    last: Box::new(error),
+                });
+            }
+        }
+        unreachable!("endpoints() always gives one endpoint at least")
+    }
+
+    /// A pull's connection to one endpoint. Credentials are those of the host contacted:
+    /// CRI's (kubelet's, for the image's registry) and the docker config's for the upstream,
+    /// the docker config's entry for the mirror's own host for a mirror.
+    fn source_for(
+        &self,
+        endpoint: Endpoint<'_>,
+        parsed: &Reference,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<Source> {
+        match endpoint {
+            Endpoint::Upstream => {
+                let host = parsed.resolve_registry().to_owned();
+                Ok(Source {
+                    client: self.client_for(&host, None)?,
+                    http: self.http_client_for(&host, None)?,
+                    auth: self.registry_auth(parsed.registry(), credentials)?,
+                    scheme: if self.is_insecure(&host) { "http" } else { "https" },
+                    reference: parsed.clone(),
+                    host,
+                })
+            }
+            Endpoint::Mirror(mirror) => {
+                let host = mirror.host.clone();
+                let repository = mirror.repository(parsed.repository());
+                let reference = match parsed.digest() {
+                    Some(digest) => Reference::with_digest(host.clone(), repository, digest.into()),
+                    None => Reference::with_tag(
+                        host.clone(),
+                        repository,
+                        parsed.tag().unwrap_or("latest").to_owned(),
+                    ),
+                };
+                Ok(Source {
+                    client: self.client_for(&host, Some(mirror))?,
+                    http: self.http_client_for(&host, Some(mirror))?,
+                    auth: self.registry_auth(&host, None)?,
+                    scheme: if mirror.plain_http { "http" } else { "https" },
+                    reference,
+                    host,
+                })
+            }
+        }
+    }
+
+    /// Checks what the manifest declares before anything is downloaded: every size there
+    /// (the spec requires one), the config within `max_config_bytes`, all of it within
+    /// `max_image_bytes`. Returns the image's size.
+    fn check_sizes(&self, manifest: &OciImageManifest, reference: &str) -> Result<u64> {
+        let config = declared_size(&manifest.config.digest, manifest.config.size)?;
+        if config > self.config.max_config_bytes {
+            return Err(Error::ConfigTooLarge {
+                digest: manifest.config.digest.clone(),
+                size: config,
+                limit: self.config.max_config_bytes,
+            });
+        }
+        let mut total = config;
+        for layer in &manifest.layers {
+            total = total.saturating_add(declared_size(&layer.digest, layer.size)?);
+        }
+        if total > self.config.max_image_bytes {
+            return Err(Error::ImageTooLarge {
+                reference: reference.to_owned(),
+                size: total,
+                limit: self.config.max_image_bytes,
+            });
+        }
+        Ok(total)
     }
 
     /// Ensures the blob `descriptor` names is stored and verified, downloading it if needed.
@@ -490,7 +693,9 @@ impl ImageStore {
         path: &std::path::Path,
     ) -> Result<()> {
         let digest = descriptor.digest.as_str();
-        let expected_size = u64::try_from(descriptor.size).unwrap_or(0);
+        // A blob is exactly its declared size (checked non-negative with the manifest): no
+        // size, no unbounded download.
+        let expected_size = declared_size(digest, descriptor.size)?;
         let what = format!("blob {digest}");
         let mut stream = target
             .within_progress_timeout(&what, client.pull_blob_stream(reference, descriptor))
@@ -520,7 +725,7 @@ impl ImageStore {
             received += chunk.len() as u64;
             self.bytes_downloaded.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             progress.received(chunk.len() as u64);
-            if expected_size > 0 && received > expected_size {
+            if received > expected_size {
                 return Err(Error::SizeMismatch {
                     digest: digest.to_owned(),
                     expected: expected_size,
@@ -539,7 +744,7 @@ impl ImageStore {
                 actual,
             });
         }
-        if expected_size > 0 && received != expected_size {
+        if received != expected_size {
             return Err(Error::SizeMismatch {
                 digest: digest.to_owned(),
                 expected: expected_size,
@@ -561,5 +766,130 @@ impl ImageStore {
             "blob downloaded"
         );
         Ok(())
+    }
+}
+
+/// A descriptor's size, which must not be negative.
+fn declared_size(digest: &str, size: i64) -> Result<u64> {
+    u64::try_from(size).map_err(|_| Error::InvalidSize { digest: digest.to_owned(), size })
+}
+
+/// Checks fetched content against the descriptor that named it.
+fn check_content(digest: &str, size: u64, bytes: &[u8], what: &str) -> Result<()> {
+    let actual = sha256_digest(bytes);
+    if actual != digest {
+        return Err(Error::DigestMismatch {
+            what: what.to_owned(),
+            expected: digest.to_owned(),
+            actual,
+        });
+    }
+    if bytes.len() as u64 != size {
+        return Err(Error::SizeMismatch {
+            digest: digest.to_owned(),
+            expected: size,
+            actual: bytes.len() as u64,
+        });
+    }
+    Ok(())
+}
+
+/// Fetches manifests itself, with oci-client's authentication: oci-client reads a manifest
+/// response whole, however large the registry makes it.
+struct RegistryClient<'a> {
+    oci: &'a Client,
+    http: reqwest::Client,
+    auth: &'a RegistryAuth,
+    target: &'a Target<'a>,
+    scheme: &'static str,
+    max_manifest_bytes: u64,
+}
+
+impl RegistryClient<'_> {
+    /// The manifest or index `reference` names (by tag or digest), at most
+    /// `max_manifest_bytes` of it, checked against the registry's `Docker-Content-Digest`.
+    async fn manifest(&self, reference: &Reference, what: &str) -> Result<Vec<u8>> {
+        let token = self
+            .oci
+            .auth(reference, self.auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| self.target.error(e))?;
+        let url = self.manifest_url(reference);
+        let mut request =
+            self.http.get(&url).header(reqwest::header::ACCEPT, ACCEPTED_MANIFESTS.join(", "));
+        request = match (token, self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            (None, _) => request,
+        };
+        let response = request.send().await.map_err(|e| self.target.error(e.into()))?;
+        let status = response.status();
+        let header_digest = response
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = self.read_limited(response, what).await?;
+        if status != reqwest::StatusCode::OK {
+            return Err(self.target.error(response_error(status, &body, &url)));
+        }
+        if let Some(header) = header_digest.filter(|d| d.starts_with("sha256:")) {
+            let actual = sha256_digest(&body);
+            if actual != header {
+                return Err(Error::DigestMismatch {
+                    what: what.to_owned(),
+                    expected: header,
+                    actual,
+                });
+            }
+        }
+        Ok(body)
+    }
+
+    fn manifest_url(&self, reference: &Reference) -> String {
+        let name = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let namespace = reference.namespace().map(|ns| format!("?ns={ns}")).unwrap_or_default();
+        format!(
+            "{}://{}/v2/{}/manifests/{name}{namespace}",
+            self.scheme,
+            reference.resolve_registry(),
+            reference.repository()
+        )
+    }
+
+    /// The body, failing (and dropping the connection) as soon as it exceeds the limit.
+    async fn read_limited(&self, mut response: reqwest::Response, what: &str) -> Result<Vec<u8>> {
+        let limit = self.max_manifest_bytes;
+        let too_large = || Error::ManifestTooLarge { what: what.to_owned(), limit };
+        if response.content_length().is_some_and(|n| n > limit) {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.target.error(e.into()))? {
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+/// What a registry's non-200 answer means, in oci-client's terms (so [`Target::error`] maps
+/// it as it maps oci-client's own).
+fn response_error(status: reqwest::StatusCode, body: &[u8], url: &str) -> OciDistributionError {
+    let url = url.to_owned();
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return OciDistributionError::UnauthorizedError { url };
+    }
+    if status.is_client_error() {
+        if let Ok(envelope) = serde_json::from_slice::<OciEnvelope>(body) {
+            return OciDistributionError::RegistryError { envelope, url };
+        }
+    }
+    OciDistributionError::ServerError {
+        code: status.as_u16(),
+        url,
+        message: String::from_utf8_lossy(body).into_owned(),
     }
 }

@@ -605,3 +605,189 @@ async fn pinned_images_are_reported_and_never_removed() {
     store.remove(&b.id).unwrap().unwrap();
     assert_eq!(store.list().len(), 1);
 }
+
+fn store_with(dir: &Path, limits: impl FnOnce(&mut ImageStoreConfig)) -> ImageStore {
+    let mut config = ImageStoreConfig::default();
+    limits(&mut config);
+    ImageStore::open(dir, config).expect("open store")
+}
+
+/// Nothing of a refused pull is kept: no record, no blob, no tree, nothing in tmp/.
+fn nothing_kept(store: &ImageStore) {
+    assert!(store.list().is_empty());
+    assert_eq!(blob_count(store), 0);
+    assert!(tmp_is_empty(store));
+    assert_eq!(std::fs::read_dir(store.dir().join("rootfs")).unwrap().count(), 0);
+}
+
+/// A registry that answers every manifest request with an endless body, counting what it
+/// managed to send before the client hung up.
+struct EndlessManifestRegistry {
+    port: u16,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl EndlessManifestRegistry {
+    /// Bytes offered per response: far more than any limit, and than a test wants in memory.
+    const OFFERED: u64 = 256 << 20;
+
+    fn start() -> Self {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = sent.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                if !request_line.contains("/manifests/") {
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                    continue;
+                }
+                // Chunked: no Content-Length for the client to refuse up front.
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\
+                      Transfer-Encoding: chunked\r\n\r\n",
+                );
+                let chunk = vec![b' '; 64 * 1024];
+                let framed =
+                    [format!("{:x}\r\n", chunk.len()).into_bytes(), chunk, b"\r\n".to_vec()]
+                        .concat();
+                let mut offered = 0;
+                while offered < Self::OFFERED && stream.write_all(&framed).is_ok() {
+                    offered += 64 * 1024;
+                    counter.fetch_add(64 * 1024, std::sync::atomic::Ordering::Relaxed);
+                }
+                let _ = stream.write_all(b"0\r\n\r\n");
+            }
+        });
+        Self { port, sent }
+    }
+}
+
+/// A registry that sends a manifest without end is cut off at the limit: the pull fails
+/// naming it, having read about the limit, not the whole body into memory.
+#[tokio::test]
+async fn an_endless_manifest_is_cut_off_at_the_limit() {
+    let registry = EndlessManifestRegistry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let err = store.pull(&format!("127.0.0.1:{}/endless:1", registry.port), None).await;
+    let err = err.unwrap_err();
+    assert!(matches!(err, Error::ManifestTooLarge { limit, .. } if limit == 4 << 20), "{err}");
+    // Wait for the server to notice the client is gone.
+    let mut sent = 0;
+    for _ in 0..100 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = registry.sent.load(std::sync::atomic::Ordering::Relaxed);
+        if now == sent {
+            break;
+        }
+        sent = now;
+    }
+    // The limit plus what the sockets' buffers took.
+    assert!(sent < 32 << 20, "the client read {sent} bytes of an endless manifest");
+    nothing_kept(&store);
+}
+
+/// Manifests, configs and images past their limits are refused before their blobs are
+/// downloaded.
+#[tokio::test]
+async fn manifest_config_and_image_limits_are_checked_before_downloading() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_busybox("busybox:1").unwrap();
+    let manifest_len = reg.raw_manifest(&reference).unwrap().len() as u64;
+    let index = reg.push_multiarch("multiarch:1").unwrap();
+    type Limit = fn(&mut ImageStoreConfig, u64);
+    let cases: [(&str, &str, Limit); 4] = [
+        ("manifest", &reference, |c, manifest| c.max_manifest_bytes = manifest - 1),
+        ("index", &index, |c, _| c.max_manifest_bytes = 200),
+        ("config", &reference, |c, _| c.max_config_bytes = 10),
+        ("image", &reference, |c, _| c.max_image_bytes = 100_000),
+    ];
+    for (what, reference, limit) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path(), |c| limit(c, manifest_len));
+        let err = store.pull(reference, None).await.unwrap_err();
+        let refused = match what {
+            "manifest" | "index" => matches!(err, Error::ManifestTooLarge { .. }),
+            "config" => matches!(err, Error::ConfigTooLarge { size, limit: 10, .. } if size > 10),
+            _ => matches!(err, Error::ImageTooLarge { size, .. } if size > 500_000),
+        };
+        assert!(refused, "{what}: {err}");
+        assert_eq!(store.blobs_downloaded(), 0, "{what}: a blob was downloaded");
+        nothing_kept(&store);
+    }
+}
+
+/// Every descriptor carries a size and every blob is that size: a missing or negative one is
+/// refused, and a zero one no longer lets a registry send any amount (it used to disable the
+/// size check).
+#[tokio::test]
+async fn declared_sizes_are_required_and_enforced() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_busybox("sizes:1").unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&reg.raw_manifest(&reference).unwrap()).unwrap();
+    let media_type = podvisor_e2e::images::MEDIA_TYPE_MANIFEST;
+    let variant = |tag: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut m = manifest.clone();
+        edit(&mut m);
+        reg.put_manifest("sizes", tag, media_type, &serde_json::to_vec(&m).unwrap()).unwrap()
+    };
+    let negative = variant("negative", &|m| m["layers"][0]["size"] = (-1).into());
+    let zero = variant("zero", &|m| m["layers"][0]["size"] = 0.into());
+    let missing = variant("missing", &|m| {
+        m["config"].as_object_mut().unwrap().remove("size");
+    });
+    for (name, reference) in [("negative", &negative), ("zero", &zero), ("missing", &missing)] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let err = store.pull(reference, None).await.unwrap_err();
+        let refused = match name {
+            "negative" => matches!(err, Error::InvalidSize { size: -1, .. }),
+            "zero" => matches!(err, Error::SizeMismatch { expected: 0, .. }),
+            _ => matches!(err, Error::ParseManifest { .. }),
+        };
+        assert!(refused, "{name}: {err}");
+        assert!(store.list().is_empty() && tmp_is_empty(&store), "{name}");
+    }
+}
+
+/// An image whose layers unpack past the limit is refused and its partial tree discarded.
+#[tokio::test]
+async fn an_image_unpacking_past_the_limit_is_discarded() {
+    require_registry!();
+    let reg = TestRegistry::start().unwrap();
+    let zeros = vec![0u8; 8 << 20];
+    let bomb = podvisor_e2e::images::LayerBuilder::new()
+        .file("zeros", &zeros, 0o644)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let image = podvisor_e2e::images::TestImage::new(vec![bomb]);
+    let reference = reg.push_image("bomb:1", &image).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), |c| c.max_unpacked_bytes = 4 << 20);
+    let err = store.pull(&reference, None).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Unpack { source: UnpackError::TooLarge { limit }, .. } if limit == 4 << 20),
+        "{err}"
+    );
+    assert!(store.list().is_empty());
+    assert!(tmp_is_empty(&store));
+    assert_eq!(std::fs::read_dir(store.dir().join("rootfs")).unwrap().count(), 0);
+    // Within the default limits the same image is fine.
+    let other = tempfile::tempdir().unwrap();
+    let record = super::tests::store(other.path()).pull(&reference, None).await.unwrap();
+    assert_eq!(record.layers.len(), 1);
+}

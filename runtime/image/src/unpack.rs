@@ -7,6 +7,7 @@
 //! component, following the image's own symlinks *inside* the root (an absolute link target
 //! restarts at the root, `..` stops at the root), as `filepath-securejoin` does for runc.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
@@ -14,6 +15,7 @@ use std::io::{self, BufReader, Read, Seek};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 use sha2::{Digest, Sha256};
 use tracing::debug;
@@ -123,6 +125,13 @@ pub enum UnpackError {
         /// Computed.
         actual: String,
     },
+    /// The layers decompress to more than the image may take up (a small gzip of zeros can
+    /// fill any disk).
+    #[error("the image's layers unpack to more than the {limit}-byte limit")]
+    TooLarge {
+        /// `max_unpacked_bytes`.
+        limit: u64,
+    },
     /// syncfs on the finished tree failed.
     #[error("sync {path}: {source}")]
     Sync {
@@ -145,12 +154,16 @@ pub struct Layer {
 }
 
 /// Applies `layers` in order into `root` (an existing, empty directory), then flushes the file
-/// system. The caller makes the result visible atomically (rename).
-pub fn unpack_layers(layers: &[Layer], root: &Path) -> Result<()> {
+/// system. The caller makes the result visible atomically (rename). Fails with
+/// [`UnpackError::TooLarge`] as soon as the uncompressed layers add up to more than
+/// `max_bytes`; the caller discards the partial tree.
+pub fn unpack_layers(layers: &[Layer], root: &Path, max_bytes: u64) -> Result<()> {
     let mut unpacker = Unpacker {
         root: root.to_owned(),
         dir_mtimes: HashMap::new(),
         chown: nix::unistd::geteuid().is_root(),
+        budget: Rc::new(Budget { left: Cell::new(max_bytes), exceeded: Cell::new(false) }),
+        max_bytes,
     };
     for layer in layers {
         unpacker.apply_layer(layer)?;
@@ -179,6 +192,36 @@ fn sync_filesystem(root: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Uncompressed bytes the remaining layers may still take up.
+struct Budget {
+    left: Cell<u64>,
+    /// A read went past it: whatever error follows is this one.
+    exceeded: Cell<bool>,
+}
+
+/// A reader that fails once more than the budget has passed through it.
+struct BudgetedReader<R> {
+    inner: R,
+    budget: Rc<Budget>,
+}
+
+impl<R: Read> Read for BudgetedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        let left = self.budget.left.get();
+        match left.checked_sub(read as u64) {
+            Some(rest) => {
+                self.budget.left.set(rest);
+                Ok(read)
+            }
+            None => {
+                self.budget.exceeded.set(true);
+                Err(io::Error::other("the unpacked size limit is reached"))
+            }
+        }
+    }
 }
 
 /// A reader that hashes what passes through it (the uncompressed tar, for the diff id).
@@ -223,6 +266,8 @@ struct Unpacker {
     dir_mtimes: HashMap<PathBuf, filetime::FileTime>,
     /// Only root can give files away; as non-root (tests) ownership is left as is.
     chown: bool,
+    budget: Rc<Budget>,
+    max_bytes: u64,
 }
 
 /// The components of an entry name, relative to the root, or None if it contains `..`.
@@ -310,8 +355,19 @@ impl Unpacker {
         Ok(Some(parent.join(last)))
     }
 
+    /// Applies one layer; past the budget, whatever failed reports the limit.
     fn apply_layer(&mut self, layer: &Layer) -> Result<()> {
-        let reader = HashingReader { inner: open_layer(&layer.blob)?, hasher: Sha256::new() };
+        let result = self.apply_layer_entries(layer);
+        if self.budget.exceeded.get() {
+            return Err(UnpackError::TooLarge { limit: self.max_bytes });
+        }
+        result
+    }
+
+    fn apply_layer_entries(&mut self, layer: &Layer) -> Result<()> {
+        let budgeted =
+            BudgetedReader { inner: open_layer(&layer.blob)?, budget: Rc::clone(&self.budget) };
+        let reader = HashingReader { inner: budgeted, hasher: Sha256::new() };
         let mut archive = tar::Archive::new(reader);
         // Paths created by this layer: an opaque marker only hides what lower layers made.
         let mut created: HashSet<PathBuf> = HashSet::new();
@@ -560,7 +616,7 @@ mod tests {
             .finish()
             .unwrap();
         let layer = write_layer(dir.path(), "l", tar);
-        let err = unpack_layers(&[layer], &root).unwrap_err();
+        let err = unpack_layers(&[layer], &root, u64::MAX).unwrap_err();
         assert!(matches!(err, UnpackError::UnsafePath { .. }), "{err}");
         assert!(!dir.path().join("escape").exists());
     }
@@ -587,7 +643,7 @@ mod tests {
             .finish()
             .unwrap();
         let layer = write_layer(dir.path(), "l", tar);
-        unpack_layers(&[layer], &root).unwrap();
+        unpack_layers(&[layer], &root, u64::MAX).unwrap();
         assert_eq!(fs::read(root.join("abs.txt")).unwrap(), b"abs");
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
         // The link target was re-rooted: the file landed inside the image.
@@ -608,7 +664,7 @@ mod tests {
             .finish()
             .unwrap();
         let layer = write_layer(dir.path(), "l", tar);
-        let err = unpack_layers(&[layer], &root).unwrap_err();
+        let err = unpack_layers(&[layer], &root, u64::MAX).unwrap_err();
         assert!(matches!(err, UnpackError::BadHardLink { .. }), "{err}");
     }
 
@@ -650,7 +706,7 @@ mod tests {
             .finish()
             .unwrap();
         let layers = [write_layer(dir.path(), "l0", lower), write_layer(dir.path(), "l1", upper)];
-        unpack_layers(&layers, &root).unwrap();
+        unpack_layers(&layers, &root, u64::MAX).unwrap();
         assert!(!root.join("d/a").exists());
         assert!(root.join("d/sub").is_dir());
         assert!(!root.join("d/sub/lower").exists());
@@ -663,5 +719,40 @@ mod tests {
         assert_eq!(fs::read_link(root.join("sl")).unwrap(), Path::new("keep"));
         let mode = fs::metadata(root.join("keep")).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o640);
+    }
+
+    /// A layer that decompresses past the limit (a small gzip of zeros, here split over two
+    /// layers) is cut off there, not written out whole.
+    #[test]
+    fn unpacking_stops_at_the_size_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let zeros = vec![0u8; 4 << 20];
+        let lower = LayerBuilder::new().file("a", &zeros, 0o644).unwrap().finish().unwrap();
+        let upper = LayerBuilder::new().file("b", &zeros, 0o644).unwrap().finish().unwrap();
+        let gzip = |tar: Vec<u8>| {
+            use std::io::Write;
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            enc.write_all(&tar).unwrap();
+            enc.finish().unwrap()
+        };
+        let (lower, upper) = (gzip(lower), gzip(upper));
+        assert!(lower.len() < 64 * 1024, "the bomb is small: {} bytes", lower.len());
+        let layers = [write_layer(dir.path(), "l0", lower), write_layer(dir.path(), "l1", upper)];
+        // Room for the first layer, not for both.
+        let err = unpack_layers(&layers, &root, 6 << 20).unwrap_err();
+        assert!(matches!(err, UnpackError::TooLarge { limit } if limit == 6 << 20), "{err}");
+        let written: u64 = ["a", "b"]
+            .iter()
+            .filter_map(|f| fs::metadata(root.join(f)).ok())
+            .map(|m| m.len())
+            .sum();
+        assert!(written <= 6 << 20, "{written} bytes written");
+        // Both fit in a larger budget.
+        let root2 = dir.path().join("root2");
+        fs::create_dir(&root2).unwrap();
+        unpack_layers(&layers, &root2, 9 << 20).unwrap();
+        assert_eq!(fs::metadata(root2.join("b")).unwrap().len(), 4 << 20);
     }
 }

@@ -59,6 +59,8 @@ pub fn error_code(error: &Error) -> Code {
         }
         Error::ImageNotFound(_) | Error::ManifestUnknown { .. } => Code::NotFound,
         Error::NoMatchingPlatform { .. } => Code::NotFound,
+        // Every mirror and the upstream failed: the last one tried speaks for them.
+        Error::EndpointsFailed { last, .. } => error_code(last),
         // A stall is the registry's failure, and a retry may well succeed: Unavailable, not
         // DeadlineExceeded (which would read as the caller's own deadline passing).
         Error::RegistryUnreachable { .. } | Error::Registry { .. } | Error::PullStalled { .. } => {
@@ -67,7 +69,11 @@ pub fn error_code(error: &Error) -> Code {
         Error::HttpClient { .. } | Error::ImagePinned { .. } => Code::FailedPrecondition,
         Error::Unauthorized { .. } => Code::Unauthenticated,
         Error::DigestMismatch { .. } | Error::SizeMismatch { .. } => Code::DataLoss,
-        Error::UnsupportedManifest { .. }
+        Error::ManifestTooLarge { .. }
+        | Error::ConfigTooLarge { .. }
+        | Error::ImageTooLarge { .. } => Code::ResourceExhausted,
+        Error::InvalidSize { .. }
+        | Error::UnsupportedManifest { .. }
         | Error::UnsupportedLayer(_)
         | Error::ParseManifest { .. }
         | Error::ParseConfig { .. }
@@ -79,6 +85,7 @@ pub fn error_code(error: &Error) -> Code {
             | UnpackError::ReadTar(_)
             | UnpackError::Decompress(_) => Code::FailedPrecondition,
             UnpackError::DiffIdMismatch { .. } => Code::DataLoss,
+            UnpackError::TooLarge { .. } => Code::ResourceExhausted,
             UnpackError::Create { source, .. } => io_code(source),
             _ => Code::Internal,
         },

@@ -4,7 +4,8 @@
 //! `<state>/images.sock` (mode 0600): one JSON request line, one JSON answer line. The command
 //! asks the daemon through that socket when it runs (the daemon reads and writes the files
 //! itself, so paths are sent absolute); when no daemon answers it takes the lock and opens the
-//! store itself, so a daemon starting meanwhile waits for it.
+//! store itself, so a daemon starting meanwhile waits for it. Before its answer the daemon
+//! sends progress lines (`{"progress":{"item":…,"step":"copy","done":…,"total":…}}`).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::fcntl::{Flock, FlockArg};
-use podvisor_image::{ImageRecord, ImageStore};
+use podvisor_image::{ArchiveProgress, ImageRecord, ImageStore, ImageStoreConfig};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tracing::{info, warn};
@@ -105,10 +106,24 @@ pub struct Done {
     pub tags: Vec<String>,
 }
 
-/// The answer to a request.
+/// How far one file's import, or an export, is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The archive imported, or the image exported.
+    pub item: String,
+    /// `extract`, `copy`, `unpack` (import) or `write` (export).
+    pub step: String,
+    /// Bytes done.
+    pub done: u64,
+    /// Bytes in all; 0 when unknown.
+    pub total: u64,
+}
+
+/// A line from the daemon: progress lines, then the answer.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Answer {
+    Progress(Progress),
     Ok(Vec<Done>),
     Error(String),
 }
@@ -165,19 +180,36 @@ pub fn lock_for_daemon(root: &Path) -> Result<StoreLock, ControlError> {
         .map_err(|(_, source)| ControlError::Lock { path: lock_path(root), source })
 }
 
-fn run(store: &ImageStore, request: Request) -> Result<Vec<Done>, String> {
+fn progress_of<'a>(item: &'a str, report: &'a dyn Fn(&Progress)) -> impl Fn(&ArchiveProgress) + 'a {
+    move |p: &ArchiveProgress| {
+        report(&Progress {
+            item: item.to_owned(),
+            step: p.step.to_owned(),
+            done: p.done,
+            total: p.total,
+        })
+    }
+}
+
+fn run(
+    store: &ImageStore,
+    request: Request,
+    report: &dyn Fn(&Progress),
+) -> Result<Vec<Done>, String> {
     match request {
         Request::Import(paths) => {
             let mut all = Vec::new();
             for path in paths {
-                let records =
-                    store.import(&path).map_err(|e| format!("import {}: {e}", path.display()))?;
+                let item = path.display().to_string();
+                let records = store
+                    .import_reporting(&path, &progress_of(&item, report))
+                    .map_err(|e| format!("import {item}: {e}"))?;
                 all.extend(records.iter().map(done));
             }
             Ok(all)
         }
         Request::Export { reference, file } => store
-            .export(&reference, &file)
+            .export_reporting(&reference, &file, &progress_of(&reference, report))
             .map(|record| vec![done(&record)])
             .map_err(|e| format!("export {reference}: {e}")),
     }
@@ -216,7 +248,19 @@ async fn answer(stream: tokio::net::UnixStream, store: Arc<ImageStore>) {
     let answer = match serde_json::from_str::<Request>(&line) {
         Ok(request) => {
             info!(?request, "images request");
-            match tokio::task::spawn_blocking(move || run(&store, request)).await {
+            let (progress, mut progress_lines) = tokio::sync::mpsc::unbounded_channel();
+            let task = tokio::task::spawn_blocking(move || {
+                run(&store, request, &|p| {
+                    // The client may be gone; the import goes on regardless.
+                    let _ = progress.send(p.clone());
+                })
+            });
+            // Ends when the task does (and drops the sender).
+            while let Some(p) = progress_lines.recv().await {
+                // A client that stopped reading still gets its import; progress is lossy.
+                let _ = send_line(&mut write, &Answer::Progress(p)).await;
+            }
+            match task.await {
                 Ok(Ok(done)) => Answer::Ok(done),
                 Ok(Err(message)) => Answer::Error(message),
                 Err(e) => Answer::Error(format!("images task failed: {e}")),
@@ -224,9 +268,16 @@ async fn answer(stream: tokio::net::UnixStream, store: Arc<ImageStore>) {
         }
         Err(e) => Answer::Error(format!("bad request: {e}")),
     };
-    let mut bytes = serde_json::to_vec(&answer).unwrap_or_default();
+    let _ = send_line(&mut write, &answer).await;
+}
+
+async fn send_line(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    answer: &Answer,
+) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(answer).unwrap_or_default();
     bytes.push(b'\n');
-    let _ = write.write_all(&bytes).await;
+    write.write_all(&bytes).await
 }
 
 fn absolute(path: &Path) -> Result<PathBuf, ControlError> {
@@ -234,8 +285,15 @@ fn absolute(path: &Path) -> Result<PathBuf, ControlError> {
 }
 
 /// Runs `request` in the daemon if one answers on `state`'s socket, else on the store under
-/// `root` directly (holding its lock). Paths in `request` may be relative. Blocking.
-pub fn request(root: &Path, state: &Path, request: Request) -> Result<Vec<Done>, ControlError> {
+/// `root` directly (holding its lock, with `config`: the daemon's limits). Paths in `request`
+/// may be relative. `report` sees the progress. Blocking.
+pub fn request(
+    root: &Path,
+    state: &Path,
+    config: ImageStoreConfig,
+    request: Request,
+    report: &dyn Fn(&Progress),
+) -> Result<Vec<Done>, ControlError> {
     let request = match request {
         Request::Import(paths) => {
             Request::Import(paths.iter().map(|p| absolute(p)).collect::<Result<_, _>>()?)
@@ -246,7 +304,7 @@ pub fn request(root: &Path, state: &Path, request: Request) -> Result<Vec<Done>,
     };
     let socket = socket_path(state);
     match UnixStream::connect(&socket) {
-        Ok(stream) => ask_daemon(&socket, stream, &request),
+        Ok(stream) => ask_daemon(&socket, stream, &request, report),
         Err(e)
             if matches!(
                 e.kind(),
@@ -256,9 +314,9 @@ pub fn request(root: &Path, state: &Path, request: Request) -> Result<Vec<Done>,
             let Some(_lock) = try_lock(root)? else {
                 return Err(ControlError::Locked { path: lock_path(root), socket });
             };
-            let store = ImageStore::open(root, Default::default())
-                .map_err(|e| ControlError::Store(e.to_string()))?;
-            run(&store, request).map_err(ControlError::Store)
+            let store =
+                ImageStore::open(root, config).map_err(|e| ControlError::Store(e.to_string()))?;
+            run(&store, request, report).map_err(ControlError::Store)
         }
         Err(source) => Err(ControlError::Socket { socket, source }),
     }
@@ -268,19 +326,30 @@ fn ask_daemon(
     socket: &Path,
     mut stream: UnixStream,
     request: &Request,
+    report: &dyn Fn(&Progress),
 ) -> Result<Vec<Done>, ControlError> {
     let socket_error = |source| ControlError::Socket { socket: socket.to_owned(), source };
     let mut line = serde_json::to_vec(request)
         .map_err(|source| ControlError::Answer { socket: socket.to_owned(), source })?;
     line.push(b'\n');
     stream.write_all(&line).map_err(socket_error)?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(socket_error)?;
-    match serde_json::from_str(&answer)
-        .map_err(|source| ControlError::Answer { socket: socket.to_owned(), source })?
-    {
-        Answer::Ok(done) => Ok(done),
-        Answer::Error(message) => Err(ControlError::Store(message)),
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(socket_error)? == 0 {
+            let closed = std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the daemon closed the socket without an answer",
+            );
+            return Err(socket_error(closed));
+        }
+        match serde_json::from_str(&line)
+            .map_err(|source| ControlError::Answer { socket: socket.to_owned(), source })?
+        {
+            Answer::Progress(progress) => report(&progress),
+            Answer::Ok(done) => return Ok(done),
+            Answer::Error(message) => return Err(ControlError::Store(message)),
+        }
     }
 }
 
@@ -343,7 +412,9 @@ mod tests {
         let state = work.path().join("state");
         std::fs::create_dir_all(&state).unwrap();
         let blocking = |root: PathBuf, state: PathBuf, req: Request| {
-            tokio::task::spawn_blocking(move || request(&root, &state, req))
+            tokio::task::spawn_blocking(move || {
+                request(&root, &state, Default::default(), req, &|_| {})
+            })
         };
 
         // No daemon: the command opens the store itself.

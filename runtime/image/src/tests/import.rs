@@ -210,3 +210,97 @@ async fn export_then_import_into_a_fresh_store_gives_the_same_image() {
     assert!(store.export("nothing:here", &out.path().join("x.tar")).is_err());
     assert!(!out.path().join("x.tar").exists());
 }
+
+/// An OCI layout whose one layer is `zeros` bytes of zeros (gzip: a few KiB).
+fn zeros_layout(dir: &Path, zeros: usize) {
+    let layer = podvisor_e2e::images::LayerBuilder::new()
+        .file("zeros", &vec![0u8; zeros], 0o644)
+        .unwrap()
+        .finish()
+        .unwrap();
+    let mut layout = OciLayout::create(dir).unwrap();
+    let manifest = layout.write_image(&TestImage::new(vec![layer])).unwrap();
+    layout.tag("example.com/bomb:1", MEDIA_TYPE_MANIFEST, &manifest.digest, manifest.size).unwrap();
+}
+
+/// The pull's limits hold for imports: a layer decompressing past `max_unpacked_bytes` is
+/// refused, and the import leaves no record, blob, tree or temporary file.
+#[test]
+fn an_archive_unpacking_past_the_limit_is_refused_and_leaves_nothing() {
+    let source = tempfile::tempdir().unwrap();
+    let layout = source.path().join("layout");
+    zeros_layout(&layout, 8 << 20);
+    let archive = source.path().join("bomb.tar");
+    tar_dir(&layout, &archive);
+    assert!(std::fs::metadata(&archive).unwrap().len() < 1 << 20, "a small archive");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = super::store_with(dir.path(), |c| c.max_unpacked_bytes = 4 << 20);
+    let err = store.import(&archive).unwrap_err();
+    assert!(
+        matches!(err, Error::Unpack { source: crate::UnpackError::TooLarge { limit }, .. } if limit == 4 << 20),
+        "{err}"
+    );
+    super::nothing_kept(&store);
+    // Within the default limits the same archive imports.
+    let other = tempfile::tempdir().unwrap();
+    assert_eq!(super::store(other.path()).import(&archive).unwrap().len(), 1);
+}
+
+/// Config, image and manifest limits are checked on the archive's files before anything is
+/// copied into the store.
+#[test]
+fn archive_files_past_the_size_limits_are_refused_before_copying() {
+    let source = tempfile::tempdir().unwrap();
+    let layout = source.path().join("layout");
+    zeros_layout(&layout, 1 << 10);
+    type Limit = fn(&mut crate::ImageStoreConfig);
+    let limits: [(&str, Limit); 3] = [
+        ("image", |c| c.max_image_bytes = 64),
+        ("config", |c| c.max_config_bytes = 16),
+        ("manifest", |c| c.max_manifest_bytes = 64),
+    ];
+    for (which, limit) in limits {
+        let dir = tempfile::tempdir().unwrap();
+        let store = super::store_with(dir.path(), limit);
+        let err = store.import(&layout).unwrap_err();
+        let expected = match which {
+            "image" => matches!(err, Error::ImageTooLarge { limit: 64, .. }),
+            "config" => matches!(err, Error::ConfigTooLarge { limit: 16, .. }),
+            _ => matches!(err, Error::ManifestTooLarge { limit: 64, .. }),
+        };
+        assert!(expected, "{which}: {err}");
+        super::nothing_kept(&store);
+    }
+}
+
+/// An OCI archive as `skopeo copy … oci-archive:` writes it imports under the name skopeo
+/// gives it, as the image pulled from the registry.
+#[tokio::test]
+async fn oci_archive_made_by_skopeo_imports_as_the_pulled_image() {
+    if !registry_tests_can_run() {
+        return;
+    }
+    let reg = TestRegistry::start().unwrap();
+    let reference = reg.push_busybox("busybox:1").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("busybox-oci.tar");
+    let output = Command::new("skopeo")
+        .args(["copy", "--insecure-policy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{reference}"))
+        .arg(format!("oci-archive:{}:example.com/tools/busybox:1", archive.display()))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let pulled_dir = tempfile::tempdir().unwrap();
+    let pulled = store(pulled_dir.path()).pull(&reference, None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let imported = store.import(&archive).unwrap();
+    assert_eq!(imported.len(), 1);
+    assert_eq!(imported[0].id, pulled.id);
+    assert_eq!(imported[0].repo_tags, vec!["example.com/tools/busybox:1".to_owned()]);
+    assert!(store.rootfs_dir(&pulled.id).unwrap().join("bin/busybox").is_file());
+    assert!(tmp_is_empty(&store));
+}
