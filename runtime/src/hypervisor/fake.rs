@@ -175,6 +175,13 @@ impl Hypervisor for FakeHypervisor {
         })
     }
 
+    /// As the real backends: stops processes naming the run directory and removes it.
+    async fn reclaim_interrupted_start(&self, sandbox_id: &str) -> Result<()> {
+        let run_dir = self.root.run_dir(sandbox_id)?;
+        self.vms().remove(&run_dir);
+        super::process::reclaim_interrupted_start(&run_dir).await
+    }
+
     fn is_running(&self, vm: &VmHandle) -> bool {
         self.vms().contains_key(&vm.run_dir)
     }

@@ -163,6 +163,12 @@ impl PodResources {
         self.images.destroy()?;
         self.volumes.destroy()
     }
+
+    /// Unmounts everything below a pod's state directory, whatever its layout, and removes
+    /// it: what a daemon killed during RemovePodSandbox left of a pod no record names.
+    pub fn sweep(sandbox_state_dir: &Path) -> Result<(), ShareError> {
+        SandboxShare::new(sandbox_state_dir).destroy()
+    }
 }
 
 #[cfg(test)]

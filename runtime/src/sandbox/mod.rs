@@ -24,6 +24,7 @@ pub mod records;
 pub mod seccomp;
 pub mod spec;
 pub mod stats;
+mod sweep;
 pub mod types;
 
 #[cfg(test)]

@@ -47,9 +47,11 @@ impl SandboxManager {
                     existing: existing.id.clone(),
                 });
             }
-            // Reserve the name while the VM boots.
+            // Reserve the name while the VM boots, and persist the reservation before any
+            // side effect: a daemon killed from here on finds what to undo.
             let mut rec = new_record(&id, &pod);
             rec.vm_size = Some(size);
+            self.save_sandbox(&rec)?;
             st.sandboxes.insert(id.clone(), rec);
         }
         self.events.emit(&id, &id, events::EventKind::Created);
@@ -57,7 +59,10 @@ impl SandboxManager {
         let _op = guard.lock().await;
         match self.boot_sandbox(&id, &pod, &handler, size).await {
             Ok(()) => {
-                let rec = self.update_sandbox(&id, |r| r.state = SandboxState::Ready)?;
+                let rec = self.update_sandbox(&id, |r| {
+                    r.state = SandboxState::Ready;
+                    r.creating = false;
+                })?;
                 info!(
                     sandbox = %id,
                     pod = %format!("{}/{}", rec.metadata.namespace, rec.metadata.name),
@@ -74,18 +79,26 @@ impl SandboxManager {
                     // Keep the (NotReady) record so StopPodSandbox/RemovePodSandbox, or
                     // kubelet's garbage collection, can finish the clean-up (CNI DEL).
                     warn!(sandbox = %id, error = %cleanup, "cleaning up a pod sandbox that failed; keeping its record");
-                    let _ = self.update_sandbox(&id, |r| r.state = SandboxState::NotReady);
+                    let _ = self.update_sandbox(&id, |r| {
+                        r.state = SandboxState::NotReady;
+                        r.creating = false;
+                    });
                     return Err(e);
                 }
-                let last = lock(&self.state).sandboxes.remove(&id);
-                let _ = store::remove_path(&self.sandbox_record_dir(&id));
-                let _ = store::remove_path(&self.sandbox_state_dir(&id));
-                lock(&self.sandbox_locks).remove(&id);
-                let last = events::LastRecords { sandbox: last, containers: Vec::new() };
-                self.events.emit_deleted(&id, &id, last);
+                self.forget_failed_start(&id);
                 Err(e)
             }
         }
+    }
+
+    /// Forgets a pod whose start failed and was undone: its records and state directory.
+    pub(super) fn forget_failed_start(&self, id: &str) {
+        let last = lock(&self.state).sandboxes.remove(id);
+        let _ = store::remove_path(&self.sandbox_record_dir(id));
+        let _ = store::remove_path(&self.sandbox_state_dir(id));
+        lock(&self.sandbox_locks).remove(id);
+        let last = events::LastRecords { sandbox: last, containers: Vec::new() };
+        self.events.emit_deleted(id, id, last);
     }
 
     /// UpdatePodSandboxResources (in-place pod resize): the pod's VM cannot grow (no memory or
@@ -279,7 +292,7 @@ impl SandboxManager {
     }
 
     /// Stops the VM (if any) and removes its run directory and shares. Leaves records alone.
-    async fn teardown_vm(&self, id: &str) -> Result<()> {
+    pub(super) async fn teardown_vm(&self, id: &str) -> Result<()> {
         self.forget_agent(id);
         let Some(rec) = lock(&self.state).sandboxes.get(id).cloned() else { return Ok(()) };
         if let Some(vm) = &rec.vm {
@@ -434,6 +447,8 @@ impl SandboxManager {
     /// Loads the persisted records after a daemon (re)start and re-attaches to running VMs.
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
         self.load_records();
+        self.undo_interrupted_starts().await;
+        self.sweep_unowned().await;
         for sb in self.list_sandboxes() {
             let backend = sb.vm.as_ref().map(|vm| (vm, self.hypervisor_of(vm)));
             let alive = match &backend {
@@ -457,7 +472,12 @@ impl SandboxManager {
                 warn!(sandbox = %sb.id, "pod sandbox VM is gone; marking it not ready");
                 self.mark_containers_exited(&sb.id, "the pod's VM exited");
                 if let Some(vm) = &sb.vm {
-                    self.stop_leftover_vm(&sb.id, vm).await;
+                    if let Err(e) = self.stop_leftover_vm(&sb.id, vm).await {
+                        // Keep the VM recorded: StopPodSandbox retries, nothing is orphaned.
+                        warn!(sandbox = %sb.id, error = %e, "stopping what is left of the pod's VM; keeping it recorded");
+                        self.update_sandbox(&sb.id, |r| r.state = SandboxState::NotReady)?;
+                        continue;
+                    }
                 }
                 let _ = self.resources(&sb).destroy();
                 self.update_sandbox(&sb.id, |r| {
@@ -470,10 +490,10 @@ impl SandboxManager {
     }
 
     /// Stops what may be left of a VM whose VMM is gone (its helpers), through its backend.
-    async fn stop_leftover_vm(&self, id: &str, vm: &VmHandle) {
+    async fn stop_leftover_vm(&self, id: &str, vm: &VmHandle) -> Result<()> {
         match self.hypervisor_of(vm) {
             Ok(hypervisor) => {
-                let _ = hypervisor.stop(vm, Duration::from_secs(1)).await;
+                hypervisor.stop(vm, Duration::from_secs(1)).await?;
                 let _ = hypervisor.cleanup(vm).await;
             }
             Err(_) => {
@@ -482,6 +502,7 @@ impl SandboxManager {
                 warn!(sandbox = %id, run_dir = %vm.run_dir.display(), "left the VM's run directory");
             }
         }
+        Ok(())
     }
 
     /// Reads every record under `--root` (any schema) into memory.
@@ -489,6 +510,9 @@ impl SandboxManager {
         let dir = self.config.root.join("sandboxes");
         let Ok(entries) = std::fs::read_dir(&dir) else { return };
         for entry in entries.flatten() {
+            if !entry.path().is_dir() || store::is_temporary(&entry.path()) {
+                continue;
+            }
             let sandbox_path = entry.path().join("sandbox.json");
             let rec = match load_sandbox(&sandbox_path) {
                 Ok(rec) => rec,
@@ -502,7 +526,9 @@ impl SandboxManager {
                 std::fs::read_dir(entry.path().join("containers")).into_iter().flatten().flatten()
             {
                 // Temporary files of an interrupted write are not records.
-                if c.file_name().to_string_lossy().starts_with('.') {
+                if store::is_temporary(&c.path())
+                    || c.path().extension().is_none_or(|e| e != "json")
+                {
                     continue;
                 }
                 match load_container(&c.path()) {
@@ -540,6 +566,7 @@ fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
         vm: None,
         network: None,
         vm_size: None,
+        creating: true,
     }
 }
 
