@@ -54,13 +54,20 @@ impl SandboxManager {
                 "accepted, not applicable inside the VM"
             );
         }
-        let image = self
-            .images
-            .resolve(&spec.image)
-            .map_err(SandboxError::Image)?
-            .ok_or_else(|| SandboxError::ImageNotFound(spec.image.clone()))?;
-
+        let resolve = || {
+            self.images
+                .resolve(&spec.image)
+                .map_err(SandboxError::Image)?
+                .ok_or_else(|| SandboxError::ImageNotFound(spec.image.clone()))
+        };
+        let image = resolve()?;
         let id = new_id();
+        // Held until the record is registered: RemoveImage refuses the image meanwhile.
+        let _image_held = self.reserve_image(&id, &image.id)?;
+        // A RemoveImage that finished between the resolve and the reservation took it.
+        if resolve()?.id != image.id {
+            return Err(SandboxError::ImageNotFound(spec.image.clone()));
+        }
         let resources = self.resources(&sandbox);
         let lower_dir = resources.bind_image(&image.id, &image.rootfs)?;
         let prepared = self.prepare_container(&id, &sandbox, &spec, &image);

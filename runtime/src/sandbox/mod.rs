@@ -68,6 +68,38 @@ pub trait ImageResolver: Send + Sync {
 struct State {
     sandboxes: HashMap<String, SandboxRecord>,
     containers: HashMap<String, ContainerRecord>,
+    /// The image of each container being created (by container id), until its record is in
+    /// `containers`: RemoveImage must not take it meanwhile.
+    images_in_creation: HashMap<String, String>,
+    /// Images RemoveImage is removing: CreateContainer refuses them meanwhile.
+    images_being_removed: std::collections::HashSet<String>,
+}
+
+/// RemoveImage holds this while it removes an image (see
+/// [`SandboxManager::begin_image_removal`]).
+pub struct ImageRemoval {
+    manager: std::sync::Weak<SandboxManager>,
+    image_id: String,
+}
+
+impl Drop for ImageRemoval {
+    fn drop(&mut self) {
+        if let Some(m) = self.manager.upgrade() {
+            lock(&m.state).images_being_removed.remove(&self.image_id);
+        }
+    }
+}
+
+/// A container being created holds its image until its record is registered.
+pub(crate) struct ImageReservation<'a> {
+    manager: &'a SandboxManager,
+    container_id: String,
+}
+
+impl Drop for ImageReservation<'_> {
+    fn drop(&mut self) {
+        lock(&self.manager.state).images_in_creation.remove(&self.container_id);
+    }
 }
 
 pub struct SandboxManager {
@@ -300,9 +332,34 @@ impl SandboxManager {
             .collect()
     }
 
-    /// A container whose root filesystem is image `image_id`.
+    /// A container whose root filesystem is image `image_id`, also one being created.
     pub fn container_using_image(&self, image_id: &str) -> Option<String> {
-        lock(&self.state).containers.values().find(|c| c.image_id == image_id).map(|c| c.id.clone())
+        using_image(&lock(&self.state), image_id)
+    }
+
+    /// Marks image `image_id` as being removed until the guard drops, unless a container
+    /// (also one being created) uses it: then that container's id. Checked and marked under
+    /// one lock, so a CreateContainer either holds the image first or is refused.
+    pub fn begin_image_removal(
+        self: &Arc<Self>,
+        image_id: &str,
+    ) -> std::result::Result<ImageRemoval, String> {
+        let mut st = lock(&self.state);
+        if let Some(user) = using_image(&st, image_id) {
+            return Err(user);
+        }
+        st.images_being_removed.insert(image_id.to_string());
+        Ok(ImageRemoval { manager: Arc::downgrade(self), image_id: image_id.to_string() })
+    }
+
+    /// Holds image `image_id` for container `container_id` while it is created.
+    fn reserve_image(&self, container_id: &str, image_id: &str) -> Result<ImageReservation<'_>> {
+        let mut st = lock(&self.state);
+        if st.images_being_removed.contains(image_id) {
+            return Err(SandboxError::ImageNotFound(format!("{image_id} (being removed)")));
+        }
+        st.images_in_creation.insert(container_id.to_string(), image_id.to_string());
+        Ok(ImageReservation { manager: self, container_id: container_id.to_string() })
     }
 
     fn sandbox_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -346,6 +403,13 @@ impl SandboxManager {
     pub fn process_io(&self, process: &ProcessId) -> Option<Arc<io::ProcessIo>> {
         lock(&self.io).get(process).cloned()
     }
+}
+
+/// A container (created, or being created) whose root filesystem is image `image_id`.
+fn using_image(st: &State, image_id: &str) -> Option<String> {
+    st.containers.values().find(|c| c.image_id == image_id).map(|c| c.id.clone()).or_else(|| {
+        st.images_in_creation.iter().find(|(_, i)| *i == image_id).map(|(c, _)| c.clone())
+    })
 }
 
 /// Resolves a full id or a unique prefix of one (as crictl users type them).

@@ -1197,3 +1197,56 @@ async fn a_failed_stop_at_recovery_keeps_the_vm_recorded() {
     h.manager.remove_sandbox(&sid).await.unwrap();
     h.assert_nothing_left();
 }
+
+/// RemoveImage while CreateContainer waits for the agent: the image is held from before the
+/// bind, so the removal is refused, and a create of an image being removed is refused.
+#[tokio::test]
+async fn an_image_is_held_from_the_start_of_create_container() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    h.agent(&sid).hang("CreateContainer");
+    let m = h.manager.clone();
+    let sid2 = sid.clone();
+    let create = tokio::spawn(async move { m.create_container(&sid2, container("c")).await });
+    let agent = h.agent(&sid);
+    eventually("the create to reach the agent", || {
+        agent.calls().contains(&"CreateContainer".to_string())
+    })
+    .await;
+    let user = h.manager.begin_image_removal("sha256:feedbeef").err();
+    assert!(user.is_some(), "RemoveImage must see the container being created");
+    create.abort();
+    let _ = create.await;
+    let removal = h.manager.begin_image_removal("sha256:feedbeef").expect("no user left");
+    let err = h.manager.create_container(&sid, container("d")).await.unwrap_err();
+    assert!(matches!(err, SandboxError::ImageNotFound(_)), "{err}");
+    drop(removal);
+    assert!(h.manager.begin_image_removal("sha256:feedbeef").is_ok());
+}
+
+/// An image removed and pulled again is a new tree: a pod that had bound the old one binds
+/// the new one (at a path of its own: the guest may cache the old), not the emptied old one.
+#[tokio::test]
+async fn a_re_pulled_image_is_bound_anew_not_seen_empty() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let first = h.create(&sid, "c").await;
+    h.manager.remove_container(&first).await.unwrap();
+    let rootfs = h.dir.path().join("image");
+    std::fs::remove_dir_all(&rootfs).unwrap();
+    std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+    std::fs::write(rootfs.join("new-file"), "pulled again").unwrap();
+    let second = h.create(&sid, "c2").await;
+    let lower = &h.agent(&sid).container(&second).unwrap().lower_dirs[0];
+    let seen = h.config.state.join("sandboxes").join(&sid).join("share/mounts").join(lower);
+    assert_eq!(
+        std::fs::read_to_string(seen.join("new-file")).ok().as_deref(),
+        Some("pulled again"),
+        "the pod's share shows the image as pulled now ({lower})"
+    );
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    h.assert_nothing_left();
+}
