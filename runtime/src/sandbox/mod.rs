@@ -333,6 +333,7 @@ impl SandboxManager {
     }
 
     /// A container whose root filesystem is image `image_id`, also one being created.
+    #[cfg(test)]
     pub fn container_using_image(&self, image_id: &str) -> Option<String> {
         using_image(&lock(&self.state), image_id)
     }
