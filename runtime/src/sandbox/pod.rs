@@ -21,6 +21,8 @@ const VM_STOP_GRACE: Duration = Duration::from_secs(3);
 const CONSOLE_TAIL_LINES: usize = 15;
 /// Bytes of the console's end read to find them: the log may be megabytes.
 const CONSOLE_TAIL_BYTES: u64 = 16 * 1024;
+/// Bytes of the console's start searched for the kernel's hand-over to the agent.
+const CONSOLE_HEAD_BYTES: u64 = 256 * 1024;
 
 impl SandboxManager {
     /// RunPodSandbox: boots the pod's VM and prepares it. Returns the sandbox id.
@@ -185,12 +187,13 @@ impl SandboxManager {
         self.update_sandbox(id, |r| r.vm = Some(vm.clone()))?;
         phases.lap(PodStartPhase::VmStart);
         let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
+        let booting = std::time::Instant::now();
         if let Err(e) = hypervisor.wait_agent_ready(prepared, &vm, boot_timeout).await {
-            return Err(self.boot_failed(id, &e.to_string()));
+            return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), false));
         }
         let agent = self.agent(id)?;
         if let Err(e) = agent.status().await {
-            return Err(self.boot_failed(id, &e.to_string()));
+            return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), true));
         }
         phases.lap(PodStartPhase::AgentReady);
         agent
@@ -282,12 +285,30 @@ impl SandboxManager {
         }
     }
 
-    /// A boot failure, with the end of the guest console (removed with the failed sandbox).
-    fn boot_failed(&self, id: &str, reason: &str) -> SandboxError {
-        let tail = console_tail(&self.console_log_path(id));
+    /// A boot failure: what was slow (the kernel, the agent's start, or its answer), after how
+    /// long, how loaded the host was, and the end of the guest console (removed with the
+    /// failed sandbox).
+    fn boot_failed(
+        &self,
+        id: &str,
+        reason: &str,
+        waited: Duration,
+        announced: bool,
+    ) -> SandboxError {
+        let console = self.console_log_path(id);
+        let stage = if announced {
+            "the agent announced itself but did not answer its first call"
+        } else {
+            boot_stage(&console)
+        };
+        let tail = console_tail(&console);
         SandboxError::Boot {
             sandbox: id.to_string(),
-            reason: format!("{reason}; guest console ends with:\n{tail}"),
+            reason: format!(
+                "{reason} ({stage}; after {:.1} s, host {}); guest console ends with:\n{tail}",
+                waited.as_secs_f64(),
+                host_load()
+            ),
         }
     }
 
@@ -570,6 +591,39 @@ fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
     }
 }
 
+/// The line the guest kernel prints when it hands over to the agent (`/init`; not with
+/// `quiet`), and the agent's own line once it listens.
+const KERNEL_RAN_INIT: &str = "Run /init as init process";
+const AGENT_SERVING: &str = "podvisor-agent serving on vsock";
+
+/// How far a guest that did not announce its agent got, from its console: nothing printed
+/// (the VMM never ran it), the kernel still booting, or the agent started and silent.
+fn boot_stage(console: &std::path::Path) -> &'static str {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let read = std::fs::File::open(console)
+        .and_then(|f| f.take(CONSOLE_HEAD_BYTES).read_to_end(&mut head));
+    if read.is_err() || head.is_empty() {
+        "the guest printed nothing: its kernel never ran (is the host overloaded?)"
+    } else {
+        let text = String::from_utf8_lossy(&head);
+        if text.contains(AGENT_SERVING) {
+            "the agent serves but its announcement never reached the host"
+        } else if text.contains(KERNEL_RAN_INIT) {
+            "the guest kernel started the agent, which never announced itself"
+        } else {
+            "the guest kernel was still booting and never started the agent (is the host overloaded?)"
+        }
+    }
+}
+
+/// The host's 1-minute load average against its CPUs, for boot errors.
+fn host_load() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("load {} on {cpus} CPUs", load.split_whitespace().next().unwrap_or("?"))
+}
+
 /// The last [`CONSOLE_TAIL_LINES`] lines of the console log, from its last
 /// [`CONSOLE_TAIL_BYTES`] only; bytes that are not UTF-8 (a guest prints what it likes) are
 /// replaced, not a reason to show nothing.
@@ -604,5 +658,20 @@ mod tests {
         assert_eq!(lines[0], "boot line 199986");
         assert!(lines[CONSOLE_TAIL_LINES - 1].starts_with("Kernel panic - not syncing: "));
         assert_eq!(console_tail(&dir.path().join("missing")), "");
+    }
+
+    /// A boot that timed out says how far the guest got.
+    #[test]
+    fn the_boot_stage_comes_from_the_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        assert!(boot_stage(&path).contains("printed nothing"));
+        std::fs::write(&path, "[    0.000000] Linux version 6.1\n").unwrap();
+        assert!(boot_stage(&path).contains("still booting"));
+        std::fs::write(&path, format!("[    1.2] {KERNEL_RAN_INIT}\nagent up\n")).unwrap();
+        assert!(boot_stage(&path).contains("started the agent"));
+        std::fs::write(&path, format!("{KERNEL_RAN_INIT}\n{AGENT_SERVING} port=1024\n")).unwrap();
+        assert!(boot_stage(&path).contains("never reached the host"));
+        assert!(host_load().contains("CPUs"));
     }
 }
