@@ -344,11 +344,14 @@ impl SandboxManager {
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
         let containers: Vec<String> = self.containers_of(&id).into_iter().map(|c| c.id).collect();
-        for cid in &containers {
+        // All at once: a guest that does not answer costs one call deadline, not one per
+        // container; the VM goes below either way.
+        let stops = containers.iter().map(|cid| async move {
             if let Err(e) = self.stop_container(cid, 0).await {
                 warn!(container = %cid, error = %e, "stopping container with its sandbox");
             }
-        }
+        });
+        futures::future::join_all(stops).await;
         // NotReady before the VM goes, so the VM watcher knows this exit is expected.
         let rec = self.update_sandbox(&id, |r| r.state = SandboxState::NotReady)?;
         if rec.vm.is_some() {
