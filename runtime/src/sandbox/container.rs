@@ -142,8 +142,15 @@ impl SandboxManager {
         };
         {
             let mut st = lock(&self.state);
-            self.save_container(&rec)?;
-            st.containers.insert(id.clone(), rec);
+            let writes = self.record_writes();
+            st.containers.insert(id.clone(), rec.clone());
+            drop(st);
+            if let Err(e) = self.save_container(&rec) {
+                drop(writes);
+                lock(&self.state).containers.remove(&id);
+                let _ = resources.release_volumes(&id);
+                return Err(e);
+            }
         }
         self.events.emit(&id, &sandbox.id, super::events::EventKind::Created);
         crate::metrics::global().container_created(&id, arrived);
@@ -384,7 +391,9 @@ impl SandboxManager {
         }
         let last = {
             let mut st = lock(&self.state);
+            let _writes = self.record_writes();
             let last = st.containers.remove(&rec.id);
+            drop(st);
             store::remove_path(&self.container_record_path(&rec.sandbox_id, &rec.id))?;
             last
         };

@@ -112,6 +112,10 @@ pub struct SandboxManager {
     sandbox_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Serialises lifecycle operations of one container.
     container_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// See [`SandboxManager::record_writes`].
+    record_writes: Mutex<()>,
+    /// Guests booting at once (see [`boot_slots`]).
+    boot_slots: tokio::sync::Semaphore,
     agents: Mutex<HashMap<String, Arc<dyn GuestAgent>>>,
     log_writers: Mutex<HashMap<String, Arc<logs::LogWriter>>>,
     /// The I/O hub of every process whose output is being read.
@@ -124,6 +128,14 @@ pub struct SandboxManager {
 
 pub fn now_nanos() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// How many guests boot at once: two per host CPU. Under TCG a booting guest keeps a CPU busy
+/// for about 1.5 s; fifty at once on two CPUs starve each other (and their VMMs' start-up)
+/// past every timeout, while in turns each boots in seconds. The wait for a turn is not
+/// counted against the boot timeout.
+fn boot_slots() -> usize {
+    2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// A 64-hex-digit id, as containerd's.
@@ -149,6 +161,8 @@ impl SandboxManager {
             state: Mutex::new(State::default()),
             sandbox_locks: Mutex::new(HashMap::new()),
             container_locks: Mutex::new(HashMap::new()),
+            record_writes: Mutex::new(()),
+            boot_slots: tokio::sync::Semaphore::new(boot_slots()),
             agents: Mutex::new(HashMap::new()),
             log_writers: Mutex::new(HashMap::new()),
             io: Mutex::new(HashMap::new()),
@@ -250,19 +264,28 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// Updates a sandbox record in memory and on disk. The write happens under the state lock:
-    /// records reach the disk in the order they changed, and never after their removal.
+    /// The turn to write (or remove) records on disk. Taken while the state lock is held and
+    /// kept for the write after the state lock went: records reach the disk in the order they
+    /// changed, never after their removal, and no reader of the state waits for an fsync.
+    /// (Lock order: state, then this.)
+    fn record_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.record_writes)
+    }
+
+    /// Updates a sandbox record in memory and on disk (see [`Self::record_writes`]).
     fn update_sandbox(
         &self,
         id: &str,
         f: impl FnOnce(&mut SandboxRecord),
     ) -> Result<SandboxRecord> {
-        let mut st = lock(&self.state);
-        let rec =
-            st.sandboxes.get_mut(id).ok_or_else(|| SandboxError::SandboxNotFound(id.into()))?;
-        let before = rec.state;
-        f(rec);
-        let rec = rec.clone();
+        let (before, rec, _writes) = {
+            let mut st = lock(&self.state);
+            let rec =
+                st.sandboxes.get_mut(id).ok_or_else(|| SandboxError::SandboxNotFound(id.into()))?;
+            let before = rec.state;
+            f(rec);
+            (before, rec.clone(), self.record_writes())
+        };
         self.save_sandbox(&rec)?;
         match (before, rec.state) {
             (SandboxState::NotReady, SandboxState::Ready) => {
@@ -281,12 +304,16 @@ impl SandboxManager {
         id: &str,
         f: impl FnOnce(&mut ContainerRecord),
     ) -> Result<ContainerRecord> {
-        let mut st = lock(&self.state);
-        let rec =
-            st.containers.get_mut(id).ok_or_else(|| SandboxError::ContainerNotFound(id.into()))?;
-        let before = rec.state;
-        f(rec);
-        let rec = rec.clone();
+        let (before, rec, _writes) = {
+            let mut st = lock(&self.state);
+            let rec = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| SandboxError::ContainerNotFound(id.into()))?;
+            let before = rec.state;
+            f(rec);
+            (before, rec.clone(), self.record_writes())
+        };
         self.save_container(&rec)?;
         let kind = match (before, rec.state) {
             (ContainerState::Created, ContainerState::Running) => Some(events::EventKind::Started),

@@ -53,8 +53,14 @@ impl SandboxManager {
             // side effect: a daemon killed from here on finds what to undo.
             let mut rec = new_record(&id, &pod);
             rec.vm_size = Some(size);
-            self.save_sandbox(&rec)?;
-            st.sandboxes.insert(id.clone(), rec);
+            let writes = self.record_writes();
+            st.sandboxes.insert(id.clone(), rec.clone());
+            drop(st);
+            if let Err(e) = self.save_sandbox(&rec) {
+                drop(writes);
+                lock(&self.state).sandboxes.remove(&id);
+                return Err(e);
+            }
         }
         self.events.emit(&id, &id, events::EventKind::Created);
         let guard = self.sandbox_lock(&id);
@@ -95,8 +101,12 @@ impl SandboxManager {
 
     /// Forgets a pod whose start failed and was undone: its records and state directory.
     pub(super) fn forget_failed_start(&self, id: &str) {
-        let last = lock(&self.state).sandboxes.remove(id);
+        let (last, writes) = {
+            let mut st = lock(&self.state);
+            (st.sandboxes.remove(id), self.record_writes())
+        };
         let _ = store::remove_path(&self.sandbox_record_dir(id));
+        drop(writes);
         let _ = store::remove_path(&self.sandbox_state_dir(id));
         lock(&self.sandbox_locks).remove(id);
         let last = events::LastRecords { sandbox: last, containers: Vec::new() };
@@ -163,6 +173,8 @@ impl SandboxManager {
         let mut net_devices = resources.net_devices();
         net_devices.extend(network.as_ref().map(|n| n.net_device.clone()));
         let hypervisor = self.hypervisor_for(handler)?;
+        // Held until the agent answered (see `boot_slots`); never closed, so never an error.
+        let _booting = self.boot_slots.acquire().await.ok();
         let prepared = hypervisor.prepare(id).await?;
         let spec = VmSpec {
             sandbox_id: id.to_string(),
@@ -196,6 +208,7 @@ impl SandboxManager {
             return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), true));
         }
         phases.lap(PodStartPhase::AgentReady);
+        drop(_booting);
         agent
             .create_sandbox(SandboxSetup {
                 sandbox_id: id.to_string(),
@@ -400,6 +413,8 @@ impl SandboxManager {
                 st.containers.remove(&c.id);
             }
             let sandbox = st.sandboxes.remove(&id);
+            let _writes = self.record_writes();
+            drop(st);
             store::remove_path(&self.sandbox_record_dir(&id))?;
             sandbox
         };

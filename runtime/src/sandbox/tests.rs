@@ -1250,3 +1250,18 @@ async fn a_re_pulled_image_is_bound_anew_not_seen_empty() {
     h.manager.remove_sandbox(&sid).await.unwrap();
     h.assert_nothing_left();
 }
+
+/// Many pods started at once boot in turns (two per host CPU), so an overloaded host does not
+/// starve every guest past its timeout; all of them start.
+#[tokio::test]
+async fn pods_started_at_once_boot_in_turns() {
+    needs_root!();
+    let h = Harness::new();
+    h.hv.behave().ready_delay = Duration::from_millis(50);
+    let slots = super::boot_slots() as u32;
+    let starts = (0..3 * slots).map(|n| h.manager.run_sandbox(h.pod(&format!("p{n}"))));
+    let ids = futures::future::join_all(starts).await;
+    assert!(ids.iter().all(|r| r.is_ok()), "{ids:?}");
+    let max = h.hv.behave().max_booting;
+    assert!(max <= slots, "{max} guests booted at once, past {slots} slots");
+}
