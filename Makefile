@@ -18,7 +18,7 @@ VIRTIOFSD_VERSION := 1.14.0
 KUBERNETES_PY_VERSION := 37.0.2
 PY_VENV := $(PODVISOR_CACHE)/venv
 
-.PHONY: all deps kernel guest build build-debug run test lint unit e2e bench clean cni-config
+.PHONY: all deps kernel guest build build-debug run test lint unit e2e bench clean cni-config soak load
 
 all: build kernel guest
 
@@ -79,6 +79,20 @@ test: build-debug kernel guest lint
 	@# Say why the built-in VMM's full boot test was skipped (or that it ran), uncaptured.
 	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
 		cargo test -p podvisor --bin podvisor full_boot -- --nocapture
+
+E2E_ENV = PODVISOR_REQUIRE_E2E=1 PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux \
+	PODVISOR_INITRD=$(BUILD)/initramfs.cpio PODVISOR_INITRAMFS=$(BUILD)/initramfs.cpio \
+	PODVISOR_AGENT=$(BUILD)/podvisor-agent
+
+## soak: the crash test with 100 SIGKILLs instead of 20 (PODVISOR_CRASH_SEED=<n> replays a run).
+soak: build-debug kernel guest
+	$(E2E_ENV) PODVISOR_CRASH_ROUNDS=$${PODVISOR_CRASH_ROUNDS:-100} \
+		cargo test -p podvisor-e2e --test crash -- --nocapture
+
+## load: 50 pods started at once, then 1,000 ExecSync across them (make test runs 8 and 100).
+load: build-debug kernel guest
+	$(E2E_ENV) PODVISOR_LOAD_PODS=$${PODVISOR_LOAD_PODS:-50} PODVISOR_LOAD_EXECS=$${PODVISOR_LOAD_EXECS:-1000} \
+		cargo test -p podvisor-e2e --test load -- --nocapture
 
 ## bench: figures for the record (pod start latency and memory, network, pulls, VMM overhead).
 bench: build kernel guest

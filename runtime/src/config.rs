@@ -360,7 +360,7 @@ impl Default for VmSection {
             kernel: PathBuf::new(),
             initrd: PathBuf::new(),
             kernel_args: String::new(),
-            boot_timeout_seconds: 60,
+            boot_timeout_seconds: 120,
             memory_overhead_mib: 64,
             console_log_max_kib: 1024,
         }

@@ -342,7 +342,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     let streaming = streaming::StreamingServer::start(&config.streaming, manager.clone()).await?;
     let runtime_service =
         cri::runtime::RuntimeServiceImpl::new(manager.clone(), streaming, backend_reason);
-    let image_service = image_store.cri_service(manager.clone());
+    let image_service = image_store.cri_service(Arc::new(manager.clone()));
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

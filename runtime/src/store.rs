@@ -110,6 +110,14 @@ pub fn write_atomic(path: &Path, data: &[u8], durable: bool) -> Result<(), Store
     Ok(())
 }
 
+/// Whether `path` is one of [`write_atomic`]'s temporary files (`.<name>.tmp-<pid>-<n>`),
+/// which an interrupted write leaves behind: never a record.
+pub fn is_temporary(path: &Path) -> bool {
+    path.file_name()
+        .map(|n| n.to_string_lossy())
+        .is_some_and(|n| n.starts_with('.') && n.contains(".tmp-"))
+}
+
 /// Reads a JSON record.
 pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, StoreError> {
     let data = fs::read(path).map_err(|source| StoreError::Read { path: path.into(), source })?;
@@ -145,6 +153,8 @@ mod tests {
         assert_eq!(v, vec![4]);
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+        assert!(!is_temporary(&p));
+        assert!(is_temporary(&p.with_file_name(".rec.json.tmp-12-0")));
         remove_path(&p).unwrap();
         remove_path(&p).unwrap();
     }

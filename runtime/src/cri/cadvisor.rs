@@ -292,6 +292,7 @@ mod tests {
             vm: None,
             network: None,
             vm_size: None,
+            creating: false,
         }
     }
 

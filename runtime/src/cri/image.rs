@@ -21,13 +21,14 @@ use tonic::{Code, Request, Response, Status};
 /// Who still uses an image: RemoveImage refuses while a container does (as CRI-O does), since
 /// the container's root filesystem is the image's unpacked tree.
 pub trait ImageUsers: Send + Sync {
-    /// A container (any state, until removed) whose root filesystem is image `image_id`.
-    fn container_using(&self, image_id: &str) -> Option<String>;
+    /// Holds image `image_id` for its removal (CreateContainer refuses it until the guard
+    /// drops), or names the container (any state, also one being created) using it.
+    fn hold_for_removal(&self, image_id: &str) -> Result<Box<dyn Send>, String>;
 }
 
-impl ImageUsers for crate::sandbox::SandboxManager {
-    fn container_using(&self, image_id: &str) -> Option<String> {
-        self.container_using_image(image_id)
+impl ImageUsers for Arc<crate::sandbox::SandboxManager> {
+    fn hold_for_removal(&self, image_id: &str) -> Result<Box<dyn Send>, String> {
+        Ok(Box::new(self.begin_image_removal(image_id)?))
     }
 }
 
@@ -234,13 +235,17 @@ impl ImageService for ImageServiceImpl {
         request: Request<RemoveImageRequest>,
     ) -> Result<Response<RemoveImageResponse>, Status> {
         let name = image_name(request.get_ref().image.as_ref())?.to_owned();
+        let mut _held = None;
         if let (Some(users), Some(record)) = (&self.users, self.store.resolve(&name)) {
-            if let Some(container) = users.container_using(&record.id) {
-                return Err(Status::failed_precondition(format!(
-                    "image {name} ({}) is in use by container {container}; remove the container \
-                     first",
-                    record.id
-                )));
+            match users.hold_for_removal(&record.id) {
+                Ok(hold) => _held = Some(hold),
+                Err(container) => {
+                    return Err(Status::failed_precondition(format!(
+                        "image {name} ({}) is in use by container {container}; remove the \
+                         container first",
+                        record.id
+                    )))
+                }
             }
         }
         blocking(&self.store, move |s| s.remove(&name)).await?;

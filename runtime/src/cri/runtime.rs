@@ -12,6 +12,11 @@ use super::{cadvisor, status};
 use crate::sandbox::{ContainerState, SandboxManager};
 use crate::streaming::{StreamRequest, StreamingServer};
 
+/// How long the List*Stats calls wait for one pod's guest: one that does not answer by then
+/// (paused, overloaded, hostile) is left out of the list, so kubelet's periodic stats never
+/// wait the agent's whole call deadline. A healthy TCG guest answers in tens of ms.
+const LIST_STATS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub const RUNTIME_NAME: &str = "podvisor";
 pub const CRI_API_VERSION: &str = "v1";
 
@@ -399,14 +404,16 @@ impl RuntimeService for RuntimeServiceImpl {
                     && labels_match(&c.labels, &filter.label_selector)
             })
             .collect();
-        // All at once: a slow guest costs the list its own deadline, not the sum of them.
-        let answers =
-            futures::future::join_all(wanted.iter().map(|c| self.manager.container_stats(&c.id)))
-                .await;
+        // All at once, each within LIST_STATS_DEADLINE: a slow guest is left out of the list
+        // rather than holding every pod's figures up.
+        let answers = futures::future::join_all(wanted.iter().map(|c| {
+            tokio::time::timeout(LIST_STATS_DEADLINE, self.manager.container_stats(&c.id))
+        }))
+        .await;
         let stats = wanted
             .iter()
             .zip(answers)
-            .filter_map(|(c, s)| s.ok().map(|s| translate::container_stats(c, &s)))
+            .filter_map(|(c, s)| s.ok()?.ok().map(|s| translate::container_stats(c, &s)))
             .collect();
         Ok(Response::new(cri::ListContainerStatsResponse { stats }))
     }
@@ -441,12 +448,16 @@ impl RuntimeService for RuntimeServiceImpl {
             })
             .map(|s| s.id)
             .collect();
-        // All at once, as ListContainerStats: a slow guest costs its own deadline only.
-        let usages =
-            futures::future::join_all(wanted.iter().map(|id| self.manager.pod_stats(id))).await;
+        // All at once and bounded, as ListContainerStats.
+        let usages = futures::future::join_all(
+            wanted
+                .iter()
+                .map(|id| tokio::time::timeout(LIST_STATS_DEADLINE, self.manager.pod_stats(id))),
+        )
+        .await;
         let stats = usages
             .into_iter()
-            .filter_map(|u| u.ok().map(|u| translate::pod_sandbox_stats(&u)))
+            .filter_map(|u| u.ok()?.ok().map(|u| translate::pod_sandbox_stats(&u)))
             .collect();
         Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }

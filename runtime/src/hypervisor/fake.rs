@@ -26,6 +26,11 @@ pub struct FakeBehaviour {
     pub die_while_booting: bool,
     /// This many stops fail (and leave the VM running).
     pub failing_stops: u32,
+    /// Every guest takes this long to say it is ready.
+    pub ready_delay: Duration,
+    /// Guests waiting to be ready now, and the most there ever were at once.
+    pub booting: u32,
+    pub max_booting: u32,
     pub starts: u32,
     pub stops: u32,
     /// Specs of the VMs started, in order.
@@ -37,7 +42,7 @@ pub struct FakeHypervisor {
     root: RunRoot,
     /// Running VMs by run directory; the sender says "exited" when it turns true.
     vms: Mutex<HashMap<PathBuf, watch::Sender<bool>>>,
-    pub behaviour: Mutex<FakeBehaviour>,
+    pub behaviour: Arc<Mutex<FakeBehaviour>>,
 }
 
 impl FakeHypervisor {
@@ -50,7 +55,7 @@ impl FakeHypervisor {
             name,
             root: RunRoot(root.join("vms")),
             vms: Mutex::new(HashMap::new()),
-            behaviour: Mutex::new(FakeBehaviour::default()),
+            behaviour: Arc::default(),
         })
     }
 
@@ -75,15 +80,30 @@ impl FakeHypervisor {
     }
 }
 
-/// Ready at once, never, or with the VM dying first.
+/// Ready after the fake's `ready_delay`, never, or with the VM dying first.
 struct FakeReady {
     never: bool,
+    behaviour: Arc<Mutex<FakeBehaviour>>,
+}
+
+impl FakeReady {
+    fn behave(&self) -> std::sync::MutexGuard<'_, FakeBehaviour> {
+        self.behaviour.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[async_trait]
 impl AgentReady for FakeReady {
     async fn wait(&self, timeout: Duration, vm_exited: BoxFuture<'static, ()>) -> Result<()> {
         if !self.never {
+            let delay = {
+                let mut b = self.behave();
+                b.booting += 1;
+                b.max_booting = b.max_booting.max(b.booting);
+                b.ready_delay
+            };
+            tokio::time::sleep(delay).await;
+            self.behave().booting -= 1;
             return Ok(());
         }
         tokio::select! {
@@ -134,7 +154,10 @@ impl Hypervisor for FakeHypervisor {
             let b = self.behave();
             b.never_ready || b.die_while_booting
         };
-        Ok(PreparedVm::new(run_dir, Box::new(FakeReady { never })))
+        Ok(PreparedVm::new(
+            run_dir,
+            Box::new(FakeReady { never, behaviour: self.behaviour.clone() }),
+        ))
     }
 
     async fn start(&self, prepared: &PreparedVm, spec: &VmSpec) -> Result<VmHandle> {
@@ -173,6 +196,13 @@ impl Hypervisor for FakeHypervisor {
                 let _ = rx.wait_for(|exited| *exited).await;
             }
         })
+    }
+
+    /// As the real backends: stops processes naming the run directory and removes it.
+    async fn reclaim_interrupted_start(&self, sandbox_id: &str) -> Result<()> {
+        let run_dir = self.root.run_dir(sandbox_id)?;
+        self.vms().remove(&run_dir);
+        super::process::reclaim_interrupted_start(&run_dir).await
     }
 
     fn is_running(&self, vm: &VmHandle) -> bool {

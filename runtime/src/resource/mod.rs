@@ -124,7 +124,15 @@ impl PodResources {
     /// Makes an image tree visible to the guest; returns it as a root filesystem lower
     /// directory (relative to the image share).
     pub fn bind_image(&self, image_id: &str, rootfs: &Path) -> Result<String, ShareError> {
-        let rel = format!("images/{}", image_id.trim_start_matches("sha256:"));
+        let hex = image_id.trim_start_matches("sha256:");
+        let mut rel = format!("images/{hex}");
+        if self.images.holds_other_than(&rel, rootfs) {
+            // The image was removed and pulled again while the pod ran: the guest may cache
+            // the old path (virtio-fs `cache=always`), so the new tree gets a path of its own.
+            use std::os::unix::fs::MetadataExt;
+            let ino = std::fs::metadata(rootfs).map(|m| m.ino()).unwrap_or_default();
+            rel = format!("images/{hex}.{ino}");
+        }
         self.images.bind(rootfs, &rel, true)?;
         Ok(rel)
     }
@@ -162,6 +170,12 @@ impl PodResources {
     pub fn destroy(&self) -> Result<(), ShareError> {
         self.images.destroy()?;
         self.volumes.destroy()
+    }
+
+    /// Unmounts everything below a pod's state directory, whatever its layout, and removes
+    /// it: what a daemon killed during RemovePodSandbox left of a pod no record names.
+    pub fn sweep(sandbox_state_dir: &Path) -> Result<(), ShareError> {
+        SandboxShare::new(sandbox_state_dir).destroy()
     }
 }
 

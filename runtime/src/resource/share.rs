@@ -125,6 +125,23 @@ impl SandboxShare {
         Ok(rel_path)
     }
 
+    /// Whether `rel` holds a bind of something other than `source` now: an image tree that
+    /// was removed and pulled again is a new directory, and the old bind shows the old,
+    /// emptied one. (While bound, the old directory keeps its inode, so a new tree cannot
+    /// have the same device and inode numbers.)
+    pub fn holds_other_than(&self, rel: &str, source: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(rel_path) = checked_relative(rel) else { return false };
+        let target = self.mounts_dir().join(rel_path);
+        if !is_mount_point(&target) {
+            return false;
+        }
+        match (std::fs::metadata(&target), std::fs::metadata(source)) {
+            (Ok(t), Ok(s)) => (t.dev(), t.ino()) != (s.dev(), s.ino()),
+            _ => false,
+        }
+    }
+
     /// Unmounts what was bound at `rel` (and below) and removes the mount point.
     pub fn unbind(&self, rel: &str) -> Result<(), ShareError> {
         let target = self.mounts_dir().join(checked_relative(rel)?);

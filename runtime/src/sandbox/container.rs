@@ -54,13 +54,20 @@ impl SandboxManager {
                 "accepted, not applicable inside the VM"
             );
         }
-        let image = self
-            .images
-            .resolve(&spec.image)
-            .map_err(SandboxError::Image)?
-            .ok_or_else(|| SandboxError::ImageNotFound(spec.image.clone()))?;
-
+        let resolve = || {
+            self.images
+                .resolve(&spec.image)
+                .map_err(SandboxError::Image)?
+                .ok_or_else(|| SandboxError::ImageNotFound(spec.image.clone()))
+        };
+        let image = resolve()?;
         let id = new_id();
+        // Held until the record is registered: RemoveImage refuses the image meanwhile.
+        let _image_held = self.reserve_image(&id, &image.id)?;
+        // A RemoveImage that finished between the resolve and the reservation took it.
+        if resolve()?.id != image.id {
+            return Err(SandboxError::ImageNotFound(spec.image.clone()));
+        }
         let resources = self.resources(&sandbox);
         let lower_dir = resources.bind_image(&image.id, &image.rootfs)?;
         let prepared = self.prepare_container(&id, &sandbox, &spec, &image);
@@ -135,8 +142,15 @@ impl SandboxManager {
         };
         {
             let mut st = lock(&self.state);
-            self.save_container(&rec)?;
-            st.containers.insert(id.clone(), rec);
+            let writes = self.record_writes();
+            st.containers.insert(id.clone(), rec.clone());
+            drop(st);
+            if let Err(e) = self.save_container(&rec) {
+                drop(writes);
+                lock(&self.state).containers.remove(&id);
+                let _ = resources.release_volumes(&id);
+                return Err(e);
+            }
         }
         self.events.emit(&id, &sandbox.id, super::events::EventKind::Created);
         crate::metrics::global().container_created(&id, arrived);
@@ -377,7 +391,9 @@ impl SandboxManager {
         }
         let last = {
             let mut st = lock(&self.state);
+            let _writes = self.record_writes();
             let last = st.containers.remove(&rec.id);
+            drop(st);
             store::remove_path(&self.container_record_path(&rec.sandbox_id, &rec.id))?;
             last
         };

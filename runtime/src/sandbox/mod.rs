@@ -24,6 +24,7 @@ pub mod records;
 pub mod seccomp;
 pub mod spec;
 pub mod stats;
+mod sweep;
 pub mod types;
 
 #[cfg(test)]
@@ -67,6 +68,38 @@ pub trait ImageResolver: Send + Sync {
 struct State {
     sandboxes: HashMap<String, SandboxRecord>,
     containers: HashMap<String, ContainerRecord>,
+    /// The image of each container being created (by container id), until its record is in
+    /// `containers`: RemoveImage must not take it meanwhile.
+    images_in_creation: HashMap<String, String>,
+    /// Images RemoveImage is removing: CreateContainer refuses them meanwhile.
+    images_being_removed: std::collections::HashSet<String>,
+}
+
+/// RemoveImage holds this while it removes an image (see
+/// [`SandboxManager::begin_image_removal`]).
+pub struct ImageRemoval {
+    manager: std::sync::Weak<SandboxManager>,
+    image_id: String,
+}
+
+impl Drop for ImageRemoval {
+    fn drop(&mut self) {
+        if let Some(m) = self.manager.upgrade() {
+            lock(&m.state).images_being_removed.remove(&self.image_id);
+        }
+    }
+}
+
+/// A container being created holds its image until its record is registered.
+pub(crate) struct ImageReservation<'a> {
+    manager: &'a SandboxManager,
+    container_id: String,
+}
+
+impl Drop for ImageReservation<'_> {
+    fn drop(&mut self) {
+        lock(&self.manager.state).images_in_creation.remove(&self.container_id);
+    }
 }
 
 pub struct SandboxManager {
@@ -79,6 +112,10 @@ pub struct SandboxManager {
     sandbox_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Serialises lifecycle operations of one container.
     container_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// See [`SandboxManager::record_writes`].
+    record_writes: Mutex<()>,
+    /// Guests booting at once (see [`boot_slots`]).
+    boot_slots: tokio::sync::Semaphore,
     agents: Mutex<HashMap<String, Arc<dyn GuestAgent>>>,
     log_writers: Mutex<HashMap<String, Arc<logs::LogWriter>>>,
     /// The I/O hub of every process whose output is being read.
@@ -91,6 +128,14 @@ pub struct SandboxManager {
 
 pub fn now_nanos() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// How many guests boot at once: two per host CPU. Under TCG a booting guest keeps a CPU busy
+/// for about 1.5 s; fifty at once on two CPUs starve each other (and their VMMs' start-up)
+/// past every timeout, while in turns each boots in seconds. The wait for a turn is not
+/// counted against the boot timeout.
+fn boot_slots() -> usize {
+    2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// A 64-hex-digit id, as containerd's.
@@ -116,6 +161,8 @@ impl SandboxManager {
             state: Mutex::new(State::default()),
             sandbox_locks: Mutex::new(HashMap::new()),
             container_locks: Mutex::new(HashMap::new()),
+            record_writes: Mutex::new(()),
+            boot_slots: tokio::sync::Semaphore::new(boot_slots()),
             agents: Mutex::new(HashMap::new()),
             log_writers: Mutex::new(HashMap::new()),
             io: Mutex::new(HashMap::new()),
@@ -217,19 +264,28 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// Updates a sandbox record in memory and on disk. The write happens under the state lock:
-    /// records reach the disk in the order they changed, and never after their removal.
+    /// The turn to write (or remove) records on disk. Taken while the state lock is held and
+    /// kept for the write after the state lock went: records reach the disk in the order they
+    /// changed, never after their removal, and no reader of the state waits for an fsync.
+    /// (Lock order: state, then this.)
+    fn record_writes(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.record_writes)
+    }
+
+    /// Updates a sandbox record in memory and on disk (see [`Self::record_writes`]).
     fn update_sandbox(
         &self,
         id: &str,
         f: impl FnOnce(&mut SandboxRecord),
     ) -> Result<SandboxRecord> {
-        let mut st = lock(&self.state);
-        let rec =
-            st.sandboxes.get_mut(id).ok_or_else(|| SandboxError::SandboxNotFound(id.into()))?;
-        let before = rec.state;
-        f(rec);
-        let rec = rec.clone();
+        let (before, rec, _writes) = {
+            let mut st = lock(&self.state);
+            let rec =
+                st.sandboxes.get_mut(id).ok_or_else(|| SandboxError::SandboxNotFound(id.into()))?;
+            let before = rec.state;
+            f(rec);
+            (before, rec.clone(), self.record_writes())
+        };
         self.save_sandbox(&rec)?;
         match (before, rec.state) {
             (SandboxState::NotReady, SandboxState::Ready) => {
@@ -248,12 +304,16 @@ impl SandboxManager {
         id: &str,
         f: impl FnOnce(&mut ContainerRecord),
     ) -> Result<ContainerRecord> {
-        let mut st = lock(&self.state);
-        let rec =
-            st.containers.get_mut(id).ok_or_else(|| SandboxError::ContainerNotFound(id.into()))?;
-        let before = rec.state;
-        f(rec);
-        let rec = rec.clone();
+        let (before, rec, _writes) = {
+            let mut st = lock(&self.state);
+            let rec = st
+                .containers
+                .get_mut(id)
+                .ok_or_else(|| SandboxError::ContainerNotFound(id.into()))?;
+            let before = rec.state;
+            f(rec);
+            (before, rec.clone(), self.record_writes())
+        };
         self.save_container(&rec)?;
         let kind = match (before, rec.state) {
             (ContainerState::Created, ContainerState::Running) => Some(events::EventKind::Started),
@@ -299,9 +359,35 @@ impl SandboxManager {
             .collect()
     }
 
-    /// A container whose root filesystem is image `image_id`.
+    /// A container whose root filesystem is image `image_id`, also one being created.
+    #[cfg(test)]
     pub fn container_using_image(&self, image_id: &str) -> Option<String> {
-        lock(&self.state).containers.values().find(|c| c.image_id == image_id).map(|c| c.id.clone())
+        using_image(&lock(&self.state), image_id)
+    }
+
+    /// Marks image `image_id` as being removed until the guard drops, unless a container
+    /// (also one being created) uses it: then that container's id. Checked and marked under
+    /// one lock, so a CreateContainer either holds the image first or is refused.
+    pub fn begin_image_removal(
+        self: &Arc<Self>,
+        image_id: &str,
+    ) -> std::result::Result<ImageRemoval, String> {
+        let mut st = lock(&self.state);
+        if let Some(user) = using_image(&st, image_id) {
+            return Err(user);
+        }
+        st.images_being_removed.insert(image_id.to_string());
+        Ok(ImageRemoval { manager: Arc::downgrade(self), image_id: image_id.to_string() })
+    }
+
+    /// Holds image `image_id` for container `container_id` while it is created.
+    fn reserve_image(&self, container_id: &str, image_id: &str) -> Result<ImageReservation<'_>> {
+        let mut st = lock(&self.state);
+        if st.images_being_removed.contains(image_id) {
+            return Err(SandboxError::ImageNotFound(format!("{image_id} (being removed)")));
+        }
+        st.images_in_creation.insert(container_id.to_string(), image_id.to_string());
+        Ok(ImageReservation { manager: self, container_id: container_id.to_string() })
     }
 
     fn sandbox_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -345,6 +431,13 @@ impl SandboxManager {
     pub fn process_io(&self, process: &ProcessId) -> Option<Arc<io::ProcessIo>> {
         lock(&self.io).get(process).cloned()
     }
+}
+
+/// A container (created, or being created) whose root filesystem is image `image_id`.
+fn using_image(st: &State, image_id: &str) -> Option<String> {
+    st.containers.values().find(|c| c.image_id == image_id).map(|c| c.id.clone()).or_else(|| {
+        st.images_in_creation.iter().find(|(_, i)| *i == image_id).map(|(c, _)| c.clone())
+    })
 }
 
 /// Resolves a full id or a unique prefix of one (as crictl users type them).

@@ -21,6 +21,8 @@ const VM_STOP_GRACE: Duration = Duration::from_secs(3);
 const CONSOLE_TAIL_LINES: usize = 15;
 /// Bytes of the console's end read to find them: the log may be megabytes.
 const CONSOLE_TAIL_BYTES: u64 = 16 * 1024;
+/// Bytes of the console's start searched for the kernel's hand-over to the agent.
+const CONSOLE_HEAD_BYTES: u64 = 256 * 1024;
 
 impl SandboxManager {
     /// RunPodSandbox: boots the pod's VM and prepares it. Returns the sandbox id.
@@ -47,17 +49,28 @@ impl SandboxManager {
                     existing: existing.id.clone(),
                 });
             }
-            // Reserve the name while the VM boots.
+            // Reserve the name while the VM boots, and persist the reservation before any
+            // side effect: a daemon killed from here on finds what to undo.
             let mut rec = new_record(&id, &pod);
             rec.vm_size = Some(size);
-            st.sandboxes.insert(id.clone(), rec);
+            let writes = self.record_writes();
+            st.sandboxes.insert(id.clone(), rec.clone());
+            drop(st);
+            if let Err(e) = self.save_sandbox(&rec) {
+                drop(writes);
+                lock(&self.state).sandboxes.remove(&id);
+                return Err(e);
+            }
         }
         self.events.emit(&id, &id, events::EventKind::Created);
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
         match self.boot_sandbox(&id, &pod, &handler, size).await {
             Ok(()) => {
-                let rec = self.update_sandbox(&id, |r| r.state = SandboxState::Ready)?;
+                let rec = self.update_sandbox(&id, |r| {
+                    r.state = SandboxState::Ready;
+                    r.creating = false;
+                })?;
                 info!(
                     sandbox = %id,
                     pod = %format!("{}/{}", rec.metadata.namespace, rec.metadata.name),
@@ -74,18 +87,30 @@ impl SandboxManager {
                     // Keep the (NotReady) record so StopPodSandbox/RemovePodSandbox, or
                     // kubelet's garbage collection, can finish the clean-up (CNI DEL).
                     warn!(sandbox = %id, error = %cleanup, "cleaning up a pod sandbox that failed; keeping its record");
-                    let _ = self.update_sandbox(&id, |r| r.state = SandboxState::NotReady);
+                    let _ = self.update_sandbox(&id, |r| {
+                        r.state = SandboxState::NotReady;
+                        r.creating = false;
+                    });
                     return Err(e);
                 }
-                let last = lock(&self.state).sandboxes.remove(&id);
-                let _ = store::remove_path(&self.sandbox_record_dir(&id));
-                let _ = store::remove_path(&self.sandbox_state_dir(&id));
-                lock(&self.sandbox_locks).remove(&id);
-                let last = events::LastRecords { sandbox: last, containers: Vec::new() };
-                self.events.emit_deleted(&id, &id, last);
+                self.forget_failed_start(&id);
                 Err(e)
             }
         }
+    }
+
+    /// Forgets a pod whose start failed and was undone: its records and state directory.
+    pub(super) fn forget_failed_start(&self, id: &str) {
+        let (last, writes) = {
+            let mut st = lock(&self.state);
+            (st.sandboxes.remove(id), self.record_writes())
+        };
+        let _ = store::remove_path(&self.sandbox_record_dir(id));
+        drop(writes);
+        let _ = store::remove_path(&self.sandbox_state_dir(id));
+        lock(&self.sandbox_locks).remove(id);
+        let last = events::LastRecords { sandbox: last, containers: Vec::new() };
+        self.events.emit_deleted(id, id, last);
     }
 
     /// UpdatePodSandboxResources (in-place pod resize): the pod's VM cannot grow (no memory or
@@ -148,6 +173,8 @@ impl SandboxManager {
         let mut net_devices = resources.net_devices();
         net_devices.extend(network.as_ref().map(|n| n.net_device.clone()));
         let hypervisor = self.hypervisor_for(handler)?;
+        // Held until the agent answered (see `boot_slots`); never closed, so never an error.
+        let _booting = self.boot_slots.acquire().await.ok();
         let prepared = hypervisor.prepare(id).await?;
         let spec = VmSpec {
             sandbox_id: id.to_string(),
@@ -172,14 +199,16 @@ impl SandboxManager {
         self.update_sandbox(id, |r| r.vm = Some(vm.clone()))?;
         phases.lap(PodStartPhase::VmStart);
         let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
+        let booting = std::time::Instant::now();
         if let Err(e) = hypervisor.wait_agent_ready(prepared, &vm, boot_timeout).await {
-            return Err(self.boot_failed(id, &e.to_string()));
+            return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), false));
         }
         let agent = self.agent(id)?;
         if let Err(e) = agent.status().await {
-            return Err(self.boot_failed(id, &e.to_string()));
+            return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), true));
         }
         phases.lap(PodStartPhase::AgentReady);
+        drop(_booting);
         agent
             .create_sandbox(SandboxSetup {
                 sandbox_id: id.to_string(),
@@ -269,17 +298,35 @@ impl SandboxManager {
         }
     }
 
-    /// A boot failure, with the end of the guest console (removed with the failed sandbox).
-    fn boot_failed(&self, id: &str, reason: &str) -> SandboxError {
-        let tail = console_tail(&self.console_log_path(id));
+    /// A boot failure: what was slow (the kernel, the agent's start, or its answer), after how
+    /// long, how loaded the host was, and the end of the guest console (removed with the
+    /// failed sandbox).
+    fn boot_failed(
+        &self,
+        id: &str,
+        reason: &str,
+        waited: Duration,
+        announced: bool,
+    ) -> SandboxError {
+        let console = self.console_log_path(id);
+        let stage = if announced {
+            "the agent announced itself but did not answer its first call"
+        } else {
+            boot_stage(&console)
+        };
+        let tail = console_tail(&console);
         SandboxError::Boot {
             sandbox: id.to_string(),
-            reason: format!("{reason}; guest console ends with:\n{tail}"),
+            reason: format!(
+                "{reason} ({stage}; after {:.1} s, host {}); guest console ends with:\n{tail}",
+                waited.as_secs_f64(),
+                host_load()
+            ),
         }
     }
 
     /// Stops the VM (if any) and removes its run directory and shares. Leaves records alone.
-    async fn teardown_vm(&self, id: &str) -> Result<()> {
+    pub(super) async fn teardown_vm(&self, id: &str) -> Result<()> {
         self.forget_agent(id);
         let Some(rec) = lock(&self.state).sandboxes.get(id).cloned() else { return Ok(()) };
         if let Some(vm) = &rec.vm {
@@ -310,11 +357,14 @@ impl SandboxManager {
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
         let containers: Vec<String> = self.containers_of(&id).into_iter().map(|c| c.id).collect();
-        for cid in &containers {
+        // All at once: a guest that does not answer costs one call deadline, not one per
+        // container; the VM goes below either way.
+        let stops = containers.iter().map(|cid| async move {
             if let Err(e) = self.stop_container(cid, 0).await {
                 warn!(container = %cid, error = %e, "stopping container with its sandbox");
             }
-        }
+        });
+        futures::future::join_all(stops).await;
         // NotReady before the VM goes, so the VM watcher knows this exit is expected.
         let rec = self.update_sandbox(&id, |r| r.state = SandboxState::NotReady)?;
         if rec.vm.is_some() {
@@ -363,6 +413,8 @@ impl SandboxManager {
                 st.containers.remove(&c.id);
             }
             let sandbox = st.sandboxes.remove(&id);
+            let _writes = self.record_writes();
+            drop(st);
             store::remove_path(&self.sandbox_record_dir(&id))?;
             sandbox
         };
@@ -434,6 +486,8 @@ impl SandboxManager {
     /// Loads the persisted records after a daemon (re)start and re-attaches to running VMs.
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
         self.load_records();
+        self.undo_interrupted_starts().await;
+        self.sweep_unowned().await;
         for sb in self.list_sandboxes() {
             let backend = sb.vm.as_ref().map(|vm| (vm, self.hypervisor_of(vm)));
             let alive = match &backend {
@@ -457,7 +511,12 @@ impl SandboxManager {
                 warn!(sandbox = %sb.id, "pod sandbox VM is gone; marking it not ready");
                 self.mark_containers_exited(&sb.id, "the pod's VM exited");
                 if let Some(vm) = &sb.vm {
-                    self.stop_leftover_vm(&sb.id, vm).await;
+                    if let Err(e) = self.stop_leftover_vm(&sb.id, vm).await {
+                        // Keep the VM recorded: StopPodSandbox retries, nothing is orphaned.
+                        warn!(sandbox = %sb.id, error = %e, "stopping what is left of the pod's VM; keeping it recorded");
+                        self.update_sandbox(&sb.id, |r| r.state = SandboxState::NotReady)?;
+                        continue;
+                    }
                 }
                 let _ = self.resources(&sb).destroy();
                 self.update_sandbox(&sb.id, |r| {
@@ -470,10 +529,10 @@ impl SandboxManager {
     }
 
     /// Stops what may be left of a VM whose VMM is gone (its helpers), through its backend.
-    async fn stop_leftover_vm(&self, id: &str, vm: &VmHandle) {
+    async fn stop_leftover_vm(&self, id: &str, vm: &VmHandle) -> Result<()> {
         match self.hypervisor_of(vm) {
             Ok(hypervisor) => {
-                let _ = hypervisor.stop(vm, Duration::from_secs(1)).await;
+                hypervisor.stop(vm, Duration::from_secs(1)).await?;
                 let _ = hypervisor.cleanup(vm).await;
             }
             Err(_) => {
@@ -482,6 +541,7 @@ impl SandboxManager {
                 warn!(sandbox = %id, run_dir = %vm.run_dir.display(), "left the VM's run directory");
             }
         }
+        Ok(())
     }
 
     /// Reads every record under `--root` (any schema) into memory.
@@ -489,6 +549,9 @@ impl SandboxManager {
         let dir = self.config.root.join("sandboxes");
         let Ok(entries) = std::fs::read_dir(&dir) else { return };
         for entry in entries.flatten() {
+            if !entry.path().is_dir() || store::is_temporary(&entry.path()) {
+                continue;
+            }
             let sandbox_path = entry.path().join("sandbox.json");
             let rec = match load_sandbox(&sandbox_path) {
                 Ok(rec) => rec,
@@ -502,7 +565,9 @@ impl SandboxManager {
                 std::fs::read_dir(entry.path().join("containers")).into_iter().flatten().flatten()
             {
                 // Temporary files of an interrupted write are not records.
-                if c.file_name().to_string_lossy().starts_with('.') {
+                if store::is_temporary(&c.path())
+                    || c.path().extension().is_none_or(|e| e != "json")
+                {
                     continue;
                 }
                 match load_container(&c.path()) {
@@ -540,7 +605,41 @@ fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
         vm: None,
         network: None,
         vm_size: None,
+        creating: true,
     }
+}
+
+/// The line the guest kernel prints when it hands over to the agent (`/init`; not with
+/// `quiet`), and the agent's own line once it listens.
+const KERNEL_RAN_INIT: &str = "Run /init as init process";
+const AGENT_SERVING: &str = "podvisor-agent serving on vsock";
+
+/// How far a guest that did not announce its agent got, from its console: nothing printed
+/// (the VMM never ran it), the kernel still booting, or the agent started and silent.
+fn boot_stage(console: &std::path::Path) -> &'static str {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let read = std::fs::File::open(console)
+        .and_then(|f| f.take(CONSOLE_HEAD_BYTES).read_to_end(&mut head));
+    if read.is_err() || head.is_empty() {
+        "the guest printed nothing: its kernel never ran (is the host overloaded?)"
+    } else {
+        let text = String::from_utf8_lossy(&head);
+        if text.contains(AGENT_SERVING) {
+            "the agent serves but its announcement never reached the host"
+        } else if text.contains(KERNEL_RAN_INIT) {
+            "the guest kernel started the agent, which never announced itself"
+        } else {
+            "the guest kernel was still booting and never started the agent (is the host overloaded?)"
+        }
+    }
+}
+
+/// The host's 1-minute load average against its CPUs, for boot errors.
+fn host_load() -> String {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    format!("load {} on {cpus} CPUs", load.split_whitespace().next().unwrap_or("?"))
 }
 
 /// The last [`CONSOLE_TAIL_LINES`] lines of the console log, from its last
@@ -577,5 +676,20 @@ mod tests {
         assert_eq!(lines[0], "boot line 199986");
         assert!(lines[CONSOLE_TAIL_LINES - 1].starts_with("Kernel panic - not syncing: "));
         assert_eq!(console_tail(&dir.path().join("missing")), "");
+    }
+
+    /// A boot that timed out says how far the guest got.
+    #[test]
+    fn the_boot_stage_comes_from_the_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        assert!(boot_stage(&path).contains("printed nothing"));
+        std::fs::write(&path, "[    0.000000] Linux version 6.1\n").unwrap();
+        assert!(boot_stage(&path).contains("still booting"));
+        std::fs::write(&path, format!("[    1.2] {KERNEL_RAN_INIT}\nagent up\n")).unwrap();
+        assert!(boot_stage(&path).contains("started the agent"));
+        std::fs::write(&path, format!("{KERNEL_RAN_INIT}\n{AGENT_SERVING} port=1024\n")).unwrap();
+        assert!(boot_stage(&path).contains("never reached the host"));
+        assert!(host_load().contains("CPUs"));
     }
 }

@@ -81,6 +81,11 @@ pub struct SandboxRecord {
     /// The VM the pod was given (records of older daemons: the configured default).
     #[serde(default)]
     pub vm_size: Option<VmSize>,
+    /// RunPodSandbox has not answered yet. Written before the first side effect (shares, CNI,
+    /// VMM), so a daemon killed mid-start finds what to undo; a restarted daemon removes such
+    /// a pod (its caller never got an id for it).
+    #[serde(default)]
+    pub creating: bool,
 }
 
 impl SandboxRecord {

@@ -1081,3 +1081,187 @@ async fn resources_are_updated_in_the_guest_and_recorded_and_must_fit_the_vm() {
     let err = h.manager.update_container_resources(&cid, Resources::default()).await.unwrap_err();
     assert!(matches!(err, SandboxError::ContainerNotRunning(_)), "{err}");
 }
+
+/// A daemon killed while RunPodSandbox waited for the guest: the restarted daemon stops the
+/// VM and forgets the pod (its caller never got its id), leaving nothing behind.
+#[tokio::test]
+async fn a_start_the_daemon_did_not_live_to_finish_is_undone_at_restart() {
+    needs_root!();
+    let mut h = Harness::new();
+    h.hv.behave().never_ready = true;
+    let m = h.manager.clone();
+    let pod = h.pod("p");
+    let start = tokio::spawn(async move { m.run_sandbox(pod).await });
+    let hv = h.hv.clone();
+    eventually("the VM to start", || hv.running() == 1).await;
+    // The daemon dies: the start never finishes, its record stays as it was on disk.
+    start.abort();
+    let _ = start.await;
+    h.restart().await;
+    assert!(h.manager.list_sandboxes().is_empty(), "the interrupted pod is gone");
+    h.assert_nothing_left();
+    // Its name is free again.
+    h.run_pod("p").await;
+}
+
+/// A record reaches the disk before any side effect, marked `creating` until the start
+/// answered.
+#[tokio::test]
+async fn the_record_says_a_start_is_under_way_until_it_answered() {
+    needs_root!();
+    let h = Harness::new();
+    let path = h.config.root.join("sandboxes");
+    let m = h.manager.clone();
+    let pod = h.pod("q");
+    h.hv.behave().never_ready = true;
+    let start = tokio::spawn(async move { m.run_sandbox(pod).await });
+    let hv = h.hv.clone();
+    eventually("the VM to start", || hv.running() == 1).await;
+    let spec = h.hv.behave().specs.pop().unwrap();
+    let rec = load_sandbox(&path.join(&spec.sandbox_id).join("sandbox.json")).unwrap();
+    assert!(rec.creating, "the record says the start is under way");
+    start.abort();
+    let sid = h.run_pod("r").await;
+    let rec = load_sandbox(&path.join(&sid).join("sandbox.json")).unwrap();
+    assert!(!rec.creating);
+}
+
+/// What a killed RemovePodSandbox or start leaves and no record owns is swept at start-up:
+/// record directories without sandbox.json, temporary files, VM run directories and the
+/// processes naming them, pods' state directories with their mounts, network namespace pins.
+#[tokio::test]
+async fn a_restart_sweeps_what_no_record_owns() {
+    needs_root!();
+    let mut h = Harness::new();
+    let sid = h.run_pod("kept").await;
+    let stray = new_id();
+    let records = h.config.root.join("sandboxes");
+    std::fs::create_dir_all(records.join(&stray).join("containers")).unwrap();
+    std::fs::write(records.join(&stray).join("containers/c.json"), "{}").unwrap();
+    let tmp = records.join(&sid).join(".sandbox.json.tmp-1-0");
+    std::fs::write(&tmp, "{").unwrap();
+    // A pod state directory with a bind mount below it.
+    let state = h.config.state.join("sandboxes").join(&stray);
+    let stray_share = PodResources::new(&state, ShareLayout::Split);
+    stray_share.create().unwrap();
+    stray_share.bind_image("sha256:0123", &h.dir.path().join("image")).unwrap();
+    // A run directory with a helper process naming it.
+    let run_dir = h.config.vms_dir().join(&stray[..16]);
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let mut helper = std::process::Command::new("sh")
+        .args(["-c", "sleep 30", &run_dir.display().to_string()])
+        .spawn()
+        .unwrap();
+    // A network namespace pin.
+    let netns = h.config.netns_dir();
+    std::fs::create_dir_all(&netns).unwrap();
+    crate::resource::network::netns::create(&netns.join(&stray)).unwrap();
+
+    h.restart().await;
+    assert!(!records.join(&stray).exists(), "half-removed record directory");
+    assert!(!tmp.exists(), "temporary file");
+    assert!(!state.exists(), "pod state directory");
+    assert!(!run_dir.exists(), "VM run directory");
+    assert!(!netns.join(&stray).exists(), "network namespace pin");
+    let reaped = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if helper.try_wait().unwrap().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    assert!(reaped.await.is_ok(), "the helper naming the run directory was stopped");
+    assert_eq!(h.manager.sandbox(&sid).unwrap().state, SandboxState::Ready, "owned pod kept");
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    h.assert_nothing_left();
+}
+
+/// A VM found dead at start-up whose helpers cannot be stopped stays recorded (NotReady):
+/// forgetting it would orphan live processes. StopPodSandbox retries.
+#[tokio::test]
+async fn a_failed_stop_at_recovery_keeps_the_vm_recorded() {
+    needs_root!();
+    let mut h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let vm = h.manager.sandbox(&sid).unwrap().vm.unwrap();
+    h.manager = Harness::manager(&h.config, &h.hv, &h.dialer, &h.dir.path().join("image"));
+    h.hv.kill(&vm);
+    h.hv.behave().failing_stops = 1;
+    h.manager.recover().await.unwrap();
+    let sb = h.manager.sandbox(&sid).unwrap();
+    assert_eq!(sb.state, SandboxState::NotReady);
+    assert_eq!(sb.vm.as_ref(), Some(&vm), "the VM stays recorded for a retry");
+    h.manager.stop_sandbox(&sid).await.unwrap();
+    assert!(h.manager.sandbox(&sid).unwrap().vm.is_none());
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    h.assert_nothing_left();
+}
+
+/// RemoveImage while CreateContainer waits for the agent: the image is held from before the
+/// bind, so the removal is refused, and a create of an image being removed is refused.
+#[tokio::test]
+async fn an_image_is_held_from_the_start_of_create_container() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    h.agent(&sid).hang("CreateContainer");
+    let m = h.manager.clone();
+    let sid2 = sid.clone();
+    let create = tokio::spawn(async move { m.create_container(&sid2, container("c")).await });
+    let agent = h.agent(&sid);
+    eventually("the create to reach the agent", || {
+        agent.calls().contains(&"CreateContainer".to_string())
+    })
+    .await;
+    let user = h.manager.begin_image_removal("sha256:feedbeef").err();
+    assert!(user.is_some(), "RemoveImage must see the container being created");
+    create.abort();
+    let _ = create.await;
+    let removal = h.manager.begin_image_removal("sha256:feedbeef").expect("no user left");
+    let err = h.manager.create_container(&sid, container("d")).await.unwrap_err();
+    assert!(matches!(err, SandboxError::ImageNotFound(_)), "{err}");
+    drop(removal);
+    assert!(h.manager.begin_image_removal("sha256:feedbeef").is_ok());
+}
+
+/// An image removed and pulled again is a new tree: a pod that had bound the old one binds
+/// the new one (at a path of its own: the guest may cache the old), not the emptied old one.
+#[tokio::test]
+async fn a_re_pulled_image_is_bound_anew_not_seen_empty() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let first = h.create(&sid, "c").await;
+    h.manager.remove_container(&first).await.unwrap();
+    let rootfs = h.dir.path().join("image");
+    std::fs::remove_dir_all(&rootfs).unwrap();
+    std::fs::create_dir_all(rootfs.join("etc")).unwrap();
+    std::fs::write(rootfs.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+    std::fs::write(rootfs.join("new-file"), "pulled again").unwrap();
+    let second = h.create(&sid, "c2").await;
+    let lower = &h.agent(&sid).container(&second).unwrap().lower_dirs[0];
+    let seen = h.config.state.join("sandboxes").join(&sid).join("share/mounts").join(lower);
+    assert_eq!(
+        std::fs::read_to_string(seen.join("new-file")).ok().as_deref(),
+        Some("pulled again"),
+        "the pod's share shows the image as pulled now ({lower})"
+    );
+    h.manager.remove_sandbox(&sid).await.unwrap();
+    h.assert_nothing_left();
+}
+
+/// Many pods started at once boot in turns (two per host CPU), so an overloaded host does not
+/// starve every guest past its timeout; all of them start.
+#[tokio::test]
+async fn pods_started_at_once_boot_in_turns() {
+    needs_root!();
+    let h = Harness::new();
+    h.hv.behave().ready_delay = Duration::from_millis(50);
+    let slots = super::boot_slots() as u32;
+    let starts = (0..3 * slots).map(|n| h.manager.run_sandbox(h.pod(&format!("p{n}"))));
+    let ids = futures::future::join_all(starts).await;
+    assert!(ids.iter().all(|r| r.is_ok()), "{ids:?}");
+    let max = h.hv.behave().max_booting;
+    assert!(max <= slots, "{max} guests booted at once, past {slots} slots");
+}

@@ -245,7 +245,7 @@ fn linux_sees_our_e820_cmdline_mptable_and_kvm() {
     cfg.cmdline = "earlyprintk=ttyS0 noxsave".into();
     let mut vmm = spawn(dir, &cfg, &[]);
     for line in [
-        "Command line: console=ttyS0 reboot=k panic=1 pci=off i8042.noaux earlyprintk=ttyS0",
+        "Command line: console=ttyS0 reboot=k panic=1 pci=off i8042.noaux no_timer_check tsc=reliable earlyprintk=ttyS0",
         "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
         "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
         "Hypervisor detected: KVM",

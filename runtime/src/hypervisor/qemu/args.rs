@@ -181,11 +181,18 @@ pub fn vhost_vsock_args(layout: &RunDirLayout) -> Vec<OsString> {
     ]
 }
 
+/// What a guest needs to boot on an overloaded host, as Kata passes it: `no_timer_check`
+/// skips the IO-APIC timer check, which panics the guest ("IO-APIC + timer doesn't work!")
+/// when its vCPU thread was not scheduled for the few ticks it counts; `tsc=reliable` keeps
+/// the clocksource watchdog from declaring the (TCG or KVM) TSC unstable for the same reason.
+pub const BOOT_UNDER_LOAD_ARGS: &str = "no_timer_check tsc=reliable";
+
 /// The guest kernel command line: ours, then the caller's extra arguments. `reboot=t` makes a
 /// guest reboot a triple fault, which `-no-reboot` turns into QEMU exiting: that is how the
-/// guest powers off (microvm without ACPI has no power-off device).
+/// guest powers off (microvm without ACPI has no power-off device). [`BOOT_UNDER_LOAD_ARGS`]
+/// keep an overloaded host from failing the boot.
 pub fn kernel_cmdline(config: &VmConfig) -> String {
-    let mut cmdline = String::from("console=ttyS0 reboot=t panic=-1");
+    let mut cmdline = format!("console=ttyS0 reboot=t panic=-1 {BOOT_UNDER_LOAD_ARGS}");
     let extra = config.extra_kernel_args.trim();
     if !extra.is_empty() {
         cmdline.push(' ');
@@ -338,7 +345,9 @@ mod tests {
              -accel tcg -nodefaults -no-user-config -nographic -no-reboot \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         ));
-        assert!(line.contains("-append console=ttyS0 reboot=t panic=-1 quiet -chardev"));
+        assert!(line.contains(
+            "-append console=ttyS0 reboot=t panic=-1 no_timer_check tsc=reliable quiet -chardev"
+        ));
         // The console goes to the copier's pipe, never to a file QEMU appends to unbounded.
         assert!(line.contains("-chardev file,id=console,path=/dev/fd/9 -serial chardev:console"));
         assert!(line.contains(&format!(

@@ -246,6 +246,26 @@ impl PodNetworks {
             .map_err(NetworkError::Check)
     }
 
+    /// Unpins the network namespaces of pods not in `known` (sandbox ids). A pin is made only
+    /// after its pod's record names it, so one without a record is what a daemon killed
+    /// between removing the record and the pin left: DEL already ran or has nothing to free.
+    /// Returns the pins removed.
+    pub fn sweep_pins(&self, known: &std::collections::HashSet<String>) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.netns_dir) else { return Vec::new() };
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                continue;
+            }
+            match netns::remove(&entry.path()) {
+                Ok(()) => removed.push(entry.path()),
+                Err(e) => tracing::warn!(error = %e, "removing a stray network namespace pin"),
+            }
+        }
+        removed
+    }
+
     /// DEL, then the namespace goes. Idempotent; runs also when ADD failed or never finished.
     pub async fn remove(&self, record: &NetworkRecord) -> Result<()> {
         self.plugins()

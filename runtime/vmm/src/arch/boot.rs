@@ -116,7 +116,11 @@ pub fn build_cmdline(
 ) -> Result<Cmdline, linux_loader::cmdline::Error> {
     let mut cmdline = Cmdline::new(layout::CMDLINE_MAX_SIZE)?;
     // ttyS0 on COM1; reboot via the i8042 (our only reset path); no PCI, no ACPI tables here.
-    cmdline.insert_str("console=ttyS0 reboot=k panic=1 pci=off i8042.noaux")?;
+    // On an overloaded host (as Kata boots): no IO-APIC timer check, which panics a guest
+    // whose vCPU was not scheduled for the ticks it counts, and no TSC watchdog.
+    cmdline.insert_str(
+        "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux no_timer_check tsc=reliable",
+    )?;
     for &(addr, irq) in mmio_devices {
         cmdline.add_virtio_mmio_device(layout::MMIO_DEVICE_SIZE, GuestAddress(addr), irq, None)?;
     }
@@ -207,7 +211,7 @@ mod tests {
         let s = c.as_cstring().unwrap().into_string().unwrap();
         assert_eq!(
             s,
-            "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux \
+            "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux no_timer_check tsc=reliable \
              virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
              quiet init=/init"
         );
