@@ -24,6 +24,10 @@ fn artefact(var: &str, default: &str) -> PathBuf {
 pub fn podvisor_bin() -> PathBuf {
     artefact("PODVISOR_BIN", "build/podvisor")
 }
+/// The agent binary, which the `host` handler runs on the host.
+pub fn guest_agent() -> PathBuf {
+    artefact("PODVISOR_AGENT", "build/podvisor-agent")
+}
 pub fn guest_kernel() -> PathBuf {
     artefact("PODVISOR_KERNEL", "build/vmlinux")
 }

@@ -1,0 +1,276 @@
+//! The `host` RuntimeClass handler: pods whose containers the real agent runs on the host
+//! itself (no VM), from a real image pulled from the test registry. A hostNetwork pod sees the
+//! host's interfaces (a veth pair the test creates), a pod with its own network namespace
+//! (CNI bridge) does not; ExecSync and logs work on both; VM handlers refuse host namespaces
+//! unless `route_host_namespace_pods` sends such pods to the host handler; a daemon restart
+//! keeps the pods (same agent process) and stop/remove leave no agent, mount, cgroup or
+//! directory behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_cri::v1 as cri;
+use podvisor_e2e::cni::TestNetwork;
+use podvisor_e2e::daemon::{
+    container_config, e2e_can_run, guest_agent, pod_config, processes_matching, wait_for,
+    TestDaemon,
+};
+use podvisor_e2e::registry::TestRegistry;
+
+/// A link only the host's network namespace has (one end of a veth pair: the `dummy` module
+/// may be missing).
+const DUMMY: &str = "pvhh-veth0";
+
+/// Removes the link however the test ends.
+struct DummyLink;
+
+impl DummyLink {
+    fn create() -> Self {
+        let _ = Command::new("ip").args(["link", "del", DUMMY]).status();
+        let ok = Command::new("ip")
+            .args(["link", "add", DUMMY, "type", "veth", "peer", "name", "pvhh-veth1"])
+            .status();
+        assert!(ok.is_ok_and(|s| s.success()), "ip link add {DUMMY} type veth failed");
+        DummyLink
+    }
+}
+
+impl Drop for DummyLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", DUMMY]).status();
+    }
+}
+
+fn config(network: &TestNetwork, route: bool) -> String {
+    let route = if route { "route_host_namespace_pods = \"host\"\n" } else { "" };
+    format!(
+        "{route}{}[host]\nagent = {:?}\n[runtimes.host]\nhypervisor = \"host\"\n",
+        network.daemon_config(),
+        guest_agent()
+    )
+}
+
+fn host_network(mut config: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
+    config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                network: cri::NamespaceMode::Node as i32,
+                pid: cri::NamespaceMode::Pod as i32,
+                ipc: cri::NamespaceMode::Pod as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    config
+}
+
+async fn run(
+    daemon: &TestDaemon,
+    config: &cri::PodSandboxConfig,
+    handler: &str,
+) -> Result<String, tonic::Status> {
+    let mut rt = daemon.runtime().await.unwrap();
+    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: handler.into(),
+    })
+    .await
+    .map(|r| r.into_inner().pod_sandbox_id)
+}
+
+/// The host agents' own logs (in their run directories), for failure messages.
+fn agent_logs(daemon: &TestDaemon) -> String {
+    let vms = daemon.state().join("vms");
+    let mut text = String::new();
+    for entry in std::fs::read_dir(vms).into_iter().flatten().flatten() {
+        let log = std::fs::read_to_string(entry.path().join("agent.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        text += &format!(
+            "--- {}:\n{}\n",
+            entry.path().display(),
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        );
+    }
+    text
+}
+
+/// CreateContainer + StartContainer, failing with the agents' logs.
+async fn start(
+    daemon: &TestDaemon,
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    config: cri::ContainerConfig,
+) -> String {
+    let mut rt = daemon.runtime().await.unwrap();
+    let created = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await;
+    let id = match created {
+        Ok(r) => r.into_inner().container_id,
+        Err(e) => panic!("CreateContainer: {e}\n{}", agent_logs(daemon)),
+    };
+    if let Err(e) =
+        rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await
+    {
+        panic!("StartContainer: {e}\n{}", agent_logs(daemon));
+    }
+    id
+}
+
+async fn exec_out(daemon: &TestDaemon, cid: &str, cmd: &[&str]) -> String {
+    let out = daemon
+        .exec(cid, cmd, 30)
+        .await
+        .unwrap_or_else(|e| panic!("exec {cmd:?}: {e}\n{}", daemon.log_tail()));
+    assert_eq!(out.exit_code, 0, "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn pod_status(daemon: &TestDaemon, id: &str) -> cri::PodSandboxStatus {
+    let mut rt = daemon.runtime().await.unwrap();
+    rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
+        pod_sandbox_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+    .unwrap()
+}
+
+/// The agents of this daemon's host pods (their command lines name its state directory).
+fn agents(daemon: &TestDaemon) -> Vec<(i32, String)> {
+    processes_matching(&daemon.state().display().to_string())
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains("--pod-cgroup"))
+        .collect()
+}
+
+/// The cgroup2 mount (hybrid hosts have it at /sys/fs/cgroup/unified).
+fn host_pod_cgroups() -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = mountinfo
+        .lines()
+        .find_map(|l| {
+            let (fields, fs) = l.split_once(" - ")?;
+            fs.starts_with("cgroup2 ").then(|| fields.split(' ').nth(4).map(PathBuf::from))?
+        })
+        .expect("a cgroup2 mount");
+    std::fs::read_dir(root.join("podvisor-host"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
+}
+
+async fn log_contains(path: &Path, needle: &str) -> bool {
+    wait_for(Duration::from_secs(10), || async {
+        std::fs::read_to_string(path).ok().filter(|t| t.contains(needle)).map(|_| ())
+    })
+    .await
+    .is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
+    if !e2e_can_run() {
+        return;
+    }
+    let registry = TestRegistry::start().unwrap();
+    let image = registry.push_busybox("busybox:host-handler").unwrap();
+    let _dummy = DummyLink::create();
+    let scratch = tempfile::tempdir().unwrap();
+    let network = TestNetwork::new(scratch.path(), "hosthandler", "pvhh0", "10.213.61");
+    network.write_config();
+    let mut daemon = TestDaemon::start(&config(&network, false)).await.unwrap();
+    daemon.pull(&image).await;
+    let log_dir = daemon.dir.path().join("pod-logs");
+    let before = host_pod_cgroups();
+
+    let mut rt = daemon.runtime().await.unwrap();
+    let status = rt.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner();
+    let names: Vec<String> = status.runtime_handlers.into_iter().map(|h| h.name).collect();
+    assert_eq!(names, ["", "host"]);
+
+    // A VM handler refuses the host's namespaces, naming the field and the way out.
+    let hostnet_cfg = host_network(pod_config("hostnet", &log_dir));
+    let err = run(&daemon, &hostnet_cfg, "").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("namespace_options.network"), "{err:?}");
+    assert!(err.message().contains("host"), "{err:?}");
+
+    let hostnet = run(&daemon, &hostnet_cfg, "host")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    let own_cfg = pod_config("ownnet", &log_dir);
+    let own = run(&daemon, &own_cfg, "host")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    let talker = |name: &str| {
+        container_config(name, &image, &["sh", "-c", "echo hello from the host; exec sleep 3600"])
+    };
+    let hostnet_c = start(&daemon, &hostnet, &hostnet_cfg, talker("h")).await;
+    let own_c = start(&daemon, &own, &own_cfg, talker("o")).await;
+
+    // hostNetwork sees the host's links; its own namespace has CNI's eth0 and loopback only.
+    let links = exec_out(&daemon, &hostnet_c, &["cat", "/proc/net/dev"]).await;
+    assert!(links.contains(DUMMY), "the hostNetwork pod does not see {DUMMY}:\n{links}");
+    let links = exec_out(&daemon, &own_c, &["cat", "/proc/net/dev"]).await;
+    assert!(!links.contains(DUMMY) && links.contains("eth0"), "own netns:\n{links}");
+    let own_ip = pod_status(&daemon, &own).await.network.map(|n| n.ip).unwrap_or_default();
+    assert!(own_ip.starts_with("10.213.61."), "pod IP {own_ip:?}");
+    assert_eq!(exec_out(&daemon, &own_c, &["hostname"]).await.trim(), "ownnet");
+    // Not a VM: the container's kernel is the host's.
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let seen = exec_out(&daemon, &hostnet_c, &["cat", "/proc/sys/kernel/osrelease"]).await;
+    assert_eq!(seen, host_kernel);
+    for (c, log) in [(&hostnet_c, "h.log"), (&own_c, "o.log")] {
+        assert!(
+            log_contains(&log_dir.join(log), "hello from the host").await,
+            "log of {c}: {:?}",
+            std::fs::read_to_string(log_dir.join(log))
+        );
+    }
+    let pids_before: Vec<i32> = agents(&daemon).into_iter().map(|(pid, _)| pid).collect();
+    assert_eq!(pids_before.len(), 2, "{:?}", agents(&daemon));
+
+    // A restart (now routing host-namespace pods) keeps both pods on the same agents.
+    daemon.extra_config = config(&network, true);
+    daemon.restart().await.unwrap();
+    let pids_after: Vec<i32> = agents(&daemon).into_iter().map(|(pid, _)| pid).collect();
+    assert_eq!(pids_before, pids_after);
+    for (pod, c) in [(&hostnet, &hostnet_c), (&own, &own_c)] {
+        assert_eq!(pod_status(&daemon, pod).await.state, cri::PodSandboxState::SandboxReady as i32);
+        assert_eq!(exec_out(&daemon, c, &["echo", "still here"]).await, "still here\n");
+    }
+
+    // With routing, a hostNetwork pod on the default handler goes to the host handler.
+    let routed_cfg = host_network(pod_config("routed", &log_dir));
+    let routed = run(&daemon, &routed_cfg, "")
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    assert_eq!(pod_status(&daemon, &routed).await.runtime_handler, "host");
+    let routed_c = start(&daemon, &routed, &routed_cfg, talker("r")).await;
+    let links = exec_out(&daemon, &routed_c, &["cat", "/proc/net/dev"]).await;
+    assert!(links.contains(DUMMY), "the routed pod does not see {DUMMY}:\n{links}");
+    assert_eq!(agents(&daemon).len(), 3);
+
+    for pod in [&hostnet, &own, &routed] {
+        daemon.remove_pod(pod).await;
+    }
+    assert!(agents(&daemon).is_empty(), "agents left: {:?}", agents(&daemon));
+    daemon.assert_nothing_left();
+    let after = host_pod_cgroups();
+    assert!(after.iter().all(|cg| before.contains(cg)), "cgroups left: {after:?}");
+    assert!(network.leftovers(&own).is_empty(), "{:?}", network.leftovers(&own));
+    assert!(processes_matching("sleep 3600").iter().all(|(_, cmd)| !cmd.contains("hello")));
+}
