@@ -173,7 +173,8 @@ pub fn enter(pod_cgroup: &Path, args: &HostPodArgs) -> Result<HostPod, HostPodEr
         flags |= CloneFlags::CLONE_NEWUTS;
     }
     unshare(flags).map_err(HostPodError::Unshare)?;
-    if args.own_netns {
+    if own_network {
+        // As in a guest: CNI configures eth0, loopback is the pod's to bring up.
         crate::init::loopback_up().map_err(|e| HostPodError::Loopback(e.to_string()))?;
     }
     let root = Path::new("/");

@@ -17,6 +17,7 @@ use podvisor_e2e::daemon::{
     TestDaemon,
 };
 use podvisor_e2e::registry::TestRegistry;
+use podvisor_e2e::streaming::PortForward;
 
 /// A link only the host's network namespace has (one end of a veth pair: the `dummy` module
 /// may be missing).
@@ -180,6 +181,38 @@ async fn log_contains(path: &Path, needle: &str) -> bool {
     .is_some()
 }
 
+/// Port-forward reaches `localhost:8080` in the pod's own network namespace (an echo server
+/// there), through the agent's port-forward socket.
+async fn forward_through(
+    daemon: &TestDaemon,
+    pod: &str,
+    pod_cfg: &cri::PodSandboxConfig,
+    image: &str,
+) {
+    let server = container_config("echo", image, &["nc", "-ll", "-p", "8080", "-e", "cat"]);
+    start(daemon, pod, pod_cfg, server).await;
+    let mut rt = daemon.runtime().await.unwrap();
+    let url = rt
+        .port_forward(cri::PortForwardRequest { pod_sandbox_id: pod.into(), port: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let mut forward = PortForward::connect(&url).await.unwrap();
+    let payload: Vec<u8> = (0..256 * 1024u32).map(|i| (i.wrapping_mul(31) >> 3) as u8).collect();
+    let mut echoed = Vec::new();
+    // The server may still be starting; a refused connection ends at once.
+    for _ in 0..50 {
+        echoed = forward.round_trip(8080, &payload).await.unwrap_or_default();
+        if !echoed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(echoed == payload, "{} bytes came back through port-forward", echoed.len());
+    forward.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
     if !e2e_can_run() {
@@ -240,6 +273,21 @@ async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
             std::fs::read_to_string(log_dir.join(log))
         );
     }
+    forward_through(&daemon, &own, &own_cfg, &image).await;
+    // Stats are best effort on a hybrid host (no memory controller on cgroup2): printed.
+    let mut rt = daemon.runtime().await.unwrap();
+    let stats = rt
+        .container_stats(cri::ContainerStatsRequest { container_id: own_c.clone() })
+        .await
+        .unwrap_or_else(|e| panic!("ContainerStats: {e}\n{}", daemon.log_tail()))
+        .into_inner()
+        .stats
+        .unwrap();
+    println!(
+        "host pod container stats: cpu {:?} ns, memory working set {:?} bytes",
+        stats.cpu.and_then(|c| c.usage_core_nano_seconds).map(|v| v.value),
+        stats.memory.and_then(|m| m.working_set_bytes).map(|v| v.value)
+    );
     let pids_before: Vec<i32> = agents(&daemon).into_iter().map(|(pid, _)| pid).collect();
     assert_eq!(pids_before.len(), 2, "{:?}", agents(&daemon));
 
