@@ -1,7 +1,7 @@
 //! The `host` RuntimeClass handler: pods whose containers the real agent runs on the host
 //! itself (no VM), from a real image pulled from the test registry. A hostNetwork pod sees the
 //! host's interfaces (a veth pair the test creates), a pod with its own network namespace
-//! (CNI bridge) does not; ExecSync and logs work on both; VM handlers refuse host namespaces
+//! (CNI bridge) does not; ExecSync, logs, streaming exec, port-forward and stats work; VM handlers refuse host namespaces
 //! unless `route_host_namespace_pods` sends such pods to the host handler; a daemon restart
 //! keeps the pods (same agent process), an agent killed with SIGKILL makes its pod NotReady,
 //! and stop/remove leave no agent, mount, cgroup (so no container process) or directory
@@ -18,7 +18,7 @@ use podvisor_e2e::daemon::{
     TestDaemon,
 };
 use podvisor_e2e::registry::TestRegistry;
-use podvisor_e2e::streaming::PortForward;
+use podvisor_e2e::streaming::{Channels, PortForward, RemoteCommand};
 
 /// A link only the host's network namespace has (one end of a veth pair: the `dummy` module
 /// may be missing).
@@ -182,6 +182,32 @@ async fn log_contains(path: &Path, needle: &str) -> bool {
     .is_some()
 }
 
+/// Streaming exec (SPDY): stdin in, stdout out, the exit code on the error channel.
+async fn streaming_exec(daemon: &TestDaemon, cid: &str) {
+    let channels = Channels { stdin: true, stdout: true, stderr: true, tty: false };
+    let mut rt = daemon.runtime().await.unwrap();
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: cid.into(),
+            cmd: ["sh", "-c", "read line; echo got:$line; exit 3"].map(String::from).to_vec(),
+            tty: false,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let session = RemoteCommand::connect(&url, channels).await.unwrap();
+    let stdin = session.stdin.clone().unwrap();
+    stdin.write(b"hello\n").await.unwrap();
+    stdin.close().await.unwrap();
+    let done = session.finish(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&done.stdout), "got:hello\n");
+    assert_eq!(done.exit_code(), Some(3), "status {}", done.status);
+}
+
 /// Port-forward reaches `localhost:8080` in the pod's own network namespace (an echo server
 /// there), through the agent's port-forward socket.
 async fn forward_through(
@@ -275,6 +301,7 @@ async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
         );
     }
     forward_through(&daemon, &own, &own_cfg, &image).await;
+    streaming_exec(&daemon, &hostnet_c).await;
     // Stats are best effort on a hybrid host (no memory controller on cgroup2): printed.
     let mut rt = daemon.runtime().await.unwrap();
     let stats = rt
