@@ -260,6 +260,11 @@ async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
     let status = rt.status(cri::StatusRequest { verbose: false }).await.unwrap().into_inner();
     let names: Vec<String> = status.runtime_handlers.into_iter().map(|h| h.name).collect();
     assert_eq!(names, ["", "host"]);
+    let verbose = rt.status(cri::StatusRequest { verbose: true }).await.unwrap().into_inner();
+    let backends: serde_json::Value =
+        serde_json::from_str(&verbose.info["runtimeHandlerBackends"]).unwrap();
+    assert_eq!(backends["host"], "host", "{backends}");
+    assert_eq!(backends[""], "qemu", "{backends}");
 
     // A VM handler refuses the host's namespaces, naming the field and the way out.
     let hostnet_cfg = host_network(pod_config("hostnet", &log_dir));
