@@ -335,7 +335,17 @@ async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
     }
 
     // With routing, a hostNetwork pod on the default handler goes to the host handler.
-    let routed_cfg = host_network(pod_config("routed", &log_dir));
+    // This one also shares the host's PID and IPC namespaces.
+    let mut routed_cfg = host_network(pod_config("routed", &log_dir));
+    if let Some(ns) = routed_cfg
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|sc| sc.namespace_options.as_mut())
+    {
+        ns.pid = cri::NamespaceMode::Node as i32;
+        ns.ipc = cri::NamespaceMode::Node as i32;
+    }
     let routed = run(&daemon, &routed_cfg, "")
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
@@ -343,6 +353,19 @@ async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
     let routed_c = start(&daemon, &routed, &routed_cfg, talker("r")).await;
     let links = exec_out(&daemon, &routed_c, &["cat", "/proc/net/dev"]).await;
     assert!(links.contains(DUMMY), "the routed pod does not see {DUMMY}:\n{links}");
+    // hostPID: PID 1 is the host's init; with a pod PID namespace it is the pause process.
+    let host_init = std::fs::read_to_string("/proc/1/comm").unwrap();
+    assert_eq!(exec_out(&daemon, &routed_c, &["cat", "/proc/1/comm"]).await, host_init);
+    assert_ne!(exec_out(&daemon, &hostnet_c, &["cat", "/proc/1/comm"]).await, host_init);
+    let host_ipc = std::fs::read_link("/proc/self/ns/ipc").unwrap().display().to_string();
+    assert_eq!(
+        exec_out(&daemon, &routed_c, &["readlink", "/proc/self/ns/ipc"]).await.trim(),
+        host_ipc
+    );
+    assert_ne!(
+        exec_out(&daemon, &hostnet_c, &["readlink", "/proc/self/ns/ipc"]).await.trim(),
+        host_ipc
+    );
     assert_eq!(agents(&daemon).len(), 3);
 
     // An agent that dies (SIGKILL: it cannot clean up) takes its pod down like a VM's death;
