@@ -605,6 +605,9 @@ impl Agent {
                 namespaces.push(pid);
             }
             linux.set_namespaces(Some(namespaces));
+            if self.host_pod.is_some() {
+                crate::host_pod::drop_unavailable_resources(linux, &self.paths.cgroup_root);
+            }
             if req.privileged {
                 self.give_guest_devices(&id, linux);
             }

@@ -343,6 +343,72 @@ fn own_hard_limit(typ: oci_spec::runtime::PosixRlimitType) -> Option<u64> {
     (unsafe { libc::getrlimit(resource, &mut limit) } == 0).then_some(limit.rlim_max)
 }
 
+/// Drops the resource limits whose cgroup controller the pod's cgroup does not have (a hybrid
+/// host has none on cgroup2): libcontainer would fail the create on the missing files, and a
+/// system pod must still run; the limits are then not enforced (logged, and documented).
+pub fn drop_unavailable_resources(linux: &mut oci_spec::runtime::Linux, cgroup_root: &Path) {
+    let Some(mut resources) = linux.resources().clone() else { return };
+    let text = fs::read_to_string(cgroup_root.join("cgroup.controllers")).unwrap_or_default();
+    let has = |c: &str| text.split_whitespace().any(|have| have == c);
+    let mut dropped = Vec::new();
+    if let Some(cpu) = resources.cpu().clone() {
+        let (cpu_ok, cpuset_ok) = (has("cpu"), has("cpuset"));
+        let mut kept = oci_spec::runtime::LinuxCpuBuilder::default();
+        if cpu_ok {
+            if let Some(shares) = cpu.shares() {
+                kept = kept.shares(shares);
+            }
+            if let Some(quota) = cpu.quota() {
+                kept = kept.quota(quota);
+            }
+            if let Some(period) = cpu.period() {
+                kept = kept.period(period);
+            }
+        } else {
+            dropped.push("cpu");
+        }
+        if cpuset_ok {
+            if let Some(cpus) = cpu.cpus() {
+                kept = kept.cpus(cpus.clone());
+            }
+            if let Some(mems) = cpu.mems() {
+                kept = kept.mems(mems.clone());
+            }
+        } else if cpu.cpus().is_some() || cpu.mems().is_some() {
+            dropped.push("cpuset");
+        }
+        resources.set_cpu(if cpu_ok || cpuset_ok { kept.build().ok() } else { None });
+    }
+    if resources.memory().is_some() && !has("memory") {
+        resources.set_memory(None);
+        dropped.push("memory");
+    }
+    if resources.pids().is_some() && !has("pids") {
+        resources.set_pids(None);
+        dropped.push("pids");
+    }
+    if resources.block_io().is_some() && !has("io") {
+        resources.set_block_io(None);
+        dropped.push("io");
+    }
+    if let Some(unified) = resources.unified().clone() {
+        let kept: HashMap<String, String> = unified
+            .into_iter()
+            .filter(|(key, _)| {
+                key.starts_with("cgroup.") || key.split('.').next().is_some_and(&has)
+            })
+            .collect();
+        resources.set_unified(Some(kept));
+    }
+    if !dropped.is_empty() {
+        tracing::warn!(
+            ?dropped,
+            "the host's cgroup2 lacks these controllers: their limits are not enforced"
+        );
+    }
+    linux.set_resources(Some(resources));
+}
+
 /// Whether `path` is a mount point (its device differs from its parent's).
 fn is_mount_point(path: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;

@@ -305,6 +305,19 @@ async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
             std::fs::read_to_string(log_dir.join(log))
         );
     }
+    // Limits need cgroup2 controllers a hybrid host does not have: the container still runs.
+    let mut limited = container_config("limited", &image, &["sleep", "3600"]);
+    limited.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            cpu_quota: 50_000,
+            cpu_period: 100_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let limited = start(&daemon, &own, &own_cfg, limited).await;
+    assert_eq!(exec_out(&daemon, &limited, &["echo", "limited"]).await, "limited\n");
     forward_through(&daemon, &own, &own_cfg, &image).await;
     streaming_exec(&daemon, &hostnet_c).await;
     // Stats are best effort on a hybrid host (no memory controller on cgroup2): printed.
