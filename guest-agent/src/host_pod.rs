@@ -441,6 +441,39 @@ mod tests {
     }
 
     #[test]
+    fn limits_of_missing_controllers_are_dropped_and_the_others_kept() {
+        let spec: oci_spec::runtime::Linux = serde_json::from_value(serde_json::json!({
+            "resources": {
+                "cpu": {"quota": 50000, "period": 100000, "cpus": "0"},
+                "memory": {"limit": 67108864},
+                "pids": {"limit": 100},
+                "unified": {"memory.high": "1M", "pids.max": "50"}
+            }
+        }))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("cgroup.controllers"), "cpu pids\n").unwrap();
+        let mut linux = spec.clone();
+        drop_unavailable_resources(&mut linux, dir.path());
+        let res = linux.resources().clone().unwrap();
+        let cpu = res.cpu().clone().unwrap();
+        assert_eq!(
+            (cpu.quota(), cpu.period(), cpu.cpus().clone()),
+            (Some(50000), Some(100000), None)
+        );
+        assert!(res.memory().is_none());
+        assert_eq!(res.pids().as_ref().map(|p| p.limit()), Some(100));
+        let unified = res.unified().clone().unwrap();
+        assert_eq!(unified.keys().collect::<Vec<_>>(), ["pids.max"]);
+        // Nothing available (a hybrid host): no limits at all.
+        fs::write(dir.path().join("cgroup.controllers"), "").unwrap();
+        let mut linux = spec;
+        drop_unavailable_resources(&mut linux, dir.path());
+        let res = linux.resources().clone().unwrap();
+        assert!(res.cpu().is_none() && res.memory().is_none() && res.pids().is_none());
+    }
+
+    #[test]
     fn share_arguments_are_tag_and_absolute_path() {
         let got = parse_shares(&["podvisor=/a/b".into()]).unwrap();
         assert_eq!(got, [("podvisor".to_string(), PathBuf::from("/a/b"))]);
