@@ -72,6 +72,8 @@ pub enum AgentError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    HostPod(#[from] crate::host_pod::HostPodError),
     #[error("container {id:?} is {actual}, it must be {expected}")]
     WrongState { id: String, actual: &'static str, expected: &'static str },
     #[error("writing {0}: {1}")]
@@ -395,6 +397,8 @@ pub struct Agent {
     /// What the hosts file is rebuilt from; held while CreateSandbox or SetupNetwork runs,
     /// which also keeps two SetupNetwork calls from renaming links at the same time.
     pod_hosts: tokio::sync::Mutex<PodHosts>,
+    /// On the host handler: the pod's namespaces and shares (see [`crate::host_pod`]).
+    host_pod: Option<crate::host_pod::HostPod>,
 }
 
 /// The stdio of a process being set up: pipes, or a console socket awaiting the pty master.
@@ -414,7 +418,14 @@ impl Agent {
             creating: Mutex::new(HashSet::new()),
             pause_pid: Mutex::new(None),
             pod_hosts: tokio::sync::Mutex::new(PodHosts::default()),
+            host_pod: None,
         }
+    }
+
+    /// The agent of a host-handler pod, whose namespaces [`crate::host_pod::enter`] set up.
+    pub fn with_host_pod(mut self, host_pod: crate::host_pod::HostPod) -> Self {
+        self.host_pod = Some(host_pod);
+        self
     }
 
     /// The pod's shared PID namespace (`/proc/<pause>/ns/pid`).
@@ -575,6 +586,9 @@ impl Agent {
         let stdio_cfg = req.stdio.unwrap_or_default();
         let process = spec.process_mut().as_mut().ok_or(AgentError::NoProcess)?;
         process.set_terminal(Some(stdio_cfg.tty));
+        if self.host_pod.is_some() {
+            crate::host_pod::fit_rlimits(process);
+        }
         let pod_pid_namespace =
             if req.join_pod_pid_namespace { Some(self.pod_pid_namespace()?) } else { None };
         if let Some(linux) = spec.linux_mut() {
@@ -591,6 +605,9 @@ impl Agent {
                 namespaces.push(pid);
             }
             linux.set_namespaces(Some(namespaces));
+            if self.host_pod.is_some() {
+                crate::host_pod::drop_unavailable_resources(linux, &self.paths.cgroup_root);
+            }
             if req.privileged {
                 self.give_guest_devices(&id, linux);
             }
@@ -752,6 +769,9 @@ impl Agent {
         validate_id("exec id", &req.exec_id)?;
         let mut process: OciProcess =
             serde_json::from_slice(&req.oci_process_json).map_err(AgentError::BadProcess)?;
+        if self.host_pod.is_some() {
+            crate::host_pod::fit_rlimits(&mut process);
+        }
         let stdio_cfg = req.stdio.unwrap_or_default();
         process.set_terminal(Some(stdio_cfg.tty));
         let _op = container.op_lock.lock().await;
@@ -1030,6 +1050,9 @@ impl Agent {
             self.guest,
             &network::host_lines(&pod_hosts.lines),
         )?;
+        if let Some(host_pod) = &self.host_pod {
+            host_pod.create_sandbox(req)?;
+        }
         pod_hosts.hostname = req.hostname.clone();
         drop(pod_hosts);
         if req.pod_pid_namespace {

@@ -4,6 +4,8 @@
 //! Modes:
 //! - no arguments as PID 1: guest mode (leave the initramfs, mount, serve on vsock);
 //! - `--listen unix:PATH [--shared-dir DIR] [--state-dir DIR]`: host mode, for tests;
+//! - the same with `--pod-cgroup DIR` (and `--netns`, `--own-ipc`, `--share`,
+//!   `--port-forward`): the agent of a `host`-handler pod on the host (see `host_pod`);
 //! - `__libcontainer REQUEST`: the internal single-threaded libcontainer helper.
 //! - `__pause`: starts the PID 1 of the pod's shared PID namespace (see `pause`).
 
@@ -11,6 +13,7 @@ mod cgroup;
 mod container;
 mod devices;
 mod helper;
+mod host_pod;
 mod init;
 mod logging;
 mod network;
@@ -50,6 +53,11 @@ struct HostArgs {
     /// Where containers, sandbox files and libcontainer state live.
     #[arg(long, default_value = "/run/podvisor-agent")]
     state_dir: PathBuf,
+    /// Serve port-forward connections on `unix:/path` (the guest serves them on vsock).
+    #[arg(long)]
+    port_forward: Option<String>,
+    #[command(flatten)]
+    host_pod: host_pod::HostPodArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +80,8 @@ enum MainError {
     Serve(tonic::transport::Error),
     #[error("duplicating the log descriptor: {0}")]
     LogFd(std::io::Error),
+    #[error("host pod: {0}")]
+    HostPod(#[from] host_pod::HostPodError),
 }
 
 fn main() -> ExitCode {
@@ -106,33 +116,72 @@ fn create_dir(path: &std::path::Path) -> Result<(), MainError> {
     fs::create_dir_all(path).map_err(|e| MainError::CreateDir(path.to_path_buf(), e))
 }
 
+/// The path of a `unix:PATH` argument.
+fn unix_path(arg: &str) -> Result<PathBuf, MainError> {
+    arg.strip_prefix("unix:").map(PathBuf::from).ok_or_else(|| MainError::BadListen(arg.into()))
+}
+
+/// Binds a unix socket (replacing a stale one), still outside any runtime.
+fn bind_unix(path: &std::path::Path) -> Result<std::os::unix::net::UnixListener, MainError> {
+    let _ = fs::remove_file(path);
+    let bind_err = |e| MainError::Bind(path.display().to_string(), e);
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(bind_err)?;
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    Ok(listener)
+}
+
 fn host_main(args: HostArgs) -> Result<(), MainError> {
-    let socket_path = args
-        .listen
-        .strip_prefix("unix:")
-        .map(PathBuf::from)
-        .ok_or_else(|| MainError::BadListen(args.listen.clone()))?;
+    let socket_path = unix_path(&args.listen)?;
+    // Bound first: a host pod's agent covers /run (where the daemon's sockets are) next.
+    let listener = bind_unix(&socket_path)?;
+    let port_forward = args.port_forward.as_deref().map(unix_path).transpose()?;
+    let port_forward = port_forward.as_deref().map(bind_unix).transpose()?;
+    let host_pod = match &args.host_pod.pod_cgroup {
+        Some(cgroup) => Some(host_pod::enter(cgroup, &args.host_pod)?),
+        None => None,
+    };
     // Orphaned container processes must be re-parented to the agent, which reaps them.
     nix::sys::prctl::set_child_subreaper(true).map_err(MainError::Subreaper)?;
     let log = File::from(std::io::stderr().as_fd_owned().map_err(MainError::LogFd)?);
     logging::init(log.try_clone().map_err(MainError::LogFd)?);
-    let paths = Paths {
-        shared_dir: args.shared_dir.clone().unwrap_or_else(|| args.state_dir.join("shared")),
-        run_dir: args.state_dir.clone(),
-        cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+    let paths = if host_pod.is_some() {
+        // The guest's layout, in the pod's own mount namespace.
+        Paths {
+            shared_dir: PathBuf::from(podvisor_proto::GUEST_SHARED_DIR),
+            run_dir: PathBuf::from(host_pod::RUN_DIR),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        }
+    } else {
+        Paths {
+            shared_dir: args.shared_dir.clone().unwrap_or_else(|| args.state_dir.join("shared")),
+            run_dir: args.state_dir.clone(),
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        }
     };
     create_dir(&paths.containers_dir())?;
     create_dir(&paths.shared_dir)?;
     runtime()?.block_on(async move {
         let reaper = Reaper::default();
         reaper.spawn().map_err(MainError::Reaper)?;
-        let agent = Arc::new(Agent::new(paths, false, reaper, log));
+        let mut agent = Agent::new(paths, false, reaper, log);
+        if let Some(host_pod) = host_pod {
+            agent = agent.with_host_pod(host_pod);
+        }
+        let agent = Arc::new(agent);
         spawn_termination_handler(agent.clone())?;
-        let _ = fs::remove_file(&socket_path);
-        let listener = tokio::net::UnixListener::bind(&socket_path)
-            .map_err(|e| MainError::Bind(args.listen.clone(), e))?;
+        let bind_err = |e| MainError::Bind(args.listen.clone(), e);
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(bind_err)?;
+        if let Some(port_forward) = port_forward {
+            let pf_err = |e| MainError::Bind(args.port_forward.clone().unwrap_or_default(), e);
+            portforward::spawn_unix(
+                tokio::net::UnixListener::from_std(port_forward).map_err(pf_err)?,
+            );
+        }
         tracing::info!(socket = %socket_path.display(), "podvisor-agent serving (host mode)");
         tonic::transport::Server::builder()
+            // As in the guest: a daemon killed mid-stream must not keep an output reader.
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(AgentServer::new(AgentService::new(agent)))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
             .await

@@ -1,15 +1,16 @@
 //! Port-forward inside the guest: each forwarded connection is a vsock connection of its own
 //! on [`PORT_FORWARD_VSOCK_PORT`], spliced to `localhost:<port>` in the VM (the pod's network
-//! namespace). See the constant for the one-line handshake.
+//! namespace). See the constant for the one-line handshake. An agent on the host (a
+//! `host`-handler pod) serves the same handshake on a unix socket instead ([`spawn_unix`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use podvisor_proto::PORT_FORWARD_VSOCK_PORT;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tokio_vsock::{VsockAddr, VsockListener, VsockStream};
+use tokio_vsock::{VsockAddr, VsockListener};
 
 /// Forwarded connections at once: a host that opens more waits for a slot.
 const MAX_CONNECTIONS: usize = 256;
@@ -39,22 +40,44 @@ pub fn spawn() -> Result<(), PortForwardError> {
         loop {
             let Ok(permit) = slots.clone().acquire_owned().await else { return };
             match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(async move {
-                        if let Err(e) = forward(stream).await {
-                            tracing::debug!(error = %e, "port-forward connection ended");
-                        }
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a port-forward connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Ok((stream, _)) => serve(stream, permit),
+                Err(e) => accept_failed(e).await,
             }
         }
     });
     Ok(())
+}
+
+/// Serves forwarded connections arriving on a unix socket (host mode) until it fails.
+pub fn spawn_unix(listener: tokio::net::UnixListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let Ok(permit) = slots.clone().acquire_owned().await else { return };
+            match listener.accept().await {
+                Ok((stream, _)) => serve(stream, permit),
+                Err(e) => accept_failed(e).await,
+            }
+        }
+    });
+}
+
+/// Forwards one connection in a task of its own, holding a slot until it ends.
+fn serve<S>(stream: S, permit: tokio::sync::OwnedSemaphorePermit)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = forward(stream).await {
+            tracing::debug!(error = %e, "port-forward connection ended");
+        }
+        drop(permit);
+    });
+}
+
+async fn accept_failed(e: std::io::Error) {
+    tracing::warn!(error = %e, "accepting a port-forward connection");
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// The port of a handshake line.
@@ -71,7 +94,7 @@ fn parse_port(line: &[u8]) -> Result<u16, String> {
 }
 
 /// Reads the handshake line byte by byte: what follows it already belongs to the TCP peer.
-async fn read_line(stream: &mut VsockStream) -> Result<Vec<u8>, String> {
+async fn read_line<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, String> {
     let mut line = Vec::with_capacity(MAX_LINE);
     loop {
         let mut byte = [0u8; 1];
@@ -85,7 +108,7 @@ async fn read_line(stream: &mut VsockStream) -> Result<Vec<u8>, String> {
     }
 }
 
-async fn forward(mut stream: VsockStream) -> Result<(), PortForwardError> {
+async fn forward<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Result<(), PortForwardError> {
     let line = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_line(&mut stream))
         .await
         .map_err(|_| PortForwardError::Handshake("no handshake in time".into()))?
@@ -116,7 +139,10 @@ async fn forward(mut stream: VsockStream) -> Result<(), PortForwardError> {
 }
 
 /// Tells the host why, then ends the connection.
-async fn refuse(stream: &mut VsockStream, error: PortForwardError) -> Result<(), PortForwardError> {
+async fn refuse<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    error: PortForwardError,
+) -> Result<(), PortForwardError> {
     let _ = stream.write_all(format!("ERR {error}\n").as_bytes()).await;
     Err(error)
 }

@@ -53,7 +53,7 @@ fn valid_dns_entry(entry: &str) -> bool {
 }
 
 /// /proc/sys path of a sysctl, refusing names that could leave /proc/sys.
-fn sysctl_path(name: &str) -> Result<PathBuf, SandboxError> {
+pub(crate) fn sysctl_path(name: &str) -> Result<PathBuf, SandboxError> {
     let ok = !name.is_empty()
         && name.split(['.', '/']).all(|part| !part.is_empty() && part != ".." && part != ".")
         && name

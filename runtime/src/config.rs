@@ -42,14 +42,29 @@ pub struct Config {
     /// RuntimeClass handlers beside the default one (the empty name, from `[vm]` and
     /// `hypervisor`), selected by RunPodSandbox's `runtime_handler`.
     pub runtimes: std::collections::BTreeMap<String, RuntimeSection>,
+    /// A handler of the `host` backend that pods asking for a host namespace (network, PID or
+    /// IPC in NODE mode) go to when they come with the default handler; empty: they are
+    /// refused.
+    pub route_host_namespace_pods: String,
+    pub host: HostSection,
     pub metrics: MetricsSection,
+}
+
+/// Handlers of the `host` backend: pods run on the host by `podvisor-agent`, not in a VM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostSection {
+    /// The agent binary; empty: `podvisor-agent` next to the daemon, else in
+    /// /usr/share/podvisor.
+    pub agent: PathBuf,
 }
 
 /// One RuntimeClass handler: a VM flavour. Empty or zero fields take the default handler's.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeSection {
-    /// `builtin` or `qemu`; empty: the backend the daemon picked.
+    /// `builtin`, `qemu` or `host` (no VM: see [`HostSection`]); empty: the backend the
+    /// daemon picked.
     pub hypervisor: String,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
@@ -347,6 +362,8 @@ impl Default for Config {
             streaming: StreamingSection::default(),
             network: NetworkSection::default(),
             runtimes: Default::default(),
+            route_host_namespace_pods: String::new(),
+            host: HostSection::default(),
             metrics: MetricsSection::default(),
         }
     }
@@ -442,6 +459,13 @@ impl Config {
         for (name, rt) in &self.runtimes {
             self.validate_runtime(name, rt)?;
         }
+        let route = &self.route_host_namespace_pods;
+        if !route.is_empty() && self.runtimes.get(route).is_none_or(|rt| rt.hypervisor != "host") {
+            return Err(ConfigError::Invalid(format!(
+                "route_host_namespace_pods: {route:?} is not a [runtimes.<name>] handler with \
+                 hypervisor = \"host\""
+            )));
+        }
         if self.builtin.jail
             && (self.builtin.jail_first_id == 0
                 || self.builtin.jail_ids == 0
@@ -464,8 +488,8 @@ impl Config {
         if !valid_name {
             return bad("a handler name is 1-63 lowercase letters, digits or '-' (a DNS label)");
         }
-        if !matches!(rt.hypervisor.as_str(), "" | "builtin" | "qemu") {
-            return bad("hypervisor must be builtin or qemu (or empty)");
+        if !matches!(rt.hypervisor.as_str(), "" | "builtin" | "qemu" | "host") {
+            return bad("hypervisor must be builtin, qemu or host (or empty)");
         }
         if rt.vcpus > 64 {
             return bad("vcpus must be at most 64");
@@ -483,6 +507,12 @@ impl Config {
 
     pub fn initrd_path(&self) -> PathBuf {
         guest_artefact(&self.vm.initrd, "initramfs.cpio")
+    }
+
+    /// The agent the host backend runs: as configured, else beside the binary, else in
+    /// /usr/share/podvisor (where the guest's kernel and initramfs are looked for too).
+    pub fn host_agent_path(&self) -> PathBuf {
+        guest_artefact(&self.host.agent, "podvisor-agent")
     }
 }
 
@@ -504,6 +534,22 @@ fn guest_artefact(configured: &Path, name: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_namespace_pods_route_only_to_a_host_handler() {
+        let ok = "route_host_namespace_pods = \"host\"\n[host]\nagent = \"/a\"\n\
+                  [runtimes.host]\nhypervisor = \"host\"\n";
+        let c = Config::parse(ok).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.host_agent_path(), PathBuf::from("/a"));
+        for bad in [
+            "route_host_namespace_pods = \"nope\"\n",
+            "route_host_namespace_pods = \"big\"\n[runtimes.big]\nvcpus = 2\n",
+        ] {
+            let err = Config::parse(bad).unwrap().validate().unwrap_err();
+            assert!(err.to_string().contains("route_host_namespace_pods"), "{err}");
+        }
+    }
 
     #[test]
     fn runtime_handlers_parse_and_are_validated() {

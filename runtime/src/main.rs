@@ -24,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::hypervisor::builtin::{BuiltinConfig, BuiltinHypervisor, JailIds};
+use crate::hypervisor::host::{HostBackend, HostConfig};
 use crate::hypervisor::qemu::{Accel, QemuConfig, QemuHypervisor};
 use crate::hypervisor::{Hypervisor, HypervisorError, Registry};
 
@@ -222,6 +223,14 @@ fn select_hypervisor(config: &Arc<Config>) -> anyhow::Result<(Registry, String)>
         ) as Arc<dyn Hypervisor>),
         _ => builtin_backend(&factory_config)
             .map_err(|e| HypervisorError::InvalidConfig(format!("{e:#}"))),
+    });
+    let host_config = config.clone();
+    let registry = registry.with_factory(hypervisor::host::NAME, move || {
+        Ok(Arc::new(HostBackend::new(HostConfig {
+            agent_binary: host_config.host_agent_path(),
+            run_root: host_config.vms_dir(),
+            startup_timeout: std::time::Duration::from_secs(20),
+        })?) as Arc<dyn Hypervisor>)
     });
     Ok((registry, reason))
 }

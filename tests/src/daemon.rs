@@ -24,6 +24,10 @@ fn artefact(var: &str, default: &str) -> PathBuf {
 pub fn podvisor_bin() -> PathBuf {
     artefact("PODVISOR_BIN", "build/podvisor")
 }
+/// The agent binary, which the `host` handler runs on the host.
+pub fn guest_agent() -> PathBuf {
+    artefact("PODVISOR_AGENT", "build/podvisor-agent")
+}
 pub fn guest_kernel() -> PathBuf {
     artefact("PODVISOR_KERNEL", "build/vmlinux")
 }
@@ -437,10 +441,40 @@ impl Drop for TestDaemon {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+        self.kill_host_pod_cgroups();
         let mut mounts = self.mounts();
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in mounts {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+impl TestDaemon {
+    /// Kills what is left of this daemon's host-handler pods (their pause processes and
+    /// containers outlive a SIGKILLed agent) and removes their cgroups, named like their run
+    /// directories.
+    fn kill_host_pod_cgroups(&self) {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let Some(root) = mountinfo.lines().find_map(|l| {
+            let (fields, fs) = l.split_once(" - ")?;
+            fs.starts_with("cgroup2 ").then(|| fields.split(' ').nth(4).map(PathBuf::from))?
+        }) else {
+            return;
+        };
+        for entry in std::fs::read_dir(self.state().join("vms")).into_iter().flatten().flatten() {
+            let cgroup = root.join("podvisor-host").join(entry.file_name());
+            if std::fs::write(cgroup.join("cgroup.kill"), "1").is_err() {
+                continue;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = std::fs::remove_dir(cgroup.join("agent"));
+            let children = std::fs::read_dir(cgroup.join("podvisor")).into_iter().flatten();
+            for child in children.flatten() {
+                let _ = std::fs::remove_dir(child.path());
+            }
+            let _ = std::fs::remove_dir(cgroup.join("podvisor"));
+            let _ = std::fs::remove_dir(&cgroup);
         }
     }
 }

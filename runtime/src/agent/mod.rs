@@ -25,8 +25,8 @@ use crate::hypervisor::GuestConnector;
 /// The guest's side of the protocol that the other host layers need: the vsock ports the agent
 /// serves and announces itself on, and where it mounts the pod's shares.
 pub use podvisor_proto::{
-    AGENT_READY_VSOCK_PORT, AGENT_VSOCK_PORT, GUEST_SHARED_DIR, GUEST_VOLUME_DIR, SHARED_FS_TAG,
-    VOLUME_FS_TAG,
+    AGENT_READY_VSOCK_PORT, AGENT_VSOCK_PORT, GUEST_SHARED_DIR, GUEST_VOLUME_DIR,
+    PORT_FORWARD_VSOCK_PORT, SHARED_FS_TAG, VOLUME_FS_TAG,
 };
 
 /// A connection to `localhost:<port>` in the guest, for port-forward: a vsock connection of

@@ -35,6 +35,7 @@ pub fn code(e: &SandboxError) -> Code {
         E::MountSourceMissing(_)
         | E::LimitExceedsVm { .. }
         | E::UnknownHandler { .. }
+        | E::HostNamespaceInVm { .. }
         | E::VmTooLarge { .. }
         | E::PodOutgrowsVm { .. } => Code::InvalidArgument,
         E::Spec(

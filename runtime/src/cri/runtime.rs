@@ -484,6 +484,13 @@ impl RuntimeService for RuntimeServiceImpl {
         if req.into_inner().verbose {
             info.insert("hypervisor".to_string(), self.manager.hypervisor_name().to_string());
             info.insert("hypervisorReason".to_string(), self.backend_reason.clone());
+            // Which handlers are VMs and which run pods on the host.
+            let backends: serde_json::Map<String, serde_json::Value> =
+                self.manager.handler_backends().into_iter().map(|(n, b)| (n, b.into())).collect();
+            info.insert(
+                "runtimeHandlerBackends".to_string(),
+                serde_json::Value::Object(backends).to_string(),
+            );
         }
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),

@@ -8,6 +8,7 @@
 pub mod builtin;
 #[cfg(test)]
 pub mod fake;
+pub mod host;
 pub(crate) mod process;
 pub mod qemu;
 pub mod registry;
@@ -59,6 +60,12 @@ pub enum HypervisorError {
     ExitedBeforeReady,
     #[error("control request to the VMM: {0}")]
     Control(String),
+    #[error("the host pod's agent did not listen on {path} within {timeout:?}")]
+    HostAgentNotReady { path: PathBuf, timeout: Duration },
+    #[error("connecting to the host pod's agent at {path}: {source}")]
+    HostAgentConnect { path: PathBuf, source: std::io::Error },
+    #[error("a host pod's agent serves no port {port} (only the agent and port-forward)")]
+    NoHostPort { port: u32 },
 }
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
@@ -140,6 +147,21 @@ pub struct VmSpec {
     pub shared_dirs: Vec<SharedDir>,
     pub block_devices: Vec<BlockDevice>,
     pub net_devices: Vec<NetDevice>,
+    /// The pod's network namespace, for a backend that runs the pod on the host (a VM gets a
+    /// tap in it instead). None: no CNI network.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// The host namespaces the pod shares; only the host backend can give them.
+    #[serde(default)]
+    pub host_namespaces: HostNamespaces,
+}
+
+/// Which of the host's namespaces a pod on the host backend shares (CRI NODE mode); the PID
+/// namespace is the agent's business (it stays in the host's, and starts the pod's own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostNamespaces {
+    pub network: bool,
+    pub ipc: bool,
 }
 
 /// Everything a backend needs to boot one sandbox VM: the spec placed in a run directory.

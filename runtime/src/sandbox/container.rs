@@ -444,6 +444,10 @@ impl SandboxManager {
     /// A memory limit above the VM's memory would never be reached: the VM would run out
     /// first, and its OOM killer pick any process. Refuse it.
     fn check_fits_vm(&self, resources: &Resources, sandbox: &SandboxRecord) -> Result<()> {
+        // A host pod has no VM to outgrow.
+        if sandbox.vm.as_ref().is_some_and(|vm| vm.backend == crate::hypervisor::host::NAME) {
+            return Ok(());
+        }
         let vm_mib = sandbox.vm_size.map_or(self.config.vm.memory_mib, |s| s.memory_mib);
         if resources.memory_limit_bytes > i64::from(vm_mib) * 1024 * 1024 {
             return Err(SandboxError::LimitExceedsVm {

@@ -38,6 +38,12 @@ pub enum SandboxError {
     MountSourceMissing(String),
     #[error("runtime handler {name:?} is not configured; known handlers: {known}")]
     UnknownHandler { name: String, known: String },
+    #[error(
+        "config.linux.security_context.namespace_options.{field}: NODE (the host's namespace) is \
+         not supported by a VM sandbox; run the pod on a handler with hypervisor = \"host\" (or \
+         set route_host_namespace_pods)"
+    )]
+    HostNamespaceInVm { field: &'static str },
     #[error("the pod asks for a VM of {vcpus} vCPUs and {memory_mib} MiB; at most {max_vcpus} vCPUs and {max_mib} MiB")]
     VmTooLarge { vcpus: u32, memory_mib: u32, max_vcpus: u32, max_mib: u32 },
     #[error(

@@ -8,8 +8,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::types::PodSpec;
+use super::types::{NamespaceMode, PodSpec};
 use crate::config::Config;
+use crate::hypervisor::host;
 
 /// Smallest VM a pod that asks for little memory gets: the guest kernel and agent need room.
 pub const MIN_VM_MIB: u32 = 128;
@@ -90,6 +91,31 @@ impl Handler {
         })
     }
 
+    /// Whether its pods run on the host itself (the `host` backend), not in a VM.
+    pub fn on_host(&self) -> bool {
+        self.backend.as_deref() == Some(host::NAME)
+    }
+
+    /// The handler `pod` runs on: the one it names, except that a pod asking for a host
+    /// namespace with the default handler goes to `route_host_namespace_pods` if configured.
+    pub fn routed_name(config: &Config, pod: &PodSpec) -> String {
+        let route = &config.route_host_namespace_pods;
+        if pod.runtime_handler.is_empty() && !route.is_empty() && host_namespace(pod).is_some() {
+            return route.clone();
+        }
+        pod.runtime_handler.clone()
+    }
+
+    /// The first host namespace `pod` asks for that this handler cannot give (a VM has none of
+    /// the host's), by its CRI field name.
+    pub fn refused_namespace(&self, pod: &PodSpec) -> Option<&'static str> {
+        if self.on_host() {
+            None
+        } else {
+            host_namespace(pod)
+        }
+    }
+
     /// Every handler's name, the default (empty) first.
     pub fn names(config: &Config) -> Vec<String> {
         std::iter::once(String::new()).chain(config.runtimes.keys().cloned()).collect()
@@ -111,6 +137,15 @@ impl Handler {
         };
         VmSize { vcpus, memory_mib }
     }
+}
+
+/// The first namespace (network, PID, IPC) `pod` wants to share with the host.
+fn host_namespace(pod: &PodSpec) -> Option<&'static str> {
+    let ns = pod.namespaces;
+    [("network", ns.network), ("pid", ns.pid), ("ipc", ns.ipc)]
+        .into_iter()
+        .find(|(_, mode)| *mode == NamespaceMode::Node)
+        .map(|(field, _)| field)
 }
 
 #[cfg(test)]
@@ -139,6 +174,29 @@ mod tests {
         assert_eq!(small.backend.as_deref(), Some("qemu"));
         assert_eq!(small.kernel, Handler::resolve(&c, "").unwrap().kernel);
         assert!(Handler::resolve(&c, "nope").is_none());
+    }
+
+    #[test]
+    fn host_namespace_pods_are_routed_to_the_host_handler_if_configured() {
+        let mut c = config();
+        c.runtimes.insert(
+            "host".into(),
+            crate::config::RuntimeSection { hypervisor: "host".into(), ..Default::default() },
+        );
+        let mut pod = PodSpec::default();
+        pod.namespaces.pid = NamespaceMode::Node;
+        assert_eq!(Handler::routed_name(&c, &pod), "");
+        let vm = Handler::resolve(&c, "").unwrap();
+        assert_eq!(vm.refused_namespace(&pod), Some("pid"));
+        c.route_host_namespace_pods = "host".into();
+        assert_eq!(Handler::routed_name(&c, &pod), "host");
+        let host = Handler::resolve(&c, "host").unwrap();
+        assert!(host.on_host() && !vm.on_host());
+        assert_eq!(host.refused_namespace(&pod), None);
+        // A pod that names its handler keeps it; one without host namespaces is not routed.
+        pod.runtime_handler = "big".into();
+        assert_eq!(Handler::routed_name(&c, &pod), "big");
+        assert_eq!(Handler::routed_name(&c, &PodSpec::default()), "");
     }
 
     #[test]

@@ -186,6 +186,16 @@ impl SandboxManager {
         handlers::Handler::names(&self.config)
     }
 
+    /// Each handler's backend (`qemu`, `builtin`, `host`), for verbose Status.
+    pub fn handler_backends(&self) -> Vec<(String, String)> {
+        let default = self.hypervisor_name().to_string();
+        handlers::Handler::names(&self.config)
+            .into_iter()
+            .filter_map(|name| handlers::Handler::resolve(&self.config, &name))
+            .map(|h| (h.name, h.backend.unwrap_or_else(|| default.clone())))
+            .collect()
+    }
+
     /// Lifecycle events from now on.
     pub fn subscribe_events(&self) -> tokio::sync::broadcast::Receiver<events::LifecycleEvent> {
         self.events.subscribe()

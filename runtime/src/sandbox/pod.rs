@@ -10,9 +10,9 @@ use tracing::{info, warn};
 use super::handlers::{Handler, VmSize, MAX_VCPUS, MAX_VM_MIB};
 use super::*;
 use crate::agent::SandboxSetup;
-use crate::hypervisor::{VmHandle, VmSpec};
+use crate::hypervisor::{HostNamespaces, VmHandle, VmSpec};
 use crate::metrics::{self, PodStartPhase};
-use crate::resource::network::{AttachedNetwork, NetworkRequest};
+use crate::resource::network::{NetworkRecord, NetworkRequest};
 use crate::resource::ShareLayout;
 
 /// How long a VM may take to stop before it is killed.
@@ -26,11 +26,15 @@ const CONSOLE_HEAD_BYTES: u64 = 256 * 1024;
 
 impl SandboxManager {
     /// RunPodSandbox: boots the pod's VM and prepares it. Returns the sandbox id.
-    pub async fn run_sandbox(self: &Arc<Self>, pod: PodSpec) -> Result<String> {
+    pub async fn run_sandbox(self: &Arc<Self>, mut pod: PodSpec) -> Result<String> {
         let arrived = std::time::Instant::now();
+        pod.runtime_handler = Handler::routed_name(&self.config, &pod);
         let handler = self.handler(&pod.runtime_handler)?;
+        if let Some(field) = handler.refused_namespace(&pod) {
+            return Err(SandboxError::HostNamespaceInVm { field });
+        }
         let size = handler.vm_size(&pod);
-        if size.memory_mib > MAX_VM_MIB || size.vcpus > MAX_VCPUS {
+        if !handler.on_host() && (size.memory_mib > MAX_VM_MIB || size.vcpus > MAX_VCPUS) {
             return Err(SandboxError::VmTooLarge {
                 vcpus: size.vcpus,
                 memory_mib: size.memory_mib,
@@ -119,6 +123,10 @@ impl SandboxManager {
     pub async fn update_pod_resources(&self, id: &str, demand: PodDemand) -> Result<()> {
         let rec = self.sandbox(id)?;
         let handler = self.handler(&rec.runtime_handler)?;
+        if handler.on_host() {
+            // No VM: the pod's containers' own limits are all there is.
+            return Ok(());
+        }
         let vm = rec.vm_size.unwrap_or(VmSize {
             vcpus: self.config.vm.vcpus,
             memory_mib: self.config.vm.memory_mib,
@@ -168,7 +176,14 @@ impl SandboxManager {
         let rec = self.sandbox(id)?;
         let resources = self.resources(&rec);
         resources.create()?;
-        let network = self.attach_network(id, pod).await?;
+        // A host pod joins its CNI namespace itself (no tap); a hostNetwork one has none.
+        let wants_network = !(handler.on_host() && pod.namespaces.network == NamespaceMode::Node);
+        let network_record =
+            if wants_network { self.connect_network(id, pod).await? } else { None };
+        let network = match &network_record {
+            Some(record) if !handler.on_host() => Some(self.networks.attach(record).await?),
+            _ => None,
+        };
         phases.lap(PodStartPhase::Network);
         let mut net_devices = resources.net_devices();
         net_devices.extend(network.as_ref().map(|n| n.net_device.clone()));
@@ -188,6 +203,11 @@ impl SandboxManager {
             shared_dirs: resources.shared_dirs(),
             block_devices: resources.block_devices(),
             net_devices,
+            netns: network_record.as_ref().map(|n| n.netns.clone()),
+            host_namespaces: HostNamespaces {
+                network: pod.namespaces.network == NamespaceMode::Node,
+                ipc: pod.namespaces.ipc == NamespaceMode::Node,
+            },
         };
         let vm = match hypervisor.start(&prepared, &spec).await {
             Ok(vm) => vm,
@@ -224,8 +244,12 @@ impl SandboxManager {
                 pod_pid_namespace: pod.namespaces.pid == NamespaceMode::Pod,
             })
             .await?;
-        if let Some(network) = network {
-            let mut setup = network.guest;
+        // A host pod's interfaces are CNI's as they are: it gets only the hosts lines.
+        let setup = match network {
+            Some(network) => Some(network.guest),
+            None => network_record.map(|_| crate::agent::NetworkSetup::default()),
+        };
+        if let Some(mut setup) = setup {
             // As CRI-O writes it: the pod's own addresses resolve to its hostname.
             setup.hosts = self
                 .sandbox(id)?
@@ -240,9 +264,9 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// Attaches the pod to the CNI network (unless networking is off) and wires the tap its
-    /// VM will use. What DEL needs is persisted before anything is created.
-    async fn attach_network(&self, id: &str, pod: &PodSpec) -> Result<Option<AttachedNetwork>> {
+    /// Attaches the pod's namespace to the CNI network (unless networking is off); a VM's tap
+    /// is wired into it afterwards. What DEL needs is persisted before anything is created.
+    async fn connect_network(&self, id: &str, pod: &PodSpec) -> Result<Option<NetworkRecord>> {
         if !self.networks.enabled() {
             return Ok(None);
         }
@@ -262,8 +286,7 @@ impl SandboxManager {
                 n.result = Some(result);
             }
         })?;
-        let record = rec.network.as_ref().unwrap_or(&plan);
-        Ok(Some(self.networks.attach(record).await?))
+        Ok(Some(rec.network.unwrap_or(plan)))
     }
 
     /// CNI CHECK of a re-attached pod, in the background: a network that changed under a
