@@ -37,9 +37,9 @@ fn allowed_ioctls() -> [u64; 9] {
         KVM_IRQ_LINE(),
         KVM_IRQFD(),
         KVM_IOEVENTFD(),
-        libc::FIONBIO as u64,
-        libc::FIOCLEX as u64,
-        libc::TCGETS as u64,
+        libc::FIONBIO,
+        libc::FIOCLEX,
+        libc::TCGETS,
         0x4004_54d0, // TUNSETOFFLOAD
         0x4004_54d8, // TUNSETVNETHDRSZ
     ]
