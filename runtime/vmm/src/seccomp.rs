@@ -282,14 +282,17 @@ mod tests {
     /// Only AF_UNIX sockets, and only the VMM's ioctl requests, pass the filter.
     #[test]
     fn socket_families_and_ioctl_requests_are_filtered_by_argument() {
-        // SAFETY (all closures): raw syscalls with integer arguments on fds the child owns.
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
         let unix_socket = || unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) >= 0 };
         assert_eq!(exit_code_under_vcpu_filter(unix_socket), 0);
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
         let inet_socket = || unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) >= 0 };
         assert_eq!(exit_code_under_vcpu_filter(inet_socket), SECCOMP_EXIT_CODE);
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
         let vsock_socket = || unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) >= 0 };
         assert_eq!(exit_code_under_vcpu_filter(vsock_socket), SECCOMP_EXIT_CODE);
         // FIONBIO (std's set_nonblocking) is allowed; on stdin it may fail, it is not trapped.
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
         let fionbio = || unsafe {
             let mut on: libc::c_int = 1;
             libc::ioctl(0, libc::FIONBIO, &mut on);
@@ -297,11 +300,13 @@ mod tests {
         };
         assert_eq!(exit_code_under_vcpu_filter(fionbio), 0);
         // KVM_CREATE_VM (_IO(0xAE, 0x01)) and TIOCSTI are not: the running VMM makes neither.
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
         let create_vm = || unsafe {
             libc::ioctl(0, 0xAE01);
             true
         };
         assert_eq!(exit_code_under_vcpu_filter(create_vm), SECCOMP_EXIT_CODE);
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
         let tiocsti = || unsafe {
             let c = b'x';
             libc::ioctl(0, libc::TIOCSTI, &c);
