@@ -18,7 +18,17 @@ VIRTIOFSD_VERSION := 1.14.0
 KUBERNETES_PY_VERSION := 37.0.2
 PY_VENV := $(PODVISOR_CACHE)/venv
 
-.PHONY: all deps kernel guest build build-debug run test lint unit e2e bench clean cni-config soak load
+# cargo-fuzz targets (fuzz/): `make fuzz-smoke` runs each briefly (part of `make test`),
+# `make fuzz FUZZ_SECONDS=3600` for long runs. Seeds are in fuzz/corpus/<target> (in-tree,
+# read-only); what a run finds goes to target/fuzz/corpus/<target>, crashes to fuzz/artifacts/.
+FUZZ_TARGETS := virtqueue_block virtqueue_net virtqueue_vsock vsock_muxer layer_unpack \
+	image_import image_reference cri_log_writer
+FUZZ_SECONDS ?= 600
+FUZZ_SMOKE_SECONDS ?= 20
+CARGO_FUZZ_VERSION := 0.13.2
+
+.PHONY: all deps kernel guest build build-debug run test lint unit e2e bench clean cni-config \
+	soak load fuzz fuzz-smoke
 
 all: build kernel guest
 
@@ -31,6 +41,9 @@ deps:
 	fi
 	@command -v vhost-device-vsock >/dev/null || cargo install --locked --root /usr/local vhost-device-vsock --version $(VHOST_DEVICE_VSOCK_VERSION)
 	@command -v virtiofsd >/dev/null || cargo install --locked --root /usr/local virtiofsd --version $(VIRTIOFSD_VERSION)
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal || \
+		echo "deps: no nightly toolchain could be installed: make fuzz needs one, make fuzz-smoke will skip"
+	@command -v cargo-fuzz >/dev/null || cargo install --locked --root /usr/local cargo-fuzz --version $(CARGO_FUZZ_VERSION)
 	@$(PY_VENV)/bin/python3 -c 'import sys, kubernetes; sys.exit(kubernetes.__version__ != "$(KUBERNETES_PY_VERSION)")' 2>/dev/null || \
 		{ /usr/bin/python3 -m venv $(PY_VENV) && $(PY_VENV)/bin/pip install -q kubernetes==$(KUBERNETES_PY_VERSION); }
 
@@ -70,8 +83,22 @@ lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
+## fuzz: every fuzz target for FUZZ_SECONDS each (nightly, libFuzzer + AddressSanitizer).
+fuzz: deps
+	@cd fuzz && for t in $(FUZZ_TARGETS); do \
+		mkdir -p ../target/fuzz/corpus/$$t && \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s" && \
+		cargo +nightly fuzz run --target-dir ../target/fuzz -O $$t ../target/fuzz/corpus/$$t corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=1024 -print_final_stats=1 || exit 1; \
+	done
+
+## fuzz-smoke: each fuzz target briefly (part of `make test`).
+fuzz-smoke:
+	@if rustup toolchain list | grep -q '^nightly'; then $(MAKE) fuzz FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS); \
+	else echo "fuzz-smoke: SKIPPED, no nightly toolchain on this machine (cargo-fuzz needs one)"; fi
+
 ## test: the same set-up, then every test (unit, agent-on-host, device models, KVM, e2e).
-test: build-debug kernel guest lint
+test: build-debug kernel guest lint fuzz-smoke
 	PODVISOR_REQUIRE_E2E=1 PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux \
 		PODVISOR_INITRD=$(BUILD)/initramfs.cpio PODVISOR_INITRAMFS=$(BUILD)/initramfs.cpio \
 		PODVISOR_AGENT=$(BUILD)/podvisor-agent PODVISOR_PYTHON=$(PY_VENV)/bin/python3 \

@@ -178,6 +178,13 @@ pub struct QemuSection {
     pub accel: String,
     pub vhost_device_vsock: PathBuf,
     pub virtiofsd: PathBuf,
+    /// Run QEMU, vhost-device-vsock and the console copier each as the VM's own uid (from
+    /// `builtin.jail_first_id`/`jail_ids`, shared with the built-in VMM), confined (needs the
+    /// daemon to run as root).
+    pub jail: bool,
+    /// Whether QEMU may run VMs under TCG (what `accel = "auto"` picks without usable KVM):
+    /// QEMU does not treat TCG as a security boundary. `false` refuses to start the backend.
+    pub allow_tcg: bool,
 }
 
 /// The built-in VMM's confinement.
@@ -391,6 +398,8 @@ impl Default for QemuSection {
             accel: "auto".into(),
             vhost_device_vsock: PathBuf::from("vhost-device-vsock"),
             virtiofsd: PathBuf::from("virtiofsd"),
+            jail: true,
+            allow_tcg: true,
         }
     }
 }
@@ -466,7 +475,7 @@ impl Config {
                  hypervisor = \"host\""
             )));
         }
-        if self.builtin.jail
+        if (self.builtin.jail || self.qemu.jail)
             && (self.builtin.jail_first_id == 0
                 || self.builtin.jail_ids == 0
                 || self.builtin.jail_first_id.checked_add(self.builtin.jail_ids).is_none())

@@ -53,6 +53,26 @@ enum Command {
     /// daemon, one process per QEMU VM).
     #[command(hide = true)]
     ConsoleLog(ConsoleLogArgs),
+    /// Run a VM helper (QEMU, vhost-device-vsock) confined: as its pod's uid, without
+    /// capabilities, in a mount namespace showing only the given paths (started by the daemon).
+    #[command(hide = true)]
+    JailExec(JailExecArgs),
+}
+
+#[derive(clap::Args)]
+struct JailExecArgs {
+    /// `<uid>:<gid>` to run as (not root).
+    #[arg(long)]
+    ids: String,
+    /// An empty directory for the jail's root.
+    #[arg(long)]
+    root: PathBuf,
+    /// A host path visible inside the jail (repeatable).
+    #[arg(long)]
+    bind: Vec<PathBuf>,
+    /// The program and its arguments.
+    #[arg(required = true, last = true)]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(clap::Args)]
@@ -69,6 +89,12 @@ struct ConsoleLogArgs {
     /// Past this size only the log's newest half is kept.
     #[arg(long)]
     max_bytes: u64,
+    /// Once the pipe and the log are open, run as `<uid>:<gid>` in an empty jail.
+    #[arg(long)]
+    jail: Option<String>,
+    /// The jail's root (an empty directory), with `--jail`.
+    #[arg(long)]
+    jail_root: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -143,11 +169,19 @@ fn main() -> ExitCode {
         },
         Command::Vmm { args } => podvisor_vmm::main_with_args(args),
         Command::ConsoleLog(args) => {
+            let jail = match console_jail(args.jail.as_deref(), args.jail_root.clone()) {
+                Ok(jail) => jail,
+                Err(e) => {
+                    eprintln!("podvisor console-log: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let args = hypervisor::qemu::console::HelperArgs {
                 run_dir: args.run_dir,
                 input_fd: args.input_fd,
                 output: args.output,
                 max_bytes: args.max_bytes,
+                jail,
             };
             match hypervisor::qemu::console::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -157,6 +191,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::JailExec(args) => match jail_exec(args) {
+            Ok(never) => match never {},
+            Err(e) => {
+                eprintln!("podvisor jail-exec: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Daemon(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
@@ -174,6 +215,25 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The console copier's `--jail U:G --jail-root R`: an empty jail (it needs only its fds).
+fn console_jail(
+    ids: Option<&str>,
+    root: Option<PathBuf>,
+) -> anyhow::Result<Option<hypervisor::confine::HelperJail>> {
+    let Some(ids) = ids else { return Ok(None) };
+    let (uid, gid) = podvisor_vmm::jail::parse_ids(ids)?;
+    let root = root.context("--jail needs --jail-root")?;
+    Ok(Some(hypervisor::confine::HelperJail { uid, gid, root, binds: Vec::new() }))
+}
+
+/// `podvisor jail-exec`: becomes the given program, jailed.
+fn jail_exec(args: JailExecArgs) -> anyhow::Result<std::convert::Infallible> {
+    let (uid, gid) = podvisor_vmm::jail::parse_ids(&args.ids)?;
+    let (program, rest) = args.command.split_first().context("no program to run")?;
+    let jail = hypervisor::confine::HelperJail { uid, gid, root: args.root, binds: args.bind };
+    Ok(hypervisor::confine::exec_jailed(&jail, std::path::Path::new(program), rest)?)
 }
 
 fn load_config(args: &DaemonArgs) -> anyhow::Result<Config> {
@@ -194,8 +254,9 @@ fn load_config(args: &DaemonArgs) -> anyhow::Result<Config> {
 /// Picks the backend new pods run on: the configured one, or with `auto` the built-in VMM
 /// where KVM can boot a Linux guest and QEMU otherwise. Returns the registry (which can also
 /// build the other backend, for pods a previous daemon started on it) with the reason, for
-/// the log and Status.
-fn select_hypervisor(config: &Arc<Config>) -> anyhow::Result<(Registry, String)> {
+/// the log and Status, and a warning when the default backend's VMs are no security boundary
+/// (QEMU under TCG).
+fn select_hypervisor(config: &Arc<Config>) -> anyhow::Result<(Registry, String, Option<String>)> {
     let caps = check::HostCapabilities::detect();
     let (name, reason) = match config.hypervisor.as_str() {
         "builtin" => ("builtin", "configured: hypervisor = \"builtin\"".to_string()),
@@ -205,15 +266,24 @@ fn select_hypervisor(config: &Arc<Config>) -> anyhow::Result<(Registry, String)>
             (None, reason) => anyhow::bail!("no hypervisor backend can run on this host: {reason}"),
         },
     };
-    let (default, reason) = if name == "builtin" {
-        (builtin_backend(config)?, reason)
+    let (default, reason, warning) = if name == "builtin" {
+        (builtin_backend(config)?, reason, None)
     } else {
         let qemu = qemu_backend(config)?;
         let (resolved, why) = qemu.accel();
         let reason = format!("{reason}; accel {} ({why})", resolved.as_str());
-        (Arc::new(qemu) as Arc<dyn Hypervisor>, reason)
+        let warning = (resolved == hypervisor::qemu::ResolvedAccel::Tcg).then(|| {
+            "QEMU runs VMs under TCG, which QEMU does not treat as a security boundary: a guest \
+             that escapes TCG's emulation runs as its VM's confined uid on the host; set \
+             qemu.allow_tcg = false to refuse TCG"
+                .to_string()
+        });
+        (Arc::new(qemu) as Arc<dyn Hypervisor>, reason, warning)
     };
     info!(backend = name, reason = %reason, "hypervisor selected");
+    if let Some(warning) = &warning {
+        warn!("{warning}");
+    }
     let other = if name == "builtin" { "qemu" } else { "builtin" };
     let factory_config = config.clone();
     let registry = Registry::new(default).with_factory(other, move || match other {
@@ -232,7 +302,7 @@ fn select_hypervisor(config: &Arc<Config>) -> anyhow::Result<(Registry, String)>
             startup_timeout: std::time::Duration::from_secs(20),
         })?) as Arc<dyn Hypervisor>)
     });
-    Ok((registry, reason))
+    Ok((registry, reason, warning))
 }
 
 fn builtin_backend(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
@@ -261,7 +331,18 @@ fn qemu_backend(config: &Config) -> anyhow::Result<QemuHypervisor> {
         "tcg" => Accel::Tcg,
         _ => Accel::Auto,
     };
+    let jail = config
+        .qemu
+        .jail
+        .then_some(JailIds { first: config.builtin.jail_first_id, count: config.builtin.jail_ids });
+    if jail.is_some() && !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "confining QEMU needs the daemon to run as root (or set qemu.jail = false in the config)"
+        );
+    }
     Ok(QemuHypervisor::new(QemuConfig {
+        jail,
+        allow_tcg: config.qemu.allow_tcg,
         qemu_binary: config.qemu.binary.clone(),
         vhost_vsock_binary: config.qemu.vhost_device_vsock.clone(),
         virtiofsd_binary: config.qemu.virtiofsd.clone(),
@@ -317,7 +398,7 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             warn!(path = %path.display(), "guest {what} not found: pods cannot start (run `make kernel guest`, or set vm.{what})");
         }
     }
-    let (hypervisors, backend_reason) = select_hypervisor(&config)?;
+    let (hypervisors, backend_reason, isolation_warning) = select_hypervisor(&config)?;
     // Held for the daemon's life: `podvisor images` then goes through images.sock.
     let root = config.root.clone();
     let _store_lock = tokio::task::spawn_blocking(move || images::control::lock_for_daemon(&root))
@@ -349,8 +430,12 @@ async fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     info!(socket = %config.listen.display(), root = %config.root.display(), state = %config.state.display(), "podvisor serving CRI runtime.v1");
 
     let streaming = streaming::StreamingServer::start(&config.streaming, manager.clone()).await?;
-    let runtime_service =
-        cri::runtime::RuntimeServiceImpl::new(manager.clone(), streaming, backend_reason);
+    let runtime_service = cri::runtime::RuntimeServiceImpl::new(
+        manager.clone(),
+        streaming,
+        backend_reason,
+        isolation_warning,
+    );
     let image_service = image_store.cri_service(Arc::new(manager.clone()));
     let shutdown = async {
         let mut term =

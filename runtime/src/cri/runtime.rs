@@ -26,6 +26,8 @@ pub struct RuntimeServiceImpl {
     streaming: Arc<StreamingServer>,
     /// Which hypervisor backend runs pods and why (Status verbose info).
     backend_reason: String,
+    /// Why the default backend's VMs are no security boundary (QEMU under TCG), if they are not.
+    isolation_warning: Option<String>,
 }
 
 impl RuntimeServiceImpl {
@@ -33,8 +35,9 @@ impl RuntimeServiceImpl {
         manager: Arc<SandboxManager>,
         streaming: Arc<StreamingServer>,
         backend_reason: String,
+        isolation_warning: Option<String>,
     ) -> Self {
-        Self { manager, streaming, backend_reason }
+        Self { manager, streaming, backend_reason, isolation_warning }
     }
 
     /// The URL of a streaming request on a running container.
@@ -479,6 +482,7 @@ impl RuntimeService for RuntimeServiceImpl {
                 message: String::new(),
             },
             network_condition(self.manager.network_ready()),
+            isolation_condition(self.isolation_warning.as_deref()),
         ];
         let mut info = HashMap::new();
         if req.into_inner().verbose {
@@ -491,6 +495,9 @@ impl RuntimeService for RuntimeServiceImpl {
                 "runtimeHandlerBackends".to_string(),
                 serde_json::Value::Object(backends).to_string(),
             );
+            if let Some(warning) = &self.isolation_warning {
+                info.insert("hypervisorWarning".to_string(), warning.clone());
+            }
         }
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),
@@ -608,6 +615,16 @@ impl RuntimeService for RuntimeServiceImpl {
 }
 
 /// Status' NetworkReady condition.
+/// `VMIsolation`: false (with the reason) when pods' VMs are no security boundary. kubelet
+/// looks only at RuntimeReady and NetworkReady, so this informs without taking the node down.
+fn isolation_condition(warning: Option<&str>) -> cri::RuntimeCondition {
+    let (status, reason, message) = match warning {
+        None => (true, String::new(), String::new()),
+        Some(why) => (false, "TCGIsNotASecurityBoundary".to_string(), why.to_string()),
+    };
+    cri::RuntimeCondition { r#type: "VMIsolation".into(), status, reason, message }
+}
+
 fn network_condition(ready: Result<(), String>) -> cri::RuntimeCondition {
     let (status, reason, message) = match ready {
         Ok(()) => (true, String::new(), String::new()),

@@ -77,7 +77,7 @@ pub struct JailIds {
 /// directories, which their jailed VMMs own), so every running VMM has its own uid. The search
 /// starts at a point derived from `sandbox_id` to keep ids stable-looking and spread.
 /// Callers serialise calls (the ownership is the allocation record, and survives restarts).
-fn assign_jail_id(run_dir: &Path, sandbox_id: &str, ids: JailIds) -> Result<u32> {
+pub(super) fn assign_jail_id(run_dir: &Path, sandbox_id: &str, ids: JailIds) -> Result<u32> {
     use std::os::unix::fs::MetadataExt;
     let run_dir_err = |path: &Path| {
         let path = path.to_path_buf();

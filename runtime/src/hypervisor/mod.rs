@@ -6,6 +6,7 @@
 //! agent (see [`vsock`]). Backends are looked up by name in a [`Registry`].
 
 pub mod builtin;
+pub mod confine;
 #[cfg(test)]
 pub mod fake;
 pub mod host;
@@ -259,6 +260,16 @@ impl RunRoot {
             return Err(HypervisorError::RunDirTooLong { path: self.0.clone() });
         }
         Ok(dir)
+    }
+
+    /// The (empty, root's) directory jailed helpers mount their root on, each in its own mount
+    /// namespace: `<state>/jail-root`, beside the run directories (which belong to the VMs'
+    /// uids, so a helper could swap anything inside its own) rather than among them.
+    pub fn jail_root(&self) -> PathBuf {
+        match self.0.parent() {
+            Some(state) => state.join("jail-root"),
+            None => self.0.join(".jail-root"),
+        }
     }
 
     /// Makes the run directory (private) and binds the agent-ready listener in it.

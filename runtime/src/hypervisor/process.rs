@@ -28,12 +28,27 @@ pub fn virtiofs_socket(run_dir: &Path, tag: &str) -> PathBuf {
 }
 
 /// virtiofsd's arguments for one shared directory (no `--tag`: QEMU 7.2 warns about it).
+///
+/// virtiofsd stays root, as Kata runs it: it serves files of every owner in the image and the
+/// volumes (as their owners: it switches fsuid/fsgid and needs CAP_CHOWN, CAP_DAC_OVERRIDE,
+/// CAP_FOWNER, CAP_FSETID, CAP_SETUID/SETGID, CAP_MKNOD), which an unprivileged uid in a user
+/// namespace could only do for the ids mapped into it, and the host's files keep their real
+/// owners. Its own sandbox confines it instead: `--sandbox=namespace` (new mount, pid and
+/// network namespaces, the shared directory as its root, so nothing else on the host is
+/// reachable) and `--seccomp=kill` (its allowlist). Both are virtiofsd's defaults, spelled
+/// out so that a changed default cannot loosen them.
 pub fn virtiofsd_args(run_dir: &Path, dir: &SharedDir) -> Vec<OsString> {
     let mut socket = OsString::from("--socket-path=");
     socket.push(virtiofs_socket(run_dir, &dir.tag));
     let mut shared = OsString::from("--shared-dir=");
     shared.push(&dir.host_path);
-    let mut args = vec![socket, shared, format!("--cache={}", dir.cache).into()];
+    let mut args = vec![
+        socket,
+        shared,
+        format!("--cache={}", dir.cache).into(),
+        "--sandbox=namespace".into(),
+        "--seccomp=kill".into(),
+    ];
     if dir.read_only {
         args.push("--readonly".into());
     }

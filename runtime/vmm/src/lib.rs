@@ -16,6 +16,9 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod devices;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guest_program;
 pub mod host;
 pub mod jail;

@@ -6,10 +6,76 @@
 //!
 //! Everything else hits the mismatch action: by default SIGSYS, whose handler prints the
 //! syscall number and exits with [`SECCOMP_EXIT_CODE`].
+//!
+//! Three syscalls are allowed only with certain arguments ([`argument_rules`]): `socket` only
+//! for `AF_UNIX` (so `connect`, whose address is a pointer a filter cannot read, can only
+//! reach unix sockets: the VMM holds no other socket), and `ioctl` only with the requests the
+//! running VMM makes (`KVM_RUN`, interrupt and eventfd wiring, `FIONBIO`, the tap's offload
+//! settings, `TCGETS`, and the `KVM_GET_*` state reads of a snapshot). Everything set up before the filter (VM creation, memory regions,
+//! registers, CPUID) is not among them.
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+const KVMIO: u32 = 0xAE;
+ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_bindings::kvm_irq_level);
+ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_bindings::kvm_irqfd);
+ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_bindings::kvm_ioeventfd);
+// What a snapshot of the running VM reads (see `snapshot::kvm_state`); nothing sets state
+// after the filter is in place (a restore does that before).
+ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
+ioctl_iowr_nr!(KVM_GET_MSR_INDEX_LIST, KVMIO, 0x02, kvm_bindings::kvm_msr_list);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_bindings::kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_bindings::kvm_pit_state2);
+ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_bindings::kvm_regs);
+ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_bindings::kvm_sregs);
+ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_bindings::kvm_msrs);
+ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
+ioctl_iowr_nr!(KVM_GET_CPUID2, KVMIO, 0x91, kvm_bindings::kvm_cpuid2);
+ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_bindings::kvm_mp_state);
+ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_bindings::kvm_vcpu_events);
+ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_bindings::kvm_debugregs);
+ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_bindings::kvm_xsave);
+ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
+
+/// The ioctl requests a running VMM makes: the vCPU loop, interrupt/eventfd wiring done at
+/// device activation, std's `set_nonblocking` on vsock streams, tty checks by the logger, and
+/// the tap's offload and header size.
+fn allowed_ioctls() -> [u64; 24] {
+    [
+        KVM_RUN(),
+        KVM_IRQ_LINE(),
+        KVM_IRQFD(),
+        KVM_IOEVENTFD(),
+        libc::FIONBIO,
+        libc::FIOCLEX,
+        libc::TCGETS,
+        0x4004_54d0, // TUNSETOFFLOAD
+        0x4004_54d8, // TUNSETVNETHDRSZ
+        KVM_CHECK_EXTENSION(),
+        KVM_GET_MSR_INDEX_LIST(),
+        KVM_GET_IRQCHIP(),
+        KVM_GET_CLOCK(),
+        KVM_GET_PIT2(),
+        KVM_GET_REGS(),
+        KVM_GET_SREGS(),
+        KVM_GET_MSRS(),
+        KVM_GET_LAPIC(),
+        KVM_GET_CPUID2(),
+        KVM_GET_MP_STATE(),
+        KVM_GET_VCPU_EVENTS(),
+        KVM_GET_DEBUGREGS(),
+        KVM_GET_XSAVE(),
+        KVM_GET_XCRS(),
+    ]
+}
 
 use crate::config::SeccompMode;
 
@@ -40,6 +106,7 @@ const COMMON: &[i64] = &[
     libc::SYS_fallocate,
     // The serial console (on the vCPU thread) cuts its capped log back.
     libc::SYS_ftruncate,
+    // ioctl: only the requests of `allowed_ioctls` (see `argument_rules`).
     libc::SYS_ioctl,
     libc::SYS_close,
     libc::SYS_fstat,
@@ -75,6 +142,7 @@ const COMMON: &[i64] = &[
     libc::SYS_shutdown,
     // The vsock muxer connects to `<uds>_<port>` when the guest opens a connection (on the
     // vCPU thread that kicked the tx queue); vhost-user activation creates eventfds.
+    // socket: AF_UNIX only (see `argument_rules`).
     libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_getsockopt,
@@ -116,12 +184,31 @@ const VMM_THREAD: &[i64] = &[
     libc::SYS_mkdir,
 ];
 
+/// One rule: argument `index` (its low 32 bits, as the kernel reads an `int` or ioctl's
+/// `unsigned int cmd`) equals `value`.
+fn arg_equals(index: u8, value: u64) -> Result<SeccompRule, seccompiler::BackendError> {
+    let condition = SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)?;
+    SeccompRule::new(vec![condition])
+}
+
+/// The argument filters of `syscall` (any rule matching allows it), or none: unrestricted.
+fn argument_rules(syscall: i64) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    match syscall {
+        libc::SYS_socket => Ok(vec![arg_equals(0, libc::AF_UNIX as u64)?]),
+        libc::SYS_ioctl => allowed_ioctls().iter().map(|&request| arg_equals(1, request)).collect(),
+        _ => Ok(Vec::new()),
+    }
+}
+
 fn build(
     thread: &'static str,
     syscalls: impl Iterator<Item = i64>,
     mismatch: SeccompAction,
 ) -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls.map(|nr| (nr, Vec::new())).collect();
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = syscalls
+        .map(|nr| argument_rules(nr).map(|rules| (nr, rules)))
+        .collect::<Result<_, _>>()
+        .map_err(|source| SeccompError::Build { thread, source })?;
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|source| SeccompError::Build { thread, source })?;
     BpfProgram::try_from(filter).map_err(|source| SeccompError::Build { thread, source })
@@ -206,6 +293,72 @@ mod tests {
         assert_eq!(format_decimal(0, &mut buf), b"0");
         assert_eq!(format_decimal(318, &mut buf), b"318");
         assert_eq!(format_decimal(u64::MAX, &mut buf), b"18446744073709551615");
+    }
+
+    /// Runs `call` in a forked child under the vCPU filter (trap mode): its exit code, or
+    /// [`SECCOMP_EXIT_CODE`] if the filter stopped it.
+    fn exit_code_under_vcpu_filter(call: fn() -> bool) -> i32 {
+        let (vcpu, _) = filters(SeccompMode::Trap).unwrap().unwrap();
+        // SAFETY: the child only installs the filter and makes raw syscalls before _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let code = if seccompiler::apply_filter(&vcpu).is_ok() && call() { 0 } else { 1 };
+            // SAFETY: terminating the forked child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status));
+        libc::WEXITSTATUS(status)
+    }
+
+    /// Only AF_UNIX sockets, and only the VMM's ioctl requests, pass the filter.
+    #[test]
+    fn socket_families_and_ioctl_requests_are_filtered_by_argument() {
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
+        let unix_socket = || unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) >= 0 };
+        assert_eq!(exit_code_under_vcpu_filter(unix_socket), 0);
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
+        let inet_socket = || unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) >= 0 };
+        assert_eq!(exit_code_under_vcpu_filter(inet_socket), SECCOMP_EXIT_CODE);
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
+        let vsock_socket = || unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM, 0) >= 0 };
+        assert_eq!(exit_code_under_vcpu_filter(vsock_socket), SECCOMP_EXIT_CODE);
+        // FIONBIO (std's set_nonblocking) is allowed; on stdin it may fail, it is not trapped.
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
+        let fionbio = || unsafe {
+            let mut on: libc::c_int = 1;
+            libc::ioctl(0, libc::FIONBIO, &mut on);
+            true
+        };
+        assert_eq!(exit_code_under_vcpu_filter(fionbio), 0);
+        // KVM_CREATE_VM (_IO(0xAE, 0x01)) and TIOCSTI are not: the running VMM makes neither.
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
+        let create_vm = || unsafe {
+            libc::ioctl(0, 0xAE01);
+            true
+        };
+        assert_eq!(exit_code_under_vcpu_filter(create_vm), SECCOMP_EXIT_CODE);
+        // SAFETY: a raw syscall with integer arguments (pointers to locals) in the child.
+        let tiocsti = || unsafe {
+            let c = b'x';
+            libc::ioctl(0, libc::TIOCSTI, &c);
+            true
+        };
+        assert_eq!(exit_code_under_vcpu_filter(tiocsti), SECCOMP_EXIT_CODE);
+    }
+
+    #[test]
+    fn allowed_ioctl_numbers_are_the_kernels() {
+        assert_eq!(KVM_RUN(), 0xAE80);
+        assert_eq!(KVM_IRQ_LINE(), 0x4008_AE61);
+        assert_eq!(KVM_IRQFD(), 0x4020_AE76);
+        assert_eq!(KVM_IOEVENTFD(), 0x4040_AE79);
+        assert_eq!(KVM_GET_REGS(), 0x8090_AE81);
+        assert_eq!(KVM_GET_SREGS(), 0x8138_AE83);
+        assert_eq!(KVM_GET_XSAVE(), 0x9000_AEA4);
+        assert_eq!(KVM_GET_CLOCK(), 0x8030_AE7C);
     }
 
     #[test]

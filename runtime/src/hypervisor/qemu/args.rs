@@ -201,13 +201,35 @@ pub fn kernel_cmdline(config: &VmConfig) -> String {
     cmdline
 }
 
-/// QEMU's full argument list (without the binary). The serial console goes to `console_fd`,
-/// inherited: the write end of the console copier's pipe.
+/// The descriptors QEMU inherits besides the taps (which `-netdev tap,fd=` names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InheritedFds {
+    /// The write end of the console copier's pipe.
+    pub console: std::os::fd::RawFd,
+    /// One open file per [`VmConfig::block_devices`] entry, in order.
+    pub block: Vec<std::os::fd::RawFd>,
+}
+
+/// QEMU's fd set holding the console pipe; block device `i` is in set `i + 2`.
+const CONSOLE_FDSET: usize = 1;
+
+/// The CPU model: under KVM the host's; TCG emulates what `max` lists (the guest kernel wants
+/// more than the default `qemu64`).
+fn cpu_model(accel: ResolvedAccel) -> &'static str {
+    match accel {
+        ResolvedAccel::Kvm => "host",
+        ResolvedAccel::Tcg => "max",
+    }
+}
+
+/// QEMU's full argument list (without the binary). Files are passed as inherited descriptors
+/// in fd sets (`-add-fd`, opened as `/dev/fdset/N`), never by path: a jailed QEMU sees no
+/// more than its run directory, kernel and initramfs, and needs no /proc for `/dev/fd/N`.
 pub fn qemu_args(
     config: &VmConfig,
     layout: &RunDirLayout,
     accel: ResolvedAccel,
-    console_fd: std::os::fd::RawFd,
+    fds: &InheritedFds,
 ) -> Vec<OsString> {
     let mem = config.memory_mib;
     let mut args: Vec<OsString> = Vec::new();
@@ -222,7 +244,7 @@ pub fn qemu_args(
         "-smp",
         &config.vcpus.to_string(),
         "-cpu",
-        "max",
+        cpu_model(accel),
         "-accel",
         accel.as_str(),
         "-nodefaults",
@@ -244,9 +266,11 @@ pub fn qemu_args(
     args.push("-append".into());
     args.push(kernel_cmdline(config).into());
 
+    args.push("-add-fd".into());
+    args.push(format!("fd={},set={CONSOLE_FDSET}", fds.console).into());
     args.push("-chardev".into());
-    // QEMU opens the path itself; /dev/fd/N reopens the inherited pipe.
-    args.push(format!("file,id=console,path=/dev/fd/{console_fd}").into());
+    // append=on: without it QEMU truncates what it opens, which fails (EINVAL) on a pipe.
+    args.push(format!("file,id=console,path=/dev/fdset/{CONSOLE_FDSET},append=on").into());
     args.push("-serial".into());
     args.push("chardev:console".into());
 
@@ -272,15 +296,17 @@ pub fn qemu_args(
         args.push(format!("vhost-user-fs-device,chardev=fs-{tag},tag={tag}").into());
     }
 
-    for dev in &config.block_devices {
+    for (index, (dev, fd)) in config.block_devices.iter().zip(&fds.block).enumerate() {
         let id = &dev.id;
         let readonly = if dev.read_only { "on" } else { "off" };
+        let set = index + CONSOLE_FDSET + 1;
+        args.push("-add-fd".into());
+        args.push(format!("fd={fd},set={set}").into());
         args.push("-drive".into());
-        args.push(opt_with_path(
-            &format!("if=none,id=blk-{id},format=raw,readonly={readonly},file="),
-            &dev.path,
-            "",
-        ));
+        args.push(
+            format!("if=none,id=blk-{id},format=raw,readonly={readonly},file=/dev/fdset/{set}")
+                .into(),
+        );
         args.push("-device".into());
         // The serial (visible as /sys/block/vdX/serial, 20 bytes at most) lets the guest find
         // the disk by id whatever order the MMIO transports are probed in.
@@ -329,6 +355,10 @@ mod tests {
         }
     }
 
+    fn fds(block: Vec<std::os::fd::RawFd>) -> InheritedFds {
+        InheritedFds { console: 9, block }
+    }
+
     fn joined(args: &[OsString]) -> String {
         args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
     }
@@ -338,7 +368,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = config(tmp.path());
         let layout = RunDirLayout::new(&cfg.run_dir);
-        let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg, 9));
+        let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg, &fds(vec![])));
         assert!(line.starts_with(
             "-M microvm,x-option-roms=off,rtc=off,acpi=off,isa-serial=on,memory-backend=mem \
              -object memory-backend-memfd,id=mem,size=128M,share=on -m 128M -smp 1 -cpu max \
@@ -346,15 +376,19 @@ mod tests {
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
         ));
         assert!(line.contains(
-            "-append console=ttyS0 reboot=t panic=-1 no_timer_check tsc=reliable quiet -chardev"
+            "-append console=ttyS0 reboot=t panic=-1 no_timer_check tsc=reliable quiet -add-fd"
         ));
         // The console goes to the copier's pipe, never to a file QEMU appends to unbounded.
-        assert!(line.contains("-chardev file,id=console,path=/dev/fd/9 -serial chardev:console"));
+        assert!(line.contains(
+            "-add-fd fd=9,set=1 -chardev file,id=console,path=/dev/fdset/1,append=on \
+             -serial chardev:console"
+        ));
         assert!(line.contains(&format!(
             "socket,id=vsock,path={}/run/vhost-vsock.sock -device vhost-user-vsock-device,chardev=vsock",
             tmp.path().display()
         )));
-        assert!(joined(&qemu_args(&cfg, &layout, ResolvedAccel::Kvm, 9)).contains("-accel kvm "));
+        let kvm = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Kvm, &fds(vec![])));
+        assert!(kvm.contains("-cpu host -accel kvm "), "{kvm}");
         assert!(validate(&cfg).is_ok());
     }
 
@@ -393,18 +427,17 @@ mod tests {
         assert_eq!(cfg.inherited_fds(), vec![tap.raw()]);
         validate(&cfg).unwrap();
         let layout = RunDirLayout::new(&cfg.run_dir);
-        let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg, 9));
+        let line = joined(&qemu_args(&cfg, &layout, ResolvedAccel::Tcg, &fds(vec![11])));
         let run = cfg.run_dir.display();
         assert!(line.contains("-smp 2 "));
         assert!(line.contains(&format!(
             "-chardev socket,id=fs-podvisor,path={run}/virtiofs-podvisor.sock \
              -device vhost-user-fs-device,chardev=fs-podvisor,tag=podvisor"
         )));
-        assert!(line.contains(&format!(
-            "-drive if=none,id=blk-vol1,format=raw,readonly=on,file={} \
-             -device virtio-blk-device,drive=blk-vol1,serial=vol1",
-            disk.display()
-        )));
+        assert!(line.contains(
+            "-add-fd fd=11,set=2 -drive if=none,id=blk-vol1,format=raw,readonly=on,\
+             file=/dev/fdset/2 -device virtio-blk-device,drive=blk-vol1,serial=vol1"
+        ));
         assert!(line.contains(
             "-netdev tap,id=net-eth0,ifname=tap0,script=no,downscript=no \
              -device virtio-net-device,netdev=net-eth0,mac=02:00:00:00:00:01"
@@ -415,9 +448,13 @@ mod tests {
             tap.raw()
         )));
         assert_eq!(
-            joined(&crate::hypervisor::process::virtiofsd_args(&layout.run_dir, &cfg.shared_dirs[0])),
+            joined(&crate::hypervisor::process::virtiofsd_args(
+                &layout.run_dir,
+                &cfg.shared_dirs[0]
+            )),
             format!(
-                "--socket-path={run}/virtiofs-podvisor.sock --shared-dir={} --cache=always --readonly",
+                "--socket-path={run}/virtiofs-podvisor.sock --shared-dir={} --cache=always \
+                 --sandbox=namespace --seccomp=kill --readonly",
                 tmp.path().display()
             )
         );

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use podvisor_vmm::console::CappedLog;
 
+use crate::hypervisor::confine::{self, ConfineError, HelperJail};
+
 /// The helper's name among the VM's processes.
 pub const HELPER_NAME: &str = "console";
 
@@ -32,6 +34,8 @@ pub enum ConsoleError {
     Open { path: PathBuf, source: std::io::Error },
     #[error("reading the console pipe: {0}")]
     Read(std::io::Error),
+    #[error("confining the console copier: {0}")]
+    Confine(#[from] ConfineError),
 }
 
 /// What `podvisor console-log` is given.
@@ -44,12 +48,15 @@ pub struct HelperArgs {
     pub input_fd: RawFd,
     pub output: PathBuf,
     pub max_bytes: u64,
+    /// Once the pipe and the log are open, the copier runs in this jail (empty: it needs
+    /// nothing but its two descriptors).
+    pub jail: Option<HelperJail>,
 }
 
 impl HelperArgs {
     /// The command line after the program and its subcommand.
     pub fn to_args(&self) -> Vec<OsString> {
-        vec![
+        let mut args: Vec<OsString> = vec![
             "--run-dir".into(),
             self.run_dir.clone().into(),
             "--input-fd".into(),
@@ -58,7 +65,16 @@ impl HelperArgs {
             self.output.clone().into(),
             "--max-bytes".into(),
             self.max_bytes.to_string().into(),
-        ]
+        ];
+        if let Some(jail) = &self.jail {
+            args.extend([
+                "--jail".into(),
+                format!("{}:{}", jail.uid, jail.gid).into(),
+                "--jail-root".into(),
+                jail.root.clone().into(),
+            ]);
+        }
+        args
     }
 }
 
@@ -68,6 +84,10 @@ pub fn run(args: &HelperArgs) -> Result<(), ConsoleError> {
     let input = inherited_pipe(args.input_fd)?;
     let mut log = CappedLog::open(&args.output, args.max_bytes)
         .map_err(|source| ConsoleError::Open { path: args.output.clone(), source })?;
+    if let Some(jail) = &args.jail {
+        confine::enter(jail)?;
+        confine::deny_syscalls(&confine::helper_denied_syscalls(false))?;
+    }
     copy(input, &mut log, &args.output)
 }
 
@@ -142,6 +162,7 @@ mod tests {
             input_fd: 7,
             output: "/run/podvisor/sandboxes/abc/console.log".into(),
             max_bytes: 1024,
+            jail: None,
         };
         let line: Vec<String> =
             args.to_args().iter().map(|a| a.to_string_lossy().into_owned()).collect();

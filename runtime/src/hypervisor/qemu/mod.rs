@@ -37,6 +37,8 @@ pub use accel::Accel;
 pub use args::ResolvedAccel;
 use args::RunDirLayout;
 
+use super::builtin::{assign_jail_id, JailIds};
+use super::confine::HelperJail;
 use super::process::{prepare_run_dir, Starting};
 use super::{
     terminate_processes, Hypervisor, HypervisorError, PreparedVm, Result, RunRoot, VmConfig,
@@ -61,8 +63,14 @@ pub struct QemuConfig {
     /// Where VM run directories go.
     pub run_root: PathBuf,
     /// The program and leading arguments of the console copier: by default this very binary
-    /// with the `console-log` subcommand.
+    /// with the `console-log` subcommand. Its program also launches the jailed helpers
+    /// (`jail-exec`).
     pub console_command: Vec<OsString>,
+    /// Run QEMU, vhost-device-vsock and the console copier each as the VM's own uid (= gid)
+    /// from this range, confined ([`super::confine`]); `None`: as the daemon's user.
+    pub jail: Option<JailIds>,
+    /// Whether VMs may run under TCG, which QEMU does not treat as a security boundary.
+    pub allow_tcg: bool,
 }
 
 impl Default for QemuConfig {
@@ -76,6 +84,8 @@ impl Default for QemuConfig {
             virtiofsd_binary: "virtiofsd".into(),
             accel: Accel::Auto,
             startup_timeout: Duration::from_secs(20),
+            jail: None,
+            allow_tcg: true,
         }
     }
 }
@@ -91,6 +101,9 @@ pub struct QemuHypervisor {
     startup_timeout: Duration,
     run_root: RunRoot,
     console_command: Vec<OsString>,
+    jail: Option<JailIds>,
+    /// Serialises jail id assignment.
+    jail_ids: std::sync::Mutex<()>,
 }
 
 impl QemuHypervisor {
@@ -108,6 +121,12 @@ impl QemuHypervisor {
             return Err(HypervisorError::InvalidConfig("empty console-log command".into()));
         }
         let (accel, accel_reason) = resolve_accel(config.accel);
+        if accel == ResolvedAccel::Tcg && !config.allow_tcg {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "QEMU would run under TCG ({accel_reason}), which is not a security boundary, \
+                 and qemu.allow_tcg = false"
+            )));
+        }
         Ok(Self {
             console_command: config.console_command,
             qemu,
@@ -117,6 +136,8 @@ impl QemuHypervisor {
             accel_reason,
             startup_timeout: config.startup_timeout,
             run_root: RunRoot(config.run_root),
+            jail: config.jail,
+            jail_ids: std::sync::Mutex::new(()),
         })
     }
 
@@ -125,22 +146,60 @@ impl QemuHypervisor {
         (self.accel, &self.accel_reason)
     }
 
+    /// Gives the VM's run directory to a uid of its own (when jailed) and returns it.
+    fn assign_uid(&self, config: &VmConfig) -> Result<Option<u32>> {
+        let Some(ids) = self.jail else { return Ok(None) };
+        let _assigning = self.jail_ids.lock().unwrap_or_else(|e| e.into_inner());
+        assign_jail_id(&config.run_dir, &config.sandbox_id, ids).map(Some)
+    }
+
+    /// The jail of one of the VM's helpers: its run directory, the system's libraries and
+    /// `extra`.
+    fn helper_jail(
+        &self,
+        uid: Option<u32>,
+        config: &VmConfig,
+        extra: &[PathBuf],
+    ) -> Option<HelperJail> {
+        uid.map(|uid| {
+            HelperJail::for_helper(uid, self.run_root.jail_root(), &config.run_dir, extra)
+        })
+    }
+
+    /// The command line that runs `program args`: through the jail launcher when `jail` is
+    /// given.
+    fn helper_command(
+        &self,
+        program: &std::ffi::OsStr,
+        args: &[OsString],
+        jail: Option<&HelperJail>,
+    ) -> (OsString, Vec<OsString>) {
+        match jail {
+            Some(jail) => (self.console_command[0].clone(), jail.launcher_args(program, args)),
+            None => (program.to_os_string(), args.to_vec()),
+        }
+    }
+
     async fn start_processes(&self, config: &VmConfig, starting: &mut Starting) -> Result<()> {
         let layout = RunDirLayout::new(&config.run_dir);
         let deadline = Instant::now() + self.startup_timeout;
+        let uid = self.assign_uid(config)?;
 
-        starting.spawn(
-            "vhost-device-vsock",
+        let (program, vsock_args) = self.helper_command(
             self.vhost_vsock.as_os_str(),
             &args::vhost_vsock_args(&layout),
-            layout.vhost_vsock_log(),
-        )?;
+            self.helper_jail(uid, config, &[]).as_ref(),
+        );
+        starting.spawn("vhost-device-vsock", &program, &vsock_args, layout.vhost_vsock_log())?;
         starting
             .wait_for_path("vhost-device-vsock", &layout.vhost_vsock_socket(), deadline)
             .await?;
         starting.wait_for_path("vhost-device-vsock", &layout.vsock_uds(), deadline).await?;
 
         starting.start_virtiofsds(self.virtiofsd.as_os_str(), config, deadline).await?;
+        if let Some(uid) = uid {
+            give_virtiofs_sockets(config, &layout, uid)?;
+        }
 
         // Both ends are close-on-exec: only the two processes below inherit one each, and
         // ours close on return, so the copier sees the end of the pipe when QEMU exits.
@@ -153,6 +212,12 @@ impl QemuHypervisor {
             input_fd: console_read.as_raw_fd(),
             output: config.console_log.clone(),
             max_bytes: config.console_log_max_bytes,
+            jail: uid.map(|uid| HelperJail {
+                uid,
+                gid: uid,
+                root: self.run_root.jail_root(),
+                binds: Vec::new(),
+            }),
         };
         let mut helper_args = self.console_command[1..].to_vec();
         helper_args.extend(helper.to_args());
@@ -165,19 +230,58 @@ impl QemuHypervisor {
         )?;
         drop(console_read);
 
+        let block_files = open_block_devices(config)?;
         let mut inherited = config.inherited_fds();
         inherited.push(console_write.as_raw_fd());
-        starting.spawn_inheriting(
-            "qemu",
+        inherited.extend(block_files.iter().map(|f| f.as_raw_fd()));
+        let block_fds: Vec<_> = block_files.iter().map(|f| f.as_raw_fd()).collect();
+        let mut visible = vec![config.kernel.clone(), config.initrd.clone()];
+        if self.accel == ResolvedAccel::Kvm {
+            visible.push("/dev/kvm".into());
+        }
+        let qemu_args = args::qemu_args(
+            config,
+            &layout,
+            self.accel,
+            &args::InheritedFds { console: console_write.as_raw_fd(), block: block_fds },
+        );
+        let (program, qemu_args) = self.helper_command(
             self.qemu.as_os_str(),
-            &args::qemu_args(config, &layout, self.accel, console_write.as_raw_fd()),
-            layout.qemu_log(),
-            &inherited,
-        )?;
+            &qemu_args,
+            self.helper_jail(uid, config, &visible).as_ref(),
+        );
+        starting.spawn_inheriting("qemu", &program, &qemu_args, layout.qemu_log(), &inherited)?;
         drop(console_write);
+        drop(block_files);
         starting.wait_for_path("qemu", &layout.qmp_socket(), deadline).await?;
         starting.wait_for_qmp_greeting(&layout.qmp_socket(), deadline).await
     }
+}
+
+/// virtiofsd runs as root and makes its socket root's: the VM's uid must be able to connect.
+fn give_virtiofs_sockets(config: &VmConfig, layout: &RunDirLayout, uid: u32) -> Result<()> {
+    for dir in &config.shared_dirs {
+        let socket = layout.virtiofs_socket(&dir.tag);
+        nix::unistd::chown(&socket, Some(uid.into()), Some(uid.into()))
+            .map_err(|e| HypervisorError::RunDir { path: socket.clone(), source: e.into() })?;
+    }
+    Ok(())
+}
+
+/// Opens the VM's block devices for QEMU to inherit (close-on-exec, as every descriptor the
+/// daemon hands over): a jailed QEMU could neither see nor open the files by path.
+fn open_block_devices(config: &VmConfig) -> Result<Vec<std::fs::File>> {
+    config
+        .block_devices
+        .iter()
+        .map(|dev| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(!dev.read_only)
+                .open(&dev.path)
+                .map_err(|source| HypervisorError::RunDir { path: dev.path.clone(), source })
+        })
+        .collect()
 }
 
 #[async_trait]

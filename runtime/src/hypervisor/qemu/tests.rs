@@ -43,7 +43,9 @@ fn console_command() -> Option<Vec<OsString>> {
 
 fn hypervisor() -> Option<QemuHypervisor> {
     let console_command = console_command()?;
-    let config = QemuConfig { accel: Accel::Auto, console_command, ..QemuConfig::default() };
+    // As the daemon runs them: confined, when the test may (as root).
+    let jail = nix::unistd::geteuid().is_root().then_some(JailIds { first: 400_000, count: 1_000 });
+    let config = QemuConfig { accel: Accel::Auto, console_command, jail, ..QemuConfig::default() };
     match QemuHypervisor::new(config) {
         Ok(hv) => Some(hv),
         Err(e) => {
@@ -156,6 +158,18 @@ fn processes_mentioning(needle: &Path) -> Vec<String> {
     found
 }
 
+/// Launches `config`, failing with the log of the process that failed.
+async fn launch(hv: &QemuHypervisor, config: &VmConfig) -> VmHandle {
+    match hv.launch(config).await {
+        Ok(vm) => vm,
+        Err(e @ HypervisorError::EarlyExit { .. }) => {
+            let HypervisorError::EarlyExit { log, .. } = &e else { unreachable!() };
+            panic!("{e}: {}", std::fs::read_to_string(log).unwrap_or_default())
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// Stops and cleans up, then checks that nothing of the VM is left.
 async fn stop_and_check_nothing_left(hv: &QemuHypervisor, vm: &VmHandle, tmp: &Path) {
     hv.stop(vm, Duration::from_secs(2)).await.unwrap();
@@ -199,7 +213,7 @@ async fn busybox_guest_sees_devices_and_powers_off() {
     config.block_devices.push(BlockDevice { id: "disk0".into(), path: disk, read_only: true });
 
     let started = Instant::now();
-    let vm = hv.launch(&config).await.unwrap();
+    let vm = launch(&hv, &config).await;
     let _kill = KillOnDrop(vm.processes.clone());
     println!("start() returned after {:?}", started.elapsed());
     let names: Vec<&str> = vm.processes.iter().map(|p| p.name.as_str()).collect();
@@ -308,6 +322,25 @@ fn missing_binary_has_an_install_hint() {
     assert!(matches!(err, HypervisorError::MissingBinary { .. }));
     // Whichever binary is missing first on this machine, its hint says how to install it.
     assert!(text.contains("apt-get install") || text.contains("cargo install"), "{text}");
+}
+
+/// TCG is no security boundary: with `allow_tcg = false` the backend refuses to run on it.
+#[test]
+fn tcg_is_refused_when_not_allowed() {
+    let Some(console_command) = console_command() else { return };
+    let config = QemuConfig {
+        accel: Accel::Tcg,
+        allow_tcg: false,
+        console_command,
+        ..QemuConfig::default()
+    };
+    match QemuHypervisor::new(config) {
+        Err(HypervisorError::InvalidConfig(text)) => {
+            assert!(text.contains("not a security boundary"), "{text}")
+        }
+        Err(HypervisorError::MissingBinary { .. }) if !require_e2e() => {}
+        other => panic!("TCG accepted with allow_tcg = false: {other:?}"),
+    }
 }
 
 /// The real agent: boot, Ping (measuring boot→Ping), then Shutdown makes QEMU exit by itself.

@@ -367,5 +367,6 @@ where
 
 #[cfg(test)]
 mod fuzz_tests;
-#[cfg(test)]
-pub(crate) mod test_utils;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod test_utils;
