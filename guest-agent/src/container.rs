@@ -333,6 +333,24 @@ impl Container {
     }
 }
 
+/// Each host bind in a virtio-fs share is a submount the guest kernel mounts on first use, in
+/// the mount namespace that uses it. A container's own namespace would get a mount of its own,
+/// peer to nothing; an rshared or rslave volume must instead be a copy of one mount in the
+/// agent's namespace (whose share is shared), so that mounts propagate between the pod's
+/// containers. Listing the directory here mounts it in the agent's namespace first.
+fn mount_propagating_volumes(spec: &Spec) {
+    const PROPAGATING: &[&str] = &["rshared", "shared", "rslave", "slave"];
+    for m in spec.mounts().iter().flatten() {
+        let propagating = m.options().iter().flatten().any(|o| PROPAGATING.contains(&o.as_str()));
+        let Some(source) = m.source() else { continue };
+        if propagating && m.typ().as_deref() == Some("bind") && source.is_dir() {
+            if let Err(e) = fs::read_dir(source) {
+                tracing::warn!(source = %source.display(), "mounting a propagating volume: {e}");
+            }
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -595,6 +613,7 @@ impl Agent {
                 self.give_guest_devices(&id, linux);
             }
         }
+        mount_propagating_volumes(&spec);
         {
             let containers = lock(&self.containers);
             let mut creating = lock(&self.creating);

@@ -380,13 +380,13 @@ async fn bad_requests_get_clear_errors() {
         ),
         tonic::Code::NotFound
     );
-    // Mount fields a VM sandbox cannot honour, and host devices, are refused by name (the
-    // translation runs before the pod is looked up).
+    // Mount fields a VM sandbox cannot honour (an unknown propagation), and host devices, are
+    // refused by name (the translation runs before the pod is looked up).
     let mut shared = container_config("c", "busybox", &["true"]);
     shared.mounts = vec![cri::Mount {
         container_path: "/data".into(),
         host_path: "/tmp".into(),
-        propagation: cri::MountPropagation::PropagationBidirectional as i32,
+        propagation: 7,
         ..Default::default()
     }];
     let mut with_device = container_config("c", "busybox", &["true"]);

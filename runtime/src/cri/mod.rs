@@ -33,6 +33,7 @@ pub fn code(e: &SandboxError) -> Code {
         | E::ContainerNotRunning(_)
         | E::StoredProcess { .. } => Code::FailedPrecondition,
         E::MountSourceMissing(_)
+        | E::MountSourceNotShared { .. }
         | E::LimitExceedsVm { .. }
         | E::UnknownHandler { .. }
         | E::VmTooLarge { .. }

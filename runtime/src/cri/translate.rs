@@ -10,8 +10,8 @@ use crate::sandbox::events::{EventKind, LifecycleEvent};
 use crate::sandbox::stats::{ContainerUsage, PodUsage};
 use crate::sandbox::{
     ContainerRecord, ContainerSpec, ContainerState, DnsSettings, NamespaceMode, NamespaceModes,
-    PodDemand, PodMetadata, PodSpec, PortMapping, Resources, SandboxRecord, SandboxState,
-    SeccompProfile, SecurityContext, SupplementalGroupsPolicy, VolumeMount,
+    PodDemand, PodMetadata, PodSpec, PortMapping, Propagation, Resources, SandboxRecord,
+    SandboxState, SeccompProfile, SecurityContext, SupplementalGroupsPolicy, VolumeMount,
 };
 
 /// The longest hostname the guest kernel takes (HOST_NAME_MAX).
@@ -173,25 +173,31 @@ fn port_mapping(n: usize, m: &cri::PortMapping) -> Result<PortMapping, Status> {
     })
 }
 
-/// A mount's fields the VM's volume share cannot honour yet are refused, naming them, rather
-/// than dropped (SELinux relabelling does not apply inside the VM and is accepted).
-fn refuse_unhonoured_mount_fields(n: usize, m: &cri::Mount) -> Result<(), Status> {
+/// A CRI mount as a [`VolumeMount`]. Fields the VM's volume share cannot honour are refused,
+/// naming them, rather than dropped (SELinux relabelling does not apply inside the VM and is
+/// accepted).
+fn volume_mount(n: usize, m: cri::Mount) -> Result<VolumeMount, Status> {
     let refuse = |field: &str, why: &str| {
         Err(Status::invalid_argument(format!("config.mounts[{n}].{field}: {why}")))
     };
-    match cri::MountPropagation::try_from(m.propagation) {
-        Ok(cri::MountPropagation::PropagationPrivate) => {}
-        Ok(cri::MountPropagation::PropagationHostToContainer)
-        | Ok(cri::MountPropagation::PropagationBidirectional) => {
-            return refuse(
-                "propagation",
-                "only PROPAGATION_PRIVATE: host mounts do not propagate through virtio-fs",
-            )
-        }
-        Err(_) => return refuse("propagation", "unknown propagation mode"),
+    if m.container_path.is_empty() || m.host_path.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "mount {n} needs container_path and host_path"
+        )));
     }
-    if m.recursive_read_only {
-        return refuse("recursive_read_only", "recursive read-only mounts are not supported yet");
+    let propagation = match cri::MountPropagation::try_from(m.propagation) {
+        Ok(cri::MountPropagation::PropagationPrivate) => Propagation::Private,
+        Ok(cri::MountPropagation::PropagationHostToContainer) => Propagation::HostToContainer,
+        Ok(cri::MountPropagation::PropagationBidirectional) => Propagation::Bidirectional,
+        Err(_) => return refuse("propagation", "unknown propagation mode"),
+    };
+    // As containerd: a recursive read-only bind cannot take new mounts from the host, which
+    // would not be read-only.
+    if m.recursive_read_only && !m.readonly {
+        return refuse("recursive_read_only", "needs readonly");
+    }
+    if m.recursive_read_only && propagation != Propagation::Private {
+        return refuse("recursive_read_only", "needs PROPAGATION_PRIVATE");
     }
     if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
         return refuse("uidMappings", "id-mapped mounts are not supported yet");
@@ -199,7 +205,23 @@ fn refuse_unhonoured_mount_fields(n: usize, m: &cri::Mount) -> Result<(), Status
     if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
         return refuse("image", "image volumes are not supported yet");
     }
-    Ok(())
+    Ok(VolumeMount {
+        container_path: m.container_path,
+        host_path: m.host_path,
+        read_only: m.readonly,
+        recursive_read_only: m.recursive_read_only,
+        propagation,
+    })
+}
+
+/// The CRI propagation of a recorded mount.
+fn cri_propagation(p: Propagation) -> i32 {
+    let p = match p {
+        Propagation::Private => cri::MountPropagation::PropagationPrivate,
+        Propagation::HostToContainer => cri::MountPropagation::PropagationHostToContainer,
+        Propagation::Bidirectional => cri::MountPropagation::PropagationBidirectional,
+    };
+    p as i32
 }
 
 /// CreateContainer's config as a [`ContainerSpec`].
@@ -212,20 +234,12 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Sta
     if image.is_empty() {
         return Err(Status::invalid_argument("container image is required"));
     }
-    let mut mounts = Vec::with_capacity(config.mounts.len());
-    for (n, m) in config.mounts.into_iter().enumerate() {
-        if m.container_path.is_empty() || m.host_path.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "mount {n} needs container_path and host_path"
-            )));
-        }
-        refuse_unhonoured_mount_fields(n, &m)?;
-        mounts.push(VolumeMount {
-            container_path: m.container_path,
-            host_path: m.host_path,
-            read_only: m.readonly,
-        });
-    }
+    let mounts = config
+        .mounts
+        .into_iter()
+        .enumerate()
+        .map(|(n, m)| volume_mount(n, m))
+        .collect::<Result<Vec<_>, _>>()?;
     if let Some(d) = config.devices.first() {
         // The VM has none of the host's devices to give (no passthrough yet).
         return Err(Status::invalid_argument(format!(
@@ -526,6 +540,8 @@ pub fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
                 container_path: m.container_path.clone(),
                 host_path: m.host_path.clone(),
                 readonly: m.read_only,
+                recursive_read_only: m.recursive_read_only,
+                propagation: cri_propagation(m.propagation),
                 ..Default::default()
             })
             .collect(),
@@ -771,12 +787,18 @@ mod tests {
             selinux_relabel: true,
             ..Default::default()
         };
-        refuse_unhonoured_mount_fields(0, &ok).unwrap();
+        let private = volume_mount(0, ok.clone()).unwrap();
+        assert_eq!(private.propagation, Propagation::Private);
+        let rslave = volume_mount(0, cri::Mount { propagation: 1, ..ok.clone() }).unwrap();
+        assert_eq!(rslave.propagation, Propagation::HostToContainer);
+        let rshared = volume_mount(0, cri::Mount { propagation: 2, ..ok.clone() }).unwrap();
+        assert_eq!(rshared.propagation, Propagation::Bidirectional);
+        let rro = cri::Mount { readonly: true, recursive_read_only: true, ..ok.clone() };
+        assert!(volume_mount(0, rro.clone()).unwrap().recursive_read_only);
         let cases = [
-            (cri::Mount { propagation: 1, ..ok.clone() }, "propagation"),
-            (cri::Mount { propagation: 2, ..ok.clone() }, "propagation"),
             (cri::Mount { propagation: 7, ..ok.clone() }, "propagation"),
             (cri::Mount { recursive_read_only: true, ..ok.clone() }, "recursive_read_only"),
+            (cri::Mount { propagation: 1, ..rro.clone() }, "recursive_read_only"),
             (
                 cri::Mount {
                     uid_mappings: vec![cri::IdMapping { host_id: 1, container_id: 0, length: 1 }],
@@ -793,7 +815,7 @@ mod tests {
             ),
         ];
         for (mount, field) in cases {
-            let err = refuse_unhonoured_mount_fields(2, &mount).unwrap_err();
+            let err = volume_mount(2, mount).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(err.message().starts_with(&format!("config.mounts[2].{field}")), "{err:?}");
         }

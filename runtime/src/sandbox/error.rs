@@ -36,6 +36,11 @@ pub enum SandboxError {
     ContainerNotRunning(String),
     #[error("mount source {0} does not exist")]
     MountSourceMissing(String),
+    #[error(
+        "mount source {path} is on a private mount, so host mounts cannot propagate from it \
+         ({propagation:?} needs a shared or slave mount, as with runc)"
+    )]
+    MountSourceNotShared { path: String, propagation: super::Propagation },
     #[error("runtime handler {name:?} is not configured; known handlers: {known}")]
     UnknownHandler { name: String, known: String },
     #[error("the pod asks for a VM of {vcpus} vCPUs and {memory_mib} MiB; at most {max_vcpus} vCPUs and {max_mib} MiB")]

@@ -55,6 +55,23 @@ pub struct VolumeMount {
     pub container_path: String,
     pub host_path: String,
     pub read_only: bool,
+    /// Mounts below the host path are read-only too (only with `read_only`).
+    pub recursive_read_only: bool,
+    pub propagation: Propagation,
+}
+
+/// How mounts propagate between a volume's host path and the container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Propagation {
+    /// Neither way (rprivate).
+    #[default]
+    Private,
+    /// Host mounts made later under the path appear in the container (rslave).
+    HostToContainer,
+    /// As HostToContainer, and the container's mounts reach the pod's other containers of the
+    /// volume (rshared inside the VM; they cannot cross the VM boundary to the host).
+    Bidirectional,
 }
 
 /// Cgroup limits of a container (applied inside the guest).
