@@ -87,6 +87,7 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
             )));
         }
     }
+    refuse_user_namespace(ns.userns_options.as_ref())?;
     let pod_security = linux.security_context.as_ref();
     if pod_security.is_some_and(|sc| sc.run_as_group.is_some() && sc.run_as_user.is_none()) {
         return Err(Status::invalid_argument(
@@ -119,6 +120,21 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         port_mappings,
         demand,
     })
+}
+
+/// User namespaces are not made yet: only NODE (the VM's own, no mappings) is accepted, so a
+/// pod asking for mapped ids is refused rather than run with its root as the guest's root.
+fn refuse_user_namespace(options: Option<&cri::UserNamespace>) -> Result<(), Status> {
+    let Some(options) = options else { return Ok(()) };
+    let field = "config.linux.security_context.namespace_options.userns_options";
+    let node = options.mode == cri::NamespaceMode::Node as i32;
+    if node && options.uids.is_empty() && options.gids.is_empty() {
+        return Ok(());
+    }
+    Err(Status::invalid_argument(format!(
+        "{field}: only NODE without mappings (user namespaces inside the guest are not \
+         supported yet)"
+    )))
 }
 
 /// What the pod asks of its VM: kubelet's sum of its containers' limits, plus its overhead.
@@ -777,6 +793,22 @@ mod tests {
         let err = container_spec(config).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().starts_with("config.devices[0] (/dev/sda"), "{err:?}");
+    }
+
+    #[test]
+    fn user_namespaces_other_than_node_are_refused() {
+        let ok = cri::UserNamespace { mode: cri::NamespaceMode::Node as i32, ..Default::default() };
+        refuse_user_namespace(None).unwrap();
+        refuse_user_namespace(Some(&ok)).unwrap();
+        let range = vec![cri::IdMapping { host_id: 100_000, container_id: 0, length: 65_536 }];
+        let mapped = cri::UserNamespace { uids: range.clone(), gids: range, ..ok.clone() };
+        for mode in [cri::NamespaceMode::Pod, cri::NamespaceMode::Container] {
+            let pod = cri::UserNamespace { mode: mode as i32, ..mapped.clone() };
+            let err = refuse_user_namespace(Some(&pod)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains("userns_options"), "{err:?}");
+        }
+        assert!(refuse_user_namespace(Some(&mapped)).is_err());
     }
 
     #[test]
