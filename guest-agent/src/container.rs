@@ -62,6 +62,8 @@ pub enum AgentError {
     BadSize(u32, u32),
     #[error("no rootfs given")]
     NoRootfs,
+    #[error("device {0:?} is not a device node under the guest's /dev")]
+    NoGuestDevice(String),
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
     #[error(transparent)]
@@ -612,6 +614,15 @@ impl Agent {
             if req.privileged {
                 self.give_guest_devices(&id, linux);
             }
+            let named = req
+                .devices
+                .iter()
+                .map(|d| {
+                    devices::named_device(Path::new(&d.guest_path), Path::new(&d.container_path))
+                        .ok_or_else(|| AgentError::NoGuestDevice(d.guest_path.clone()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            devices::add_devices(linux, named);
         }
         mount_propagating_volumes(&spec);
         {

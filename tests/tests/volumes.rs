@@ -278,3 +278,51 @@ async fn volumes_share_host_paths_and_keep_the_guest_to_them() {
     daemon.remove_pod(&pod).await;
     daemon.assert_nothing_left();
 }
+
+/// `[vm] allowed_devices`: a CRI device on the list is the guest's own node of that path;
+/// any other is refused with InvalidArgument naming `devices[n]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_devices_are_the_guests_own_and_others_are_refused() {
+    if !e2e_can_run() {
+        return;
+    }
+    let registry = TestRegistry::start().unwrap();
+    let image = registry.push_busybox("busybox:devices").unwrap();
+    let daemon =
+        TestDaemon::start_with_vm("", "allowed_devices = [\"/dev/fuse\", \"/dev/net/tun\"]")
+            .await
+            .unwrap();
+    daemon.pull(&image).await;
+    let log_dir = daemon.dir.path().join("pod-logs");
+    let (pod, pod_cfg) = daemon.run_pod("devices", &log_dir).await;
+    let device = |host: &str, container: &str| cri::Device {
+        host_path: host.into(),
+        container_path: container.into(),
+        permissions: "rwm".into(),
+    };
+
+    let mut refused = container_config("refused", &image, &["sleep", "3600"]);
+    refused.devices = vec![device("/dev/fuse", "/dev/fuse"), device("/dev/sda", "/dev/sda")];
+    let mut rt = daemon.runtime().await.unwrap();
+    let err = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(refused),
+            sandbox_config: Some(pod_cfg.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("config.devices[1] (/dev/sda)"), "{err:?}");
+
+    let mut app = container_config("app", &image, &["sleep", "3600"]);
+    app.devices = vec![device("/dev/net/tun", "/dev/net/tun"), device("/dev/fuse", "/dev/fuse2")];
+    let app = daemon.create_and_start(&pod, &pod_cfg, app).await;
+    // The guest's nodes: tun is 10:200 and fuse 10:229 in any Linux.
+    let nodes = ok(&daemon, &app, "stat -c '%t:%T' /dev/net/tun /dev/fuse2").await;
+    assert_eq!(nodes, "a:c8\na:e5\n");
+    ok(&daemon, &app, "test ! -e /dev/fuse").await;
+
+    daemon.remove_pod(&pod).await;
+    daemon.assert_nothing_left();
+}

@@ -34,6 +34,7 @@ pub fn code(e: &SandboxError) -> Code {
         | E::StoredProcess { .. } => Code::FailedPrecondition,
         E::MountSourceMissing(_)
         | E::MountSourceNotShared { .. }
+        | E::DeviceNotAllowed { .. }
         | E::LimitExceedsVm { .. }
         | E::UnknownHandler { .. }
         | E::VmTooLarge { .. }

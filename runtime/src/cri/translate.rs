@@ -9,9 +9,10 @@ use tonic::Status;
 use crate::sandbox::events::{EventKind, LifecycleEvent};
 use crate::sandbox::stats::{ContainerUsage, PodUsage};
 use crate::sandbox::{
-    ContainerRecord, ContainerSpec, ContainerState, DnsSettings, NamespaceMode, NamespaceModes,
-    PodDemand, PodMetadata, PodSpec, PortMapping, Propagation, Resources, SandboxRecord,
-    SandboxState, SeccompProfile, SecurityContext, SupplementalGroupsPolicy, VolumeMount,
+    ContainerRecord, ContainerSpec, ContainerState, DeviceRequest, DnsSettings, NamespaceMode,
+    NamespaceModes, PodDemand, PodMetadata, PodSpec, PortMapping, Propagation, Resources,
+    SandboxRecord, SandboxState, SeccompProfile, SecurityContext, SupplementalGroupsPolicy,
+    VolumeMount,
 };
 
 /// The longest hostname the guest kernel takes (HOST_NAME_MAX).
@@ -230,6 +231,26 @@ fn volume_mount(n: usize, m: cri::Mount) -> Result<VolumeMount, Status> {
     })
 }
 
+/// A CRI device as a [`DeviceRequest`] (whether it is allowed is the sandbox layer's call).
+fn device_request(n: usize, d: cri::Device) -> Result<DeviceRequest, Status> {
+    let container_path =
+        if d.container_path.is_empty() { d.host_path.clone() } else { d.container_path.clone() };
+    let absolute = |p: &str| p.starts_with('/') && !p.split('/').any(|c| c == "..");
+    if !absolute(&d.host_path) || !absolute(&container_path) {
+        return Err(Status::invalid_argument(format!(
+            "config.devices[{n}] ({} -> {}): paths must be absolute, without \"..\"",
+            d.host_path, d.container_path
+        )));
+    }
+    let permissions = if d.permissions.is_empty() { "rwm".to_string() } else { d.permissions };
+    if !permissions.chars().all(|c| "rwm".contains(c)) {
+        return Err(Status::invalid_argument(format!(
+            "config.devices[{n}].permissions: {permissions:?} is not a subset of \"rwm\""
+        )));
+    }
+    Ok(DeviceRequest { path: d.host_path, container_path, permissions })
+}
+
 /// The CRI propagation of a recorded mount.
 fn cri_propagation(p: Propagation) -> i32 {
     let p = match p {
@@ -256,13 +277,12 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Sta
         .enumerate()
         .map(|(n, m)| volume_mount(n, m))
         .collect::<Result<Vec<_>, _>>()?;
-    if let Some(d) = config.devices.first() {
-        // The VM has none of the host's devices to give (no passthrough yet).
-        return Err(Status::invalid_argument(format!(
-            "config.devices[0] ({} -> {}): host devices cannot be passed into a VM sandbox",
-            d.host_path, d.container_path
-        )));
-    }
+    let devices = config
+        .devices
+        .into_iter()
+        .enumerate()
+        .map(|(n, d)| device_request(n, d))
+        .collect::<Result<Vec<_>, _>>()?;
     // The daemon appends to the log as root: it must stay inside the pod's log directory.
     let log_path = std::path::Path::new(&config.log_path);
     let escapes = log_path.components().any(|c| {
@@ -289,6 +309,7 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Sta
         working_dir: config.working_dir,
         envs: config.envs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
         mounts,
+        devices,
         labels: config.labels,
         annotations: config.annotations,
         log_path: config.log_path,
@@ -779,20 +800,33 @@ mod tests {
     }
 
     #[test]
-    fn host_devices_are_refused() {
-        let config = cri::ContainerConfig {
+    fn devices_are_checked_for_shape_and_passed_on() {
+        let config = |host: &str, container: &str, permissions: &str| cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata { name: "c".into(), attempt: 0 }),
             image: Some(cri::ImageSpec { image: "busybox".into(), ..Default::default() }),
             devices: vec![cri::Device {
-                container_path: "/dev/xvda".into(),
-                host_path: "/dev/sda".into(),
-                permissions: "rwm".into(),
+                container_path: container.into(),
+                host_path: host.into(),
+                permissions: permissions.into(),
             }],
             ..Default::default()
         };
-        let err = container_spec(config).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().starts_with("config.devices[0] (/dev/sda"), "{err:?}");
+        let spec = container_spec(config("/dev/fuse", "", "")).unwrap();
+        let want = DeviceRequest {
+            path: "/dev/fuse".into(),
+            container_path: "/dev/fuse".into(),
+            permissions: "rwm".into(),
+        };
+        assert_eq!(spec.devices, vec![want]);
+        for (host, container, perms) in [
+            ("dev/fuse", "/dev/fuse", "rw"),
+            ("/dev/../etc", "/x", "r"),
+            ("/dev/fuse", "/x", "rwx"),
+        ] {
+            let err = container_spec(config(host, container, perms)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with("config.devices[0]"), "{err:?}");
+        }
     }
 
     #[test]

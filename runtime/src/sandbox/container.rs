@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use super::io::{LogSink, OutputOffsets, ProcessIo};
 use super::*;
-use crate::agent::{ExitStatus, NewContainer, StdioMode};
+use crate::agent::{ExitStatus, GuestDevice, NewContainer, StdioMode};
 use crate::resource::{Access, BindMode};
 
 /// How long a container may take to go after SIGKILL.
@@ -48,6 +48,7 @@ impl SandboxManager {
         if let Some(resources) = &spec.resources {
             self.check_fits_vm(resources, &sandbox)?;
         }
+        let devices = self.allowed_devices(&spec.devices)?;
         if !spec.security.not_applicable.is_empty() {
             info!(
                 container = spec.name,
@@ -92,6 +93,7 @@ impl SandboxManager {
                         },
                         join_pod_pid_namespace: sandbox.namespaces.pid == NamespaceMode::Pod,
                         privileged: spec.security.privileged,
+                        devices,
                     })
                     .await
                     .map_err(SandboxError::from)
@@ -142,6 +144,25 @@ impl SandboxManager {
         self.events.emit(&id, &sandbox.id, super::events::EventKind::Created);
         crate::metrics::global().container_created(&id, arrived);
         Ok(id)
+    }
+
+    /// The guest devices of `requests`, each of which the config's allow-list must name.
+    fn allowed_devices(&self, requests: &[DeviceRequest]) -> Result<Vec<GuestDevice>> {
+        let allowed = &self.config.vm.allowed_devices;
+        requests
+            .iter()
+            .enumerate()
+            .map(|(index, d)| {
+                if !allowed.contains(&d.path) {
+                    return Err(SandboxError::DeviceNotAllowed { index, path: d.path.clone() });
+                }
+                Ok(GuestDevice {
+                    guest_path: d.path.clone(),
+                    container_path: d.container_path.clone(),
+                    permissions: d.permissions.clone(),
+                })
+            })
+            .collect()
     }
 
     /// Binds the container's volumes into the pod's volume share and builds its OCI spec.

@@ -41,6 +41,11 @@ pub enum SandboxError {
          ({propagation:?} needs a shared or slave mount, as with runc)"
     )]
     MountSourceNotShared { path: String, propagation: super::Propagation },
+    #[error(
+        "config.devices[{index}] ({path}): not in [vm] allowed_devices (a VM has none of the \
+         host's devices; allowed ones are the guest's own)"
+    )]
+    DeviceNotAllowed { index: usize, path: String },
     #[error("runtime handler {name:?} is not configured; known handlers: {known}")]
     UnknownHandler { name: String, known: String },
     #[error("the pod asks for a VM of {vcpus} vCPUs and {memory_mib} MiB; at most {max_vcpus} vCPUs and {max_mib} MiB")]

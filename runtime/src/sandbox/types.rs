@@ -60,6 +60,16 @@ pub struct VolumeMount {
     pub propagation: Propagation,
 }
 
+/// A CRI device: the node at `path` (in the guest: a VM has none of the host's devices),
+/// given at `container_path`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceRequest {
+    pub path: String,
+    pub container_path: String,
+    /// A subset of "rwm".
+    pub permissions: String,
+}
+
 /// How mounts propagate between a volume's host path and the container.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -148,6 +158,7 @@ pub struct ContainerSpec {
     /// Environment, in order (a later key replaces an earlier one).
     pub envs: Vec<(String, String)>,
     pub mounts: Vec<VolumeMount>,
+    pub devices: Vec<DeviceRequest>,
     pub labels: HashMap<String, String>,
     pub annotations: HashMap<String, String>,
     /// Relative to the pod's log directory.
