@@ -62,6 +62,8 @@ pub enum AgentError {
     BadSize(u32, u32),
     #[error("no rootfs given")]
     NoRootfs,
+    #[error("device {0:?} is not a device node under the guest's /dev")]
+    NoGuestDevice(String),
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
     #[error(transparent)]
@@ -331,6 +333,24 @@ impl Container {
                 drained = process.io.drained(),
                 "dropping an unclaimed exited exec: more than {MAX_UNCLAIMED_EXECS} of them"
             );
+        }
+    }
+}
+
+/// Each host bind in a virtio-fs share is a submount the guest kernel mounts on first use, in
+/// the mount namespace that uses it. A container's own namespace would get a mount of its own,
+/// peer to nothing; an rshared or rslave volume must instead be a copy of one mount in the
+/// agent's namespace (whose share is shared), so that mounts propagate between the pod's
+/// containers. Listing the directory here mounts it in the agent's namespace first.
+fn mount_propagating_volumes(spec: &Spec) {
+    const PROPAGATING: &[&str] = &["rshared", "shared", "rslave", "slave"];
+    for m in spec.mounts().iter().flatten() {
+        let propagating = m.options().iter().flatten().any(|o| PROPAGATING.contains(&o.as_str()));
+        let Some(source) = m.source() else { continue };
+        if propagating && m.typ().as_deref() == Some("bind") && source.is_dir() {
+            if let Err(e) = fs::read_dir(source) {
+                tracing::warn!(source = %source.display(), "mounting a propagating volume: {e}");
+            }
         }
     }
 }
@@ -611,7 +631,17 @@ impl Agent {
             if req.privileged {
                 self.give_guest_devices(&id, linux);
             }
+            let named = req
+                .devices
+                .iter()
+                .map(|d| {
+                    devices::named_device(Path::new(&d.guest_path), Path::new(&d.container_path))
+                        .ok_or_else(|| AgentError::NoGuestDevice(d.guest_path.clone()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            devices::add_devices(linux, named);
         }
+        mount_propagating_volumes(&spec);
         {
             let containers = lock(&self.containers);
             let mut creating = lock(&self.creating);

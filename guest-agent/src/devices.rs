@@ -42,6 +42,18 @@ fn collect(dir: &Path, container_dir: &Path, depth: usize, found: &mut Vec<Linux
     }
 }
 
+/// The guest's device node at `guest_path` (under /dev, not a symlink), as an OCI device at
+/// `container_path`.
+pub fn named_device(guest_path: &Path, container_path: &Path) -> Option<LinuxDevice> {
+    let under_dev = guest_path.starts_with("/dev/")
+        && guest_path.components().all(|c| !matches!(c, std::path::Component::ParentDir));
+    if !under_dev {
+        return None;
+    }
+    let metadata = guest_path.symlink_metadata().ok()?;
+    device_of(container_path.to_path_buf(), &metadata)
+}
+
 fn device_of(path: PathBuf, metadata: &Metadata) -> Option<LinuxDevice> {
     let typ = if metadata.file_type().is_char_device() {
         LinuxDeviceType::C
@@ -77,6 +89,18 @@ pub fn add_devices(linux: &mut oci_spec::runtime::Linux, devices: Vec<LinuxDevic
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_devices_are_device_nodes_under_dev_only() {
+        let null = named_device(Path::new("/dev/null"), Path::new("/dev/mine")).unwrap();
+        assert_eq!(
+            (null.path().as_path(), null.major(), null.minor()),
+            (Path::new("/dev/mine"), 1, 3)
+        );
+        for not_a_device in ["/etc/passwd", "/dev/../dev/null", "/dev", "/dev/no-such-device"] {
+            assert!(named_device(Path::new(not_a_device), Path::new("/dev/x")).is_none());
+        }
+    }
 
     /// The host's /dev stands in for the guest's: its null device is found at /dev/null,
     /// what the runtime sets up itself and symlinks are not.

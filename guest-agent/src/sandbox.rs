@@ -38,6 +38,8 @@ pub enum SandboxError {
     CreateMountPoint(PathBuf, std::io::Error),
     #[error("mounting virtio-fs tag {0:?} at {1}: {2}")]
     MountShare(String, PathBuf, nix::Error),
+    #[error("making the share at {0} a shared mount: {1}")]
+    ShareMountShared(PathBuf, nix::Error),
     #[error("setting the guest clock: {0}")]
     SetClock(nix::Error),
 }
@@ -137,9 +139,13 @@ fn mount_share(share: &Share) -> Result<(), SandboxError> {
         None::<&str>,
     ) {
         // EBUSY: already mounted there (CreateSandbox retried).
-        Ok(()) | Err(nix::Error::EBUSY) => Ok(()),
-        Err(e) => Err(SandboxError::MountShare(share.tag.clone(), share.path.clone(), e)),
+        Ok(()) | Err(nix::Error::EBUSY) => {}
+        Err(e) => return Err(SandboxError::MountShare(share.tag.clone(), share.path.clone(), e)),
     }
+    // Shared, so a container's mounts under an rshared volume reach the pod's other
+    // containers of that volume (their binds are peers or slaves of this mount).
+    nix::mount::mount(None::<&str>, &share.path, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+        .map_err(|e| SandboxError::ShareMountShared(share.path.clone(), e))
 }
 
 pub(crate) fn hosts_file(hostname: &str) -> String {

@@ -31,6 +31,7 @@ impl From<AgentError> for Status {
             | AgentError::BadSignal(_)
             | AgentError::BadSize(..)
             | AgentError::NoRootfs
+            | AgentError::NoGuestDevice(_)
             | AgentError::Rootfs(_)
             | AgentError::Sandbox(crate::sandbox::SandboxError::BadHostname(_))
             | AgentError::Sandbox(crate::sandbox::SandboxError::BadSysctl(_))

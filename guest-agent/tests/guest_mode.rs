@@ -355,6 +355,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
             stdio: Some(StdioConfig::default()),
             join_pod_pid_namespace: false,
             privileged: false,
+            devices: Vec::new(),
         })
         .await
         .unwrap();
@@ -386,6 +387,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
             stdio: Some(StdioConfig::default()),
             join_pod_pid_namespace: false,
             privileged: false,
+            devices: Vec::new(),
         })
         .await
         .unwrap();
@@ -498,6 +500,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
             stdio: Some(StdioConfig::default()),
             join_pod_pid_namespace: false,
             privileged: false,
+            devices: Vec::new(),
         })
         .await
         .unwrap();
@@ -567,6 +570,7 @@ async fn agent_runs_containers_as_pid_1_in_a_qemu_guest() {
             stdio: Some(StdioConfig::default()),
             join_pod_pid_namespace: false,
             privileged: false,
+            devices: Vec::new(),
         })
         .await
         .unwrap();

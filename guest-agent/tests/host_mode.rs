@@ -213,6 +213,7 @@ fn create_request(
         stdio: Some(stdio),
         join_pod_pid_namespace: false,
         privileged: false,
+        devices: Vec::new(),
     }
 }
 

@@ -162,6 +162,9 @@ pub struct VmSection {
     /// The guest console log's cap (it lives on the state directory's tmpfs): past it, only
     /// its newest half is kept.
     pub console_log_max_kib: u32,
+    /// Guest device paths a CRI `Device` may name (e.g. `/dev/fuse`, `/dev/net/tun`): the
+    /// container gets the guest's own node of that path. A VM has none of the host's devices.
+    pub allowed_devices: Vec<String>,
 }
 
 impl VmSection {
@@ -387,6 +390,7 @@ impl Default for VmSection {
             boot_timeout_seconds: 120,
             memory_overhead_mib: 64,
             console_log_max_kib: 1024,
+            allowed_devices: Vec::new(),
         }
     }
 }
@@ -465,6 +469,11 @@ impl Config {
             ));
         }
         self.images.registries()?;
+        if let Some(bad) = self.vm.allowed_devices.iter().find(|d| !d.starts_with("/dev/")) {
+            return Err(ConfigError::Invalid(format!(
+                "vm.allowed_devices: {bad:?} is not a path under /dev/"
+            )));
+        }
         for (name, rt) in &self.runtimes {
             self.validate_runtime(name, rt)?;
         }

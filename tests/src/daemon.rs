@@ -99,17 +99,29 @@ pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
     pub extra_config: String,
+    /// Keys added to the harness's `[vm]` table.
+    pub extra_vm_config: String,
 }
 
 impl TestDaemon {
     /// Starts a daemon; `extra_config` goes into its TOML config before the `[vm]` table the
     /// harness writes (top-level keys and other tables).
     pub async fn start(extra_config: &str) -> Result<Self> {
+        Self::start_with_vm(extra_config, "").await
+    }
+
+    /// [`start`](Self::start), with `extra_vm_config` (keys) in the `[vm]` table.
+    pub async fn start_with_vm(extra_config: &str, extra_vm_config: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("podvisor-e2e-")
             .tempdir_in("/var/tmp")
             .context("tempdir")?;
-        let mut daemon = Self { dir, child: None, extra_config: extra_config.to_string() };
+        let mut daemon = Self {
+            dir,
+            child: None,
+            extra_config: extra_config.to_string(),
+            extra_vm_config: extra_vm_config.to_string(),
+        };
         daemon.spawn().await?;
         Ok(daemon)
     }
@@ -138,10 +150,11 @@ impl TestDaemon {
         std::fs::write(
             &config,
             format!(
-                "log_level = \"info,podvisor=debug\"\n{}\n{network}[vm]\nkernel = {:?}\ninitrd = {:?}\nmemory_mib = 256\n",
+                "log_level = \"info,podvisor=debug\"\n{}\n{network}[vm]\nkernel = {:?}\ninitrd = {:?}\nmemory_mib = 256\n{}\n",
                 self.extra_config,
                 guest_kernel(),
                 guest_initrd(),
+                self.extra_vm_config,
             ),
         )?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_file())?;

@@ -201,6 +201,15 @@ impl GuestAgent for GrpcAgent {
             stdio: Some(stdio(n.stdio)),
             join_pod_pid_namespace: n.join_pod_pid_namespace,
             privileged: n.privileged,
+            devices: n
+                .devices
+                .into_iter()
+                .map(|d| pb::GuestDevice {
+                    guest_path: d.guest_path,
+                    container_path: d.container_path,
+                    permissions: d.permissions,
+                })
+                .collect(),
         };
         let r = self
             .call("CreateContainer", CREATE_DEADLINE, |mut c| async move {

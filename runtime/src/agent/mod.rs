@@ -204,6 +204,16 @@ pub struct NewContainer {
     pub join_pod_pid_namespace: bool,
     /// The guest gives it the VM's devices.
     pub privileged: bool,
+    /// Guest devices it gets by name.
+    pub devices: Vec<GuestDevice>,
+}
+
+/// A guest device node given to a container.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestDevice {
+    pub guest_path: String,
+    pub container_path: String,
+    pub permissions: String,
 }
 
 /// An extra process to run in a container.

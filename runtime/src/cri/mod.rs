@@ -33,6 +33,8 @@ pub fn code(e: &SandboxError) -> Code {
         | E::ContainerNotRunning(_)
         | E::StoredProcess { .. } => Code::FailedPrecondition,
         E::MountSourceMissing(_)
+        | E::MountSourceNotShared { .. }
+        | E::DeviceNotAllowed { .. }
         | E::LimitExceedsVm { .. }
         | E::UnknownHandler { .. }
         | E::HostNamespaceInVm { .. }

@@ -508,7 +508,11 @@ impl RuntimeService for RuntimeServiceImpl {
                 .into_iter()
                 .map(|name| cri::RuntimeHandler {
                     name,
-                    features: Some(cri::RuntimeHandlerFeatures::default()),
+                    // The guest kernel has mount_setattr(2) for `rro` volumes.
+                    features: Some(cri::RuntimeHandlerFeatures {
+                        recursive_read_only_mounts: true,
+                        ..Default::default()
+                    }),
                 })
                 .collect(),
             features: Some(cri::RuntimeFeatures { supplemental_groups_policy: true }),

@@ -9,9 +9,10 @@ use tonic::Status;
 use crate::sandbox::events::{EventKind, LifecycleEvent};
 use crate::sandbox::stats::{ContainerUsage, PodUsage};
 use crate::sandbox::{
-    ContainerRecord, ContainerSpec, ContainerState, DnsSettings, NamespaceMode, NamespaceModes,
-    PodDemand, PodMetadata, PodSpec, PortMapping, Resources, SandboxRecord, SandboxState,
-    SeccompProfile, SecurityContext, SupplementalGroupsPolicy, VolumeMount,
+    ContainerRecord, ContainerSpec, ContainerState, DeviceRequest, DnsSettings, NamespaceMode,
+    NamespaceModes, PodDemand, PodMetadata, PodSpec, PortMapping, Propagation, Resources,
+    SandboxRecord, SandboxState, SeccompProfile, SecurityContext, SupplementalGroupsPolicy,
+    VolumeMount,
 };
 
 /// The longest hostname the guest kernel takes (HOST_NAME_MAX).
@@ -77,6 +78,7 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
     };
     // NODE modes are checked against the pod's handler by the sandbox layer: a VM cannot give
     // them, the host handler can.
+    refuse_user_namespace(ns.userns_options.as_ref())?;
     let pod_security = linux.security_context.as_ref();
     if pod_security.is_some_and(|sc| sc.run_as_group.is_some() && sc.run_as_user.is_none()) {
         return Err(Status::invalid_argument(
@@ -109,6 +111,21 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         port_mappings,
         demand,
     })
+}
+
+/// User namespaces are not made yet: only NODE (the VM's own, no mappings) is accepted, so a
+/// pod asking for mapped ids is refused rather than run with its root as the guest's root.
+fn refuse_user_namespace(options: Option<&cri::UserNamespace>) -> Result<(), Status> {
+    let Some(options) = options else { return Ok(()) };
+    let field = "config.linux.security_context.namespace_options.userns_options";
+    let node = options.mode == cri::NamespaceMode::Node as i32;
+    if node && options.uids.is_empty() && options.gids.is_empty() {
+        return Ok(());
+    }
+    Err(Status::invalid_argument(format!(
+        "{field}: only NODE without mappings (user namespaces inside the guest are not \
+         supported yet)"
+    )))
 }
 
 /// What the pod asks of its VM: kubelet's sum of its containers' limits, plus its overhead.
@@ -163,25 +180,31 @@ fn port_mapping(n: usize, m: &cri::PortMapping) -> Result<PortMapping, Status> {
     })
 }
 
-/// A mount's fields the VM's volume share cannot honour yet are refused, naming them, rather
-/// than dropped (SELinux relabelling does not apply inside the VM and is accepted).
-fn refuse_unhonoured_mount_fields(n: usize, m: &cri::Mount) -> Result<(), Status> {
+/// A CRI mount as a [`VolumeMount`]. Fields the VM's volume share cannot honour are refused,
+/// naming them, rather than dropped (SELinux relabelling does not apply inside the VM and is
+/// accepted).
+fn volume_mount(n: usize, m: cri::Mount) -> Result<VolumeMount, Status> {
     let refuse = |field: &str, why: &str| {
         Err(Status::invalid_argument(format!("config.mounts[{n}].{field}: {why}")))
     };
-    match cri::MountPropagation::try_from(m.propagation) {
-        Ok(cri::MountPropagation::PropagationPrivate) => {}
-        Ok(cri::MountPropagation::PropagationHostToContainer)
-        | Ok(cri::MountPropagation::PropagationBidirectional) => {
-            return refuse(
-                "propagation",
-                "only PROPAGATION_PRIVATE: host mounts do not propagate through virtio-fs",
-            )
-        }
-        Err(_) => return refuse("propagation", "unknown propagation mode"),
+    if m.container_path.is_empty() || m.host_path.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "mount {n} needs container_path and host_path"
+        )));
     }
-    if m.recursive_read_only {
-        return refuse("recursive_read_only", "recursive read-only mounts are not supported yet");
+    let propagation = match cri::MountPropagation::try_from(m.propagation) {
+        Ok(cri::MountPropagation::PropagationPrivate) => Propagation::Private,
+        Ok(cri::MountPropagation::PropagationHostToContainer) => Propagation::HostToContainer,
+        Ok(cri::MountPropagation::PropagationBidirectional) => Propagation::Bidirectional,
+        Err(_) => return refuse("propagation", "unknown propagation mode"),
+    };
+    // As containerd: a recursive read-only bind cannot take new mounts from the host, which
+    // would not be read-only.
+    if m.recursive_read_only && !m.readonly {
+        return refuse("recursive_read_only", "needs readonly");
+    }
+    if m.recursive_read_only && propagation != Propagation::Private {
+        return refuse("recursive_read_only", "needs PROPAGATION_PRIVATE");
     }
     if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
         return refuse("uidMappings", "id-mapped mounts are not supported yet");
@@ -189,7 +212,43 @@ fn refuse_unhonoured_mount_fields(n: usize, m: &cri::Mount) -> Result<(), Status
     if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
         return refuse("image", "image volumes are not supported yet");
     }
-    Ok(())
+    Ok(VolumeMount {
+        container_path: m.container_path,
+        host_path: m.host_path,
+        read_only: m.readonly,
+        recursive_read_only: m.recursive_read_only,
+        propagation,
+    })
+}
+
+/// A CRI device as a [`DeviceRequest`] (whether it is allowed is the sandbox layer's call).
+fn device_request(n: usize, d: cri::Device) -> Result<DeviceRequest, Status> {
+    let container_path =
+        if d.container_path.is_empty() { d.host_path.clone() } else { d.container_path.clone() };
+    let absolute = |p: &str| p.starts_with('/') && !p.split('/').any(|c| c == "..");
+    if !absolute(&d.host_path) || !absolute(&container_path) {
+        return Err(Status::invalid_argument(format!(
+            "config.devices[{n}] ({} -> {}): paths must be absolute, without \"..\"",
+            d.host_path, d.container_path
+        )));
+    }
+    let permissions = if d.permissions.is_empty() { "rwm".to_string() } else { d.permissions };
+    if !permissions.chars().all(|c| "rwm".contains(c)) {
+        return Err(Status::invalid_argument(format!(
+            "config.devices[{n}].permissions: {permissions:?} is not a subset of \"rwm\""
+        )));
+    }
+    Ok(DeviceRequest { path: d.host_path, container_path, permissions })
+}
+
+/// The CRI propagation of a recorded mount.
+fn cri_propagation(p: Propagation) -> i32 {
+    let p = match p {
+        Propagation::Private => cri::MountPropagation::PropagationPrivate,
+        Propagation::HostToContainer => cri::MountPropagation::PropagationHostToContainer,
+        Propagation::Bidirectional => cri::MountPropagation::PropagationBidirectional,
+    };
+    p as i32
 }
 
 /// CreateContainer's config as a [`ContainerSpec`].
@@ -202,27 +261,18 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Sta
     if image.is_empty() {
         return Err(Status::invalid_argument("container image is required"));
     }
-    let mut mounts = Vec::with_capacity(config.mounts.len());
-    for (n, m) in config.mounts.into_iter().enumerate() {
-        if m.container_path.is_empty() || m.host_path.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "mount {n} needs container_path and host_path"
-            )));
-        }
-        refuse_unhonoured_mount_fields(n, &m)?;
-        mounts.push(VolumeMount {
-            container_path: m.container_path,
-            host_path: m.host_path,
-            read_only: m.readonly,
-        });
-    }
-    if let Some(d) = config.devices.first() {
-        // The VM has none of the host's devices to give (no passthrough yet).
-        return Err(Status::invalid_argument(format!(
-            "config.devices[0] ({} -> {}): host devices cannot be passed into a VM sandbox",
-            d.host_path, d.container_path
-        )));
-    }
+    let mounts = config
+        .mounts
+        .into_iter()
+        .enumerate()
+        .map(|(n, m)| volume_mount(n, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let devices = config
+        .devices
+        .into_iter()
+        .enumerate()
+        .map(|(n, d)| device_request(n, d))
+        .collect::<Result<Vec<_>, _>>()?;
     // The daemon appends to the log as root: it must stay inside the pod's log directory.
     let log_path = std::path::Path::new(&config.log_path);
     let escapes = log_path.components().any(|c| {
@@ -249,6 +299,7 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Sta
         working_dir: config.working_dir,
         envs: config.envs.into_iter().map(|kv| (kv.key, kv.value)).collect(),
         mounts,
+        devices,
         labels: config.labels,
         annotations: config.annotations,
         log_path: config.log_path,
@@ -516,6 +567,8 @@ pub fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
                 container_path: m.container_path.clone(),
                 host_path: m.host_path.clone(),
                 readonly: m.read_only,
+                recursive_read_only: m.recursive_read_only,
+                propagation: cri_propagation(m.propagation),
                 ..Default::default()
             })
             .collect(),
@@ -724,20 +777,49 @@ mod tests {
     }
 
     #[test]
-    fn host_devices_are_refused() {
-        let config = cri::ContainerConfig {
+    fn devices_are_checked_for_shape_and_passed_on() {
+        let config = |host: &str, container: &str, permissions: &str| cri::ContainerConfig {
             metadata: Some(cri::ContainerMetadata { name: "c".into(), attempt: 0 }),
             image: Some(cri::ImageSpec { image: "busybox".into(), ..Default::default() }),
             devices: vec![cri::Device {
-                container_path: "/dev/xvda".into(),
-                host_path: "/dev/sda".into(),
-                permissions: "rwm".into(),
+                container_path: container.into(),
+                host_path: host.into(),
+                permissions: permissions.into(),
             }],
             ..Default::default()
         };
-        let err = container_spec(config).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().starts_with("config.devices[0] (/dev/sda"), "{err:?}");
+        let spec = container_spec(config("/dev/fuse", "", "")).unwrap();
+        let want = DeviceRequest {
+            path: "/dev/fuse".into(),
+            container_path: "/dev/fuse".into(),
+            permissions: "rwm".into(),
+        };
+        assert_eq!(spec.devices, vec![want]);
+        for (host, container, perms) in [
+            ("dev/fuse", "/dev/fuse", "rw"),
+            ("/dev/../etc", "/x", "r"),
+            ("/dev/fuse", "/x", "rwx"),
+        ] {
+            let err = container_spec(config(host, container, perms)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with("config.devices[0]"), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn user_namespaces_other_than_node_are_refused() {
+        let ok = cri::UserNamespace { mode: cri::NamespaceMode::Node as i32, ..Default::default() };
+        refuse_user_namespace(None).unwrap();
+        refuse_user_namespace(Some(&ok)).unwrap();
+        let range = vec![cri::IdMapping { host_id: 100_000, container_id: 0, length: 65_536 }];
+        let mapped = cri::UserNamespace { uids: range.clone(), gids: range, ..ok.clone() };
+        for mode in [cri::NamespaceMode::Pod, cri::NamespaceMode::Container] {
+            let pod = cri::UserNamespace { mode: mode as i32, ..mapped.clone() };
+            let err = refuse_user_namespace(Some(&pod)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains("userns_options"), "{err:?}");
+        }
+        assert!(refuse_user_namespace(Some(&mapped)).is_err());
     }
 
     #[test]
@@ -748,12 +830,18 @@ mod tests {
             selinux_relabel: true,
             ..Default::default()
         };
-        refuse_unhonoured_mount_fields(0, &ok).unwrap();
+        let private = volume_mount(0, ok.clone()).unwrap();
+        assert_eq!(private.propagation, Propagation::Private);
+        let rslave = volume_mount(0, cri::Mount { propagation: 1, ..ok.clone() }).unwrap();
+        assert_eq!(rslave.propagation, Propagation::HostToContainer);
+        let rshared = volume_mount(0, cri::Mount { propagation: 2, ..ok.clone() }).unwrap();
+        assert_eq!(rshared.propagation, Propagation::Bidirectional);
+        let rro = cri::Mount { readonly: true, recursive_read_only: true, ..ok.clone() };
+        assert!(volume_mount(0, rro.clone()).unwrap().recursive_read_only);
         let cases = [
-            (cri::Mount { propagation: 1, ..ok.clone() }, "propagation"),
-            (cri::Mount { propagation: 2, ..ok.clone() }, "propagation"),
             (cri::Mount { propagation: 7, ..ok.clone() }, "propagation"),
             (cri::Mount { recursive_read_only: true, ..ok.clone() }, "recursive_read_only"),
+            (cri::Mount { propagation: 1, ..rro.clone() }, "recursive_read_only"),
             (
                 cri::Mount {
                     uid_mappings: vec![cri::IdMapping { host_id: 1, container_id: 0, length: 1 }],
@@ -770,7 +858,7 @@ mod tests {
             ),
         ];
         for (mount, field) in cases {
-            let err = refuse_unhonoured_mount_fields(2, &mount).unwrap_err();
+            let err = volume_mount(2, mount).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(err.message().starts_with(&format!("config.mounts[2].{field}")), "{err:?}");
         }

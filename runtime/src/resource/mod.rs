@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{GuestShare, GUEST_SHARED_DIR, GUEST_VOLUME_DIR, SHARED_FS_TAG, VOLUME_FS_TAG};
 use crate::hypervisor::{BlockDevice, NetDevice, SharedDir};
 use share::SandboxShare;
-pub use share::ShareError;
+pub use share::{Access, BindMode, ShareError};
 
 /// How a pod's shares are laid out.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +36,15 @@ pub enum ShareLayout {
     /// A read-only image share and a writable volume share.
     #[default]
     Split,
+}
+
+/// A volume bound into a pod's share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundVolume {
+    /// Where the guest sees it.
+    pub guest_path: PathBuf,
+    /// Where it is bound, relative to its share.
+    pub share_rel: String,
 }
 
 /// The resources of one pod.
@@ -144,18 +153,22 @@ impl PodResources {
         container_id: &str,
         index: usize,
         host_path: &Path,
-        read_only: bool,
-    ) -> Result<PathBuf, ShareError> {
-        let (share, rel, guest_root) = match self.layout {
-            ShareLayout::Single => {
-                (&self.images, format!("volumes/{container_id}/{index}"), GUEST_SHARED_DIR)
-            }
-            ShareLayout::Split => {
-                (&self.volumes, format!("{container_id}/{index}"), GUEST_VOLUME_DIR)
-            }
+        mode: BindMode,
+    ) -> Result<BoundVolume, ShareError> {
+        let name = if mode.receive_host_mounts {
+            // One guest directory per host path and mode for the whole pod, so the mounts a
+            // container propagates (rshared) reach the pod's other containers of that volume.
+            // It stays bound until the pod's share goes.
+            pod_volume_name(host_path, mode)
+        } else {
+            format!("{container_id}/{index}")
         };
-        let bound = share.bind(host_path, &rel, read_only)?;
-        Ok(Path::new(guest_root).join(bound))
+        let (share, rel, guest_root) = match self.layout {
+            ShareLayout::Single => (&self.images, format!("volumes/{name}"), GUEST_SHARED_DIR),
+            ShareLayout::Split => (&self.volumes, name, GUEST_VOLUME_DIR),
+        };
+        let bound = share.bind_with(host_path, &rel, mode)?;
+        Ok(BoundVolume { guest_path: Path::new(guest_root).join(bound), share_rel: rel })
     }
 
     /// Takes a container's volumes away from the guest.
@@ -177,6 +190,17 @@ impl PodResources {
     pub fn sweep(sandbox_state_dir: &Path) -> Result<(), ShareError> {
         SandboxShare::new(sandbox_state_dir).destroy()
     }
+}
+
+/// `pod/<hash>`: the share name of a propagating volume, the same for every container of the
+/// pod that mounts `host_path` in `mode`.
+fn pod_volume_name(host_path: &Path, mode: BindMode) -> String {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher::new() has fixed keys: the name is stable across daemon restarts.
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    host_path.hash(&mut hasher);
+    (mode.access as u8).hash(&mut hasher);
+    format!("pod/{:016x}", hasher.finish())
 }
 
 #[cfg(test)]

@@ -35,6 +35,24 @@ pub enum ShareError {
     BadRelativePath(String),
 }
 
+/// How a bind's tree may be written from the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    /// The bind itself is read-only; mounts below it keep their own flags (runc's `ro`).
+    ReadOnly,
+    /// The bind and every mount below it are read-only (`mount_setattr(AT_RECURSIVE)`).
+    RecursiveReadOnly,
+}
+
+/// The access and propagation of one bind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindMode {
+    pub access: Access,
+    /// Mounts made on the host under the source later appear in the bind (an rslave bind).
+    pub receive_host_mounts: bool,
+}
+
 /// The per-sandbox shared directory pair.
 #[derive(Debug, Clone)]
 pub struct SandboxShare {
@@ -103,6 +121,21 @@ impl SandboxShare {
     /// asked. Returns the path the guest sees, relative to its shared-dir mount point.
     /// Mounting the same `rel` twice is a no-op.
     pub fn bind(&self, source: &Path, rel: &str, read_only: bool) -> Result<PathBuf, ShareError> {
+        let access = if read_only { Access::ReadOnly } else { Access::ReadWrite };
+        self.bind_with(source, rel, BindMode { access, receive_host_mounts: false })
+    }
+
+    /// [`bind`](Self::bind) with the access and propagation of `mode`.
+    ///
+    /// Every bind is staged in the private staging directory, where its propagation is set
+    /// before it joins `mounts`: a bind of a host path on a shared mount is otherwise a peer of
+    /// that mount, and unmounting its submounts later would unmount them on the host too.
+    pub fn bind_with(
+        &self,
+        source: &Path,
+        rel: &str,
+        mode: BindMode,
+    ) -> Result<PathBuf, ShareError> {
         let rel_path = checked_relative(rel)?;
         let target = self.mounts_dir().join(&rel_path);
         if is_mount_point(&target) {
@@ -110,14 +143,18 @@ impl SandboxShare {
         }
         let is_dir = std::fs::metadata(source).map(|m| m.is_dir()).unwrap_or(true);
         make_mount_point(&target, is_dir)?;
-        if !read_only {
-            bind(source, &target, MsFlags::MS_REC)?;
-            return Ok(rel_path);
-        }
         let stage = self.staging_dir().join(rel.replace('/', "_"));
         make_mount_point(&stage, is_dir)?;
+        // A slave keeps receiving the host's new mounts under `source`; a private bind does not.
+        let propagation =
+            if mode.receive_host_mounts { MsFlags::MS_SLAVE } else { MsFlags::MS_PRIVATE };
         let staged = bind(source, &stage, MsFlags::MS_REC)
-            .and_then(|()| remount_read_only(&stage))
+            .and_then(|()| remount_propagation(&stage, propagation | MsFlags::MS_REC))
+            .and_then(|()| match mode.access {
+                Access::ReadWrite => Ok(()),
+                Access::ReadOnly => remount_read_only(&stage),
+                Access::RecursiveReadOnly => set_recursive_read_only(&stage),
+            })
             .and_then(|()| bind(&stage, &target, MsFlags::MS_REC));
         let cleared = detach_all_under(&stage).and_then(|()| remove_if_unmounted(&stage));
         staged?;
@@ -225,6 +262,54 @@ fn remount_read_only(target: &Path) -> Result<(), ShareError> {
     })
 }
 
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// Makes `target` and every mount below it read-only, nosuid and nodev in one call.
+fn set_recursive_read_only(target: &Path) -> Result<(), ShareError> {
+    use std::os::unix::ffi::OsStrExt;
+    let fail = |source| ShareError::Mount {
+        what: "recursive read-only mount_setattr".into(),
+        path: target.into(),
+        source,
+    };
+    let path = std::ffi::CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| fail(nix::Error::EINVAL))?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is a NUL-terminated string and `attr` a live `struct mount_attr` whose
+    // size is passed with it; the kernel only reads both.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(fail(nix::Error::last()))
+    }
+}
+
 /// Mount points at or below `path`, deepest first, from /proc/self/mountinfo.
 fn mounts_under(path: &Path) -> Vec<PathBuf> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
@@ -259,6 +344,33 @@ fn unescape_mountinfo(field: &str) -> PathBuf {
     }
     use std::os::unix::ffi::OsStringExt;
     PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// Whether new mounts under `path` (a canonical host path) propagate out of its mount: the
+/// mount holding it is shared or a slave, as runc needs for rslave and rshared volumes.
+pub fn mount_propagates(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let holder = info
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let point = unescape_mountinfo(fields.get(4)?);
+            path.starts_with(&point).then_some((point, fields))
+        })
+        // The deepest mount point wins; of stacked mounts at it, the last one listed.
+        .max_by_key(|(point, _)| point.components().count());
+    holder.is_some_and(|(_, fields)| {
+        fields
+            .iter()
+            .skip(6)
+            .take_while(|f| **f != "-")
+            .any(|f| f.starts_with("shared:") || f.starts_with("master:"))
+    })
+}
+
+/// Whether there are mounts strictly below `path` (a canonical host path).
+pub fn has_mounts_below(path: &Path) -> bool {
+    mounts_under(path).iter().any(|p| p != path)
 }
 
 pub fn is_mount_point(path: &Path) -> bool {
@@ -406,5 +518,52 @@ mod tests {
         assert!(std::fs::write(share.shared_dir().join("stray"), b"x").is_err());
         share.destroy().unwrap();
         assert_eq!(std::fs::read(src.join("written")).unwrap(), b"from guest");
+    }
+
+    /// A volume whose host path holds a submount, on a shared host mount (as /var/lib/kubelet
+    /// is): `ro` leaves the submount writable, `rro` does not, an rslave bind receives a host
+    /// mount made later, and unbinding never unmounts the host's own submount.
+    #[test]
+    fn submounts_propagation_and_recursive_read_only() {
+        if !is_root() {
+            eprintln!("skipped: needs root for mounts");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("volume");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::create_dir_all(src.join("later")).unwrap();
+        let flag = |p: &Path, f| mount(None::<&str>, p, None::<&str>, f, None::<&str>).unwrap();
+        bind(&src, &src, MsFlags::empty()).unwrap();
+        flag(&src, MsFlags::MS_PRIVATE);
+        flag(&src, MsFlags::MS_SHARED);
+        mount(Some("tmpfs"), &src.join("sub"), Some("tmpfs"), MsFlags::empty(), None::<&str>)
+            .unwrap();
+        let share = SandboxShare::new(&dir.path().join("sb"));
+        share.create().unwrap();
+        let ro = BindMode { access: Access::ReadOnly, receive_host_mounts: true };
+        let rro = BindMode { access: Access::RecursiveReadOnly, receive_host_mounts: false };
+        let ro_rel = share.bind_with(&src, "c/ro", ro).unwrap();
+        let rro_rel = share.bind_with(&src, "c/rro", rro).unwrap();
+        let served = |rel: &Path, file: &str| share.shared_dir().join(rel).join(file);
+        assert!(std::fs::write(served(&ro_rel, "top"), b"x").is_err());
+        std::fs::write(served(&ro_rel, "sub/file"), b"x").unwrap();
+        assert!(std::fs::write(served(&rro_rel, "sub/file2"), b"x").is_err());
+        assert!(has_mounts_below(&src));
+        assert!(mount_propagates(&src));
+
+        mount(Some("tmpfs"), &src.join("later"), Some("tmpfs"), MsFlags::empty(), None::<&str>)
+            .unwrap();
+        std::fs::write(src.join("later/new"), b"later").unwrap();
+        assert_eq!(std::fs::read(served(&ro_rel, "later/new")).unwrap(), b"later");
+        assert!(!served(&rro_rel, "later/new").exists(), "a private bind took a host mount");
+
+        share.destroy().unwrap();
+        assert_eq!(std::fs::read(src.join("sub/file")).unwrap(), b"x");
+        assert_eq!(std::fs::read(src.join("later/new")).unwrap(), b"later");
+        for m in ["later", "sub"] {
+            umount2(&src.join(m), MntFlags::MNT_DETACH).unwrap();
+        }
+        umount2(&src, MntFlags::MNT_DETACH).unwrap();
     }
 }

@@ -10,7 +10,8 @@ use tracing::{debug, info, warn};
 
 use super::io::{LogSink, OutputOffsets, ProcessIo};
 use super::*;
-use crate::agent::{ExitStatus, NewContainer, StdioMode};
+use crate::agent::{ExitStatus, GuestDevice, NewContainer, StdioMode};
+use crate::resource::{Access, BindMode};
 
 /// How long a container may take to go after SIGKILL.
 const KILL_WAIT: Duration = Duration::from_secs(10);
@@ -47,6 +48,7 @@ impl SandboxManager {
         if let Some(resources) = &spec.resources {
             self.check_fits_vm(resources, &sandbox)?;
         }
+        let devices = self.allowed_devices(&spec.devices)?;
         if !spec.security.not_applicable.is_empty() {
             info!(
                 container = spec.name,
@@ -98,6 +100,7 @@ impl SandboxManager {
                         },
                         join_pod_pid_namespace: sandbox.namespaces.pid == NamespaceMode::Pod,
                         privileged: spec.security.privileged,
+                        devices,
                     })
                     .await
                     .map_err(SandboxError::from)
@@ -157,6 +160,25 @@ impl SandboxManager {
         Ok(id)
     }
 
+    /// The guest devices of `requests`, each of which the config's allow-list must name.
+    fn allowed_devices(&self, requests: &[DeviceRequest]) -> Result<Vec<GuestDevice>> {
+        let allowed = &self.config.vm.allowed_devices;
+        requests
+            .iter()
+            .enumerate()
+            .map(|(index, d)| {
+                if !allowed.contains(&d.path) {
+                    return Err(SandboxError::DeviceNotAllowed { index, path: d.path.clone() });
+                }
+                Ok(GuestDevice {
+                    guest_path: d.path.clone(),
+                    container_path: d.container_path.clone(),
+                    permissions: d.permissions.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// Binds the container's volumes into the pod's volume share and builds its OCI spec.
     /// Returns the spec, its process (execs start from it) and the mounts' records.
     fn prepare_container(
@@ -170,24 +192,26 @@ impl SandboxManager {
         let mut mount_records = Vec::new();
         let mut guest_mounts = Vec::new();
         for (n, m) in spec.mounts.iter().enumerate() {
-            let host = std::path::Path::new(&m.host_path);
-            if !host.exists() {
-                return Err(SandboxError::MountSourceMissing(m.host_path.clone()));
-            }
-            let guest_source = resources.bind_volume(id, n, host, m.read_only)?;
+            let (host, mode) = volume_bind_mode(m)?;
+            let bound = resources.bind_volume(id, n, &host, mode)?;
             guest_mounts.push(spec::GuestMount {
-                guest_source,
+                guest_source: bound.guest_path,
                 container_path: m.container_path.clone(),
-                read_only: m.read_only,
+                // A read-only bind of a tree with host submounts is read-only on the host, not
+                // in the guest: there the submounts are not mounts of their own (virtio-fs
+                // serves one filesystem), and a guest `ro` would cover them too.
+                read_only: m.read_only
+                    && (m.recursive_read_only || !crate::resource::share::has_mounts_below(&host)),
+                recursive_read_only: m.recursive_read_only,
+                propagation: m.propagation,
             });
             mount_records.push(MountRecord {
                 container_path: m.container_path.clone(),
                 host_path: m.host_path.clone(),
                 read_only: m.read_only,
-                share_rel: match sandbox.share_layout {
-                    crate::resource::ShareLayout::Single => format!("volumes/{id}/{n}"),
-                    crate::resource::ShareLayout::Split => format!("{id}/{n}"),
-                },
+                recursive_read_only: m.recursive_read_only,
+                propagation: m.propagation,
+                share_rel: bound.share_rel,
             });
         }
         let ctx = spec::SandboxContext { pid_mode: sandbox.namespaces.pid };
@@ -469,6 +493,25 @@ pub fn parse_signal(name: &str) -> i32 {
     let upper = name.to_ascii_uppercase();
     let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
     full.parse::<nix::sys::signal::Signal>().map(|s| s as i32).unwrap_or(0)
+}
+
+/// The host path a volume binds (symlinks resolved on the host, as runc does) and how.
+fn volume_bind_mode(m: &super::VolumeMount) -> Result<(std::path::PathBuf, BindMode)> {
+    let host = std::fs::canonicalize(&m.host_path)
+        .map_err(|_| SandboxError::MountSourceMissing(m.host_path.clone()))?;
+    let receive_host_mounts = m.propagation != super::Propagation::Private;
+    if receive_host_mounts && !crate::resource::share::mount_propagates(&host) {
+        return Err(SandboxError::MountSourceNotShared {
+            path: m.host_path.clone(),
+            propagation: m.propagation,
+        });
+    }
+    let access = match (m.read_only, m.recursive_read_only) {
+        (false, _) => Access::ReadWrite,
+        (true, false) => Access::ReadOnly,
+        (true, true) => Access::RecursiveReadOnly,
+    };
+    Ok((host, BindMode { access, receive_host_mounts }))
 }
 
 #[cfg(test)]

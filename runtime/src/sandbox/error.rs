@@ -36,6 +36,16 @@ pub enum SandboxError {
     ContainerNotRunning(String),
     #[error("mount source {0} does not exist")]
     MountSourceMissing(String),
+    #[error(
+        "mount source {path} is on a private mount, so host mounts cannot propagate from it \
+         ({propagation:?} needs a shared or slave mount, as with runc)"
+    )]
+    MountSourceNotShared { path: String, propagation: super::Propagation },
+    #[error(
+        "config.devices[{index}] ({path}): not in [vm] allowed_devices (a VM has none of the \
+         host's devices; allowed ones are the guest's own)"
+    )]
+    DeviceNotAllowed { index: usize, path: String },
     #[error("runtime handler {name:?} is not configured; known handlers: {known}")]
     UnknownHandler { name: String, known: String },
     #[error(

@@ -114,6 +114,10 @@ pub struct MountRecord {
     pub container_path: String,
     pub host_path: String,
     pub read_only: bool,
+    #[serde(default)]
+    pub recursive_read_only: bool,
+    #[serde(default)]
+    pub propagation: super::Propagation,
     /// Where it is bound in the sandbox share (removed with the container).
     pub share_rel: String,
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::seccomp::{self, SeccompError};
 use super::types::{
-    ContainerSpec, NamespaceMode, Resources, SeccompProfile, SecurityContext,
+    ContainerSpec, NamespaceMode, Propagation, Resources, SeccompProfile, SecurityContext,
     SupplementalGroupsPolicy,
 };
 use oci_spec::runtime::{
@@ -65,7 +65,11 @@ pub struct ImageDefaults {
 pub struct GuestMount {
     pub guest_source: PathBuf,
     pub container_path: String,
+    /// Read-only in the guest (the host enforces read-only binds in any case).
     pub read_only: bool,
+    /// Mounts below are read-only too (mount_setattr(AT_RECURSIVE) in the guest).
+    pub recursive_read_only: bool,
+    pub propagation: Propagation,
 }
 
 /// The default capabilities of a Kubernetes container (containerd's defaults).
@@ -259,8 +263,28 @@ fn group_entries(text: &str) -> impl Iterator<Item = (String, u32, Vec<String>)>
 }
 
 fn bind_mount(source: &Path, destination: &str, read_only: bool) -> Result<Mount, SpecError> {
-    let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
-    options.push(if read_only { "ro" } else { "rw" }.to_string());
+    volume_mount(&GuestMount {
+        guest_source: source.to_path_buf(),
+        container_path: destination.to_string(),
+        read_only,
+        recursive_read_only: false,
+        propagation: Propagation::Private,
+    })
+}
+
+/// A bind with runc's options: `ro` makes only the bind read-only, `rro` every mount below it.
+fn volume_mount(m: &GuestMount) -> Result<Mount, SpecError> {
+    let propagation = match m.propagation {
+        Propagation::Private => "rprivate",
+        Propagation::HostToContainer => "rslave",
+        Propagation::Bidirectional => "rshared",
+    };
+    let mut options = vec!["rbind".to_string(), propagation.to_string()];
+    options.push(if m.read_only { "ro" } else { "rw" }.to_string());
+    if m.recursive_read_only {
+        options.push("rro".to_string());
+    }
+    let (source, destination) = (&m.guest_source, m.container_path.as_str());
     Ok(MountBuilder::default()
         .destination(destination)
         .typ("bind")
@@ -297,6 +321,11 @@ pub fn build_spec(
     spec.set_mounts(Some(container_mounts(defaults, security.privileged, mounts)?));
     let mut linux = spec.linux().clone().unwrap_or_default();
     set_namespaces(&mut linux, sandbox.pid_mode);
+    // As containerd does: an rshared volume needs a shared root, or the container's mounts
+    // would stay in its own peer group.
+    if mounts.iter().any(|m| m.propagation == Propagation::Bidirectional) {
+        linux.set_rootfs_propagation(Some("shared".to_string()));
+    }
     set_confinement(&mut linux, security, &capabilities.granted)?;
     if let Some(res) = &config.resources {
         linux.set_resources(Some(resources(res)?));
@@ -384,7 +413,7 @@ fn container_mounts(
             return Err(SpecError::EmptyMountPath);
         }
         all_mounts.retain(|existing| existing.destination() != Path::new(&m.container_path));
-        all_mounts.push(bind_mount(&m.guest_source, &m.container_path, m.read_only)?);
+        all_mounts.push(volume_mount(m)?);
     }
     Ok(all_mounts)
 }

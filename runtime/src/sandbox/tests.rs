@@ -604,11 +604,13 @@ async fn volumes_are_bound_writable_into_the_volume_share_and_released_with_the_
             container_path: "/data".into(),
             host_path: volume.display().to_string(),
             read_only: false,
+            ..Default::default()
         },
         VolumeMount {
             container_path: "/ro".into(),
             host_path: volume.display().to_string(),
             read_only: true,
+            ..Default::default()
         },
     ];
     let cid = h.manager.create_container(&sid, spec).await.unwrap();
@@ -639,6 +641,7 @@ async fn an_agent_failing_create_container_leaves_no_record_or_volume() {
         container_path: "/v".into(),
         host_path: volume.display().to_string(),
         read_only: false,
+        ..Default::default()
     }];
     h.agent(&sid).fail_next("CreateContainer");
     let err = h.manager.create_container(&sid, spec.clone()).await.unwrap_err();
@@ -659,10 +662,60 @@ async fn a_missing_mount_source_is_refused() {
         container_path: "/v".into(),
         host_path: "/no/such/dir".into(),
         read_only: true,
+        ..Default::default()
     }];
     let err = h.manager.create_container(&sid, spec).await.unwrap_err();
     assert!(matches!(err, SandboxError::MountSourceMissing(_)), "{err}");
     assert_eq!(crate::cri::code(&err), tonic::Code::InvalidArgument);
+}
+
+/// rshared volumes: one guest directory per host path for the whole pod (so containers see
+/// each other's mounts), a shared container root, and a host path that must itself be on a
+/// shared mount (as runc needs).
+#[tokio::test]
+async fn rshared_volumes_share_one_guest_directory_and_need_a_shared_host_mount() {
+    needs_root!();
+    let h = Harness::new();
+    let sid = h.run_pod("p").await;
+    let volume = h.dir.path().join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    let mut spec = container("c");
+    spec.mounts = vec![VolumeMount {
+        container_path: "/v".into(),
+        host_path: volume.display().to_string(),
+        propagation: Propagation::Bidirectional,
+        ..Default::default()
+    }];
+    use nix::mount::{mount, MsFlags};
+    let p = volume.as_path();
+    let propagation = |flag| mount(None::<&str>, p, None::<&str>, flag, None::<&str>).unwrap();
+    mount(Some(p), p, None::<&str>, MsFlags::MS_BIND, None::<&str>).unwrap();
+    propagation(MsFlags::MS_PRIVATE);
+    let err = h.manager.create_container(&sid, spec.clone()).await.unwrap_err();
+    assert!(matches!(err, SandboxError::MountSourceNotShared { .. }), "{err}");
+    assert_eq!(crate::cri::code(&err), tonic::Code::InvalidArgument);
+    propagation(MsFlags::MS_SHARED);
+    let first = h.manager.create_container(&sid, spec.clone()).await;
+    spec.name = "d".into();
+    let second = h.manager.create_container(&sid, spec).await;
+    let sources: Vec<serde_json::Value> = [&first, &second]
+        .into_iter()
+        .map(|id| {
+            let sent = h.agent(&sid).container(id.as_ref().unwrap()).unwrap();
+            serde_json::from_slice(&sent.oci_spec_json).unwrap()
+        })
+        .collect();
+    nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    let mounts: Vec<&serde_json::Value> = sources
+        .iter()
+        .map(|oci| {
+            assert_eq!(oci["linux"]["rootfsPropagation"], "shared");
+            oci["mounts"].as_array().unwrap().iter().find(|m| m["destination"] == "/v").unwrap()
+        })
+        .collect();
+    assert_eq!(mounts[0]["source"], mounts[1]["source"]);
+    assert!(mounts[0]["source"].as_str().unwrap().starts_with(&format!("{GUEST_VOLUME_DIR}/pod/")));
+    assert!(mounts[0]["options"].as_array().unwrap().iter().any(|o| o == "rshared"));
 }
 
 #[tokio::test]

@@ -55,6 +55,33 @@ pub struct VolumeMount {
     pub container_path: String,
     pub host_path: String,
     pub read_only: bool,
+    /// Mounts below the host path are read-only too (only with `read_only`).
+    pub recursive_read_only: bool,
+    pub propagation: Propagation,
+}
+
+/// A CRI device: the node at `path` (in the guest: a VM has none of the host's devices),
+/// given at `container_path`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceRequest {
+    pub path: String,
+    pub container_path: String,
+    /// A subset of "rwm".
+    pub permissions: String,
+}
+
+/// How mounts propagate between a volume's host path and the container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Propagation {
+    /// Neither way (rprivate).
+    #[default]
+    Private,
+    /// Host mounts made later under the path appear in the container (rslave).
+    HostToContainer,
+    /// As HostToContainer, and the container's mounts reach the pod's other containers of the
+    /// volume (rshared inside the VM; they cannot cross the VM boundary to the host).
+    Bidirectional,
 }
 
 /// Cgroup limits of a container (applied inside the guest).
@@ -131,6 +158,7 @@ pub struct ContainerSpec {
     /// Environment, in order (a later key replaces an earlier one).
     pub envs: Vec<(String, String)>,
     pub mounts: Vec<VolumeMount>,
+    pub devices: Vec<DeviceRequest>,
     pub labels: HashMap<String, String>,
     pub annotations: HashMap<String, String>,
     /// Relative to the pod's log directory.
