@@ -20,6 +20,18 @@ const FOLLOW_RETRY: Duration = Duration::from_millis(500);
 
 impl SandboxManager {
     /// CreateContainer.
+    /// Resolves `image` on the blocking pool: the lookup reads the image's config and, for an
+    /// image not unpacked yet, unpacks it, which must not stall an async worker.
+    async fn resolve_image(&self, image: &str) -> Result<ResolvedImage> {
+        let images = self.images.clone();
+        let name = image.to_owned();
+        tokio::task::spawn_blocking(move || images.resolve(&name))
+            .await
+            .map_err(|e| SandboxError::Image(format!("image lookup task failed: {e}")))?
+            .map_err(SandboxError::Image)?
+            .ok_or_else(|| SandboxError::ImageNotFound(image.to_owned()))
+    }
+
     pub async fn create_container(
         self: &Arc<Self>,
         sandbox_id: &str,
@@ -56,18 +68,12 @@ impl SandboxManager {
                 "accepted, not applicable inside the VM"
             );
         }
-        let resolve = || {
-            self.images
-                .resolve(&spec.image)
-                .map_err(SandboxError::Image)?
-                .ok_or_else(|| SandboxError::ImageNotFound(spec.image.clone()))
-        };
-        let image = resolve()?;
+        let image = self.resolve_image(&spec.image).await?;
         let id = new_id();
         // Held until the record is registered: RemoveImage refuses the image meanwhile.
         let _image_held = self.reserve_image(&id, &image.id)?;
         // A RemoveImage that finished between the resolve and the reservation took it.
-        if resolve()?.id != image.id {
+        if self.resolve_image(&spec.image).await?.id != image.id {
             return Err(SandboxError::ImageNotFound(spec.image.clone()));
         }
         let resources = self.resources(&sandbox);
