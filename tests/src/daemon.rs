@@ -340,17 +340,27 @@ impl TestDaemon {
         log_dir: &Path,
     ) -> (String, k8s_cri::v1::PodSandboxConfig) {
         let config = pod_config(name, log_dir);
-        let mut rt = self.runtime().await.unwrap();
-        let id = rt
-            .run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: String::new(),
-            })
+        let id = self
+            .run_pod_sandbox(&config, "")
             .await
-            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", self.log_tail()))
-            .into_inner()
-            .pod_sandbox_id;
+            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e}\n{}", self.log_tail()));
         (id, config)
+    }
+
+    /// RunPodSandbox of `config` on `handler` (empty: the default): the pod id, or the
+    /// daemon's refusal.
+    pub async fn run_pod_sandbox(
+        &self,
+        config: &k8s_cri::v1::PodSandboxConfig,
+        handler: &str,
+    ) -> Result<String, tonic::Status> {
+        let mut rt = self.runtime().await.unwrap();
+        rt.run_pod_sandbox(k8s_cri::v1::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await
+        .map(|r| r.into_inner().pod_sandbox_id)
     }
 
     /// CreateContainer + StartContainer: the container id.

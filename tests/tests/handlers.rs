@@ -53,20 +53,6 @@ async fn update_pod_resources(
 
 const CONFIG: &str = "[runtimes.tiny]\nvcpus = 1\nmemory_mib = 160\n";
 
-async fn run(
-    daemon: &TestDaemon,
-    config: &cri::PodSandboxConfig,
-    handler: &str,
-) -> Result<String, tonic::Status> {
-    let mut rt = daemon.runtime().await.unwrap();
-    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
-        config: Some(config.clone()),
-        runtime_handler: handler.into(),
-    })
-    .await
-    .map(|r| r.into_inner().pod_sandbox_id)
-}
-
 /// (processors, MemTotal in KiB) as the container sees them.
 async fn vm_shape(daemon: &TestDaemon, cid: &str) -> (usize, u64) {
     let out = daemon.exec(cid, &["cat", "/proc/cpuinfo", "/proc/meminfo"], 30).await.unwrap();
@@ -97,7 +83,7 @@ async fn handlers_select_vm_flavours_and_pods_get_the_vm_they_ask_for() {
     let names: Vec<String> = status.runtime_handlers.into_iter().map(|h| h.name).collect();
     assert_eq!(names, ["", "tiny"]);
 
-    let err = run(&daemon, &pod_config("nowhere", &log_dir), "gvisor").await.unwrap_err();
+    let err = daemon.run_pod_sandbox(&pod_config("nowhere", &log_dir), "gvisor").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("\"tiny\""), "{err:?}");
 
@@ -118,7 +104,10 @@ async fn handlers_select_vm_flavours_and_pods_get_the_vm_they_ask_for() {
         ..Default::default()
     });
     let tiny_cfg = pod_config("tiny", &log_dir);
-    let (big, tiny) = tokio::join!(run(&daemon, &big_cfg, ""), run(&daemon, &tiny_cfg, "tiny"));
+    let (big, tiny) = tokio::join!(
+        daemon.run_pod_sandbox(&big_cfg, ""),
+        daemon.run_pod_sandbox(&tiny_cfg, "tiny")
+    );
     let (big, tiny) = (
         big.unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail())),
         tiny.unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail())),

@@ -69,20 +69,6 @@ fn host_network(mut config: cri::PodSandboxConfig) -> cri::PodSandboxConfig {
     config
 }
 
-async fn run(
-    daemon: &TestDaemon,
-    config: &cri::PodSandboxConfig,
-    handler: &str,
-) -> Result<String, tonic::Status> {
-    let mut rt = daemon.runtime().await.unwrap();
-    rt.run_pod_sandbox(cri::RunPodSandboxRequest {
-        config: Some(config.clone()),
-        runtime_handler: handler.into(),
-    })
-    .await
-    .map(|r| r.into_inner().pod_sandbox_id)
-}
-
 /// The host agents' own logs (in their run directories), for failure messages.
 fn agent_logs(daemon: &TestDaemon) -> String {
     let vms = daemon.state().join("vms");
@@ -268,16 +254,18 @@ async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
 
     // A VM handler refuses the host's namespaces, naming the field and the way out.
     let hostnet_cfg = host_network(pod_config("hostnet", &log_dir));
-    let err = run(&daemon, &hostnet_cfg, "").await.unwrap_err();
+    let err = daemon.run_pod_sandbox(&hostnet_cfg, "").await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("namespace_options.network"), "{err:?}");
     assert!(err.message().contains("host"), "{err:?}");
 
-    let hostnet = run(&daemon, &hostnet_cfg, "host")
+    let hostnet = daemon
+        .run_pod_sandbox(&hostnet_cfg, "host")
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
     let own_cfg = pod_config("ownnet", &log_dir);
-    let own = run(&daemon, &own_cfg, "host")
+    let own = daemon
+        .run_pod_sandbox(&own_cfg, "host")
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
     let talker = |name: &str| {
@@ -359,7 +347,8 @@ async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
         ns.pid = cri::NamespaceMode::Node as i32;
         ns.ipc = cri::NamespaceMode::Node as i32;
     }
-    let routed = run(&daemon, &routed_cfg, "")
+    let routed = daemon
+        .run_pod_sandbox(&routed_cfg, "")
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
     assert_eq!(pod_status(&daemon, &routed).await.runtime_handler, "host");
