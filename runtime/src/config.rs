@@ -243,11 +243,39 @@ pub struct RegistrySection {
     pub mirrors: Vec<MirrorSection>,
     /// Try the upstream once every mirror failed.
     pub fallback_to_upstream: bool,
+    // The upstream's own TLS settings, as a mirror's (any of them means HTTPS). Fields, not a
+    // flattened struct: serde's flatten does not work with deny_unknown_fields.
+    /// PEM CA certificates trusted for the upstream besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate presented to the upstream (mutual TLS); needs `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// Accept any certificate from the upstream.
+    pub skip_verify: bool,
 }
 
 impl Default for RegistrySection {
     fn default() -> Self {
-        Self { mirrors: Vec::new(), fallback_to_upstream: true }
+        Self {
+            mirrors: Vec::new(),
+            fallback_to_upstream: true,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            skip_verify: false,
+        }
+    }
+}
+
+impl RegistrySection {
+    fn tls_files(&self) -> podvisor_image::TlsFiles<'_> {
+        podvisor_image::TlsFiles {
+            ca_file: self.ca_file.as_deref(),
+            client_cert: self.client_cert.as_deref(),
+            client_key: self.client_key.as_deref(),
+            skip_verify: self.skip_verify,
+        }
     }
 }
 
@@ -259,11 +287,23 @@ pub struct MirrorSection {
     pub url: String,
     /// PEM CA certificates trusted for this mirror besides the system's.
     pub ca_file: Option<PathBuf>,
-    /// Refused: oci-client cannot present a client certificate (see `registries()`).
+    /// PEM client certificate presented to the mirror (mutual TLS); needs `client_key`.
     pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
     pub client_key: Option<PathBuf>,
     /// Accept any certificate from this mirror.
     pub skip_verify: bool,
+}
+
+impl MirrorSection {
+    fn tls_files(&self) -> podvisor_image::TlsFiles<'_> {
+        podvisor_image::TlsFiles {
+            ca_file: self.ca_file.as_deref(),
+            client_cert: self.client_cert.as_deref(),
+            client_key: self.client_key.as_deref(),
+            skip_verify: self.skip_verify,
+        }
+    }
 }
 
 impl Default for ImagesSection {
@@ -309,28 +349,21 @@ impl ImagesSection {
             }
             let mut mirrors = Vec::new();
             for mirror in &section.mirrors {
-                if mirror.client_cert.is_some() || mirror.client_key.is_some() {
-                    // Not silently ignored: a mirror that wants one would fail every pull.
-                    return Err(bad(format!(
-                        "mirror {}: client_cert/client_key are not supported yet (oci-client \
-                         0.18, which authenticates and fetches blobs, cannot present a client \
-                         certificate)",
-                        mirror.url
-                    )));
-                }
-                let checked = podvisor_image::Mirror::new(
-                    &mirror.url,
-                    mirror.ca_file.as_deref(),
-                    mirror.skip_verify,
-                )
-                .map_err(|e| bad(e.to_string()))?;
+                let checked = podvisor_image::Mirror::new(&mirror.url, &mirror.tls_files())
+                    .map_err(|e| bad(e.to_string()))?;
                 mirrors.push(checked);
             }
+            let upstream_tls = podvisor_image::EndpointTls::load(
+                &format!("registry {host}"),
+                &section.tls_files(),
+            )
+            .map_err(|e| bad(e.to_string()))?;
             registries.insert(
                 host.clone(),
                 podvisor_image::RegistryHosts {
                     mirrors,
                     fallback_to_upstream: section.fallback_to_upstream,
+                    upstream_tls,
                 },
             );
         }
@@ -679,14 +712,31 @@ mod tests {
         assert_eq!(k8s.mirrors.len(), 2);
         assert_eq!(k8s.mirrors[0].host, "mirror.local:5443");
         assert_eq!(k8s.mirrors[0].prefix.as_deref(), Some("proxy"));
-        assert!(k8s.mirrors[0].skip_verify && k8s.mirrors[1].plain_http);
+        assert!(k8s.mirrors[0].tls.skip_verify && k8s.mirrors[1].plain_http);
         assert!(!registries["docker.io"].fallback_to_upstream);
 
         for (text, complaint) in [
             (r#"mirrors = [{ url = "mirror.local:5000" }]"#, "neither http nor https"),
             (r#"mirrors = [{ url = "https://m", ca_file = "/nonexistent.pem" }]"#, "ca_file"),
             (r#"mirrors = [{ url = "http://m", skip_verify = true }]"#, "need an https"),
-            (r#"mirrors = [{ url = "https://m", client_cert = "/c.pem" }]"#, "not supported"),
+            (
+                r#"mirrors = [{ url = "https://m", client_cert = "/c.pem" }]"#,
+                "mirror https://m: client_cert without client_key",
+            ),
+            (
+                r#"mirrors = [{ url = "https://m", client_key = "/k.pem" }]"#,
+                "client_key without client_cert",
+            ),
+            (
+                r#"mirrors = [{ url = "https://m", client_cert = "/c.pem", client_key = "/k.pem" }]"#,
+                "read client_cert /c.pem",
+            ),
+            (
+                r#"mirrors = [{ url = "http://m", client_cert = "/c.pem", client_key = "/k.pem" }]"#,
+                "need an https",
+            ),
+            ("client_key = \"/k.pem\"", "registry quay.io: client_key without client_cert"),
+            ("ca_file = \"/nonexistent.pem\"", "registry quay.io: read ca_file /nonexistent.pem"),
             ("fallback_to_upstream = false", "nothing to pull from"),
         ] {
             let config =

@@ -13,7 +13,7 @@ use crate::Error;
 #[derive(Clone, PartialEq, Eq)]
 pub enum RegistryCredentials {
     /// HTTP basic auth, or username/password exchanged for a bearer token when the registry
-    /// asks for one (oci-client follows the `WWW-Authenticate` challenge).
+    /// asks for one (the pull follows the `WWW-Authenticate` challenge).
     Basic {
         /// User name.
         username: String,

@@ -1,9 +1,10 @@
 //! Podvisor's image store.
 //!
-//! Pulls images from OCI distribution registries (`oci-client`), keeps content-addressed blobs,
-//! image records and their references under `<root>/images/`, and unpacks each image once into a
-//! read-only root file system directory that every pod using the image shares (the sandbox
-//! manager bind-mounts it into the pod's virtio-fs share; the guest overlays a writable layer).
+//! Pulls images from OCI distribution registries (our own `reqwest` client, `oci-client`'s
+//! types), keeps content-addressed blobs, image records and their references under
+//! `<root>/images/`, and unpacks each image once into a read-only root file system directory
+//! that every pod using the image shares (the sandbox manager bind-mounts it into the pod's
+//! virtio-fs share; the guest overlays a writable layer).
 //!
 //! Layout of `<root>/images/`:
 //! - `blobs/sha256/<hex>`: manifests, configs and layers, each verified against its digest and
@@ -16,6 +17,7 @@ mod auth;
 mod import;
 mod mirrors;
 mod pull;
+mod registry;
 pub mod unpack;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -32,7 +34,7 @@ use tracing::{info, warn};
 
 pub use auth::RegistryCredentials;
 pub use import::{ArchiveError, ArchiveProgress};
-pub use mirrors::{Mirror, MirrorError, RegistryHosts};
+pub use mirrors::{ClientIdentity, EndpointTls, Mirror, MirrorError, RegistryHosts, TlsFiles};
 pub use unpack::UnpackError;
 
 /// Image store errors. The CRI layer maps each to a gRPC code (see `code`-like helpers below).

@@ -6,23 +6,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
-use oci_client::errors::OciEnvelope;
-use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{
     OciDescriptor, OciImageIndex, OciImageManifest, IMAGE_MANIFEST_LIST_MEDIA_TYPE,
     IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference, RegistryOperation};
+use oci_client::Reference;
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
-use crate::mirrors::{self, Endpoint};
+use crate::mirrors::{self, Endpoint, EndpointTls};
+use crate::registry::{read_small, response_error, RegistryHttp};
 use crate::{
     auth, digest_hex, parse_image_config, parse_reference, sha256_digest, Error, ImageRecord,
-    ImageStore, Mirror, RegistryCredentials, Result,
+    ImageStore, RegistryCredentials, Result,
 };
 
 /// Manifest media types asked for (schema 1 is not).
@@ -87,6 +86,13 @@ impl Target<'_> {
             OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
                 Error::RegistryUnreachable { host: self.host.to_owned(), message: error_chain(&e) }
             }
+            // A TLS alert after the handshake (a client certificate refused under TLS 1.3)
+            // arrives with the response: its reason is in the source chain.
+            OciDistributionError::RequestError(e) => Error::Registry {
+                host: self.host.to_owned(),
+                reference: self.reference.to_owned(),
+                message: error_chain(&e),
+            },
             OciDistributionError::UnauthorizedError { .. }
             | OciDistributionError::AuthenticationFailure(_) => unauthorized(),
             OciDistributionError::RegistryError { envelope, url } => {
@@ -116,10 +122,6 @@ impl Target<'_> {
             }
             OciDistributionError::ServerError { code: 401 | 403, .. } => unauthorized(),
             OciDistributionError::ServerError { code: 404, .. } => unknown(),
-            OciDistributionError::DigestError(DigestError::VerificationError {
-                expected,
-                actual,
-            }) => Error::DigestMismatch { what: self.reference.to_owned(), expected, actual },
             other => Error::Registry {
                 host: self.host.to_owned(),
                 reference: self.reference.to_owned(),
@@ -137,11 +139,8 @@ struct Source {
     /// The image on that endpoint: its host, the repository under the mirror's prefix, the
     /// requested tag or digest.
     reference: Reference,
-    client: Client,
-    /// Fetches manifests (see [`RegistryClient`]), with the same TLS settings.
-    http: reqwest::Client,
-    auth: RegistryAuth,
-    scheme: &'static str,
+    /// The endpoint's HTTP client, authorized for `reference`'s repository.
+    http: std::sync::Arc<RegistryHttp>,
 }
 
 impl Source {
@@ -154,14 +153,7 @@ impl Source {
         target: &'a Target<'a>,
         max_manifest_bytes: u64,
     ) -> RegistryClient<'a> {
-        RegistryClient {
-            oci: &self.client,
-            http: self.http.clone(),
-            auth: &self.auth,
-            target,
-            scheme: self.scheme,
-            max_manifest_bytes,
-        }
+        RegistryClient { http: &self.http, target, max_manifest_bytes }
     }
 }
 
@@ -282,55 +274,19 @@ impl ImageStore {
             || self.config.insecure_registries.iter().any(|r| r == registry || r == host)
     }
 
-    /// The plain HTTP client manifests are fetched with (oci-client reads them whole), set up
-    /// as [`Self::client_for`] sets up oci-client's.
-    fn http_client_for(&self, registry: &str, mirror: Option<&Mirror>) -> Result<reqwest::Client> {
-        let error = |e: reqwest::Error| Error::HttpClient {
-            host: registry.to_string(),
-            message: error_chain(&e),
-        };
-        let certificates = mirror
-            .map_or(&[][..], |m| &m.ca_certificates[..])
-            .iter()
-            .map(|pem| reqwest::Certificate::from_pem(pem))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(error)?;
-        reqwest::Client::builder()
-            .connect_timeout(self.config.connect_timeout)
-            // The progress timeout covers silence, as for oci-client's client.
-            .tls_certs_merge(certificates)
-            .danger_accept_invalid_certs(mirror.is_some_and(|m| m.skip_verify))
-            .build()
-            .map_err(error)
-    }
-
-    /// A client for `registry`, with a mirror's TLS settings. Not `Client::new`: on a
-    /// configuration it cannot build (a host without CA certificates, say) that falls back to
-    /// `reqwest::Client::new()`, which panics.
-    fn client_for(&self, registry: &str, mirror: Option<&Mirror>) -> Result<Client> {
-        let plain_http = match mirror {
-            Some(mirror) => mirror.plain_http,
-            None => self.is_insecure(registry),
-        };
-        let protocol = if plain_http { ClientProtocol::Http } else { ClientProtocol::Https };
-        let extra_root_certificates = mirror
-            .map_or(&[][..], |m| &m.ca_certificates[..])
-            .iter()
-            .map(|pem| Certificate { encoding: CertificateEncoding::Pem, data: pem.clone() })
-            .collect();
-        Client::try_from(ClientConfig {
-            protocol,
-            extra_root_certificates,
-            accept_invalid_certificates: mirror.is_some_and(|m| m.skip_verify),
-            // Platform selection is ours (it names the platforms found when none fits).
-            platform_resolver: None,
-            connect_timeout: Some(self.config.connect_timeout),
-            // The progress timeout covers silence, with a clearer error than reqwest's.
-            read_timeout: None,
-            max_concurrent_download: self.config.max_concurrent_downloads,
-            ..Default::default()
-        })
-        .map_err(|e| Error::HttpClient { host: registry.to_string(), message: e.to_string() })
+    /// The HTTP client of one endpoint. `Error::HttpClient` when it cannot be built (a host
+    /// without CA certificates, say) rather than a panic.
+    fn registry_http(
+        &self,
+        host: &str,
+        plain_http: bool,
+        repository: &str,
+        tls: &EndpointTls,
+        auth: RegistryAuth,
+    ) -> Result<std::sync::Arc<RegistryHttp>> {
+        RegistryHttp::new(host, plain_http, repository, tls, self.config.connect_timeout, auth)
+            .map(std::sync::Arc::new)
+            .map_err(|e| Error::HttpClient { host: host.to_owned(), message: error_chain(&e) })
     }
 
     fn registry_auth(
@@ -365,7 +321,6 @@ impl ImageStore {
         let (source, top_bytes) = self.first_source_with(&parsed, &whole, credentials).await?;
         let target = source.target(&whole, self.config.pull_progress_timeout);
         let registry_client = source.registry_client(&target, self.config.max_manifest_bytes);
-        let client = &source.client;
         let top_digest = sha256_digest(&top_bytes);
         if let Some(wanted) = parsed.digest() {
             if wanted != top_digest {
@@ -456,8 +411,7 @@ impl ImageStore {
         )?;
 
         let progress = PullProgress::new(size);
-        let blob_ref = source.reference.clone_with_digest(manifest_digest.clone());
-        self.fetch_blob(client, &blob_ref, &target, &progress, &manifest.config).await?;
+        self.fetch_blob(&registry_client, &progress, &manifest.config).await?;
         let config_bytes = self.read_blob(&image_id)?;
         let config = oci_spec::image::ImageConfiguration::from_reader(&config_bytes[..])
             .map_err(|e| Error::ParseConfig { digest: image_id.clone(), reason: e.to_string() })?;
@@ -471,12 +425,9 @@ impl ImageStore {
         }
         let user = parse_image_config(&image_id, &config_bytes)?.user;
 
-        let (client_ref, blob_ref_ref, target_ref, progress_ref) =
-            (client, &blob_ref, &target, &progress);
+        let (registry_ref, progress_ref) = (&registry_client, &progress);
         let downloads = futures::stream::iter(manifest.layers.clone())
-            .map(|layer| async move {
-                self.fetch_blob(client_ref, blob_ref_ref, target_ref, progress_ref, &layer).await
-            })
+            .map(|layer| async move { self.fetch_blob(registry_ref, progress_ref, &layer).await })
             .buffer_unordered(self.config.max_concurrent_downloads.max(1))
             .try_collect::<Vec<PathBuf>>();
         tokio::select! {
@@ -588,11 +539,17 @@ impl ImageStore {
         match endpoint {
             Endpoint::Upstream => {
                 let host = parsed.resolve_registry().to_owned();
+                let tls = self
+                    .config
+                    .registries
+                    .get(parsed.registry())
+                    .map(|hosts| hosts.upstream_tls.clone())
+                    .unwrap_or_default();
+                // TLS settings for the upstream mean HTTPS, even for a loopback address.
+                let plain_http = !tls.is_configured() && self.is_insecure(&host);
+                let auth = self.registry_auth(parsed.registry(), credentials)?;
                 Ok(Source {
-                    client: self.client_for(&host, None)?,
-                    http: self.http_client_for(&host, None)?,
-                    auth: self.registry_auth(parsed.registry(), credentials)?,
-                    scheme: if self.is_insecure(&host) { "http" } else { "https" },
+                    http: self.registry_http(&host, plain_http, parsed.repository(), &tls, auth)?,
                     reference: parsed.clone(),
                     host,
                 })
@@ -608,14 +565,15 @@ impl ImageStore {
                         parsed.tag().unwrap_or("latest").to_owned(),
                     ),
                 };
-                Ok(Source {
-                    client: self.client_for(&host, Some(mirror))?,
-                    http: self.http_client_for(&host, Some(mirror))?,
-                    auth: self.registry_auth(&host, None)?,
-                    scheme: if mirror.plain_http { "http" } else { "https" },
-                    reference,
-                    host,
-                })
+                let auth = self.registry_auth(&host, None)?;
+                let http = self.registry_http(
+                    &host,
+                    mirror.plain_http,
+                    reference.repository(),
+                    &mirror.tls,
+                    auth,
+                )?;
+                Ok(Source { http, reference, host })
             }
         }
     }
@@ -649,9 +607,7 @@ impl ImageStore {
     /// Ensures the blob `descriptor` names is stored and verified, downloading it if needed.
     async fn fetch_blob(
         &self,
-        client: &Client,
-        reference: &Reference,
-        target: &Target<'_>,
+        registry: &RegistryClient<'_>,
         progress: &PullProgress,
         descriptor: &OciDescriptor,
     ) -> Result<PathBuf> {
@@ -665,9 +621,7 @@ impl ImageStore {
                 Ok(())
             } else {
                 let temp = self.temp_path(&format!("blob-{}", digest_hex(digest)?));
-                let result = self
-                    .download_blob(client, reference, target, progress, descriptor, &temp, &path)
-                    .await;
+                let result = self.download_blob(registry, progress, descriptor, &temp, &path).await;
                 if result.is_err() {
                     // Best effort: tmp/ is emptied on the next open anyway.
                     let _ = tokio::fs::remove_file(&temp).await;
@@ -681,12 +635,9 @@ impl ImageStore {
         result.map(|()| path)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn download_blob(
         &self,
-        client: &Client,
-        reference: &Reference,
-        target: &Target<'_>,
+        registry: &RegistryClient<'_>,
         progress: &PullProgress,
         descriptor: &OciDescriptor,
         temp: &std::path::Path,
@@ -697,11 +648,17 @@ impl ImageStore {
         // size, no unbounded download.
         let expected_size = declared_size(digest, descriptor.size)?;
         let what = format!("blob {digest}");
-        let mut stream = target
-            .within_progress_timeout(&what, client.pull_blob_stream(reference, descriptor))
-            .await?
-            .map_err(|e| target.error(e))?;
-        let total = stream.content_length.unwrap_or(expected_size);
+        let target = registry.target;
+        let response = target.within_progress_timeout(&what, registry.blob(digest)).await??;
+        let total = response.content_length().unwrap_or(expected_size);
+        if total > expected_size {
+            return Err(Error::SizeMismatch {
+                digest: digest.to_owned(),
+                expected: expected_size,
+                actual: total,
+            });
+        }
+        let mut stream = response.bytes_stream();
         let write_error = |source| Error::WriteBlob { path: temp.to_owned(), source };
         let mut file = tokio::fs::File::create(temp).await.map_err(write_error)?;
         let mut hasher = sha2::Sha256::new();
@@ -709,17 +666,9 @@ impl ImageStore {
         let started = Instant::now();
         debug!(digest, total, "downloading blob");
         while let Some(chunk) = target.within_progress_timeout(&what, stream.next()).await? {
-            let chunk = chunk.map_err(|e| {
-                match e.get_ref().and_then(|inner| inner.downcast_ref::<DigestError>()) {
-                    Some(DigestError::VerificationError { expected, actual }) => {
-                        Error::DigestMismatch {
-                            what: format!("blob {digest}"),
-                            expected: expected.clone(),
-                            actual: actual.clone(),
-                        }
-                    }
-                    _ => Error::DownloadBlob { digest: digest.to_owned(), source: e },
-                }
+            let chunk = chunk.map_err(|e| Error::DownloadBlob {
+                digest: digest.to_owned(),
+                source: std::io::Error::other(error_chain(&e)),
             })?;
             hasher.update(&chunk);
             received += chunk.len() as u64;
@@ -794,14 +743,11 @@ fn check_content(digest: &str, size: u64, bytes: &[u8], what: &str) -> Result<()
     Ok(())
 }
 
-/// Fetches manifests itself, with oci-client's authentication: oci-client reads a manifest
-/// response whole, however large the registry makes it.
+/// One pull's requests to its endpoint: manifests (size-limited, checked against
+/// `Docker-Content-Digest`) and blob responses, failing as `target` reports them.
 struct RegistryClient<'a> {
-    oci: &'a Client,
-    http: reqwest::Client,
-    auth: &'a RegistryAuth,
+    http: &'a RegistryHttp,
     target: &'a Target<'a>,
-    scheme: &'static str,
     max_manifest_bytes: u64,
 }
 
@@ -809,20 +755,13 @@ impl RegistryClient<'_> {
     /// The manifest or index `reference` names (by tag or digest), at most
     /// `max_manifest_bytes` of it, checked against the registry's `Docker-Content-Digest`.
     async fn manifest(&self, reference: &Reference, what: &str) -> Result<Vec<u8>> {
-        let token = self
-            .oci
-            .auth(reference, self.auth, RegistryOperation::Pull)
+        let name = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let url = self.http.url("manifests", name);
+        let response = self
+            .http
+            .get(&url, &ACCEPTED_MANIFESTS.join(", "))
             .await
             .map_err(|e| self.target.error(e))?;
-        let url = self.manifest_url(reference);
-        let mut request =
-            self.http.get(&url).header(reqwest::header::ACCEPT, ACCEPTED_MANIFESTS.join(", "));
-        request = match (token, self.auth) {
-            (Some(token), _) => request.bearer_auth(token),
-            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
-            (None, _) => request,
-        };
-        let response = request.send().await.map_err(|e| self.target.error(e.into()))?;
         let status = response.status();
         let header_digest = response
             .headers()
@@ -846,15 +785,16 @@ impl RegistryClient<'_> {
         Ok(body)
     }
 
-    fn manifest_url(&self, reference: &Reference) -> String {
-        let name = reference.digest().or(reference.tag()).unwrap_or("latest");
-        let namespace = reference.namespace().map(|ns| format!("?ns={ns}")).unwrap_or_default();
-        format!(
-            "{}://{}/v2/{}/manifests/{name}{namespace}",
-            self.scheme,
-            reference.resolve_registry(),
-            reference.repository()
-        )
+    /// The successful response for blob `digest`, its body unread.
+    async fn blob(&self, digest: &str) -> Result<reqwest::Response> {
+        let url = self.http.url("blobs", digest);
+        let response = self.http.get(&url, "*/*").await.map_err(|e| self.target.error(e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = read_small(response).await.map_err(|e| self.target.error(e))?;
+        Err(self.target.error(response_error(status, &body, &url)))
     }
 
     /// The body, failing (and dropping the connection) as soon as it exceeds the limit.
@@ -872,24 +812,5 @@ impl RegistryClient<'_> {
             body.extend_from_slice(&chunk);
         }
         Ok(body)
-    }
-}
-
-/// What a registry's non-200 answer means, in oci-client's terms (so [`Target::error`] maps
-/// it as it maps oci-client's own).
-fn response_error(status: reqwest::StatusCode, body: &[u8], url: &str) -> OciDistributionError {
-    let url = url.to_owned();
-    if status == reqwest::StatusCode::UNAUTHORIZED {
-        return OciDistributionError::UnauthorizedError { url };
-    }
-    if status.is_client_error() {
-        if let Ok(envelope) = serde_json::from_slice::<OciEnvelope>(body) {
-            return OciDistributionError::RegistryError { envelope, url };
-        }
-    }
-    OciDistributionError::ServerError {
-        code: status.as_u16(),
-        url,
-        message: String::from_utf8_lossy(body).into_owned(),
     }
 }

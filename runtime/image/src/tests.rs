@@ -500,7 +500,7 @@ fn short_names_resolve_like_crictl() {
 }
 
 /// Token (bearer) auth: the registry answers 401 with `WWW-Authenticate: Bearer realm=…`,
-/// oci-client fetches a JWT from the realm with the basic credentials (or anonymously) and
+/// the pull fetches a JWT from the realm with the basic credentials (or anonymously) and
 /// retries with `Authorization: Bearer <jwt>`.
 #[tokio::test]
 async fn bearer_token_auth_with_right_and_wrong_credentials() {

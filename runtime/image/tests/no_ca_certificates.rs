@@ -1,6 +1,6 @@
 //! A host without CA certificates: a pull fails with an error that names the cause instead of
-//! panicking (oci-client's `Client::new` falls back to `reqwest::Client::new()`, which panics
-//! when no root certificate loads). Its own test binary: it changes the process environment.
+//! panicking (`reqwest::Client::new()`, which oci-client's `Client::new` falls back to, panics
+//! when no root certificate loads; the pull builds its clients fallibly). Its own test binary: it changes the process environment.
 
 use podvisor_image::{Error, ImageStore, ImageStoreConfig};
 

@@ -1,0 +1,267 @@
+//! One registry endpoint over HTTP, with our own `reqwest` client: the `/v2/` challenge, a
+//! bearer token from the realm it names (or basic auth), and authorized GETs for manifests and
+//! blobs. Ours rather than oci-client's because oci-client cannot present a client certificate
+//! (mutual TLS) and reads manifests whole; one client for every endpoint keeps one pull path.
+//!
+//! Failures are `OciDistributionError`s, the registry-protocol errors the pull maps to the
+//! store's own (`pull::Target::error`).
+
+use std::time::Duration;
+
+use oci_client::errors::{OciDistributionError, OciEnvelope};
+use oci_client::secrets::RegistryAuth;
+use serde::Deserialize;
+use tracing::debug;
+
+use crate::mirrors::EndpointTls;
+
+type Result<T> = std::result::Result<T, OciDistributionError>;
+
+/// What an authorized request carries, once negotiated with the endpoint.
+#[derive(Clone)]
+enum Authorization {
+    Anonymous,
+    Basic(String, String),
+    Bearer(String),
+}
+
+/// A token endpoint's answer (the distribution spec names it `token`, OAuth2 `access_token`).
+#[derive(Deserialize)]
+struct TokenResponse {
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    access_token: Option<String>,
+}
+
+/// A `Bearer realm=…,service=…` challenge.
+#[derive(Debug, PartialEq, Eq)]
+struct BearerChallenge {
+    realm: String,
+    service: Option<String>,
+}
+
+/// The Bearer challenge of a `WWW-Authenticate` value, if it has one.
+fn bearer_challenge(header: &str) -> Option<BearerChallenge> {
+    let challenges = http_auth::parse_challenges(header).ok()?;
+    let bearer = challenges.iter().find(|c| c.scheme.eq_ignore_ascii_case("bearer"))?;
+    let param = |name: &str| {
+        bearer
+            .params
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.to_unescaped())
+    };
+    Some(BearerChallenge { realm: param("realm")?, service: param("service") })
+}
+
+/// A registry endpoint (`scheme://host`) for one repository, with the credentials for that
+/// host. Negotiates authorization on first use and again once when a request gets 401 (an
+/// expired token during a long pull).
+pub(crate) struct RegistryHttp {
+    http: reqwest::Client,
+    scheme: &'static str,
+    host: String,
+    repository: String,
+    credentials: RegistryAuth,
+    authorization: tokio::sync::Mutex<Option<Authorization>>,
+}
+
+impl RegistryHttp {
+    /// A client for `host` with its TLS settings. Redirects (blob storage elsewhere) are
+    /// followed; reqwest drops the `Authorization` header when one leaves the host.
+    pub(crate) fn new(
+        host: &str,
+        plain_http: bool,
+        repository: &str,
+        tls: &EndpointTls,
+        connect_timeout: Duration,
+        credentials: RegistryAuth,
+    ) -> reqwest::Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            // No read timeout: the pull's progress timeout covers silence, with a clearer error.
+            .danger_accept_invalid_certs(tls.skip_verify);
+        if let Some(bundle) = &tls.ca_bundle {
+            builder = builder.tls_certs_merge(reqwest::Certificate::from_pem_bundle(bundle)?);
+        }
+        if let Some(identity) = &tls.client_identity {
+            builder = builder.identity(identity.to_reqwest()?);
+        }
+        Ok(Self {
+            http: builder.build()?,
+            scheme: if plain_http { "http" } else { "https" },
+            host: host.to_owned(),
+            repository: repository.to_owned(),
+            credentials,
+            authorization: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// `scheme://host/v2/<repository>/<kind>/<name>`.
+    pub(crate) fn url(&self, kind: &str, name: &str) -> String {
+        format!("{}://{}/v2/{}/{kind}/{name}", self.scheme, self.host, self.repository)
+    }
+
+    /// GET `url` with `accept`, authorized; a 401 renegotiates once and retries. Any status is
+    /// returned: the caller decides what it means ([`response_error`]).
+    pub(crate) async fn get(&self, url: &str, accept: &str) -> Result<reqwest::Response> {
+        let authorization = self.authorization(false).await?;
+        let response = self.send(url, accept, &authorization).await?;
+        if response.status() != reqwest::StatusCode::UNAUTHORIZED {
+            return Ok(response);
+        }
+        debug!(url, "401: negotiating authorization again");
+        let authorization = self.authorization(true).await?;
+        self.send(url, accept, &authorization).await
+    }
+
+    async fn send(
+        &self,
+        url: &str,
+        accept: &str,
+        authorization: &Authorization,
+    ) -> Result<reqwest::Response> {
+        let request = self.http.get(url).header(reqwest::header::ACCEPT, accept);
+        let request = match authorization {
+            Authorization::Anonymous => request,
+            Authorization::Basic(user, password) => request.basic_auth(user, Some(password)),
+            Authorization::Bearer(token) => request.bearer_auth(token),
+        };
+        Ok(request.send().await?)
+    }
+
+    /// The negotiated authorization; negotiates when there is none yet or `renew`.
+    async fn authorization(&self, renew: bool) -> Result<Authorization> {
+        let mut cached = self.authorization.lock().await;
+        if let (Some(authorization), false) = (cached.as_ref(), renew) {
+            return Ok(authorization.clone());
+        }
+        let authorization = self.negotiate().await?;
+        *cached = Some(authorization.clone());
+        Ok(authorization)
+    }
+
+    /// What the distribution spec's auth flow yields: a token the caller holds as is; else
+    /// `GET /v2/`, and on a Bearer challenge a pull token for the repository from its realm
+    /// (with basic credentials when we have them); on a Basic challenge basic auth.
+    async fn negotiate(&self) -> Result<Authorization> {
+        let (user, password) = match &self.credentials {
+            RegistryAuth::Bearer(token) => return Ok(Authorization::Bearer(token.clone())),
+            RegistryAuth::Basic(user, password) => (Some(user), Some(password)),
+            RegistryAuth::Anonymous => (None, None),
+        };
+        let ping = format!("{}://{}/v2/", self.scheme, self.host);
+        let response = self.http.get(&ping).send().await?;
+        let challenge = response
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        let Some(challenge) = challenge else {
+            return Ok(Authorization::Anonymous);
+        };
+        let Some(bearer) = bearer_challenge(&challenge) else {
+            return Ok(match (user, password) {
+                (Some(user), Some(password)) => {
+                    Authorization::Basic(user.clone(), password.clone())
+                }
+                _ => Authorization::Anonymous,
+            });
+        };
+        let scope = format!("repository:{}:pull", self.repository);
+        let mut query = vec![("scope", scope.as_str())];
+        if let Some(service) = &bearer.service {
+            query.push(("service", service));
+        }
+        debug!(realm = %bearer.realm, service = ?bearer.service, scope, "fetching a token");
+        let mut request = self.http.get(&bearer.realm).query(&query);
+        if let (Some(user), Some(password)) = (user, password) {
+            request = request.basic_auth(user, Some(password));
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let body = read_small(response).await?;
+        if status != reqwest::StatusCode::OK {
+            return Err(OciDistributionError::AuthenticationFailure(format!(
+                "token endpoint {} answered {status}: {}",
+                bearer.realm,
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        let token: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| OciDistributionError::RegistryTokenDecodeError(e.to_string()))?;
+        token
+            .token
+            .or(token.access_token)
+            .filter(|t| !t.is_empty())
+            .map(Authorization::Bearer)
+            .ok_or_else(|| {
+                OciDistributionError::RegistryTokenDecodeError("no token in the answer".into())
+            })
+    }
+}
+
+/// Longest token answer or error body read (a JWT is a few KiB).
+const SMALL_BODY_LIMIT: usize = 64 * 1024;
+
+/// A body read up to [`SMALL_BODY_LIMIT`] (the rest is dropped with the connection).
+pub(crate) async fn read_small(mut response: reqwest::Response) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = SMALL_BODY_LIMIT - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() == SMALL_BODY_LIMIT {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+/// What a registry's non-success answer means, in oci-client's terms (so the pull maps it as
+/// it maps every registry error).
+pub(crate) fn response_error(
+    status: reqwest::StatusCode,
+    body: &[u8],
+    url: &str,
+) -> OciDistributionError {
+    let url = url.to_owned();
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return OciDistributionError::UnauthorizedError { url };
+    }
+    if status.is_client_error() {
+        if let Ok(envelope) = serde_json::from_slice::<OciEnvelope>(body) {
+            return OciDistributionError::RegistryError { envelope, url };
+        }
+    }
+    OciDistributionError::ServerError {
+        code: status.as_u16(),
+        url,
+        message: String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_challenges_give_realm_and_service() {
+        assert_eq!(
+            bearer_challenge(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a:pull""#
+            ),
+            Some(BearerChallenge {
+                realm: "https://auth.example/token".into(),
+                service: Some("registry.example".into())
+            })
+        );
+        assert_eq!(
+            bearer_challenge(r#"Basic realm="x", Bearer realm="https://t""#),
+            Some(BearerChallenge { realm: "https://t".into(), service: None })
+        );
+        assert_eq!(bearer_challenge(r#"Basic realm="registry""#), None);
+        assert_eq!(bearer_challenge("Bearer service=\"no realm\""), None);
+        assert_eq!(bearer_challenge("\"garbage"), None);
+    }
+}
