@@ -26,53 +26,101 @@ use crate::images::{
 };
 use crate::token_server::TokenServer;
 
-/// OpenSSL extensions of the test CA and of a registry's certificate (rustls wants a CA marked
-/// as one and the registry's IP address in the subject alternative names).
+/// OpenSSL extensions of the test CAs, of a registry's certificate (rustls wants a CA marked
+/// as one and the registry's IP address in the subject alternative names) and of a client's.
 const TLS_EXTENSIONS: &str = "[req]\ndistinguished_name = dn\n[dn]\n\
 [ca]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n\
 subjectKeyIdentifier = hash\n\
 [server]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n\
 extendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1,DNS:localhost\n\
+subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n\
+[client]\nbasicConstraints = CA:FALSE\nkeyUsage = critical,digitalSignature\n\
+extendedKeyUsage = clientAuth\n\
 subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n";
 
-/// Makes a CA and a certificate it signs for 127.0.0.1 under `dir`: (certificate, key, CA).
-fn make_server_certificate(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
-    let path = |name: &str| dir.join(name);
-    let cnf = path("tls.cnf");
+/// A PEM certificate, its key and the CA that signed it, made with `openssl`.
+#[derive(Clone, Debug)]
+pub struct TestCertificate {
+    /// The certificate.
+    pub cert: PathBuf,
+    /// Its private key (PKCS#8).
+    pub key: PathBuf,
+    /// The CA certificate that signed it.
+    pub ca: PathBuf,
+}
+
+fn path_text(p: &Path) -> Result<String> {
+    p.to_str().map(str::to_owned).context("temporary path is not UTF-8")
+}
+
+/// Makes a CA `<name>-ca.pem` under `dir` and a certificate `<name>.pem` it signs with the
+/// `extensions` section of [`TLS_EXTENSIONS`] ("server", "client").
+fn make_certificate(
+    dir: &Path,
+    name: &str,
+    extensions: &str,
+    subject: &str,
+) -> Result<TestCertificate> {
+    let path = |file: String| dir.join(file);
+    let cnf = path(format!("{name}-tls.cnf"));
     std::fs::write(&cnf, TLS_EXTENSIONS)?;
-    let text = |p: &Path| p.to_str().map(str::to_owned).context("temporary path is not UTF-8");
-    let (cnf, ca, ca_key) = (text(&cnf)?, text(&path("ca.pem"))?, text(&path("ca.key"))?);
+    let cnf = path_text(&cnf)?;
+    let (ca, ca_key) = (path(format!("{name}-ca.pem")), path(format!("{name}-ca.key")));
     let (cert, key, csr) =
-        (text(&path("server.pem"))?, text(&path("server.key"))?, text(&path("server.csr"))?);
+        (path(format!("{name}.pem")), path(format!("{name}.key")), path(format!("{name}.csr")));
+    let (ca_text, ca_key_text) = (path_text(&ca)?, path_text(&ca_key)?);
+    let (cert_text, key_text, csr_text) = (path_text(&cert)?, path_text(&key)?, path_text(&csr)?);
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ca_subject = format!("/CN=podvisor test {name} CA");
     let mut args = vec!["req", "-x509", "-config", &cnf, "-extensions", "ca", "-days", "2"];
     args.extend(ec);
-    args.extend(["-keyout", &ca_key, "-out", &ca, "-subj", "/CN=podvisor test CA"]);
+    args.extend(["-keyout", &ca_key_text, "-out", &ca_text, "-subj", &ca_subject]);
     crate::token_server::run_openssl(&args)?;
     let mut args = vec!["req", "-new", "-config", &cnf];
     args.extend(ec);
-    args.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=127.0.0.1"]);
+    args.extend(["-keyout", &key_text, "-out", &csr_text, "-subj", subject]);
     crate::token_server::run_openssl(&args)?;
     crate::token_server::run_openssl(&[
         "x509",
         "-req",
         "-in",
-        &csr,
+        &csr_text,
         "-CA",
-        &ca,
+        &ca_text,
         "-CAkey",
-        &ca_key,
+        &ca_key_text,
         "-CAcreateserial",
         "-days",
         "2",
         "-extfile",
         &cnf,
         "-extensions",
-        "server",
+        extensions,
         "-out",
-        &cert,
+        &cert_text,
     ])?;
-    Ok((path("server.pem"), path("server.key"), path("ca.pem")))
+    Ok(TestCertificate { cert, key, ca })
+}
+
+/// Makes a CA and a certificate it signs for 127.0.0.1 under `dir`.
+fn make_server_certificate(dir: &Path) -> Result<TestCertificate> {
+    make_certificate(dir, "server", "server", "/CN=127.0.0.1")
+}
+
+/// Makes a CA of its own and a client certificate (`clientAuth`) it signs, files named after
+/// `name` under `dir`.
+pub fn make_client_certificate(dir: &Path, name: &str) -> Result<TestCertificate> {
+    make_certificate(dir, name, "client", &format!("/CN=podvisor test client {name}"))
+}
+
+/// How a test registry speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    PlainHttp,
+    /// HTTPS with a certificate from a CA of its own.
+    Https,
+    /// HTTPS requiring a client certificate from a CA of its own (`http.tls.clientcas`).
+    MutualTls,
 }
 
 /// The registry binary of Debian's `docker-registry` package.
@@ -152,6 +200,10 @@ pub struct TestRegistry {
     token_server: Option<TokenServer>,
     // HTTPS only: the CA that signed its certificate.
     ca_file: Option<PathBuf>,
+    // Mutual TLS only: the client certificate it accepts, and the same with its CA as the
+    // directory skopeo takes (`*.cert`, `*.key`, `*.crt`).
+    client_certificate: Option<TestCertificate>,
+    skopeo_cert_dir: Option<PathBuf>,
     // Keeps the storage, config and log alive until the registry is stopped.
     dir: tempfile::TempDir,
 }
@@ -159,23 +211,37 @@ pub struct TestRegistry {
 impl TestRegistry {
     /// Starts an anonymous registry.
     pub fn start() -> Result<Self> {
-        Self::start_inner(AuthMode::Anonymous, None, false)
+        Self::start_inner(AuthMode::Anonymous, None, Transport::PlainHttp)
     }
 
     /// Starts an anonymous registry serving HTTPS only, with a certificate for 127.0.0.1 and
     /// localhost signed by a CA made for it with `openssl` ([`Self::ca_file`]).
     pub fn start_with_tls() -> Result<Self> {
-        Self::start_inner(AuthMode::Anonymous, None, true)
+        Self::start_inner(AuthMode::Anonymous, None, Transport::Https)
     }
 
-    /// The PEM CA certificate of a registry started with [`Self::start_with_tls`].
+    /// Like [`Self::start_with_tls`], and it refuses clients without a certificate signed by
+    /// a client CA made for it ([`Self::client_certificate`]).
+    pub fn start_with_client_certificates() -> Result<Self> {
+        Self::start_inner(AuthMode::Anonymous, None, Transport::MutualTls)
+    }
+
+    /// The PEM CA certificate of a registry started with [`Self::start_with_tls`] or
+    /// [`Self::start_with_client_certificates`].
     pub fn ca_file(&self) -> Option<&Path> {
         self.ca_file.as_deref()
     }
 
+    /// The client certificate a registry started with
+    /// [`Self::start_with_client_certificates`] accepts.
+    pub fn client_certificate(&self) -> Option<&TestCertificate> {
+        self.client_certificate.as_ref()
+    }
+
     /// Starts a registry that requires HTTP basic auth with these credentials (bcrypt htpasswd).
     pub fn start_with_basic_auth(username: &str, password: &str) -> Result<Self> {
-        Self::start_inner(AuthMode::Basic, Some((username.to_owned(), password.to_owned())), false)
+        let credentials = Some((username.to_owned(), password.to_owned()));
+        Self::start_inner(AuthMode::Basic, credentials, Transport::PlainHttp)
     }
 
     /// Starts a registry with token auth: it answers 401 with `WWW-Authenticate: Bearer
@@ -184,13 +250,14 @@ impl TestRegistry {
     /// `rootcertbundle`). The token server gives pull/push to these basic credentials, 401 to
     /// wrong ones and a token granting nothing to anonymous clients.
     pub fn start_with_token_auth(username: &str, password: &str) -> Result<Self> {
-        Self::start_inner(AuthMode::Token, Some((username.to_owned(), password.to_owned())), false)
+        let credentials = Some((username.to_owned(), password.to_owned()));
+        Self::start_inner(AuthMode::Token, credentials, Transport::PlainHttp)
     }
 
     fn start_inner(
         mode: AuthMode,
         credentials: Option<(String, String)>,
-        tls: bool,
+        tls: Transport,
     ) -> Result<Self> {
         // A port picked by the kernel can be taken by someone else before the registry binds
         // it: retry a few times.
@@ -204,7 +271,11 @@ impl TestRegistry {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("registry did not start")))
     }
 
-    fn try_start(mode: AuthMode, credentials: Option<(String, String)>, tls: bool) -> Result<Self> {
+    fn try_start(
+        mode: AuthMode,
+        credentials: Option<(String, String)>,
+        tls: Transport,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("podvisor-registry-").tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let storage = dir.path().join("storage");
@@ -241,17 +312,30 @@ impl TestRegistry {
             (AuthMode::Anonymous, _) => String::new(),
             (_, None) => bail!("basic or token auth without credentials"),
         };
-        let (tls_config, ca_file) = if tls {
-            let (certificate, key, ca) = make_server_certificate(dir.path())?;
-            let config = format!(
+        let (mut tls_config, mut ca_file) = (String::new(), None);
+        if tls != Transport::PlainHttp {
+            let server = make_server_certificate(dir.path())?;
+            tls_config = format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
-                certificate.display(),
-                key.display()
+                server.cert.display(),
+                server.key.display()
             );
-            (config, Some(ca))
-        } else {
-            (String::new(), None)
-        };
+            ca_file = Some(server.ca);
+        }
+        let (mut client_certificate, mut skopeo_cert_dir) = (None, None);
+        if tls == Transport::MutualTls {
+            let client = make_client_certificate(dir.path(), "client")?;
+            tls_config.push_str(&format!("    clientcas:\n      - {}\n", client.ca.display()));
+            let cert_dir = dir.path().join("skopeo-certs");
+            std::fs::create_dir_all(&cert_dir)?;
+            std::fs::copy(&client.cert, cert_dir.join("client.cert"))?;
+            std::fs::copy(&client.key, cert_dir.join("client.key"))?;
+            if let Some(ca) = &ca_file {
+                std::fs::copy(ca, cert_dir.join("ca.crt"))?;
+            }
+            client_certificate = Some(client);
+            skopeo_cert_dir = Some(cert_dir);
+        }
         let config = format!(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
@@ -269,7 +353,16 @@ impl TestRegistry {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawn {REGISTRY_BIN}"))?;
-        let mut registry = Self { child, port, credentials, token_server, ca_file, dir };
+        let mut registry = Self {
+            child,
+            port,
+            credentials,
+            token_server,
+            ca_file,
+            client_certificate,
+            skopeo_cert_dir,
+            dir,
+        };
         registry.wait_ready()?;
         Ok(registry)
     }
@@ -433,6 +526,9 @@ impl TestRegistry {
         let reference = self.reference(name);
         let mut command = self.skopeo();
         command.args(["copy", "--all", "--quiet", "--dest-tls-verify=false"]);
+        if let Some(dir) = &self.skopeo_cert_dir {
+            command.arg(format!("--dest-cert-dir={}", dir.display()));
+        }
         match format {
             Some(format) => command.arg(format!("--format={format}")),
             None => command.arg("--preserve-digests"),
@@ -544,6 +640,9 @@ impl TestRegistry {
     pub fn raw_manifest(&self, reference: &str) -> Result<Vec<u8>> {
         let mut command = self.skopeo();
         command.args(["inspect", "--raw", "--tls-verify=false"]);
+        if let Some(dir) = &self.skopeo_cert_dir {
+            command.arg(format!("--cert-dir={}", dir.display()));
+        }
         if let Some((user, password)) = self.credentials() {
             command.arg(format!("--creds={user}:{password}"));
         }
