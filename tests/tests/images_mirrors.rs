@@ -1,10 +1,11 @@
 //! End-to-end: registry mirrors configured in `[images.registries."<host>"]`, pulled through
 //! the daemon's CRI socket from real `docker-registry` instances (plain HTTP, HTTPS with a CA
-//! made by `openssl`, basic auth). Upstreams under `.invalid` resolve nowhere.
+//! made by `openssl`, HTTPS requiring a client certificate, basic auth). Upstreams under
+//! `.invalid` resolve nowhere.
 
 use k8s_cri::v1 as cri;
 use podvisor_e2e::daemon::{e2e_can_run, TestDaemon};
-use podvisor_e2e::registry::{token_auth_tests_can_run, TestRegistry};
+use podvisor_e2e::registry::{make_client_certificate, token_auth_tests_can_run, TestRegistry};
 
 async fn pull(
     daemon: &TestDaemon,
@@ -173,4 +174,76 @@ async fn a_mirror_gets_its_own_credentials() {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
     assert!(status(&daemon, name).await.is_some());
+}
+
+/// A mirror that requires a client certificate (`http.tls.clientcas`) serves the pull with the
+/// configured `client_cert`/`client_key`; without one, or with one from another CA, that mirror
+/// fails with an error naming it and the pull falls back (or not) as configured. The upstream
+/// host itself takes the same TLS settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_requiring_a_client_certificate_gets_the_configured_one() {
+    if !can_run() {
+        return;
+    }
+    let mtls = TestRegistry::start_with_client_certificates().unwrap();
+    let direct = mtls.push_busybox("e2e/busybox:1").unwrap();
+    let upstream = TestRegistry::start().unwrap();
+    let fallback_name = upstream.push_busybox("e2e/busybox:1").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let foreign = make_client_certificate(work.path(), "foreign").unwrap();
+    let (ca, client) = (mtls.ca_file().unwrap(), mtls.client_certificate().unwrap());
+    let config = format!(
+        "[images.registries.\"mtls.invalid\"]\n\
+         mirrors = [{{ url = \"https://{mtls}\", ca_file = {ca:?}, client_cert = {cert:?}, \
+                       client_key = {key:?} }}]\n\
+         fallback_to_upstream = false\n\
+         [images.registries.\"nocert.invalid\"]\n\
+         mirrors = [{{ url = \"https://{mtls}\", ca_file = {ca:?} }}]\n\
+         fallback_to_upstream = false\n\
+         [images.registries.\"foreign.invalid\"]\n\
+         mirrors = [{{ url = \"https://{mtls}\", ca_file = {ca:?}, client_cert = {fcert:?}, \
+                       client_key = {fkey:?} }}]\n\
+         fallback_to_upstream = false\n\
+         [images.registries.\"{upstream}\"]\n\
+         mirrors = [{{ url = \"https://{mtls}\", ca_file = {ca:?}, client_cert = {fcert:?}, \
+                       client_key = {fkey:?} }}]\n\
+         [images.registries.\"{mtls}\"]\n\
+         ca_file = {ca:?}\n\
+         client_cert = {cert:?}\n\
+         client_key = {key:?}\n",
+        mtls = mtls.host(),
+        upstream = upstream.host(),
+        cert = client.cert,
+        key = client.key,
+        fcert = foreign.cert,
+        fkey = foreign.key,
+    );
+    let daemon = TestDaemon::start(&config).await.unwrap();
+
+    let name = "mtls.invalid/e2e/busybox:1";
+    pull(&daemon, name, None).await.unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    assert!(status(&daemon, name).await.is_some());
+    assert!(daemon.log_tail().contains(&format!("from={}", mtls.host())), "{}", daemon.log_tail());
+
+    // The registry's TLS alert ("received fatal alert: BadCertificate") comes through.
+    for name in ["nocert.invalid/e2e/busybox:1", "foreign.invalid/e2e/busybox:1"] {
+        let err = pull(&daemon, name, None).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{name}: {err:?}");
+        assert!(err.message().contains(&mtls.host()), "{name}: {}", err.message());
+        assert!(err.message().to_lowercase().contains("certificate"), "{name}: {}", err.message());
+        assert!(status(&daemon, name).await.is_none());
+    }
+
+    // The mirror refuses the foreign certificate; the upstream serves the pull.
+    pull(&daemon, &fallback_name, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    let log = daemon.log_tail();
+    assert!(log.contains("trying the next endpoint"), "{log}");
+    assert!(log.contains(&format!("mirror https://{}", mtls.host())), "{log}");
+    assert!(log.contains(&format!("from={}", upstream.host())), "{log}");
+
+    // The registry's own entry: HTTPS with a client certificate, though on a loopback address.
+    pull(&daemon, &direct, None).await.unwrap_or_else(|e| panic!("{e}\n{}", daemon.log_tail()));
+    assert!(status(&daemon, &direct).await.is_some());
 }
