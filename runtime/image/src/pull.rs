@@ -6,19 +6,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::OciErrorCode;
 use oci_client::manifest::{
     OciDescriptor, OciImageIndex, OciImageManifest, IMAGE_MANIFEST_LIST_MEDIA_TYPE,
     IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
 };
 use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
+use reqwest::StatusCode;
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
 use crate::mirrors::{self, Endpoint, EndpointTls};
-use crate::registry::{read_small, response_error, RegistryHttp};
+use crate::registry::{read_small, status_error, RegistryError, RegistryHttp};
 use crate::{
     auth, digest_hex, parse_image_config, parse_reference, sha256_digest, Error, ImageRecord,
     ImageStore, RegistryCredentials, Result,
@@ -73,7 +74,7 @@ impl Target<'_> {
         })
     }
 
-    fn error(&self, error: OciDistributionError) -> Error {
+    fn error(&self, error: RegistryError) -> Error {
         let unauthorized = || Error::Unauthorized {
             host: self.host.to_owned(),
             reference: self.reference.to_owned(),
@@ -82,51 +83,51 @@ impl Target<'_> {
             host: self.host.to_owned(),
             reference: self.reference.to_owned(),
         };
+        let failed = |message: String| Error::Registry {
+            host: self.host.to_owned(),
+            reference: self.reference.to_owned(),
+            message,
+        };
         match error {
-            OciDistributionError::RequestError(e) if e.is_connect() || e.is_timeout() => {
+            RegistryError::Transport(e) if e.is_connect() || e.is_timeout() => {
                 Error::RegistryUnreachable { host: self.host.to_owned(), message: error_chain(&e) }
             }
-            // A TLS alert after the handshake (a client certificate refused under TLS 1.3)
-            // arrives with the response: its reason is in the source chain.
-            OciDistributionError::RequestError(e) => Error::Registry {
-                host: self.host.to_owned(),
-                reference: self.reference.to_owned(),
-                message: error_chain(&e),
-            },
-            OciDistributionError::UnauthorizedError { .. }
-            | OciDistributionError::AuthenticationFailure(_) => unauthorized(),
-            OciDistributionError::RegistryError { envelope, url } => {
-                let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
-                if codes
-                    .iter()
-                    .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
-                {
-                    unauthorized()
-                } else if codes.iter().any(|c| {
-                    matches!(
-                        c,
-                        OciErrorCode::ManifestUnknown
-                            | OciErrorCode::NameUnknown
-                            | OciErrorCode::NotFound
-                            | OciErrorCode::BlobUnknown
-                    )
-                }) {
-                    unknown()
-                } else {
-                    Error::Registry {
-                        host: self.host.to_owned(),
-                        reference: self.reference.to_owned(),
-                        message: format!("{url}: {envelope}"),
-                    }
-                }
+            // A TLS alert after the handshake (a client certificate refused) arrives with the
+            // response: its reason is in the source chain.
+            RegistryError::Transport(e) => failed(error_chain(&e)),
+            RegistryError::TokenRefused { status, .. }
+                if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN =>
+            {
+                unauthorized()
             }
-            OciDistributionError::ServerError { code: 401 | 403, .. } => unauthorized(),
-            OciDistributionError::ServerError { code: 404, .. } => unknown(),
-            other => Error::Registry {
-                host: self.host.to_owned(),
-                reference: self.reference.to_owned(),
-                message: other.to_string(),
-            },
+            RegistryError::Status { status, envelope, .. }
+                if status == StatusCode::UNAUTHORIZED
+                    || status == StatusCode::FORBIDDEN
+                    || envelope.as_ref().is_some_and(|e| {
+                        e.errors.iter().any(|e| {
+                            matches!(e.code, OciErrorCode::Unauthorized | OciErrorCode::Denied)
+                        })
+                    }) =>
+            {
+                unauthorized()
+            }
+            RegistryError::Status { status, envelope, .. }
+                if status == StatusCode::NOT_FOUND
+                    || envelope.as_ref().is_some_and(|e| {
+                        e.errors.iter().any(|e| {
+                            matches!(
+                                e.code,
+                                OciErrorCode::ManifestUnknown
+                                    | OciErrorCode::NameUnknown
+                                    | OciErrorCode::NotFound
+                                    | OciErrorCode::BlobUnknown
+                            )
+                        })
+                    }) =>
+            {
+                unknown()
+            }
+            other => failed(other.to_string()),
         }
     }
 }
@@ -769,8 +770,8 @@ impl RegistryClient<'_> {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let body = self.read_limited(response, what).await?;
-        if status != reqwest::StatusCode::OK {
-            return Err(self.target.error(response_error(status, &body, &url)));
+        if status != StatusCode::OK {
+            return Err(self.target.error(status_error(status, &body, &url)));
         }
         if let Some(header) = header_digest.filter(|d| d.starts_with("sha256:")) {
             let actual = sha256_digest(&body);
@@ -794,7 +795,7 @@ impl RegistryClient<'_> {
             return Ok(response);
         }
         let body = read_small(response).await.map_err(|e| self.target.error(e))?;
-        Err(self.target.error(response_error(status, &body, &url)))
+        Err(self.target.error(status_error(status, &body, &url)))
     }
 
     /// The body, failing (and dropping the connection) as soon as it exceeds the limit.

@@ -3,22 +3,72 @@
 //! blobs. Ours rather than oci-client's because oci-client cannot present a client certificate
 //! (mutual TLS) and reads manifests whole; one client for every endpoint keeps one pull path.
 //!
-//! Failures are `OciDistributionError`s, the registry-protocol errors the pull maps to the
-//! store's own (`pull::Target::error`).
+//! The pull turns a [`RegistryError`] into the store's error for the endpoint and image
+//! (`pull::Target::error`).
 
 use std::time::Duration;
 
-use oci_client::errors::{OciDistributionError, OciEnvelope};
+use oci_client::errors::OciEnvelope;
 use oci_client::secrets::RegistryAuth;
+use reqwest::StatusCode;
 use serde::Deserialize;
 use tracing::debug;
 
 use crate::mirrors::EndpointTls;
 
-type Result<T> = std::result::Result<T, OciDistributionError>;
+/// A failed exchange with a registry endpoint.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RegistryError {
+    /// Sending a request or reading its answer failed (connection, TLS, a body cut short).
+    #[error("{0}")]
+    Transport(#[from] reqwest::Error),
+    /// The token endpoint a Bearer challenge named refused the token.
+    #[error("token endpoint {realm} answered {status}: {body}")]
+    TokenRefused {
+        /// The realm.
+        realm: String,
+        /// Its status.
+        status: StatusCode,
+        /// Its body, as text.
+        body: String,
+    },
+    /// The token endpoint answered 200 with no token in it.
+    #[error("token endpoint {realm} sent no usable token: {reason}")]
+    BadToken {
+        /// The realm.
+        realm: String,
+        /// What is wrong with the answer.
+        reason: String,
+    },
+    /// A non-success answer to a request; `envelope` is its distribution-spec error body.
+    #[error("{url} answered {status}{}", describe_body(.envelope.as_ref(), .body))]
+    Status {
+        /// The request's URL.
+        url: String,
+        /// The status.
+        status: StatusCode,
+        /// The `{"errors": [...]}` body, when it is one.
+        envelope: Option<OciEnvelope>,
+        /// The body as text otherwise (bounded).
+        body: String,
+    },
+}
+
+fn describe_body(envelope: Option<&OciEnvelope>, body: &str) -> String {
+    match envelope {
+        Some(envelope) => format!(": {envelope}"),
+        None if body.trim().is_empty() => String::new(),
+        None => format!(": {}", body.trim()),
+    }
+}
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+/// Sent with every request: registries log it, some rate-limit by it.
+const USER_AGENT: &str = concat!("podvisor/", env!("CARGO_PKG_VERSION"));
 
 /// What an authorized request carries, once negotiated with the endpoint.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 enum Authorization {
     Anonymous,
     Basic(String, String),
@@ -55,9 +105,19 @@ fn bearer_challenge(header: &str) -> Option<BearerChallenge> {
     Some(BearerChallenge { realm: param("realm")?, service: param("service") })
 }
 
+/// The `WWW-Authenticate` value of an answer, if any.
+fn challenge_of(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+}
+
 /// A registry endpoint (`scheme://host`) for one repository, with the credentials for that
-/// host. Negotiates authorization on first use and again once when a request gets 401 (an
-/// expired token during a long pull).
+/// host. Negotiates authorization on first use (from the `/v2/` challenge) and again, once per
+/// request, when a request gets 401 (from that answer's challenge: an expired token during a
+/// long pull, or a registry whose `/v2/` is open but the repository is not).
 pub(crate) struct RegistryHttp {
     http: reqwest::Client,
     scheme: &'static str,
@@ -79,6 +139,7 @@ impl RegistryHttp {
         credentials: RegistryAuth,
     ) -> reqwest::Result<Self> {
         let mut builder = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
             .connect_timeout(connect_timeout)
             // No read timeout: the pull's progress timeout covers silence, with a clearer error.
             .danger_accept_invalid_certs(tls.skip_verify);
@@ -104,15 +165,16 @@ impl RegistryHttp {
     }
 
     /// GET `url` with `accept`, authorized; a 401 renegotiates once and retries. Any status is
-    /// returned: the caller decides what it means ([`response_error`]).
+    /// returned: the caller decides what it means ([`status_error`]).
     pub(crate) async fn get(&self, url: &str, accept: &str) -> Result<reqwest::Response> {
-        let authorization = self.authorization(false).await?;
+        let authorization = self.authorization().await?;
         let response = self.send(url, accept, &authorization).await?;
-        if response.status() != reqwest::StatusCode::UNAUTHORIZED {
+        if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
         debug!(url, "401: negotiating authorization again");
-        let authorization = self.authorization(true).await?;
+        let challenge = challenge_of(&response);
+        let authorization = self.renegotiate(&authorization, challenge).await?;
         self.send(url, accept, &authorization).await
     }
 
@@ -131,33 +193,51 @@ impl RegistryHttp {
         Ok(request.send().await?)
     }
 
-    /// The negotiated authorization; negotiates when there is none yet or `renew`.
-    async fn authorization(&self, renew: bool) -> Result<Authorization> {
+    /// The negotiated authorization, negotiated from the `/v2/` challenge the first time.
+    async fn authorization(&self) -> Result<Authorization> {
         let mut cached = self.authorization.lock().await;
-        if let (Some(authorization), false) = (cached.as_ref(), renew) {
+        if let Some(authorization) = cached.as_ref() {
             return Ok(authorization.clone());
         }
-        let authorization = self.negotiate().await?;
+        let authorization = match &self.credentials {
+            // Sent as is: no need to ask.
+            RegistryAuth::Bearer(token) => Authorization::Bearer(token.clone()),
+            _ => {
+                let ping = format!("{}://{}/v2/", self.scheme, self.host);
+                let challenge = challenge_of(&self.http.get(&ping).send().await?);
+                self.negotiate(challenge).await?
+            }
+        };
         *cached = Some(authorization.clone());
         Ok(authorization)
     }
 
-    /// What the distribution spec's auth flow yields: a token the caller holds as is; else
-    /// `GET /v2/`, and on a Bearer challenge a pull token for the repository from its realm
-    /// (with basic credentials when we have them); on a Basic challenge basic auth.
-    async fn negotiate(&self) -> Result<Authorization> {
+    /// A new authorization after `failed` got a 401 with `challenge`; when another request
+    /// renewed it meanwhile (parallel blob downloads), that one.
+    async fn renegotiate(
+        &self,
+        failed: &Authorization,
+        challenge: Option<String>,
+    ) -> Result<Authorization> {
+        let mut cached = self.authorization.lock().await;
+        if let Some(renewed) = cached.as_ref().filter(|current| *current != failed) {
+            return Ok(renewed.clone());
+        }
+        let authorization = self.negotiate(challenge).await?;
+        *cached = Some(authorization.clone());
+        Ok(authorization)
+    }
+
+    /// What the distribution spec's auth flow yields for `challenge` (a `WWW-Authenticate`
+    /// value): a token the caller holds as is; on a Bearer challenge a pull token for the
+    /// repository from its realm (with basic credentials when we have them); on another
+    /// challenge basic auth; nothing without a challenge.
+    async fn negotiate(&self, challenge: Option<String>) -> Result<Authorization> {
         let (user, password) = match &self.credentials {
             RegistryAuth::Bearer(token) => return Ok(Authorization::Bearer(token.clone())),
             RegistryAuth::Basic(user, password) => (Some(user), Some(password)),
             RegistryAuth::Anonymous => (None, None),
         };
-        let ping = format!("{}://{}/v2/", self.scheme, self.host);
-        let response = self.http.get(&ping).send().await?;
-        let challenge = response
-            .headers()
-            .get(reqwest::header::WWW_AUTHENTICATE)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_owned);
         let Some(challenge) = challenge else {
             return Ok(Authorization::Anonymous);
         };
@@ -182,23 +262,18 @@ impl RegistryHttp {
         let response = request.send().await?;
         let status = response.status();
         let body = read_small(response).await?;
-        if status != reqwest::StatusCode::OK {
-            return Err(OciDistributionError::AuthenticationFailure(format!(
-                "token endpoint {} answered {status}: {}",
-                bearer.realm,
-                String::from_utf8_lossy(&body)
-            )));
+        if status != StatusCode::OK {
+            let body = String::from_utf8_lossy(&body).trim().to_owned();
+            return Err(RegistryError::TokenRefused { realm: bearer.realm, status, body });
         }
-        let token: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| OciDistributionError::RegistryTokenDecodeError(e.to_string()))?;
+        let bad = |reason: String| RegistryError::BadToken { realm: bearer.realm.clone(), reason };
+        let token: TokenResponse = serde_json::from_slice(&body).map_err(|e| bad(e.to_string()))?;
         token
             .token
             .or(token.access_token)
             .filter(|t| !t.is_empty())
             .map(Authorization::Bearer)
-            .ok_or_else(|| {
-                OciDistributionError::RegistryTokenDecodeError("no token in the answer".into())
-            })
+            .ok_or_else(|| bad("neither token nor access_token in it".into()))
     }
 }
 
@@ -218,27 +293,12 @@ pub(crate) async fn read_small(mut response: reqwest::Response) -> Result<Vec<u8
     Ok(body)
 }
 
-/// What a registry's non-success answer means, in oci-client's terms (so the pull maps it as
-/// it maps every registry error).
-pub(crate) fn response_error(
-    status: reqwest::StatusCode,
-    body: &[u8],
-    url: &str,
-) -> OciDistributionError {
-    let url = url.to_owned();
-    if status == reqwest::StatusCode::UNAUTHORIZED {
-        return OciDistributionError::UnauthorizedError { url };
-    }
-    if status.is_client_error() {
-        if let Ok(envelope) = serde_json::from_slice::<OciEnvelope>(body) {
-            return OciDistributionError::RegistryError { envelope, url };
-        }
-    }
-    OciDistributionError::ServerError {
-        code: status.as_u16(),
-        url,
-        message: String::from_utf8_lossy(body).into_owned(),
-    }
+/// A registry's non-success answer (`body` read within a limit).
+pub(crate) fn status_error(status: StatusCode, body: &[u8], url: &str) -> RegistryError {
+    let envelope = serde_json::from_slice::<OciEnvelope>(body).ok();
+    let body =
+        if envelope.is_some() { String::new() } else { String::from_utf8_lossy(body).into_owned() };
+    RegistryError::Status { url: url.to_owned(), status, envelope, body }
 }
 
 #[cfg(test)]
