@@ -324,4 +324,74 @@ mod tests {
         assert_eq!(bearer_challenge("Bearer service=\"no realm\""), None);
         assert_eq!(bearer_challenge("\"garbage"), None);
     }
+
+    /// A registry whose `/v2/` is open but whose repository wants a token: the 401's own
+    /// challenge is followed, with the repository's pull scope, once.
+    #[tokio::test]
+    async fn a_401_is_answered_from_its_own_challenge() {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tokens = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = tokens.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut head = Vec::new();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push(line.trim_end().to_owned());
+                }
+                let path = head.first().and_then(|l| l.split(' ').nth(1)).unwrap_or("");
+                let authorized =
+                    head.iter().any(|l| l.eq_ignore_ascii_case("authorization: Bearer t1"));
+                let (status, extra, body) = if path == "/v2/" {
+                    ("200 OK", String::new(), "{}")
+                } else if path == "/token?scope=repository%3Ateam%2Frepo%3Apull&service=svc" {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    ("200 OK", String::new(), r#"{"token":"t1"}"#)
+                } else if path == "/v2/team/repo/manifests/x" && authorized {
+                    ("200 OK", String::new(), "manifest")
+                } else if path == "/v2/team/repo/manifests/x" {
+                    let challenge = format!(
+                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",\
+                         service=\"svc\"\r\n"
+                    );
+                    ("401 Unauthorized", challenge, "")
+                } else {
+                    ("404 Not Found", String::new(), "")
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let http = RegistryHttp::new(
+            &format!("127.0.0.1:{port}"),
+            true,
+            "team/repo",
+            &EndpointTls::default(),
+            Duration::from_secs(5),
+            RegistryAuth::Anonymous,
+        )
+        .unwrap();
+        let url = http.url("manifests", "x");
+        for _ in 0..2 {
+            let response = http.get(&url, "*/*").await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            assert_eq!(response.text().await.unwrap(), "manifest");
+        }
+        assert_eq!(tokens.load(Ordering::SeqCst), 1, "the token is kept");
+        let missing = http.url("manifests", "nothing");
+        let response = http.get(&missing, "*/*").await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    }
 }
