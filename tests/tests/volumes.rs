@@ -451,7 +451,8 @@ async fn volumes_share_host_paths_and_keep_the_guest_to_them() {
 }
 
 /// `[vm] allowed_devices`: a CRI device on the list is the guest's own node of that path;
-/// any other is refused with InvalidArgument naming `devices[n]`.
+/// any other is refused with InvalidArgument naming `devices[n]`. The device cgroup lets a
+/// container open its allowed and the standard devices only; a privileged one, all of the VM's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_devices_are_the_guests_own_and_others_are_refused() {
     if !e2e_can_run() {
@@ -493,6 +494,29 @@ async fn allowed_devices_are_the_guests_own_and_others_are_refused() {
     let nodes = ok(&daemon, &app, "stat -c '%t:%T' /dev/net/tun /dev/fuse2").await;
     assert_eq!(nodes, "a:c8\na:e5\n");
     ok(&daemon, &app, "test ! -e /dev/fuse").await;
+
+    // The device cgroup: allowed and standard devices open; nodes the container makes itself
+    // (it has CAP_MKNOD, and mknod is allowed, as with runc) of the VM's other devices do not.
+    ok(&daemon, &app, "exec 3<>/dev/fuse2 4<>/dev/net/tun; : > /dev/null; : < /dev/zero").await;
+    ok(&daemon, &app, "mknod /tmp/kmsg c 1 11 && mknod /tmp/loop b 7 0").await;
+    for node in ["/tmp/kmsg", "/tmp/loop"] {
+        let err = fails(&daemon, &app, &format!(": < {node}")).await;
+        assert!(err.contains("Operation not permitted"), "{node}: {err}");
+    }
+    // A privileged container has all of the VM's devices.
+    let mut admin = container_config("admin", &image, &["sleep", "3600"]);
+    admin.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        }),
+    });
+    let admin = daemon.create_and_start(&pod, &pod_cfg, admin).await;
+    ok(&daemon, &admin, ": > /dev/kmsg && mknod /tmp/kmsg c 1 11 && : > /tmp/kmsg").await;
 
     daemon.remove_pod(&pod).await;
     daemon.assert_nothing_left();
