@@ -774,10 +774,10 @@ impl Agent {
     }
 
     /// Attaches the container's device rules to its cgroup (libcontainer, built without
-    /// libbpf, does not). In host mode (tests, host pods) the cgroup is the host's and
-    /// libcontainer's: left alone.
+    /// libbpf, does not): in a guest, and for a host pod, whose containers would otherwise
+    /// reach the host's devices. Host mode for tests leaves its stand-in cgroup tree alone.
     fn enforce_device_rules(&self, id: &str, spec: &Spec) -> Result<(), AgentError> {
-        if !self.guest {
+        if !self.guest && self.host_pod.is_none() {
             return Ok(());
         }
         let rules = spec

@@ -306,6 +306,12 @@ async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
     });
     let limited = start(&daemon, &own, &own_cfg, limited).await;
     assert_eq!(exec_out(&daemon, &limited, &["echo", "limited"]).await, "limited\n");
+    // The device cgroup: a host device node the container makes (CAP_MKNOD is a default
+    // capability) cannot be opened; the standard devices can.
+    let script = ": > /dev/null && mknod /tmp/kmsg c 1 11 && : < /tmp/kmsg";
+    let out = daemon.exec(&limited, &["sh", "-c", script], 30).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.exit_code != 0 && err.contains("Operation not permitted"), "{script}: {err}");
     forward_through(&daemon, &own, &own_cfg, &image).await;
     streaming_exec(&daemon, &hostnet_c).await;
     // Stats are best effort on a hybrid host (no memory controller on cgroup2): printed.
