@@ -391,7 +391,7 @@ mod tests {
     #[test]
     fn a_catch_all_rule_replaces_what_came_before() {
         let all = LinuxDeviceCgroupBuilder::default().allow(true).access("rwm").build().unwrap();
-        let (default_allow, rules) = effective_rules(&[all.clone()]).unwrap();
+        let (default_allow, rules) = effective_rules(std::slice::from_ref(&all)).unwrap();
         assert!(default_allow && rules.iter().all(|r| r.allow));
         let deny = LinuxDeviceCgroupBuilder::default().allow(false).build().unwrap();
         let (default_allow, rules) = effective_rules(&[all, deny]).unwrap();
