@@ -100,11 +100,14 @@ impl SandboxManager {
         if self.resolve_image(&spec.image).await?.id != image.id {
             return Err(SandboxError::ImageNotFound(spec.image.clone()));
         }
-        let ids = |images: &[Option<ResolvedImage>]| -> Vec<Option<String>> {
-            images.iter().map(|i| i.as_ref().map(|i| i.id.clone())).collect()
-        };
-        if ids(&self.resolve_volume_images(&spec.mounts).await?) != ids(&volume_images) {
-            return Err(SandboxError::ImageNotFound("of an image volume (just removed)".into()));
+        let now = self.resolve_volume_images(&spec.mounts).await?;
+        let id_of = |i: &Option<ResolvedImage>| i.as_ref().map(|i| i.id.clone());
+        if let Some(index) = (0..now.len()).find(|&n| id_of(&now[n]) != id_of(&volume_images[n])) {
+            let image = spec.mounts[index].image.as_ref().map(|v| v.image.clone());
+            return Err(SandboxError::VolumeImageNotFound {
+                index,
+                image: image.unwrap_or_default(),
+            });
         }
         let resources = self.resources(&sandbox);
         let lower_dir = resources.bind_image(&image.id, &image.rootfs)?;
