@@ -96,6 +96,8 @@ pub enum AgentError {
     Signal(i32, nix::Error),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error("device cgroup: {0}")]
+    DeviceCgroup(#[from] crate::device_cgroup::DeviceCgroupError),
     #[error("reading {0}: {1}")]
     Read(PathBuf, std::io::Error),
     #[error("decoding {0}: {1}")]
@@ -636,10 +638,12 @@ impl Agent {
                 .iter()
                 .map(|d| {
                     devices::named_device(Path::new(&d.guest_path), Path::new(&d.container_path))
+                        .map(|node| (node, d.permissions.clone()))
                         .ok_or_else(|| AgentError::NoGuestDevice(d.guest_path.clone()))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            devices::add_devices(linux, named);
+            devices::allow_in_cgroup(linux, &named, req.privileged);
+            devices::add_devices(linux, named.into_iter().map(|(node, _)| node).collect());
         }
         mount_propagating_volumes(&spec);
         {
@@ -742,6 +746,9 @@ impl Agent {
         let exit = self.reaper.register(pid, started);
         let io =
             Self::finish_io(pending, stdio_cfg.stdin, stdio_cfg.stdin_once, exit.clone()).await;
+        // Before StartContainer: the init waits for it, so the container never opens a device
+        // unchecked.
+        let io = io.and_then(|io| self.enforce_device_rules(id, spec).map(|()| io));
         let io = match io {
             Ok(io) => io,
             Err(e) => {
@@ -764,6 +771,23 @@ impl Agent {
         });
         container.watch_init_exit();
         Ok(container)
+    }
+
+    /// Attaches the container's device rules to its cgroup (libcontainer, built without
+    /// libbpf, does not): in a guest, and for a host pod, whose containers would otherwise
+    /// reach the host's devices. Host mode for tests leaves its stand-in cgroup tree alone.
+    fn enforce_device_rules(&self, id: &str, spec: &Spec) -> Result<(), AgentError> {
+        if !self.guest && self.host_pod.is_none() {
+            return Ok(());
+        }
+        let rules = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.resources().as_ref())
+            .and_then(|r| r.devices().clone())
+            .unwrap_or_default();
+        crate::device_cgroup::apply(&self.paths.cgroup_dir(id), &rules)?;
+        Ok(())
     }
 
     /// Force-deletes libcontainer's state and cgroup of `id`, if it has any.

@@ -5,7 +5,9 @@ use std::fs::Metadata;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::{LinuxDevice, LinuxDeviceBuilder, LinuxDeviceType};
+use oci_spec::runtime::{
+    LinuxDevice, LinuxDeviceBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType,
+};
 
 /// Entries of /dev the container's runtime sets up itself (mounts, the console, ptmx).
 const SET_UP_BY_THE_RUNTIME: &[&str] = &["pts", "shm", "mqueue", "console", "ptmx"];
@@ -73,6 +75,36 @@ fn device_of(path: PathBuf, metadata: &Metadata) -> Option<LinuxDevice> {
         .gid(metadata.gid())
         .build()
         .ok()
+}
+
+/// Adds device cgroup rules for the container: all devices for a privileged one (whatever
+/// the spec's resources say: it has all of the VM), else an allow rule per named device with
+/// its CRI permissions (a subset of "rwm", checked by the daemon).
+pub fn allow_in_cgroup(
+    linux: &mut oci_spec::runtime::Linux,
+    named: &[(LinuxDevice, String)],
+    privileged: bool,
+) {
+    let mut resources = linux.resources().clone().unwrap_or_default();
+    let mut rules = resources.devices().clone().unwrap_or_default();
+    let rule = |typ, major, minor, access: &str| {
+        LinuxDeviceCgroupBuilder::default()
+            .allow(true)
+            .typ(typ)
+            .major(major)
+            .minor(minor)
+            .access(access)
+            .build()
+            .ok()
+    };
+    if privileged {
+        rules.extend(LinuxDeviceCgroupBuilder::default().allow(true).access("rwm").build().ok());
+    }
+    for (node, permissions) in named {
+        rules.extend(rule(node.typ(), node.major(), node.minor(), permissions));
+    }
+    resources.set_devices(Some(rules));
+    linux.set_resources(Some(resources));
 }
 
 /// Adds `devices` to the spec's, keeping the spec's own at the same path.

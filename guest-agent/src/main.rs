@@ -11,6 +11,7 @@
 
 mod cgroup;
 mod container;
+mod device_cgroup;
 mod devices;
 mod helper;
 mod host_pod;

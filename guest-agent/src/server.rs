@@ -47,6 +47,7 @@ impl From<AgentError> for Status {
             | AgentError::NoPodPidNamespace => Code::FailedPrecondition,
             AgentError::Stdio(StdioError::OffsetAhead) => Code::OutOfRange,
             AgentError::Cgroup(e) if e.is_bad_request() => Code::InvalidArgument,
+            AgentError::DeviceCgroup(e) if e.is_bad_request() => Code::InvalidArgument,
             AgentError::Network(e) if e.is_bad_request() => Code::InvalidArgument,
             AgentError::HostPod(e) if e.is_bad_request() => Code::InvalidArgument,
             AgentError::Network(e) if e.is_precondition() => Code::FailedPrecondition,

@@ -121,6 +121,13 @@ async fn exec_out(daemon: &TestDaemon, cid: &str, cmd: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `sh -c script` in `cid`, which must succeed.
+async fn ok_exec(daemon: &TestDaemon, cid: &str, script: &str) {
+    let out = daemon.exec(cid, &["sh", "-c", script], 30).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.exit_code, 0, "{script}: {err}");
+}
+
 async fn pod_status(daemon: &TestDaemon, id: &str) -> cri::PodSandboxStatus {
     let mut rt = daemon.runtime().await.unwrap();
     rt.pod_sandbox_status(cri::PodSandboxStatusRequest {
@@ -306,6 +313,21 @@ async fn host_handler_pods_run_on_the_host_and_leave_nothing_behind() {
     });
     let limited = start(&daemon, &own, &own_cfg, limited).await;
     assert_eq!(exec_out(&daemon, &limited, &["echo", "limited"]).await, "limited\n");
+    // The device cgroup: host device nodes the container makes (CAP_MKNOD is a default
+    // capability) cannot be opened (fuse and loop0 need no other capability, unlike kmsg);
+    // the standard devices can.
+    ok_exec(
+        &daemon,
+        &limited,
+        ": > /dev/null && mknod /tmp/fuse c 10 229 && mknod /tmp/loop b 7 0",
+    )
+    .await;
+    for node in ["/tmp/fuse", "/tmp/loop"] {
+        let script = format!(": < {node}");
+        let out = daemon.exec(&limited, &["sh", "-c", &script], 30).await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.exit_code != 0 && err.contains("Operation not permitted"), "{node}: {err}");
+    }
     forward_through(&daemon, &own, &own_cfg, &image).await;
     streaming_exec(&daemon, &hostnet_c).await;
     // Stats are best effort on a hybrid host (no memory controller on cgroup2): printed.

@@ -1,7 +1,8 @@
 //! Volumes on real guests (QEMU/TCG here), one pod for all the checks: read-write both ways,
 //! read-only, a configMap-style `..data` symlink swap, a single file, a host path that is a
 //! symlink, symlinks inside a volume that point outside it, `ro` versus `rro` over a host
-//! submount, rslave and rshared propagation, and a privileged container making a bridge.
+//! submount, rslave and rshared propagation, a privileged container making a bridge, and
+//! image volumes (kubelet's ImageVolume: `Mount.image`, `image_sub_path`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,7 +10,9 @@ use std::time::Duration;
 use k8s_cri::v1 as cri;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use podvisor_e2e::daemon::{container_config, e2e_can_run, wait_for, TestDaemon};
+use podvisor_e2e::images::{LayerBuilder, TestImage};
 use podvisor_e2e::registry::TestRegistry;
+use prost::Message;
 
 /// Host-side volume directories, with the mounts the test makes in them undone on drop
 /// (kubelet's /var/lib/kubelet is such a shared mount).
@@ -121,6 +124,172 @@ fn write_config_map_version(dir: &Path, ts: &str, value: &str) {
     if !dir.join("key").exists() {
         std::os::unix::fs::symlink("..data/key", dir.join("key")).unwrap();
     }
+}
+
+/// CRI v1.33's `Mount` as kubelet sends an image volume, with `image_sub_path` (field 10),
+/// which k8s-cri 0.11's `Mount` lacks.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ImageMount {
+    #[prost(string, tag = "1")]
+    container_path: String,
+    #[prost(bool, tag = "3")]
+    readonly: bool,
+    #[prost(message, optional, tag = "9")]
+    image: Option<cri::ImageSpec>,
+    #[prost(string, tag = "10")]
+    image_sub_path: String,
+}
+
+/// The mounts of a `ContainerConfig` (field 7), as the new `Mount`s.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ConfigMounts {
+    #[prost(message, repeated, tag = "7")]
+    mounts: Vec<ImageMount>,
+}
+
+/// `CreateContainerRequest` whose config is encoded by hand (k8s-cri's, plus [`ConfigMounts`]).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawCreateContainerRequest {
+    #[prost(string, tag = "1")]
+    pod_sandbox_id: String,
+    #[prost(bytes = "vec", tag = "2")]
+    config: Vec<u8>,
+    #[prost(message, optional, tag = "3")]
+    sandbox_config: Option<cri::PodSandboxConfig>,
+}
+
+fn image_mount(container_path: &str, image: &str, sub_path: &str) -> ImageMount {
+    ImageMount {
+        container_path: container_path.into(),
+        readonly: true,
+        image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }),
+        image_sub_path: sub_path.into(),
+    }
+}
+
+/// CreateContainer (+ StartContainer when it succeeds) of `config` with image volumes
+/// `mounts`, as a CRI v1.33 client sends them.
+async fn create_with_image_mounts(
+    daemon: &TestDaemon,
+    pod: &str,
+    pod_cfg: &cri::PodSandboxConfig,
+    config: cri::ContainerConfig,
+    mounts: Vec<ImageMount>,
+) -> Result<String, tonic::Status> {
+    let mut encoded = config.encode_to_vec();
+    encoded.extend(ConfigMounts { mounts }.encode_to_vec());
+    let request = RawCreateContainerRequest {
+        pod_sandbox_id: pod.into(),
+        config: encoded,
+        sandbox_config: Some(pod_cfg.clone()),
+    };
+    let channel = podvisor_e2e::daemon::cri_channel(&daemon.socket()).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/runtime.v1.RuntimeService/CreateContainer");
+    let id = grpc
+        .unary::<_, cri::CreateContainerResponse, _>(
+            tonic::Request::new(request),
+            path,
+            tonic_prost::ProstCodec::default(),
+        )
+        .await?
+        .into_inner()
+        .container_id;
+    let mut rt = daemon.runtime().await.unwrap();
+    rt.start_container(cri::StartContainerRequest { container_id: id.clone() }).await?;
+    Ok(id)
+}
+
+/// Image B for image volumes: a data tree with a sub directory and links leading out of it.
+fn data_image() -> TestImage {
+    let layer = LayerBuilder::new()
+        .dir("data", 0o755)
+        .and_then(|l| l.file("data/hello", b"from image B\n", 0o644))
+        .and_then(|l| l.dir("data/sub", 0o755))
+        .and_then(|l| l.file("data/sub/inner", b"inner\n", 0o644))
+        .and_then(|l| l.file("data/setuid", b"#!/bin/sh\nid -u\n", 0o4755))
+        .and_then(|l| l.symlink("up", "../../../../../.."))
+        .and_then(|l| l.symlink("abs", "/etc"))
+        .and_then(|l| l.finish())
+        .unwrap();
+    TestImage::new(vec![layer])
+}
+
+/// Image volumes in the volumes pod: image B's tree at /img read-only (also nosuid, nodev)
+/// in a container of image A, a sub directory of it, escaping sub paths and an image not
+/// pulled refused, and RemoveImage of B refused while the container uses it.
+async fn check_image_volumes(
+    daemon: &TestDaemon,
+    registry: &TestRegistry,
+    pod: &str,
+    pod_cfg: &cri::PodSandboxConfig,
+    image_a: &str,
+) {
+    let image_b = registry.push_image("imgvol:data", &data_image()).unwrap();
+    // kubelet pulls the image and names it by the pull's image_ref.
+    let b_ref = daemon.pull(&image_b).await;
+    let config = || container_config("imgvol", image_a, &["sleep", "3600"]);
+    let mounts = vec![image_mount("/img", &b_ref, ""), image_mount("/sub", &b_ref, "data/sub")];
+    let cid = create_with_image_mounts(daemon, pod, pod_cfg, config(), mounts)
+        .await
+        .unwrap_or_else(|e| panic!("image volumes: {e}\n{}", daemon.log_tail()));
+    assert_eq!(ok(daemon, &cid, "cat /img/data/hello").await, "from image B\n");
+    assert_eq!(ok(daemon, &cid, "cat /sub/inner").await, "inner\n");
+    ok(daemon, &cid, "test ! -e /sub/hello").await;
+    for write in ["touch /img/new", "echo x > /img/data/hello", "mkdir /sub/d"] {
+        let err = fails(daemon, &cid, write).await;
+        assert!(err.contains("Read-only file system"), "{write}: {err}");
+    }
+    let line = ok(daemon, &cid, "grep ' /img ' /proc/mounts").await;
+    for option in ["ro", "nosuid", "nodev"] {
+        assert!(line.split([' ', ',']).any(|o| o == option), "{option} missing: {line}");
+    }
+    let status = daemon.container_status(&cid).await;
+    let img = status.mounts.iter().find(|m| m.container_path == "/img").unwrap();
+    assert_eq!(img.image.as_ref().map(|i| i.image.as_str()), Some(b_ref.as_str()));
+    assert!(img.readonly && img.host_path.is_empty());
+
+    // An image in use by an image volume is refused for removal, and the volume keeps working.
+    let mut images = daemon.images().await.unwrap();
+    let remove = cri::RemoveImageRequest {
+        image: Some(cri::ImageSpec { image: b_ref.clone(), ..Default::default() }),
+    };
+    let err = images.remove_image(remove.clone()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert_eq!(ok(daemon, &cid, "cat /img/data/hello").await, "from image B\n");
+
+    // Sub paths must stay inside the image, and be directories.
+    for (n, sub_path) in
+        ["up", "abs", "up/etc", "../data", "missing", "data/hello"].iter().enumerate()
+    {
+        let mut refused = config();
+        refused.metadata.as_mut().unwrap().attempt = n as u32 + 1;
+        let mounts = vec![image_mount("/sub", &b_ref, sub_path)];
+        let err =
+            create_with_image_mounts(daemon, pod, pod_cfg, refused, mounts).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{sub_path}: {err:?}");
+        assert!(err.message().starts_with("config.mounts[0].image_sub_path"), "{err:?}");
+    }
+    // An image never pulled.
+    let mut refused = config();
+    refused.metadata.as_mut().unwrap().attempt = 99;
+    let never = registry.reference("imgvol:never-pulled");
+    let err = create_with_image_mounts(
+        daemon,
+        pod,
+        pod_cfg,
+        refused,
+        vec![image_mount("/x", &never, "")],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(err.message().contains("config.mounts[0].image") && err.message().contains("pull"));
+
+    let mut rt = daemon.runtime().await.unwrap();
+    rt.remove_container(cri::RemoveContainerRequest { container_id: cid }).await.unwrap();
+    images.remove_image(remove).await.expect("the image is free once its container is gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,12 +444,15 @@ async fn volumes_share_host_paths_and_keep_the_guest_to_them() {
         .iter()
         .all(|h| h.features.as_ref().is_some_and(|f| f.recursive_read_only_mounts)));
 
+    check_image_volumes(&daemon, &registry, &pod, &pod_cfg, &image).await;
+
     daemon.remove_pod(&pod).await;
     daemon.assert_nothing_left();
 }
 
 /// `[vm] allowed_devices`: a CRI device on the list is the guest's own node of that path;
-/// any other is refused with InvalidArgument naming `devices[n]`.
+/// any other is refused with InvalidArgument naming `devices[n]`. The device cgroup lets a
+/// container open its allowed and the standard devices only; a privileged one, all of the VM's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allowed_devices_are_the_guests_own_and_others_are_refused() {
     if !e2e_can_run() {
@@ -322,6 +494,29 @@ async fn allowed_devices_are_the_guests_own_and_others_are_refused() {
     let nodes = ok(&daemon, &app, "stat -c '%t:%T' /dev/net/tun /dev/fuse2").await;
     assert_eq!(nodes, "a:c8\na:e5\n");
     ok(&daemon, &app, "test ! -e /dev/fuse").await;
+
+    // The device cgroup: allowed and standard devices open; nodes the container makes itself
+    // (it has CAP_MKNOD, and mknod is allowed, as with runc) of the VM's other devices do not.
+    ok(&daemon, &app, "exec 3<>/dev/fuse2 4<>/dev/net/tun; : > /dev/null; : < /dev/zero").await;
+    ok(&daemon, &app, "mknod /tmp/kmsg c 1 11 && mknod /tmp/loop b 7 0").await;
+    for node in ["/tmp/kmsg", "/tmp/loop"] {
+        let err = fails(&daemon, &app, &format!(": < {node}")).await;
+        assert!(err.contains("Operation not permitted"), "{node}: {err}");
+    }
+    // A privileged container has all of the VM's devices.
+    let mut admin = container_config("admin", &image, &["sleep", "3600"]);
+    admin.linux = Some(cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        resources: Some(cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        }),
+    });
+    let admin = daemon.create_and_start(&pod, &pod_cfg, admin).await;
+    ok(&daemon, &admin, ": > /dev/kmsg && mknod /tmp/kmsg c 1 11 && : > /tmp/kmsg").await;
 
     daemon.remove_pod(&pod).await;
     daemon.assert_nothing_left();

@@ -4,6 +4,7 @@
 //! knows the CRI's wire types.
 
 pub mod cadvisor;
+pub mod create_request;
 pub mod image;
 pub mod pod_resources;
 pub mod runtime;
@@ -25,7 +26,10 @@ use crate::sandbox::SandboxError;
 pub fn code(e: &SandboxError) -> Code {
     use SandboxError as E;
     match e {
-        E::SandboxNotFound(_) | E::ContainerNotFound(_) | E::ImageNotFound(_) => Code::NotFound,
+        E::SandboxNotFound(_)
+        | E::ContainerNotFound(_)
+        | E::ImageNotFound(_)
+        | E::VolumeImageNotFound { .. } => Code::NotFound,
         E::SandboxExists { .. } | E::ContainerExists { .. } => Code::AlreadyExists,
         E::SandboxNotReady(_)
         | E::SandboxNotRunning(_)
@@ -33,6 +37,7 @@ pub fn code(e: &SandboxError) -> Code {
         | E::ContainerNotRunning(_)
         | E::StoredProcess { .. } => Code::FailedPrecondition,
         E::MountSourceMissing(_)
+        | E::ImageSubPath { .. }
         | E::MountSourceNotShared { .. }
         | E::DeviceNotAllowed { .. }
         | E::LimitExceedsVm { .. }
@@ -96,11 +101,14 @@ pub async fn serve(
     manager: std::sync::Arc<crate::sandbox::SandboxManager>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    let runtime = std::sync::Arc::new(runtime);
+    let generated =
+        k8s_cri::v1::runtime_service_server::RuntimeServiceServer::from_arc(runtime.clone());
     tonic::transport::Server::builder()
         .layer(crate::metrics::grpc::CriMetricsLayer::new(crate::metrics::global()))
-        .add_service(pod_resources::WithPodResources::new(
-            k8s_cri::v1::runtime_service_server::RuntimeServiceServer::new(runtime),
-            manager,
+        .add_service(create_request::WithImageSubPaths::new(
+            pod_resources::WithPodResources::new(generated, manager),
+            runtime,
         ))
         .add_service(k8s_cri::v1::image_service_server::ImageServiceServer::new(images))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

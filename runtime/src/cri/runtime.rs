@@ -7,6 +7,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use tonic::{Request, Response, Status};
 
+use super::create_request::ImageSubPaths;
 use super::translate::{self, container_state, labels_match, sandbox_state};
 use super::{cadvisor, status};
 use crate::sandbox::{ContainerState, SandboxManager};
@@ -176,12 +177,14 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         req: Request<cri::CreateContainerRequest>,
     ) -> CriResult<cri::CreateContainerResponse> {
+        // Set by `create_request::WithImageSubPaths` in front of this service.
+        let sub_paths = req.extensions().get::<ImageSubPaths>().cloned().unwrap_or_default();
         let req = req.into_inner();
         if req.pod_sandbox_id.is_empty() {
             return Err(Status::invalid_argument("pod_sandbox_id is required"));
         }
         let config = req.config.ok_or_else(|| Status::invalid_argument("config is required"))?;
-        let spec = translate::container_spec(config)?;
+        let spec = translate::container_spec_with_sub_paths(config, &sub_paths.0)?;
         let id = self.manager.create_container(&req.pod_sandbox_id, spec).await.map_err(status)?;
         Ok(Response::new(cri::CreateContainerResponse { container_id: id }))
     }

@@ -9,10 +9,10 @@ use tonic::Status;
 use crate::sandbox::events::{EventKind, LifecycleEvent};
 use crate::sandbox::stats::{ContainerUsage, PodUsage};
 use crate::sandbox::{
-    ContainerRecord, ContainerSpec, ContainerState, DeviceRequest, DnsSettings, NamespaceMode,
-    NamespaceModes, PodDemand, PodMetadata, PodSpec, PortMapping, Propagation, Resources,
-    SandboxRecord, SandboxState, SeccompProfile, SecurityContext, SupplementalGroupsPolicy,
-    VolumeMount,
+    ContainerRecord, ContainerSpec, ContainerState, DeviceRequest, DnsSettings, ImageVolume,
+    NamespaceMode, NamespaceModes, PodDemand, PodMetadata, PodSpec, PortMapping, Propagation,
+    Resources, SandboxRecord, SandboxState, SeccompProfile, SecurityContext,
+    SupplementalGroupsPolicy, VolumeMount,
 };
 
 /// The longest hostname the guest kernel takes (HOST_NAME_MAX).
@@ -180,16 +180,18 @@ fn port_mapping(n: usize, m: &cri::PortMapping) -> Result<PortMapping, Status> {
     })
 }
 
-/// A CRI mount as a [`VolumeMount`]. Fields the VM's volume share cannot honour are refused,
-/// naming them, rather than dropped (SELinux relabelling does not apply inside the VM and is
-/// accepted).
-fn volume_mount(n: usize, m: cri::Mount) -> Result<VolumeMount, Status> {
+/// A CRI mount as a [`VolumeMount`]; `image_sub_path` is the mount's `image_sub_path` (CRI
+/// field 10, which k8s-cri 0.11's `Mount` lacks). Fields the VM's volume share cannot honour
+/// are refused, naming them, rather than dropped (SELinux relabelling does not apply inside the
+/// VM and is accepted).
+fn volume_mount(n: usize, m: cri::Mount, image_sub_path: &str) -> Result<VolumeMount, Status> {
     let refuse = |field: &str, why: &str| {
         Err(Status::invalid_argument(format!("config.mounts[{n}].{field}: {why}")))
     };
-    if m.container_path.is_empty() || m.host_path.is_empty() {
+    let image = m.image.as_ref().map(|i| i.image.clone()).filter(|i| !i.is_empty());
+    if m.container_path.is_empty() || (m.host_path.is_empty() && image.is_none()) {
         return Err(Status::invalid_argument(format!(
-            "mount {n} needs container_path and host_path"
+            "mount {n} needs container_path and host_path (or image)"
         )));
     }
     let propagation = match cri::MountPropagation::try_from(m.propagation) {
@@ -209,15 +211,54 @@ fn volume_mount(n: usize, m: cri::Mount) -> Result<VolumeMount, Status> {
     if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
         return refuse("uidMappings", "id-mapped mounts are not supported yet");
     }
-    if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
-        return refuse("image", "image volumes are not supported yet");
+    let Some(image) = image else {
+        if !image_sub_path.is_empty() {
+            return refuse("image_sub_path", "only applies to an image volume");
+        }
+        return Ok(VolumeMount {
+            container_path: m.container_path,
+            host_path: m.host_path,
+            read_only: m.readonly,
+            recursive_read_only: m.recursive_read_only,
+            propagation,
+            image: None,
+        });
+    };
+    image_volume(n, m, image, image_sub_path, propagation)
+}
+
+/// An image volume: read-only whatever `readonly` says (the CRI: "all OCI mounts are per
+/// feature definition readonly"), private (an image's tree neither takes nor gives mounts).
+fn image_volume(
+    n: usize,
+    m: cri::Mount,
+    image: String,
+    sub_path: &str,
+    propagation: Propagation,
+) -> Result<VolumeMount, Status> {
+    let refuse = |field: &str, why: &str| {
+        Err(Status::invalid_argument(format!("config.mounts[{n}].{field}: {why}")))
+    };
+    if !m.host_path.is_empty() {
+        return refuse("host_path", "must be empty for an image volume");
+    }
+    if propagation != Propagation::Private {
+        return refuse("propagation", "an image volume is PROPAGATION_PRIVATE");
+    }
+    let sub = std::path::Path::new(sub_path);
+    if sub.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+        return refuse(
+            "image_sub_path",
+            "must be a relative path inside the image, without \"..\"",
+        );
     }
     Ok(VolumeMount {
         container_path: m.container_path,
-        host_path: m.host_path,
-        read_only: m.readonly,
+        host_path: String::new(),
+        read_only: true,
         recursive_read_only: m.recursive_read_only,
         propagation,
+        image: Some(ImageVolume { image, sub_path: sub_path.to_string() }),
     })
 }
 
@@ -252,7 +293,17 @@ fn cri_propagation(p: Propagation) -> i32 {
 }
 
 /// CreateContainer's config as a [`ContainerSpec`].
+#[cfg(test)]
 pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Status> {
+    container_spec_with_sub_paths(config, &[])
+}
+
+/// [`container_spec`], with the mounts' `image_sub_path`s (by mount index; see
+/// [`super::create_request`]).
+pub fn container_spec_with_sub_paths(
+    config: cri::ContainerConfig,
+    image_sub_paths: &[String],
+) -> Result<ContainerSpec, Status> {
     let meta = config
         .metadata
         .filter(|m| !m.name.is_empty())
@@ -265,7 +316,9 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Sta
         .mounts
         .into_iter()
         .enumerate()
-        .map(|(n, m)| volume_mount(n, m))
+        .map(|(n, m)| {
+            volume_mount(n, m, image_sub_paths.get(n).map(String::as_str).unwrap_or_default())
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let devices = config
         .devices
@@ -569,6 +622,8 @@ pub fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
                 readonly: m.read_only,
                 recursive_read_only: m.recursive_read_only,
                 propagation: cri_propagation(m.propagation),
+                image: (!m.image.is_empty())
+                    .then(|| cri::ImageSpec { image: m.image.clone(), ..Default::default() }),
                 ..Default::default()
             })
             .collect(),
@@ -830,14 +885,14 @@ mod tests {
             selinux_relabel: true,
             ..Default::default()
         };
-        let private = volume_mount(0, ok.clone()).unwrap();
+        let private = volume_mount(0, ok.clone(), "").unwrap();
         assert_eq!(private.propagation, Propagation::Private);
-        let rslave = volume_mount(0, cri::Mount { propagation: 1, ..ok.clone() }).unwrap();
+        let rslave = volume_mount(0, cri::Mount { propagation: 1, ..ok.clone() }, "").unwrap();
         assert_eq!(rslave.propagation, Propagation::HostToContainer);
-        let rshared = volume_mount(0, cri::Mount { propagation: 2, ..ok.clone() }).unwrap();
+        let rshared = volume_mount(0, cri::Mount { propagation: 2, ..ok.clone() }, "").unwrap();
         assert_eq!(rshared.propagation, Propagation::Bidirectional);
         let rro = cri::Mount { readonly: true, recursive_read_only: true, ..ok.clone() };
-        assert!(volume_mount(0, rro.clone()).unwrap().recursive_read_only);
+        assert!(volume_mount(0, rro.clone(), "").unwrap().recursive_read_only);
         let cases = [
             (cri::Mount { propagation: 7, ..ok.clone() }, "propagation"),
             (cri::Mount { recursive_read_only: true, ..ok.clone() }, "recursive_read_only"),
@@ -854,13 +909,42 @@ mod tests {
                     image: Some(cri::ImageSpec { image: "x".into(), ..Default::default() }),
                     ..ok.clone()
                 },
-                "image",
+                "host_path",
             ),
         ];
         for (mount, field) in cases {
-            let err = volume_mount(2, mount).unwrap_err();
+            let err = volume_mount(2, mount, "").unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(err.message().starts_with(&format!("config.mounts[2].{field}")), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn image_volumes_are_read_only_and_private_with_a_relative_sub_path() {
+        let image = cri::Mount {
+            container_path: "/img".into(),
+            image: Some(cri::ImageSpec { image: "sha256:abc".into(), ..Default::default() }),
+            selinux_relabel: true,
+            ..Default::default()
+        };
+        let m = volume_mount(0, image.clone(), "").unwrap();
+        assert!(m.read_only && m.host_path.is_empty());
+        let want = ImageVolume { image: "sha256:abc".into(), sub_path: String::new() };
+        assert_eq!(m.image, Some(want));
+        let sub = volume_mount(0, image.clone(), "etc/ssl").unwrap();
+        assert_eq!(sub.image.unwrap().sub_path, "etc/ssl");
+        let plain = cri::Mount { image: None, host_path: "/tmp".into(), ..image.clone() };
+        let cases = [
+            (image.clone(), "../etc", "image_sub_path"),
+            (image.clone(), "a/../../b", "image_sub_path"),
+            (image.clone(), "/etc", "image_sub_path"),
+            (plain, "etc", "image_sub_path"),
+            (cri::Mount { propagation: 1, ..image.clone() }, "", "propagation"),
+        ];
+        for (mount, sub_path, field) in cases {
+            let err = volume_mount(1, mount, sub_path).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with(&format!("config.mounts[1].{field}")), "{err:?}");
         }
     }
 

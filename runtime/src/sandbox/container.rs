@@ -32,6 +32,28 @@ impl SandboxManager {
             .ok_or_else(|| SandboxError::ImageNotFound(image.to_owned()))
     }
 
+    /// The image of each image volume among `mounts` (None for host paths), by mount index.
+    async fn resolve_volume_images(
+        &self,
+        mounts: &[VolumeMount],
+    ) -> Result<Vec<Option<ResolvedImage>>> {
+        let mut images = Vec::with_capacity(mounts.len());
+        for (index, m) in mounts.iter().enumerate() {
+            let Some(volume) = &m.image else {
+                images.push(None);
+                continue;
+            };
+            let image = self.resolve_image(&volume.image).await.map_err(|e| match e {
+                SandboxError::ImageNotFound(image) => {
+                    SandboxError::VolumeImageNotFound { index, image }
+                }
+                e => e,
+            })?;
+            images.push(Some(image));
+        }
+        Ok(images)
+    }
+
     pub async fn create_container(
         self: &Arc<Self>,
         sandbox_id: &str,
@@ -69,16 +91,27 @@ impl SandboxManager {
             );
         }
         let image = self.resolve_image(&spec.image).await?;
+        let volume_images = self.resolve_volume_images(&spec.mounts).await?;
         let id = new_id();
-        // Held until the record is registered: RemoveImage refuses the image meanwhile.
-        let _image_held = self.reserve_image(&id, &image.id)?;
+        // Held until the record is registered: RemoveImage refuses the images meanwhile.
+        let held = std::iter::once(&image).chain(volume_images.iter().flatten());
+        let _images_held = self.reserve_images(&id, held.map(|i| i.id.clone()).collect())?;
         // A RemoveImage that finished between the resolve and the reservation took it.
         if self.resolve_image(&spec.image).await?.id != image.id {
             return Err(SandboxError::ImageNotFound(spec.image.clone()));
         }
+        let now = self.resolve_volume_images(&spec.mounts).await?;
+        let id_of = |i: &Option<ResolvedImage>| i.as_ref().map(|i| i.id.clone());
+        if let Some(index) = (0..now.len()).find(|&n| id_of(&now[n]) != id_of(&volume_images[n])) {
+            let image = spec.mounts[index].image.as_ref().map(|v| v.image.clone());
+            return Err(SandboxError::VolumeImageNotFound {
+                index,
+                image: image.unwrap_or_default(),
+            });
+        }
         let resources = self.resources(&sandbox);
         let lower_dir = resources.bind_image(&image.id, &image.rootfs)?;
-        let prepared = self.prepare_container(&id, &sandbox, &spec, &image);
+        let prepared = self.prepare_container(&id, &sandbox, &spec, &image, &volume_images);
         let (spec_json, process_json, mount_records) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -193,11 +226,18 @@ impl SandboxManager {
         sandbox: &SandboxRecord,
         spec: &ContainerSpec,
         image: &ResolvedImage,
+        volume_images: &[Option<ResolvedImage>],
     ) -> Result<(Vec<u8>, String, Vec<MountRecord>)> {
         let resources = self.resources(sandbox);
         let mut mount_records = Vec::new();
         let mut guest_mounts = Vec::new();
         for (n, m) in spec.mounts.iter().enumerate() {
+            if let Some(volume_image) = volume_images.get(n).and_then(Option::as_ref) {
+                let (guest, record) = image_volume(&resources, n, m, volume_image)?;
+                guest_mounts.push(guest);
+                mount_records.push(record);
+                continue;
+            }
             let (host, mode) = volume_bind_mode(m)?;
             let bound = resources.bind_volume(id, n, &host, mode)?;
             guest_mounts.push(spec::GuestMount {
@@ -210,6 +250,7 @@ impl SandboxManager {
                     && (m.recursive_read_only || !crate::resource::share::has_mounts_below(&host)),
                 recursive_read_only: m.recursive_read_only,
                 propagation: m.propagation,
+                from_image: false,
             });
             mount_records.push(MountRecord {
                 container_path: m.container_path.clone(),
@@ -218,6 +259,9 @@ impl SandboxManager {
                 recursive_read_only: m.recursive_read_only,
                 propagation: m.propagation,
                 share_rel: bound.share_rel,
+                image: String::new(),
+                image_id: String::new(),
+                image_sub_path: String::new(),
             });
         }
         let ctx = spec::SandboxContext { pid_mode: sandbox.namespaces.pid };
@@ -499,6 +543,61 @@ pub fn parse_signal(name: &str) -> i32 {
     let upper = name.to_ascii_uppercase();
     let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
     full.parse::<nix::sys::signal::Signal>().map(|s| s as i32).unwrap_or(0)
+}
+
+/// Image volume `index` (mount `m` of image `image`): the image's tree, bound into the image
+/// share as a root filesystem would be, mounted read-only at `m.container_path`.
+fn image_volume(
+    resources: &crate::resource::PodResources,
+    index: usize,
+    m: &VolumeMount,
+    image: &ResolvedImage,
+) -> Result<(spec::GuestMount, MountRecord)> {
+    let sub_path = m.image.as_ref().map(|v| v.sub_path.as_str()).unwrap_or_default();
+    let inside = image_sub_dir(&image.rootfs, index, sub_path)?;
+    let rel = resources.bind_image(&image.id, &image.rootfs)?;
+    let mut guest_source = std::path::Path::new(crate::agent::GUEST_SHARED_DIR).join(rel);
+    if !inside.as_os_str().is_empty() {
+        guest_source.push(inside);
+    }
+    let guest = spec::GuestMount {
+        guest_source,
+        container_path: m.container_path.clone(),
+        read_only: true,
+        recursive_read_only: m.recursive_read_only,
+        propagation: super::Propagation::Private,
+        from_image: true,
+    };
+    let record = MountRecord {
+        container_path: m.container_path.clone(),
+        host_path: String::new(),
+        read_only: true,
+        recursive_read_only: m.recursive_read_only,
+        propagation: super::Propagation::Private,
+        share_rel: String::new(),
+        image: m.image.as_ref().map(|v| v.image.clone()).unwrap_or_default(),
+        image_id: image.id.clone(),
+        image_sub_path: sub_path.to_string(),
+    };
+    Ok((guest, record))
+}
+
+/// `sub_path` of the image tree at `root`, with its symlinks resolved, relative to the root:
+/// what the guest binds (so it follows no link of its own). A path that leaves the tree,
+/// also through a symlink, is refused; the tree is immutable, so what is checked here is what
+/// the guest mounts.
+fn image_sub_dir(root: &std::path::Path, index: usize, sub_path: &str) -> Result<PathBuf> {
+    let refuse = |why| SandboxError::ImageSubPath { index, path: sub_path.to_string(), why };
+    let root = std::fs::canonicalize(root)
+        .map_err(|e| SandboxError::Image(format!("image tree {}: {e}", root.display())))?;
+    let full = std::fs::canonicalize(root.join(sub_path))
+        .map_err(|_| refuse("does not exist in the image"))?;
+    let inside = full.strip_prefix(&root).map_err(|_| refuse("leaves the image's tree"))?;
+    // As containerd: a directory (kubelet's subPath of an image volume is one).
+    if !full.is_dir() {
+        return Err(refuse("is not a directory in the image"));
+    }
+    Ok(inside.to_path_buf())
 }
 
 /// The host path a volume binds (symlinks resolved on the host, as runc does) and how.

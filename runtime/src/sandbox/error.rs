@@ -34,6 +34,10 @@ pub enum SandboxError {
     ContainerNotCreated { id: String, state: ContainerState },
     #[error("container {0} is not running")]
     ContainerNotRunning(String),
+    #[error("config.mounts[{index}].image: image {image:?} not found: pull it first")]
+    VolumeImageNotFound { index: usize, image: String },
+    #[error("config.mounts[{index}].image_sub_path: {path:?} {why}")]
+    ImageSubPath { index: usize, path: String, why: &'static str },
     #[error("mount source {0} does not exist")]
     MountSourceMissing(String),
     #[error(

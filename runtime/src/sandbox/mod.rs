@@ -68,9 +68,10 @@ pub trait ImageResolver: Send + Sync {
 struct State {
     sandboxes: HashMap<String, SandboxRecord>,
     containers: HashMap<String, ContainerRecord>,
-    /// The image of each container being created (by container id), until its record is in
-    /// `containers`: RemoveImage must not take it meanwhile.
-    images_in_creation: HashMap<String, String>,
+    /// The images (root filesystem and image volumes) of each container being created (by
+    /// container id), until its record is in `containers`: RemoveImage must not take them
+    /// meanwhile.
+    images_in_creation: HashMap<String, Vec<String>>,
     /// Images RemoveImage is removing: CreateContainer refuses them meanwhile.
     images_being_removed: std::collections::HashSet<String>,
 }
@@ -90,7 +91,7 @@ impl Drop for ImageRemoval {
     }
 }
 
-/// A container being created holds its image until its record is registered.
+/// A container being created holds its images until its record is registered.
 pub(crate) struct ImageReservation<'a> {
     manager: &'a SandboxManager,
     container_id: String,
@@ -390,13 +391,17 @@ impl SandboxManager {
         Ok(ImageRemoval { manager: Arc::downgrade(self), image_id: image_id.to_string() })
     }
 
-    /// Holds image `image_id` for container `container_id` while it is created.
-    fn reserve_image(&self, container_id: &str, image_id: &str) -> Result<ImageReservation<'_>> {
+    /// Holds images `image_ids` for container `container_id` while it is created.
+    fn reserve_images(
+        &self,
+        container_id: &str,
+        image_ids: Vec<String>,
+    ) -> Result<ImageReservation<'_>> {
         let mut st = lock(&self.state);
-        if st.images_being_removed.contains(image_id) {
-            return Err(SandboxError::ImageNotFound(format!("{image_id} (being removed)")));
+        if let Some(removed) = image_ids.iter().find(|i| st.images_being_removed.contains(*i)) {
+            return Err(SandboxError::ImageNotFound(format!("{removed} (being removed)")));
         }
-        st.images_in_creation.insert(container_id.to_string(), image_id.to_string());
+        st.images_in_creation.insert(container_id.to_string(), image_ids);
         Ok(ImageReservation { manager: self, container_id: container_id.to_string() })
     }
 
@@ -443,10 +448,18 @@ impl SandboxManager {
     }
 }
 
-/// A container (created, or being created) whose root filesystem is image `image_id`.
+/// A container (created, or being created) whose root filesystem or an image volume is image
+/// `image_id`.
 fn using_image(st: &State, image_id: &str) -> Option<String> {
-    st.containers.values().find(|c| c.image_id == image_id).map(|c| c.id.clone()).or_else(|| {
-        st.images_in_creation.iter().find(|(_, i)| *i == image_id).map(|(c, _)| c.clone())
+    let uses = |c: &ContainerRecord| {
+        c.image_id == image_id
+            || c.mounts.iter().any(|m| !m.image_id.is_empty() && m.image_id == image_id)
+    };
+    st.containers.values().find(|c| uses(c)).map(|c| c.id.clone()).or_else(|| {
+        st.images_in_creation
+            .iter()
+            .find(|(_, ids)| ids.iter().any(|i| i == image_id))
+            .map(|(c, _)| c.clone())
     })
 }
 

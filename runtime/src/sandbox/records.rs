@@ -118,8 +118,16 @@ pub struct MountRecord {
     pub recursive_read_only: bool,
     #[serde(default)]
     pub propagation: super::Propagation,
-    /// Where it is bound in the sandbox share (removed with the container).
+    /// Where it is bound in the sandbox share (removed with the container); empty for an
+    /// image volume, whose tree stays bound with the pod's other images.
     pub share_rel: String,
+    /// An image volume's image as the request named it, and its id (empty for a host path).
+    #[serde(default)]
+    pub image: String,
+    #[serde(default)]
+    pub image_id: String,
+    #[serde(default)]
+    pub image_sub_path: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -70,6 +70,9 @@ pub struct GuestMount {
     /// Mounts below are read-only too (mount_setattr(AT_RECURSIVE) in the guest).
     pub recursive_read_only: bool,
     pub propagation: Propagation,
+    /// An image volume: also nosuid and nodev, as an image's setuid files and device nodes
+    /// are the image author's, not the pod's.
+    pub from_image: bool,
 }
 
 /// The default capabilities of a Kubernetes container (containerd's defaults).
@@ -269,6 +272,7 @@ fn bind_mount(source: &Path, destination: &str, read_only: bool) -> Result<Mount
         read_only,
         recursive_read_only: false,
         propagation: Propagation::Private,
+        from_image: false,
     })
 }
 
@@ -283,6 +287,9 @@ fn volume_mount(m: &GuestMount) -> Result<Mount, SpecError> {
     options.push(if m.read_only { "ro" } else { "rw" }.to_string());
     if m.recursive_read_only {
         options.push("rro".to_string());
+    }
+    if m.from_image {
+        options.extend(["nosuid".to_string(), "nodev".to_string()]);
     }
     let (source, destination) = (&m.guest_source, m.container_path.as_str());
     Ok(MountBuilder::default()

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::agent::fake::{FakeAgent, FakeDialer};
-use crate::agent::{OutputKind, StdioMode, GUEST_VOLUME_DIR, VOLUME_FS_TAG};
+use crate::agent::{OutputKind, StdioMode, GUEST_SHARED_DIR, GUEST_VOLUME_DIR, VOLUME_FS_TAG};
 use crate::hypervisor::fake::FakeHypervisor;
 use crate::resource::network::NetworkError;
 use crate::resource::{PodResources, ShareLayout};
@@ -17,8 +17,20 @@ struct FakeImages {
     rootfs: PathBuf,
 }
 
+/// A second image ("data"), a sibling of the first: image volumes mount it.
+const DATA_IMAGE_ID: &str = "sha256:da7a";
+
 impl ImageResolver for FakeImages {
     fn resolve(&self, image: &str) -> std::result::Result<Option<ResolvedImage>, String> {
+        if image == "data" {
+            let rootfs = self.rootfs.with_file_name("data-image");
+            return Ok(Some(ResolvedImage {
+                id: DATA_IMAGE_ID.into(),
+                image_ref: format!("data@{DATA_IMAGE_ID}"),
+                rootfs: rootfs.clone(),
+                defaults: ImageDefaults { rootfs, ..Default::default() },
+            }));
+        }
         if image != "busybox" {
             return Ok(None);
         }
@@ -667,6 +679,81 @@ async fn a_missing_mount_source_is_refused() {
     let err = h.manager.create_container(&sid, spec).await.unwrap_err();
     assert!(matches!(err, SandboxError::MountSourceMissing(_)), "{err}");
     assert_eq!(crate::cri::code(&err), tonic::Code::InvalidArgument);
+}
+
+fn image_volume(container_path: &str, image: &str, sub_path: &str) -> VolumeMount {
+    VolumeMount {
+        container_path: container_path.into(),
+        read_only: true,
+        image: Some(ImageVolume { image: image.into(), sub_path: sub_path.into() }),
+        ..Default::default()
+    }
+}
+
+/// An image volume is the image's tree from the image share, read-only, nosuid and nodev; it
+/// holds its image against RemoveImage until the container is removed.
+#[tokio::test]
+async fn image_volumes_mount_the_image_tree_and_hold_the_image() {
+    needs_root!();
+    let h = Harness::new();
+    let data = h.dir.path().join("data-image");
+    std::fs::create_dir_all(data.join("etc/ssl")).unwrap();
+    std::fs::write(data.join("etc/ssl/cert"), "c").unwrap();
+    std::os::unix::fs::symlink("etc", data.join("link")).unwrap();
+    let sid = h.run_pod("p").await;
+    let mut spec = container("c");
+    spec.mounts = vec![image_volume("/img", "data", ""), image_volume("/ssl", "data", "link/ssl")];
+    let cid = h.manager.create_container(&sid, spec).await.unwrap();
+    let sent = h.agent(&sid).container(&cid).unwrap();
+    let oci: serde_json::Value = serde_json::from_slice(&sent.oci_spec_json).unwrap();
+    let mounts = oci["mounts"].as_array().unwrap();
+    let img = mounts.iter().find(|m| m["destination"] == "/img").unwrap();
+    assert_eq!(img["source"], format!("{GUEST_SHARED_DIR}/images/da7a"));
+    let options: Vec<&str> =
+        img["options"].as_array().unwrap().iter().filter_map(|o| o.as_str()).collect();
+    for want in ["ro", "nosuid", "nodev"] {
+        assert!(options.contains(&want), "{want} missing: {options:?}");
+    }
+    // The symlink is resolved on the host: the guest binds the real directory.
+    let ssl = mounts.iter().find(|m| m["destination"] == "/ssl").unwrap();
+    assert_eq!(ssl["source"], format!("{GUEST_SHARED_DIR}/images/da7a/etc/ssl"));
+    let served = h.config.state.join("sandboxes").join(&sid).join("share/mounts/images/da7a");
+    assert_eq!(std::fs::read_to_string(served.join("etc/ssl/cert")).unwrap(), "c");
+    assert!(h.manager.begin_image_removal(DATA_IMAGE_ID).is_err(), "the volume's image is held");
+    let status = h.manager.container(&cid).unwrap();
+    assert_eq!(status.mounts[0].image, "data");
+    h.manager.remove_container(&cid).await.unwrap();
+    assert!(h.manager.begin_image_removal(DATA_IMAGE_ID).is_ok());
+}
+
+/// A sub path must name a directory inside the image (a symlink may not lead out), and the
+/// image must have been pulled.
+#[tokio::test]
+async fn image_volume_sub_paths_stay_inside_the_image_and_missing_images_are_refused() {
+    needs_root!();
+    let h = Harness::new();
+    let data = h.dir.path().join("data-image");
+    std::fs::create_dir_all(data.join("etc")).unwrap();
+    std::fs::write(data.join("etc/file"), "f").unwrap();
+    std::os::unix::fs::symlink("../../../..", data.join("up")).unwrap();
+    std::os::unix::fs::symlink("/etc", data.join("abs")).unwrap();
+    let sid = h.run_pod("p").await;
+    for sub_path in ["up", "up/etc", "abs", "missing", "etc/file"] {
+        let mut spec = container("c");
+        spec.mounts = vec![VolumeMount::default(), image_volume("/img", "data", sub_path)];
+        spec.mounts[0] = image_volume("/whole", "data", "");
+        let err = h.manager.create_container(&sid, spec).await.unwrap_err();
+        assert!(matches!(err, SandboxError::ImageSubPath { index: 1, .. }), "{sub_path}: {err}");
+        assert_eq!(crate::cri::code(&err), tonic::Code::InvalidArgument);
+        assert!(err.to_string().starts_with("config.mounts[1].image_sub_path"), "{err}");
+    }
+    let mut spec = container("c");
+    spec.mounts = vec![image_volume("/img", "never-pulled", "")];
+    let err = h.manager.create_container(&sid, spec).await.unwrap_err();
+    assert!(matches!(err, SandboxError::VolumeImageNotFound { index: 0, .. }), "{err}");
+    assert_eq!(crate::cri::code(&err), tonic::Code::NotFound);
+    assert!(h.manager.list_containers().is_empty());
+    assert!(h.manager.begin_image_removal(DATA_IMAGE_ID).is_ok(), "no reservation left");
 }
 
 /// rshared volumes: one guest directory per host path for the whole pod (so containers see

@@ -49,15 +49,27 @@ pub struct PodSpec {
     pub demand: PodDemand,
 }
 
-/// A host path mounted into a container (a volume).
+/// A host path, or an image's tree, mounted into a container (a volume).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VolumeMount {
     pub container_path: String,
+    /// Empty for an image volume.
     pub host_path: String,
     pub read_only: bool,
     /// Mounts below the host path are read-only too (only with `read_only`).
     pub recursive_read_only: bool,
     pub propagation: Propagation,
+    /// Set for an image volume (kubelet's ImageVolume): always read-only.
+    pub image: Option<ImageVolume>,
+}
+
+/// The image an image volume mounts, and which part of its tree.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageVolume {
+    /// A reference, tag, digest or id, as the image store resolves them.
+    pub image: String,
+    /// A path inside the image's tree to mount instead of its root; empty = the root.
+    pub sub_path: String,
 }
 
 /// A CRI device: the node at `path` (in the guest: a VM has none of the host's devices),
