@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use podvisor_vmm::config::{DriveConfig, FsConfig, NetConfig, SeccompMode, VmmConfig, VsockConfig};
+use podvisor_vmm::config::{
+    DriveConfig, FsConfig, FsKind, NetConfig, SeccompMode, VmmConfig, VsockConfig,
+};
 use podvisor_vmm::control::{self, Request, Response};
 use tokio::time::Instant;
 
@@ -173,7 +175,11 @@ pub fn vmm_config(config: &VmConfig, seccomp: SeccompMode) -> Result<VmmConfig> 
         fs: config
             .shared_dirs
             .iter()
-            .map(|d| FsConfig { tag: d.tag.clone(), socket: layout.virtiofs_socket(&d.tag) })
+            .map(|d| FsConfig {
+                tag: d.tag.clone(),
+                socket: layout.virtiofs_socket(&d.tag),
+                kind: FsKind::VhostUser,
+            })
             .collect(),
         seccomp,
     };
@@ -441,7 +447,11 @@ mod tests {
         assert_eq!(c.vsock, Some(VsockConfig { guest_cid: 3, uds: "/run/vm/vsock.sock".into() }));
         assert_eq!(
             c.fs,
-            vec![FsConfig { tag: "rootfs".into(), socket: "/run/vm/virtiofs-rootfs.sock".into() }]
+            vec![FsConfig {
+                tag: "rootfs".into(),
+                socket: "/run/vm/virtiofs-rootfs.sock".into(),
+                kind: FsKind::VhostUser
+            }]
         );
         assert_eq!(c.drives.len(), 1);
         assert_eq!((c.cmdline.as_str(), c.initrd.as_deref()), ("quiet", Some(Path::new("/i"))));
