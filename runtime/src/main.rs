@@ -327,6 +327,10 @@ fn builtin_backend(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
         virtiofsd_binary: config.qemu.virtiofsd.clone(),
         jail,
         seccomp: config.builtin.seccomp,
+        fs: match config.builtin.fs {
+            config::BuiltinFs::Inproc => podvisor_vmm::config::FsKind::Inproc,
+            config::BuiltinFs::VhostUser => podvisor_vmm::config::FsKind::VhostUser,
+        },
         run_root: config.vms_dir(),
         ..BuiltinConfig::default()
     })?))

@@ -1,7 +1,8 @@
 //! The FUSE server's confinement, as virtiofsd's `--sandbox=namespace`: it stays root (it
 //! serves files of every owner as their owner) but
-//! 1. enters new mount, network, IPC and UTS namespaces (it needs no network: its only socket
-//!    is already listening),
+//! 1. enters new mount (every mount a slave, so later binds into the share still arrive),
+//!    network, IPC and UTS namespaces (it needs no network: its only socket is already
+//!    listening),
 //! 2. makes the shared directory its root (`pivot_root` onto a bind of it, the old root
 //!    detached), nosuid and nodev, read-only when the share is: nothing outside the share is
 //!    reachable by path,
@@ -50,8 +51,11 @@ pub fn enter(shared_dir: &Path, readonly: bool) -> Result<(), SandboxError> {
             | CloneFlags::CLONE_NEWUTS,
     )
     .map_err(sys("unshare"))?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(sys("making mounts private"))?;
+    // Slave, not private: the daemon bind-mounts each container's image and volumes into the
+    // share after the VM started, and those mounts must still reach this namespace (a bind of
+    // a slave mount is a slave of the same master).
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
+        .map_err(sys("making mounts slaves"))?;
     mount(
         Some(shared_dir),
         shared_dir,

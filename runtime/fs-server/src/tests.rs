@@ -151,3 +151,115 @@ fn args_parse() {
     assert!(bad(&["--shared-dir", "/s", "--socket", "/x", "--sandbox", "maybe"]).is_err());
     assert!(seccomp::filter().is_ok());
 }
+
+/// The real `podvisor fs-serve` (`$PODVISOR_BIN`), sandboxed as the daemon runs it, answers
+/// the requests a guest's mount, `ls`, `cat` and writes make: its seccomp allowlist and
+/// capabilities cover them (a blocked syscall would kill it and break the connection).
+#[test]
+fn sandboxed_server_serves_a_guest_workload() {
+    let Some(bin) = std::env::var_os("PODVISOR_BIN") else {
+        assert!(std::env::var("PODVISOR_REQUIRE_E2E").as_deref() != Ok("1"), "PODVISOR_BIN unset");
+        return eprintln!("SKIP: PODVISOR_BIN unset");
+    };
+    if !nix::unistd::geteuid().is_root() {
+        assert!(std::env::var("PODVISOR_REQUIRE_E2E").as_deref() != Ok("1"), "needs root");
+        return eprintln!("SKIP: the sandbox needs root");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("hello"), b"hi").unwrap();
+    std::os::unix::fs::symlink("hello", share.join("link")).unwrap();
+    let socket = dir.path().join("fs.sock");
+    let stderr = std::fs::File::create(dir.path().join("fs-serve.log")).unwrap();
+    let mut child = std::process::Command::new(bin)
+        .arg("fs-serve")
+        .arg("--shared-dir")
+        .arg(&share)
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    for _ in 0..500 {
+        if socket.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut c = UnixStream::connect(&socket).unwrap();
+    let log = || std::fs::read_to_string(dir.path().join("fs-serve.log")).unwrap_or_default();
+    let mut call = |opcode: u32, unique: u64, nodeid: u64, body: &[u8]| {
+        c.write_all(&request(opcode, unique, nodeid, body)).unwrap();
+        let mut header = [0u8; OUT_HEADER_LEN];
+        if c.read_exact(&mut header).is_err() {
+            panic!("fs-serve died at opcode {opcode}: {}", log());
+        }
+        let len = u32::from_le_bytes(header[..4].try_into().unwrap()) as usize;
+        let mut body = vec![0u8; len - OUT_HEADER_LEN];
+        c.read_exact(&mut body).unwrap();
+        (i32::from_le_bytes(header[4..8].try_into().unwrap()), body)
+    };
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    assert_eq!(call(FUSE_INIT, 1, 0, &init_body()).0, 0);
+    let (e, entry) = call(FUSE_LOOKUP, 2, 1, b"hello\0");
+    assert_eq!(e, 0);
+    let hello = u64_at(&entry, 0);
+    assert_eq!(call(FUSE_GETATTR, 3, hello, &[0u8; 16]).0, 0);
+    let (e, open) = call(14, 4, hello, &[0u8; 8]); // OPEN
+    assert_eq!(e, 0);
+    let mut read_in = u64_at(&open, 0).to_le_bytes().to_vec();
+    read_in.extend_from_slice(&0u64.to_le_bytes());
+    read_in.extend_from_slice(&4096u32.to_le_bytes());
+    read_in.extend_from_slice(&[0u8; 20]);
+    assert_eq!(call(15, 5, hello, &read_in), (0, b"hi".to_vec())); // READ
+    let mut release = u64_at(&open, 0).to_le_bytes().to_vec();
+    release.extend_from_slice(&[0u8; 16]);
+    assert_eq!(call(18, 6, hello, &release).0, 0); // RELEASE
+    let (e, opendir) = call(27, 7, 1, &[0u8; 8]); // OPENDIR
+    assert_eq!(e, 0);
+    let mut readdir = u64_at(&opendir, 0).to_le_bytes().to_vec();
+    readdir.extend_from_slice(&0u64.to_le_bytes());
+    readdir.extend_from_slice(&4096u32.to_le_bytes());
+    readdir.extend_from_slice(&[0u8; 20]);
+    let (e, entries) = call(44, 8, 1, &readdir); // READDIRPLUS
+    assert_eq!(e, 0, "{}", log());
+    assert!(!entries.is_empty());
+    let (e, entry) = call(FUSE_LOOKUP, 9, 1, b"link\0");
+    assert_eq!(e, 0);
+    assert_eq!(call(5, 10, u64_at(&entry, 0), &[]), (0, b"hello".to_vec())); // READLINK
+    assert_eq!(call(17, 11, 1, &[]).0, 0); // STATFS
+    // Writes: create, write, mkdir, rename, unlink.
+    // fuse_create_in: flags, mode, umask, open_flags; then the name.
+    let mut create: Vec<u8> = [(libc::O_WRONLY | libc::O_CREAT) as u32, 0o644, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    create.extend_from_slice(b"new\0");
+    let (e, created) = call(opcode::CREATE, 12, 1, &create);
+    assert_eq!(e, 0, "{}", log());
+    let new_node = u64_at(&created, 0);
+    let fh = u64_at(&created, 128); // after fuse_entry_out
+    let mut write_in = fh.to_le_bytes().to_vec();
+    write_in.extend_from_slice(&0u64.to_le_bytes()); // offset
+    write_in.extend_from_slice(&3u32.to_le_bytes()); // size
+    write_in.extend_from_slice(&[0u8; 20]); // write_flags, lock_owner, flags, padding
+    write_in.extend_from_slice(b"abc");
+    assert_eq!(call(opcode::WRITE, 13, new_node, &write_in).0, 0, "{}", log());
+    let mut fsync = fh.to_le_bytes().to_vec();
+    fsync.extend_from_slice(&[0u8; 8]);
+    assert_eq!(call(20, 14, new_node, &fsync).0, 0, "{}", log()); // FSYNC
+    let mut mkdir = 0o755u32.to_le_bytes().to_vec();
+    mkdir.extend_from_slice(&0u32.to_le_bytes());
+    mkdir.extend_from_slice(b"dir\0");
+    assert_eq!(call(opcode::MKDIR, 15, 1, &mkdir).0, 0, "{}", log());
+    let mut rename = 1u64.to_le_bytes().to_vec();
+    rename.extend_from_slice(b"new\0renamed\0");
+    assert_eq!(call(opcode::RENAME, 16, 1, &rename).0, 0, "{}", log());
+    assert_eq!(call(opcode::UNLINK, 17, 1, b"renamed\0").0, 0, "{}", log());
+    assert_eq!(call(opcode::RMDIR, 18, 1, b"dir\0").0, 0, "{}", log());
+    drop(c);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {}", log());
+    assert!(!share.join("renamed").exists());
+}
