@@ -40,6 +40,7 @@ pub const OUT_HEADER_LEN: usize = 16;
 /// FUSE opcodes the server treats specially.
 pub mod opcode {
     pub const FORGET: u32 = 2;
+    pub const OPEN: u32 = 14;
     pub const SETATTR: u32 = 4;
     pub const SYMLINK: u32 = 6;
     pub const MKNOD: u32 = 8;
@@ -241,7 +242,7 @@ impl FileServer {
         let mut unique_bytes = [0u8; 8];
         unique_bytes.copy_from_slice(&header[8..16]);
         let unique = u64::from_le_bytes(unique_bytes);
-        if self.readonly && opcode::modifies(opcode) {
+        if self.readonly && (opcode::modifies(opcode) || self.opens_for_writing(opcode, len)) {
             return write_error(out, unique, libc::EROFS);
         }
         self.run_request(opcode, len);
@@ -261,6 +262,21 @@ impl FileServer {
         } else {
             Ok(())
         }
+    }
+
+    /// Whether the request is an OPEN for writing or truncation (`fuse_open_in.flags` first).
+    fn opens_for_writing(&self, opcode: u32, len: usize) -> bool {
+        if opcode != opcode::OPEN || len < IN_HEADER_LEN + 4 {
+            return false;
+        }
+        let at = IN_HEADER_LEN;
+        let flags = i32::from_le_bytes([
+            self.request[at],
+            self.request[at + 1],
+            self.request[at + 2],
+            self.request[at + 3],
+        ]);
+        flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
     }
 
     /// Runs the request through fuse-backend-rs, its reply (if any) going to the memfd.

@@ -133,6 +133,18 @@ fn readonly_refuses_changes() {
     mkdir.extend_from_slice(b"newdir\0");
     s.client.write_all(&request(opcode::MKDIR, 2, 1, &mkdir)).unwrap();
     assert_eq!(reply(&mut s.client).0, -libc::EROFS);
+    s.client.write_all(&request(FUSE_LOOKUP, 3, 1, b"hello\0")).unwrap();
+    let (_, _, entry) = reply(&mut s.client);
+    let hello = u64::from_le_bytes(entry[..8].try_into().unwrap());
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+        let mut open_in = flags.to_le_bytes().to_vec();
+        open_in.extend_from_slice(&0u32.to_le_bytes());
+        s.client.write_all(&request(opcode::OPEN, 4, hello, &open_in)).unwrap();
+        assert_eq!(reply(&mut s.client).0, -libc::EROFS, "flags {flags:#o}");
+    }
+    s.client.write_all(&request(opcode::OPEN, 5, hello, &[0u8; 8])).unwrap();
+    assert_eq!(reply(&mut s.client).0, 0, "read-only open");
+    assert_eq!(std::fs::read(s._dir.path().join("hello")).unwrap(), b"hi");
 }
 
 #[test]
@@ -229,8 +241,8 @@ fn sandboxed_server_serves_a_guest_workload() {
     assert_eq!(e, 0);
     assert_eq!(call(5, 10, u64_at(&entry, 0), &[]), (0, b"hello".to_vec())); // READLINK
     assert_eq!(call(17, 11, 1, &[]).0, 0); // STATFS
-    // Writes: create, write, mkdir, rename, unlink.
-    // fuse_create_in: flags, mode, umask, open_flags; then the name.
+                                           // Writes: create, write, mkdir, rename, unlink.
+                                           // fuse_create_in: flags, mode, umask, open_flags; then the name.
     let mut create: Vec<u8> = [(libc::O_WRONLY | libc::O_CREAT) as u32, 0o644, 0, 0]
         .iter()
         .flat_map(|v| v.to_le_bytes())
