@@ -52,6 +52,8 @@ pub enum AgentError {
     BadId(&'static str, String),
     #[error("invalid OCI runtime spec: {0}")]
     BadSpec(serde_json::Error),
+    #[error("giving {0} to the user namespace's root: {1}")]
+    ChownPodFile(PathBuf, nix::Error),
     #[error("invalid OCI process: {0}")]
     BadProcess(serde_json::Error),
     #[error("the OCI spec has no process")]
@@ -355,6 +357,15 @@ fn mount_propagating_volumes(spec: &Spec) {
     }
 }
 
+/// The guest uid and gid that a user namespace's root (id 0) maps to, if the spec has one.
+fn user_namespace_root(spec: &Spec) -> Option<(u32, u32)> {
+    let linux = spec.linux().as_ref()?;
+    let root_of = |maps: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        maps.iter().flatten().find(|m| m.container_id() == 0 && m.size() > 0).map(|m| m.host_id())
+    };
+    Some((root_of(linux.uid_mappings())?, root_of(linux.gid_mappings())?))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -399,6 +410,26 @@ fn remember_resources(dir: &Path, update: &LinuxResources) -> Result<(), AgentEr
     cgroup::merge_resources(&mut resources, update);
     linux.set_resources(Some(resources));
     spec.set_linux(Some(linux));
+    let staging = dir.join("config.json.new");
+    write_json(&staging, "config.json", &spec)?;
+    fs::rename(&staging, &path).map_err(|e| AgentError::Rename(path, e))
+}
+
+/// Drops the init process's supplementary groups from config.json once the container exists
+/// (its init has them). An exec into a container with a user namespace runs from inside that
+/// namespace (see `helper::join_user_namespace`), where libcontainer's check of the init
+/// spec takes itself for rootless and refuses any supplementary group (CVE-2014-8989); the
+/// exec'd process's own groups come with its process, not from config.json.
+fn forget_supplementary_groups(dir: &Path) -> Result<(), AgentError> {
+    let path = dir.join("config.json");
+    let bytes = fs::read(&path).map_err(|e| AgentError::Read(path.clone(), e))?;
+    let mut spec: Spec =
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Decode(path.clone(), e))?;
+    if let Some(process) = spec.process_mut() {
+        let mut user = process.user().clone();
+        user.set_additional_gids(None);
+        process.set_user(user);
+    }
     let staging = dir.join("config.json.new");
     write_json(&staging, "config.json", &spec)?;
     fs::rename(&staging, &path).map_err(|e| AgentError::Rename(path, e))
@@ -658,6 +689,20 @@ impl Agent {
         Ok(pid as u32)
     }
 
+    /// The pod's hostname/hosts/resolv.conf, bind-mounted into its containers, belong to the
+    /// root of the pod's user namespace (all its containers share it), who may then write
+    /// them as a container's root may without one. Rewrites keep the inode, so the owner stays.
+    fn give_pod_files(&self, (uid, gid): (u32, u32)) -> Result<(), AgentError> {
+        for name in ["hostname", "hosts", "resolv.conf"] {
+            let path = self.paths.sandbox_dir().join(name);
+            match nix::unistd::chown(&path, Some(uid.into()), Some(gid.into())) {
+                Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(e) => return Err(AgentError::ChownPodFile(path, e)),
+            }
+        }
+        Ok(())
+    }
+
     /// A privileged container gets every device of the VM. In host mode (tests) the devices
     /// would be the host's: it gets none.
     fn give_guest_devices(&self, id: &str, linux: &mut oci_spec::runtime::Linux) {
@@ -683,7 +728,11 @@ impl Agent {
         rootfs::unmount_rootfs(&dir);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(|e| AgentError::Write(dir.clone(), e))?;
-        let rootfs_path = match rootfs::mount_rootfs(&dir, lowers, read_only) {
+        let owner = user_namespace_root(&spec);
+        if let Some(owner) = owner {
+            self.give_pod_files(owner)?;
+        }
+        let rootfs_path = match rootfs::mount_rootfs(&dir, lowers, read_only, owner) {
             Ok(p) => p,
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -750,6 +799,12 @@ impl Agent {
             }
         };
         tracing::info!(container = id, pid, "created");
+        if user_namespace_root(spec).is_some() {
+            if let Err(e) = forget_supplementary_groups(dir) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(e);
+            }
+        }
         let container = Arc::new(Container {
             id: id.to_string(),
             dir: dir.to_path_buf(),

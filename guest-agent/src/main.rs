@@ -219,6 +219,9 @@ impl AsFdOwned for std::io::Stderr {
 fn guest_main() -> ExitCode {
     let switch_error = (!init::root_switched()).then(init::switch_root);
     let mut errors = init::mount_kernel_filesystems();
+    if let Err(e) = init::raise_open_files_limit() {
+        errors.push(e);
+    }
     if let Err(e) = init::detach_stdio() {
         errors.push(e);
     }

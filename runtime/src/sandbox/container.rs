@@ -220,7 +220,10 @@ impl SandboxManager {
                 share_rel: bound.share_rel,
             });
         }
-        let ctx = spec::SandboxContext { pid_mode: sandbox.namespaces.pid };
+        let ctx = spec::SandboxContext {
+            pid_mode: sandbox.namespaces.pid,
+            user_namespace: sandbox.user_namespace.clone(),
+        };
         let spec_json = spec::build_spec(spec, &image.defaults, &ctx, &guest_mounts)?;
         let process_json = spec::process_of(&spec_json)?;
         Ok((spec_json, process_json, mount_records))

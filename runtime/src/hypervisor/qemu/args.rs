@@ -402,6 +402,7 @@ mod tests {
             host_path: tmp.path().to_path_buf(),
             read_only: true,
             cache: "always".into(),
+            ids: Default::default(),
         });
         let disk = tmp.path().join("disk.img");
         std::fs::write(&disk, [0u8; 512]).unwrap();
@@ -473,6 +474,7 @@ mod tests {
             host_path: tmp.path().to_path_buf(),
             read_only: false,
             cache: cache.into(),
+            ids: Default::default(),
         };
         type Mutation<'a> = Box<dyn Fn(&mut VmConfig) + 'a>;
         let cases: Vec<Mutation<'_>> = vec![
