@@ -10,6 +10,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use k8s_cri::v1 as cri;
 use podvisor_e2e::daemon::{container_config, e2e_can_run, guest_agent, pod_config, TestDaemon};
 use podvisor_e2e::registry::TestRegistry;
+use podvisor_e2e::streaming::{Channels, RemoteCommand};
 
 /// kubelet's pick for a pod: one range of 65536 ids, container 0 at a multiple of 65536.
 const HOST_BASE: u32 = 131_072;
@@ -147,6 +148,29 @@ async fn a_pod_with_a_user_namespace_maps_its_root_to_the_requested_range() {
     assert_eq!(ok(&daemon, &app, "id -u; id -g").await, "0\n0\n");
     // ... and in the container's cgroup (the root of its cgroup namespace).
     assert_eq!(ok(&daemon, &app, "cat /proc/self/cgroup").await, "0::/\n");
+    // A terminal exec too (libcontainer hands the PTY over a console socket of the agent's).
+    let tty = Channels { stdin: false, stdout: true, stderr: false, tty: true };
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: app.clone(),
+            cmd: vec!["sh".into(), "-c".into(), "tty >/dev/null && cat /proc/self/uid_map".into()],
+            tty: true,
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .url;
+    let done = RemoteCommand::connect(&url, tty)
+        .await
+        .unwrap()
+        .finish(std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let seen = String::from_utf8_lossy(&done.stdout).replace('\r', "");
+    assert_eq!(map_lines(&seen), want[..1], "{seen} status {}", done.status);
+    assert_eq!(done.exit_code(), Some(0), "status {}", done.status);
     // So is the container's own process (pid 1 of its PID namespace).
     let init = ok(&daemon, &app, "cat /proc/1/uid_map; grep -E '^(Uid|Gid):' /proc/1/status").await;
     assert_eq!(map_lines(&init)[0], want[0], "{init}");
