@@ -104,6 +104,7 @@ async fn a_pod_with_a_user_namespace_maps_its_root_to_the_requested_range() {
         (vec![(0, HOST_BASE, 0)], "uids[0].length"),
         (vec![(0, HOST_BASE, 10), (5, 1_000_000, 10)], "uids[1]: overlaps uids[0]"),
         (vec![(0, u32::MAX - 10, LENGTH)], "uids[0]: container_id/host_id + length"),
+        (vec![(1, HOST_BASE, LENGTH)], "uids: container id 0 (root) must be mapped"),
     ] {
         let bad = with_userns(pod_config("userns", &log_dir), pod_mode(&maps));
         assert_refused(&daemon, &bad, "", &format!("{field}.{want}")).await;

@@ -172,7 +172,7 @@ fn refuse_namespaces_beside_user_namespace(namespaces: NamespaceModes) -> Result
 
 /// One of POD mode's id maps, checked as the kernel would check it when the guest writes it:
 /// at least one and at most 340 ranges, none empty, none past the 32-bit id space (-1 is no
-/// id), no two overlapping on either side.
+/// id), no two overlapping on either side; and one of them must map the container's root.
 fn id_mappings(
     field: &str,
     maps: &[cri::IdMapping],
@@ -205,6 +205,11 @@ fn id_mappings(
         }) {
             return Err(refuse(format!("[{n}]: overlaps {field}[{k}]")));
         }
+    }
+    // The container's root must be someone: its writable layer and the pod's files are
+    // given to the id it maps to (as containerd and CRI-O require).
+    if !maps.iter().any(|m| m.container_id == 0) {
+        return Err(refuse(": container id 0 (root) must be mapped".into()));
     }
     Ok(maps
         .iter()
@@ -930,6 +935,7 @@ mod tests {
                 "userns_options.uids[1]: overlaps uids[0]",
             ),
             (userns(Pod, &[(0, 1000, 10), (10, 1009, 1)]), "userns_options.uids[1]: overlaps"),
+            (userns(Pod, &[(1, 1000, 100_000)]), "userns_options.uids: container id 0"),
         ];
         for (options, want) in cases {
             let err = user_namespace(Some(options)).unwrap_err();
