@@ -54,6 +54,8 @@ pub enum AgentError {
     BadSpec(serde_json::Error),
     #[error("giving {0} to the user namespace's root: {1}")]
     ChownPodFile(PathBuf, nix::Error),
+    #[error("invalid user namespace map: {0}")]
+    BadIdMap(String),
     #[error("invalid OCI process: {0}")]
     BadProcess(serde_json::Error),
     #[error("the OCI spec has no process")]
@@ -435,6 +437,29 @@ fn forget_supplementary_groups(dir: &Path) -> Result<(), AgentError> {
     fs::rename(&staging, &path).map_err(|e| AgentError::Rename(path, e))
 }
 
+/// The pod's user namespace maps from CreateSandbox, in the kernel's `uid_map` format (none:
+/// the VM's). Checked here too: the guest writes them.
+fn pod_id_maps(
+    req: &podvisor_proto::agent::CreateSandboxRequest,
+) -> Result<Option<(String, String)>, AgentError> {
+    let text = |maps: &[podvisor_proto::agent::IdMapping]| -> Result<String, AgentError> {
+        let mut out = String::new();
+        for m in maps {
+            let fits = |start: u32| u64::from(start) + u64::from(m.length) <= u64::from(u32::MAX);
+            if m.length == 0 || !fits(m.container_id) || !fits(m.host_id) {
+                return Err(AgentError::BadIdMap(format!("{m:?}")));
+            }
+            out.push_str(&format!("{} {} {}\n", m.container_id, m.host_id, m.length));
+        }
+        Ok(out)
+    };
+    match (req.pod_uid_mappings.is_empty(), req.pod_gid_mappings.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => Ok(Some((text(&req.pod_uid_mappings)?, text(&req.pod_gid_mappings)?))),
+        _ => Err(AgentError::BadIdMap("a user namespace needs both uid and gid maps".into())),
+    }
+}
+
 /// The agent's state.
 pub struct Agent {
     paths: Paths,
@@ -445,6 +470,8 @@ pub struct Agent {
     creating: Mutex<HashSet<String>>,
     /// PID 1 of the pod's shared PID namespace, if CreateSandbox asked for one.
     pause_pid: Mutex<Option<i32>>,
+    /// The pause process was made in the pod's user namespace.
+    pause_in_userns: Mutex<bool>,
     /// What the hosts file is rebuilt from; held while CreateSandbox or SetupNetwork runs,
     /// which also keeps two SetupNetwork calls from renaming links at the same time.
     pod_hosts: tokio::sync::Mutex<PodHosts>,
@@ -468,6 +495,7 @@ impl Agent {
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
             pause_pid: Mutex::new(None),
+            pause_in_userns: Mutex::new(false),
             pod_hosts: tokio::sync::Mutex::new(PodHosts::default()),
             host_pod: None,
         }
@@ -489,8 +517,15 @@ impl Agent {
         Ok(path)
     }
 
-    /// Starts the pause process holding the pod's PID namespace (see [`crate::pause`]).
-    async fn start_pause(&self) -> Result<(), AgentError> {
+    /// The pod's user namespace, if its pause process was made in one.
+    fn pod_user_namespace(&self) -> Option<PathBuf> {
+        let pid = (*lock(&self.pause_pid))?;
+        lock(&self.pause_in_userns).then(|| PathBuf::from(format!("/proc/{pid}/ns/user")))
+    }
+
+    /// Starts the pause process holding the pod's PID namespace (see [`crate::pause`]), in a
+    /// user namespace of `maps` (uid map, gid map) if the pod has one.
+    async fn start_pause(&self, maps: Option<(String, String)>) -> Result<(), AgentError> {
         use std::io::Read;
         use std::os::fd::AsRawFd;
         if lock(&self.pause_pid).is_some() {
@@ -501,6 +536,7 @@ impl Agent {
         let started = Instant::now();
         let child = std::process::Command::new("/proc/self/exe")
             .arg(crate::pause::PAUSE_SUBCOMMAND)
+            .args(maps.iter().flat_map(|(uids, gids)| [uids, gids]))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::from(out_write))
             .spawn()
@@ -528,7 +564,8 @@ impl Agent {
                 ))))
             }
         };
-        tracing::info!(pid, "pod PID namespace held by the pause process");
+        tracing::info!(pid, userns = maps.is_some(), "pod PID namespace held by the pause process");
+        *lock(&self.pause_in_userns) = maps.is_some();
         *lock(&self.pause_pid) = Some(pid);
         Ok(())
     }
@@ -654,6 +691,15 @@ impl Agent {
                 pid.set_typ(LinuxNamespaceType::Pid);
                 pid.set_path(Some(path));
                 namespaces.push(pid);
+                // The pod's PID namespace belongs to the pod's user namespace: the container
+                // joins that one instead of making its own (same maps).
+                if let Some(userns) = self.pod_user_namespace() {
+                    for ns in
+                        namespaces.iter_mut().filter(|ns| ns.typ() == LinuxNamespaceType::User)
+                    {
+                        ns.set_path(Some(userns.clone()));
+                    }
+                }
             }
             linux.set_namespaces(Some(namespaces));
             if self.host_pod.is_some() {
@@ -1141,7 +1187,7 @@ impl Agent {
         pod_hosts.hostname = req.hostname.clone();
         drop(pod_hosts);
         if req.pod_pid_namespace {
-            self.start_pause().await?;
+            self.start_pause(pod_id_maps(req)?).await?;
         }
         Ok(())
     }

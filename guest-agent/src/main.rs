@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         return helper::main(&args[2..]);
     }
     if args.get(1).is_some_and(|a| a == pause::PAUSE_SUBCOMMAND) {
-        return pause::main();
+        return pause::main(&args[2..]);
     }
     if nix::unistd::getpid().as_raw() == 1 && args.len() == 1 {
         return guest_main();

@@ -1,5 +1,5 @@
 //! User namespaces (userns_options POD) on real guests (QEMU/TCG here), one pod for all the
-//! checks: the mapping every process of the pod sees, root inside, a writable rootfs and pod
+//! checks (and a second pod sharing a PID namespace): the mapping every process of the pod sees, root inside, a writable rootfs and pod
 //! files, host files' owners translated both ways through the volume share, the mapping kept
 //! across a daemon restart; and the refusals: CONTAINER/TARGET, bad mappings, a host
 //! namespace beside a user namespace, the host handler. Status advertises what each handler
@@ -221,5 +221,39 @@ async fn a_pod_with_a_user_namespace_maps_its_root_to_the_requested_range() {
     );
 
     daemon.remove_pod(&pod).await;
+
+    // critest's pod: namespace options with nothing but the user namespace, so the pod shares
+    // a PID namespace (POD), whose PID 1 (the pause process) is made in the pod's user
+    // namespace and runs as its root; two containers see each other.
+    let mut shared_cfg = pod_config("userns-shared-pid", &log_dir);
+    shared_cfg.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                userns_options: Some(pod_mode(&[(0, HOST_BASE, LENGTH)])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let shared = daemon
+        .run_pod_sandbox(&shared_cfg, "")
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", daemon.log_tail()));
+    let first = container_config("first", &image, &["sleep", "3601"]);
+    let first = daemon.create_and_start(&shared, &shared_cfg, first).await;
+    let second = container_config("second", &image, &["sleep", "3602"]);
+    let second = daemon.create_and_start(&shared, &shared_cfg, second).await;
+    for cid in [&first, &second] {
+        let maps = ok(&daemon, cid, "cat /proc/self/uid_map /proc/self/gid_map").await;
+        assert_eq!(map_lines(&maps), want, "{maps}");
+    }
+    let pid1 = ok(&daemon, &second, "cat /proc/1/comm; grep -E '^Uid:' /proc/1/status").await;
+    assert_eq!(pid1, "pause\nUid:\t0\t0\t0\t0\n");
+    let seen = ok(&daemon, &second, "ps -o args").await;
+    assert!(seen.contains("sleep 3601") && seen.contains("sleep 3602"), "{seen}");
+    ok(&daemon, &first, "echo shared > /tmp/t && id -u | grep -x 0").await;
+
+    daemon.remove_pod(&shared).await;
     daemon.assert_nothing_left();
 }

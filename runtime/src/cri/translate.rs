@@ -151,21 +151,18 @@ fn user_namespace(
 /// A user namespace owns the namespaces created with it: the host's network, PID or IPC
 /// namespace would belong to another, where the pod's root has no privilege (kubelet's API
 /// validation refuses hostUsers: false with hostNetwork, hostPID or hostIPC). A PID namespace
-/// shared by the pod is the pause process's, made before any container's user namespace, so
-/// a container could not mount its /proc.
+/// shared by the pod is the agent's business: its pause process is made in the pod's user
+/// namespace.
 fn refuse_namespaces_beside_user_namespace(namespaces: NamespaceModes) -> Result<(), Status> {
     for (field, mode) in
         [("network", namespaces.network), ("pid", namespaces.pid), ("ipc", namespaces.ipc)]
     {
-        let why = match mode {
-            NamespaceMode::Node => "NODE (the host's)",
-            NamespaceMode::Pod if field == "pid" => "POD (a shared PID namespace)",
-            _ => continue,
-        };
-        return Err(Status::invalid_argument(format!(
-            "config.linux.security_context.namespace_options.{field}: {why} is not supported \
-             with a user namespace (userns_options POD)"
-        )));
+        if mode == NamespaceMode::Node {
+            return Err(Status::invalid_argument(format!(
+                "config.linux.security_context.namespace_options.{field}: NODE (the host's) is \
+                 not supported with a user namespace (userns_options POD)"
+            )));
+        }
     }
     Ok(())
 }
@@ -949,7 +946,7 @@ mod tests {
     }
 
     #[test]
-    fn user_namespaces_refuse_host_namespaces_and_a_shared_pid_namespace() {
+    fn user_namespaces_refuse_host_namespaces_beside_them() {
         let pod =
             |network: cri::NamespaceMode, pid: cri::NamespaceMode, ipc: cri::NamespaceMode| {
                 pod_spec(cri::RunPodSandboxRequest {
@@ -983,11 +980,11 @@ mod tests {
         use cri::NamespaceMode::{Container, Node, Pod};
         let spec = pod(Pod, Container, Pod).unwrap();
         assert_eq!(spec.user_namespace.unwrap().uids[0].host_id, 100_000);
+        pod(Pod, Pod, Pod).unwrap();
         for (ns, field) in [
             ((Node, Container, Pod), "namespace_options.network: NODE"),
             ((Pod, Node, Pod), "namespace_options.pid: NODE"),
             ((Pod, Container, Node), "namespace_options.ipc: NODE"),
-            ((Pod, Pod, Pod), "namespace_options.pid: POD"),
         ] {
             let err = pod(ns.0, ns.1, ns.2).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);

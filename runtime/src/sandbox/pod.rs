@@ -252,6 +252,8 @@ impl SandboxManager {
                 // POD mode: containers share a PID namespace of the pod's own (not the VM's,
                 // which holds the agent); NODE mode uses the VM's.
                 pod_pid_namespace: pod.namespaces.pid == NamespaceMode::Pod,
+                pod_uid_mappings: agent_ranges(pod.user_namespace.as_ref().map(|u| &u.uids)),
+                pod_gid_mappings: agent_ranges(pod.user_namespace.as_ref().map(|u| &u.gids)),
             })
             .await?;
         // A host pod's interfaces are CNI's as they are: it gets only the hosts lines.
@@ -620,6 +622,18 @@ impl SandboxManager {
 }
 
 /// The record of a pod being started.
+/// A user namespace map as the agent boundary speaks it.
+fn agent_ranges(maps: Option<&Vec<IdMapping>>) -> Vec<crate::agent::IdRange> {
+    maps.into_iter()
+        .flatten()
+        .map(|m| crate::agent::IdRange {
+            container_id: m.container_id,
+            host_id: m.host_id,
+            length: m.length,
+        })
+        .collect()
+}
+
 fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
     SandboxRecord {
         schema_version: SCHEMA_VERSION,
