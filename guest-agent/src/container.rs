@@ -52,6 +52,10 @@ pub enum AgentError {
     BadId(&'static str, String),
     #[error("invalid OCI runtime spec: {0}")]
     BadSpec(serde_json::Error),
+    #[error("giving {0} to the user namespace's root: {1}")]
+    ChownPodFile(PathBuf, nix::Error),
+    #[error("invalid user namespace map: {0}")]
+    BadIdMap(String),
     #[error("invalid OCI process: {0}")]
     BadProcess(serde_json::Error),
     #[error("the OCI spec has no process")]
@@ -357,6 +361,15 @@ fn mount_propagating_volumes(spec: &Spec) {
     }
 }
 
+/// The guest uid and gid that a user namespace's root (id 0) maps to, if the spec has one.
+fn user_namespace_root(spec: &Spec) -> Option<(u32, u32)> {
+    let linux = spec.linux().as_ref()?;
+    let root_of = |maps: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        maps.iter().flatten().find(|m| m.container_id() == 0 && m.size() > 0).map(|m| m.host_id())
+    };
+    Some((root_of(linux.uid_mappings())?, root_of(linux.gid_mappings())?))
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -406,6 +419,49 @@ fn remember_resources(dir: &Path, update: &LinuxResources) -> Result<(), AgentEr
     fs::rename(&staging, &path).map_err(|e| AgentError::Rename(path, e))
 }
 
+/// Drops the init process's supplementary groups from config.json once the container exists
+/// (its init has them). An exec into a container with a user namespace runs from inside that
+/// namespace (see `helper::join_user_namespace`), where libcontainer's check of the init
+/// spec takes itself for rootless and refuses any supplementary group (CVE-2014-8989); the
+/// exec'd process's own groups come with its process, not from config.json.
+fn forget_supplementary_groups(dir: &Path) -> Result<(), AgentError> {
+    let path = dir.join("config.json");
+    let bytes = fs::read(&path).map_err(|e| AgentError::Read(path.clone(), e))?;
+    let mut spec: Spec =
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Decode(path.clone(), e))?;
+    if let Some(process) = spec.process_mut() {
+        let mut user = process.user().clone();
+        user.set_additional_gids(None);
+        process.set_user(user);
+    }
+    let staging = dir.join("config.json.new");
+    write_json(&staging, "config.json", &spec)?;
+    fs::rename(&staging, &path).map_err(|e| AgentError::Rename(path, e))
+}
+
+/// The pod's user namespace maps from CreateSandbox, in the kernel's `uid_map` format (none:
+/// the VM's). Checked here too: the guest writes them.
+fn pod_id_maps(
+    req: &podvisor_proto::agent::CreateSandboxRequest,
+) -> Result<Option<(String, String)>, AgentError> {
+    let text = |maps: &[podvisor_proto::agent::IdMapping]| -> Result<String, AgentError> {
+        let mut out = String::new();
+        for m in maps {
+            let fits = |start: u32| u64::from(start) + u64::from(m.length) <= u64::from(u32::MAX);
+            if m.length == 0 || !fits(m.container_id) || !fits(m.host_id) {
+                return Err(AgentError::BadIdMap(format!("{m:?}")));
+            }
+            out.push_str(&format!("{} {} {}\n", m.container_id, m.host_id, m.length));
+        }
+        Ok(out)
+    };
+    match (req.pod_uid_mappings.is_empty(), req.pod_gid_mappings.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => Ok(Some((text(&req.pod_uid_mappings)?, text(&req.pod_gid_mappings)?))),
+        _ => Err(AgentError::BadIdMap("a user namespace needs both uid and gid maps".into())),
+    }
+}
+
 /// The agent's state.
 pub struct Agent {
     paths: Paths,
@@ -416,6 +472,8 @@ pub struct Agent {
     creating: Mutex<HashSet<String>>,
     /// PID 1 of the pod's shared PID namespace, if CreateSandbox asked for one.
     pause_pid: Mutex<Option<i32>>,
+    /// The pause process was made in the pod's user namespace.
+    pause_in_userns: Mutex<bool>,
     /// What the hosts file is rebuilt from; held while CreateSandbox or SetupNetwork runs,
     /// which also keeps two SetupNetwork calls from renaming links at the same time.
     pod_hosts: tokio::sync::Mutex<PodHosts>,
@@ -439,6 +497,7 @@ impl Agent {
             containers: Mutex::new(HashMap::new()),
             creating: Mutex::new(HashSet::new()),
             pause_pid: Mutex::new(None),
+            pause_in_userns: Mutex::new(false),
             pod_hosts: tokio::sync::Mutex::new(PodHosts::default()),
             host_pod: None,
         }
@@ -460,8 +519,15 @@ impl Agent {
         Ok(path)
     }
 
-    /// Starts the pause process holding the pod's PID namespace (see [`crate::pause`]).
-    async fn start_pause(&self) -> Result<(), AgentError> {
+    /// The pod's user namespace, if its pause process was made in one.
+    fn pod_user_namespace(&self) -> Option<PathBuf> {
+        let pid = (*lock(&self.pause_pid))?;
+        lock(&self.pause_in_userns).then(|| PathBuf::from(format!("/proc/{pid}/ns/user")))
+    }
+
+    /// Starts the pause process holding the pod's PID namespace (see [`crate::pause`]), in a
+    /// user namespace of `maps` (uid map, gid map) if the pod has one.
+    async fn start_pause(&self, maps: Option<(String, String)>) -> Result<(), AgentError> {
         use std::io::Read;
         use std::os::fd::AsRawFd;
         if lock(&self.pause_pid).is_some() {
@@ -472,6 +538,7 @@ impl Agent {
         let started = Instant::now();
         let child = std::process::Command::new("/proc/self/exe")
             .arg(crate::pause::PAUSE_SUBCOMMAND)
+            .args(maps.iter().flat_map(|(uids, gids)| [uids, gids]))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::from(out_write))
             .spawn()
@@ -499,7 +566,8 @@ impl Agent {
                 ))))
             }
         };
-        tracing::info!(pid, "pod PID namespace held by the pause process");
+        tracing::info!(pid, userns = maps.is_some(), "pod PID namespace held by the pause process");
+        *lock(&self.pause_in_userns) = maps.is_some();
         *lock(&self.pause_pid) = Some(pid);
         Ok(())
     }
@@ -625,6 +693,15 @@ impl Agent {
                 pid.set_typ(LinuxNamespaceType::Pid);
                 pid.set_path(Some(path));
                 namespaces.push(pid);
+                // The pod's PID namespace belongs to the pod's user namespace: the container
+                // joins that one instead of making its own (same maps).
+                if let Some(userns) = self.pod_user_namespace() {
+                    for ns in
+                        namespaces.iter_mut().filter(|ns| ns.typ() == LinuxNamespaceType::User)
+                    {
+                        ns.set_path(Some(userns.clone()));
+                    }
+                }
             }
             linux.set_namespaces(Some(namespaces));
             if self.host_pod.is_some() {
@@ -662,6 +739,20 @@ impl Agent {
         Ok(pid as u32)
     }
 
+    /// The pod's hostname/hosts/resolv.conf, bind-mounted into its containers, belong to the
+    /// root of the pod's user namespace (all its containers share it), who may then write
+    /// them as a container's root may without one. Rewrites keep the inode, so the owner stays.
+    fn give_pod_files(&self, (uid, gid): (u32, u32)) -> Result<(), AgentError> {
+        for name in ["hostname", "hosts", "resolv.conf"] {
+            let path = self.paths.sandbox_dir().join(name);
+            match nix::unistd::chown(&path, Some(uid.into()), Some(gid.into())) {
+                Ok(()) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(e) => return Err(AgentError::ChownPodFile(path, e)),
+            }
+        }
+        Ok(())
+    }
+
     /// A privileged container gets every device of the VM. In host mode (tests) the devices
     /// would be the host's: it gets none.
     fn give_guest_devices(&self, id: &str, linux: &mut oci_spec::runtime::Linux) {
@@ -687,7 +778,11 @@ impl Agent {
         rootfs::unmount_rootfs(&dir);
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(|e| AgentError::Write(dir.clone(), e))?;
-        let rootfs_path = match rootfs::mount_rootfs(&dir, lowers, read_only) {
+        let owner = user_namespace_root(&spec);
+        if let Some(owner) = owner {
+            self.give_pod_files(owner)?;
+        }
+        let rootfs_path = match rootfs::mount_rootfs(&dir, lowers, read_only, owner) {
             Ok(p) => p,
             Err(e) => {
                 let _ = fs::remove_dir_all(&dir);
@@ -757,6 +852,12 @@ impl Agent {
             }
         };
         tracing::info!(container = id, pid, "created");
+        if user_namespace_root(spec).is_some() {
+            if let Err(e) = forget_supplementary_groups(dir) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(e);
+            }
+        }
         let container = Arc::new(Container {
             id: id.to_string(),
             dir: dir.to_path_buf(),
@@ -1110,7 +1211,7 @@ impl Agent {
         pod_hosts.hostname = req.hostname.clone();
         drop(pod_hosts);
         if req.pod_pid_namespace {
-            self.start_pause().await?;
+            self.start_pause(pod_id_maps(req)?).await?;
         }
         Ok(())
     }

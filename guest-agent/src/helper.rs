@@ -253,6 +253,7 @@ fn execute(request: HelperRequest) -> Result<Option<i32>, String> {
             Ok(container.pid().map(|p| p.as_raw()))
         }
         HelperOp::Exec { id, process_json, console_socket, seccomp } => {
+            join_user_namespace(&root.join(&id))?;
             let pid = ContainerBuilder::new(id, SyscallType::default())
                 .with_executor(AgentExecutor { seccomp })
                 .with_root_path(root)
@@ -274,6 +275,29 @@ fn execute(request: HelperRequest) -> Result<Option<i32>, String> {
             Ok(None)
         }
     }
+}
+
+/// Moves this helper into the user namespace of the container whose state is in
+/// `container_dir`, if it has its own. libcontainer's exec joins the container's other
+/// namespaces but not its user namespace (its tenant builder leaves `user` out), which
+/// would run the process as the guest's real root. Joined from here, the process's ids and
+/// capabilities are the container's: the pid, mount and cgroup namespaces belong to the user
+/// namespace, where this helper then has every capability, and it stays the guest's uid 0 to
+/// the files it touches (libcontainer's state, the container's cgroup), which are root's.
+fn join_user_namespace(container_dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let container =
+        Container::load(container_dir.to_path_buf()).map_err(|e| format!("loading state: {e}"))?;
+    let pid = container.pid().ok_or("the container has no init process")?;
+    let theirs = PathBuf::from(format!("/proc/{pid}/ns/user"));
+    let inode = |p: &Path| std::fs::metadata(p).map(|m| m.ino()).map_err(|e| format!("{p:?}: {e}"));
+    if inode(&theirs)? == inode(Path::new("/proc/self/ns/user"))? {
+        return Ok(());
+    }
+    let ns = File::open(&theirs).map_err(|e| format!("opening {theirs:?}: {e}"))?;
+    // The helper is single-threaded and shares no fs struct (it was exec'd), as setns needs.
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWUSER)
+        .map_err(|e| format!("joining the container's user namespace: {e}"))
 }
 
 /// libcontainer's default executor, plus the container's seccomp profile for exec'd

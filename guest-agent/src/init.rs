@@ -21,6 +21,8 @@ const ROOT_DIRS: &[&str] = &["proc", "sys", "dev", "run", "tmp", "etc"];
 pub enum InitError {
     #[error("creating {0}: {1}")]
     CreateDir(String, io::Error),
+    #[error("raising RLIMIT_NOFILE: {0}")]
+    RaiseOpenFiles(nix::Error),
     #[error("mounting {0}: {1}")]
     Mount(String, nix::Error),
     #[error("copying the agent to the new root: {0}")]
@@ -48,6 +50,19 @@ pub enum InitError {
 /// Whether this process already runs on the tmpfs root (second stage).
 pub fn root_switched() -> bool {
     std::env::var_os(ROOT_SWITCHED_ENV).is_some()
+}
+
+/// The open-files limit every container gets (containerd's default).
+pub const CONTAINER_OPEN_FILES: u64 = 1_048_576;
+
+/// Raises the hard open-files limit containers inherit to what their specs ask: a container
+/// in a user namespace may lower its limits but not raise them (no CAP_SYS_RESOURCE over the
+/// guest's initial namespace).
+pub fn raise_open_files_limit() -> Result<(), InitError> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).map_err(InitError::RaiseOpenFiles)?;
+    setrlimit(Resource::RLIMIT_NOFILE, soft, CONTAINER_OPEN_FILES)
+        .map_err(InitError::RaiseOpenFiles)
 }
 
 /// Moves the root from the initramfs (where `pivot_root` fails with EINVAL, which container

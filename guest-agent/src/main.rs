@@ -91,7 +91,7 @@ fn main() -> ExitCode {
         return helper::main(&args[2..]);
     }
     if args.get(1).is_some_and(|a| a == pause::PAUSE_SUBCOMMAND) {
-        return pause::main();
+        return pause::main(&args[2..]);
     }
     if nix::unistd::getpid().as_raw() == 1 && args.len() == 1 {
         return guest_main();
@@ -220,6 +220,9 @@ impl AsFdOwned for std::io::Stderr {
 fn guest_main() -> ExitCode {
     let switch_error = (!init::root_switched()).then(init::switch_root);
     let mut errors = init::mount_kernel_filesystems();
+    if let Err(e) = init::raise_open_files_limit() {
+        errors.push(e);
+    }
     if let Err(e) = init::detach_stdio() {
         errors.push(e);
     }

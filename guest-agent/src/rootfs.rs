@@ -32,6 +32,8 @@ pub enum RootfsError {
     CreateDir(PathBuf, std::io::Error),
     #[error("mounting the rootfs at {0}: {1}")]
     Mount(PathBuf, nix::Error),
+    #[error("giving {0} to the user namespace's root: {1}")]
+    Chown(PathBuf, nix::Error),
 }
 
 /// Checks that `lower` stays inside the shared directory and returns its full path.
@@ -74,11 +76,14 @@ pub fn upper_dir(container_dir: &Path) -> PathBuf {
     container_dir.join("upper")
 }
 
-/// Mounts the rootfs at `container_dir/rootfs`; returns that path.
+/// Mounts the rootfs at `container_dir/rootfs`; returns that path. With `owner` (the guest
+/// uid and gid of a user namespace's root) the writable layer's root is theirs, so the
+/// container's root can write its root directory as it could without a user namespace.
 pub fn mount_rootfs(
     container_dir: &Path,
     lowers: &[PathBuf],
     read_only: bool,
+    owner: Option<(u32, u32)>,
 ) -> Result<PathBuf, RootfsError> {
     let target = container_dir.join("rootfs");
     create_dir(&target)?;
@@ -110,6 +115,10 @@ pub fn mount_rootfs(
             let work = container_dir.join("work");
             create_dir(&upper)?;
             create_dir(&work)?;
+            if let Some((uid, gid)) = owner {
+                nix::unistd::chown(&upper, Some(uid.into()), Some(gid.into()))
+                    .map_err(|e| RootfsError::Chown(upper.clone(), e))?;
+            }
             mount(
                 Some("overlay"),
                 &target,

@@ -32,6 +32,7 @@ impl From<AgentError> for Status {
             | AgentError::BadSize(..)
             | AgentError::NoRootfs
             | AgentError::NoGuestDevice(_)
+            | AgentError::BadIdMap(_)
             | AgentError::Rootfs(_)
             | AgentError::Sandbox(crate::sandbox::SandboxError::BadHostname(_))
             | AgentError::Sandbox(crate::sandbox::SandboxError::BadSysctl(_))

@@ -142,6 +142,8 @@ impl GuestAgent for GrpcAgent {
             mount_shared_fs: !s.shares.is_empty(),
             host_time_unix_nanos: s.host_time_unix_nanos,
             pod_pid_namespace: s.pod_pid_namespace,
+            pod_uid_mappings: s.pod_uid_mappings.iter().map(id_mapping).collect(),
+            pod_gid_mappings: s.pod_gid_mappings.iter().map(id_mapping).collect(),
             shared_fs: s
                 .shares
                 .into_iter()
@@ -432,6 +434,10 @@ fn error_chain(e: impl std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+fn id_mapping(r: &super::IdRange) -> pb::IdMapping {
+    pb::IdMapping { container_id: r.container_id, host_id: r.host_id, length: r.length }
 }
 
 #[cfg(test)]

@@ -154,6 +154,17 @@ pub struct SandboxSetup {
     pub host_time_unix_nanos: i64,
     /// Give the pod its own PID namespace, held by a pause process.
     pub pod_pid_namespace: bool,
+    /// The pod's user namespace, in which the pause process is made (empty: the VM's).
+    pub pod_uid_mappings: Vec<IdRange>,
+    pub pod_gid_mappings: Vec<IdRange>,
+}
+
+/// One range of a user namespace's id map, as guest ids.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdRange {
+    pub container_id: u32,
+    pub host_id: u32,
+    pub length: u32,
 }
 
 /// One guest interface: the virtio-net device with `mac`, renamed to `name`.

@@ -43,6 +43,7 @@ pub fn code(e: &SandboxError) -> Code {
         | E::LimitExceedsVm { .. }
         | E::UnknownHandler { .. }
         | E::HostNamespaceInVm { .. }
+        | E::UserNamespaceOnHost
         | E::VmTooLarge { .. }
         | E::PodOutgrowsVm { .. } => Code::InvalidArgument,
         E::Spec(

@@ -507,14 +507,15 @@ impl RuntimeService for RuntimeServiceImpl {
             info,
             runtime_handlers: self
                 .manager
-                .handler_names()
+                .handler_backends()
                 .into_iter()
-                .map(|name| cri::RuntimeHandler {
+                .map(|(name, backend)| cri::RuntimeHandler {
                     name,
                     // The guest kernel has mount_setattr(2) for `rro` volumes.
                     features: Some(cri::RuntimeHandlerFeatures {
                         recursive_read_only_mounts: true,
-                        ..Default::default()
+                        // POD mode, made inside the guest; the host handler refuses it.
+                        user_namespaces: backend != crate::hypervisor::host::NAME,
                     }),
                 })
                 .collect(),

@@ -78,7 +78,10 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
     };
     // NODE modes are checked against the pod's handler by the sandbox layer: a VM cannot give
     // them, the host handler can.
-    refuse_user_namespace(ns.userns_options.as_ref())?;
+    let user_namespace = user_namespace(ns.userns_options.as_ref())?;
+    if user_namespace.is_some() {
+        refuse_namespaces_beside_user_namespace(namespaces)?;
+    }
     let pod_security = linux.security_context.as_ref();
     if pod_security.is_some_and(|sc| sc.run_as_group.is_some() && sc.run_as_user.is_none()) {
         return Err(Status::invalid_argument(
@@ -110,22 +113,109 @@ pub fn pod_spec(req: cri::RunPodSandboxRequest) -> Result<PodSpec, Status> {
         sysctls: linux.sysctls,
         port_mappings,
         demand,
+        user_namespace,
     })
 }
 
-/// User namespaces are not made yet: only NODE (the VM's own, no mappings) is accepted, so a
-/// pod asking for mapped ids is refused rather than run with its root as the guest's root.
-fn refuse_user_namespace(options: Option<&cri::UserNamespace>) -> Result<(), Status> {
-    let Some(options) = options else { return Ok(()) };
-    let field = "config.linux.security_context.namespace_options.userns_options";
-    let node = options.mode == cri::NamespaceMode::Node as i32;
-    if node && options.uids.is_empty() && options.gids.is_empty() {
-        return Ok(());
+/// Where a pod's user namespace options sit in RunPodSandbox.
+const USERNS_OPTIONS: &str = "config.linux.security_context.namespace_options.userns_options";
+
+/// The most lines a kernel id map takes (since Linux 4.15).
+const MAX_ID_MAP_LINES: usize = 340;
+
+/// The pod's user namespace: NODE (or none) is the VM's; POD gets the mappings given, made
+/// inside the guest. CONTAINER and TARGET are refused, as containerd does: Kubernetes only
+/// asks for NODE (hostUsers: true) and POD (hostUsers: false).
+fn user_namespace(
+    options: Option<&cri::UserNamespace>,
+) -> Result<Option<crate::sandbox::UserNamespace>, Status> {
+    let Some(options) = options else { return Ok(None) };
+    let refuse = |what: String| Err(Status::invalid_argument(format!("{USERNS_OPTIONS}.{what}")));
+    let mapped = !options.uids.is_empty() || !options.gids.is_empty();
+    match cri::NamespaceMode::try_from(options.mode) {
+        Ok(cri::NamespaceMode::Node) if mapped => {
+            refuse("uids/gids: NODE mode (the VM's ids) takes no mappings".into())
+        }
+        Ok(cri::NamespaceMode::Node) => Ok(None),
+        Ok(cri::NamespaceMode::Pod) => Ok(Some(crate::sandbox::UserNamespace {
+            uids: id_mappings("uids", &options.uids)?,
+            gids: id_mappings("gids", &options.gids)?,
+        })),
+        Ok(mode) => {
+            refuse(format!("mode: {} is not supported (only NODE and POD)", mode.as_str_name()))
+        }
+        Err(_) => refuse(format!("mode: unknown namespace mode {}", options.mode)),
     }
-    Err(Status::invalid_argument(format!(
-        "{field}: only NODE without mappings (user namespaces inside the guest are not \
-         supported yet)"
-    )))
+}
+
+/// A user namespace owns the namespaces created with it: the host's network, PID or IPC
+/// namespace would belong to another, where the pod's root has no privilege (kubelet's API
+/// validation refuses hostUsers: false with hostNetwork, hostPID or hostIPC). A PID namespace
+/// shared by the pod is the agent's business: its pause process is made in the pod's user
+/// namespace.
+fn refuse_namespaces_beside_user_namespace(namespaces: NamespaceModes) -> Result<(), Status> {
+    for (field, mode) in
+        [("network", namespaces.network), ("pid", namespaces.pid), ("ipc", namespaces.ipc)]
+    {
+        if mode == NamespaceMode::Node {
+            return Err(Status::invalid_argument(format!(
+                "config.linux.security_context.namespace_options.{field}: NODE (the host's) is \
+                 not supported with a user namespace (userns_options POD)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One of POD mode's id maps, checked as the kernel would check it when the guest writes it:
+/// at least one and at most 340 ranges, none empty, none past the 32-bit id space (-1 is no
+/// id), no two overlapping on either side; and one of them must map the container's root.
+fn id_mappings(
+    field: &str,
+    maps: &[cri::IdMapping],
+) -> Result<Vec<crate::sandbox::IdMapping>, Status> {
+    let refuse = |what: String| Status::invalid_argument(format!("{USERNS_OPTIONS}.{field}{what}"));
+    if maps.is_empty() {
+        return Err(refuse(": POD mode needs at least one mapping".into()));
+    }
+    if maps.len() > MAX_ID_MAP_LINES {
+        return Err(refuse(format!(": at most {MAX_ID_MAP_LINES} mappings")));
+    }
+    let end = |start: u32, length: u32| u64::from(start) + u64::from(length);
+    for (n, m) in maps.iter().enumerate() {
+        if m.length == 0 {
+            return Err(refuse(format!("[{n}].length: must not be 0")));
+        }
+        if end(m.container_id, m.length) > u64::from(u32::MAX)
+            || end(m.host_id, m.length) > u64::from(u32::MAX)
+        {
+            return Err(refuse(format!(
+                "[{n}]: container_id/host_id + length must stay below 4294967295"
+            )));
+        }
+        // [a, a + m.length) and [b, b + o.length) share an id.
+        let overlap = |o: &cri::IdMapping, a: u32, b: u32| {
+            u64::from(a) < end(b, o.length) && u64::from(b) < end(a, m.length)
+        };
+        if let Some(k) = maps[..n].iter().position(|o| {
+            overlap(o, m.container_id, o.container_id) || overlap(o, m.host_id, o.host_id)
+        }) {
+            return Err(refuse(format!("[{n}]: overlaps {field}[{k}]")));
+        }
+    }
+    // The container's root must be someone: its writable layer and the pod's files are
+    // given to the id it maps to (as containerd and CRI-O require).
+    if !maps.iter().any(|m| m.container_id == 0) {
+        return Err(refuse(": container id 0 (root) must be mapped".into()));
+    }
+    Ok(maps
+        .iter()
+        .map(|m| crate::sandbox::IdMapping {
+            container_id: m.container_id,
+            host_id: m.host_id,
+            length: m.length,
+        })
+        .collect())
 }
 
 /// What the pod asks of its VM: kubelet's sum of its containers' limits, plus its overhead.
@@ -861,20 +951,100 @@ mod tests {
         }
     }
 
+    fn userns(mode: cri::NamespaceMode, ids: &[(u32, u32, u32)]) -> cri::UserNamespace {
+        let maps: Vec<cri::IdMapping> = ids
+            .iter()
+            .map(|&(container_id, host_id, length)| cri::IdMapping {
+                container_id,
+                host_id,
+                length,
+            })
+            .collect();
+        cri::UserNamespace { mode: mode as i32, uids: maps.clone(), gids: maps }
+    }
+
     #[test]
-    fn user_namespaces_other_than_node_are_refused() {
-        let ok = cri::UserNamespace { mode: cri::NamespaceMode::Node as i32, ..Default::default() };
-        refuse_user_namespace(None).unwrap();
-        refuse_user_namespace(Some(&ok)).unwrap();
-        let range = vec![cri::IdMapping { host_id: 100_000, container_id: 0, length: 65_536 }];
-        let mapped = cri::UserNamespace { uids: range.clone(), gids: range, ..ok.clone() };
-        for mode in [cri::NamespaceMode::Pod, cri::NamespaceMode::Container] {
-            let pod = cri::UserNamespace { mode: mode as i32, ..mapped.clone() };
-            let err = refuse_user_namespace(Some(&pod)).unwrap_err();
+    fn user_namespaces_node_is_the_vms_and_pod_takes_valid_mappings() {
+        use cri::NamespaceMode::{Container, Node, Pod, Target};
+        assert_eq!(user_namespace(None).unwrap(), None);
+        assert_eq!(user_namespace(Some(&userns(Node, &[]))).unwrap(), None);
+        let kubelet = user_namespace(Some(&userns(Pod, &[(0, 65_536, 65_536)]))).unwrap().unwrap();
+        let want = crate::sandbox::IdMapping { container_id: 0, host_id: 65_536, length: 65_536 };
+        assert_eq!((kubelet.uids, kubelet.gids), (vec![want], vec![want]));
+        // Several ranges, as runc takes them.
+        user_namespace(Some(&userns(Pod, &[(0, 1000, 1), (1, 200_000, 10)]))).unwrap();
+        let cases: &[(cri::UserNamespace, &str)] = &[
+            (userns(Node, &[(0, 1000, 1)]), "userns_options.uids/gids: NODE"),
+            (userns(Container, &[(0, 1000, 1)]), "userns_options.mode: CONTAINER"),
+            (userns(Target, &[(0, 1000, 1)]), "userns_options.mode: TARGET"),
+            (cri::UserNamespace { mode: 9, ..Default::default() }, "userns_options.mode"),
+            (userns(Pod, &[]), "userns_options.uids: POD mode needs"),
+            (userns(Pod, &[(0, 1000, 0)]), "userns_options.uids[0].length"),
+            (userns(Pod, &[(0, u32::MAX - 10, 11)]), "userns_options.uids[0]: container_id"),
+            (userns(Pod, &[(u32::MAX - 1, 0, 2)]), "userns_options.uids[0]: container_id"),
+            (
+                userns(Pod, &[(0, 1000, 10), (5, 5000, 1)]),
+                "userns_options.uids[1]: overlaps uids[0]",
+            ),
+            (userns(Pod, &[(0, 1000, 10), (10, 1009, 1)]), "userns_options.uids[1]: overlaps"),
+            (userns(Pod, &[(1, 1000, 100_000)]), "userns_options.uids: container id 0"),
+        ];
+        for (options, want) in cases {
+            let err = user_namespace(Some(options)).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
-            assert!(err.message().contains("userns_options"), "{err:?}");
+            assert!(err.message().contains(want), "{want}: {err:?}");
         }
-        assert!(refuse_user_namespace(Some(&mapped)).is_err());
+        let mut only_uids = userns(Pod, &[(0, 1000, 1)]);
+        only_uids.gids.clear();
+        let err = user_namespace(Some(&only_uids)).unwrap_err();
+        assert!(err.message().contains("userns_options.gids: POD mode needs"), "{err:?}");
+    }
+
+    #[test]
+    fn user_namespaces_refuse_host_namespaces_beside_them() {
+        let pod =
+            |network: cri::NamespaceMode, pid: cri::NamespaceMode, ipc: cri::NamespaceMode| {
+                pod_spec(cri::RunPodSandboxRequest {
+                    config: Some(cri::PodSandboxConfig {
+                        metadata: Some(cri::PodSandboxMetadata {
+                            name: "p".into(),
+                            namespace: "n".into(),
+                            ..Default::default()
+                        }),
+                        linux: Some(cri::LinuxPodSandboxConfig {
+                            security_context: Some(cri::LinuxSandboxSecurityContext {
+                                namespace_options: Some(cri::NamespaceOption {
+                                    network: network as i32,
+                                    pid: pid as i32,
+                                    ipc: ipc as i32,
+                                    userns_options: Some(userns(
+                                        cri::NamespaceMode::Pod,
+                                        &[(0, 100_000, 65_536)],
+                                    )),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    runtime_handler: String::new(),
+                })
+            };
+        use cri::NamespaceMode::{Container, Node, Pod};
+        let spec = pod(Pod, Container, Pod).unwrap();
+        assert_eq!(spec.user_namespace.unwrap().uids[0].host_id, 100_000);
+        pod(Pod, Pod, Pod).unwrap();
+        for (ns, field) in [
+            ((Node, Container, Pod), "namespace_options.network: NODE"),
+            ((Pod, Node, Pod), "namespace_options.pid: NODE"),
+            ((Pod, Container, Node), "namespace_options.ipc: NODE"),
+        ] {
+            let err = pod(ns.0, ns.1, ns.2).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains(field), "{field}: {err:?}");
+        }
     }
 
     #[test]

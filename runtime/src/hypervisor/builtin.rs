@@ -487,6 +487,7 @@ mod tests {
                 host_path: "/srv".into(),
                 read_only: true,
                 cache: "always".into(),
+                ids: Default::default(),
             }],
             block_devices: vec![BlockDevice {
                 id: "d0".into(),

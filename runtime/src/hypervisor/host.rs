@@ -382,6 +382,7 @@ mod tests {
                 host_path: "/state/sb/share/shared".into(),
                 read_only: true,
                 cache: "always".into(),
+                ids: Default::default(),
             }],
             block_devices: vec![],
             net_devices: vec![],

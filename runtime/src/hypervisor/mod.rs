@@ -81,6 +81,39 @@ pub struct SharedDir {
     pub read_only: bool,
     /// virtiofsd's `--cache` mode: `always` for immutable content, `auto`/`never` for volumes.
     pub cache: String,
+    /// How virtiofsd translates file owners between host and guest (none: as they are).
+    #[serde(default)]
+    pub ids: IdTranslations,
+}
+
+/// virtiofsd's uid and gid translations (`--translate-uid`, `--translate-gid`); ids in no
+/// range are passed through unchanged.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdTranslations {
+    pub uids: Vec<IdTranslation>,
+    pub gids: Vec<IdTranslation>,
+}
+
+/// One range of virtiofsd's id translation.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum IdTranslation {
+    /// Guest ids `guest..guest+count` are host ids `host..host+count`, both ways.
+    Map { guest: u32, host: u32, count: u32 },
+    /// Host ids `host..host+count` all appear in the guest as `guest` (one way: the guest
+    /// cannot create files with them).
+    SquashHost { host: u32, guest: u32, count: u32 },
+}
+
+impl IdTranslation {
+    /// The value of a `--translate-uid`/`--translate-gid` argument.
+    pub fn virtiofsd_arg(&self) -> String {
+        match *self {
+            Self::Map { guest, host, count } => format!("map:{guest}:{host}:{count}"),
+            Self::SquashHost { host, guest, count } => {
+                format!("squash-host:{host}:{guest}:{count}")
+            }
+        }
+    }
 }
 
 /// A block device backed by a host file.

@@ -52,6 +52,12 @@ pub fn virtiofsd_args(run_dir: &Path, dir: &SharedDir) -> Vec<OsString> {
     if dir.read_only {
         args.push("--readonly".into());
     }
+    for uid in &dir.ids.uids {
+        args.push(format!("--translate-uid={}", uid.virtiofsd_arg()).into());
+    }
+    for gid in &dir.ids.gids {
+        args.push(format!("--translate-gid={}", gid.virtiofsd_arg()).into());
+    }
     args
 }
 

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{GuestShare, GUEST_SHARED_DIR, GUEST_VOLUME_DIR, SHARED_FS_TAG, VOLUME_FS_TAG};
-use crate::hypervisor::{BlockDevice, NetDevice, SharedDir};
+use crate::hypervisor::{BlockDevice, IdTranslations, NetDevice, SharedDir};
 use share::SandboxShare;
 pub use share::{Access, BindMode, ShareError};
 
@@ -74,14 +74,16 @@ impl PodResources {
         Ok(())
     }
 
-    /// The virtio-fs devices the VM gets.
-    pub fn shared_dirs(&self) -> Vec<SharedDir> {
+    /// The virtio-fs devices the VM gets; `ids` translates the owners of both shares' files
+    /// (a pod with a user namespace).
+    pub fn shared_dirs(&self, ids: &IdTranslations) -> Vec<SharedDir> {
         match self.layout {
             ShareLayout::Single => vec![SharedDir {
                 tag: SHARED_FS_TAG.into(),
                 host_path: self.images.shared_dir(),
                 read_only: true,
                 cache: "auto".into(),
+                ids: ids.clone(),
             }],
             ShareLayout::Split => vec![
                 SharedDir {
@@ -89,12 +91,14 @@ impl PodResources {
                     host_path: self.images.shared_dir(),
                     read_only: true,
                     cache: "always".into(),
+                    ids: ids.clone(),
                 },
                 SharedDir {
                     tag: VOLUME_FS_TAG.into(),
                     host_path: self.volumes.shared_dir(),
                     read_only: false,
                     cache: "auto".into(),
+                    ids: ids.clone(),
                 },
             ],
         }
@@ -211,7 +215,7 @@ mod tests {
     fn split_layout_serves_images_read_only_cached_and_volumes_writable() {
         let dir = tempfile::tempdir().unwrap();
         let res = PodResources::new(dir.path(), ShareLayout::Split);
-        let dirs = res.shared_dirs();
+        let dirs = res.shared_dirs(&IdTranslations::default());
         assert_eq!(dirs.len(), 2);
         assert!(dirs[0].read_only && dirs[0].cache == "always" && dirs[0].tag == SHARED_FS_TAG);
         assert!(!dirs[1].read_only && dirs[1].cache == "auto" && dirs[1].tag == VOLUME_FS_TAG);
@@ -224,7 +228,7 @@ mod tests {
     fn single_layout_keeps_the_pre_split_share() {
         let dir = tempfile::tempdir().unwrap();
         let res = PodResources::new(dir.path(), ShareLayout::Single);
-        let dirs = res.shared_dirs();
+        let dirs = res.shared_dirs(&IdTranslations::default());
         assert_eq!(dirs.len(), 1);
         assert!(dirs[0].read_only && dirs[0].cache == "auto");
         assert_eq!(res.guest_shares().len(), 1);

@@ -264,7 +264,10 @@ impl SandboxManager {
                 image_sub_path: String::new(),
             });
         }
-        let ctx = spec::SandboxContext { pid_mode: sandbox.namespaces.pid };
+        let ctx = spec::SandboxContext {
+            pid_mode: sandbox.namespaces.pid,
+            user_namespace: sandbox.user_namespace.clone(),
+        };
         let spec_json = spec::build_spec(spec, &image.defaults, &ctx, &guest_mounts)?;
         let process_json = spec::process_of(&spec_json)?;
         Ok((spec_json, process_json, mount_records))

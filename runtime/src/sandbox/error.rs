@@ -58,6 +58,11 @@ pub enum SandboxError {
          set route_host_namespace_pods)"
     )]
     HostNamespaceInVm { field: &'static str },
+    #[error(
+        "config.linux.security_context.namespace_options.userns_options: POD mode is not \
+         supported by the host handler (only by VM handlers)"
+    )]
+    UserNamespaceOnHost,
     #[error("the pod asks for a VM of {vcpus} vCPUs and {memory_mib} MiB; at most {max_vcpus} vCPUs and {max_mib} MiB")]
     VmTooLarge { vcpus: u32, memory_mib: u32, max_vcpus: u32, max_mib: u32 },
     #[error(

@@ -182,12 +182,8 @@ impl SandboxManager {
         self.networks.ready().map(drop).map_err(|e| e.to_string())
     }
 
-    /// The RuntimeClass handlers pods may name, the default (empty) first.
-    pub fn handler_names(&self) -> Vec<String> {
-        handlers::Handler::names(&self.config)
-    }
-
-    /// Each handler's backend (`qemu`, `builtin`, `host`), for verbose Status.
+    /// The RuntimeClass handlers pods may name, the default (empty) first, with each one's
+    /// backend (`qemu`, `builtin`, `host`).
     pub fn handler_backends(&self) -> Vec<(String, String)> {
         let default = self.hypervisor_name().to_string();
         handlers::Handler::names(&self.config)

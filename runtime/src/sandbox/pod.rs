@@ -33,6 +33,11 @@ impl SandboxManager {
         if let Some(field) = handler.refused_namespace(&pod) {
             return Err(SandboxError::HostNamespaceInVm { field });
         }
+        // The host handler's containers would create their mount points inside the user
+        // namespace in image trees that belong to the host's unmapped root.
+        if handler.on_host() && pod.user_namespace.is_some() {
+            return Err(SandboxError::UserNamespaceOnHost);
+        }
         let size = handler.vm_size(&pod);
         if !handler.on_host() && (size.memory_mib > MAX_VM_MIB || size.vcpus > MAX_VCPUS) {
             return Err(SandboxError::VmTooLarge {
@@ -200,7 +205,12 @@ impl SandboxManager {
             extra_kernel_args: handler.kernel_args.clone(),
             console_log: self.console_log_path(id),
             console_log_max_bytes: self.config.vm.console_log_max_bytes(),
-            shared_dirs: resources.shared_dirs(),
+            shared_dirs: resources.shared_dirs(
+                &pod.user_namespace
+                    .as_ref()
+                    .map(UserNamespace::share_translation)
+                    .unwrap_or_default(),
+            ),
             block_devices: resources.block_devices(),
             net_devices,
             netns: network_record.as_ref().map(|n| n.netns.clone()),
@@ -242,6 +252,8 @@ impl SandboxManager {
                 // POD mode: containers share a PID namespace of the pod's own (not the VM's,
                 // which holds the agent); NODE mode uses the VM's.
                 pod_pid_namespace: pod.namespaces.pid == NamespaceMode::Pod,
+                pod_uid_mappings: agent_ranges(pod.user_namespace.as_ref().map(|u| &u.uids)),
+                pod_gid_mappings: agent_ranges(pod.user_namespace.as_ref().map(|u| &u.gids)),
             })
             .await?;
         // A host pod's interfaces are CNI's as they are: it gets only the hosts lines.
@@ -610,6 +622,18 @@ impl SandboxManager {
 }
 
 /// The record of a pod being started.
+/// A user namespace map as the agent boundary speaks it.
+fn agent_ranges(maps: Option<&Vec<IdMapping>>) -> Vec<crate::agent::IdRange> {
+    maps.into_iter()
+        .flatten()
+        .map(|m| crate::agent::IdRange {
+            container_id: m.container_id,
+            host_id: m.host_id,
+            length: m.length,
+        })
+        .collect()
+}
+
 fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
     SandboxRecord {
         schema_version: SCHEMA_VERSION,
@@ -629,6 +653,7 @@ fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
         network: None,
         vm_size: None,
         creating: true,
+        user_namespace: pod.user_namespace.clone(),
     }
 }
 

@@ -86,6 +86,9 @@ pub struct SandboxRecord {
     /// a pod (its caller never got an id for it).
     #[serde(default)]
     pub creating: bool,
+    /// The pod's user namespace (userns_options POD).
+    #[serde(default)]
+    pub user_namespace: Option<super::UserNamespace>,
 }
 
 impl SandboxRecord {

@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 
 use super::seccomp::{self, SeccompError};
 use super::types::{
-    ContainerSpec, NamespaceMode, Propagation, Resources, SeccompProfile, SecurityContext,
-    SupplementalGroupsPolicy,
+    ContainerSpec, IdMapping, NamespaceMode, Propagation, Resources, SeccompProfile,
+    SecurityContext, SupplementalGroupsPolicy, UserNamespace,
 };
 use oci_spec::runtime::{
     Capability, Linux, LinuxCapabilities, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
-    LinuxDeviceCgroupBuilder, LinuxMemoryBuilder, LinuxNamespace, LinuxNamespaceType,
-    LinuxResourcesBuilder, LinuxSeccomp, Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType,
-    Process, Spec, UserBuilder,
+    LinuxDeviceCgroupBuilder, LinuxIdMapping, LinuxIdMappingBuilder, LinuxMemoryBuilder,
+    LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxResourcesBuilder, LinuxSeccomp,
+    Mount, MountBuilder, PosixRlimitBuilder, PosixRlimitType, Process, Spec, UserBuilder,
 };
 
 /// Where the agent writes the pod's hostname/hosts/resolv.conf inside the guest.
@@ -305,6 +305,8 @@ fn volume_mount(m: &GuestMount) -> Result<Mount, SpecError> {
 pub struct SandboxContext {
     /// The pod's PID namespace mode.
     pub pid_mode: NamespaceMode,
+    /// The pod's user namespace, if it has one.
+    pub user_namespace: Option<UserNamespace>,
 }
 
 /// Builds the container's OCI spec as JSON.
@@ -332,6 +334,9 @@ pub fn build_spec(
     // would stay in its own peer group.
     if mounts.iter().any(|m| m.propagation == Propagation::Bidirectional) {
         linux.set_rootfs_propagation(Some("shared".to_string()));
+    }
+    if let Some(userns) = &sandbox.user_namespace {
+        set_user_namespace(&mut spec, &mut linux, userns)?;
     }
     set_confinement(&mut linux, security, &capabilities.granted)?;
     if let Some(res) = &config.resources {
@@ -423,6 +428,47 @@ fn container_mounts(
         all_mounts.push(volume_mount(m)?);
     }
     Ok(all_mounts)
+}
+
+/// Runs the container in a user namespace of the pod's mappings. The VM's network and IPC
+/// namespaces belong to the guest's initial user namespace, in which the container has no
+/// privileges: it cannot mount sysfs or mqueue of its own. It gets the VM's /sys read-only
+/// (as runc does for such containers) and no /dev/mqueue (the guest mounts none to lend).
+fn set_user_namespace(
+    spec: &mut Spec,
+    linux: &mut Linux,
+    userns: &UserNamespace,
+) -> Result<(), SpecError> {
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    if !namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::User) {
+        namespaces.push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::User).build()?);
+    }
+    linux.set_namespaces(Some(namespaces));
+    let oci = |maps: &[IdMapping]| -> Result<Vec<LinuxIdMapping>, SpecError> {
+        maps.iter()
+            .map(|m| {
+                Ok(LinuxIdMappingBuilder::default()
+                    .container_id(m.container_id)
+                    .host_id(m.host_id)
+                    .size(m.length)
+                    .build()?)
+            })
+            .collect()
+    };
+    linux.set_uid_mappings(Some(oci(&userns.uids)?));
+    linux.set_gid_mappings(Some(oci(&userns.gids)?));
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    mounts.retain(|m| m.typ().as_deref() != Some("mqueue"));
+    for m in mounts.iter_mut() {
+        if m.typ().as_deref() == Some("sysfs") {
+            m.set_typ(Some("bind".into()));
+            m.set_source(Some(PathBuf::from("/sys")));
+            let options = ["rbind", "nosuid", "nodev", "noexec", "ro"];
+            m.set_options(Some(options.iter().map(|o| o.to_string()).collect()));
+        }
+    }
+    spec.set_mounts(Some(mounts));
+    Ok(())
 }
 
 /// The VM is the pod: containers share its network, IPC and UTS namespaces; each gets its own
@@ -839,7 +885,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path());
         let c = ContainerSpec { security, ..Default::default() };
-        let ctx = SandboxContext { pid_mode: NamespaceMode::Pod };
+        let ctx = SandboxContext { pid_mode: NamespaceMode::Pod, user_namespace: None };
         serde_json::from_slice(&build_spec(&c, &img, &ctx, &[]).unwrap()).unwrap()
     }
 
@@ -911,7 +957,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path());
-        let ctx = SandboxContext { pid_mode: NamespaceMode::Pod };
+        let ctx = SandboxContext { pid_mode: NamespaceMode::Pod, user_namespace: None };
         for security in [
             SecurityContext { masked_paths: vec!["proc/kcore".into()], ..Default::default() },
             SecurityContext {
@@ -929,7 +975,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = image(dir.path());
         let c = ContainerSpec { tty: true, ..Default::default() };
-        let ctx = SandboxContext { pid_mode: NamespaceMode::Container };
+        let ctx = SandboxContext { pid_mode: NamespaceMode::Container, user_namespace: None };
         let json = build_spec(&c, &img, &ctx, &[]).unwrap();
         let spec: Spec = serde_json::from_slice(&json).unwrap();
         let ns: Vec<LinuxNamespaceType> = spec
@@ -954,5 +1000,33 @@ mod tests {
             .unwrap()
             .iter()
             .any(|m| m.destination() == Path::new("/etc/resolv.conf")));
+    }
+
+    #[test]
+    fn a_user_namespace_gets_the_pods_mappings_and_the_vms_sys() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let range = IdMapping { container_id: 0, host_id: 131_072, length: 65_536 };
+        let ctx = SandboxContext {
+            pid_mode: NamespaceMode::Container,
+            user_namespace: Some(UserNamespace { uids: vec![range], gids: vec![range] }),
+        };
+        let json = build_spec(&ContainerSpec::default(), &img, &ctx, &[]).unwrap();
+        let spec: Spec = serde_json::from_slice(&json).unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        let ns = linux.namespaces().as_ref().unwrap();
+        assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::User), "{ns:?}");
+        for maps in [linux.uid_mappings(), linux.gid_mappings()] {
+            let maps = maps.as_ref().unwrap();
+            assert_eq!(maps.len(), 1);
+            assert_eq!(
+                (maps[0].container_id(), maps[0].host_id(), maps[0].size()),
+                (0, 131_072, 65_536)
+            );
+        }
+        let mounts = spec.mounts().as_ref().unwrap();
+        assert!(!mounts.iter().any(|m| m.typ().as_deref() == Some("mqueue")));
+        let sys = mounts.iter().find(|m| m.destination() == Path::new("/sys")).unwrap();
+        assert_eq!(sys.typ().as_deref(), Some("bind"));
     }
 }

@@ -5,6 +5,8 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::hypervisor::{IdTranslation, IdTranslations};
+
 pub use super::handlers::PodDemand;
 use super::records::{DnsSettings, PodMetadata};
 pub use crate::resource::network::PortMapping;
@@ -31,6 +33,57 @@ pub struct NamespaceModes {
     pub ipc: NamespaceMode,
 }
 
+/// One range of a user namespace's id map.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMapping {
+    pub container_id: u32,
+    /// The id outside the container (in the guest, which has no ids of the host's).
+    pub host_id: u32,
+    pub length: u32,
+}
+
+/// A pod's user namespace (userns_options mode POD): its containers' ids as the guest sees
+/// them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNamespace {
+    pub uids: Vec<IdMapping>,
+    pub gids: Vec<IdMapping>,
+}
+
+/// The id space past the host's overflow id that a squashed range shows as (`nobody`).
+const OVERFLOW_ID: u32 = 65_534;
+
+impl UserNamespace {
+    /// How the pod's virtiofsds translate file owners so that the host's ids are the
+    /// container's, as Kubernetes' idmapped volume mounts make them on runc: a host file of
+    /// id `c` (in a mapping `c → g`) appears in the guest as `g`, which the container sees as
+    /// `c`, and what the container's `c` writes is the host's `c`. Host ids that would
+    /// otherwise pass through into the mapped guest range (the container would see them as
+    /// its own) are squashed to the overflow id, where the ranges allow.
+    pub fn share_translation(&self) -> IdTranslations {
+        IdTranslations { uids: translation(&self.uids), gids: translation(&self.gids) }
+    }
+}
+
+fn translation(maps: &[IdMapping]) -> Vec<IdTranslation> {
+    let end = |start: u32, length: u32| u64::from(start) + u64::from(length);
+    let host_side_taken = |start: u32, length: u32| {
+        maps.iter().any(|m| {
+            u64::from(start) < end(m.container_id, m.length)
+                && u64::from(m.container_id) < end(start, length)
+        })
+    };
+    let mapped = maps.iter().map(|m| IdTranslation::Map {
+        guest: m.host_id,
+        host: m.container_id,
+        count: m.length,
+    });
+    let squashed = maps.iter().filter(|m| !host_side_taken(m.host_id, m.length)).map(|m| {
+        IdTranslation::SquashHost { host: m.host_id, guest: OVERFLOW_ID, count: m.length }
+    });
+    mapped.chain(squashed).collect()
+}
+
 /// A pod as RunPodSandbox asked for it, already validated.
 #[derive(Debug, Clone, Default)]
 pub struct PodSpec {
@@ -47,6 +100,8 @@ pub struct PodSpec {
     pub port_mappings: Vec<PortMapping>,
     /// What the pod asks of its VM (its resources plus overhead).
     pub demand: PodDemand,
+    /// The pod's user namespace; `None`: the containers run in the VM's.
+    pub user_namespace: Option<UserNamespace>,
 }
 
 /// A host path, or an image's tree, mounted into a container (a volume).
@@ -180,4 +235,30 @@ pub struct ContainerSpec {
     pub tty: bool,
     pub resources: Option<Resources>,
     pub security: SecurityContext,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_translation_makes_host_ids_the_containers() {
+        let kubelet = IdMapping { container_id: 0, host_id: 100_000, length: 65_536 };
+        let ns = UserNamespace { uids: vec![kubelet], gids: vec![kubelet] };
+        let ids = ns.share_translation();
+        let want = vec![
+            IdTranslation::Map { guest: 100_000, host: 0, count: 65_536 },
+            IdTranslation::SquashHost { host: 100_000, guest: OVERFLOW_ID, count: 65_536 },
+        ];
+        assert_eq!((ids.uids.clone(), ids.gids), (want.clone(), want));
+        let args: Vec<String> = ids.uids.iter().map(IdTranslation::virtiofsd_arg).collect();
+        assert_eq!(args, ["map:100000:0:65536", "squash-host:100000:65534:65536"]);
+        // A guest range that is also a host-side range of the map cannot be squashed.
+        let identity = IdMapping { container_id: 0, host_id: 0, length: 65_536 };
+        let ns = UserNamespace { uids: vec![identity], gids: vec![identity] };
+        assert_eq!(
+            ns.share_translation().uids,
+            vec![IdTranslation::Map { guest: 0, host: 0, count: 65_536 }]
+        );
+    }
 }

@@ -402,6 +402,7 @@ mod tests {
             host_path: tmp.path().to_path_buf(),
             read_only: true,
             cache: "always".into(),
+            ids: Default::default(),
         });
         let disk = tmp.path().join("disk.img");
         std::fs::write(&disk, [0u8; 512]).unwrap();
@@ -458,6 +459,24 @@ mod tests {
                 tmp.path().display()
             )
         );
+        // A pod with a user namespace: its owners translated, both ways and squashed.
+        let mut translated = cfg.shared_dirs[0].clone();
+        translated.ids.uids =
+            vec![crate::hypervisor::IdTranslation::Map { guest: 131_072, host: 0, count: 65_536 }];
+        translated.ids.gids = vec![crate::hypervisor::IdTranslation::SquashHost {
+            host: 131_072,
+            guest: 65_534,
+            count: 65_536,
+        }];
+        let args =
+            joined(&crate::hypervisor::process::virtiofsd_args(&layout.run_dir, &translated));
+        assert!(
+            args.ends_with(
+                "--readonly --translate-uid=map:131072:0:65536 \
+                 --translate-gid=squash-host:131072:65534:65536"
+            ),
+            "{args}"
+        );
         assert_eq!(
             joined(&vhost_vsock_args(&layout)),
             format!("--guest-cid 3 --socket {run}/vhost-vsock.sock --uds-path {run}/vsock.sock")
@@ -473,6 +492,7 @@ mod tests {
             host_path: tmp.path().to_path_buf(),
             read_only: false,
             cache: cache.into(),
+            ids: Default::default(),
         };
         type Mutation<'a> = Box<dyn Fn(&mut VmConfig) + 'a>;
         let cases: Vec<Mutation<'_>> = vec![

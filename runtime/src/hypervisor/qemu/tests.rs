@@ -209,6 +209,7 @@ async fn busybox_guest_sees_devices_and_powers_off() {
         host_path: share,
         read_only: true,
         cache: "always".into(),
+        ids: Default::default(),
     });
     config.block_devices.push(BlockDevice { id: "disk0".into(), path: disk, read_only: true });
 
@@ -246,6 +247,7 @@ async fn stop_running_vm_leaves_nothing() {
         host_path: share,
         read_only: false,
         cache: "auto".into(),
+        ids: Default::default(),
     });
     let vm = hv.launch(&config).await.unwrap();
     let _kill = KillOnDrop(vm.processes.clone());
@@ -446,6 +448,7 @@ async fn virtiofs_sees_bind_mounts_made_after_start() {
             host_path: tmp.path().join("share/shared"),
             read_only: true,
             cache: cache.into(),
+            ids: Default::default(),
         });
         let vm = hv.launch(&config).await.unwrap();
         let _kill = KillOnDrop(vm.processes.clone());
