@@ -338,10 +338,11 @@ pub fn build_spec(
     if let Some(userns) = &sandbox.user_namespace {
         set_user_namespace(&mut spec, &mut linux, userns)?;
     }
-    set_confinement(&mut linux, security, &capabilities.granted)?;
+    // Resources first: a privileged container's allow-all device rule goes into them.
     if let Some(res) = &config.resources {
         linux.set_resources(Some(resources(res)?));
     }
+    set_confinement(&mut linux, security, &capabilities.granted)?;
     spec.set_linux(Some(linux));
     Ok(serde_json::to_vec(&spec)?)
 }
@@ -891,6 +892,23 @@ mod tests {
 
     /// Every set is explicit: dropping ALL must leave nothing for the runtime to apply (an
     /// inheritable set outside an empty bounding set fails inside libcontainer).
+    #[test]
+    fn a_privileged_container_with_resources_keeps_every_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image(dir.path());
+        let c = ContainerSpec {
+            security: SecurityContext { privileged: true, ..Default::default() },
+            resources: Some(Resources { memory_limit_bytes: 64 << 20, ..Default::default() }),
+            ..Default::default()
+        };
+        let ctx = SandboxContext { pid_mode: NamespaceMode::Pod, user_namespace: None };
+        let spec: Spec = serde_json::from_slice(&build_spec(&c, &img, &ctx, &[]).unwrap()).unwrap();
+        let resources = spec.linux().clone().unwrap().resources().clone().unwrap();
+        assert_eq!(resources.memory().as_ref().unwrap().limit(), Some(64 << 20));
+        let devices = resources.devices().clone().unwrap();
+        assert!(devices[0].allow() && devices[0].access().as_deref() == Some("rwm"));
+    }
+
     #[test]
     fn dropping_all_capabilities_empties_every_set() {
         let spec = built(caps(&[], &["ALL"]));
