@@ -105,7 +105,7 @@ test: build-debug kernel guest lint fuzz-smoke
 		cargo test --workspace -- --test-threads=2
 	@# Say why the built-in VMM's full boot test was skipped (or that it ran), uncaptured.
 	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
-		cargo test -p podvisor --bin podvisor full_boot -- --nocapture
+		cargo test -p podvisor --lib full_boot -- --nocapture
 
 E2E_ENV = PODVISOR_REQUIRE_E2E=1 PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux \
 	PODVISOR_INITRD=$(BUILD)/initramfs.cpio PODVISOR_INITRAMFS=$(BUILD)/initramfs.cpio \
