@@ -22,7 +22,7 @@ PY_VENV := $(PODVISOR_CACHE)/venv
 # `make fuzz FUZZ_SECONDS=3600` for long runs. Seeds are in fuzz/corpus/<target> (in-tree,
 # read-only); what a run finds goes to target/fuzz/corpus/<target>, crashes to fuzz/artifacts/.
 FUZZ_TARGETS := virtqueue_block virtqueue_net virtqueue_vsock vsock_muxer layer_unpack \
-	image_import image_reference cri_log_writer
+	image_import image_reference cri_log_writer cri_request agent_request
 FUZZ_SECONDS ?= 600
 FUZZ_SMOKE_SECONDS ?= 20
 CARGO_FUZZ_VERSION := 0.13.2

@@ -17,3 +17,6 @@ pub mod sandbox;
 pub mod seccomp;
 pub mod server;
 pub mod stdio;
+
+/// Entry points for `fuzz/` (compiled always, so `make test` checks them and their seeds).
+pub mod fuzzing;

@@ -4,6 +4,8 @@
 //! knows the CRI's wire types.
 
 pub mod cadvisor;
+/// Entry points for `fuzz/` (compiled always, so `make test` checks them and their seeds).
+pub mod fuzzing;
 pub mod image;
 pub mod pod_resources;
 pub mod runtime;
