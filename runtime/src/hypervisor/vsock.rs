@@ -99,6 +99,7 @@ impl AgentReady for ReadyListener {
 pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream> {
     let io_err = |source| HypervisorError::VsockConnect { port, path: uds.to_path_buf(), source };
     let mut stream = UnixStream::connect(uds).await.map_err(io_err)?;
+    super::peer::check(uds, &stream)?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes()).await.map_err(io_err)?;
     // Read the answer byte by byte: anything after the newline already belongs to the guest.
     let mut answer = Vec::with_capacity(16);
@@ -157,6 +158,46 @@ mod tests {
             guest_to_host_path(Path::new("/run/vms/ab/vsock.sock"), 1025),
             PathBuf::from("/run/vms/ab/vsock.sock_1025")
         );
+    }
+
+    /// A hybrid-vsock socket that answers every CONNECT with OK, as another pod's does.
+    fn answering_socket(path: &Path) -> tokio::task::JoinHandle<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut line = [0u8; 64];
+                let _ = stream.read(&mut line).await;
+                let _ = stream.write_all(b"OK 1073741824\n").await;
+            }
+        })
+    }
+
+    /// A helper running as the VM's uid (which owns the run directory) replaces `vsock.sock`
+    /// with a symlink to another pod's socket: the daemon must not talk to that pod's agent.
+    #[tokio::test]
+    async fn a_vsock_socket_swapped_for_a_symlink_to_another_pods_is_refused() {
+        if !nix::unistd::Uid::effective().is_root() {
+            println!("SKIP: chown needs root");
+            return;
+        }
+        let other_pod = tempfile::tempdir().unwrap();
+        let other = other_pod.path().join("vsock.sock");
+        let server = answering_socket(&other);
+        connect(&other, 1024).await.expect("the other pod's own socket answers");
+        let vms = tempfile::tempdir().unwrap();
+        let run_dir = vms.path().join("vm");
+        std::fs::create_dir(&run_dir).unwrap();
+        let vm_uid = 64_998;
+        nix::unistd::chown(&run_dir, Some(vm_uid.into()), Some(vm_uid.into())).unwrap();
+        let uds = run_dir.join("vsock.sock");
+        // What the VM's uid can do in its own directory.
+        std::os::unix::fs::symlink(&other, &uds).unwrap();
+        match connect(&uds, 1024).await {
+            Err(HypervisorError::ForeignPeer(_)) => {}
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("connected to another pod's agent through {}", uds.display()),
+        }
+        server.abort();
     }
 
     #[tokio::test]

@@ -375,6 +375,8 @@ impl Starting {
         let mut stream = loop {
             self.check_running().await?;
             if let Ok(stream) = UnixStream::connect(qmp).await {
+                // The run directory is the VM's: qmp.sock may have been swapped.
+                super::peer::check(qmp, &stream)?;
                 break stream;
             }
             if Instant::now() >= deadline {
