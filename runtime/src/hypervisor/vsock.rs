@@ -143,9 +143,26 @@ pub fn listen_guest_to_host(uds: &Path, port: u32) -> Result<UnixListener> {
     let listener = UnixListener::bind(&path).map_err(io_err)?;
     // The VMM may run as its own unprivileged uid (builtin jail) and must be able to connect;
     // the run directory (0700, the VMM's or root's) keeps everyone else out.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(io_err)?;
+    open_to_all(&path).map_err(io_err)?;
     Ok(listener)
+}
+
+/// Makes the socket just bound at `path` mode 0666 without following a symlink: the run
+/// directory is the VM's, whose uid could have replaced the socket with a link to a root file
+/// since the bind. The node is opened O_PATH|O_NOFOLLOW, checked to be the socket, and changed
+/// through its descriptor's /proc link, which names that node, not a path.
+fn open_to_all(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+    let node = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !node.metadata()?.file_type().is_socket() {
+        return Err(std::io::Error::other(format!("{} is no longer a socket", path.display())));
+    }
+    let by_fd = format!("/proc/self/fd/{}", node.as_raw_fd());
+    std::fs::set_permissions(by_fd, std::fs::Permissions::from_mode(0o666))
 }
 
 #[cfg(test)]
@@ -198,6 +215,25 @@ mod tests {
             Ok(_) => panic!("connected to another pod's agent through {}", uds.display()),
         }
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_guest_to_host_socket_is_open_to_the_vm_and_a_symlink_is_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let _listener = listen_guest_to_host(&uds, 1025).unwrap();
+        let path = guest_to_host_path(&uds, 1025);
+        let mode = std::fs::symlink_metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o666);
+        let target = dir.path().join("root-file");
+        std::fs::write(&target, "").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(open_to_all(&path).is_err());
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the symlink's target was made {mode:o}");
     }
 
     #[tokio::test]
