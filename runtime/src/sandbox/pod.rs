@@ -359,6 +359,7 @@ impl SandboxManager {
             let hypervisor = self.hypervisor_of(vm)?;
             hypervisor.stop(vm, VM_STOP_GRACE).await?;
             hypervisor.cleanup(vm).await?;
+            self.test_hold("teardown:vm-stopped").await;
         } else {
             // A start the daemon did not live to record, on its handler's backend.
             let handler = self.handler(&rec.runtime_handler).unwrap_or_else(|_| {
@@ -420,6 +421,22 @@ impl SandboxManager {
         Ok(())
     }
 
+    /// Test-only, and only in debug builds: when `<state>/test-hold` names `point`, the
+    /// operation stops there (for ten minutes) after logging "test hold: <point>", so the crash
+    /// test can kill the daemon at that exact point (tests/tests/crash.rs).
+    async fn test_hold(&self, point: &str) {
+        #[cfg(debug_assertions)]
+        {
+            let file = self.config.state.join("test-hold");
+            if std::fs::read_to_string(file).is_ok_and(|p| p.trim() == point) {
+                warn!(point, "test hold: {point}");
+                tokio::time::sleep(Duration::from_secs(600)).await;
+            }
+        }
+        #[cfg(not(debug_assertions))]
+        let _ = point;
+    }
+
     /// RemovePodSandbox: stops it if needed and removes every trace. Idempotent.
     pub async fn remove_sandbox(&self, id: &str) -> Result<()> {
         let rec = match self.sandbox(id) {
@@ -431,6 +448,7 @@ impl SandboxManager {
         if rec.state == SandboxState::Ready || rec.vm.is_some() {
             self.stop_sandbox(&id).await?;
         }
+        self.test_hold("remove-sandbox:stopped").await;
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
         self.teardown_vm(&id).await?;
@@ -447,6 +465,7 @@ impl SandboxManager {
         };
         let (sandbox, removed) = sandbox;
         removed.done().await?;
+        self.test_hold("remove-sandbox:records-removed").await;
         for c in &containers {
             lock(&self.log_writers).remove(&c.id);
             lock(&self.container_locks).remove(&c.id);
