@@ -22,7 +22,7 @@ PY_VENV := $(PODVISOR_CACHE)/venv
 # `make fuzz FUZZ_SECONDS=3600` for long runs. Seeds are in fuzz/corpus/<target> (in-tree,
 # read-only); what a run finds goes to target/fuzz/corpus/<target>, crashes to fuzz/artifacts/.
 FUZZ_TARGETS := virtqueue_block virtqueue_net virtqueue_vsock vsock_muxer layer_unpack \
-	image_import image_reference cri_log_writer fuse_requests
+	image_import image_reference cri_log_writer fuse_requests cri_request agent_request
 FUZZ_SECONDS ?= 600
 FUZZ_SMOKE_SECONDS ?= 20
 CARGO_FUZZ_VERSION := 0.13.2
@@ -105,7 +105,7 @@ test: build-debug kernel guest lint fuzz-smoke
 		cargo test --workspace -- --test-threads=2
 	@# Say why the built-in VMM's full boot test was skipped (or that it ran), uncaptured.
 	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
-		cargo test -p podvisor --bin podvisor full_boot -- --nocapture
+		cargo test -p podvisor --lib full_boot -- --nocapture
 
 E2E_ENV = PODVISOR_REQUIRE_E2E=1 PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux \
 	PODVISOR_INITRD=$(BUILD)/initramfs.cpio PODVISOR_INITRAMFS=$(BUILD)/initramfs.cpio \

@@ -3,10 +3,7 @@
 //! stream's entries must add up to exactly what the container printed.
 #![no_main]
 
-// The daemon is a binary crate: its log writer is compiled in by path, unchanged.
-#[allow(dead_code)]
-#[path = "../../runtime/src/sandbox/logs.rs"]
-mod logs;
+use podvisor::sandbox::logs;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -374,7 +374,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn validate_id(kind: &'static str, id: &str) -> Result<(), AgentError> {
+pub(crate) fn validate_id(kind: &'static str, id: &str) -> Result<(), AgentError> {
     let ok = !id.is_empty()
         && id.len() <= 128
         && !id.starts_with('.')

@@ -9,24 +9,7 @@
 //! - `__libcontainer REQUEST`: the internal single-threaded libcontainer helper.
 //! - `__pause`: starts the PID 1 of the pod's shared PID namespace (see `pause`).
 
-mod cgroup;
-mod container;
-mod device_cgroup;
-mod devices;
-mod helper;
-mod host_pod;
-mod init;
-mod logging;
-mod network;
-mod pause;
-mod portforward;
-mod reaper;
-mod rootfs;
-mod sandbox;
-mod seccomp;
-mod server;
-mod stdio;
-
+use podvisor_agent::{helper, host_pod, init, logging, pause, portforward};
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::path::PathBuf;
@@ -37,9 +20,9 @@ use std::time::Duration;
 use clap::Parser;
 use podvisor_proto::agent::agent_server::AgentServer;
 
-use crate::container::{Agent, Paths};
-use crate::reaper::Reaper;
-use crate::server::AgentService;
+use podvisor_agent::container::{Agent, Paths};
+use podvisor_agent::reaper::Reaper;
+use podvisor_agent::server::AgentService;
 
 /// Host mode: serve the agent protocol on a unix socket (tests, development).
 #[derive(Debug, Parser)]

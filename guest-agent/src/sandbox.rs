@@ -160,7 +160,7 @@ pub(crate) fn hosts_file(hostname: &str) -> String {
     hosts
 }
 
-fn resolv_conf(req: &CreateSandboxRequest) -> String {
+pub(crate) fn resolv_conf(req: &CreateSandboxRequest) -> String {
     let mut out = String::new();
     for server in &req.dns_servers {
         let _ = writeln!(out, "nameserver {server}");
@@ -181,16 +181,15 @@ fn write(path: PathBuf, contents: &str) -> Result<(), SandboxError> {
     fs::write(&path, contents).map_err(|e| SandboxError::Write(path, e))
 }
 
-/// Applies the sandbox settings. `sandbox_dir` receives hostname/hosts/resolv.conf; `guest`
-/// says whether the agent owns the machine (hostname, sysctls, /etc, mounts). `pod_hosts`
-/// ends the hosts file: the lines of an earlier SetupNetwork, kept across a repeated create.
-pub fn create(
-    req: &CreateSandboxRequest,
-    sandbox_dir: &Path,
-    shared_dir: &Path,
-    guest: bool,
-    pod_hosts: &str,
-) -> Result<(), SandboxError> {
+/// What [`create`] applies, checked before anything is touched.
+pub struct Checked {
+    sysctls: Vec<(String, PathBuf, String)>,
+    shares: Vec<Share>,
+}
+
+/// Validates a CreateSandbox request without touching anything (hostname, DNS entries,
+/// sysctl names, shares).
+pub fn check(req: &CreateSandboxRequest, shared_dir: &Path) -> Result<Checked, SandboxError> {
     if !req.hostname.is_empty() && !valid_hostname(&req.hostname) {
         return Err(SandboxError::BadHostname(req.hostname.clone()));
     }
@@ -202,10 +201,23 @@ pub fn create(
     let sysctls = req
         .sysctls
         .iter()
-        .map(|(k, v)| sysctl_path(k).map(|p| (k, p, v)))
+        .map(|(k, v)| sysctl_path(k).map(|p| (k.clone(), p, v.clone())))
         .collect::<Result<Vec<_>, _>>()?;
     let shares = shares(req, shared_dir)?;
+    Ok(Checked { sysctls, shares })
+}
 
+/// Applies the sandbox settings. `sandbox_dir` receives hostname/hosts/resolv.conf; `guest`
+/// says whether the agent owns the machine (hostname, sysctls, /etc, mounts). `pod_hosts`
+/// ends the hosts file: the lines of an earlier SetupNetwork, kept across a repeated create.
+pub fn create(
+    req: &CreateSandboxRequest,
+    sandbox_dir: &Path,
+    shared_dir: &Path,
+    guest: bool,
+    pod_hosts: &str,
+) -> Result<(), SandboxError> {
+    let Checked { sysctls, shares } = check(req, shared_dir)?;
     let hosts = hosts_file(&req.hostname) + pod_hosts;
     let resolv = resolv_conf(req);
     write(sandbox_dir.join("hostname"), &format!("{}\n", req.hostname))?;
@@ -227,7 +239,7 @@ pub fn create(
     write(PathBuf::from("/etc/hosts"), &hosts)?;
     write(PathBuf::from("/etc/resolv.conf"), &resolv)?;
     for (name, path, value) in sysctls {
-        fs::write(&path, value).map_err(|e| SandboxError::Sysctl(name.clone(), e))?;
+        fs::write(&path, value).map_err(|e| SandboxError::Sysctl(name, e))?;
     }
     for share in &shares {
         mount_share(share)?;

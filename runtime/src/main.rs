@@ -1,18 +1,6 @@
 //! `podvisor`: the daemon (CRI server), the host check, and the built-in VMM process.
 
-mod agent;
-mod check;
-mod config;
-mod cri;
-mod hypervisor;
-mod images;
-mod metrics;
-mod procwait;
-mod resource;
-mod sandbox;
-mod store;
-mod streaming;
-
+use podvisor::{agent, check, config, cri, hypervisor, images, metrics, sandbox, store, streaming};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,11 +10,11 @@ use clap::{Parser, Subcommand};
 use tokio::net::UnixListener;
 use tracing::{info, warn};
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::hypervisor::builtin::{BuiltinConfig, BuiltinHypervisor, JailIds};
-use crate::hypervisor::host::{HostBackend, HostConfig};
-use crate::hypervisor::qemu::{Accel, QemuConfig, QemuHypervisor};
-use crate::hypervisor::{Hypervisor, HypervisorError, Registry};
+use podvisor::config::{Config, DEFAULT_CONFIG_PATH};
+use podvisor::hypervisor::builtin::{BuiltinConfig, BuiltinHypervisor, JailIds};
+use podvisor::hypervisor::host::{HostBackend, HostConfig};
+use podvisor::hypervisor::qemu::{Accel, QemuConfig, QemuHypervisor};
+use podvisor::hypervisor::{Hypervisor, HypervisorError, Registry};
 
 #[derive(Parser)]
 #[command(name = "podvisor", version, about = "A Kubernetes CRI runtime whose pods are micro-VMs")]

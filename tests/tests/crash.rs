@@ -12,6 +12,10 @@
 //!   lease beyond one per listed pod, and no log writer (an open fd of the daemon on a
 //!   container log) other than running containers'.
 //!
+//! Then the daemon is killed at each of three points inside RemovePodSandbox, which random
+//! points rarely hit: a debug daemon holds the call where `<state>/test-hold` says (a
+//! test-only hook, compiled out of release builds), and the same invariants are checked.
+//!
 //! `PODVISOR_CRASH_SEED` replays a run (the seed is printed), `PODVISOR_CRASH_ROUNDS` sets how
 //! many kills (20 by default; `make soak` runs 100).
 
@@ -213,6 +217,67 @@ async fn check_after_restart(
     live
 }
 
+/// Points of RemovePodSandbox a debug daemon can be held at (`<state>/test-hold`, see
+/// `SandboxManager::test_hold`): with the VM stopped but its shares and network still there,
+/// with the pod stopped, and with its records removed but its state directory not.
+const REMOVE_POINTS: [&str; 3] =
+    ["teardown:vm-stopped", "remove-sandbox:stopped", "remove-sandbox:records-removed"];
+
+/// Starts a pod, holds its RemovePodSandbox at `point`, kills the daemon there and checks the
+/// invariants after the restart: the pod is gone, or listed NotReady and removable.
+async fn kill_inside_remove(
+    daemon: &mut TestDaemon,
+    image: &str,
+    net: &TestNetwork,
+    logs: &Path,
+    point: &str,
+) -> Vec<String> {
+    let name = format!("hold-{}", point.replace(':', "-"));
+    workload(daemon.socket(), image.into(), name.clone(), logs.into(), None)
+        .await
+        .unwrap_or_else(|e| panic!("starting the pod for {point}: {e}"));
+    let mut rt = daemon.runtime().await.unwrap();
+    let pods = rt.list_pod_sandbox(cri::ListPodSandboxRequest::default()).await.unwrap();
+    let pod = pods
+        .into_inner()
+        .items
+        .into_iter()
+        .find(|p| p.metadata.as_ref().is_some_and(|m| m.name == name))
+        .expect("the pod is listed")
+        .id;
+    let marker = format!("test hold: {point}");
+    let holds =
+        || std::fs::read_to_string(daemon.log_file()).unwrap_or_default().matches(&marker).count();
+    let before = holds();
+    let hold = daemon.state().join("test-hold");
+    std::fs::write(&hold, point).unwrap();
+    let remove = tokio::spawn({
+        let mut rt = rt.clone();
+        let pod = pod.clone();
+        async move { rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while holds() == before {
+        assert!(Instant::now() < deadline, "RemovePodSandbox never reached {point}");
+        assert!(!remove.is_finished(), "RemovePodSandbox finished without reaching {point}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    daemon.kill();
+    let _ = remove.await;
+    std::fs::remove_file(&hold).unwrap();
+    daemon.restart().await.unwrap();
+    let mut rt = daemon.runtime().await.unwrap();
+    let live = check_after_restart(daemon, &mut rt, net, logs, Some(&pod)).await;
+    assert!(
+        !live.contains(&pod),
+        "pod {pod} killed in RemovePodSandbox at {point} is listed Ready"
+    );
+    eprintln!(
+        "SIGKILL inside RemovePodSandbox at {point}: pod gone after the restart, nothing leaked"
+    );
+    live
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_points_leaves_every_pod_working_or_gone_and_nothing_leaked() {
     if !e2e_can_run() {
@@ -263,6 +328,10 @@ async fn sigkill_at_random_points_leaves_every_pod_working_or_gone_and_nothing_l
         daemon.restart().await.unwrap();
         let mut rt = daemon.runtime().await.unwrap();
         live = check_after_restart(&daemon, &mut rt, &net, &logs, to_remove.as_deref()).await;
+    }
+    // Random points rarely land inside RemovePodSandbox: kill it at each of its points too.
+    for point in REMOVE_POINTS {
+        live = kill_inside_remove(&mut daemon, &image, &net, &logs, point).await;
     }
     let log = std::fs::read_to_string(daemon.log_file()).unwrap_or_default();
     eprintln!(

@@ -5,6 +5,8 @@
 
 pub mod cadvisor;
 pub mod create_request;
+/// Entry points for `fuzz/` (compiled always, so `make test` checks them and their seeds).
+pub mod fuzzing;
 pub mod image;
 pub mod pod_resources;
 pub mod runtime;

@@ -238,8 +238,7 @@ impl BuiltinHypervisor {
     pub async fn control(&self, vm: &VmHandle, request: Request) -> Result<Response> {
         let path = BuiltinLayout::new(&vm.run_dir).control();
         tokio::task::spawn_blocking(move || {
-            control::request(&path, &request, Duration::from_secs(5))
-                .map_err(|e| HypervisorError::Control(e.to_string()))
+            control_request(&path, &request, Duration::from_secs(5))
         })
         .await
         .map_err(|e| HypervisorError::Control(format!("control request task: {e}")))?
@@ -442,6 +441,16 @@ impl BuiltinHypervisor {
     }
 }
 
+/// One control request to the VMM listening at `path` (blocking). The run directory is the
+/// VM's, so the socket may have been swapped: the listener must be the VM's (see `peer`).
+fn control_request(path: &Path, request: &Request, timeout: Duration) -> Result<Response> {
+    let stream = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|e| HypervisorError::Control(format!("{}: {e}", path.display())))?;
+    super::peer::check(path, &stream)?;
+    control::request_on(stream, path, request, timeout)
+        .map_err(|e| HypervisorError::Control(e.to_string()))
+}
+
 /// The VMM's readiness, on top of the shared start-up machinery.
 impl Starting {
     async fn wait_for_status(&mut self, socket: &Path, deadline: Instant) -> Result<()> {
@@ -449,7 +458,7 @@ impl Starting {
             self.check_running().await?;
             let path = socket.to_path_buf();
             let answer = tokio::task::spawn_blocking(move || {
-                control::request(&path, &Request::Status, Duration::from_secs(1))
+                control_request(&path, &Request::Status, Duration::from_secs(1))
             })
             .await;
             if let Ok(Ok(response)) = answer {

@@ -10,6 +10,7 @@ pub mod confine;
 #[cfg(test)]
 pub mod fake;
 pub mod host;
+pub mod peer;
 pub(crate) mod process;
 pub mod qemu;
 pub mod registry;
@@ -43,6 +44,8 @@ pub enum HypervisorError {
     Stop(String),
     #[error("connecting to guest vsock port {port} through {path}: {source}")]
     VsockConnect { port: u32, path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    ForeignPeer(#[from] peer::PeerError),
     #[error("listening for guest vsock connections on {path}: {source}")]
     VsockListen { path: PathBuf, source: std::io::Error },
     #[error("guest vsock port {port} refused the connection (answer {answer:?})")]

@@ -205,10 +205,13 @@ impl Starting {
         fds: &[std::os::fd::RawFd],
     ) -> Result<()> {
         let spawn_err = |source| HypervisorError::Spawn { what: name.to_string(), source };
+        // The run directory is the VM's: a helper already running may have put a symlink
+        // where this log goes (not followed: the open fails).
         let log_file: File = OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&log)
             .map_err(spawn_err)?;
         let log_file2 = log_file.try_clone().map_err(spawn_err)?;
@@ -434,6 +437,21 @@ mod tests {
         let mode = std::fs::metadata(&log).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
         starting.finish();
+    }
+
+    /// A log path a helper of the VM replaced with a symlink is not followed.
+    #[tokio::test]
+    async fn a_log_swapped_for_a_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("root-file");
+        std::fs::write(&target, "root's\n").unwrap();
+        let log = dir.path().join("qemu.log");
+        std::os::unix::fs::symlink(&target, &log).unwrap();
+        let mut starting = Starting::new("helper", Duration::from_secs(5), dir.path());
+        let spawned = starting.spawn("helper", OsStr::new("echo"), &["leaked".into()], log);
+        assert!(spawned.is_err(), "spawned with its log through a symlink");
+        starting.finish();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "root's\n");
     }
 
     /// A helper whose spawn the record missed is found by its arguments and stopped.

@@ -182,17 +182,15 @@ impl SandboxManager {
             not_applicable: spec.security.not_applicable,
             state: ContainerState::Created,
         };
-        {
+        let saved = {
             let mut st = lock(&self.state);
-            let writes = self.record_writes();
             st.containers.insert(id.clone(), rec.clone());
-            drop(st);
-            if let Err(e) = self.save_container(&rec) {
-                drop(writes);
-                lock(&self.state).containers.remove(&id);
-                let _ = resources.release_volumes(&id);
-                return Err(e);
-            }
+            self.save_container(&rec)
+        };
+        if let Err(e) = saved.done().await {
+            lock(&self.state).containers.remove(&id);
+            let _ = resources.release_volumes(&id);
+            return Err(e.into());
         }
         self.events.emit(&id, &sandbox.id, super::events::EventKind::Created);
         crate::metrics::global().container_created(&id, arrived);
@@ -287,19 +285,23 @@ impl SandboxManager {
             Err(e) => Err(e),
         };
         if let Err(e) = started {
-            let _ = self.update_container(&rec.id, |c| {
-                c.state = ContainerState::Exited;
-                c.exit_code = 128;
-                c.finished_at = now_nanos();
-                c.reason = "StartError".into();
-                c.message = e.to_string();
-            });
+            let _ = self
+                .update_container(&rec.id, |c| {
+                    c.state = ContainerState::Exited;
+                    c.exit_code = 128;
+                    c.finished_at = now_nanos();
+                    c.reason = "StartError".into();
+                    c.message = e.to_string();
+                })
+                .await;
             return Err(e);
         }
-        let rec = self.update_container(&rec.id, |c| {
-            c.state = ContainerState::Running;
-            c.started_at = now_nanos();
-        })?;
+        let rec = self
+            .update_container(&rec.id, |c| {
+                c.state = ContainerState::Running;
+                c.started_at = now_nanos();
+            })
+            .await?;
         self.follow_container(&rec);
         crate::metrics::global().container_started(&rec.id);
         Ok(())
@@ -380,7 +382,7 @@ impl SandboxManager {
             };
             match waited {
                 Ok(status) => {
-                    self.record_exit(&cid, status);
+                    self.record_exit(&cid, status).await;
                     return;
                 }
                 Err(SandboxError::Agent(e)) if e.is_not_found() => return,
@@ -393,23 +395,25 @@ impl SandboxManager {
         }
     }
 
-    fn record_exit(&self, cid: &str, status: ExitStatus) {
-        let res = self.update_container(cid, |c| {
-            if c.state == ContainerState::Exited {
-                return;
-            }
-            c.state = ContainerState::Exited;
-            c.exit_code = status.exit_code;
-            // The host's clock, not the guest's: the guest may have no RTC, and the exit is
-            // observed as it happens (the wait is a blocking stream).
-            c.finished_at = now_nanos();
-            c.reason = match (status.oom_killed, status.exit_code) {
-                (true, _) => "OOMKilled",
-                (false, 0) => "Completed",
-                (false, _) => "Error",
-            }
-            .into();
-        });
+    async fn record_exit(&self, cid: &str, status: ExitStatus) {
+        let res = self
+            .update_container(cid, |c| {
+                if c.state == ContainerState::Exited {
+                    return;
+                }
+                c.state = ContainerState::Exited;
+                c.exit_code = status.exit_code;
+                // The host's clock, not the guest's: the guest may have no RTC, and the exit is
+                // observed as it happens (the wait is a blocking stream).
+                c.finished_at = now_nanos();
+                c.reason = match (status.oom_killed, status.exit_code) {
+                    (true, _) => "OOMKilled",
+                    (false, 0) => "Completed",
+                    (false, _) => "Error",
+                }
+                .into();
+            })
+            .await;
         if let Err(e) = res {
             debug!(container = %cid, error = %e, "recording exit");
         }
@@ -435,14 +439,14 @@ impl SandboxManager {
             agent.signal(&process, signal, false).await?;
             let grace = Duration::from_secs(timeout_seconds.unsigned_abs());
             if let Ok(Ok(status)) = tokio::time::timeout(grace, agent.wait(&process)).await {
-                self.record_exit(&rec.id, status);
+                self.record_exit(&rec.id, status).await;
                 return Ok(());
             }
         }
         agent.signal(&process, libc::SIGKILL, true).await?;
         match tokio::time::timeout(KILL_WAIT, agent.wait(&process)).await {
             Ok(Ok(status)) => {
-                self.record_exit(&rec.id, status);
+                self.record_exit(&rec.id, status).await;
                 Ok(())
             }
             Ok(Err(e)) => Err(e.into()),
@@ -466,14 +470,14 @@ impl SandboxManager {
             self.agent(&sandbox.id)?.remove_container(&rec.id).await?;
             self.resources(&sandbox).release_volumes(&rec.id)?;
         }
-        let last = {
+        let (last, removed) = {
             let mut st = lock(&self.state);
-            let _writes = self.record_writes();
             let last = st.containers.remove(&rec.id);
+            let removed = self.remove_record(&self.container_record_path(&rec.sandbox_id, &rec.id));
             drop(st);
-            store::remove_path(&self.container_record_path(&rec.sandbox_id, &rec.id))?;
-            last
+            (last, removed)
         };
+        removed.done().await?;
         let _ = std::fs::remove_file(self.output_offsets_path(&rec.sandbox_id, &rec.id));
         lock(&self.log_writers).remove(&rec.id);
         lock(&self.io).remove(&ProcessId::init(&rec.id));
@@ -514,7 +518,7 @@ impl SandboxManager {
         self.check_fits_vm(&resources, &self.sandbox(&rec.sandbox_id)?)?;
         let json = spec::resources_json(&resources)?;
         self.agent(&rec.sandbox_id)?.update_container(&rec.id, json).await?;
-        self.update_container(&rec.id, |c| c.resources = Some(resources))?;
+        self.update_container(&rec.id, |c| c.resources = Some(resources)).await?;
         Ok(())
     }
 

@@ -26,6 +26,7 @@ pub mod spec;
 pub mod stats;
 mod sweep;
 pub mod types;
+mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -113,8 +114,8 @@ pub struct SandboxManager {
     sandbox_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Serialises lifecycle operations of one container.
     container_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// See [`SandboxManager::record_writes`].
-    record_writes: Mutex<()>,
+    /// Writes records off the async workers, in the order they changed.
+    records: writer::RecordWriter,
     /// Guests booting at once (see [`boot_slots`]).
     boot_slots: tokio::sync::Semaphore,
     agents: Mutex<HashMap<String, Arc<dyn GuestAgent>>>,
@@ -162,7 +163,7 @@ impl SandboxManager {
             state: Mutex::new(State::default()),
             sandbox_locks: Mutex::new(HashMap::new()),
             container_locks: Mutex::new(HashMap::new()),
-            record_writes: Mutex::new(()),
+            records: writer::RecordWriter::start(),
             boot_slots: tokio::sync::Semaphore::new(boot_slots()),
             agents: Mutex::new(HashMap::new()),
             log_writers: Mutex::new(HashMap::new()),
@@ -261,39 +262,40 @@ impl SandboxManager {
 
     // Records.
 
-    fn save_sandbox(&self, rec: &SandboxRecord) -> Result<()> {
-        store::write_json(&self.sandbox_record_path(&rec.id), rec)?;
-        Ok(())
+    /// Queues the sandbox record's write. Call it with the state lock held, the record as it
+    /// is there, so writes reach the disk in the order the records changed (see
+    /// [`writer`]); await the result after the lock went: no reader of the state waits for an
+    /// fsync.
+    fn save_sandbox(&self, rec: &SandboxRecord) -> writer::Pending {
+        self.records.write_json(&self.sandbox_record_path(&rec.id), rec)
     }
 
-    fn save_container(&self, rec: &ContainerRecord) -> Result<()> {
-        store::write_json(&self.container_record_path(&rec.sandbox_id, &rec.id), rec)?;
-        Ok(())
+    /// As [`Self::save_sandbox`], for a container record.
+    fn save_container(&self, rec: &ContainerRecord) -> writer::Pending {
+        self.records.write_json(&self.container_record_path(&rec.sandbox_id, &rec.id), rec)
     }
 
-    /// The turn to write (or remove) records on disk. Taken while the state lock is held and
-    /// kept for the write after the state lock went: records reach the disk in the order they
-    /// changed, never after their removal, and no reader of the state waits for an fsync.
-    /// (Lock order: state, then this.)
-    fn record_writes(&self) -> std::sync::MutexGuard<'_, ()> {
-        lock(&self.record_writes)
+    /// Queues the removal of a record file or directory (with the state lock held, after the
+    /// record left the state: no write of it can follow).
+    fn remove_record(&self, path: &std::path::Path) -> writer::Pending {
+        self.records.remove(path)
     }
 
-    /// Updates a sandbox record in memory and on disk (see [`Self::record_writes`]).
-    fn update_sandbox(
+    /// Updates a sandbox record in memory and on disk (see [`Self::save_sandbox`]).
+    async fn update_sandbox(
         &self,
         id: &str,
         f: impl FnOnce(&mut SandboxRecord),
     ) -> Result<SandboxRecord> {
-        let (before, rec, _writes) = {
+        let (before, rec, saved) = {
             let mut st = lock(&self.state);
             let rec =
                 st.sandboxes.get_mut(id).ok_or_else(|| SandboxError::SandboxNotFound(id.into()))?;
             let before = rec.state;
             f(rec);
-            (before, rec.clone(), self.record_writes())
+            (before, rec.clone(), self.save_sandbox(rec))
         };
-        self.save_sandbox(&rec)?;
+        saved.done().await?;
         match (before, rec.state) {
             (SandboxState::NotReady, SandboxState::Ready) => {
                 self.events.emit(id, id, events::EventKind::Started)
@@ -306,12 +308,12 @@ impl SandboxManager {
         Ok(rec)
     }
 
-    fn update_container(
+    async fn update_container(
         &self,
         id: &str,
         f: impl FnOnce(&mut ContainerRecord),
     ) -> Result<ContainerRecord> {
-        let (before, rec, _writes) = {
+        let (before, rec, saved) = {
             let mut st = lock(&self.state);
             let rec = st
                 .containers
@@ -319,9 +321,9 @@ impl SandboxManager {
                 .ok_or_else(|| SandboxError::ContainerNotFound(id.into()))?;
             let before = rec.state;
             f(rec);
-            (before, rec.clone(), self.record_writes())
+            (before, rec.clone(), self.save_container(rec))
         };
-        self.save_container(&rec)?;
+        saved.done().await?;
         let kind = match (before, rec.state) {
             (ContainerState::Created, ContainerState::Running) => Some(events::EventKind::Started),
             (b, ContainerState::Exited) if b != ContainerState::Exited => {

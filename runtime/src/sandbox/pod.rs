@@ -48,7 +48,7 @@ impl SandboxManager {
             });
         }
         let id = new_id();
-        {
+        let saved = {
             let mut st = lock(&self.state);
             if let Some(existing) = st.sandboxes.values().find(|s| s.metadata == pod.metadata) {
                 return Err(SandboxError::SandboxExists {
@@ -62,24 +62,24 @@ impl SandboxManager {
             // side effect: a daemon killed from here on finds what to undo.
             let mut rec = new_record(&id, &pod);
             rec.vm_size = Some(size);
-            let writes = self.record_writes();
             st.sandboxes.insert(id.clone(), rec.clone());
-            drop(st);
-            if let Err(e) = self.save_sandbox(&rec) {
-                drop(writes);
-                lock(&self.state).sandboxes.remove(&id);
-                return Err(e);
-            }
+            self.save_sandbox(&rec)
+        };
+        if let Err(e) = saved.done().await {
+            lock(&self.state).sandboxes.remove(&id);
+            return Err(e.into());
         }
         self.events.emit(&id, &id, events::EventKind::Created);
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
         match self.boot_sandbox(&id, &pod, &handler, size).await {
             Ok(()) => {
-                let rec = self.update_sandbox(&id, |r| {
-                    r.state = SandboxState::Ready;
-                    r.creating = false;
-                })?;
+                let rec = self
+                    .update_sandbox(&id, |r| {
+                        r.state = SandboxState::Ready;
+                        r.creating = false;
+                    })
+                    .await?;
                 info!(
                     sandbox = %id,
                     pod = %format!("{}/{}", rec.metadata.namespace, rec.metadata.name),
@@ -96,26 +96,27 @@ impl SandboxManager {
                     // Keep the (NotReady) record so StopPodSandbox/RemovePodSandbox, or
                     // kubelet's garbage collection, can finish the clean-up (CNI DEL).
                     warn!(sandbox = %id, error = %cleanup, "cleaning up a pod sandbox that failed; keeping its record");
-                    let _ = self.update_sandbox(&id, |r| {
-                        r.state = SandboxState::NotReady;
-                        r.creating = false;
-                    });
+                    let _ = self
+                        .update_sandbox(&id, |r| {
+                            r.state = SandboxState::NotReady;
+                            r.creating = false;
+                        })
+                        .await;
                     return Err(e);
                 }
-                self.forget_failed_start(&id);
+                self.forget_failed_start(&id).await;
                 Err(e)
             }
         }
     }
 
     /// Forgets a pod whose start failed and was undone: its records and state directory.
-    pub(super) fn forget_failed_start(&self, id: &str) {
-        let (last, writes) = {
+    pub(super) async fn forget_failed_start(&self, id: &str) {
+        let (last, removed) = {
             let mut st = lock(&self.state);
-            (st.sandboxes.remove(id), self.record_writes())
+            (st.sandboxes.remove(id), self.remove_record(&self.sandbox_record_dir(id)))
         };
-        let _ = store::remove_path(&self.sandbox_record_dir(id));
-        drop(writes);
+        let _ = removed.done().await;
         let _ = store::remove_path(&self.sandbox_state_dir(id));
         lock(&self.sandbox_locks).remove(id);
         let last = events::LastRecords { sandbox: last, containers: Vec::new() };
@@ -226,7 +227,7 @@ impl SandboxManager {
                 return Err(e.into());
             }
         };
-        self.update_sandbox(id, |r| r.vm = Some(vm.clone()))?;
+        self.update_sandbox(id, |r| r.vm = Some(vm.clone())).await?;
         phases.lap(PodStartPhase::VmStart);
         let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
         let booting = std::time::Instant::now();
@@ -291,13 +292,15 @@ impl SandboxManager {
             annotations: pod.annotations.clone(),
         };
         let plan = self.networks.plan(&request)?;
-        self.update_sandbox(id, |r| r.network = Some(plan.clone()))?;
+        self.update_sandbox(id, |r| r.network = Some(plan.clone())).await?;
         let result = self.networks.add(&plan).await?;
-        let rec = self.update_sandbox(id, |r| {
-            if let Some(n) = r.network.as_mut() {
-                n.result = Some(result);
-            }
-        })?;
+        let rec = self
+            .update_sandbox(id, |r| {
+                if let Some(n) = r.network.as_mut() {
+                    n.result = Some(result);
+                }
+            })
+            .await?;
         Ok(Some(rec.network.unwrap_or(plan)))
     }
 
@@ -321,7 +324,7 @@ impl SandboxManager {
     async fn detach_network(&self, id: &str) -> Result<()> {
         let Some(network) = self.sandbox(id)?.network else { return Ok(()) };
         self.networks.remove(&network).await?;
-        self.update_sandbox(id, |r| r.network = None)?;
+        self.update_sandbox(id, |r| r.network = None).await?;
         Ok(())
     }
 
@@ -368,6 +371,7 @@ impl SandboxManager {
             let hypervisor = self.hypervisor_of(vm)?;
             hypervisor.stop(vm, VM_STOP_GRACE).await?;
             hypervisor.cleanup(vm).await?;
+            self.test_hold("teardown:vm-stopped").await;
         } else {
             // A start the daemon did not live to record, on its handler's backend.
             let handler = self.handler(&rec.runtime_handler).unwrap_or_else(|_| {
@@ -401,7 +405,7 @@ impl SandboxManager {
         });
         futures::future::join_all(stops).await;
         // NotReady before the VM goes, so the VM watcher knows this exit is expected.
-        let rec = self.update_sandbox(&id, |r| r.state = SandboxState::NotReady)?;
+        let rec = self.update_sandbox(&id, |r| r.state = SandboxState::NotReady).await?;
         if rec.vm.is_some() {
             if let Ok(agent) = self.agent(&id) {
                 // Best effort, and bounded: the VM is stopped below either way.
@@ -411,20 +415,38 @@ impl SandboxManager {
         self.teardown_vm(&id).await?;
         let now = now_nanos();
         for cid in &containers {
-            let _ = self.update_container(cid, |c| {
-                if c.state != ContainerState::Exited {
-                    c.state = ContainerState::Exited;
-                    c.finished_at = now;
-                    if c.exit_code == 0 {
-                        c.exit_code = 255;
+            let _ = self
+                .update_container(cid, |c| {
+                    if c.state != ContainerState::Exited {
+                        c.state = ContainerState::Exited;
+                        c.finished_at = now;
+                        if c.exit_code == 0 {
+                            c.exit_code = 255;
+                        }
+                        c.reason = "PodSandboxStopped".into();
                     }
-                    c.reason = "PodSandboxStopped".into();
-                }
-            });
+                })
+                .await;
         }
-        self.update_sandbox(&id, |r| r.vm = None)?;
+        self.update_sandbox(&id, |r| r.vm = None).await?;
         info!(sandbox = %id, "pod sandbox stopped");
         Ok(())
+    }
+
+    /// Test-only, and only in debug builds: when `<state>/test-hold` names `point`, the
+    /// operation stops there (for ten minutes) after logging "test hold: <point>", so the crash
+    /// test can kill the daemon at that exact point (tests/tests/crash.rs).
+    async fn test_hold(&self, point: &str) {
+        #[cfg(debug_assertions)]
+        {
+            let file = self.config.state.join("test-hold");
+            if std::fs::read_to_string(file).is_ok_and(|p| p.trim() == point) {
+                warn!(point, "test hold: {point}");
+                tokio::time::sleep(Duration::from_secs(600)).await;
+            }
+        }
+        #[cfg(not(debug_assertions))]
+        let _ = point;
     }
 
     /// RemovePodSandbox: stops it if needed and removes every trace. Idempotent.
@@ -438,6 +460,7 @@ impl SandboxManager {
         if rec.state == SandboxState::Ready || rec.vm.is_some() {
             self.stop_sandbox(&id).await?;
         }
+        self.test_hold("remove-sandbox:stopped").await;
         let guard = self.sandbox_lock(&id);
         let _op = guard.lock().await;
         self.teardown_vm(&id).await?;
@@ -448,11 +471,13 @@ impl SandboxManager {
                 st.containers.remove(&c.id);
             }
             let sandbox = st.sandboxes.remove(&id);
-            let _writes = self.record_writes();
+            let removed = self.remove_record(&self.sandbox_record_dir(&id));
             drop(st);
-            store::remove_path(&self.sandbox_record_dir(&id))?;
-            sandbox
+            (sandbox, removed)
         };
+        let (sandbox, removed) = sandbox;
+        removed.done().await?;
+        self.test_hold("remove-sandbox:records-removed").await;
         for c in &containers {
             lock(&self.log_writers).remove(&c.id);
             lock(&self.container_locks).remove(&c.id);
@@ -496,25 +521,27 @@ impl SandboxManager {
             }
             warn!(sandbox = %id, "the sandbox VM exited unexpectedly");
             this.forget_agent(&id);
-            this.mark_containers_exited(&id, "the pod's VM exited");
-            let _ = this.update_sandbox(&id, |r| r.state = SandboxState::NotReady);
+            this.mark_containers_exited(&id, "the pod's VM exited").await;
+            let _ = this.update_sandbox(&id, |r| r.state = SandboxState::NotReady).await;
         });
     }
 
     /// Every container of the sandbox that had not exited did when its VM went.
-    fn mark_containers_exited(&self, sandbox_id: &str, message: &str) {
+    async fn mark_containers_exited(&self, sandbox_id: &str, message: &str) {
         let now = now_nanos();
         for c in self.containers_of(sandbox_id) {
             if c.state == ContainerState::Exited {
                 continue;
             }
-            let _ = self.update_container(&c.id, |c| {
-                c.state = ContainerState::Exited;
-                c.finished_at = now;
-                c.exit_code = 255;
-                c.reason = "VMExited".into();
-                c.message = message.into();
-            });
+            let _ = self
+                .update_container(&c.id, |c| {
+                    c.state = ContainerState::Exited;
+                    c.finished_at = now;
+                    c.exit_code = 255;
+                    c.reason = "VMExited".into();
+                    c.message = message.into();
+                })
+                .await;
         }
     }
 
@@ -544,12 +571,12 @@ impl SandboxManager {
                 }
             } else if sb.state == SandboxState::Ready || sb.vm.is_some() {
                 warn!(sandbox = %sb.id, "pod sandbox VM is gone; marking it not ready");
-                self.mark_containers_exited(&sb.id, "the pod's VM exited");
+                self.mark_containers_exited(&sb.id, "the pod's VM exited").await;
                 if let Some(vm) = &sb.vm {
                     if let Err(e) = self.stop_leftover_vm(&sb.id, vm).await {
                         // Keep the VM recorded: StopPodSandbox retries, nothing is orphaned.
                         warn!(sandbox = %sb.id, error = %e, "stopping what is left of the pod's VM; keeping it recorded");
-                        self.update_sandbox(&sb.id, |r| r.state = SandboxState::NotReady)?;
+                        self.update_sandbox(&sb.id, |r| r.state = SandboxState::NotReady).await?;
                         continue;
                     }
                 }
@@ -557,7 +584,8 @@ impl SandboxManager {
                 self.update_sandbox(&sb.id, |r| {
                     r.state = SandboxState::NotReady;
                     r.vm = None;
-                })?;
+                })
+                .await?;
             }
         }
         Ok(())

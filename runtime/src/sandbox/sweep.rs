@@ -25,15 +25,17 @@ impl SandboxManager {
             match self.teardown_vm(&id).await {
                 Ok(()) => {
                     info!(sandbox = %id, "undid a pod start the daemon did not live to finish");
-                    self.forget_failed_start(&id);
+                    self.forget_failed_start(&id).await;
                 }
                 Err(e) => {
                     // Keep it, NotReady: RemovePodSandbox (kubelet's GC) retries the clean-up.
                     warn!(sandbox = %id, error = %e, "undoing an interrupted pod start; keeping its record");
-                    let _ = self.update_sandbox(&id, |r| {
-                        r.creating = false;
-                        r.state = SandboxState::NotReady;
-                    });
+                    let _ = self
+                        .update_sandbox(&id, |r| {
+                            r.creating = false;
+                            r.state = SandboxState::NotReady;
+                        })
+                        .await;
                 }
             }
         }

@@ -943,7 +943,7 @@ async fn exec_needs_a_running_container_with_a_readable_process() {
     let err = h.manager.exec_sync("nope", vec!["echo".into()], None).await.unwrap_err();
     assert!(matches!(err, SandboxError::ContainerNotFound(_)), "{err}");
     let cid = h.create_and_start(&sid, "d").await;
-    h.manager.update_container(&cid, |c| c.oci_process_json = "{not json".into()).unwrap();
+    h.manager.update_container(&cid, |c| c.oci_process_json = "{not json".into()).await.unwrap();
     let err = h.manager.exec_sync(&cid, vec!["echo".into()], None).await.unwrap_err();
     assert!(matches!(err, SandboxError::StoredProcess { .. }), "{err}");
     assert!(

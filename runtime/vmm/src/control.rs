@@ -225,8 +225,20 @@ pub fn request(
     request: &Request,
     timeout: Duration,
 ) -> Result<Response, ControlError> {
+    let stream = UnixStream::connect(path)
+        .map_err(|source| ControlError::Io { path: path.to_path_buf(), source })?;
+    request_on(stream, path, request, timeout)
+}
+
+/// Sends one request on `stream`, already connected to the VMM's control socket at `path`
+/// (a caller that must check who listens there connects itself).
+pub fn request_on(
+    mut stream: UnixStream,
+    path: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, ControlError> {
     let io_err = |source| ControlError::Io { path: path.to_path_buf(), source };
-    let mut stream = UnixStream::connect(path).map_err(io_err)?;
     stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
     let mut text = serde_json::to_string(request)

@@ -262,8 +262,10 @@ impl QemuHypervisor {
 fn give_virtiofs_sockets(config: &VmConfig, layout: &RunDirLayout, uid: u32) -> Result<()> {
     for dir in &config.shared_dirs {
         let socket = layout.virtiofs_socket(&dir.tag);
-        nix::unistd::chown(&socket, Some(uid.into()), Some(uid.into()))
-            .map_err(|e| HypervisorError::RunDir { path: socket.clone(), source: e.into() })?;
+        // Not following a symlink: vhost-device-vsock (the VM's uid) already runs and could
+        // have swapped the socket for one to a root file.
+        std::os::unix::fs::lchown(&socket, Some(uid), Some(uid))
+            .map_err(|source| HypervisorError::RunDir { path: socket.clone(), source })?;
     }
     Ok(())
 }
@@ -375,6 +377,8 @@ impl Starting {
         let mut stream = loop {
             self.check_running().await?;
             if let Ok(stream) = UnixStream::connect(qmp).await {
+                // The run directory is the VM's: qmp.sock may have been swapped.
+                super::peer::check(qmp, &stream)?;
                 break stream;
             }
             if Instant::now() >= deadline {

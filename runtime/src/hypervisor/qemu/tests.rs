@@ -468,3 +468,29 @@ async fn virtiofs_sees_bind_mounts_made_after_start() {
         assert!(console.contains("early=[]"), "cache={cache}: the caveat changed:\n{console}");
     }
 }
+
+/// virtiofsd's socket is given to the VM's uid while vhost-device-vsock (that uid) already
+/// runs: a symlink it put in the socket's place must not hand the VM a root file.
+#[test]
+fn giving_virtiofs_sockets_does_not_follow_a_symlink() {
+    use std::os::unix::fs::MetadataExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        println!("SKIP: chown needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = vm_config(dir.path(), "k".into(), "i".into());
+    config.shared_dirs = vec![SharedDir {
+        tag: "podvisor".into(),
+        host_path: dir.path().join("share"),
+        read_only: false,
+        cache: "auto".into(),
+    }];
+    std::fs::create_dir_all(&config.run_dir).unwrap();
+    let layout = RunDirLayout::new(&config.run_dir);
+    let target = dir.path().join("root-file");
+    std::fs::write(&target, "").unwrap();
+    std::os::unix::fs::symlink(&target, layout.virtiofs_socket("podvisor")).unwrap();
+    give_virtiofs_sockets(&config, &layout, 64_997).unwrap();
+    assert_eq!(std::fs::metadata(&target).unwrap().uid(), 0, "the symlink's target was given away");
+}
