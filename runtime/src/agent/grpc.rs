@@ -142,6 +142,12 @@ impl GuestAgent for GrpcAgent {
             mount_shared_fs: !s.shares.is_empty(),
             host_time_unix_nanos: s.host_time_unix_nanos,
             pod_pid_namespace: s.pod_pid_namespace,
+            entropy: s.entropy,
+            mac_changes: s
+                .mac_changes
+                .into_iter()
+                .map(|(from, to)| pb::MacChange { from, to })
+                .collect(),
             shared_fs: s
                 .shares
                 .into_iter()

@@ -154,6 +154,10 @@ pub struct SandboxSetup {
     pub host_time_unix_nanos: i64,
     /// Give the pod its own PID namespace, held by a pause process.
     pub pod_pid_namespace: bool,
+    /// Fresh host randomness the guest reseeds its RNG from (every pod its own).
+    pub entropy: Vec<u8>,
+    /// (template MAC, pod MAC) of each network device of a VM restored from a template.
+    pub mac_changes: Vec<(String, String)>,
 }
 
 /// One guest interface: the virtio-net device with `mac`, renamed to `name`.

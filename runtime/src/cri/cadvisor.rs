@@ -293,6 +293,7 @@ mod tests {
             network: None,
             vm_size: None,
             creating: false,
+            start: None,
         }
     }
 
