@@ -614,3 +614,100 @@ fn check(dir: &Path, inputs: &TemplateInputs) -> Result<Option<Manifest>, String
     }
     Ok(Some(manifest))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs() -> TemplateInputs {
+        TemplateInputs {
+            handler: String::new(),
+            backend: "builtin".into(),
+            kernel: "/k".into(),
+            kernel_sha256: "aa".into(),
+            initrd: "/i".into(),
+            initrd_sha256: "bb".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            kernel_args: String::new(),
+            net_devices: 1,
+            block_devices: 0,
+        }
+    }
+
+    /// Every input changes the key; only contents, not size or devices, keep the slot.
+    #[test]
+    fn every_input_is_in_the_key() {
+        let base = inputs();
+        let changes: Vec<fn(&mut TemplateInputs)> = vec![
+            |i| i.handler = "big".into(),
+            |i| i.backend = "qemu".into(),
+            |i| i.kernel_sha256 = "ab".into(),
+            |i| i.initrd_sha256 = "bc".into(),
+            |i| i.vcpus = 2,
+            |i| i.memory_mib = 256,
+            |i| i.kernel_args = "quiet".into(),
+            |i| i.net_devices = 0,
+            |i| i.block_devices = 1,
+        ];
+        for (n, change) in changes.iter().enumerate() {
+            let mut other = base.clone();
+            change(&mut other);
+            assert_ne!(other.key(), base.key(), "change {n}");
+        }
+        let mut rebuilt = base.clone();
+        rebuilt.initrd_sha256 = "cc".into();
+        assert_eq!(rebuilt.slot(), base.slot(), "a new initramfs replaces the old template");
+        assert_eq!(base.key().len(), 16);
+    }
+
+    /// A template's network devices get locally administered unicast MACs and short taps.
+    #[test]
+    fn template_devices_are_well_formed() {
+        let key = inputs().key();
+        let net = template_net(&key, 1);
+        let first = u8::from_str_radix(&net.mac[..2], 16).unwrap();
+        assert_eq!(first & 0b11, 0b10, "{}", net.mac);
+        assert_eq!(net.mac.split(':').count(), 6);
+        assert!(net.tap.len() <= 15, "{}", net.tap);
+        let spec = template_spec(&inputs(), &key, Path::new("/t"), 1024);
+        assert!(spec.sandbox_id.starts_with('t') && spec.sandbox_id.len() == 16);
+        assert!(spec.shared_dirs.is_empty() && spec.net_devices.len() == 1);
+    }
+
+    /// The sweep keeps sound templates and removes half-built and unreadable ones.
+    #[test]
+    fn the_sweep_removes_half_built_templates() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = Templates::new(dir.path().to_path_buf());
+        let inputs = inputs();
+        let key = inputs.key();
+        let good = dir.path().join(&key);
+        std::fs::create_dir_all(good.join(SNAPSHOT)).unwrap();
+        let manifest = Manifest {
+            format: FORMAT,
+            inputs: inputs.clone(),
+            slot: inputs.slot(),
+            state_len: 0,
+            state_sha256: hex::encode(Sha256::digest(b"")),
+            memory_len: 128 << 20,
+            macs: vec!["02:7e:00:00:00:00".into()],
+            built_at_unix: 0,
+        };
+        store::write_json(&good.join(MANIFEST), &manifest).unwrap();
+        std::fs::write(good.join(SNAPSHOT).join(STATE_FILE), b"").unwrap();
+        let memory = std::fs::File::create(good.join(SNAPSHOT).join(MEMORY_FILE)).unwrap();
+        memory.set_len(128 << 20).unwrap();
+        std::fs::create_dir_all(dir.path().join(format!(".tmp-{key}-1234"))).unwrap();
+        std::fs::create_dir_all(dir.path().join("0123456789abcdef")).unwrap();
+        templates.sweep();
+        let left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec![key.clone()]);
+        assert!(matches!(templates.plan(&inputs), StartPlan::Restore(t) if t.key == key));
+        assert_eq!(templates.status()[0].state, "ready");
+    }
+}
