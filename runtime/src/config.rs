@@ -208,6 +208,19 @@ pub struct BuiltinSection {
     pub jail_ids: u32,
     /// `trap`, `kill`, `log` or `off`: what a syscall outside a VMM thread's allowlist does.
     pub seccomp: podvisor_vmm::config::SeccompMode,
+    /// Who serves the shares' virtio-fs rings: `inproc` (the VMM's own device, files served by
+    /// a sandboxed `podvisor fs-serve`; VMs can be snapshotted and restored) or `vhost-user`
+    /// (virtiofsd maps guest memory itself; VMs with shares cannot be restored).
+    pub fs: BuiltinFs,
+}
+
+/// `builtin.fs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BuiltinFs {
+    #[default]
+    Inproc,
+    VhostUser,
 }
 
 impl Default for BuiltinSection {
@@ -217,6 +230,7 @@ impl Default for BuiltinSection {
             jail_first_id: 100_000,
             jail_ids: 65_536,
             seccomp: podvisor_vmm::config::SeccompMode::Trap,
+            fs: BuiltinFs::default(),
         }
     }
 }
@@ -647,6 +661,10 @@ mod tests {
         let c = Config::parse("").unwrap();
         assert!(c.builtin.jail);
         assert_eq!((c.builtin.jail_first_id, c.builtin.jail_ids), (100_000, 65_536));
+        assert_eq!(Config::default().builtin.fs, BuiltinFs::Inproc);
+        let c = Config::parse("[builtin]\nfs = \"vhost-user\"").unwrap();
+        assert_eq!(c.builtin.fs, BuiltinFs::VhostUser);
+        assert!(Config::parse("[builtin]\nfs = \"fuse\"").is_err());
         let c = Config::parse("[builtin]\njail = false\nseccomp = \"log\"").unwrap();
         assert!(!c.builtin.jail);
         assert_eq!(c.builtin.seccomp, podvisor_vmm::config::SeccompMode::Log);

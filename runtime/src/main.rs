@@ -49,6 +49,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Serve one shared directory to a built-in VMM's in-process virtio-fs device (started by
+    /// the daemon as root, sandboxed, one per share of a VM).
+    FsServe {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Copy a QEMU VM's serial console from a pipe into its capped log (started by the
     /// daemon, one process per QEMU VM).
     #[command(hide = true)]
@@ -168,6 +174,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Vmm { args } => podvisor_vmm::main_with_args(args),
+        Command::FsServe { args } => podvisor_fs_server::main_with_args(args),
         Command::ConsoleLog(args) => {
             let jail = match console_jail(args.jail.as_deref(), args.jail_root.clone()) {
                 Ok(jail) => jail,
@@ -320,6 +327,10 @@ fn builtin_backend(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
         virtiofsd_binary: config.qemu.virtiofsd.clone(),
         jail,
         seccomp: config.builtin.seccomp,
+        fs: match config.builtin.fs {
+            config::BuiltinFs::Inproc => podvisor_vmm::config::FsKind::Inproc,
+            config::BuiltinFs::VhostUser => podvisor_vmm::config::FsKind::VhostUser,
+        },
         run_root: config.vms_dir(),
         ..BuiltinConfig::default()
     })?))

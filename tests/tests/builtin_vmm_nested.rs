@@ -2,8 +2,9 @@
 //! one level down. QEMU/TCG emulates an AMD CPU with SVM; in that L1 VM, Debian's kernel loads
 //! kvm-amd, and its /dev/kvm boots Linux. Inside L1 run the real daemon with
 //! `hypervisor = "builtin"`, a registry holding an image this test pushed, and a CRI client
-//! (`podvisor-nested-client`) that pulls, runs a pod on the built-in VMM (jailed, seccomp on),
-//! starts a container that logs, execs in it and removes the pod.
+//! (`podvisor-nested-client`) that pulls, runs a pod on the built-in VMM (jailed, seccomp on,
+//! its shares through the in-process virtio-fs device and a sandboxed `fs-serve`), starts a
+//! container (its rootfs from the image share) that logs, execs in it and removes the pod.
 //!
 //! Where KVM boots Linux itself, `builtin_vmm.rs` already covers this and the test skips.
 //! L1 needs only loopback: the registry's storage travels in L1's initramfs.
@@ -208,6 +209,12 @@ fn builtin_vmm_runs_a_pod_inside_an_l1_vm_with_emulated_svm() {
     assert!(
         result.trim_end() == "NESTED-RESULT ok",
         "{result}\n--- L1 console (tail):\n{}",
+        tail(&text, 150)
+    );
+    assert!(
+        text.contains("L1: shares served in-process by fs-serve"),
+        "the pod's shares did not go through the in-process virtio-fs device\n--- L1 console \
+         (tail):\n{}",
         tail(&text, 150)
     );
 }

@@ -1,5 +1,8 @@
 //! The built-in backend: one `podvisor vmm` process per VM (crate `podvisor-vmm`), plus one
-//! virtiofsd per shared directory (the VMM's vhost-user-fs frontend connects to it).
+//! file server per shared directory: by default (`[builtin] fs = "inproc"`) a `podvisor
+//! fs-serve` (crate `podvisor-fs-server`, root in its own sandbox) behind the VMM's in-process
+//! virtio-fs device, else a virtiofsd behind the VMM's vhost-user-fs frontend. Either listens
+//! on `virtiofs-<tag>.sock` and the VMM connects to it before it enters its jail.
 //!
 //! Run directory layout: `vmm.json` (the VMM's config), `control.sock` (control socket: status,
 //! pause/resume, stop, swap_drive; see `podvisor_vmm::control`), `vsock.sock` (hybrid vsock,
@@ -13,16 +16,19 @@
 //! Snapshot/restore (the base of VM templates): `snapshot` asks the paused VMM to write a
 //! snapshot directory (see `podvisor_vmm::snapshot`); a jailed VMM can only write inside its
 //! run directory. `restore` starts the VMM with `--restore <dir>` on the new VM's own run
-//! directory, console and sockets. VMs with shared directories cannot be restored: their
-//! vhost-user virtio-fs backend would map the snapshot file shared, not the VM's private
-//! copy-on-write memory.
+//! directory, console and sockets; its shares get fresh file servers (no FUSE session crosses
+//! a snapshot). With `fs = "vhost-user"`, VMs with shared directories cannot be restored: the
+//! vhost-user backend would map the snapshot file shared, not the VM's private copy-on-write
+//! memory.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use podvisor_vmm::config::{DriveConfig, FsConfig, NetConfig, SeccompMode, VmmConfig, VsockConfig};
+use podvisor_vmm::config::{
+    DriveConfig, FsConfig, FsKind, NetConfig, SeccompMode, VmmConfig, VsockConfig,
+};
 use podvisor_vmm::control::{self, Request, Response};
 use tokio::time::Instant;
 
@@ -32,10 +38,13 @@ use super::{
     TapFd, VmConfig, VmHandle, VmSpec,
 };
 
-/// Why a VM with shared directories has no template (yet: an in-process virtio-fs device
-/// lifts this).
+/// Why a VM with shared directories has no template with `builtin.fs = "vhost-user"`.
 const SHARES_CANNOT_RESTORE: &str = "a VM with shared directories cannot start from a \
-    snapshot: vhost-user virtio-fs cannot map private copy-on-write guest memory";
+    snapshot with builtin.fs = \"vhost-user\": vhost-user virtio-fs cannot map private \
+    copy-on-write guest memory";
+
+/// How long a snapshot request may take to answer.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The guest's vsock CID (the host side only sees the hybrid socket, so one CID fits all).
 pub const GUEST_CID: u32 = 3;
@@ -46,7 +55,12 @@ pub struct BuiltinConfig {
     /// The program and leading arguments that run the VMM: by default this very binary with
     /// the `vmm` subcommand.
     pub vmm_command: Vec<OsString>,
+    /// The program and leading arguments that run a FUSE server for the in-process virtio-fs
+    /// device: by default this very binary with the `fs-serve` subcommand.
+    pub fs_server_command: Vec<OsString>,
     pub virtiofsd_binary: PathBuf,
+    /// Who serves the shares' virtio-fs rings.
+    pub fs: FsKind,
     /// `--jail <uid>:<gid>` with a uid (= gid) of its own from this range: the VMM drops to it
     /// in its own mount namespace.
     pub jail: Option<JailIds>,
@@ -61,8 +75,10 @@ impl Default for BuiltinConfig {
     fn default() -> Self {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("podvisor"));
         Self {
-            vmm_command: vec![exe.into(), "vmm".into()],
+            vmm_command: vec![exe.clone().into(), "vmm".into()],
+            fs_server_command: vec![exe.into(), "fs-serve".into()],
             virtiofsd_binary: "virtiofsd".into(),
+            fs: FsKind::Inproc,
             jail: None,
             seccomp: SeccompMode::default(),
             startup_timeout: Duration::from_secs(20),
@@ -146,8 +162,8 @@ impl BuiltinLayout {
     }
 }
 
-/// The VMM's config for `config`.
-pub fn vmm_config(config: &VmConfig, seccomp: SeccompMode) -> Result<VmmConfig> {
+/// The VMM's config for `config`, its shares served as `fs` says.
+pub fn vmm_config(config: &VmConfig, seccomp: SeccompMode, fs: FsKind) -> Result<VmmConfig> {
     let layout = BuiltinLayout::new(&config.run_dir);
     let vcpus = u8::try_from(config.vcpus)
         .map_err(|_| HypervisorError::InvalidConfig(format!("{} vCPUs", config.vcpus)))?;
@@ -178,12 +194,36 @@ pub fn vmm_config(config: &VmConfig, seccomp: SeccompMode) -> Result<VmmConfig> 
         fs: config
             .shared_dirs
             .iter()
-            .map(|d| FsConfig { tag: d.tag.clone(), socket: layout.virtiofs_socket(&d.tag) })
+            .map(|d| FsConfig {
+                tag: d.tag.clone(),
+                socket: layout.virtiofs_socket(&d.tag),
+                kind: fs,
+            })
             .collect(),
         seccomp,
     };
     vmm.validate().map_err(|e| HypervisorError::InvalidConfig(e.to_string()))?;
     Ok(vmm)
+}
+
+/// `fs-serve`'s arguments for one shared directory: the share's cache mode and read-only flag
+/// as virtiofsd would get them, and its namespace sandbox (the default, spelled out so a changed
+/// default cannot loosen it).
+pub fn fs_server_args(socket: &Path, dir: &super::SharedDir) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--shared-dir".into(),
+        dir.host_path.clone().into(),
+        "--socket".into(),
+        socket.into(),
+        "--cache".into(),
+        dir.cache.clone().into(),
+        "--sandbox".into(),
+        "namespace".into(),
+    ];
+    if dir.read_only {
+        args.push("--readonly".into());
+    }
+    args
 }
 
 /// The built-in [`Hypervisor`].
@@ -196,17 +236,23 @@ pub struct BuiltinHypervisor {
 
 impl BuiltinHypervisor {
     pub fn new(config: BuiltinConfig) -> Result<Self> {
-        if config.vmm_command.is_empty() {
-            return Err(HypervisorError::InvalidConfig("empty VMM command".into()));
+        if config.vmm_command.is_empty() || config.fs_server_command.is_empty() {
+            return Err(HypervisorError::InvalidConfig("empty VMM or fs-serve command".into()));
         }
         Ok(Self { config, jail_ids: std::sync::Mutex::new(()) })
     }
 
     /// Sends one control request to the VM's VMM.
     pub async fn control(&self, vm: &VmHandle, request: Request) -> Result<Response> {
+        // A snapshot writes the whole guest memory before it answers: seconds per GiB on a
+        // loaded host, minutes under nested emulation.
+        let timeout = match request {
+            Request::Snapshot { .. } => SNAPSHOT_TIMEOUT,
+            _ => Duration::from_secs(5),
+        };
         let path = BuiltinLayout::new(&vm.run_dir).control();
         tokio::task::spawn_blocking(move || {
-            control::request(&path, &request, Duration::from_secs(5))
+            control::request(&path, &request, timeout)
                 .map_err(|e| HypervisorError::Control(e.to_string()))
         })
         .await
@@ -237,6 +283,25 @@ impl BuiltinHypervisor {
         self.control_ok(vm, request, "swap_drive").await
     }
 
+    /// Starts one `fs-serve` per shared directory and waits for each socket.
+    async fn start_fs_servers(
+        &self,
+        config: &VmConfig,
+        starting: &mut Starting,
+        deadline: Instant,
+    ) -> Result<()> {
+        let layout = BuiltinLayout::new(&config.run_dir);
+        for dir in &config.shared_dirs {
+            let name = format!("fs-serve-{}", dir.tag);
+            let socket = layout.virtiofs_socket(&dir.tag);
+            let mut args: Vec<OsString> = self.config.fs_server_command[1..].to_vec();
+            args.extend(fs_server_args(&socket, dir));
+            starting.spawn(&name, &self.config.fs_server_command[0], &args, layout.log(&name))?;
+            starting.wait_for_path(&name, &socket, deadline).await?;
+        }
+        Ok(())
+    }
+
     async fn start_processes(
         &self,
         config: &VmConfig,
@@ -246,9 +311,14 @@ impl BuiltinHypervisor {
     ) -> Result<()> {
         let layout = BuiltinLayout::new(&config.run_dir);
         let deadline = Instant::now() + self.config.startup_timeout;
-        starting
-            .start_virtiofsds(self.config.virtiofsd_binary.as_os_str(), config, deadline)
-            .await?;
+        match self.config.fs {
+            FsKind::Inproc => self.start_fs_servers(config, starting, deadline).await?,
+            FsKind::VhostUser => {
+                starting
+                    .start_virtiofsds(self.config.virtiofsd_binary.as_os_str(), config, deadline)
+                    .await?
+            }
+        }
 
         let config_path = layout.config();
         let json = serde_json::to_vec_pretty(vmm).map_err(|e| {
@@ -328,7 +398,8 @@ impl Hypervisor for BuiltinHypervisor {
     }
 
     fn template_refusal(&self, spec: &VmSpec) -> Option<String> {
-        (!spec.shared_dirs.is_empty()).then(|| SHARES_CANNOT_RESTORE.to_string())
+        (!spec.shared_dirs.is_empty() && self.config.fs == FsKind::VhostUser)
+            .then(|| SHARES_CANNOT_RESTORE.to_string())
     }
 
     async fn pause(&self, vm: &VmHandle) -> Result<()> {
@@ -359,14 +430,14 @@ impl BuiltinHypervisor {
     /// Like [`Self::launch`], but the VM starts from the snapshot in `dir` (taken of a VM
     /// with the same vCPUs, memory and devices) instead of booting.
     pub async fn launch_restored(&self, config: &VmConfig, dir: &Path) -> Result<VmHandle> {
-        if !config.shared_dirs.is_empty() {
+        if !config.shared_dirs.is_empty() && self.config.fs == FsKind::VhostUser {
             return Err(HypervisorError::InvalidConfig(SHARES_CANNOT_RESTORE.into()));
         }
         self.launch_from(config, Some(dir)).await
     }
 
     async fn launch_from(&self, config: &VmConfig, restore: Option<&Path>) -> Result<VmHandle> {
-        let vmm = vmm_config(config, self.config.seccomp)?;
+        let vmm = vmm_config(config, self.config.seccomp, self.config.fs)?;
         let layout = BuiltinLayout::new(&config.run_dir);
         let mut stale = vec![layout.control(), layout.vsock_uds()];
         stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
@@ -442,18 +513,23 @@ mod tests {
 
     #[test]
     fn vmm_config_maps_every_device() {
-        let c = vmm_config(&vm_config(Path::new("/run/vm")), SeccompMode::Trap).unwrap();
+        let c = vmm_config(&vm_config(Path::new("/run/vm")), SeccompMode::Trap, FsKind::Inproc)
+            .unwrap();
         assert_eq!(c.vsock, Some(VsockConfig { guest_cid: 3, uds: "/run/vm/vsock.sock".into() }));
         assert_eq!(
             c.fs,
-            vec![FsConfig { tag: "rootfs".into(), socket: "/run/vm/virtiofs-rootfs.sock".into() }]
+            vec![FsConfig {
+                tag: "rootfs".into(),
+                socket: "/run/vm/virtiofs-rootfs.sock".into(),
+                kind: FsKind::Inproc
+            }]
         );
         assert_eq!(c.drives.len(), 1);
         assert_eq!((c.cmdline.as_str(), c.initrd.as_deref()), ("quiet", Some(Path::new("/i"))));
         let mut bad = vm_config(Path::new("/run/vm"));
         bad.vcpus = 300;
         assert!(matches!(
-            vmm_config(&bad, SeccompMode::Trap),
+            vmm_config(&bad, SeccompMode::Trap, FsKind::Inproc),
             Err(HypervisorError::InvalidConfig(_))
         ));
     }
@@ -501,6 +577,12 @@ mod tests {
             .then(|| vec![bin.into(), "vmm".into()])
     }
 
+    /// The backend's config for tests: the VMM and fs-serve from the same binary.
+    fn test_config(vmm_command: Vec<OsString>) -> BuiltinConfig {
+        let fs_server_command = vec![vmm_command[0].clone(), "fs-serve".into()];
+        BuiltinConfig { vmm_command, fs_server_command, ..BuiltinConfig::default() }
+    }
+
     fn require(reason: &str) {
         assert!(std::env::var("PODVISOR_REQUIRE_E2E").as_deref() != Ok("1"), "{reason}");
         println!("SKIP: {reason}");
@@ -526,8 +608,7 @@ mod tests {
         std::fs::write(&config.initrd, b"not really an initramfs").unwrap();
         config.shared_dirs.clear();
         config.block_devices.clear();
-        let hv = BuiltinHypervisor::new(BuiltinConfig { vmm_command, ..BuiltinConfig::default() })
-            .unwrap();
+        let hv = BuiltinHypervisor::new(test_config(vmm_command)).unwrap();
         let vm = hv.launch(&config).await.unwrap();
         assert!(vm.vsock_uds.exists());
         assert!(hv.is_running(&vm));
@@ -583,22 +664,29 @@ mod tests {
             return require("no podvisor binary with the `vmm` subcommand (set PODVISOR_BIN)");
         };
         let dir = tempfile::tempdir().unwrap();
+        // fs-serve's sandbox needs root: as root, both VMs get a share through the in-process
+        // virtio-fs device, each from a server of its own.
+        let with_share = nix::unistd::geteuid().is_root();
+        let share = dir.path().join("share");
+        std::fs::create_dir(&share).unwrap();
         let guest = |name: &str| {
             let mut config = vm_config(&dir.path().join("vms").join(name));
             config.sandbox_id = name.into();
             config.kernel = dir.path().join("prog.elf");
             config.initrd = dir.path().join("initrd");
             config.console_log = dir.path().join(format!("{name}.log"));
-            config.shared_dirs.clear();
+            config.shared_dirs[0].host_path = share.clone();
+            if !with_share {
+                config.shared_dirs.clear();
+            }
             config.block_devices.clear();
             config
         };
         std::fs::write(dir.path().join("prog.elf"), elf(&asm::counting(0x20_0000, 10_000)))
             .unwrap();
         std::fs::write(dir.path().join("initrd"), b"not really an initramfs").unwrap();
-        let hv =
-            BuiltinHypervisor::new(BuiltinConfig { vmm_command, jail, ..BuiltinConfig::default() })
-                .unwrap();
+        let hv = BuiltinHypervisor::new(BuiltinConfig { jail, ..test_config(vmm_command.clone()) })
+            .unwrap();
 
         let template = guest("template");
         let vm = hv.launch(&template).await.unwrap();
@@ -616,6 +704,9 @@ mod tests {
 
         let pod = guest("pod");
         let restored = hv.launch_restored(&pod, &kept).await.unwrap();
+        if with_share {
+            assert_fs_server_is_sandboxed(&restored);
+        }
         let after = wait_for_bytes(&pod.console_log, 2).await;
         let memory = &hv.describe(&restored)["vmmMemory"];
         let (pss, uss) = (memory["pssKib"].as_u64().unwrap(), memory["ussKib"].as_u64().unwrap());
@@ -625,9 +716,30 @@ mod tests {
         let last = *before.last().unwrap();
         assert_eq!(after[0], last.wrapping_add(1), "counting resumes after {last}: {after:?}");
 
-        let with_share = vm_config(&dir.path().join("vms").join("shared"));
-        let err = hv.launch_restored(&with_share, &kept).await.unwrap_err();
+        let vhost_user = BuiltinHypervisor::new(BuiltinConfig {
+            fs: FsKind::VhostUser,
+            ..test_config(vmm_command.clone())
+        })
+        .unwrap();
+        let shared = vm_config(&dir.path().join("vms").join("shared"));
+        let err = vhost_user.launch_restored(&shared, &kept).await.unwrap_err();
         assert!(err.to_string().contains("shared directories"), "{err}");
+    }
+
+    /// The VM's fs-serve runs as root with only the file-serving capabilities, no_new_privs,
+    /// seccomp, and in a mount namespace of its own.
+    fn assert_fs_server_is_sandboxed(vm: &VmHandle) {
+        let server = vm.processes.iter().find(|p| p.name == "fs-serve-rootfs").expect("fs-serve");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid)).unwrap();
+        let field = |name: &str| {
+            status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1))
+        };
+        // CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD, SETFCAP.
+        assert_eq!(field("CapEff:"), Some("00000000880000db"), "{status}");
+        assert_eq!(field("CapBnd:"), Some("00000000880000db"), "{status}");
+        assert_eq!((field("NoNewPrivs:"), field("Seccomp:")), (Some("1"), Some("2")), "{status}");
+        let ns = |pid: String| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(ns(server.pid.to_string()), ns("self".into()));
     }
 
     /// Two VMs through the trait with the daemon's default confinement: each VMM runs jailed
@@ -650,9 +762,8 @@ mod tests {
         let code = asm::program(&[&asm::mov_dx(0x3f8), &asm::out_text(b"jailed"), &asm::HLT]);
         std::fs::write(&kernel, elf(&code)).unwrap();
         let hv = BuiltinHypervisor::new(BuiltinConfig {
-            vmm_command,
             jail: Some(JailIds { first: 300_000, count: 16 }),
-            ..BuiltinConfig::default()
+            ..test_config(vmm_command)
         })
         .unwrap();
         let mut vms = Vec::new();
@@ -713,8 +824,7 @@ mod tests {
         config.shared_dirs.clear();
         config.block_devices.clear();
         config.extra_kernel_args = String::new();
-        let hv = BuiltinHypervisor::new(BuiltinConfig { vmm_command, ..BuiltinConfig::default() })
-            .unwrap();
+        let hv = BuiltinHypervisor::new(test_config(vmm_command)).unwrap();
         let prepared = RunRoot(dir.path().join("vms")).prepare("sb").unwrap();
         config.run_dir = prepared.run_dir().to_path_buf();
         let vm = hv.launch(&config).await.unwrap();

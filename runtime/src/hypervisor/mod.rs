@@ -71,7 +71,8 @@ pub enum HypervisorError {
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
 
-/// A directory on the host shared into the guest with virtio-fs (virtiofsd, vhost-user).
+/// A directory on the host shared into the guest with virtio-fs (virtiofsd over vhost-user, or
+/// the built-in VMM's in-process device and `podvisor fs-serve`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SharedDir {
     /// The virtio-fs tag the guest mounts.
@@ -303,7 +304,7 @@ pub struct VmHandle {
     pub run_dir: PathBuf,
     /// The hybrid-vsock unix socket: connect, write `CONNECT <port>\n`, read `OK <n>\n`.
     pub vsock_uds: PathBuf,
-    /// The VMM process first, then its helpers (vhost-user daemons).
+    /// The VMM process first, then its helpers (vhost-user daemons, fs-serve).
     pub processes: Vec<VmProcess>,
 }
 

@@ -76,11 +76,25 @@ pub struct NetConfig {
     pub tap_fd: Option<i32>,
 }
 
-/// vhost-user-fs frontend for a virtiofsd listening on `socket`.
+/// virtio-fs: a share served by the process listening on `socket`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FsConfig {
     pub tag: String,
     pub socket: PathBuf,
+    #[serde(default)]
+    pub kind: FsKind,
+}
+
+/// Who serves a virtio-fs device's rings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsKind {
+    /// virtiofsd over vhost-user: it maps guest memory itself, so the VM cannot be restored
+    /// from a snapshot (its memory is then a private mapping).
+    #[default]
+    VhostUser,
+    /// The VMM's own device, FUSE requests forwarded to a `podvisor fs-serve` on `socket`.
+    Inproc,
 }
 
 /// One VM.

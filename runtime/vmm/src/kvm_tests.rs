@@ -396,8 +396,15 @@ fn damaged_or_mismatched_snapshots_are_refused_with_the_reason() {
     let two_vcpus = VmmConfig { vcpus: 2, ..config.clone() };
     assert!(error(&two_vcpus).contains("snapshot was taken with 1 vCPUs"), "{}", error(&two_vcpus));
     let mut with_fs = config.clone();
-    with_fs.fs.push(crate::config::FsConfig { tag: "t".into(), socket: "/x".into() });
+    with_fs.fs.push(crate::config::FsConfig {
+        tag: "t".into(),
+        socket: "/x".into(),
+        kind: crate::config::FsKind::VhostUser,
+    });
     assert!(error(&with_fs).contains("vhost-user"), "{}", error(&with_fs));
+    // The in-process device keeps no guest memory outside the VMM: its VMs restore.
+    with_fs.fs[0].kind = crate::config::FsKind::Inproc;
+    assert!(Vmm::from_snapshot(&with_fs, &snap).is_ok());
 
     // A snapshot whose VM had a virtio device does not restore into one without it.
     let mut vmm = Vmm::new(&config).unwrap();

@@ -182,11 +182,23 @@ fn add_devices(vmm: &mut vmm::Vmm, config: &VmmConfig) -> Result<(), MainError> 
         vmm.add_subscriber(device);
     }
     for fs in &config.fs {
-        let device = devices::VhostUserFsDevice::new(&fs.socket, &fs.tag)
-            .map_err(|e| err(format!("virtio-fs {} ({}): {e}", fs.tag, fs.socket.display())))?;
-        let device = Arc::new(Mutex::new(device));
-        vmm.add_virtio_device(device.clone())?;
-        vmm.add_subscriber(device);
+        let failed = |e: &dyn std::fmt::Display| {
+            err(format!("virtio-fs {} ({}): {e}", fs.tag, fs.socket.display()))
+        };
+        match fs.kind {
+            config::FsKind::VhostUser => {
+                let device =
+                    devices::VhostUserFsDevice::new(&fs.socket, &fs.tag).map_err(|e| failed(&e))?;
+                let device = Arc::new(Mutex::new(device));
+                vmm.add_virtio_device(device.clone())?;
+                vmm.add_subscriber(device);
+            }
+            config::FsKind::Inproc => {
+                let device =
+                    devices::VirtioFsDevice::new(&fs.socket, &fs.tag).map_err(|e| failed(&e))?;
+                vmm.add_virtio_device(Arc::new(Mutex::new(device)))?;
+            }
+        }
     }
     Ok(())
 }

@@ -238,7 +238,7 @@ impl Vmm {
         config: &VmmConfig,
         dir: &Path,
     ) -> Result<(Self, SnapshotState), VmmError> {
-        if !config.fs.is_empty() {
+        if config.fs.iter().any(|fs| fs.kind == crate::config::FsKind::VhostUser) {
             return Err(SnapshotError::VhostUserFs.into());
         }
         let state = snapshot::read_state(dir)?;
