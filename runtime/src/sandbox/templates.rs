@@ -4,7 +4,7 @@
 //!
 //! The key covers everything the snapshot depends on: handler, backend, the kernel's and
 //! initramfs' contents (SHA-256, cached per file identity), vCPUs, memory, kernel arguments and
-//! the device list (network devices and drives; shares refuse templates today). A changed input
+//! the device list (network devices, drives, virtio-fs shares). A changed input
 //! is a new key; the old template of the same handler and shape is removed once the new one is
 //! built, and the start-up sweep removes half-built ones.
 //!
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::handlers::Handler;
-use crate::hypervisor::{Hypervisor, HypervisorError, NetDevice, VmSpec};
+use crate::hypervisor::{Hypervisor, HypervisorError, NetDevice, SharedDir, VmSpec};
 use crate::store;
 
 /// The manifest's format; another one is a template to rebuild.
@@ -81,6 +81,17 @@ pub struct TemplateInputs {
     pub kernel_args: String,
     pub net_devices: usize,
     pub block_devices: usize,
+    /// The VM's virtio-fs devices, in order (the template VM has the same, on empty
+    /// directories: its guest mounts nothing before the snapshot).
+    pub shares: Vec<TemplateShare>,
+}
+
+/// One virtio-fs device of a template's VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateShare {
+    pub tag: String,
+    pub read_only: bool,
+    pub cache: String,
 }
 
 impl TemplateInputs {
@@ -98,6 +109,7 @@ impl TemplateInputs {
             self.memory_mib,
             self.net_devices,
             self.block_devices,
+            &self.shares,
         );
         short_hash(&serde_json::to_vec(&shape).unwrap_or_default())
     }
@@ -188,12 +200,15 @@ impl Drop for BuildTurn<'_> {
     }
 }
 
+/// What says a file is unchanged: (device, inode, size, mtime seconds, mtime nanoseconds).
+type FileIdentity = (u64, u64, u64, i64, i64);
+
 /// The template manager.
 #[derive(Default)]
 pub struct Templates {
     root: PathBuf,
     /// SHA-256 of files by (device, inode, size, mtime): a pod start hashes nothing twice.
-    hashes: Mutex<HashMap<(u64, u64, u64, i64, i64), String>>,
+    hashes: Mutex<HashMap<FileIdentity, String>>,
     builds: Mutex<HashMap<String, Build>>,
     /// Fallback reasons already logged, per handler: each is logged once.
     logged: Mutex<std::collections::HashSet<(String, String)>>,
@@ -256,6 +271,15 @@ impl Templates {
             kernel_args: spec.extra_kernel_args.clone(),
             net_devices: spec.net_devices.len(),
             block_devices: spec.block_devices.len(),
+            shares: spec
+                .shared_dirs
+                .iter()
+                .map(|d| TemplateShare {
+                    tag: d.tag.clone(),
+                    read_only: d.read_only,
+                    cache: d.cache.clone(),
+                })
+                .collect(),
         })
     }
 
@@ -314,9 +338,11 @@ impl Templates {
 
     /// Builds the template of `inputs` (holding `turn`): boots a VM like the pod's without
     /// any pod-specific set-up, waits for its agent's ready announcement, pauses and snapshots
-    /// it, and moves the snapshot into place. The build's VM gets no shares (a template's VM
-    /// has none today), drives (refused) or network: its network devices are taps of its own,
-    /// down and unattached, with MACs from the key that restored pods replace.
+    /// it, and moves the snapshot into place. The build's VM gets none of a pod's content: its
+    /// shares are empty directories of its own (the guest mounts shares in CreateSandbox, after
+    /// the restore, so no FUSE session crosses the snapshot), no drives (refused), and its
+    /// network devices are taps of its own, down and unattached, with MACs from the key that
+    /// restored pods replace.
     pub async fn build(
         &self,
         turn: &mut BuildTurn<'_>,
@@ -375,6 +401,12 @@ impl Templates {
     ) -> Result<Vec<String>, TemplateError> {
         let key = inputs.key();
         let spec = template_spec(inputs, &key, tmp, console_log_max_bytes);
+        for share in &spec.shared_dirs {
+            std::fs::create_dir_all(&share.host_path).map_err(|source| TemplateError::Create {
+                path: share.host_path.clone(),
+                source,
+            })?;
+        }
         let macs: Vec<String> = spec.net_devices.iter().map(|n| n.mac.clone()).collect();
         let prepared = hypervisor.prepare(&spec.sandbox_id).await.map_err(TemplateError::Start)?;
         let vm = match hypervisor.start(&prepared, &spec).await {
@@ -540,7 +572,17 @@ fn template_spec(
         extra_kernel_args: inputs.kernel_args.clone(),
         console_log: tmp.join("console.log"),
         console_log_max_bytes,
-        shared_dirs: Vec::new(),
+        // The pod's devices, on empty directories of the template's own.
+        shared_dirs: inputs
+            .shares
+            .iter()
+            .map(|s| SharedDir {
+                tag: s.tag.clone(),
+                host_path: tmp.join("shares").join(&s.tag),
+                read_only: s.read_only,
+                cache: s.cache.clone(),
+            })
+            .collect(),
         block_devices: Vec::new(),
         net_devices: (0..inputs.net_devices).map(|i| template_net(key, i)).collect(),
         netns: None,
@@ -632,6 +674,11 @@ mod tests {
             kernel_args: String::new(),
             net_devices: 1,
             block_devices: 0,
+            shares: vec![TemplateShare {
+                tag: "podvisor".into(),
+                read_only: true,
+                cache: "always".into(),
+            }],
         }
     }
 
@@ -649,6 +696,8 @@ mod tests {
             |i| i.kernel_args = "quiet".into(),
             |i| i.net_devices = 0,
             |i| i.block_devices = 1,
+            |i| i.shares[0].read_only = false,
+            |i| i.shares.clear(),
         ];
         for (n, change) in changes.iter().enumerate() {
             let mut other = base.clone();
@@ -672,7 +721,8 @@ mod tests {
         assert!(net.tap.len() <= 15, "{}", net.tap);
         let spec = template_spec(&inputs(), &key, Path::new("/t"), 1024);
         assert!(spec.sandbox_id.starts_with('t') && spec.sandbox_id.len() == 16);
-        assert!(spec.shared_dirs.is_empty() && spec.net_devices.len() == 1);
+        assert_eq!(spec.net_devices.len(), 1);
+        assert_eq!(spec.shared_dirs[0].host_path, Path::new("/t/shares/podvisor"));
     }
 
     /// The sweep keeps sound templates and removes half-built and unreadable ones.

@@ -333,7 +333,15 @@ async fn a_restored_pod_gets_its_own_mac_before_its_network() {
     let template_spec =
         h.hv.behave().specs.iter().find(|s| s.sandbox_id.starts_with('t')).cloned().unwrap();
     assert_eq!(template_spec.net_devices.len(), 1, "the template has the pod's device list");
-    assert!(template_spec.net_devices[0].tap_fd.is_none() && template_spec.shared_dirs.is_empty());
+    assert!(template_spec.net_devices[0].tap_fd.is_none());
+    let pod_tags = |spec: &crate::hypervisor::VmSpec| -> Vec<String> {
+        spec.shared_dirs.iter().map(|d| d.tag.clone()).collect()
+    };
+    assert_eq!(pod_tags(&template_spec), pod_tags(&h.hv.behave().specs[0]), "same shares");
+    assert!(template_spec
+        .shared_dirs
+        .iter()
+        .all(|d| !d.host_path.starts_with(h.config.state.join("sandboxes"))));
     let sid = h.run_pod("web").await;
     assert_eq!(h.start_of(&sid).path, "template");
     let agent = h.agent(&sid);
