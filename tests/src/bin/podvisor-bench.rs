@@ -5,7 +5,7 @@
 //! - ExecSync round trip (`true` in a running container), p50/p99 over PODVISOR_BENCH_EXECS
 //!   (default 200) calls;
 //! - VM templates (cold boot vs restore, PSS with and without, idle pods per fixed memory):
-//!   skipped with the reason until pods can start from a template (see [`TEMPLATES_SKIPPED`]).
+//!   skipped with the reason (see [`TEMPLATES_SKIPPED`]).
 
 use std::time::{Duration, Instant};
 
@@ -28,9 +28,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Why the template figures are not measured: no pod can start from a template yet.
-const TEMPLATES_SKIPPED: &str = "every VM pod has vhost-user virtio-fs shares, which the \
-    built-in VMM cannot restore onto private memory (the in-process virtio-fs device lifts \
-    this), and QEMU keeps cold boot";
+const TEMPLATES_SKIPPED: &str = "not measured yet: templates restore on the built-in VMM \
+    only, which needs KVM that boots Linux (not this machine's), and the bench runs with \
+    templates off; the nested-SVM test prints cold vs template timings under emulation";
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {

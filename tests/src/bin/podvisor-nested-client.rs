@@ -4,7 +4,9 @@
 //! it, stop and remove the pod. The daemon runs with `[vm] templates = true`: that first pod
 //! cold-boots while its VM template is built; then two pods start from the template, each
 //! runs a container, execs and logs, and they differ in boot id, random bytes and hostname;
-//! removing them leaves the template in place.
+//! removing them leaves the template in place. A corrupted template makes the next pod
+//! cold-boot with a log line naming it, and is rebuilt; a changed initramfs makes a new
+//! template replace the old one.
 //!
 //! Usage: `podvisor-nested-client <cri socket> <image> [<pod log dir>]`
 //!
@@ -315,7 +317,89 @@ async fn templates(
         }
         Ok(())
     })
+    .await?;
+
+    // A corrupt template: the next pod cold-boots, the daemon's log names it, it is rebuilt.
+    let state = Path::new("/run/pv/templates").join(&key).join("snapshot/vm.state");
+    std::fs::write(&state, b"PVSNAPST not a snapshot")
+        .with_context(|| format!("corrupting {}", state.display()))?;
+    let reason = cold_pod(runtime, log_dir, "tpl-corrupt").await?;
+    if !reason.contains("corrupt") || !reason.contains(&key) {
+        bail!("the pod on a corrupt template cold-booted for another reason: {reason}");
+    }
+    let log = std::fs::read_to_string("/run/daemon.log").unwrap_or_default();
+    let line = log.lines().find(|l| l.contains("VM template is corrupt") && l.contains(&key));
+    println!("NESTED-TEMPLATE-CORRUPT {}", line.unwrap_or("no log line"));
+    if line.is_none() {
+        bail!("no log line names the corrupt template {key}");
+    }
+    step("template-rebuilt", Duration::from_secs(600), wait_template_ready(runtime, &key)).await?;
+
+    // A changed initramfs (zero padding, which the kernel skips) is a new key: the next pod
+    // cold-boots, the new template is built and the old one removed.
+    let initrd = Path::new("/l2/initramfs.cpio");
+    let mut padded = std::fs::read(initrd).context("reading the L2 initramfs")?;
+    padded.extend_from_slice(&[0u8; 512]);
+    std::fs::write(initrd, padded).context("changing the L2 initramfs")?;
+    let reason = cold_pod(runtime, log_dir, "tpl-new-initrd").await?;
+    if !reason.contains("no template") || reason.contains(&key) {
+        bail!("after the initramfs changed: {reason}");
+    }
+    step("template-replaced", Duration::from_secs(600), async {
+        loop {
+            let templates = template_states(runtime).await?;
+            let list = templates.as_array().cloned().unwrap_or_default();
+            if list.len() == 1 && list[0]["state"] == "ready" && list[0]["key"] != key.as_str() {
+                println!("NESTED-TEMPLATES {templates}");
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
     .await
+}
+
+/// Runs pod `name`, checks it cold-booted, removes it; the reason it gives.
+async fn cold_pod(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    log_dir: &Path,
+    name: &str,
+) -> Result<String> {
+    let config = pod_config(name, log_dir);
+    let pod = step(&format!("run-pod-cold-{name}"), Duration::from_secs(300), async {
+        let request =
+            cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+        Ok(runtime.run_pod_sandbox(request).await?.into_inner().pod_sandbox_id)
+    })
+    .await?;
+    let info = pod_info(runtime, &pod).await?;
+    println!(
+        "NESTED-TEMPLATE-POD {name} startPath={} reason={}",
+        info["startPath"], info["startReason"]
+    );
+    runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await?;
+    runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await?;
+    if info["startPath"] != "cold" {
+        bail!("pod {name} did not cold-boot: {info}");
+    }
+    Ok(info["startReason"].as_str().unwrap_or_default().to_string())
+}
+
+/// Waits until template `key` is ready (a failed build fails).
+async fn wait_template_ready(runtime: &mut RuntimeServiceClient<Channel>, key: &str) -> Result<()> {
+    loop {
+        let templates = template_states(runtime).await?;
+        let list = templates.as_array().cloned().unwrap_or_default();
+        if let Some(t) = list.iter().find(|t| t["key"] == key) {
+            if t["state"] == "ready" {
+                return Ok(());
+            }
+            if t["state"] == "failed" {
+                bail!("building template {key} failed: {t}");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// `GET /` from `addr`: the whole answer.
