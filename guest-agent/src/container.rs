@@ -1197,6 +1197,7 @@ impl Agent {
         &self,
         req: &podvisor_proto::agent::CreateSandboxRequest,
     ) -> Result<(), AgentError> {
+        let mac_changes = network::mac_changes(&req.mac_changes)?;
         let mut pod_hosts = self.pod_hosts.lock().await;
         crate::sandbox::create(
             req,
@@ -1210,6 +1211,9 @@ impl Agent {
         }
         pod_hosts.hostname = req.hostname.clone();
         drop(pod_hosts);
+        if self.guest {
+            network::change_macs(&mac_changes).await?;
+        }
         if req.pod_pid_namespace {
             self.start_pause(pod_id_maps(req)?).await?;
         }

@@ -94,6 +94,8 @@ pub enum NetworkError {
     AddRoute { destination: IpNet, gateway: String, interface: String, source: io::Error },
     #[error("writing {0}: {1}")]
     WriteHosts(PathBuf, io::Error),
+    #[error("changing the MAC of {0} to {1}: {2}")]
+    SetMac(String, String, io::Error),
 }
 
 impl NetworkError {
@@ -133,7 +135,7 @@ impl NetworkError {
     }
 }
 
-type Mac = [u8; 6];
+pub type Mac = [u8; 6];
 
 fn mac_string(mac: &Mac) -> String {
     let octets: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
@@ -492,6 +494,45 @@ async fn add_route(handle: &Handle, route: &Route, index: u32) -> Result<(), io:
     added(handle.route().add(msg).execute().await)
 }
 
+/// Checked MAC changes of a CreateSandbox request (see [`change_macs`]).
+pub fn mac_changes(
+    changes: &[podvisor_proto::agent::MacChange],
+) -> Result<Vec<(Mac, Mac)>, NetworkError> {
+    at_most("MAC changes", changes.len(), MAX_INTERFACES)?;
+    changes.iter().map(|c| Ok((parse_mac(&c.from)?, parse_mac(&c.to)?))).collect()
+}
+
+/// Gives the device with each change's first MAC the second: a VM restored from a template
+/// carries the template's MACs until then, and SetupNetwork finds devices by MAC. A device
+/// already carrying its new MAC (a repeated request) is left alone.
+pub async fn change_macs(changes: &[(Mac, Mac)]) -> Result<(), NetworkError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(NetworkError::Connect)?;
+    let _connection = Connection(tokio::spawn(connection));
+    let links = links(&handle).await?;
+    for (from, to) in changes {
+        if links.iter().any(|l| l.mac == to) {
+            continue;
+        }
+        let link = links
+            .iter()
+            .find(|l| l.mac == from)
+            .ok_or_else(|| NetworkError::LinkNotFound(mac_string(from)))?;
+        let failed = |e| NetworkError::SetMac(link.name.clone(), mac_string(to), e);
+        if link.up {
+            set_link(&handle, LinkUnspec::new_with_index(link.index).down().build())
+                .await
+                .map_err(|e| NetworkError::SetDown(link.name.clone(), e))?;
+        }
+        set_link(&handle, LinkUnspec::new_with_index(link.index).address(to.to_vec()).build())
+            .await
+            .map_err(failed)?;
+    }
+    Ok(())
+}
+
 /// Configures the guest's links: loopback up, then each interface renamed, sized, up and
 /// addressed, then the routes in order.
 pub async fn apply(plan: &Plan) -> Result<(), NetworkError> {
@@ -610,6 +651,18 @@ mod tests {
         assert_eq!(plan.routes[1].gateway, None);
         assert_eq!(plan.routes[2].interface, 0);
         assert!(Plan::from_request(&SetupNetworkRequest::default()).unwrap().interfaces.is_empty());
+    }
+
+    #[test]
+    fn mac_changes_are_checked() {
+        use podvisor_proto::agent::MacChange;
+        let change = |from: &str, to: &str| MacChange { from: from.into(), to: to.into() };
+        let good = mac_changes(&[change("02:00:00:00:00:01", "02:42:0a:58:00:05")]).unwrap();
+        assert_eq!(good, vec![([2, 0, 0, 0, 0, 1], [2, 0x42, 0x0a, 0x58, 0, 5])]);
+        let err = mac_changes(&[change("02:00:00:00:00:01", "ff:ff:ff:ff:ff:ff")]).unwrap_err();
+        assert!(err.is_bad_request(), "{err}");
+        let many = vec![change("02:00:00:00:00:01", "02:00:00:00:00:02"); MAX_INTERFACES + 1];
+        assert!(mac_changes(&many).unwrap_err().is_bad_request());
     }
 
     #[test]

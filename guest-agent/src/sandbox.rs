@@ -42,6 +42,47 @@ pub enum SandboxError {
     ShareMountShared(PathBuf, nix::Error),
     #[error("setting the guest clock: {0}")]
     SetClock(nix::Error),
+    #[error("{0} bytes of entropy: at most {MAX_ENTROPY_BYTES}")]
+    TooMuchEntropy(usize),
+    #[error("reseeding the guest RNG: {0}")]
+    Reseed(std::io::Error),
+}
+
+/// The most host entropy CreateSandbox may carry (the kernel's input pool is 256 bits; more
+/// does no harm but there is no reason to take it).
+const MAX_ENTROPY_BYTES: usize = 512;
+
+/// `_IOW('R', 0x03, int[2])` and `_IO('R', 0x07)` from <linux/random.h>.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes `entropy` into the kernel's input pool, credited, then reseeds the CRNG from it, so
+/// what the guest draws from now on differs from every other VM restored from one template.
+fn reseed(entropy: &[u8]) -> Result<(), SandboxError> {
+    use std::os::fd::AsRawFd;
+    let random =
+        fs::OpenOptions::new().write(true).open("/dev/urandom").map_err(SandboxError::Reseed)?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, the buffer
+    // padded to whole u32s.
+    let words = entropy.len().div_ceil(4);
+    let mut info = vec![0u32; 2 + words];
+    info[0] = u32::try_from(entropy.len() * 8).unwrap_or(u32::MAX);
+    info[1] = u32::try_from(entropy.len()).unwrap_or(u32::MAX);
+    for (i, chunk) in entropy.chunks(4).enumerate() {
+        let mut word = [0u8; 4];
+        word[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(word);
+    }
+    // SAFETY: `info` is a live rand_pool_info whose buf_size bytes follow its header; the
+    // kernel only reads it. The fd is open for the call's duration.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) } < 0 {
+        return Err(SandboxError::Reseed(std::io::Error::last_os_error()));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) } < 0 {
+        return Err(SandboxError::Reseed(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 pub(crate) fn valid_hostname(name: &str) -> bool {
@@ -223,8 +264,15 @@ pub fn create(
     write(sandbox_dir.join("hostname"), &format!("{}\n", req.hostname))?;
     write(sandbox_dir.join("hosts"), &hosts)?;
     write(sandbox_dir.join("resolv.conf"), &resolv)?;
+    if req.entropy.len() > MAX_ENTROPY_BYTES {
+        return Err(SandboxError::TooMuchEntropy(req.entropy.len()));
+    }
     if !guest {
         return Ok(());
+    }
+    // First: nothing below should draw randomness the template's other VMs drew too.
+    if !req.entropy.is_empty() {
+        reseed(&req.entropy)?;
     }
     if req.host_time_unix_nanos > 0 {
         let nanos = req.host_time_unix_nanos;
@@ -251,6 +299,19 @@ pub fn create(
 mod tests {
     use super::*;
     use podvisor_proto::agent::SharedFs;
+
+    /// The reseed ioctls take host entropy (as root, as the agent runs in the guest); too much
+    /// is refused before anything changes.
+    #[test]
+    fn host_entropy_reseeds_the_rng() {
+        if nix::unistd::geteuid().is_root() {
+            reseed(&[0x5a; 61]).unwrap();
+        }
+        let req = CreateSandboxRequest { entropy: vec![0; 513], ..Default::default() };
+        let dir = tempfile::tempdir().unwrap();
+        let err = create(&req, dir.path(), dir.path(), false, "").unwrap_err();
+        assert!(matches!(err, SandboxError::TooMuchEntropy(513)), "{err}");
+    }
 
     #[test]
     fn sysctl_names_stay_under_proc_sys() {

@@ -38,7 +38,8 @@ impl From<AgentError> for Status {
             | AgentError::Sandbox(crate::sandbox::SandboxError::BadSysctl(_))
             | AgentError::Sandbox(crate::sandbox::SandboxError::BadDnsEntry(_))
             | AgentError::Sandbox(crate::sandbox::SandboxError::BadShareTag(_))
-            | AgentError::Sandbox(crate::sandbox::SandboxError::BadSharePath(_)) => {
+            | AgentError::Sandbox(crate::sandbox::SandboxError::BadSharePath(_))
+            | AgentError::Sandbox(crate::sandbox::SandboxError::TooMuchEntropy(_)) => {
                 Code::InvalidArgument
             }
             AgentError::WrongState { .. }

@@ -74,6 +74,8 @@ pub struct RuntimeSection {
     /// Added to what a pod asks for (its resources plus overhead): the guest kernel and agent.
     pub memory_overhead_mib: u32,
     pub kernel_args: String,
+    /// VM templates for this handler's pods; unset: `[vm] templates`.
+    pub templates: Option<bool>,
 }
 
 /// The daemon's Prometheus endpoint (`GET /metrics`). Off unless configured, and on loopback by
@@ -165,6 +167,10 @@ pub struct VmSection {
     /// Guest device paths a CRI `Device` may name (e.g. `/dev/fuse`, `/dev/net/tun`): the
     /// container gets the guest's own node of that path. A VM has none of the host's devices.
     pub allowed_devices: Vec<String>,
+    /// Start pods from VM templates (snapshot/restore) where the backend and the VM's devices
+    /// allow it; cold boot otherwise. Off by default until the whole path is proven end to
+    /// end (README, "VM templates").
+    pub templates: bool,
 }
 
 impl VmSection {
@@ -438,6 +444,7 @@ impl Default for VmSection {
             memory_overhead_mib: 64,
             console_log_max_kib: 1024,
             allowed_devices: Vec::new(),
+            templates: false,
         }
     }
 }

@@ -24,8 +24,9 @@ use podvisor_e2e::registry::{TestRegistry, REGISTRY_BIN};
 
 /// Where the registry listens inside L1 (tests/nested/init configures it).
 const L1_REGISTRY: &str = "127.0.0.1:5000";
-/// TCG emulates both L1 and, through emulated SVM, L2: a pod takes minutes.
-const L1_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// TCG emulates both L1 and, through emulated SVM, L2: a pod takes minutes (four VMs with the
+/// template phase).
+const L1_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 fn nested_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("nested")

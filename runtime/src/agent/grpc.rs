@@ -144,6 +144,12 @@ impl GuestAgent for GrpcAgent {
             pod_pid_namespace: s.pod_pid_namespace,
             pod_uid_mappings: s.pod_uid_mappings.iter().map(id_mapping).collect(),
             pod_gid_mappings: s.pod_gid_mappings.iter().map(id_mapping).collect(),
+            entropy: s.entropy,
+            mac_changes: s
+                .mac_changes
+                .into_iter()
+                .map(|(from, to)| pb::MacChange { from, to })
+                .collect(),
             shared_fs: s
                 .shares
                 .into_iter()

@@ -157,6 +157,10 @@ pub struct SandboxSetup {
     /// The pod's user namespace, in which the pause process is made (empty: the VM's).
     pub pod_uid_mappings: Vec<IdRange>,
     pub pod_gid_mappings: Vec<IdRange>,
+    /// Fresh host randomness the guest reseeds its RNG from (every pod its own).
+    pub entropy: Vec<u8>,
+    /// (template MAC, pod MAC) of each network device of a VM restored from a template.
+    pub mac_changes: Vec<(String, String)>,
 }
 
 /// One range of a user namespace's id map, as guest ids.

@@ -294,6 +294,7 @@ mod tests {
             vm_size: None,
             creating: false,
             user_namespace: None,
+            start: None,
         }
     }
 

@@ -127,6 +127,16 @@ impl RuntimeService for RuntimeServiceImpl {
                 "consoleLog".into(),
                 serde_json::json!(self.manager.console_log_path(&rec.id)),
             );
+            // How the VM started: from a VM template or cold, and why.
+            if let Some(start) = &rec.start {
+                detail.insert("startPath".into(), start.path.clone().into());
+                if !start.reason.is_empty() {
+                    detail.insert("startReason".into(), start.reason.clone().into());
+                }
+                if !start.template.is_empty() {
+                    detail.insert("template".into(), start.template.clone().into());
+                }
+            }
             // The guest's side, bounded by the agent call's deadline; absent when it fails.
             if let Ok(agent) = self.manager.agent_status(&rec.id).await {
                 detail.insert(
@@ -491,6 +501,11 @@ impl RuntimeService for RuntimeServiceImpl {
         if req.into_inner().verbose {
             info.insert("hypervisor".to_string(), self.manager.hypervisor_name().to_string());
             info.insert("hypervisorReason".to_string(), self.backend_reason.clone());
+            // VM templates on disk and being built, with their state.
+            info.insert(
+                "templates".to_string(),
+                serde_json::to_string(&self.manager.template_status()).unwrap_or_default(),
+            );
             // Which handlers are VMs and which run pods on the host.
             let backends: serde_json::Map<String, serde_json::Value> =
                 self.manager.handler_backends().into_iter().map(|(n, b)| (n, b.into())).collect();

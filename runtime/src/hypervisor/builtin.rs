@@ -35,8 +35,19 @@ use tokio::time::Instant;
 use super::process::{prepare_run_dir, Starting};
 use super::{
     process_alive, terminate_processes, Hypervisor, HypervisorError, PreparedVm, Result, RunRoot,
-    TapFd, VmConfig, VmHandle, VmSpec,
+    SharedDir, TapFd, VmConfig, VmHandle, VmSpec,
 };
+
+/// Why a VM with shared directories has no template with `builtin.fs = "vhost-user"`.
+const SHARES_CANNOT_RESTORE: &str = "a VM with shared directories cannot start from a \
+    snapshot with builtin.fs = \"vhost-user\": vhost-user virtio-fs cannot map private \
+    copy-on-write guest memory";
+const TRANSLATED_SHARES_CANNOT_RESTORE: &str = "a VM whose shares translate file owners (a pod \
+    with a user namespace) is served by virtiofsd, whose vhost-user device cannot map private \
+    copy-on-write guest memory";
+
+/// How long a snapshot request may take to answer.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The guest's vsock CID (the host side only sees the hybrid socket, so one CID fits all).
 pub const GUEST_CID: u32 = 3;
@@ -234,14 +245,29 @@ impl BuiltinHypervisor {
         Ok(Self { config, jail_ids: std::sync::Mutex::new(()) })
     }
 
+    /// Who serves this VM's shares: fs-serve cannot translate file owners, so shares that
+    /// do (a pod with a user namespace) go to virtiofsd whatever `[builtin] fs` says.
+    fn fs_kind(&self, shares: &[SharedDir]) -> FsKind {
+        let translated = shares.iter().any(|s| !s.ids.uids.is_empty() || !s.ids.gids.is_empty());
+        if translated {
+            FsKind::VhostUser
+        } else {
+            self.config.fs
+        }
+    }
+
     /// Sends one control request to the VM's VMM.
     pub async fn control(&self, vm: &VmHandle, request: Request) -> Result<Response> {
+        // A snapshot writes the whole guest memory before it answers: seconds per GiB on a
+        // loaded host, minutes under nested emulation.
+        let timeout = match request {
+            Request::Snapshot { .. } => SNAPSHOT_TIMEOUT,
+            _ => Duration::from_secs(5),
+        };
         let path = BuiltinLayout::new(&vm.run_dir).control();
-        tokio::task::spawn_blocking(move || {
-            control_request(&path, &request, Duration::from_secs(5))
-        })
-        .await
-        .map_err(|e| HypervisorError::Control(format!("control request task: {e}")))?
+        tokio::task::spawn_blocking(move || control_request(&path, &request, timeout))
+            .await
+            .map_err(|e| HypervisorError::Control(format!("control request task: {e}")))?
     }
 
     /// Sends `request` and fails with the VMM's own error if it refused.
@@ -296,7 +322,7 @@ impl BuiltinHypervisor {
     ) -> Result<()> {
         let layout = BuiltinLayout::new(&config.run_dir);
         let deadline = Instant::now() + self.config.startup_timeout;
-        match self.config.fs {
+        match self.fs_kind(&config.shared_dirs) {
             FsKind::Inproc => self.start_fs_servers(config, starting, deadline).await?,
             FsKind::VhostUser => {
                 starting
@@ -382,6 +408,16 @@ impl Hypervisor for BuiltinHypervisor {
         Ok(())
     }
 
+    fn template_refusal(&self, spec: &VmSpec) -> Option<String> {
+        if spec.shared_dirs.is_empty() || self.fs_kind(&spec.shared_dirs) == FsKind::Inproc {
+            None
+        } else if self.config.fs == FsKind::Inproc {
+            Some(TRANSLATED_SHARES_CANNOT_RESTORE.to_string())
+        } else {
+            Some(SHARES_CANNOT_RESTORE.to_string())
+        }
+    }
+
     async fn pause(&self, vm: &VmHandle) -> Result<()> {
         self.control_ok(vm, Request::Pause, "pause").await
     }
@@ -410,19 +446,15 @@ impl BuiltinHypervisor {
     /// Like [`Self::launch`], but the VM starts from the snapshot in `dir` (taken of a VM
     /// with the same vCPUs, memory and devices) instead of booting.
     pub async fn launch_restored(&self, config: &VmConfig, dir: &Path) -> Result<VmHandle> {
-        if !config.shared_dirs.is_empty() && self.config.fs == FsKind::VhostUser {
-            return Err(HypervisorError::InvalidConfig(
-                "a VM with shared directories cannot start from a snapshot with builtin.fs = \
-                 \"vhost-user\": vhost-user virtio-fs cannot map private copy-on-write guest \
-                 memory"
-                    .into(),
-            ));
+        if !config.shared_dirs.is_empty() && self.fs_kind(&config.shared_dirs) == FsKind::VhostUser
+        {
+            return Err(HypervisorError::InvalidConfig(SHARES_CANNOT_RESTORE.into()));
         }
         self.launch_from(config, Some(dir)).await
     }
 
     async fn launch_from(&self, config: &VmConfig, restore: Option<&Path>) -> Result<VmHandle> {
-        let vmm = vmm_config(config, self.config.seccomp, self.config.fs)?;
+        let vmm = vmm_config(config, self.config.seccomp, self.fs_kind(&config.shared_dirs))?;
         let layout = BuiltinLayout::new(&config.run_dir);
         let mut stale = vec![layout.control(), layout.vsock_uds()];
         stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
@@ -505,6 +537,22 @@ mod tests {
             }],
             net_devices: vec![],
         }
+    }
+
+    /// fs-serve cannot translate owners: a pod with a user namespace gets virtiofsd, and no
+    /// template (its vhost-user device cannot map private memory).
+    #[test]
+    fn shares_translating_owners_go_to_virtiofsd() {
+        let hv = BuiltinHypervisor::new(test_config(vec!["podvisor".into()])).unwrap();
+        let plain = vm_config(Path::new("/run/vm"));
+        assert_eq!(hv.fs_kind(&plain.shared_dirs), FsKind::Inproc);
+        let mut translated = plain.clone();
+        translated.shared_dirs[0].ids.uids =
+            vec![crate::hypervisor::IdTranslation::Map { guest: 65536, host: 0, count: 65536 }];
+        assert_eq!(hv.fs_kind(&translated.shared_dirs), FsKind::VhostUser);
+        let c = vmm_config(&translated, SeccompMode::Trap, hv.fs_kind(&translated.shared_dirs))
+            .unwrap();
+        assert_eq!(c.fs[0].kind, FsKind::VhostUser);
     }
 
     #[test]

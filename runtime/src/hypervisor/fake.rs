@@ -35,6 +35,14 @@ pub struct FakeBehaviour {
     pub stops: u32,
     /// Specs of the VMs started, in order.
     pub specs: Vec<VmSpec>,
+    /// What `template_refusal` answers.
+    pub template_refusal: Option<String>,
+    /// The next restore fails.
+    pub fail_restore: bool,
+    pub pauses: u32,
+    pub snapshots: u32,
+    /// The snapshot directory of each restore, in order.
+    pub restores: Vec<PathBuf>,
 }
 
 pub struct FakeHypervisor {
@@ -42,6 +50,8 @@ pub struct FakeHypervisor {
     root: RunRoot,
     /// Running VMs by run directory; the sender says "exited" when it turns true.
     vms: Mutex<HashMap<PathBuf, watch::Sender<bool>>>,
+    /// Guest memory of each VM started, MiB (what a snapshot writes).
+    memory: Mutex<HashMap<PathBuf, u32>>,
     pub behaviour: Arc<Mutex<FakeBehaviour>>,
 }
 
@@ -55,6 +65,7 @@ impl FakeHypervisor {
             name,
             root: RunRoot(root.join("vms")),
             vms: Mutex::new(HashMap::new()),
+            memory: Mutex::new(HashMap::new()),
             behaviour: Arc::default(),
         })
     }
@@ -175,6 +186,10 @@ impl Hypervisor for FakeHypervisor {
             std::mem::take(&mut b.die_while_booting)
         };
         let run_dir = prepared.run_dir().to_path_buf();
+        self.memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(run_dir.clone(), spec.memory_mib);
         let (tx, _) = watch::channel(false);
         let vm = VmHandle {
             backend: self.name.to_string(),
@@ -211,6 +226,59 @@ impl Hypervisor for FakeHypervisor {
 
     fn agent_connector(&self, vm: &VmHandle) -> Arc<dyn GuestConnector> {
         Arc::new(FakeConnector(vm.vsock_uds.clone()))
+    }
+
+    fn template_refusal(&self, _spec: &VmSpec) -> Option<String> {
+        self.behave().template_refusal.clone()
+    }
+
+    async fn pause(&self, _vm: &VmHandle) -> Result<()> {
+        self.behave().pauses += 1;
+        Ok(())
+    }
+
+    async fn resume(&self, _vm: &VmHandle) -> Result<()> {
+        Ok(())
+    }
+
+    /// Writes what the built-in VMM writes: `vm.state`, then `memory.bin` of the guest's size
+    /// (sparse).
+    async fn snapshot(&self, vm: &VmHandle, dir: &Path) -> Result<()> {
+        let memory_mib =
+            self.memory.lock().unwrap_or_else(|p| p.into_inner()).get(&vm.run_dir).copied();
+        let io = |source| HypervisorError::RunDir { path: dir.to_path_buf(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::write(dir.join("vm.state"), b"PVSNAPST fake state").map_err(io)?;
+        let memory = std::fs::File::create(dir.join("memory.bin")).map_err(io)?;
+        memory.set_len(u64::from(memory_mib.unwrap_or(0)) << 20).map_err(io)?;
+        self.behave().snapshots += 1;
+        Ok(())
+    }
+
+    async fn restore(&self, prepared: &PreparedVm, spec: &VmSpec, dir: &Path) -> Result<VmHandle> {
+        {
+            let mut b = self.behave();
+            if std::mem::take(&mut b.fail_restore) {
+                return Err(HypervisorError::Spawn {
+                    what: "fake vmm".into(),
+                    source: std::io::Error::other("told to fail the restore"),
+                });
+            }
+            b.restores.push(dir.to_path_buf());
+        }
+        let run_dir = prepared.run_dir().to_path_buf();
+        self.memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(run_dir.clone(), spec.memory_mib);
+        let (tx, _) = watch::channel(false);
+        self.vms().insert(run_dir.clone(), tx);
+        Ok(VmHandle {
+            backend: self.name.to_string(),
+            vsock_uds: run_dir.join("vsock.sock"),
+            run_dir,
+            processes: vec![],
+        })
     }
 
     async fn stop(&self, vm: &VmHandle, _grace: Duration) -> Result<()> {

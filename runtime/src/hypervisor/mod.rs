@@ -423,11 +423,16 @@ pub trait Hypervisor: Send + Sync {
         vm.processes.first().map(process_alive).unwrap_or(false)
     }
 
-    // Template start (snapshot/restore) goes through the four below. Not called by the
-    // sandbox layer yet: the VM-template issue does.
+    // Template start (snapshot/restore, the sandbox layer's VM templates) goes through the
+    // five below.
+
+    /// Why a VM like `spec` cannot be snapshotted and restored on this backend, or `None`
+    /// when it can (the sandbox layer then builds a template of it).
+    fn template_refusal(&self, _spec: &VmSpec) -> Option<String> {
+        Some(format!("the {} backend cannot snapshot a VM", self.name()))
+    }
 
     /// Stops the VM's vCPUs; devices stay as they are.
-    #[allow(dead_code)]
     async fn pause(&self, _vm: &VmHandle) -> Result<()> {
         Err(HypervisorError::Unsupported { backend: self.name(), feature: "pause" })
     }
@@ -438,14 +443,14 @@ pub trait Hypervisor: Send + Sync {
         Err(HypervisorError::Unsupported { backend: self.name(), feature: "resume" })
     }
 
-    /// Writes a paused VM's state (vCPUs, devices, memory) into `dir`.
-    #[allow(dead_code)]
+    /// Writes a paused VM's state (vCPUs, devices, memory) into `dir`, which must lie in the
+    /// VM's run directory (a jailed VMM can write nowhere else).
     async fn snapshot(&self, _vm: &VmHandle, _dir: &Path) -> Result<()> {
         Err(HypervisorError::Unsupported { backend: self.name(), feature: "snapshot" })
     }
 
-    /// Starts a prepared VM from the snapshot in `dir` instead of booting it.
-    #[allow(dead_code)]
+    /// Starts a prepared VM from the snapshot in `dir` instead of booting it. The guest runs
+    /// on at once: its agent already serves, so there is no ready announcement to wait for.
     async fn restore(
         &self,
         _prepared: &PreparedVm,

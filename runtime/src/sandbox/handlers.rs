@@ -31,6 +31,8 @@ pub struct Handler {
     pub memory_mib: u32,
     pub memory_overhead_mib: u32,
     pub kernel_args: String,
+    /// Start its pods from VM templates where possible.
+    pub templates: bool,
 }
 
 /// The VM a pod runs in (persisted: limits are checked against it).
@@ -61,6 +63,7 @@ impl Handler {
             memory_mib: config.vm.memory_mib,
             memory_overhead_mib: config.vm.memory_overhead_mib,
             kernel_args: config.vm.kernel_args.clone(),
+            templates: config.vm.templates,
         };
         if name.is_empty() {
             return Some(default);
@@ -88,6 +91,7 @@ impl Handler {
             } else {
                 rt.kernel_args.clone()
             },
+            templates: rt.templates.unwrap_or(default.templates),
         })
     }
 

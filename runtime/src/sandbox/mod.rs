@@ -25,6 +25,7 @@ pub mod seccomp;
 pub mod spec;
 pub mod stats;
 mod sweep;
+pub mod templates;
 pub mod types;
 mod writer;
 
@@ -126,6 +127,8 @@ pub struct SandboxManager {
     /// The last CPU sample of each pod and container, for usage rates.
     cpu_samples: stats::CpuSamples,
     networks: PodNetworks,
+    /// VM templates (see [`templates`]).
+    templates: templates::Templates,
 }
 
 pub fn now_nanos() -> i64 {
@@ -171,6 +174,7 @@ impl SandboxManager {
             events: events::Events::default(),
             cpu_samples: stats::CpuSamples::default(),
             networks: PodNetworks::new(config.network.clone(), config.netns_dir()),
+            templates: templates::Templates::new(config.state.join("templates")),
             config,
         })
     }
@@ -192,6 +196,11 @@ impl SandboxManager {
             .filter_map(|name| handlers::Handler::resolve(&self.config, &name))
             .map(|h| (h.name, h.backend.unwrap_or_else(|| default.clone())))
             .collect()
+    }
+
+    /// Every VM template and build, for Status.
+    pub fn template_status(&self) -> Vec<templates::TemplateStatus> {
+        self.templates.status()
     }
 
     /// Lifecycle events from now on.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use super::handlers::{Handler, VmSize, MAX_VCPUS, MAX_VM_MIB};
+use super::templates::{self, StartPlan};
 use super::*;
 use crate::agent::SandboxSetup;
 use crate::hypervisor::{HostNamespaces, VmHandle, VmSpec};
@@ -172,7 +173,7 @@ impl SandboxManager {
     }
 
     async fn boot_sandbox(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         pod: &PodSpec,
         handler: &Handler,
@@ -220,24 +221,39 @@ impl SandboxManager {
                 ipc: pod.namespaces.ipc == NamespaceMode::Node,
             },
         };
-        let vm = match hypervisor.start(&prepared, &spec).await {
-            Ok(vm) => vm,
-            Err(e) => {
-                let _ = hypervisor.discard(prepared).await;
-                return Err(e.into());
-            }
-        };
-        self.update_sandbox(id, |r| r.vm = Some(vm.clone())).await?;
+        let plan = self.start_plan(handler, &hypervisor, &spec);
+        let (vm, template, start) =
+            match self.start_vm(id, handler, &hypervisor, &prepared, &spec, plan).await {
+                Ok(started) => started,
+                Err(e) => {
+                    let _ = hypervisor.discard(prepared).await;
+                    return Err(e.into());
+                }
+            };
+        self.update_sandbox(id, |r| {
+            r.vm = Some(vm.clone());
+            r.start = Some(start);
+        })
+        .await?;
         phases.lap(PodStartPhase::VmStart);
         let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
         let booting = std::time::Instant::now();
-        if let Err(e) = hypervisor.wait_agent_ready(prepared, &vm, boot_timeout).await {
-            return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), false));
+        if template.is_some() {
+            // A restored guest's agent serves already and announced itself to the template's
+            // host long ago: the host dials it fresh (no connection crossed the snapshot).
+            drop(prepared);
+            if let Err(e) = self.wait_restored_agent(id, boot_timeout).await {
+                return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), true));
+            }
+        } else {
+            if let Err(e) = hypervisor.wait_agent_ready(prepared, &vm, boot_timeout).await {
+                return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), false));
+            }
+            if let Err(e) = self.agent(id)?.status().await {
+                return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), true));
+            }
         }
         let agent = self.agent(id)?;
-        if let Err(e) = agent.status().await {
-            return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), true));
-        }
         phases.lap(PodStartPhase::AgentReady);
         drop(_booting);
         agent
@@ -255,6 +271,15 @@ impl SandboxManager {
                 pod_pid_namespace: pod.namespaces.pid == NamespaceMode::Pod,
                 pod_uid_mappings: agent_ranges(pod.user_namespace.as_ref().map(|u| &u.uids)),
                 pod_gid_mappings: agent_ranges(pod.user_namespace.as_ref().map(|u| &u.gids)),
+                entropy: host_entropy(),
+                mac_changes: template
+                    .map(|t| {
+                        t.macs
+                            .into_iter()
+                            .zip(spec.net_devices.iter().map(|n| n.mac.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             })
             .await?;
         // A host pod's interfaces are CNI's as they are: it gets only the hosts lines.
@@ -275,6 +300,112 @@ impl SandboxManager {
         }
         phases.lap(PodStartPhase::SandboxSetup);
         Ok(())
+    }
+
+    /// How a pod of `handler` whose VM is `spec` starts. A cold boot's reason is logged once
+    /// per handler and reason; the template it asks for is built in the background, so this
+    /// pod does not wait for it (the build is one more boot, in a boot slot of its own).
+    fn start_plan(
+        self: &Arc<Self>,
+        handler: &Handler,
+        hypervisor: &Arc<dyn crate::hypervisor::Hypervisor>,
+        spec: &VmSpec,
+    ) -> StartPlan {
+        if !handler.templates {
+            return StartPlan::Cold { reason: TEMPLATES_OFF.into(), build: None };
+        }
+        let plan = match hypervisor.template_refusal(spec) {
+            Some(reason) => StartPlan::Cold { reason, build: None },
+            None => match self.templates.inputs(handler, hypervisor.name(), spec) {
+                Ok(inputs) => self.templates.plan(&inputs),
+                Err(e) => StartPlan::Cold { reason: e.to_string(), build: None },
+            },
+        };
+        if let StartPlan::Cold { reason, build } = &plan {
+            if self.templates.first_time(&handler.name, reason) {
+                info!(handler = %handler.name, %reason, "pods cold-boot: no VM template");
+            }
+            if let Some(inputs) = build {
+                self.spawn_template_build(Arc::clone(hypervisor), inputs.clone());
+            }
+        }
+        plan
+    }
+
+    /// Builds the template of `inputs` (whose build [`templates::Templates::plan`] handed out).
+    fn spawn_template_build(
+        self: &Arc<Self>,
+        hypervisor: Arc<dyn crate::hypervisor::Hypervisor>,
+        inputs: templates::TemplateInputs,
+    ) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let key = inputs.key();
+            let mut turn = this.templates.adopt_build(&key);
+            // Never closed, so never an error.
+            let _booting = this.boot_slots.acquire().await.ok();
+            let timeout = Duration::from_secs(this.config.vm.boot_timeout_seconds);
+            let max_log = this.config.vm.console_log_max_bytes();
+            if let Err(e) =
+                this.templates.build(&mut turn, &*hypervisor, &inputs, timeout, max_log).await
+            {
+                warn!(template = %key, handler = %inputs.handler, error = %e, "building the VM template failed; its pods cold-boot");
+            }
+        });
+    }
+
+    /// Starts the pod's VM as `plan` says; a restore that fails falls back to a cold boot
+    /// (logged, naming the template) and the template is rebuilt.
+    async fn start_vm(
+        self: &Arc<Self>,
+        id: &str,
+        handler: &Handler,
+        hypervisor: &Arc<dyn crate::hypervisor::Hypervisor>,
+        prepared: &crate::hypervisor::PreparedVm,
+        spec: &VmSpec,
+        plan: StartPlan,
+    ) -> std::result::Result<
+        (VmHandle, Option<templates::Template>, StartRecord),
+        crate::hypervisor::HypervisorError,
+    > {
+        let reason = match plan {
+            StartPlan::Restore(template) => {
+                match hypervisor.restore(prepared, spec, &template.snapshot).await {
+                    Ok(vm) => {
+                        let start = StartRecord {
+                            path: "template".into(),
+                            reason: String::new(),
+                            template: template.key.clone(),
+                        };
+                        return Ok((vm, Some(template), start));
+                    }
+                    Err(e) => {
+                        warn!(sandbox = %id, template = %template.key, error = %e, "starting from the VM template failed: this pod cold-boots and the template is rebuilt");
+                        self.templates.discard(&template.key);
+                        // Plans the rebuild.
+                        let _ = self.start_plan(handler, hypervisor, spec);
+                        format!("restoring template {} failed: {e}", template.key)
+                    }
+                }
+            }
+            StartPlan::Cold { reason, .. } => reason,
+        };
+        let vm = hypervisor.start(prepared, spec).await?;
+        Ok((vm, None, StartRecord { path: "cold".into(), reason, template: String::new() }))
+    }
+
+    /// Waits until a restored guest's agent answers: it serves already, but its vsock device
+    /// comes back from the transport reset first.
+    async fn wait_restored_agent(&self, id: &str, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let agent = self.agent(id)?;
+        loop {
+            match agent.status().await {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.into()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
     }
 
     /// Attaches the pod's namespace to the CNI network (unless networking is off); a VM's tap
@@ -550,6 +681,7 @@ impl SandboxManager {
         self.load_records();
         self.undo_interrupted_starts().await;
         self.sweep_unowned().await;
+        self.templates.sweep();
         for sb in self.list_sandboxes() {
             let backend = sb.vm.as_ref().map(|vm| (vm, self.hypervisor_of(vm)));
             let alive = match &backend {
@@ -649,6 +781,16 @@ impl SandboxManager {
     }
 }
 
+/// Why a pod cold-boots when its handler has templates off.
+const TEMPLATES_OFF: &str =
+    "VM templates are off ([vm] templates, or [runtimes.<handler>] templates)";
+
+/// Fresh randomness for the guest to reseed from: every pod its own.
+fn host_entropy() -> Vec<u8> {
+    // uuid's v4 ids come from the OS's CSPRNG (getrandom).
+    (0..4).flat_map(|_| *uuid::Uuid::new_v4().as_bytes()).collect()
+}
+
 /// The record of a pod being started.
 /// A user namespace map as the agent boundary speaks it.
 fn agent_ranges(maps: Option<&Vec<IdMapping>>) -> Vec<crate::agent::IdRange> {
@@ -682,6 +824,7 @@ fn new_record(id: &str, pod: &PodSpec) -> SandboxRecord {
         vm_size: None,
         creating: true,
         user_namespace: pod.user_namespace.clone(),
+        start: None,
     }
 }
 

@@ -89,6 +89,23 @@ pub struct SandboxRecord {
     /// The pod's user namespace (userns_options POD).
     #[serde(default)]
     pub user_namespace: Option<super::UserNamespace>,
+    /// How the pod's VM started (records of older daemons: unknown, they cold-booted).
+    #[serde(default)]
+    pub start: Option<StartRecord>,
+}
+
+/// How a pod's VM started: restored from a VM template, or booted, and why not from one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StartRecord {
+    /// `template` or `cold`.
+    pub path: String,
+    /// Why it cold-booted; empty from a template.
+    #[serde(default)]
+    pub reason: String,
+    /// The template's key, when it came from one.
+    #[serde(default)]
+    pub template: String,
 }
 
 impl SandboxRecord {

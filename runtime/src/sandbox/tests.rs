@@ -69,7 +69,22 @@ impl Harness {
         Self::build(60, true)
     }
 
+    /// Pods start from VM templates; the "kernel" and "initramfs" are small files of the test's.
+    fn with_templates(network: bool) -> Self {
+        Self::build_with(60, network, |config, dir| {
+            config.vm.templates = true;
+            config.vm.kernel = dir.join("vmlinux");
+            config.vm.initrd = dir.join("initramfs.cpio");
+            std::fs::write(&config.vm.kernel, "kernel v1").unwrap();
+            std::fs::write(&config.vm.initrd, "initramfs v1").unwrap();
+        })
+    }
+
     fn build(seconds: u64, network: bool) -> Self {
+        Self::build_with(seconds, network, |_, _| {})
+    }
+
+    fn build_with(seconds: u64, network: bool, tweak: impl FnOnce(&mut Config, &Path)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let rootfs = dir.path().join("image");
         std::fs::create_dir_all(rootfs.join("etc")).unwrap();
@@ -86,6 +101,7 @@ impl Harness {
             config.network.cni_bin_dirs = vec![dir.path().join("cni-bin")];
             fake_cni(dir.path());
         }
+        tweak(&mut config, dir.path());
         let config = Arc::new(config);
         let hv = FakeHypervisor::new(&config.state);
         let dialer = Arc::new(FakeDialer::default());
@@ -243,6 +259,211 @@ echo '{{"cniVersion":"1.0.0","interfaces":[{{"name":"eth0","sandbox":"'"$CNI_NET
 
 fn cni_calls(h: &Harness) -> String {
     std::fs::read_to_string(h.dir.path().join("cni.log")).unwrap_or_default()
+}
+
+// VM templates.
+
+impl Harness {
+    /// Waits until no template build runs; returns the templates' states.
+    async fn templates_settled(&self) -> Vec<templates::TemplateStatus> {
+        let manager = self.manager.clone();
+        eventually("the template builds", move || {
+            manager.template_status().iter().all(|t| t.state != "building")
+        })
+        .await;
+        self.manager.template_status()
+    }
+
+    /// The template VMs started so far (their ids start with `t`, pods' are hex).
+    fn template_boots(&self) -> usize {
+        self.hv.behave().specs.iter().filter(|s| s.sandbox_id.starts_with('t')).count()
+    }
+
+    fn start_of(&self, sid: &str) -> StartRecord {
+        self.manager.sandbox(sid).unwrap().start.expect("the start is recorded")
+    }
+}
+
+/// The first pod cold-boots while its template is built in the background; the next ones
+/// start from it, each re-identified with entropy of its own; removing a pod leaves the
+/// template intact.
+#[tokio::test]
+async fn the_first_pod_cold_boots_and_builds_the_template_the_next_restore() {
+    needs_root!();
+    let h = Harness::with_templates(false);
+    let first = h.run_pod("first").await;
+    let start = h.start_of(&first);
+    assert_eq!(start.path, "cold");
+    assert!(start.reason.contains("no template") && start.reason.contains("building"), "{start:?}");
+    let settled = h.templates_settled().await;
+    assert_eq!(settled.len(), 1, "{settled:?}");
+    assert_eq!(settled[0].state, "ready", "{settled:?}");
+    let (pauses, snapshots) = {
+        let b = h.hv.behave();
+        (b.pauses, b.snapshots)
+    };
+    assert_eq!((pauses, snapshots), (1, 1));
+    assert_eq!(h.hv.running(), 1, "the template VM is stopped once snapshotted");
+
+    let (a, b) = (h.run_pod("a").await, h.run_pod("b").await);
+    for sid in [&a, &b] {
+        let start = h.start_of(sid);
+        assert_eq!(
+            (start.path.as_str(), start.template.as_str()),
+            ("template", settled[0].key.as_str())
+        );
+    }
+    let restores = h.hv.behave().restores.clone();
+    assert_eq!(restores.len(), 2);
+    let template_dir = h.config.state.join("templates").join(&settled[0].key);
+    assert_eq!(restores[0], template_dir.join("snapshot"));
+    let (sa, sb) = (h.agent(&a).sandbox().unwrap(), h.agent(&b).sandbox().unwrap());
+    assert_eq!(sa.entropy.len(), 64);
+    assert_ne!(sa.entropy, sb.entropy, "two pods of one template got the same seed");
+    assert_ne!(sa.entropy, h.agent(&first).sandbox().unwrap().entropy);
+    assert_eq!((sa.hostname.as_str(), sb.hostname.as_str()), ("a", "b"));
+    assert!(sa.mac_changes.is_empty(), "no network, no MAC to change");
+    assert_eq!(h.template_boots(), 1);
+
+    for sid in [&first, &a, &b] {
+        h.manager.remove_sandbox(sid).await.unwrap();
+    }
+    h.assert_nothing_left();
+    assert!(template_dir.join("template.json").exists(), "removing pods took the template");
+    assert_eq!(h.templates_settled().await[0].state, "ready");
+}
+
+/// A restored pod's network device still has the template's MAC: CreateSandbox changes it to
+/// the pod's before SetupNetwork looks devices up by MAC.
+#[tokio::test]
+async fn a_restored_pod_gets_its_own_mac_before_its_network() {
+    needs_root!();
+    let h = Harness::with_templates(true);
+    h.run_pod("first").await;
+    let settled = h.templates_settled().await;
+    assert_eq!(settled[0].state, "ready", "{settled:?}");
+    let template_spec =
+        h.hv.behave().specs.iter().find(|s| s.sandbox_id.starts_with('t')).cloned().unwrap();
+    assert_eq!(template_spec.net_devices.len(), 1, "the template has the pod's device list");
+    assert!(template_spec.net_devices[0].tap_fd.is_none());
+    let pod_tags = |spec: &crate::hypervisor::VmSpec| -> Vec<String> {
+        spec.shared_dirs.iter().map(|d| d.tag.clone()).collect()
+    };
+    assert_eq!(pod_tags(&template_spec), pod_tags(&h.hv.behave().specs[0]), "same shares");
+    assert!(template_spec
+        .shared_dirs
+        .iter()
+        .all(|d| !d.host_path.starts_with(h.config.state.join("sandboxes"))));
+    let sid = h.run_pod("web").await;
+    assert_eq!(h.start_of(&sid).path, "template");
+    let agent = h.agent(&sid);
+    let setup = agent.sandbox().unwrap();
+    let template_mac = template_spec.net_devices[0].mac.clone();
+    assert_eq!(setup.mac_changes, vec![(template_mac.clone(), setup_mac(&agent))]);
+    assert_ne!(template_mac, setup_mac(&agent), "the pod kept the template's MAC");
+    let calls = agent.calls();
+    let at = |c: &str| calls.iter().position(|x| x == c).unwrap();
+    assert!(at("CreateSandbox") < at("SetupNetwork"));
+}
+
+/// The MAC SetupNetwork names: the pod's own.
+fn setup_mac(agent: &FakeAgent) -> String {
+    agent.network().expect("SetupNetwork was sent").interfaces[0].mac.clone()
+}
+
+/// A changed initramfs is a new key: the next pod cold-boots, the template is rebuilt, and the
+/// old one (same handler and shape) is removed.
+#[tokio::test]
+async fn a_changed_initramfs_rebuilds_the_template_and_drops_the_old_one() {
+    needs_root!();
+    let h = Harness::with_templates(false);
+    h.run_pod("first").await;
+    let old = h.templates_settled().await[0].key.clone();
+    std::fs::write(&h.config.vm.initrd, "initramfs v2, longer").unwrap();
+    let sid = h.run_pod("after-change").await;
+    let start = h.start_of(&sid);
+    assert_eq!(start.path, "cold");
+    assert!(start.reason.contains("no template"), "{start:?}");
+    let settled = h.templates_settled().await;
+    assert_eq!(settled.len(), 1, "the old template was not swept: {settled:?}");
+    assert_ne!(settled[0].key, old);
+    assert_eq!(h.template_boots(), 2);
+    assert_eq!(h.start_of(&h.run_pod("next").await).path, "template");
+}
+
+/// A template whose state file changed, or whose memory file lost its size, is not used: the
+/// pod cold-boots with the reason, and the template is rebuilt.
+#[tokio::test]
+async fn a_corrupt_template_falls_back_to_cold_boot_and_is_rebuilt() {
+    needs_root!();
+    let h = Harness::with_templates(false);
+    h.run_pod("first").await;
+    let key = h.templates_settled().await[0].key.clone();
+    let snapshot = h.config.state.join("templates").join(&key).join("snapshot");
+    std::fs::write(snapshot.join("vm.state"), "PVSNAPST flipped bits").unwrap();
+    let sid = h.run_pod("after-corruption").await;
+    let start = h.start_of(&sid);
+    assert_eq!(start.path, "cold");
+    assert!(start.reason.contains(&key) && start.reason.contains("corrupt"), "{start:?}");
+    assert!(start.reason.contains("vm.state"), "{start:?}");
+    assert_eq!(h.templates_settled().await[0].state, "ready");
+    assert_eq!(h.template_boots(), 2);
+
+    std::fs::File::options()
+        .write(true)
+        .open(snapshot.join("memory.bin"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let start = h.start_of(&h.run_pod("truncated").await);
+    assert!(start.reason.contains("memory.bin"), "{start:?}");
+    h.templates_settled().await;
+    assert_eq!(h.start_of(&h.run_pod("rebuilt").await).path, "template");
+}
+
+/// Pods started together build their template once.
+#[tokio::test]
+async fn concurrent_pods_build_their_template_once() {
+    needs_root!();
+    let h = Harness::with_templates(false);
+    h.hv.behave().ready_delay = Duration::from_millis(100);
+    let pods = (0..4).map(|n| h.manager.run_sandbox(h.pod(&format!("p{n}"))));
+    for result in futures::future::join_all(pods).await {
+        result.unwrap();
+    }
+    h.templates_settled().await;
+    assert_eq!(h.template_boots(), 1);
+    assert_eq!(h.hv.behave().snapshots, 1);
+}
+
+/// Where a template cannot be used the pod cold-boots and the record says why: templates off,
+/// a backend or VM that cannot snapshot (no build then), a restore that fails (the template
+/// is rebuilt).
+#[tokio::test]
+async fn pods_cold_boot_where_no_template_can_be_used() {
+    needs_root!();
+    let off = Harness::new();
+    let start = off.start_of(&off.run_pod("off").await);
+    assert!(start.path == "cold" && start.reason.contains("templates are off"), "{start:?}");
+    assert_eq!(off.template_boots(), 0);
+
+    let h = Harness::with_templates(false);
+    h.hv.behave().template_refusal = Some("the fake cannot snapshot this VM".into());
+    let start = h.start_of(&h.run_pod("refused").await);
+    assert_eq!(start.reason, "the fake cannot snapshot this VM");
+    assert!(h.templates_settled().await.is_empty());
+    assert_eq!(h.template_boots(), 0);
+
+    h.hv.behave().template_refusal = None;
+    h.run_pod("builds").await;
+    let key = h.templates_settled().await[0].key.clone();
+    h.hv.behave().fail_restore = true;
+    let start = h.start_of(&h.run_pod("restore-fails").await);
+    assert_eq!(start.path, "cold");
+    assert!(start.reason.contains(&format!("restoring template {key} failed")), "{start:?}");
+    assert_eq!(h.templates_settled().await[0].state, "ready", "rebuilt");
+    assert_eq!(h.template_boots(), 2);
+    assert_eq!(h.start_of(&h.run_pod("again").await).path, "template");
 }
 
 // Pods.

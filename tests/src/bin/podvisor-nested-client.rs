@@ -1,7 +1,12 @@
 //! The CRI client of the nested end-to-end test (`tests/tests/builtin_vmm_nested.rs`): it runs
 //! inside the L1 VM, next to a daemon with `hypervisor = "builtin"`, and drives one pod through
 //! the flow kubelet would: pull, run the pod, create and start a container that logs, exec in
-//! it, stop and remove the pod.
+//! it, stop and remove the pod. The daemon runs with `[vm] templates = true`: that first pod
+//! cold-boots while its VM template is built; then two pods start from the template, each
+//! runs a container, execs and logs, and they differ in boot id, random bytes and hostname;
+//! removing them leaves the template in place. A corrupted template makes the next pod
+//! cold-boot with a log line naming it, and is rebuilt; a changed initramfs makes a new
+//! template replace the old one.
 //!
 //! Usage: `podvisor-nested-client <cri socket> <image> [<pod log dir>]`
 //!
@@ -79,7 +84,7 @@ async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
     })
     .await?;
 
-    step("vmm-confined", Duration::from_secs(10), async { vmm_runs_confined() }).await?;
+    step("vmm-confined", Duration::from_secs(10), async { vmm_runs_confined(&pod) }).await?;
 
     let command = [
         "/bin/sh",
@@ -141,6 +146,8 @@ async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
     })
     .await?;
 
+    templates(&mut runtime, image, log_dir).await?;
+
     step("stop-remove-pod", Duration::from_secs(120), async {
         runtime
             .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
@@ -156,6 +163,243 @@ async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
         Ok(())
     })
     .await
+}
+
+/// Verbose PodSandboxStatus's `info` JSON.
+async fn pod_info(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+) -> Result<serde_json::Value> {
+    let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.into(), verbose: true };
+    let info = runtime.pod_sandbox_status(request).await?.into_inner().info;
+    Ok(serde_json::from_str(info.get("info").map_or("null", String::as_str))?)
+}
+
+/// Verbose Status's `templates`.
+async fn template_states(runtime: &mut RuntimeServiceClient<Channel>) -> Result<serde_json::Value> {
+    let status = runtime.status(cri::StatusRequest { verbose: true }).await?.into_inner();
+    Ok(serde_json::from_str(status.info.get("templates").map_or("null", String::as_str))?)
+}
+
+/// ExecSync `cmd` in `container`; its stdout.
+async fn exec_out(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    container: &str,
+    cmd: &[&str],
+) -> Result<String> {
+    let request = cri::ExecSyncRequest {
+        container_id: container.into(),
+        cmd: cmd.iter().map(|c| c.to_string()).collect(),
+        timeout: 60,
+    };
+    let response = runtime.exec_sync(request).await?.into_inner();
+    if response.exit_code != 0 {
+        bail!(
+            "{cmd:?}: exit code {}, stderr {:?}",
+            response.exit_code,
+            String::from_utf8_lossy(&response.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&response.stdout).into_owned())
+}
+
+/// The VM-template phase: wait for the template the first pod's start asked for, then start
+/// two pods from it and compare what should differ.
+async fn templates(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    image: &str,
+    log_dir: &Path,
+) -> Result<()> {
+    let key = step("template-built", Duration::from_secs(600), async {
+        loop {
+            let templates = template_states(runtime).await?;
+            println!("NESTED-TEMPLATES {templates}");
+            if let Some(ready) =
+                templates.as_array().and_then(|t| t.iter().find(|t| t["state"] == "ready"))
+            {
+                return Ok(ready["key"].as_str().unwrap_or_default().to_string());
+            }
+            if let Some(failed) =
+                templates.as_array().and_then(|t| t.iter().find(|t| t["state"] == "failed"))
+            {
+                bail!("the template build failed: {failed}");
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
+    .await?;
+    let mut seen = Vec::new();
+    for name in ["tpl-a", "tpl-b"] {
+        let config = pod_config(name, log_dir);
+        let pod = step(&format!("run-pod-from-template-{name}"), Duration::from_secs(300), async {
+            let request = cri::RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: String::new(),
+            };
+            Ok(runtime.run_pod_sandbox(request).await?.into_inner().pod_sandbox_id)
+        })
+        .await?;
+        let info = pod_info(runtime, &pod).await?;
+        println!(
+            "NESTED-TEMPLATE-POD {name} startPath={} template={} reason={}",
+            info["startPath"], info["template"], info["startReason"]
+        );
+        if info["startPath"] != "template" || info["template"] != key.as_str() {
+            bail!("pod {name} did not start from template {key}: {info}");
+        }
+        let log_name = format!("{name}.log");
+        let container = step(&format!("start-container-{name}"), Duration::from_secs(180), async {
+            let mut c = container_config(
+                name,
+                image,
+                &["/bin/sh", "-c", "echo hello-nested; exec sleep 3600"],
+            );
+            c.log_path = log_name.clone();
+            let request = cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(c),
+                sandbox_config: Some(config.clone()),
+            };
+            let id = runtime.create_container(request).await?.into_inner().container_id;
+            runtime
+                .start_container(cri::StartContainerRequest { container_id: id.clone() })
+                .await?;
+            Ok(id)
+        })
+        .await?;
+        step(
+            &format!("log-line-{name}"),
+            Duration::from_secs(120),
+            wait_for_log_line(&log_dir.join(&log_name)),
+        )
+        .await?;
+        let identity = step(&format!("identity-{name}"), Duration::from_secs(120), async {
+            let boot_id =
+                exec_out(runtime, &container, &["cat", "/proc/sys/kernel/random/boot_id"]).await?;
+            let random = exec_out(
+                runtime,
+                &container,
+                &["sh", "-c", "head -c 16 /dev/urandom | od -An -tx1"],
+            )
+            .await?;
+            let hostname = exec_out(runtime, &container, &["hostname"]).await?;
+            Ok((boot_id.trim().to_string(), random.trim().to_string(), hostname.trim().to_string()))
+        })
+        .await?;
+        println!(
+            "NESTED-TEMPLATE-IDENTITY {name} boot_id={} random={} hostname={}",
+            identity.0, identity.1, identity.2
+        );
+        if identity.2 != name {
+            bail!("pod {name} has hostname {:?}", identity.2);
+        }
+        seen.push((pod, identity));
+    }
+    let ((_, a), (_, b)) = (&seen[0], &seen[1]);
+    if a.0 == b.0 || a.1 == b.1 {
+        bail!("two pods of one template share a boot id or random bytes: {a:?} {b:?}");
+    }
+    step("remove-template-pods", Duration::from_secs(120), async {
+        for (pod, _) in &seen {
+            runtime
+                .stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
+                .await?;
+            runtime
+                .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod.clone() })
+                .await?;
+        }
+        let templates = template_states(runtime).await?;
+        if !templates
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["key"] == key.as_str() && t["state"] == "ready"))
+        {
+            bail!("removing the pods took template {key}: {templates}");
+        }
+        Ok(())
+    })
+    .await?;
+
+    // A corrupt template: the next pod cold-boots, the daemon's log names it, it is rebuilt.
+    let state = Path::new("/run/pv/templates").join(&key).join("snapshot/vm.state");
+    std::fs::write(&state, b"PVSNAPST not a snapshot")
+        .with_context(|| format!("corrupting {}", state.display()))?;
+    let reason = cold_pod(runtime, log_dir, "tpl-corrupt").await?;
+    if !reason.contains("corrupt") || !reason.contains(&key) {
+        bail!("the pod on a corrupt template cold-booted for another reason: {reason}");
+    }
+    let log = std::fs::read_to_string("/run/daemon.log").unwrap_or_default();
+    let line = log.lines().find(|l| l.contains("VM template is corrupt") && l.contains(&key));
+    println!("NESTED-TEMPLATE-CORRUPT {}", line.unwrap_or("no log line"));
+    if line.is_none() {
+        bail!("no log line names the corrupt template {key}");
+    }
+    step("template-rebuilt", Duration::from_secs(600), wait_template_ready(runtime, &key)).await?;
+
+    // A changed initramfs (zero padding, which the kernel skips) is a new key: the next pod
+    // cold-boots, the new template is built and the old one removed.
+    let initrd = Path::new("/l2/initramfs.cpio");
+    let mut padded = std::fs::read(initrd).context("reading the L2 initramfs")?;
+    padded.extend_from_slice(&[0u8; 512]);
+    std::fs::write(initrd, padded).context("changing the L2 initramfs")?;
+    let reason = cold_pod(runtime, log_dir, "tpl-new-initrd").await?;
+    if !reason.contains("no template") || reason.contains(&key) {
+        bail!("after the initramfs changed: {reason}");
+    }
+    step("template-replaced", Duration::from_secs(600), async {
+        loop {
+            let templates = template_states(runtime).await?;
+            let list = templates.as_array().cloned().unwrap_or_default();
+            if list.len() == 1 && list[0]["state"] == "ready" && list[0]["key"] != key.as_str() {
+                println!("NESTED-TEMPLATES {templates}");
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    })
+    .await
+}
+
+/// Runs pod `name`, checks it cold-booted, removes it; the reason it gives.
+async fn cold_pod(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    log_dir: &Path,
+    name: &str,
+) -> Result<String> {
+    let config = pod_config(name, log_dir);
+    let pod = step(&format!("run-pod-cold-{name}"), Duration::from_secs(300), async {
+        let request =
+            cri::RunPodSandboxRequest { config: Some(config), runtime_handler: String::new() };
+        Ok(runtime.run_pod_sandbox(request).await?.into_inner().pod_sandbox_id)
+    })
+    .await?;
+    let info = pod_info(runtime, &pod).await?;
+    println!(
+        "NESTED-TEMPLATE-POD {name} startPath={} reason={}",
+        info["startPath"], info["startReason"]
+    );
+    runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await?;
+    runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await?;
+    if info["startPath"] != "cold" {
+        bail!("pod {name} did not cold-boot: {info}");
+    }
+    Ok(info["startReason"].as_str().unwrap_or_default().to_string())
+}
+
+/// Waits until template `key` is ready (a failed build fails).
+async fn wait_template_ready(runtime: &mut RuntimeServiceClient<Channel>, key: &str) -> Result<()> {
+    loop {
+        let templates = template_states(runtime).await?;
+        let list = templates.as_array().cloned().unwrap_or_default();
+        if let Some(t) = list.iter().find(|t| t["key"] == key) {
+            if t["state"] == "ready" {
+                return Ok(());
+            }
+            if t["state"] == "failed" {
+                bail!("building template {key} failed: {t}");
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
 }
 
 /// `GET /` from `addr`: the whole answer.
@@ -198,8 +442,12 @@ async fn wait_for_log_line(log: &Path) -> Result<()> {
 /// The pod's VMM runs jailed and filtered: no uid of it (real, effective, saved, fs) is root,
 /// it has a network namespace of its own, and every thread of it has a seccomp filter
 /// (`Seccomp: 2`).
-fn vmm_runs_confined() -> Result<()> {
-    let vmms = processes_matching(" vmm ");
+fn vmm_runs_confined(pod: &str) -> Result<()> {
+    // The pod's own (a template's VMM may be running beside it).
+    let vmms: Vec<_> = processes_matching(" vmm ")
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(&pod[..16]))
+        .collect();
     let [(pid, _)] = vmms.as_slice() else {
         bail!("expected one `podvisor vmm` process, found {vmms:?}");
     };

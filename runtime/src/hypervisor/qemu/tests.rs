@@ -485,6 +485,7 @@ fn giving_virtiofs_sockets_does_not_follow_a_symlink() {
         host_path: dir.path().join("share"),
         read_only: false,
         cache: "auto".into(),
+        ids: Default::default(),
     }];
     std::fs::create_dir_all(&config.run_dir).unwrap();
     let layout = RunDirLayout::new(&config.run_dir);
