@@ -109,13 +109,49 @@ fn starting_record(run_dir: &Path) -> PathBuf {
     run_dir.join("starting.json")
 }
 
+/// Longest start record read (a VM has a handful of processes).
+const STARTING_RECORD_MAX_BYTES: u64 = 64 * 1024;
+
+/// The processes a start record lists, if the daemon wrote it. The run directory belongs to
+/// the VM's uid, which may replace the file (not write into it: it is the daemon's, 0600) to
+/// have the daemon signal processes of its choosing; so a record that is not this process's
+/// own regular, singly linked file is ignored (the processes naming the run directory are
+/// still found).
+fn read_starting_record(path: &Path) -> Vec<VmProcess> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring a start record");
+            return Vec::new();
+        }
+    };
+    let trusted = file.metadata().is_ok_and(|m| {
+        m.file_type().is_file() && m.uid() == nix::unistd::geteuid().as_raw() && m.nlink() == 1
+    });
+    if !trusted {
+        tracing::warn!(path = %path.display(), "ignoring a start record the daemon did not write");
+        return Vec::new();
+    }
+    let mut data = Vec::new();
+    if file.take(STARTING_RECORD_MAX_BYTES).read_to_end(&mut data).is_err() {
+        return Vec::new();
+    }
+    serde_json::from_slice(&data).unwrap_or_default()
+}
+
 /// Stops the processes an interrupted start listed in `run_dir` and removes the directory.
 /// A process spawned just before the daemon died may be missing from the record, so processes
 /// whose command line names the run directory (every VMM and helper is given it or a socket in
 /// it) are stopped too.
 pub async fn reclaim_interrupted_start(run_dir: &Path) -> Result<()> {
-    let mut processes =
-        crate::store::read_json::<Vec<VmProcess>>(&starting_record(run_dir)).unwrap_or_default();
+    let mut processes = read_starting_record(&starting_record(run_dir));
     for found in processes_naming(run_dir) {
         if !processes.iter().any(|p| p.pid == found.pid) {
             processes.push(found);
@@ -395,6 +431,34 @@ impl Starting {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A VM uid owns its run directory and may swap the start record for one of its own,
+    /// listing processes it wants the daemon to signal: only the daemon's own file counts.
+    #[test]
+    fn a_start_record_the_daemon_did_not_write_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("starting.json");
+        let listed = vec![VmProcess { name: "vmm".into(), pid: 1, start_time: 7 }];
+        crate::store::write_json(&record, &listed).unwrap();
+        assert_eq!(read_starting_record(&record), listed);
+
+        let elsewhere = dir.path().join("elsewhere.json");
+        std::fs::rename(&record, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &record).unwrap();
+        assert!(read_starting_record(&record).is_empty(), "a symlink is followed");
+        std::fs::remove_file(&record).unwrap();
+
+        std::fs::hard_link(&elsewhere, &record).unwrap();
+        assert!(read_starting_record(&record).is_empty(), "a second link is trusted");
+        std::fs::remove_file(&record).unwrap();
+
+        std::fs::copy(&elsewhere, &record).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&record, Some(65534), Some(65534)).unwrap();
+            assert!(read_starting_record(&record).is_empty(), "another uid's file is trusted");
+        }
+        assert!(read_starting_record(&dir.path().join("missing")).is_empty());
+    }
 
     #[test]
     fn the_run_dir_and_the_console_log_are_private() {
