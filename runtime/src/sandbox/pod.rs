@@ -342,7 +342,12 @@ impl SandboxManager {
         tokio::spawn(async move {
             let key = inputs.key();
             let mut turn = this.templates.adopt_build(&key);
-            // Never closed, so never an error.
+            // A template build is one more boot, and only a faster start for later pods: it
+            // waits until no guest is booting (the semaphore is fair, so pods arriving meanwhile
+            // queue behind it only for that wait), then boots in one slot. Booting beside the
+            // pod that asked for it slowed that pod and, under nested emulation, made guests
+            // die mid-boot. Never closed, so never an error.
+            drop(this.boot_slots.acquire_many(boot_slots() as u32).await.ok());
             let _booting = this.boot_slots.acquire().await.ok();
             let timeout = Duration::from_secs(this.config.vm.boot_timeout_seconds);
             let max_log = this.config.vm.console_log_max_bytes();
