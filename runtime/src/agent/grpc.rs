@@ -506,7 +506,7 @@ mod tests {
             }
             n
         });
-        let err = connect(Arc::new(HybridVsock::new(&path)), Duration::from_millis(800))
+        let err = connect(Arc::new(HybridVsock::new(&path)), Duration::from_secs(3))
             .await
             .unwrap_err();
         assert!(err.to_string().contains("refused"), "{err}");
