@@ -506,9 +506,8 @@ mod tests {
             }
             n
         });
-        let err = connect(Arc::new(HybridVsock::new(&path)), Duration::from_secs(3))
-            .await
-            .unwrap_err();
+        let err =
+            connect(Arc::new(HybridVsock::new(&path)), Duration::from_secs(3)).await.unwrap_err();
         assert!(err.to_string().contains("refused"), "{err}");
         assert_eq!(accepts.await.unwrap(), 3);
     }
