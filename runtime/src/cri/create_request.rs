@@ -1,23 +1,18 @@
 //! CreateContainer with the CRI v1.33 `Mount.image_sub_path` (field 10), which k8s-cri 0.11's
 //! `Mount` lacks, so prost would drop it and an image volume with a subPath would silently
-//! mount the image's root. [`WithImageSubPaths`] decodes CreateContainer's request once more
+//! mount the image's root. [`CreateHandler`] decodes CreateContainer's request once more
 //! for that field and hands the generated service the sub paths as a request extension,
 //! [`ImageSubPaths`]; every other method passes straight through.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_server::RuntimeService;
 use prost::Message;
-use tonic::body::Body;
-use tonic::server::NamedService;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Status};
 
 use super::runtime::RuntimeServiceImpl;
+use super::unary_route::{Answer, UnaryHandler};
 
 /// The method's path on the wire.
 pub const PATH: &str = "/runtime.v1.RuntimeService/CreateContainer";
@@ -72,60 +67,15 @@ impl RawCreateContainerRequest {
 }
 
 /// The generated RuntimeService, with CreateContainer's sub paths decoded.
+/// Answers CreateContainer (see [`super::unary_route`]).
 #[derive(Clone)]
-pub struct WithImageSubPaths<S> {
-    inner: S,
-    runtime: Arc<RuntimeServiceImpl>,
-}
+pub struct CreateHandler(pub Arc<RuntimeServiceImpl>);
 
-impl<S> WithImageSubPaths<S> {
-    pub fn new(inner: S, runtime: Arc<RuntimeServiceImpl>) -> Self {
-        Self { inner, runtime }
-    }
-}
-
-impl<S> NamedService for WithImageSubPaths<S> {
-    const NAME: &'static str = "runtime.v1.RuntimeService";
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for WithImageSubPaths<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != PATH {
-            return Box::pin(self.inner.call(req));
-        }
-        let handler = CreateHandler(self.runtime.clone());
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
-            Ok(grpc.unary(handler, req).await)
-        })
-    }
-}
-
-struct CreateHandler(Arc<RuntimeServiceImpl>);
-
-impl tonic::server::UnaryService<RawCreateContainerRequest> for CreateHandler {
+impl UnaryHandler for CreateHandler {
+    type Request = RawCreateContainerRequest;
     type Response = cri::CreateContainerResponse;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Self::Response>, Status>> + Send>>;
 
-    fn call(&mut self, request: Request<RawCreateContainerRequest>) -> Self::Future {
+    fn call(&self, request: Request<RawCreateContainerRequest>) -> Answer<Self::Response> {
         let runtime = self.0.clone();
         Box::pin(async move {
             let (metadata, extensions, raw) = request.into_parts();

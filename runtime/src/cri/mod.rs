@@ -11,6 +11,7 @@ pub mod image;
 pub mod pod_resources;
 pub mod runtime;
 pub mod translate;
+pub mod unary_route;
 
 use crate::resource::network::NetworkError;
 use std::future::Future;
@@ -23,6 +24,7 @@ use crate::agent::{AgentError, Refusal};
 use crate::sandbox::seccomp::SeccompError;
 use crate::sandbox::spec::SpecError;
 use crate::sandbox::SandboxError;
+use unary_route::UnaryRoute;
 
 /// The gRPC code of a sandbox-layer error.
 pub fn code(e: &SandboxError) -> Code {
@@ -109,9 +111,10 @@ pub async fn serve(
         k8s_cri::v1::runtime_service_server::RuntimeServiceServer::from_arc(runtime.clone());
     tonic::transport::Server::builder()
         .layer(crate::metrics::grpc::CriMetricsLayer::new(crate::metrics::global()))
-        .add_service(create_request::WithImageSubPaths::new(
-            pod_resources::WithPodResources::new(generated, manager),
-            runtime,
+        .add_service(UnaryRoute::new(
+            UnaryRoute::new(generated, pod_resources::PATH, pod_resources::UpdateHandler(manager)),
+            create_request::PATH,
+            create_request::CreateHandler(runtime),
         ))
         .add_service(k8s_cri::v1::image_service_server::ImageServiceServer::new(images))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

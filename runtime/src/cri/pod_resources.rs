@@ -1,20 +1,15 @@
 //! UpdatePodSandboxResources (CRI v1.33, kubelet's in-place pod resize), which the generated
 //! RuntimeService of k8s-cri 0.11 does not have. Its two messages are declared here from the
-//! CRI's field numbers, and [`WithPodResources`] answers its path in front of the generated
+//! CRI's field numbers, and [`UpdateHandler`] answers its path in front of the generated
 //! service, which serves every other method.
 
-use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use k8s_cri::v1 as cri;
-use tonic::body::Body;
-use tonic::server::NamedService;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
 use super::translate;
+use super::unary_route::{Answer, UnaryHandler};
 use crate::sandbox::SandboxManager;
 
 /// The method's path on the wire.
@@ -37,61 +32,15 @@ pub struct UpdatePodSandboxResourcesRequest {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct UpdatePodSandboxResourcesResponse {}
 
-/// The generated RuntimeService, plus UpdatePodSandboxResources.
+/// Answers UpdatePodSandboxResources (see [`super::unary_route`]).
 #[derive(Clone)]
-pub struct WithPodResources<S> {
-    inner: S,
-    manager: Arc<SandboxManager>,
-}
+pub struct UpdateHandler(pub Arc<SandboxManager>);
 
-impl<S> WithPodResources<S> {
-    pub fn new(inner: S, manager: Arc<SandboxManager>) -> Self {
-        Self { inner, manager }
-    }
-}
-
-impl<S> NamedService for WithPodResources<S> {
-    const NAME: &'static str = "runtime.v1.RuntimeService";
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
-
-impl<S, B> tower::Service<http::Request<B>> for WithPodResources<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != PATH {
-            return Box::pin(self.inner.call(req));
-        }
-        let handler = UpdateHandler(self.manager.clone());
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
-            Ok(grpc.unary(handler, req).await)
-        })
-    }
-}
-
-struct UpdateHandler(Arc<SandboxManager>);
-
-impl tonic::server::UnaryService<UpdatePodSandboxResourcesRequest> for UpdateHandler {
+impl UnaryHandler for UpdateHandler {
+    type Request = UpdatePodSandboxResourcesRequest;
     type Response = UpdatePodSandboxResourcesResponse;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Self::Response>, Status>> + Send>>;
 
-    fn call(&mut self, request: Request<UpdatePodSandboxResourcesRequest>) -> Self::Future {
+    fn call(&self, request: Request<UpdatePodSandboxResourcesRequest>) -> Answer<Self::Response> {
         let manager = self.0.clone();
         Box::pin(async move {
             let req = request.into_inner();

@@ -187,7 +187,7 @@ impl RuntimeService for RuntimeServiceImpl {
         &self,
         req: Request<cri::CreateContainerRequest>,
     ) -> CriResult<cri::CreateContainerResponse> {
-        // Set by `create_request::WithImageSubPaths` in front of this service.
+        // Set by `create_request::CreateHandler` in front of this service.
         let sub_paths = req.extensions().get::<ImageSubPaths>().cloned().unwrap_or_default();
         let req = req.into_inner();
         if req.pod_sandbox_id.is_empty() {
