@@ -220,22 +220,11 @@ fn read_identity(endpoint: &str, cert: &Path, key: &Path) -> Result<ClientIdenti
             endpoint: endpoint.to_owned(),
             cert: cert.to_owned(),
             key: key.to_owned(),
-            message: error_chain(&e),
+            // Its sources carry the TLS library's reason.
+            message: crate::pull::error_chain(&e),
         },
     )?;
     Ok(identity)
-}
-
-/// An error with its sources, which carry the TLS library's reason.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// One mirror endpoint, checked.

@@ -174,7 +174,7 @@ fn moves_on(error: &Error) -> bool {
 }
 
 /// An error with its sources ("error sending request: connection refused").
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
