@@ -131,6 +131,10 @@ bench: build kernel guest
 		cargo run --release -p podvisor-e2e --bin podvisor-net-bench
 	@echo "== pull + unpack of a multi-layer image vs skopeo copy + umoci unpack"
 	cargo bench -p podvisor-image --bench pull_unpack
+	@echo "== VM templates: cold boot vs restore, per-pod PSS, pods per memory (built-in VMM; in a nested L1 VM where KVM cannot boot Linux)"
+	cargo build --release -p podvisor-e2e --bins
+	PODVISOR_BIN=$(BUILD)/podvisor PODVISOR_KERNEL=$(BUILD)/vmlinux PODVISOR_INITRD=$(BUILD)/initramfs.cpio \
+		target/release/podvisor-template-bench
 	@echo "== built-in VMM: RSS overhead and start -> first guest instruction (1 vCPU, 128 MiB)"
 	PODVISOR_BIN=$(BUILD)/podvisor cargo test --release -p podvisor-vmm --test bench -- --ignored --nocapture
 

@@ -4,8 +4,8 @@
 //! - per-pod host memory: RSS of the VM's processes (VMM + helpers) with one pod running;
 //! - ExecSync round trip (`true` in a running container), p50/p99 over PODVISOR_BENCH_EXECS
 //!   (default 200) calls;
-//! - VM templates (cold boot vs restore, PSS with and without, idle pods per fixed memory):
-//!   skipped with the reason (see [`TEMPLATES_SKIPPED`]).
+//!
+//! The VM-template figures are `podvisor-template-bench`'s (built-in VMM only).
 
 use std::time::{Duration, Instant};
 
@@ -27,16 +27,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// Why the template figures are not measured: no pod can start from a template yet.
-const TEMPLATES_SKIPPED: &str = "not measured yet: templates restore on the built-in VMM \
-    only, which needs KVM that boots Linux (not this machine's), and the bench runs with \
-    templates off; the nested-SVM test prints cold vs template timings under emulation";
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    println!(
-        "VM templates (cold boot vs restore, PSS, pods per memory): skipped: {TEMPLATES_SKIPPED}"
-    );
     if let Some(why) = e2e_missing() {
         anyhow::bail!("cannot benchmark: {why}");
     }

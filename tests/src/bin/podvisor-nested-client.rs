@@ -3,12 +3,15 @@
 //! the flow kubelet would: pull, run the pod, create and start a container that logs, exec in
 //! it, stop and remove the pod. The daemon runs with `[vm] templates = true`: that first pod
 //! cold-boots while its VM template is built; then two pods start from the template, each
-//! runs a container, execs and logs, and they differ in boot id, random bytes and hostname;
+//! runs a container, execs and logs, answers HTTP on its CNI address, and they differ in boot
+//! id, random bytes, hostname and MAC;
 //! removing them leaves the template in place. A corrupted template makes the next pod
 //! cold-boot with a log line naming it, and is rebuilt; a changed initramfs makes a new
 //! template replace the old one.
 //!
-//! Usage: `podvisor-nested-client <cri socket> <image> [<pod log dir>]`
+//! Usage: `podvisor-nested-client [bench] <cri socket> <image> [<pod log dir>]`; with `bench`,
+//! it measures `make bench`'s template figures instead (`podvisor_e2e::template_bench`) and
+//! prints them as `NESTED-BENCH <line>`.
 //!
 //! Prints `NESTED-TIMING <step> <seconds>` for every step and ends with `NESTED-RESULT ok` or
 //! `NESTED-RESULT fail: <reason>` (exit code 0 or 1): the host only sees the L1 serial console.
@@ -29,7 +32,11 @@ const EXEC_OUTPUT: &str = "exec-ok";
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let bench = args.first().is_some_and(|a| a == "bench");
+    if bench {
+        args.remove(0);
+    }
     let (Some(socket), Some(image)) = (args.first(), args.get(1)) else {
         println!(
             "NESTED-RESULT fail: usage: podvisor-nested-client <cri socket> <image> [<log dir>]"
@@ -37,7 +44,12 @@ async fn main() {
         std::process::exit(2);
     };
     let log_dir = PathBuf::from(args.get(2).map_or("/var/log/pods/nested", String::as_str));
-    match run(Path::new(socket), image, &log_dir).await {
+    let outcome = if bench {
+        run_bench(Path::new(socket), image, &log_dir).await
+    } else {
+        run(Path::new(socket), image, &log_dir).await
+    };
+    match outcome {
         Ok(()) => println!("NESTED-RESULT ok"),
         Err(error) => {
             println!("NESTED-RESULT fail: {error:#}");
@@ -59,6 +71,28 @@ async fn step<T>(
         .with_context(|| name.to_string());
     println!("NESTED-TIMING {name} {:.1}", started.elapsed().as_secs_f64());
     result
+}
+
+/// The template figures: pull, then `template_bench::run`.
+async fn run_bench(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
+    let channel = step("daemon-ready", Duration::from_secs(120), wait_for_daemon(socket)).await?;
+    let mut images = ImageServiceClient::new(channel.clone());
+    step("pull", Duration::from_secs(180), async {
+        let spec = cri::ImageSpec { image: image.into(), ..Default::default() };
+        let request = cri::PullImageRequest { image: Some(spec), ..Default::default() };
+        Ok(images.pull_image(request).await?.into_inner().image_ref)
+    })
+    .await?;
+    let figures = step(
+        "bench",
+        Duration::from_secs(3600),
+        podvisor_e2e::template_bench::run(channel, image, log_dir),
+    )
+    .await?;
+    for line in figures.report() {
+        println!("NESTED-BENCH {line}");
+    }
+    Ok(())
 }
 
 async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
@@ -126,25 +160,7 @@ async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
     .await?;
 
     // The pod's CNI interface reaches the guest through the tap the daemon handed the VMM.
-    step("pod-network", Duration::from_secs(120), async {
-        let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.clone(), verbose: false };
-        let status = runtime.pod_sandbox_status(request).await?.into_inner().status;
-        let ip = status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default();
-        if ip.is_empty() {
-            bail!("the pod has no IP");
-        }
-        let addr: std::net::SocketAddr = format!("{ip}:8080").parse()?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(100);
-        loop {
-            match http_get(addr) {
-                Ok(body) if body.trim_end().ends_with("net-ok") => return Ok(()),
-                Ok(body) => bail!("{addr} answered {body:?}"),
-                Err(e) if std::time::Instant::now() > deadline => bail!("GET {addr}: {e}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-            }
-        }
-    })
-    .await?;
+    step("pod-network", Duration::from_secs(120), pod_serves(&mut runtime, &pod, "net-ok")).await?;
 
     templates(&mut runtime, image, log_dir).await?;
 
@@ -163,6 +179,39 @@ async fn run(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
         Ok(())
     })
     .await
+}
+
+/// What must differ between two pods of one template.
+#[derive(Debug)]
+struct Identity {
+    boot_id: String,
+    random: String,
+    hostname: String,
+    mac: String,
+}
+
+/// Waits until the pod's CNI address answers `GET /` on port 8080 with `body`.
+async fn pod_serves(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    pod: &str,
+    body: &str,
+) -> Result<()> {
+    let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.into(), verbose: false };
+    let status = runtime.pod_sandbox_status(request).await?.into_inner().status;
+    let ip = status.and_then(|s| s.network).map(|n| n.ip).unwrap_or_default();
+    if ip.is_empty() {
+        bail!("the pod has no IP");
+    }
+    let addr: std::net::SocketAddr = format!("{ip}:8080").parse()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(100);
+    loop {
+        match http_get(addr) {
+            Ok(answer) if answer.trim_end().ends_with(body) => return Ok(()),
+            Ok(answer) => bail!("{addr} answered {answer:?}"),
+            Err(e) if std::time::Instant::now() > deadline => bail!("GET {addr}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 /// Verbose PodSandboxStatus's `info` JSON.
@@ -249,11 +298,11 @@ async fn templates(
         }
         let log_name = format!("{name}.log");
         let container = step(&format!("start-container-{name}"), Duration::from_secs(180), async {
-            let mut c = container_config(
-                name,
-                image,
-                &["/bin/sh", "-c", "echo hello-nested; exec sleep 3600"],
+            let serve = format!(
+                "echo hello-nested; mkdir -p /www; echo net-{name} > /www/index.html; \
+                 exec httpd -f -p 8080 -h /www"
             );
+            let mut c = container_config(name, image, &["/bin/sh", "-c", &serve]);
             c.log_path = log_name.clone();
             let request = cri::CreateContainerRequest {
                 pod_sandbox_id: pod.clone(),
@@ -283,21 +332,31 @@ async fn templates(
             )
             .await?;
             let hostname = exec_out(runtime, &container, &["hostname"]).await?;
-            Ok((boot_id.trim().to_string(), random.trim().to_string(), hostname.trim().to_string()))
+            let mac =
+                exec_out(runtime, &container, &["cat", "/sys/class/net/eth0/address"]).await?;
+            Ok(Identity {
+                boot_id: boot_id.trim().to_string(),
+                random: random.trim().to_string(),
+                hostname: hostname.trim().to_string(),
+                mac: mac.trim().to_string(),
+            })
         })
         .await?;
-        println!(
-            "NESTED-TEMPLATE-IDENTITY {name} boot_id={} random={} hostname={}",
-            identity.0, identity.1, identity.2
-        );
-        if identity.2 != name {
-            bail!("pod {name} has hostname {:?}", identity.2);
+        println!("NESTED-TEMPLATE-IDENTITY {name} {identity:?}");
+        if identity.hostname != name {
+            bail!("pod {name} has hostname {:?}", identity.hostname);
         }
+        step(
+            &format!("pod-network-{name}"),
+            Duration::from_secs(120),
+            pod_serves(runtime, &pod, &format!("net-{name}")),
+        )
+        .await?;
         seen.push((pod, identity));
     }
     let ((_, a), (_, b)) = (&seen[0], &seen[1]);
-    if a.0 == b.0 || a.1 == b.1 {
-        bail!("two pods of one template share a boot id or random bytes: {a:?} {b:?}");
+    if a.boot_id == b.boot_id || a.random == b.random || a.mac == b.mac {
+        bail!("two pods of one template share a boot id, random bytes or a MAC: {a:?} {b:?}");
     }
     step("remove-template-pods", Duration::from_secs(120), async {
         for (pod, _) in &seen {
