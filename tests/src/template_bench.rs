@@ -5,11 +5,14 @@
 //! - per-pod host memory (PSS and USS summed over the pod's VM processes, from
 //!   `/proc/<pid>/smaps_rollup`) with `PODS` idle busybox pods of each kind running at once;
 //! - how many such idle pods fit in [`MEMORY_BUDGET_MIB`] either way, from those PSS figures
-//!   (PSS adds up to what the pods cost together: shared pages count once, split among them).
+//!   (PSS adds up to what the pods cost together: shared pages count once, split among them);
+//! - where the daemon's metrics endpoint is given, the mean of each start phase
+//!   (`podvisor_pod_start_duration_seconds`) per kind, to tell where a start's time goes.
 //!
 //! Runs inside the nested L1 VM (`podvisor-nested-client bench`) where KVM cannot boot Linux,
 //! or against a host daemon where it can (`podvisor-template-bench`).
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -43,11 +46,12 @@ struct Memory {
     uss_kib: u64,
 }
 
-/// One kind's figures: every pod's start and memory.
+/// One kind's figures: every pod's start and memory, and the mean of each start phase.
 #[derive(Debug, Default)]
 struct Kind {
     starts: Vec<Start>,
     memory: Vec<Memory>,
+    phases: Vec<(String, f64)>,
 }
 
 impl Kind {
@@ -118,21 +122,89 @@ impl Figures {
             ));
         }
         lines.push(format!("templates save {saved:.0}% of per-pod PSS"));
+        for (name, kind) in [("cold boot", cold), ("template restore", tpl)] {
+            if !kind.phases.is_empty() {
+                let phases: Vec<String> =
+                    kind.phases.iter().map(|(p, secs)| format!("{p} {secs:.2} s")).collect();
+                lines.push(format!("{name}: mean start phases: {}", phases.join(", ")));
+            }
+        }
         lines
     }
 }
 
 /// Measures both kinds: a warm-up pod asks for the template and its build is waited for; then
 /// `PODS` cold pods start one after another, idle, are weighed and removed; then the same from
-/// the template.
-pub async fn run(channel: Channel, image: &str, log_dir: &Path) -> Result<Figures> {
+/// the template. `metrics` is the daemon's metrics endpoint, if it has one.
+pub async fn run(
+    channel: Channel,
+    image: &str,
+    log_dir: &Path,
+    metrics: Option<SocketAddr>,
+) -> Result<Figures> {
     let mut runtime = RuntimeServiceClient::new(channel);
     let warm = start_pod(&mut runtime, "bench-warm", "", image, log_dir).await?;
     wait_for_template(&mut runtime).await?;
     remove_pods(&mut runtime, &[warm.0]).await?;
-    let cold = measure(&mut runtime, COLD_HANDLER, "cold", image, log_dir).await?;
-    let template = measure(&mut runtime, "", "template", image, log_dir).await?;
+    let mut kinds = Vec::new();
+    for (handler, path) in [(COLD_HANDLER, "cold"), ("", "template")] {
+        let before = phase_totals(metrics)?;
+        let mut kind = measure(&mut runtime, handler, path, image, log_dir).await?;
+        let after = phase_totals(metrics)?;
+        kind.phases = phase_means(&before, &after);
+        kinds.push(kind);
+    }
+    let template = kinds.pop().unwrap_or_default();
+    let cold = kinds.pop().unwrap_or_default();
     Ok(Figures { cold, template })
+}
+
+/// Per start phase, the histogram's (sum, count) from the metrics endpoint; empty without one.
+fn phase_totals(metrics: Option<SocketAddr>) -> Result<Vec<(String, f64, f64)>> {
+    let Some(addr) = metrics else { return Ok(Vec::new()) };
+    let text = http_get(addr, "/metrics")?;
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|rest| rest.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let phases =
+        ["network", "vm_start", "agent_ready", "sandbox_setup", "pod_ready", "container_running"];
+    Ok(phases
+        .iter()
+        .map(|phase| {
+            let sum =
+                value(&format!(r#"podvisor_pod_start_duration_seconds_sum{{phase="{phase}"}}"#));
+            let count =
+                value(&format!(r#"podvisor_pod_start_duration_seconds_count{{phase="{phase}"}}"#));
+            (phase.to_string(), sum, count)
+        })
+        .collect())
+}
+
+/// The mean of each phase between two readings.
+fn phase_means(before: &[(String, f64, f64)], after: &[(String, f64, f64)]) -> Vec<(String, f64)> {
+    after
+        .iter()
+        .zip(before)
+        .filter(|((_, _, count), (_, _, was))| count > was)
+        .map(|((phase, sum, count), (_, was_sum, was_count))| {
+            (phase.clone(), (sum - was_sum) / (count - was_count))
+        })
+        .collect()
+}
+
+/// `GET path` from `addr` over HTTP/1.0: the body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer.split_once("\r\n\r\n").map_or(answer.clone(), |(_, body)| body.to_string()))
 }
 
 /// `PODS` pods of `handler`, each checked to have started by `path`, weighed together.

@@ -26,6 +26,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_e2e::daemon::{container_config, cri_channel, pod_config, processes_matching};
 use tonic::transport::Channel;
 
+/// The daemon's metrics endpoint in L1 (tests/nested/init configures it).
+const L1_METRICS: &str = "127.0.0.1:9090";
 /// What the container prints to its log, and what the exec prints.
 const LOG_LINE: &str = "hello-nested";
 const EXEC_OUTPUT: &str = "exec-ok";
@@ -86,7 +88,7 @@ async fn run_bench(socket: &Path, image: &str, log_dir: &Path) -> Result<()> {
     let figures = step(
         "bench",
         Duration::from_secs(3600),
-        podvisor_e2e::template_bench::run(channel, image, log_dir),
+        podvisor_e2e::template_bench::run(channel, image, log_dir, Some(L1_METRICS.parse()?)),
     )
     .await?;
     for line in figures.report() {

@@ -38,8 +38,13 @@ fn on_this_host() -> Result<()> {
     runtime.block_on(async {
         let registry = TestRegistry::start()?;
         let image = registry.push_busybox("busybox:template-bench")?;
+        let metrics = free_loopback_port()?;
         let daemon = TestDaemon::start_with_vm(
-            &format!("hypervisor = \"builtin\"\n[runtimes.{COLD_HANDLER}]\ntemplates = false\n"),
+            &format!(
+                "hypervisor = \"builtin\"\n[metrics]\nenabled = true\nport = {}\n\
+                 [runtimes.{COLD_HANDLER}]\ntemplates = false\n",
+                metrics.port()
+            ),
             "templates = true",
         )
         .await?;
@@ -50,13 +55,18 @@ fn on_this_host() -> Result<()> {
             .await?;
         let channel = podvisor_e2e::daemon::cri_channel(&daemon.socket()).await?;
         let log_dir = daemon.dir.path().join("logs");
-        let figures = template_bench::run(channel, &image, &log_dir).await?;
+        let figures = template_bench::run(channel, &image, &log_dir, Some(metrics)).await?;
         println!("VM templates, built-in VMM on this host's KVM:");
         for line in figures.report() {
             println!("  {line}");
         }
         Ok(())
     })
+}
+
+/// A loopback address with a port free a moment ago, for the daemon's metrics endpoint.
+fn free_loopback_port() -> Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 /// The figures from inside L1, relayed from its console.
