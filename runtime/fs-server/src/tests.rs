@@ -209,7 +209,21 @@ impl RealServer {
         fill(&share);
         let socket = dir.path().join("fs.sock");
         let stderr = std::fs::File::create(dir.path().join("fs-serve.log")).unwrap();
-        let child = std::process::Command::new(bin)
+        let mut command = std::process::Command::new(bin);
+        // Started with supplementary groups (a daemon run from a login shell has some), which
+        // the sandbox drops.
+        // SAFETY: setgroups(2) is async-signal-safe; the array outlives the call.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                let groups: [libc::gid_t; 2] = [0, 10];
+                if libc::setgroups(2, groups.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .arg("fs-serve")
             .arg("--shared-dir")
             .arg(&share)
@@ -257,6 +271,13 @@ impl RealServer {
         (i32::from_le_bytes(header[4..8].try_into().unwrap()), body)
     }
 
+    /// Checks the (serving, so sandboxed) server has no supplementary groups.
+    fn assert_no_groups(&self) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let groups = status.lines().find(|l| l.starts_with("Groups:")).unwrap_or_default();
+        assert_eq!(groups.trim_end(), "Groups:", "supplementary groups kept");
+    }
+
     /// Hangs up and checks the server exited 0.
     fn finish(mut self) {
         self.client.shutdown(std::net::Shutdown::Both).unwrap();
@@ -280,6 +301,7 @@ fn sandboxed_server_translates_owners() {
     exercise_translation(&share, false, &mut |caller, opcode, unique, nodeid, body| {
         server.call(caller, opcode, unique, nodeid, body)
     });
+    server.assert_no_groups();
     server.finish();
 }
 
