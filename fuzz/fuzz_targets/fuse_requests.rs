@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use podvisor_fs_server::idmap::{IdMap, IdMaps};
 use podvisor_fs_server::FileServer;
 
 fn share() -> &'static Path {
@@ -36,8 +37,15 @@ fn init_request() -> Vec<u8> {
     r
 }
 
+/// A pod's owner translation, so that replies go through its wrapper too.
+fn ids() -> IdMaps {
+    let rules = ["map:131072:0:65536".to_string(), "squash-host:131072:65534:65536".to_string()];
+    let map = IdMap::parse(&rules).expect("valid rules");
+    IdMaps { uids: map.clone(), gids: map }
+}
+
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let Ok(mut server) = FileServer::new(share(), "auto", true) else { return };
+    let Ok(mut server) = FileServer::new(share(), "auto", true, ids()) else { return };
     if server.import().is_err() {
         return;
     }

@@ -13,9 +13,14 @@
 //! UTS namespaces with the shared directory as the root, only the file-serving capabilities,
 //! `no_new_privs`, a seccomp allowlist), accept one connection (the VMM's), serve it until the
 //! VMM hangs up, exit. A restored VM gets a fresh server: no FUSE session crosses a snapshot.
+//!
+//! File owners: `--translate-uid` / `--translate-gid` (virtiofsd's syntax, see [`idmap`])
+//! translate them between host and guest ids for a pod with a user namespace ([`translate`]).
 
+pub mod idmap;
 pub mod sandbox;
 pub mod seccomp;
+pub mod translate;
 
 use std::io::{ErrorKind, Read};
 use std::os::fd::AsRawFd;
@@ -28,6 +33,9 @@ use std::sync::Arc;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader};
+
+use crate::idmap::{IdMap, IdMaps};
+use crate::translate::Translated;
 
 /// Largest FUSE message either way: fuse-backend-rs' 1 MiB data limit plus a page of headers
 /// (what its server accepts and what it advertises as max_write / max_pages in FUSE_INIT).
@@ -92,9 +100,12 @@ pub mod opcode {
 pub enum FsServerError {
     #[error(
         "usage: podvisor fs-serve --shared-dir <dir> --socket <path> [--readonly] \
-         [--cache never|metadata|auto|always] [--sandbox namespace|none] ({0})"
+         [--cache never|metadata|auto|always] [--sandbox namespace|none] \
+         [--translate-uid <rule>]... [--translate-gid <rule>]... ({0})"
     )]
     Usage(String),
+    #[error("--translate-{kind}: {source}")]
+    Translation { kind: &'static str, source: idmap::IdMapError },
     #[error("binding {path}: {source}")]
     Bind { path: PathBuf, source: std::io::Error },
     #[error("accepting the VMM's connection: {0}")]
@@ -134,15 +145,19 @@ pub struct Options {
     pub readonly: bool,
     pub cache: String,
     pub sandbox: SandboxMode,
+    /// How file owners translate between host and guest (none: as they are).
+    pub ids: IdMaps,
 }
 
-/// Parses `--shared-dir D --socket S [--readonly] [--cache C] [--sandbox namespace|none]`;
-/// leading words before the first option (program name, subcommand) are ignored.
+/// Parses `--shared-dir D --socket S [--readonly] [--cache C] [--sandbox namespace|none]
+/// [--translate-uid R]... [--translate-gid R]...`; leading words before the first option
+/// (program name, subcommand) are ignored.
 pub fn parse_args(args: &[String]) -> Result<Options, FsServerError> {
     let usage = |m: &str| FsServerError::Usage(m.to_string());
     let mut iter = args.iter().skip_while(|a| !a.starts_with("--"));
     let (mut shared_dir, mut socket, mut readonly) = (None, None, false);
     let (mut cache, mut sandbox) = ("auto".to_string(), SandboxMode::Namespace);
+    let (mut uid_rules, mut gid_rules) = (Vec::new(), Vec::new());
     while let Some(flag) = iter.next() {
         let mut value = || iter.next().ok_or_else(|| usage(&format!("{flag} needs a value")));
         match flag.as_str() {
@@ -160,6 +175,8 @@ pub fn parse_args(args: &[String]) -> Result<Options, FsServerError> {
                     other => return Err(usage(&format!("unknown --sandbox {other:?}"))),
                 }
             }
+            "--translate-uid" => uid_rules.push(value()?.clone()),
+            "--translate-gid" => gid_rules.push(value()?.clone()),
             other => return Err(usage(&format!("unknown argument {other:?}"))),
         }
     }
@@ -169,6 +186,12 @@ pub fn parse_args(args: &[String]) -> Result<Options, FsServerError> {
         readonly,
         cache,
         sandbox,
+        ids: IdMaps {
+            uids: IdMap::parse(&uid_rules)
+                .map_err(|source| FsServerError::Translation { kind: "uid", source })?,
+            gids: IdMap::parse(&gid_rules)
+                .map_err(|source| FsServerError::Translation { kind: "gid", source })?,
+        },
     })
 }
 
@@ -187,10 +210,13 @@ fn passthrough(root: &Path, cache: &str) -> Result<PassthroughFs<()>, FsServerEr
         .map_err(|source| FsServerError::Passthrough { path: root.to_path_buf(), source })
 }
 
+/// The file system served: the passthrough, its owners translated.
+type ServedFs = Translated<PassthroughFs<()>>;
+
 /// One file system being served.
 pub struct FileServer {
-    fs: Arc<PassthroughFs<()>>,
-    server: Server<Arc<PassthroughFs<()>>>,
+    fs: Arc<ServedFs>,
+    server: Server<Arc<ServedFs>>,
     readonly: bool,
     request: Vec<u8>,
     reply: Vec<u8>,
@@ -201,9 +227,15 @@ pub struct FileServer {
 }
 
 impl FileServer {
-    /// A server for `root`. Nothing is opened under it until [`Self::import`].
-    pub fn new(root: &Path, cache: &str, readonly: bool) -> Result<Self, FsServerError> {
-        let fs = Arc::new(passthrough(root, cache)?);
+    /// A server for `root`, file owners translated by `ids`. Nothing is opened under it until
+    /// [`Self::import`].
+    pub fn new(
+        root: &Path,
+        cache: &str,
+        readonly: bool,
+        ids: IdMaps,
+    ) -> Result<Self, FsServerError> {
+        let fs = Arc::new(Translated::new(passthrough(root, cache)?, ids));
         let staged = nix::sys::memfd::memfd_create(
             c"podvisor-fs-serve-reply",
             nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
@@ -222,7 +254,7 @@ impl FileServer {
     /// Opens the root directory (after the sandbox moved it to `/`, so `..` of the root is
     /// the root).
     pub fn import(&self) -> Result<(), FsServerError> {
-        self.fs.import().map_err(FsServerError::Import)
+        self.fs.inner().import().map_err(FsServerError::Import)
     }
 
     /// Serves requests from `stream` until the peer hangs up (Ok) or breaks the framing.
@@ -368,13 +400,21 @@ pub fn run(options: &Options) -> Result<(), FsServerError> {
         .map_err(|source| FsServerError::Bind { path: options.socket.clone(), source })?;
     let mut server = match options.sandbox {
         SandboxMode::Namespace => {
-            let server = FileServer::new(Path::new("/"), &options.cache, options.readonly)?;
+            let server = FileServer::new(
+                Path::new("/"),
+                &options.cache,
+                options.readonly,
+                options.ids.clone(),
+            )?;
             sandbox::enter(&options.shared_dir, options.readonly)?;
             server
         }
-        SandboxMode::None => {
-            FileServer::new(&options.shared_dir, &options.cache, options.readonly)?
-        }
+        SandboxMode::None => FileServer::new(
+            &options.shared_dir,
+            &options.cache,
+            options.readonly,
+            options.ids.clone(),
+        )?,
     };
     server.import()?;
     if options.sandbox == SandboxMode::Namespace {

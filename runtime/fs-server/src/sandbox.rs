@@ -6,9 +6,11 @@
 //! 2. makes the shared directory its root (`pivot_root` onto a bind of it, the old root
 //!    detached), nosuid and nodev, read-only when the share is: nothing outside the share is
 //!    reachable by path,
-//! 3. keeps only the capabilities of serving files (chown, DAC override, fowner, fsetid,
-//!    setuid/setgid for the per-request credentials, mknod, setfcap), empties the bounding and
-//!    ambient sets and sets `no_new_privs`.
+//! 3. drops its supplementary groups (as virtiofsd does: a request runs with the caller's uid
+//!    and gid only, and would otherwise keep the daemon's groups), keeps only the capabilities
+//!    of serving files (chown, DAC override, fowner, fsetid, setuid/setgid for the per-request
+//!    credentials, mknod, setfcap), empties the bounding and ambient sets and sets
+//!    `no_new_privs`.
 //!
 //! Then [`crate::seccomp::install`] adds the syscall allowlist. Call it single-threaded.
 
@@ -76,6 +78,7 @@ pub fn enter(shared_dir: &Path, readonly: bool) -> Result<(), SandboxError> {
     pivot_root(".", ".").map_err(sys("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(sys("detaching the old root"))?;
     chdir("/").map_err(sys("chdir /"))?;
+    nix::unistd::setgroups(&[]).map_err(sys("dropping supplementary groups"))?;
     drop_capabilities()?;
     // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {

@@ -17,9 +17,10 @@
 //! snapshot directory (see `podvisor_vmm::snapshot`); a jailed VMM can only write inside its
 //! run directory. `restore` starts the VMM with `--restore <dir>` on the new VM's own run
 //! directory, console and sockets; its shares get fresh file servers (no FUSE session crosses
-//! a snapshot). With `fs = "vhost-user"`, VMs with shared directories cannot be restored: the
-//! vhost-user backend would map the snapshot file shared, not the VM's private copy-on-write
-//! memory.
+//! a snapshot), each with the restored pod's own owner translation (a template's VM has none:
+//! its guest mounts nothing before the snapshot). With `fs = "vhost-user"`, VMs with shared
+//! directories cannot be restored: the vhost-user backend would map the snapshot file shared,
+//! not the VM's private copy-on-write memory.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -41,9 +42,6 @@ use super::{
 /// Why a VM with shared directories has no template with `builtin.fs = "vhost-user"`.
 const SHARES_CANNOT_RESTORE: &str = "a VM with shared directories cannot start from a \
     snapshot with builtin.fs = \"vhost-user\": vhost-user virtio-fs cannot map private \
-    copy-on-write guest memory";
-const TRANSLATED_SHARES_CANNOT_RESTORE: &str = "a VM whose shares translate file owners (a pod \
-    with a user namespace) is served by virtiofsd, whose vhost-user device cannot map private \
     copy-on-write guest memory";
 
 /// How long a snapshot request may take to answer.
@@ -209,10 +207,18 @@ pub fn vmm_config(config: &VmConfig, seccomp: SeccompMode, fs: FsKind) -> Result
     Ok(vmm)
 }
 
-/// `fs-serve`'s arguments for one shared directory: the share's cache mode and read-only flag
-/// as virtiofsd would get them, and its namespace sandbox (the default, spelled out so a changed
-/// default cannot loosen it).
-pub fn fs_server_args(socket: &Path, dir: &super::SharedDir) -> Vec<OsString> {
+/// `fs-serve`'s arguments for one shared directory: the share's cache mode, read-only flag and
+/// owner translation as virtiofsd would get them, and its namespace sandbox (the default,
+/// spelled out so a changed default cannot loosen it). A translation fs-serve would refuse
+/// (overlapping ranges) is refused here, naming the share, before anything starts.
+pub fn fs_server_args(socket: &Path, dir: &SharedDir) -> Result<Vec<OsString>> {
+    let uids: Vec<String> = dir.ids.uids.iter().map(|t| t.virtiofsd_arg()).collect();
+    let gids: Vec<String> = dir.ids.gids.iter().map(|t| t.virtiofsd_arg()).collect();
+    for (kind, rules) in [("uid", &uids), ("gid", &gids)] {
+        podvisor_fs_server::idmap::IdMap::parse(rules).map_err(|e| {
+            HypervisorError::InvalidConfig(format!("share {}: {kind} translation: {e}", dir.tag))
+        })?;
+    }
     let mut args: Vec<OsString> = vec![
         "--shared-dir".into(),
         dir.host_path.clone().into(),
@@ -226,7 +232,12 @@ pub fn fs_server_args(socket: &Path, dir: &super::SharedDir) -> Vec<OsString> {
     if dir.read_only {
         args.push("--readonly".into());
     }
-    args
+    for (flag, rules) in [("--translate-uid", uids), ("--translate-gid", gids)] {
+        for rule in rules {
+            args.extend([flag.into(), rule.into()]);
+        }
+    }
+    Ok(args)
 }
 
 /// The built-in [`Hypervisor`].
@@ -243,17 +254,6 @@ impl BuiltinHypervisor {
             return Err(HypervisorError::InvalidConfig("empty VMM or fs-serve command".into()));
         }
         Ok(Self { config, jail_ids: std::sync::Mutex::new(()) })
-    }
-
-    /// Who serves this VM's shares: fs-serve cannot translate file owners, so shares that
-    /// do (a pod with a user namespace) go to virtiofsd whatever `[builtin] fs` says.
-    fn fs_kind(&self, shares: &[SharedDir]) -> FsKind {
-        let translated = shares.iter().any(|s| !s.ids.uids.is_empty() || !s.ids.gids.is_empty());
-        if translated {
-            FsKind::VhostUser
-        } else {
-            self.config.fs
-        }
     }
 
     /// Sends one control request to the VM's VMM.
@@ -306,7 +306,7 @@ impl BuiltinHypervisor {
             let name = format!("fs-serve-{}", dir.tag);
             let socket = layout.virtiofs_socket(&dir.tag);
             let mut args: Vec<OsString> = self.config.fs_server_command[1..].to_vec();
-            args.extend(fs_server_args(&socket, dir));
+            args.extend(fs_server_args(&socket, dir)?);
             starting.spawn(&name, &self.config.fs_server_command[0], &args, layout.log(&name))?;
             starting.wait_for_path(&name, &socket, deadline).await?;
         }
@@ -322,7 +322,7 @@ impl BuiltinHypervisor {
     ) -> Result<()> {
         let layout = BuiltinLayout::new(&config.run_dir);
         let deadline = Instant::now() + self.config.startup_timeout;
-        match self.fs_kind(&config.shared_dirs) {
+        match self.config.fs {
             FsKind::Inproc => self.start_fs_servers(config, starting, deadline).await?,
             FsKind::VhostUser => {
                 starting
@@ -409,10 +409,8 @@ impl Hypervisor for BuiltinHypervisor {
     }
 
     fn template_refusal(&self, spec: &VmSpec) -> Option<String> {
-        if spec.shared_dirs.is_empty() || self.fs_kind(&spec.shared_dirs) == FsKind::Inproc {
+        if spec.shared_dirs.is_empty() || self.config.fs == FsKind::Inproc {
             None
-        } else if self.config.fs == FsKind::Inproc {
-            Some(TRANSLATED_SHARES_CANNOT_RESTORE.to_string())
         } else {
             Some(SHARES_CANNOT_RESTORE.to_string())
         }
@@ -446,15 +444,14 @@ impl BuiltinHypervisor {
     /// Like [`Self::launch`], but the VM starts from the snapshot in `dir` (taken of a VM
     /// with the same vCPUs, memory and devices) instead of booting.
     pub async fn launch_restored(&self, config: &VmConfig, dir: &Path) -> Result<VmHandle> {
-        if !config.shared_dirs.is_empty() && self.fs_kind(&config.shared_dirs) == FsKind::VhostUser
-        {
+        if !config.shared_dirs.is_empty() && self.config.fs == FsKind::VhostUser {
             return Err(HypervisorError::InvalidConfig(SHARES_CANNOT_RESTORE.into()));
         }
         self.launch_from(config, Some(dir)).await
     }
 
     async fn launch_from(&self, config: &VmConfig, restore: Option<&Path>) -> Result<VmHandle> {
-        let vmm = vmm_config(config, self.config.seccomp, self.fs_kind(&config.shared_dirs))?;
+        let vmm = vmm_config(config, self.config.seccomp, self.config.fs)?;
         let layout = BuiltinLayout::new(&config.run_dir);
         let mut stale = vec![layout.control(), layout.vsock_uds()];
         stale.extend(config.shared_dirs.iter().map(|d| layout.virtiofs_socket(&d.tag)));
@@ -539,20 +536,79 @@ mod tests {
         }
     }
 
-    /// fs-serve cannot translate owners: a pod with a user namespace gets virtiofsd, and no
-    /// template (its vhost-user device cannot map private memory).
+    /// The VM's spec for `config` (what the sandbox layer hands the backend).
+    fn vm_spec(config: &VmConfig) -> VmSpec {
+        VmSpec {
+            sandbox_id: config.sandbox_id.clone(),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            extra_kernel_args: config.extra_kernel_args.clone(),
+            console_log: config.console_log.clone(),
+            console_log_max_bytes: config.console_log_max_bytes,
+            shared_dirs: config.shared_dirs.clone(),
+            block_devices: vec![],
+            net_devices: vec![],
+            netns: None,
+            host_namespaces: Default::default(),
+        }
+    }
+
+    /// A pod with a user namespace: kubelet's mapping of container 0.. to guest 65536...
+    fn translated(mut config: VmConfig) -> VmConfig {
+        use crate::hypervisor::IdTranslation;
+        let ids = vec![
+            IdTranslation::Map { guest: 65_536, host: 0, count: 65_536 },
+            IdTranslation::SquashHost { host: 65_536, guest: 65_534, count: 65_536 },
+        ];
+        config.shared_dirs[0].ids.uids = ids.clone();
+        config.shared_dirs[0].ids.gids = ids;
+        config
+    }
+
+    /// fs-serve translates owners as virtiofsd does: a pod with a user namespace keeps the
+    /// in-process shares, gets its translation on fs-serve's command line and may start from
+    /// a template; a translation fs-serve would refuse is refused before anything starts.
     #[test]
-    fn shares_translating_owners_go_to_virtiofsd() {
+    fn shares_translating_owners_go_to_fs_serve() {
         let hv = BuiltinHypervisor::new(test_config(vec!["podvisor".into()])).unwrap();
-        let plain = vm_config(Path::new("/run/vm"));
-        assert_eq!(hv.fs_kind(&plain.shared_dirs), FsKind::Inproc);
-        let mut translated = plain.clone();
-        translated.shared_dirs[0].ids.uids =
-            vec![crate::hypervisor::IdTranslation::Map { guest: 65536, host: 0, count: 65536 }];
-        assert_eq!(hv.fs_kind(&translated.shared_dirs), FsKind::VhostUser);
-        let c = vmm_config(&translated, SeccompMode::Trap, hv.fs_kind(&translated.shared_dirs))
-            .unwrap();
-        assert_eq!(c.fs[0].kind, FsKind::VhostUser);
+        let pod = translated(vm_config(Path::new("/run/vm")));
+        assert_eq!(hv.template_refusal(&vm_spec(&pod)), None);
+        let c = vmm_config(&pod, SeccompMode::Trap, hv.config.fs).unwrap();
+        assert_eq!(c.fs[0].kind, FsKind::Inproc);
+        let args = fs_server_args(Path::new("/run/vm/fs.sock"), &pod.shared_dirs[0]).unwrap();
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        let rules = |flag: &str| -> Vec<&str> {
+            args.windows(2).filter(|w| w[0] == flag).map(|w| w[1]).collect()
+        };
+        let want = ["map:65536:0:65536", "squash-host:65536:65534:65536"];
+        assert_eq!(
+            (rules("--translate-uid"), rules("--translate-gid")),
+            (want.into(), want.into())
+        );
+        let plain =
+            fs_server_args(Path::new("/s"), &vm_config(Path::new("/run/vm")).shared_dirs[0]);
+        assert!(!plain.unwrap().iter().any(|a| a.to_str().unwrap().starts_with("--translate")));
+
+        let mut bad = pod.clone();
+        bad.shared_dirs[0].ids.gids.push(crate::hypervisor::IdTranslation::Map {
+            guest: 70_000,
+            host: 1,
+            count: 1,
+        });
+        let err = fs_server_args(Path::new("/s"), &bad.shared_dirs[0]).unwrap_err().to_string();
+        assert!(err.contains("share rootfs: gid translation") && err.contains("overlaps"), "{err}");
+
+        let vhost_user = BuiltinHypervisor::new(BuiltinConfig {
+            fs: FsKind::VhostUser,
+            ..test_config(vec!["podvisor".into()])
+        })
+        .unwrap();
+        assert_eq!(
+            vhost_user.template_refusal(&vm_spec(&pod)).as_deref(),
+            Some(SHARES_CANNOT_RESTORE)
+        );
     }
 
     #[test]
@@ -697,8 +753,9 @@ mod tests {
     }
 
     /// Through the trait: a counting guest is paused and snapshotted into its run directory,
-    /// and a second VM with its own run directory starts from that snapshot and counts on. A
-    /// VM with shared directories is refused.
+    /// and a second VM with its own run directory (and, as root, a share translating owners)
+    /// starts from that snapshot and counts on. With `fs = "vhost-user"` a VM with shared
+    /// directories is refused.
     async fn snapshot_and_restore(jail: Option<JailIds>) {
         use podvisor_vmm::guest_program::{asm, elf};
         if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
@@ -746,10 +803,15 @@ mod tests {
         std::fs::rename(&snap, &kept).unwrap();
         hv.cleanup(&vm).await.unwrap();
 
-        let pod = guest("pod");
+        // The template had no owner translation; the restored pod has a user namespace, and
+        // its own fs-serve gets its translation.
+        let pod = if with_share { translated(guest("pod")) } else { guest("pod") };
         let restored = hv.launch_restored(&pod, &kept).await.unwrap();
         if with_share {
-            assert_fs_server_is_sandboxed(&restored);
+            let server = assert_fs_server_is_sandboxed(&restored);
+            let cmdline = std::fs::read(format!("/proc/{}/cmdline", server.pid)).unwrap();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            assert!(cmdline.contains("--translate-uid map:65536:0:65536 "), "{cmdline}");
         }
         let after = wait_for_bytes(&pod.console_log, 2).await;
         let memory = &hv.describe(&restored)["vmmMemory"];
@@ -772,7 +834,7 @@ mod tests {
 
     /// The VM's fs-serve runs as root with only the file-serving capabilities, no_new_privs,
     /// seccomp, and in a mount namespace of its own.
-    fn assert_fs_server_is_sandboxed(vm: &VmHandle) {
+    fn assert_fs_server_is_sandboxed(vm: &VmHandle) -> &crate::hypervisor::VmProcess {
         let server = vm.processes.iter().find(|p| p.name == "fs-serve-rootfs").expect("fs-serve");
         let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid)).unwrap();
         let field = |name: &str| {
@@ -784,6 +846,7 @@ mod tests {
         assert_eq!((field("NoNewPrivs:"), field("Seccomp:")), (Some("1"), Some("2")), "{status}");
         let ns = |pid: String| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
         assert_ne!(ns(server.pid.to_string()), ns("self".into()));
+        server
     }
 
     /// Two VMs through the trait with the daemon's default confinement: each VMM runs jailed

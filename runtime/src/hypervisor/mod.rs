@@ -84,13 +84,14 @@ pub struct SharedDir {
     pub read_only: bool,
     /// virtiofsd's `--cache` mode: `always` for immutable content, `auto`/`never` for volumes.
     pub cache: String,
-    /// How virtiofsd translates file owners between host and guest (none: as they are).
+    /// How the share's file server (virtiofsd or fs-serve) translates file owners between host
+    /// and guest (none: as they are).
     #[serde(default)]
     pub ids: IdTranslations,
 }
 
-/// virtiofsd's uid and gid translations (`--translate-uid`, `--translate-gid`); ids in no
-/// range are passed through unchanged.
+/// virtiofsd's uid and gid translations (`--translate-uid`, `--translate-gid`), which fs-serve
+/// takes too; ids in no range are passed through unchanged.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IdTranslations {
     pub uids: Vec<IdTranslation>,
@@ -108,7 +109,7 @@ pub enum IdTranslation {
 }
 
 impl IdTranslation {
-    /// The value of a `--translate-uid`/`--translate-gid` argument.
+    /// The value of a `--translate-uid`/`--translate-gid` argument (virtiofsd's and fs-serve's).
     pub fn virtiofsd_arg(&self) -> String {
         match *self {
             Self::Map { guest, host, count } => format!("map:{guest}:{host}:{count}"),

@@ -4,8 +4,9 @@
 //! it, stop and remove the pod. The daemon runs with `[vm] templates = true`: that first pod
 //! cold-boots while its VM template is built; then two pods start from the template, each
 //! runs a container, execs and logs, answers HTTP on its CNI address, and they differ in boot
-//! id, random bytes, hostname and MAC;
-//! removing them leaves the template in place. A corrupted template makes the next pod
+//! id, random bytes, hostname and MAC; removing them leaves the template in place. A pod with
+//! a user namespace starts from the same template, and its volume's files get the mapped host
+//! owners. A corrupted template makes the next pod
 //! cold-boot with a log line naming it, and is rebuilt; a changed initramfs makes a new
 //! template replace the old one.
 //!
@@ -380,6 +381,8 @@ async fn templates(
     })
     .await?;
 
+    userns_pod_from_template(runtime, image, log_dir, &key).await?;
+
     // A corrupt template: the next pod cold-boots, the daemon's log names it, it is rebuilt.
     let state = Path::new("/run/pv/templates").join(&key).join("snapshot/vm.state");
     std::fs::write(&state, b"PVSNAPST not a snapshot")
@@ -418,6 +421,124 @@ async fn templates(
         }
     })
     .await
+}
+
+/// kubelet's user namespace for a pod (`hostUsers: false`): container ids 0.. at guest ids
+/// 131072.., 65536 of them, uids and gids alike.
+const USERNS_BASE: u32 = 131_072;
+
+/// A pod with a user namespace (POD mode, as `tests/tests/userns.rs` makes it) starts from the
+/// same template as the others (the key has no mapping: the template's shares translate
+/// nothing, each restored pod's fs-serve gets its own translation); its fs-serve translates
+/// (no virtiofsd); what its container's root and uid 1000 write to a host volume is the host's
+/// uid 0 and 1000, and the host root's file is the container root's.
+async fn userns_pod_from_template(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    image: &str,
+    log_dir: &Path,
+    key: &str,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let name = "tpl-userns";
+    let mut config = pod_config(name, log_dir);
+    let map = cri::IdMapping { container_id: 0, host_id: USERNS_BASE, length: 65_536 };
+    let namespaces = cri::NamespaceOption {
+        pid: cri::NamespaceMode::Container as i32,
+        userns_options: Some(cri::UserNamespace {
+            mode: cri::NamespaceMode::Pod as i32,
+            uids: vec![map],
+            gids: vec![map],
+        }),
+        ..Default::default()
+    };
+    config.linux = Some(cri::LinuxPodSandboxConfig {
+        security_context: Some(cri::LinuxSandboxSecurityContext {
+            namespace_options: Some(namespaces),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let volume = Path::new("/run/pv-userns-data");
+    let _ = std::fs::remove_dir_all(volume);
+    std::fs::create_dir_all(volume).context("making the userns pod's volume")?;
+    std::fs::write(volume.join("from-host"), "host\n")?;
+
+    let pod = step("run-pod-from-template-userns", Duration::from_secs(300), async {
+        let request = cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        };
+        Ok(runtime.run_pod_sandbox(request).await?.into_inner().pod_sandbox_id)
+    })
+    .await?;
+    let info = pod_info(runtime, &pod).await?;
+    println!(
+        "NESTED-TEMPLATE-POD {name} startPath={} template={} reason={}",
+        info["startPath"], info["template"], info["startReason"]
+    );
+    if info["startPath"] != "template" || info["template"] != key {
+        bail!("the user-namespace pod did not start from template {key}: {info}");
+    }
+    let translating: Vec<_> = processes_matching("fs-serve")
+        .into_iter()
+        .filter(|(_, cmd)| {
+            cmd.contains(&pod[..16]) && cmd.contains("--translate-uid map:131072:0:65536")
+        })
+        .collect();
+    let virtiofsds = processes_matching("virtiofsd");
+    if translating.is_empty() || !virtiofsds.is_empty() {
+        bail!("expected translating fs-serve processes and no virtiofsd: {translating:?} {virtiofsds:?}");
+    }
+
+    let log_name = format!("{name}.log");
+    let script = "echo back > /data/from-container && touch /data/as-1000 && \
+                  chown 1000:1000 /data/as-1000 && echo hello-nested; exec sleep 3600";
+    let container = step("start-container-userns", Duration::from_secs(180), async {
+        let mut c = container_config(name, image, &["/bin/sh", "-c", script]);
+        c.log_path = log_name.clone();
+        c.mounts = vec![cri::Mount {
+            container_path: "/data".into(),
+            host_path: volume.display().to_string(),
+            ..Default::default()
+        }];
+        let request = cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(c),
+            sandbox_config: Some(config.clone()),
+        };
+        let id = runtime.create_container(request).await?.into_inner().container_id;
+        runtime.start_container(cri::StartContainerRequest { container_id: id.clone() }).await?;
+        Ok(id)
+    })
+    .await?;
+    step("log-line-userns", Duration::from_secs(120), wait_for_log_line(&log_dir.join(&log_name)))
+        .await?;
+    step("owners-userns", Duration::from_secs(120), async {
+        let seen = exec_out(
+            runtime,
+            &container,
+            &["sh", "-c", "cat /proc/self/uid_map; stat -c '%n %u:%g' /data/from-host"],
+        )
+        .await?;
+        let owner = |file: &str| -> Result<(u32, u32)> {
+            let m = std::fs::metadata(volume.join(file)).with_context(|| file.to_string())?;
+            Ok((m.uid(), m.gid()))
+        };
+        let written = (owner("from-container")?, owner("as-1000")?);
+        println!("NESTED-USERNS seen={seen:?} host owners={written:?}");
+        let fields: Vec<&str> = seen.split_whitespace().collect();
+        if fields != ["0", "131072", "65536", "/data/from-host", "0:0"] {
+            bail!("in the container: {seen:?}");
+        }
+        if written != ((0, 0), (1000, 1000)) {
+            bail!("host owners of what the container's root and uid 1000 wrote: {written:?}");
+        }
+        Ok(())
+    })
+    .await?;
+    runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await?;
+    runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await?;
+    Ok(())
 }
 
 /// Runs pod `name`, checks it cold-booted, removes it; the reason it gives.

@@ -33,7 +33,8 @@ fn start_server(root: &Path) -> (UnixStream, std::thread::JoinHandle<()>) {
     let (device_end, mut server_end) = UnixStream::pair().unwrap();
     let root = root.to_path_buf();
     let server = std::thread::spawn(move || {
-        let mut server = podvisor_fs_server::FileServer::new(&root, "auto", false).unwrap();
+        let mut server =
+            podvisor_fs_server::FileServer::new(&root, "auto", false, Default::default()).unwrap();
         server.import().unwrap();
         // Ends when the device's end closes.
         let _ = server.serve(&mut server_end);
