@@ -8,8 +8,8 @@
 //!    reachable by path,
 //! 3. drops its supplementary groups (as virtiofsd does: a request runs with the caller's uid
 //!    and gid only, and would otherwise keep the daemon's groups), keeps only the capabilities
-//!    of serving files (chown, DAC override, fowner, fsetid, setuid/setgid for the per-request
-//!    credentials, mknod, setfcap), empties the bounding and ambient sets and sets
+//!    of serving files (chown, DAC override, DAC read-search for hard links, fowner, fsetid,
+//!    setuid/setgid for the per-request credentials, mknod, setfcap), empties the bounding and ambient sets and sets
 //!    `no_new_privs`.
 //!
 //! Then [`crate::seccomp::install`] adds the syscall allowlist. Call it single-threaded.
@@ -31,8 +31,11 @@ pub enum SandboxError {
 }
 
 /// Capabilities the passthrough file system uses (see the module docs).
-/// (linux/capability.h: CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD, SETFCAP.)
-const KEPT_CAPABILITIES: &[u32] = &[0, 1, 3, 4, 6, 7, 27, 31];
+/// (linux/capability.h: CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID, SETGID, SETUID,
+/// MKNOD, SETFCAP.) DAC_READ_SEARCH is for LINK: the passthrough links by
+/// `linkat(fd, "", AT_EMPTY_PATH)`, which needs it. Beside DAC_OVERRIDE it adds only that and
+/// `open_by_handle_at`, which the seccomp allowlist does not let through.
+const KEPT_CAPABILITIES: &[u32] = &[0, 1, 2, 3, 4, 6, 7, 27, 31];
 /// Highest capability number any kernel we run on knows (CAP_CHECKPOINT_RESTORE).
 const LAST_CAPABILITY: u32 = 40;
 

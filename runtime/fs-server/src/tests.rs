@@ -298,7 +298,7 @@ fn sandboxed_server_translates_owners() {
     }
     let Some(mut server) = RealServer::start(translation_share, &args) else { return };
     let share = server.share();
-    exercise_translation(&share, false, &mut |caller, opcode, unique, nodeid, body| {
+    exercise_translation(&share, &mut |caller, opcode, unique, nodeid, body| {
         server.call(caller, opcode, unique, nodeid, body)
     });
     server.assert_no_groups();
@@ -435,9 +435,9 @@ fn setattr_owner(uid: u32, gid: u32) -> Vec<u8> {
 /// files are owned by the caller's host ids, chown sets host ids, and every attribute a reply
 /// carries shows the guest's ids; ids in no range pass through in both directions (so a guest
 /// id outside the map may come back as another: its host id lies in the mapped host range).
-/// `hard_links`: LINK works (not in the sandbox: the passthrough's `linkat(AT_EMPTY_PATH)`
-/// needs CAP_DAC_READ_SEARCH, which the sandbox drops).
-fn exercise_translation(share: &Path, hard_links: bool, call: &mut Call) {
+/// LINK too: the passthrough's `linkat(AT_EMPTY_PATH)` needs CAP_DAC_READ_SEARCH, which the
+/// sandbox keeps for it.
+fn exercise_translation(share: &Path, call: &mut Call) {
     let root = Caller { uid: 0, gid: 0 };
     let container = |id: u32| Caller { uid: 131_072 + id, gid: 131_072 + id };
     let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
@@ -481,13 +481,14 @@ fn exercise_translation(share: &Path, hard_links: bool, call: &mut Call) {
     assert_eq!(e, 0);
     assert_eq!(host_owner(&share.join("by-5000")), (5000, 5000));
     assert_eq!(owner_at(&made, ENTRY_ATTR), (136_072, 136_072));
-    if hard_links {
-        let mut link = by_1000.to_le_bytes().to_vec(); // fuse_link_in.oldnodeid, then the name
-        link.extend_from_slice(b"hard\0");
-        let (e, linked) = call(container(0), opcode::LINK, 9, 1, &link);
-        assert_eq!(e, 0);
-        assert_eq!(owner_at(&linked, ENTRY_ATTR), (132_072, 132_072));
-    }
+    let mut link = by_1000.to_le_bytes().to_vec(); // fuse_link_in.oldnodeid, then the name
+    link.extend_from_slice(b"hard\0");
+    let (e, linked) = call(container(0), opcode::LINK, 9, 1, &link);
+    assert_eq!(e, 0, "LINK");
+    assert_eq!(owner_at(&linked, ENTRY_ATTR), (132_072, 132_072));
+    let links =
+        std::fs::metadata(share.join("hard")).map(|m| std::os::unix::fs::MetadataExt::nlink(&m));
+    assert_eq!(links.ok(), Some(2));
     let (e, symlink) = call(container(7), opcode::SYMLINK, 10, 1, b"soft\0hello\0");
     assert_eq!(e, 0);
     assert_eq!(owner_at(&symlink, ENTRY_ATTR), (131_079, 131_079));
@@ -544,7 +545,7 @@ fn translated_owners_both_ways() {
     std::fs::remove_file(share.join("hello")).unwrap();
     translation_share(&share);
     let client = &mut s.client;
-    exercise_translation(&share, true, &mut |caller, opcode, unique, nodeid, body| {
+    exercise_translation(&share, &mut |caller, opcode, unique, nodeid, body| {
         client.write_all(&request_as(caller, opcode, unique, nodeid, body)).unwrap();
         let (error, got, body) = reply(client);
         assert_eq!(got, unique);
