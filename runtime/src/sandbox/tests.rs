@@ -71,7 +71,11 @@ impl Harness {
 
     /// Pods start from VM templates; the "kernel" and "initramfs" are small files of the test's.
     fn with_templates(network: bool) -> Self {
-        Self::build_with(60, network, |config, dir| {
+        Self::with_templates_and_boot_timeout(network, 60)
+    }
+
+    fn with_templates_and_boot_timeout(network: bool, seconds: u64) -> Self {
+        Self::build_with(seconds, network, |config, dir| {
             config.vm.templates = true;
             config.vm.kernel = dir.join("vmlinux");
             config.vm.initrd = dir.join("initramfs.cpio");
@@ -464,6 +468,51 @@ async fn pods_cold_boot_where_no_template_can_be_used() {
     assert_eq!(h.templates_settled().await[0].state, "ready", "rebuilt");
     assert_eq!(h.template_boots(), 2);
     assert_eq!(h.start_of(&h.run_pod("again").await).path, "template");
+}
+
+/// A restored guest whose agent never answers: after a bounded wait of its own the restored
+/// VM is stopped and cleaned up, the template discarded, and the pod cold-boots in a fresh VM
+/// and runs, its record (verbose PodSandboxStatus' `startReason`) saying why; the template is
+/// rebuilt and later pods restore again.
+#[tokio::test]
+async fn a_restored_agent_that_never_answers_falls_back_to_a_cold_boot() {
+    needs_root!();
+    // The restored agent's wait is min(boot timeout, 30 s): 2 s here.
+    let h = Harness::with_templates_and_boot_timeout(false, 2);
+    use crate::hypervisor::Hypervisor as _;
+    h.run_pod("first").await;
+    let key = h.templates_settled().await[0].key.clone();
+    h.dialer.next_agent().hang_next("Ping");
+    let stops = h.hv.behave().stops;
+    let started = std::time::Instant::now();
+    let sid = tokio::time::timeout(Duration::from_secs(20), h.manager.run_sandbox(h.pod("silent")))
+        .await
+        .expect("RunPodSandbox waited on a restored agent that never answers")
+        .expect("the pod cold-booted instead");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(h.hv.behave().restores.len(), 1, "it was restored first");
+    let rec = h.manager.sandbox(&sid).unwrap();
+    assert_eq!(rec.state, SandboxState::Ready);
+    let start = rec.start.clone().unwrap();
+    assert_eq!(start.path, "cold", "{start:?}");
+    assert!(start.reason.contains(&key) && start.reason.contains("did not answer"), "{start:?}");
+    assert!(start.template.is_empty(), "{start:?}");
+    assert!(h.hv.is_running(rec.vm.as_ref().unwrap()), "the record holds the cold VM");
+    assert!(h.agent(&sid).sandbox().is_some_and(|s| s.mac_changes.is_empty()));
+
+    let settled = h.templates_settled().await;
+    assert_eq!(settled.len(), 1, "{settled:?}");
+    assert_eq!(settled[0].state, "ready", "rebuilt: {settled:?}");
+    assert_eq!(h.template_boots(), 2);
+    assert_eq!(h.hv.behave().stops, stops + 2, "the restored VM and the rebuild's VM stopped");
+    assert_eq!(h.hv.running(), 2, "the first pod's VM and the cold-booted one");
+    assert_eq!(h.start_of(&h.run_pod("after").await).path, "template");
+    for sid in h.manager.list_sandboxes().into_iter().map(|s| s.id) {
+        h.manager.remove_sandbox(&sid).await.unwrap();
+    }
+    h.assert_nothing_left();
+    let run_dirs = std::fs::read_dir(h.config.state.join("vms")).unwrap().count();
+    assert_eq!(run_dirs, 0, "a VM run directory was left");
 }
 
 // Pods.
