@@ -168,9 +168,11 @@ pub struct VmSection {
     /// container gets the guest's own node of that path. A VM has none of the host's devices.
     pub allowed_devices: Vec<String>,
     /// Start pods from VM templates (snapshot/restore) where the backend and the VM's devices
-    /// allow it; cold boot otherwise. Off by default until the whole path is proven end to
-    /// end (README, "VM templates").
+    /// allow it; cold boot otherwise (README, "VM templates").
     pub templates: bool,
+    /// How many VM templates are kept on disk (each holds a memory file of its VM's size);
+    /// installing one more removes the least recently used. 0: templates are off.
+    pub max_templates: u32,
 }
 
 impl VmSection {
@@ -445,6 +447,7 @@ impl Default for VmSection {
             console_log_max_kib: 1024,
             allowed_devices: Vec::new(),
             templates: false,
+            max_templates: 4,
         }
     }
 }

@@ -282,7 +282,7 @@ impl SandboxManager {
         hypervisor: &Arc<dyn crate::hypervisor::Hypervisor>,
         spec: &VmSpec,
     ) -> StartPlan {
-        if !handler.templates {
+        if !handler.templates || self.config.vm.max_templates == 0 {
             return StartPlan::Cold { reason: TEMPLATES_OFF.into(), build: None };
         }
         let plan = match hypervisor.template_refusal(spec) {
@@ -449,8 +449,11 @@ impl SandboxManager {
     > {
         let (id, hypervisor, spec) = (start.id, start.hypervisor, start.spec);
         let reason = match plan {
-            StartPlan::Restore(template) => {
-                match hypervisor.restore(prepared, spec, &template.snapshot).await {
+            StartPlan::Restore { template, lease } => {
+                let restored = hypervisor.restore(prepared, spec, &template.snapshot).await;
+                // The VMM holds the template's files once its restore returned.
+                drop(lease);
+                match restored {
                     Ok(vm) => {
                         let start = StartRecord {
                             path: "template".into(),
@@ -894,8 +897,8 @@ struct GuestStart<'a> {
 }
 
 /// Why a pod cold-boots when its handler has templates off.
-const TEMPLATES_OFF: &str =
-    "VM templates are off ([vm] templates, or [runtimes.<handler>] templates)";
+const TEMPLATES_OFF: &str = "VM templates are off ([vm] templates, [runtimes.<handler>] \
+    templates, or [vm] max_templates = 0)";
 
 /// Fresh randomness for the guest to reseed from: every pod its own.
 fn host_entropy() -> Vec<u8> {
