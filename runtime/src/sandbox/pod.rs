@@ -221,12 +221,17 @@ impl SandboxManager {
                 ipc: pod.namespaces.ipc == NamespaceMode::Node,
             },
         };
-        let start = GuestStart { id, handler, hypervisor: &hypervisor, spec: &spec };
-        let plan = self.start_plan(handler, &hypervisor, &spec);
+        let builds = PendingBuilds { templates: &self.templates, planned: Default::default() };
+        let start =
+            GuestStart { id, handler, hypervisor: &hypervisor, spec: &spec, builds: &builds };
+        let plan = self.start_plan(&start);
         let template = self.start_guest(&start, prepared, plan, &mut phases).await?;
         let agent = self.agent(id)?;
         phases.lap(PodStartPhase::AgentReady);
         drop(_booting);
+        for inputs in builds.take() {
+            self.spawn_template_build(Arc::clone(&hypervisor), inputs);
+        }
         agent
             .create_sandbox(SandboxSetup {
                 sandbox_id: id.to_string(),
@@ -273,15 +278,12 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// How a pod of `handler` whose VM is `spec` starts. A cold boot's reason is logged once
-    /// per handler and reason; the template it asks for is built in the background, so this
-    /// pod does not wait for it (the build is one more boot, in a boot slot of its own).
-    fn start_plan(
-        self: &Arc<Self>,
-        handler: &Handler,
-        hypervisor: &Arc<dyn crate::hypervisor::Hypervisor>,
-        spec: &VmSpec,
-    ) -> StartPlan {
+    /// How a pod starts. A cold boot's reason is logged once per handler and reason; the
+    /// template it asks for is built in the background once the pod's guest answered
+    /// ([`PendingBuilds`]), so this pod does not wait for it (the build is one more boot, in
+    /// a boot slot of its own).
+    fn start_plan(&self, start: &GuestStart<'_>) -> StartPlan {
+        let (handler, hypervisor, spec) = (start.handler, start.hypervisor, start.spec);
         if !handler.templates || self.config.vm.max_templates == 0 {
             return StartPlan::Cold { reason: TEMPLATES_OFF.into(), build: None };
         }
@@ -297,7 +299,7 @@ impl SandboxManager {
                 info!(handler = %handler.name, %reason, "pods cold-boot: no VM template");
             }
             if let Some(inputs) = build {
-                self.spawn_template_build(Arc::clone(hypervisor), inputs.clone());
+                lock(&start.builds.planned).push(inputs.clone());
             }
         }
         plan
@@ -393,7 +395,7 @@ impl SandboxManager {
         self.update_sandbox(start.id, |r| r.vm = None).await?;
         self.templates.discard(template);
         // Plans the rebuild.
-        let _ = self.start_plan(start.handler, start.hypervisor, start.spec);
+        let _ = self.start_plan(start);
         let prepared = start.hypervisor.prepare(start.id).await?;
         let vm = match start.hypervisor.start(&prepared, start.spec).await {
             Ok(vm) => vm,
@@ -466,7 +468,7 @@ impl SandboxManager {
                         warn!(sandbox = %id, template = %template.key, error = %e, "starting from the VM template failed: this pod cold-boots and the template is rebuilt");
                         self.templates.discard(&template.key);
                         // Plans the rebuild.
-                        let _ = self.start_plan(start.handler, hypervisor, spec);
+                        let _ = self.start_plan(start);
                         format!("restoring template {} failed: {e}", template.key)
                     }
                 }
@@ -894,6 +896,30 @@ struct GuestStart<'a> {
     handler: &'a Handler,
     hypervisor: &'a Arc<dyn crate::hypervisor::Hypervisor>,
     spec: &'a VmSpec,
+    builds: &'a PendingBuilds<'a>,
+}
+
+/// The template builds a pod's start planned, spawned once its guest answered: a VM that
+/// cannot boot as the pod will not boot as its template either, and a build is one more
+/// boot (where KVM cannot boot Linux, a guest that dies). Dropped unspawned (the pod's start
+/// failed), each key's build is given back for a later pod to claim.
+struct PendingBuilds<'a> {
+    templates: &'a templates::Templates,
+    planned: std::sync::Mutex<Vec<templates::TemplateInputs>>,
+}
+
+impl PendingBuilds<'_> {
+    fn take(&self) -> Vec<templates::TemplateInputs> {
+        std::mem::take(&mut *lock(&self.planned))
+    }
+}
+
+impl Drop for PendingBuilds<'_> {
+    fn drop(&mut self) {
+        for inputs in self.take() {
+            drop(self.templates.adopt_build(&inputs.key()));
+        }
+    }
 }
 
 /// Why a pod cold-boots when its handler has templates off.

@@ -75,13 +75,7 @@ impl Harness {
     }
 
     fn with_templates_and_boot_timeout(network: bool, seconds: u64) -> Self {
-        Self::build_with(seconds, network, |config, dir| {
-            config.vm.templates = true;
-            config.vm.kernel = dir.join("vmlinux");
-            config.vm.initrd = dir.join("initramfs.cpio");
-            std::fs::write(&config.vm.kernel, "kernel v1").unwrap();
-            std::fs::write(&config.vm.initrd, "initramfs v1").unwrap();
-        })
+        Self::build_with(seconds, network, use_templates)
     }
 
     fn build(seconds: u64, network: bool) -> Self {
@@ -99,6 +93,8 @@ impl Harness {
             ..Config::default()
         };
         config.vm.boot_timeout_seconds = seconds;
+        // On by default; only the template tests (`with_templates`) build any.
+        config.vm.templates = false;
         config.network.enabled = network;
         if network {
             config.network.cni_conf_dir = dir.path().join("cni-conf");
@@ -267,6 +263,15 @@ fn cni_calls(h: &Harness) -> String {
 
 // VM templates.
 
+/// Templates on, with a "kernel" and "initramfs" of small files of the test's.
+fn use_templates(config: &mut Config, dir: &Path) {
+    config.vm.templates = true;
+    config.vm.kernel = dir.join("vmlinux");
+    config.vm.initrd = dir.join("initramfs.cpio");
+    std::fs::write(&config.vm.kernel, "kernel v1").unwrap();
+    std::fs::write(&config.vm.initrd, "initramfs v1").unwrap();
+}
+
 impl Harness {
     /// Waits until no template build runs; returns the templates' states.
     async fn templates_settled(&self) -> Vec<templates::TemplateStatus> {
@@ -425,6 +430,25 @@ async fn a_corrupt_template_falls_back_to_cold_boot_and_is_rebuilt() {
     assert_eq!(h.start_of(&h.run_pod("rebuilt").await).path, "template");
 }
 
+/// A pod whose guest does not boot builds no template (it would not boot either); the next
+/// pod of the key that boots does.
+#[tokio::test]
+async fn a_pod_that_fails_to_boot_builds_no_template() {
+    needs_root!();
+    let h = Harness::with_templates(false);
+    h.hv.behave().die_while_booting = true;
+    h.manager.run_sandbox(h.pod("doomed")).await.unwrap_err();
+    // A build would have started once the failed pod gave its boot slot back.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(h.templates_settled().await.is_empty());
+    assert_eq!(h.template_boots(), 0);
+    h.assert_nothing_left();
+    let start = h.start_of(&h.run_pod("boots").await);
+    assert!(start.reason.contains("no template"), "the key was given back: {start:?}");
+    assert_eq!(h.templates_settled().await[0].state, "ready");
+    assert_eq!(h.template_boots(), 1);
+}
+
 /// Pods started together build their template once.
 #[tokio::test]
 async fn concurrent_pods_build_their_template_once() {
@@ -450,6 +474,14 @@ async fn pods_cold_boot_where_no_template_can_be_used() {
     let start = off.start_of(&off.run_pod("off").await);
     assert!(start.path == "cold" && start.reason.contains("templates are off"), "{start:?}");
     assert_eq!(off.template_boots(), 0);
+
+    let capped = Harness::build_with(60, false, |config, dir| {
+        use_templates(config, dir);
+        config.vm.max_templates = 0;
+    });
+    let start = capped.start_of(&capped.run_pod("capped").await);
+    assert!(start.reason.contains("max_templates = 0"), "{start:?}");
+    assert_eq!(capped.template_boots(), 0);
 
     let h = Harness::with_templates(false);
     h.hv.behave().template_refusal = Some("the fake cannot snapshot this VM".into());
