@@ -361,12 +361,12 @@ impl SandboxManager {
         // host long ago: the host dials it fresh (no connection crossed the snapshot).
         drop(prepared);
         let wait = restored_agent_wait(boot_timeout);
-        match self.wait_restored_agent(start.id, wait).await {
+        match self.wait_restored_agent(start, &vm, wait).await {
             Ok(()) => Ok(Some(template)),
             Err(why) => {
                 let reason = format!(
-                    "the agent restored from template {} did not answer within {} s ({why}); \
-                     the pod cold-booted and the template is rebuilt",
+                    "the agent restored from template {} did not answer ({why}; waited at \
+                     most {} s): the pod cold-booted and the template is rebuilt",
                     template.key,
                     wait.as_secs()
                 );
@@ -481,13 +481,16 @@ impl SandboxManager {
 
     /// Waits until a restored guest's agent answers: it serves already, but its vsock device
     /// comes back from the transport reset first. The whole wait is bounded by `timeout`,
-    /// also a call the guest accepts and never answers. Says why it gave up.
+    /// also a call the guest accepts and never answers, and ends when the VM exits. Says why
+    /// it gave up.
     async fn wait_restored_agent(
         &self,
-        id: &str,
+        start: &GuestStart<'_>,
+        vm: &VmHandle,
         timeout: Duration,
     ) -> std::result::Result<(), String> {
-        let agent = self.agent(id).map_err(|e| e.to_string())?;
+        let exited = start.hypervisor.exited(vm);
+        let agent = self.agent(start.id).map_err(|e| e.to_string())?;
         let mut last_error = None;
         let answered = async {
             loop {
@@ -498,9 +501,12 @@ impl SandboxManager {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        match tokio::time::timeout(timeout, answered).await {
-            Ok(()) => Ok(()),
-            Err(_) => Err(last_error.unwrap_or_else(|| "its first call never returned".into())),
+        tokio::select! {
+            answered = tokio::time::timeout(timeout, answered) => match answered {
+                Ok(()) => Ok(()),
+                Err(_) => Err(last_error.unwrap_or_else(|| "its first call never returned".into())),
+            },
+            () = exited => Err("the restored VM exited".into()),
         }
     }
 

@@ -430,6 +430,32 @@ async fn a_corrupt_template_falls_back_to_cold_boot_and_is_rebuilt() {
     assert_eq!(h.start_of(&h.run_pod("rebuilt").await).path, "template");
 }
 
+/// A restored VM that exits while its agent is awaited ends the wait at once: the pod
+/// cold-boots without waiting out the restored agent's 30 s.
+#[tokio::test]
+async fn a_restored_vm_that_exits_falls_back_at_once() {
+    needs_root!();
+    let h = Harness::with_templates(false);
+    h.run_pod("first").await;
+    h.templates_settled().await;
+    let agent = h.dialer.next_agent();
+    agent.hang_next("Ping");
+    let started = std::time::Instant::now();
+    let running = tokio::spawn({
+        let (manager, pod) = (h.manager.clone(), h.pod("dies"));
+        async move { manager.run_sandbox(pod).await }
+    });
+    eventually("the restored agent is called", move || agent.calls().iter().any(|c| c == "Ping"))
+        .await;
+    let restored = h.manager.list_sandboxes().into_iter().find(|s| s.metadata.name == "dies");
+    h.hv.kill(restored.and_then(|s| s.vm).as_ref().unwrap());
+    let sid = running.await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    let start = h.start_of(&sid);
+    assert_eq!(start.path, "cold", "{start:?}");
+    assert!(start.reason.contains("the restored VM exited"), "{start:?}");
+}
+
 /// A pod whose guest does not boot builds no template (it would not boot either); the next
 /// pod of the key that boots does.
 #[tokio::test]
