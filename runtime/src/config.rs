@@ -168,9 +168,12 @@ pub struct VmSection {
     /// container gets the guest's own node of that path. A VM has none of the host's devices.
     pub allowed_devices: Vec<String>,
     /// Start pods from VM templates (snapshot/restore) where the backend and the VM's devices
-    /// allow it; cold boot otherwise. Off by default until the whole path is proven end to
-    /// end (README, "VM templates").
+    /// allow it (the built-in VMM); cold boot otherwise, and wherever a template fails (README,
+    /// "VM templates").
     pub templates: bool,
+    /// How many VM templates are kept on disk (each holds a memory file of its VM's size);
+    /// installing one more removes the least recently used. 0: templates are off.
+    pub max_templates: u32,
 }
 
 impl VmSection {
@@ -444,7 +447,8 @@ impl Default for VmSection {
             memory_overhead_mib: 64,
             console_log_max_kib: 1024,
             allowed_devices: Vec::new(),
-            templates: false,
+            templates: true,
+            max_templates: 4,
         }
     }
 }
@@ -656,7 +660,12 @@ mod tests {
         assert_eq!(c.listen, PathBuf::from("/run/podvisor/podvisor.sock"));
         assert_eq!(c.vm.memory_mib, 256);
         assert_eq!(c.vm.console_log_max_bytes(), 1 << 20);
+        assert!(c.vm.templates, "pods start from VM templates by default");
+        assert_eq!(c.vm.max_templates, 4);
         c.validate().unwrap();
+        let off = Config::parse("[vm]\ntemplates = false\nmax_templates = 0\n").unwrap();
+        assert!(!off.vm.templates);
+        assert_eq!(off.vm.max_templates, 0);
     }
 
     #[test]

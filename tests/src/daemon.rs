@@ -442,6 +442,23 @@ impl TestDaemon {
         }
     }
 
+    /// Waits (up to `timeout`) until no VM template is being built, as verbose Status lists
+    /// them: templates are on by default, and on a backend that can snapshot a pod's first
+    /// boot builds one in the background, whose VM `assert_nothing_left` would find.
+    pub async fn wait_for_template_builds(&self, timeout: Duration) {
+        let settled = wait_for(timeout, || async {
+            let mut rt = self.runtime().await.ok()?;
+            let status =
+                rt.status(k8s_cri::v1::StatusRequest { verbose: true }).await.ok()?.into_inner();
+            let templates: serde_json::Value =
+                serde_json::from_str(status.info.get("templates")?).ok()?;
+            let building = templates.as_array()?.iter().any(|t| t["state"] == "building");
+            (!building).then_some(())
+        })
+        .await;
+        assert!(settled.is_some(), "a VM template was still building:\n{}", self.log_tail());
+    }
+
     /// StopPodSandbox + RemovePodSandbox.
     pub async fn remove_pod(&self, id: &str) {
         let mut rt = self.runtime().await.unwrap();

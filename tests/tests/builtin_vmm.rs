@@ -107,4 +107,6 @@ async fn runs_a_pod(daemon: &TestDaemon) {
         .unwrap();
     rt.remove_container(cri::RemoveContainerRequest { container_id: cid }).await.unwrap();
     daemon.remove_pod(&pod).await;
+    // The pod's template (on by default) builds once it booted; its VM goes when it is built.
+    daemon.wait_for_template_builds(Duration::from_secs(180)).await;
 }

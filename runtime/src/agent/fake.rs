@@ -2,7 +2,8 @@
 //! a test makes them print ([`FakeAgent::emit`]) and exit ([`FakeAgent::exit`]). Execs follow a
 //! tiny script given by their argv: `echo A B` prints `A B\n` and exits 0, `exit N` exits N,
 //! `sleep` runs until signalled, `lines N` prints N numbered lines. Any call can be made to fail
-//! once ([`FakeAgent::fail_next`]) or to hang ([`FakeAgent::hang`]).
+//! once ([`FakeAgent::fail_next`]), to hang ([`FakeAgent::hang`]) or to hang once
+//! ([`FakeAgent::hang_next`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -58,6 +59,7 @@ struct State {
     calls: Vec<String>,
     fail_next: HashSet<&'static str>,
     hang: HashSet<&'static str>,
+    hang_next: HashSet<&'static str>,
     /// Resources given to UpdateContainer, by container.
     updates: HashMap<String, serde_json::Value>,
     /// CPU time the next stats call reports, by container.
@@ -102,7 +104,7 @@ impl FakeAgent {
                     message: "told to fail".into(),
                 });
             }
-            st.hang.contains(call)
+            st.hang.contains(call) || st.hang_next.remove(call)
         };
         if hang {
             std::future::pending::<()>().await;
@@ -124,6 +126,11 @@ impl FakeAgent {
 
     pub fn hang(&self, call: &'static str) {
         self.state().hang.insert(call);
+    }
+
+    /// The next `call` hangs; later ones answer.
+    pub fn hang_next(&self, call: &'static str) {
+        self.state().hang_next.insert(call);
     }
 
     /// The calls made so far, by name.

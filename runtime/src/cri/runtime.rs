@@ -129,13 +129,7 @@ impl RuntimeService for RuntimeServiceImpl {
             );
             // How the VM started: from a VM template or cold, and why.
             if let Some(start) = &rec.start {
-                detail.insert("startPath".into(), start.path.clone().into());
-                if !start.reason.is_empty() {
-                    detail.insert("startReason".into(), start.reason.clone().into());
-                }
-                if !start.template.is_empty() {
-                    detail.insert("template".into(), start.template.clone().into());
-                }
+                detail.extend(translate::start_info(start));
             }
             // The guest's side, bounded by the agent call's deadline; absent when it fails.
             if let Ok(agent) = self.manager.agent_status(&rec.id).await {

@@ -11,7 +11,7 @@ use crate::sandbox::stats::{ContainerUsage, PodUsage};
 use crate::sandbox::{
     ContainerRecord, ContainerSpec, ContainerState, DeviceRequest, DnsSettings, ImageVolume,
     NamespaceMode, NamespaceModes, PodDemand, PodMetadata, PodSpec, PortMapping, Propagation,
-    Resources, SandboxRecord, SandboxState, SeccompProfile, SecurityContext,
+    Resources, SandboxRecord, SandboxState, SeccompProfile, SecurityContext, StartRecord,
     SupplementalGroupsPolicy, VolumeMount,
 };
 
@@ -862,9 +862,44 @@ pub fn labels_match(labels: &HashMap<String, String>, selector: &HashMap<String,
     crate::sandbox::labels_match(labels, selector)
 }
 
+/// How a pod's VM started, for verbose PodSandboxStatus: `startPath` (`template` | `cold`),
+/// `startReason` (why it cold-booted) and `template` (the key it came from).
+pub fn start_info(start: &StartRecord) -> serde_json::Map<String, serde_json::Value> {
+    let mut info = serde_json::Map::new();
+    info.insert("startPath".into(), start.path.clone().into());
+    if !start.reason.is_empty() {
+        info.insert("startReason".into(), start.reason.clone().into());
+    }
+    if !start.template.is_empty() {
+        info.insert("template".into(), start.template.clone().into());
+    }
+    info
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pod that cold-booted after its template failed it says so, and why, in verbose
+    /// PodSandboxStatus; one restored names its template.
+    #[test]
+    fn the_start_path_and_reason_reach_verbose_status() {
+        let cold = StartRecord {
+            path: "cold".into(),
+            reason: "the agent restored from template ab12 did not answer within 30 s".into(),
+            template: String::new(),
+        };
+        assert_eq!(
+            serde_json::Value::Object(start_info(&cold)),
+            serde_json::json!({"startPath": "cold", "startReason": cold.reason})
+        );
+        let restored =
+            StartRecord { path: "template".into(), reason: String::new(), template: "ab12".into() };
+        assert_eq!(
+            serde_json::Value::Object(start_info(&restored)),
+            serde_json::json!({"startPath": "template", "template": "ab12"})
+        );
+    }
 
     fn pod(name: &str, hostname: &str) -> cri::RunPodSandboxRequest {
         cri::RunPodSandboxRequest {

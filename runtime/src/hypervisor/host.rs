@@ -276,6 +276,10 @@ impl Hypervisor for HostBackend {
         NAME
     }
 
+    fn template_refusal(&self, _spec: &VmSpec) -> Option<String> {
+        Some("host pods run without a VM: there is nothing to start from a template".into())
+    }
+
     async fn prepare(&self, sandbox_id: &str) -> Result<PreparedVm> {
         use std::os::unix::fs::DirBuilderExt;
         let run_dir = self.run_root.run_dir(sandbox_id)?;

@@ -452,6 +452,8 @@ pub trait Hypervisor: Send + Sync {
 
     /// Starts a prepared VM from the snapshot in `dir` instead of booting it. The guest runs
     /// on at once: its agent already serves, so there is no ready announcement to wait for.
+    /// Returns once the VMM holds what it needs of `dir` (read, open or mapped): the sandbox
+    /// layer may remove the directory from then on.
     async fn restore(
         &self,
         _prepared: &PreparedVm,

@@ -174,7 +174,10 @@ impl SandboxManager {
             events: events::Events::default(),
             cpu_samples: stats::CpuSamples::default(),
             networks: PodNetworks::new(config.network.clone(), config.netns_dir()),
-            templates: templates::Templates::new(config.state.join("templates")),
+            templates: templates::Templates::new(
+                config.state.join("templates"),
+                config.vm.max_templates as usize,
+            ),
             config,
         })
     }

@@ -221,41 +221,17 @@ impl SandboxManager {
                 ipc: pod.namespaces.ipc == NamespaceMode::Node,
             },
         };
-        let plan = self.start_plan(handler, &hypervisor, &spec);
-        let (vm, template, start) =
-            match self.start_vm(id, handler, &hypervisor, &prepared, &spec, plan).await {
-                Ok(started) => started,
-                Err(e) => {
-                    let _ = hypervisor.discard(prepared).await;
-                    return Err(e.into());
-                }
-            };
-        self.update_sandbox(id, |r| {
-            r.vm = Some(vm.clone());
-            r.start = Some(start);
-        })
-        .await?;
-        phases.lap(PodStartPhase::VmStart);
-        let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
-        let booting = std::time::Instant::now();
-        if template.is_some() {
-            // A restored guest's agent serves already and announced itself to the template's
-            // host long ago: the host dials it fresh (no connection crossed the snapshot).
-            drop(prepared);
-            if let Err(e) = self.wait_restored_agent(id, boot_timeout).await {
-                return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), true));
-            }
-        } else {
-            if let Err(e) = hypervisor.wait_agent_ready(prepared, &vm, boot_timeout).await {
-                return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), false));
-            }
-            if let Err(e) = self.agent(id)?.status().await {
-                return Err(self.boot_failed(id, &e.to_string(), booting.elapsed(), true));
-            }
-        }
+        let builds = PendingBuilds { templates: &self.templates, planned: Default::default() };
+        let start =
+            GuestStart { id, handler, hypervisor: &hypervisor, spec: &spec, builds: &builds };
+        let plan = self.start_plan(&start);
+        let template = self.start_guest(&start, prepared, plan, &mut phases).await?;
         let agent = self.agent(id)?;
         phases.lap(PodStartPhase::AgentReady);
         drop(_booting);
+        for inputs in builds.take() {
+            self.spawn_template_build(Arc::clone(&hypervisor), inputs);
+        }
         agent
             .create_sandbox(SandboxSetup {
                 sandbox_id: id.to_string(),
@@ -302,16 +278,13 @@ impl SandboxManager {
         Ok(())
     }
 
-    /// How a pod of `handler` whose VM is `spec` starts. A cold boot's reason is logged once
-    /// per handler and reason; the template it asks for is built in the background, so this
-    /// pod does not wait for it (the build is one more boot, in a boot slot of its own).
-    fn start_plan(
-        self: &Arc<Self>,
-        handler: &Handler,
-        hypervisor: &Arc<dyn crate::hypervisor::Hypervisor>,
-        spec: &VmSpec,
-    ) -> StartPlan {
-        if !handler.templates {
+    /// How a pod starts. A cold boot's reason is logged once per handler and reason; the
+    /// template it asks for is built in the background once the pod's guest answered
+    /// ([`PendingBuilds`]), so this pod does not wait for it (the build is one more boot, in
+    /// a boot slot of its own).
+    fn start_plan(&self, start: &GuestStart<'_>) -> StartPlan {
+        let (handler, hypervisor, spec) = (start.handler, start.hypervisor, start.spec);
+        if !handler.templates || self.config.vm.max_templates == 0 {
             return StartPlan::Cold { reason: TEMPLATES_OFF.into(), build: None };
         }
         let plan = match hypervisor.template_refusal(spec) {
@@ -326,7 +299,7 @@ impl SandboxManager {
                 info!(handler = %handler.name, %reason, "pods cold-boot: no VM template");
             }
             if let Some(inputs) = build {
-                self.spawn_template_build(Arc::clone(hypervisor), inputs.clone());
+                lock(&start.builds.planned).push(inputs.clone());
             }
         }
         plan
@@ -359,23 +332,130 @@ impl SandboxManager {
         });
     }
 
+    /// Starts the pod's VM as `plan` says and waits until its agent answers; returns the
+    /// template it came from. A restore that fails, or whose agent does not answer within
+    /// [`restored_agent_wait`], falls back to a cold boot (logged, naming the template) and the
+    /// template is rebuilt.
+    async fn start_guest(
+        self: &Arc<Self>,
+        start: &GuestStart<'_>,
+        prepared: crate::hypervisor::PreparedVm,
+        plan: StartPlan,
+        phases: &mut metrics::PhaseTimer<'_>,
+    ) -> Result<Option<templates::Template>> {
+        let (vm, template, record) = match self.start_vm(start, &prepared, plan).await {
+            Ok(started) => started,
+            Err(e) => {
+                let _ = start.hypervisor.discard(prepared).await;
+                return Err(e.into());
+            }
+        };
+        self.record_start(start.id, &vm, record).await?;
+        phases.lap(PodStartPhase::VmStart);
+        let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
+        let Some(template) = template else {
+            self.wait_booted_agent(start, prepared, &vm, boot_timeout).await?;
+            return Ok(None);
+        };
+        // A restored guest's agent serves already and announced itself to the template's
+        // host long ago: the host dials it fresh (no connection crossed the snapshot).
+        drop(prepared);
+        let wait = restored_agent_wait(boot_timeout);
+        match self.wait_restored_agent(start, &vm, wait).await {
+            Ok(()) => Ok(Some(template)),
+            Err(why) => {
+                let reason = format!(
+                    "the agent restored from template {} did not answer ({why}; waited at \
+                     most {} s): the pod cold-booted and the template is rebuilt",
+                    template.key,
+                    wait.as_secs()
+                );
+                self.cold_boot_after_silent_restore(start, &vm, &template.key, reason).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// A restored VM whose agent never answered: it is stopped and cleaned up (its run
+    /// directory, and with it the VMM's jail uid), the template discarded so that it is
+    /// rebuilt, and the pod cold-boots in a fresh run directory with the same devices (its
+    /// tap is the pod's and stays), its record saying why.
+    async fn cold_boot_after_silent_restore(
+        self: &Arc<Self>,
+        start: &GuestStart<'_>,
+        restored: &VmHandle,
+        template: &str,
+        reason: String,
+    ) -> Result<()> {
+        warn!(sandbox = %start.id, template, %reason, "a pod restored from a VM template did not answer: it cold-boots and the template is rebuilt");
+        self.forget_agent(start.id);
+        // A VM that does not stop stays recorded: the failed start's teardown retries.
+        start.hypervisor.stop(restored, VM_STOP_GRACE).await?;
+        start.hypervisor.cleanup(restored).await?;
+        self.update_sandbox(start.id, |r| r.vm = None).await?;
+        self.templates.discard(template);
+        // Plans the rebuild.
+        let _ = self.start_plan(start);
+        let prepared = start.hypervisor.prepare(start.id).await?;
+        let vm = match start.hypervisor.start(&prepared, start.spec).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = start.hypervisor.discard(prepared).await;
+                return Err(e.into());
+            }
+        };
+        let record = StartRecord { path: "cold".into(), reason, template: String::new() };
+        self.record_start(start.id, &vm, record).await?;
+        let boot_timeout = Duration::from_secs(self.config.vm.boot_timeout_seconds);
+        self.wait_booted_agent(start, prepared, &vm, boot_timeout).await
+    }
+
+    /// Records the pod's VM and how it started.
+    async fn record_start(&self, id: &str, vm: &VmHandle, start: StartRecord) -> Result<()> {
+        self.update_sandbox(id, |r| {
+            r.vm = Some(vm.clone());
+            r.start = Some(start);
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Waits for a booting guest's ready announcement, then for its agent's first answer.
+    async fn wait_booted_agent(
+        &self,
+        start: &GuestStart<'_>,
+        prepared: crate::hypervisor::PreparedVm,
+        vm: &VmHandle,
+        timeout: Duration,
+    ) -> Result<()> {
+        let booting = std::time::Instant::now();
+        if let Err(e) = start.hypervisor.wait_agent_ready(prepared, vm, timeout).await {
+            return Err(self.boot_failed(start.id, &e.to_string(), booting.elapsed(), false));
+        }
+        if let Err(e) = self.agent(start.id)?.status().await {
+            return Err(self.boot_failed(start.id, &e.to_string(), booting.elapsed(), true));
+        }
+        Ok(())
+    }
+
     /// Starts the pod's VM as `plan` says; a restore that fails falls back to a cold boot
     /// (logged, naming the template) and the template is rebuilt.
     async fn start_vm(
         self: &Arc<Self>,
-        id: &str,
-        handler: &Handler,
-        hypervisor: &Arc<dyn crate::hypervisor::Hypervisor>,
+        start: &GuestStart<'_>,
         prepared: &crate::hypervisor::PreparedVm,
-        spec: &VmSpec,
         plan: StartPlan,
     ) -> std::result::Result<
         (VmHandle, Option<templates::Template>, StartRecord),
         crate::hypervisor::HypervisorError,
     > {
+        let (id, hypervisor, spec) = (start.id, start.hypervisor, start.spec);
         let reason = match plan {
-            StartPlan::Restore(template) => {
-                match hypervisor.restore(prepared, spec, &template.snapshot).await {
+            StartPlan::Restore { template, lease } => {
+                let restored = hypervisor.restore(prepared, spec, &template.snapshot).await;
+                // The VMM holds the template's files once its restore returned.
+                drop(lease);
+                match restored {
                     Ok(vm) => {
                         let start = StartRecord {
                             path: "template".into(),
@@ -388,7 +468,7 @@ impl SandboxManager {
                         warn!(sandbox = %id, template = %template.key, error = %e, "starting from the VM template failed: this pod cold-boots and the template is rebuilt");
                         self.templates.discard(&template.key);
                         // Plans the rebuild.
-                        let _ = self.start_plan(handler, hypervisor, spec);
+                        let _ = self.start_plan(start);
                         format!("restoring template {} failed: {e}", template.key)
                     }
                 }
@@ -400,16 +480,33 @@ impl SandboxManager {
     }
 
     /// Waits until a restored guest's agent answers: it serves already, but its vsock device
-    /// comes back from the transport reset first.
-    async fn wait_restored_agent(&self, id: &str, timeout: Duration) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let agent = self.agent(id)?;
-        loop {
-            match agent.status().await {
-                Ok(_) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.into()),
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+    /// comes back from the transport reset first. The whole wait is bounded by `timeout`,
+    /// also a call the guest accepts and never answers, and ends when the VM exits. Says why
+    /// it gave up.
+    async fn wait_restored_agent(
+        &self,
+        start: &GuestStart<'_>,
+        vm: &VmHandle,
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        let exited = start.hypervisor.exited(vm);
+        let agent = self.agent(start.id).map_err(|e| e.to_string())?;
+        let mut last_error = None;
+        let answered = async {
+            loop {
+                match agent.status().await {
+                    Ok(_) => return,
+                    Err(e) => last_error = Some(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
+        };
+        tokio::select! {
+            answered = tokio::time::timeout(timeout, answered) => match answered {
+                Ok(()) => Ok(()),
+                Err(_) => Err(last_error.unwrap_or_else(|| "its first call never returned".into())),
+            },
+            () = exited => Err("the restored VM exited".into()),
         }
     }
 
@@ -786,9 +883,54 @@ impl SandboxManager {
     }
 }
 
+/// How long a restored guest's agent may take to answer before the pod cold-boots instead
+/// (capped by `[vm] boot_timeout_seconds`). A restored agent serves already: it answers as
+/// soon as its vsock device is back from the transport reset, which took well under a second
+/// of the 3.5–10 s restores measured under nested emulation. One silent for 30 s is not
+/// coming (a guest wedged by the snapshot); a cold boot then costs the pod one boot more,
+/// where waiting the whole boot timeout would cost it as much and fail it.
+const RESTORED_AGENT_WAIT: Duration = Duration::from_secs(30);
+
+/// The restored agent's wait for a boot timeout of `boot_timeout`.
+fn restored_agent_wait(boot_timeout: Duration) -> Duration {
+    boot_timeout.min(RESTORED_AGENT_WAIT)
+}
+
+/// What a pod's VM start needs, passed through the start path's steps.
+struct GuestStart<'a> {
+    id: &'a str,
+    handler: &'a Handler,
+    hypervisor: &'a Arc<dyn crate::hypervisor::Hypervisor>,
+    spec: &'a VmSpec,
+    builds: &'a PendingBuilds<'a>,
+}
+
+/// The template builds a pod's start planned, spawned once its guest answered: a VM that
+/// cannot boot as the pod will not boot as its template either, and a build is one more
+/// boot (where KVM cannot boot Linux, a guest that dies). Dropped unspawned (the pod's start
+/// failed), each key's build is given back for a later pod to claim.
+struct PendingBuilds<'a> {
+    templates: &'a templates::Templates,
+    planned: std::sync::Mutex<Vec<templates::TemplateInputs>>,
+}
+
+impl PendingBuilds<'_> {
+    fn take(&self) -> Vec<templates::TemplateInputs> {
+        std::mem::take(&mut *lock(&self.planned))
+    }
+}
+
+impl Drop for PendingBuilds<'_> {
+    fn drop(&mut self) {
+        for inputs in self.take() {
+            drop(self.templates.adopt_build(&inputs.key()));
+        }
+    }
+}
+
 /// Why a pod cold-boots when its handler has templates off.
-const TEMPLATES_OFF: &str =
-    "VM templates are off ([vm] templates, or [runtimes.<handler>] templates)";
+const TEMPLATES_OFF: &str = "VM templates are off ([vm] templates, [runtimes.<handler>] \
+    templates, or [vm] max_templates = 0)";
 
 /// Fresh randomness for the guest to reseed from: every pod its own.
 fn host_entropy() -> Vec<u8> {

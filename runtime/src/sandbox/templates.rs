@@ -9,8 +9,8 @@
 //! built, and the start-up sweep removes half-built ones.
 //!
 //! Files: `<state>/templates/<key>/` holds `template.json` (the inputs, the sizes and the state
-//! file's SHA-256) and `snapshot/` (the backend's files; for the built-in VMM `vm.state` and
-//! `memory.bin`). A template is built in `.tmp-<key>-<nonce>/` and renamed into place, so a
+//! file's SHA-256), `last-used` (empty; its mtime is the template's last restore) and
+//! `snapshot/` (the backend's files; for the built-in VMM `vm.state` and `memory.bin`). A template is built in `.tmp-<key>-<nonce>/` and renamed into place, so a
 //! directory named by its key is complete. Its files belong to root and are read-only: the
 //! VMM that wrote them ran as a jail uid another VM may get next, and pods map the memory
 //! MAP_PRIVATE, so nothing a pod does reaches them.
@@ -20,12 +20,18 @@
 //! VM's memory. The memory itself is not hashed per start: reading a whole guest's memory
 //! defeats the point of mapping it lazily, the file is root's and read-only, and the VMM
 //! checks the state file's magic, version and CRC itself.
+//!
+//! Every (handler, vCPUs, memory, devices) shape is a template of its own, with a memory file
+//! of the VM's size, and pod sizes come from tenants' resources: at most `[vm] max_templates`
+//! are kept, and installing one more removes the least recently used (by `last-used`, which
+//! survives a daemon restart). A template a restore is reading is never removed under it
+//! ([`RestoreLease`]): its removal waits until the restore's VMM holds what it needs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,6 +46,8 @@ const MANIFEST: &str = "template.json";
 const SNAPSHOT: &str = "snapshot";
 const STATE_FILE: &str = "vm.state";
 const MEMORY_FILE: &str = "memory.bin";
+/// Touched on every restore: its mtime orders templates for eviction.
+const LAST_USED: &str = "last-used";
 /// How long a failed build keeps its key from being built again.
 const RETRY_AFTER: Duration = Duration::from_secs(300);
 /// How long the template VM may take to stop.
@@ -143,14 +151,12 @@ pub struct Template {
 }
 
 /// How a pod starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum StartPlan {
-    Restore(Template),
+    /// Restore from `template`, holding `lease` until the backend's restore returned.
+    Restore { template: Template, lease: RestoreLease },
     /// Cold boot, and why not from a template; `build` says to build the template meanwhile.
-    Cold {
-        reason: String,
-        build: Option<TemplateInputs>,
-    },
+    Cold { reason: String, build: Option<TemplateInputs> },
 }
 
 /// A key's build in this daemon.
@@ -203,10 +209,104 @@ impl Drop for BuildTurn<'_> {
 /// What says a file is unchanged: (device, inode, size, mtime seconds, mtime nanoseconds).
 type FileIdentity = (u64, u64, u64, i64, i64);
 
+/// The templates on disk, shared with the leases of restores in flight.
+#[derive(Debug)]
+struct Disk {
+    root: PathBuf,
+    /// At most this many templates are kept.
+    max: usize,
+    leases: Mutex<Leases>,
+}
+
+#[derive(Debug, Default)]
+struct Leases {
+    /// How many restores read each template now.
+    in_use: HashMap<String, usize>,
+    /// Templates to remove once no restore reads them; no pod is planned onto one.
+    doomed: HashSet<String>,
+}
+
+/// A restore's hold on its template: while any is held, the template's files stay. A VMM
+/// opens the state file and maps the memory file when it starts; removing the directory
+/// between the two fails the restore, and a rebuild renamed into place between them would
+/// pair one build's state with another's memory. Once the backend's restore returned the VMM
+/// holds both (an unlinked file stays readable while open or mapped), so the lease is
+/// dropped then.
+#[derive(Debug)]
+pub struct RestoreLease {
+    disk: Arc<Disk>,
+    key: String,
+}
+
+impl Drop for RestoreLease {
+    fn drop(&mut self) {
+        self.disk.release(&self.key);
+    }
+}
+
+impl Disk {
+    fn dir(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    /// Removes template `key` now, or, while a restore reads it, once none does. Whether it
+    /// is gone.
+    fn remove(&self, leases: &mut Leases, key: &str) -> bool {
+        if leases.in_use.contains_key(key) {
+            leases.doomed.insert(key.to_string());
+            return false;
+        }
+        leases.doomed.remove(key);
+        let _ = store::remove_path(&self.dir(key));
+        true
+    }
+
+    fn release(&self, key: &str) {
+        let mut leases = lock(&self.leases);
+        let Some(count) = leases.in_use.get_mut(key) else { return };
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        leases.in_use.remove(key);
+        if leases.doomed.contains(key) {
+            self.remove(&mut leases, key);
+        }
+        // What eviction skipped while this restore read it.
+        self.evict(&mut leases, None);
+    }
+
+    /// Removes the least recently used templates, but never one in use or `keep`, until at
+    /// most `max` are left.
+    fn evict(&self, leases: &mut Leases, keep: Option<&str>) {
+        let mut kept: Vec<(SystemTime, String)> = installed_keys(&self.root)
+            .into_iter()
+            .filter(|key| !leases.doomed.contains(key))
+            .map(|key| (last_used(&self.dir(&key)), key))
+            .collect();
+        let Some(mut excess) = kept.len().checked_sub(self.max).filter(|n| *n > 0) else {
+            return;
+        };
+        kept.sort();
+        for (_, key) in kept {
+            if excess == 0 {
+                break;
+            }
+            if Some(key.as_str()) == keep || leases.in_use.contains_key(&key) {
+                continue;
+            }
+            tracing::info!(template = %key, max_templates = self.max, "removing the least recently used VM template: [vm] max_templates are kept");
+            self.remove(leases, &key);
+            excess -= 1;
+        }
+    }
+}
+
 /// The template manager.
-#[derive(Default)]
+#[derive(Debug)]
 pub struct Templates {
     root: PathBuf,
+    disk: Arc<Disk>,
     /// SHA-256 of files by (device, inode, size, mtime): a pod start hashes nothing twice.
     hashes: Mutex<HashMap<FileIdentity, String>>,
     builds: Mutex<HashMap<String, Build>>,
@@ -219,9 +319,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Templates {
-    /// Templates under `root` (`<state>/templates`).
-    pub fn new(root: PathBuf) -> Self {
-        Self { root, ..Self::default() }
+    /// Templates under `root` (`<state>/templates`), at most `max` of them.
+    pub fn new(root: PathBuf, max: usize) -> Self {
+        let disk = Arc::new(Disk { root: root.clone(), max, leases: Mutex::default() });
+        Self {
+            root,
+            disk,
+            hashes: Mutex::default(),
+            builds: Mutex::default(),
+            logged: Mutex::default(),
+        }
     }
 
     fn dir(&self, key: &str) -> PathBuf {
@@ -284,11 +391,11 @@ impl Templates {
     }
 
     /// How a pod with template inputs `inputs` starts: from its template if one is built and
-    /// sound; else cold, saying why, and with `build` set when the caller is to build it (it
-    /// then holds the key's build: [`Self::adopt_build`]). A corrupt template is removed, and
-    /// logged naming it and the reason, so that it is rebuilt. The builds are consulted
-    /// before the disk, under their lock: a build that just ended has renamed its template
-    /// into place, so no key is built twice.
+    /// sound (leased, and its use recorded); else cold, saying why, and with `build` set when
+    /// the caller is to build it (it then holds the key's build: [`Self::adopt_build`]). A
+    /// corrupt template is removed, and logged naming it and the reason, so that it is
+    /// rebuilt. The builds are consulted before the disk, under their lock: a build that just
+    /// ended has renamed its template into place, so no key is built twice.
     pub fn plan(&self, inputs: &TemplateInputs) -> StartPlan {
         let key = inputs.key();
         let mut builds = lock(&self.builds);
@@ -299,13 +406,27 @@ impl Templates {
                 build: None,
             };
         }
+        let mut leases = lock(&self.disk.leases);
+        if leases.doomed.contains(&key) {
+            return StartPlan::Cold {
+                reason: format!(
+                    "template {key} is being removed once the restores reading it are done; \
+                     it is rebuilt after"
+                ),
+                build: None,
+            };
+        }
         let reason = match check(&self.dir(&key), inputs) {
             Ok(Some(manifest)) => {
-                return StartPlan::Restore(Template {
+                touch_last_used(&self.dir(&key));
+                *leases.in_use.entry(key.clone()).or_default() += 1;
+                let lease = RestoreLease { disk: Arc::clone(&self.disk), key: key.clone() };
+                let template = Template {
                     key: key.clone(),
                     snapshot: self.dir(&key).join(SNAPSHOT),
                     macs: manifest.macs,
-                })
+                };
+                return StartPlan::Restore { template, lease };
             }
             Ok(None) => match previous {
                 Some(Build::Failed { reason, at }) if at.elapsed() < RETRY_AFTER => {
@@ -318,10 +439,19 @@ impl Templates {
             },
             Err(reason) => {
                 tracing::warn!(template = %key, handler = %inputs.handler, %reason, "VM template is corrupt: this pod cold-boots and the template is rebuilt");
-                let _ = store::remove_path(&self.dir(&key));
+                if !self.disk.remove(&mut leases, &key) {
+                    return StartPlan::Cold {
+                        reason: format!(
+                            "template {key} is corrupt ({reason}); it is rebuilt once the \
+                             restores reading it are done"
+                        ),
+                        build: None,
+                    };
+                }
                 format!("template {key} was corrupt ({reason}); rebuilding it")
             }
         };
+        drop(leases);
         builds.insert(key, Build::Running);
         StartPlan::Cold { reason, build: Some(inputs.clone()) }
     }
@@ -331,9 +461,10 @@ impl Templates {
         BuildTurn { templates: self, key: key.to_string(), outcome: None }
     }
 
-    /// A template a restore failed from: removed, so the next pod builds it again.
+    /// A template a restore failed from: removed (once no other restore reads it), so a
+    /// later pod builds it again.
     pub fn discard(&self, key: &str) {
-        let _ = store::remove_path(&self.dir(key));
+        self.disk.remove(&mut lock(&self.disk.leases), key);
     }
 
     /// Builds the template of `inputs` (holding `turn`): boots a VM like the pod's without
@@ -439,7 +570,7 @@ impl Templates {
     }
 
     /// Writes the manifest into `tmp` and renames it to the key's directory; then removes
-    /// older templates of the same slot.
+    /// older templates of the same slot, and the least recently used ones over the cap.
     fn install(
         &self,
         inputs: &TemplateInputs,
@@ -466,32 +597,34 @@ impl Templates {
             built_at_unix: super::now_nanos() / 1_000_000_000,
         };
         store::write_json(&tmp.join(MANIFEST), &manifest).map_err(TemplateError::Manifest)?;
+        touch_last_used(tmp);
         let dir = self.dir(&key);
-        let _ = store::remove_path(&dir);
+        let mut leases = lock(&self.disk.leases);
+        // Nothing there unless a stale copy; one a restore reads stays (the rename fails).
+        self.disk.remove(&mut leases, &key);
         std::fs::rename(tmp, &dir)
             .map_err(|source| TemplateError::Move { path: dir.clone(), source })?;
-        self.remove_replaced(&key, &manifest.slot);
+        self.remove_replaced(&mut leases, &key, &manifest.slot);
+        self.disk.evict(&mut leases, Some(&key));
+        drop(leases);
         tracing::info!(template = %key, handler = %inputs.handler, backend = %inputs.backend, "VM template built");
         Ok(Template { key, snapshot: dir.join(SNAPSHOT), macs })
     }
 
     /// Removes templates of `slot` other than `key` (their inputs changed).
-    fn remove_replaced(&self, key: &str, slot: &str) {
+    fn remove_replaced(&self, leases: &mut Leases, key: &str, slot: &str) {
         for (other, manifest) in self.installed() {
             if other != key && manifest.is_some_and(|m| m.slot == slot) {
                 tracing::info!(template = %other, replaced_by = %key, "removing a VM template whose inputs changed");
-                let _ = store::remove_path(&self.dir(&other));
+                self.disk.remove(leases, &other);
             }
         }
     }
 
     /// Every template directory by key, with its manifest if readable.
     fn installed(&self) -> Vec<(String, Option<Manifest>)> {
-        let Ok(entries) = std::fs::read_dir(&self.root) else { return Vec::new() };
-        entries
-            .flatten()
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|name| !name.starts_with('.'))
+        installed_keys(&self.root)
+            .into_iter()
             .map(|key| {
                 let manifest = store::read_json(&self.dir(&key).join(MANIFEST)).ok();
                 (key, manifest)
@@ -500,7 +633,8 @@ impl Templates {
     }
 
     /// The start-up sweep: half-built templates (`.tmp-*`) and directories without a readable
-    /// manifest of this format go.
+    /// manifest of this format go, then the least recently used over `[vm] max_templates`
+    /// (it may have been lowered).
     pub fn sweep(&self) {
         let Ok(entries) = std::fs::read_dir(&self.root) else { return };
         for entry in entries.flatten() {
@@ -513,6 +647,7 @@ impl Templates {
                 let _ = store::remove_path(&entry.path());
             }
         }
+        self.disk.evict(&mut lock(&self.disk.leases), None);
     }
 
     /// Every template on disk and every build, for Status.
@@ -553,6 +688,39 @@ impl Templates {
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out
     }
+}
+
+/// The names of the template directories under `root` (not the half-built `.tmp-*`).
+fn installed_keys(root: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| !name.starts_with('.'))
+        .collect()
+}
+
+/// Records a use of the template in `dir`: one small file's mtime, set from the clock (file
+/// systems stamp writes at a coarser grain).
+fn touch_last_used(dir: &Path) {
+    let touched = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(LAST_USED))
+        .and_then(|f| f.set_modified(SystemTime::now()));
+    if let Err(e) = touched {
+        tracing::debug!(dir = %dir.display(), error = %e, "recording a VM template's use");
+    }
+}
+
+/// When the template in `dir` was last used: its `last-used` file's mtime, else its
+/// manifest's (a template of an older daemon).
+fn last_used(dir: &Path) -> SystemTime {
+    [LAST_USED, MANIFEST]
+        .iter()
+        .find_map(|name| std::fs::metadata(dir.join(name)).and_then(|m| m.modified()).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 /// The template VM: the pod's VM without anything of the pod's.
@@ -730,7 +898,7 @@ mod tests {
     #[test]
     fn the_sweep_removes_half_built_templates() {
         let dir = tempfile::tempdir().unwrap();
-        let templates = Templates::new(dir.path().to_path_buf());
+        let templates = Templates::new(dir.path().to_path_buf(), 4);
         let inputs = inputs();
         let key = inputs.key();
         let good = dir.path().join(&key);
@@ -758,7 +926,155 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(left, vec![key.clone()]);
-        assert!(matches!(templates.plan(&inputs), StartPlan::Restore(t) if t.key == key));
+        assert!(
+            matches!(templates.plan(&inputs), StartPlan::Restore { template, .. } if template.key == key)
+        );
         assert_eq!(templates.status()[0].state, "ready");
+    }
+
+    /// Installs a template of `inputs` as a build does, with the files a backend writes.
+    fn install_built(templates: &Templates, inputs: &TemplateInputs) -> String {
+        let key = inputs.key();
+        let tmp = templates.root.join(format!(".tmp-{key}-test"));
+        let snapshot = tmp.join(SNAPSHOT);
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::write(snapshot.join(STATE_FILE), b"PVSNAPST test state").unwrap();
+        let memory = std::fs::File::create(snapshot.join(MEMORY_FILE)).unwrap();
+        memory.set_len(u64::from(inputs.memory_mib) << 20).unwrap();
+        let macs = (0..inputs.net_devices).map(|i| template_net(&key, i).mac).collect();
+        templates.install(inputs, &tmp, macs).unwrap();
+        key
+    }
+
+    /// A template of a shape of its own (every size is another slot).
+    fn of_size(memory_mib: u32) -> TemplateInputs {
+        TemplateInputs { memory_mib, ..inputs() }
+    }
+
+    /// The templates on disk, sorted.
+    fn on_disk(templates: &Templates) -> Vec<String> {
+        let mut keys = installed_keys(&templates.root);
+        keys.sort();
+        keys
+    }
+
+    fn sorted(mut keys: Vec<String>) -> Vec<String> {
+        keys.sort();
+        keys
+    }
+
+    /// A pod restores from the template of `inputs` (the lease is held as long as the result).
+    fn restore(templates: &Templates, inputs: &TemplateInputs) -> RestoreLease {
+        match templates.plan(inputs) {
+            StartPlan::Restore { template, lease } => {
+                assert_eq!(template.key, inputs.key());
+                lease
+            }
+            other => panic!("not restored: {other:?}"),
+        }
+    }
+
+    /// Over `max_templates`, installing a template removes the least recently used one: a
+    /// restore counts as a use, so an older template in use outlives a newer idle one.
+    #[test]
+    fn installing_over_the_cap_evicts_the_least_recently_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = Templates::new(dir.path().to_path_buf(), 2);
+        let a = install_built(&templates, &of_size(128));
+        let b = install_built(&templates, &of_size(192));
+        drop(restore(&templates, &of_size(128)));
+        let c = install_built(&templates, &of_size(256));
+        assert_eq!(on_disk(&templates), sorted(vec![a.clone(), c.clone()]), "b was least used");
+        let d = install_built(&templates, &of_size(320));
+        assert_eq!(on_disk(&templates), sorted(vec![c, d]), "then a");
+        match templates.plan(&of_size(192)) {
+            StartPlan::Cold { reason, build: Some(_) } => assert!(reason.contains(&b), "{reason}"),
+            other => panic!("an evicted template is built again: {other:?}"),
+        }
+    }
+
+    /// The order lives on disk: a restarted daemon evicts what the old one used least, and a
+    /// lowered cap is applied by the start-up sweep.
+    #[test]
+    fn a_restarted_daemon_keeps_the_eviction_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = Templates::new(dir.path().to_path_buf(), 2);
+        let a = install_built(&before, &of_size(128));
+        install_built(&before, &of_size(192));
+        drop(restore(&before, &of_size(128)));
+        drop(before);
+
+        let after = Templates::new(dir.path().to_path_buf(), 2);
+        after.sweep();
+        assert_eq!(on_disk(&after).len(), 2);
+        let c = install_built(&after, &of_size(256));
+        assert_eq!(on_disk(&after), sorted(vec![a, c.clone()]));
+
+        let lowered = Templates::new(dir.path().to_path_buf(), 1);
+        lowered.sweep();
+        assert_eq!(on_disk(&lowered), vec![c], "the most recently used is kept");
+    }
+
+    /// A template a restore reads is never removed under it: eviction skips it and a
+    /// discard waits (no pod is planned onto it meanwhile); both happen once the lease goes.
+    /// With the cap at its default, four shapes fit and a fifth evicts one.
+    #[test]
+    fn templates_in_use_are_removed_only_once_their_restores_are_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = Templates::new(dir.path().to_path_buf(), 1);
+        let a = install_built(&templates, &of_size(128));
+        let reading = restore(&templates, &of_size(128));
+        let b = install_built(&templates, &of_size(192));
+        assert_eq!(on_disk(&templates), sorted(vec![a.clone(), b.clone()]), "a is in use");
+        drop(reading);
+        assert_eq!(on_disk(&templates), vec![b.clone()], "evicted once its restore was done");
+
+        let reading = restore(&templates, &of_size(192));
+        templates.discard(&b);
+        assert_eq!(on_disk(&templates), vec![b.clone()]);
+        match templates.plan(&of_size(192)) {
+            StartPlan::Cold { reason, build: None } => assert!(reason.contains("being removed")),
+            other => panic!("{other:?}"),
+        }
+        drop(reading);
+        assert!(on_disk(&templates).is_empty());
+        assert!(matches!(templates.plan(&of_size(192)), StartPlan::Cold { build: Some(_), .. }));
+
+        let dir = tempfile::tempdir().unwrap();
+        let default_cap = crate::config::Config::default().vm.max_templates as usize;
+        let templates = Templates::new(dir.path().to_path_buf(), default_cap);
+        for n in 1..=5 {
+            install_built(&templates, &of_size(64 * n));
+        }
+        assert_eq!(on_disk(&templates).len(), 4);
+        assert!(!on_disk(&templates).contains(&of_size(64).key()), "the first went");
+    }
+
+    /// A key whose build failed cold-boots its pods without building again until
+    /// [`RETRY_AFTER`] has passed; then the next pod builds it.
+    #[test]
+    fn a_failed_build_is_retried_only_after_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = Templates::new(dir.path().to_path_buf(), 4);
+        let inputs = inputs();
+        let key = inputs.key();
+        assert!(matches!(templates.plan(&inputs), StartPlan::Cold { build: Some(_), .. }));
+        let mut turn = templates.adopt_build(&key);
+        turn.failed("the guest died".into());
+        drop(turn);
+        match templates.plan(&inputs) {
+            StartPlan::Cold { reason, build: None } => {
+                assert!(reason.contains("failed: the guest died"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(templates.status()[0].state, "failed");
+        let Some(long_ago) = Instant::now().checked_sub(RETRY_AFTER + Duration::from_secs(1))
+        else {
+            return; // A host up for less than RETRY_AFTER: nothing to backdate to.
+        };
+        lock(&templates.builds)
+            .insert(key, Build::Failed { reason: "the guest died".into(), at: long_ago });
+        assert!(matches!(templates.plan(&inputs), StartPlan::Cold { build: Some(_), .. }));
     }
 }

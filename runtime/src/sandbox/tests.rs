@@ -71,13 +71,11 @@ impl Harness {
 
     /// Pods start from VM templates; the "kernel" and "initramfs" are small files of the test's.
     fn with_templates(network: bool) -> Self {
-        Self::build_with(60, network, |config, dir| {
-            config.vm.templates = true;
-            config.vm.kernel = dir.join("vmlinux");
-            config.vm.initrd = dir.join("initramfs.cpio");
-            std::fs::write(&config.vm.kernel, "kernel v1").unwrap();
-            std::fs::write(&config.vm.initrd, "initramfs v1").unwrap();
-        })
+        Self::with_templates_and_boot_timeout(network, 60)
+    }
+
+    fn with_templates_and_boot_timeout(network: bool, seconds: u64) -> Self {
+        Self::build_with(seconds, network, use_templates)
     }
 
     fn build(seconds: u64, network: bool) -> Self {
@@ -95,6 +93,8 @@ impl Harness {
             ..Config::default()
         };
         config.vm.boot_timeout_seconds = seconds;
+        // On by default; only the template tests (`with_templates`) build any.
+        config.vm.templates = false;
         config.network.enabled = network;
         if network {
             config.network.cni_conf_dir = dir.path().join("cni-conf");
@@ -263,6 +263,15 @@ fn cni_calls(h: &Harness) -> String {
 
 // VM templates.
 
+/// Templates on, with a "kernel" and "initramfs" of small files of the test's.
+fn use_templates(config: &mut Config, dir: &Path) {
+    config.vm.templates = true;
+    config.vm.kernel = dir.join("vmlinux");
+    config.vm.initrd = dir.join("initramfs.cpio");
+    std::fs::write(&config.vm.kernel, "kernel v1").unwrap();
+    std::fs::write(&config.vm.initrd, "initramfs v1").unwrap();
+}
+
 impl Harness {
     /// Waits until no template build runs; returns the templates' states.
     async fn templates_settled(&self) -> Vec<templates::TemplateStatus> {
@@ -421,6 +430,51 @@ async fn a_corrupt_template_falls_back_to_cold_boot_and_is_rebuilt() {
     assert_eq!(h.start_of(&h.run_pod("rebuilt").await).path, "template");
 }
 
+/// A restored VM that exits while its agent is awaited ends the wait at once: the pod
+/// cold-boots without waiting out the restored agent's 30 s.
+#[tokio::test]
+async fn a_restored_vm_that_exits_falls_back_at_once() {
+    needs_root!();
+    let h = Harness::with_templates(false);
+    h.run_pod("first").await;
+    h.templates_settled().await;
+    let agent = h.dialer.next_agent();
+    agent.hang_next("Ping");
+    let started = std::time::Instant::now();
+    let running = tokio::spawn({
+        let (manager, pod) = (h.manager.clone(), h.pod("dies"));
+        async move { manager.run_sandbox(pod).await }
+    });
+    eventually("the restored agent is called", move || agent.calls().iter().any(|c| c == "Ping"))
+        .await;
+    let restored = h.manager.list_sandboxes().into_iter().find(|s| s.metadata.name == "dies");
+    h.hv.kill(restored.and_then(|s| s.vm).as_ref().unwrap());
+    let sid = running.await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    let start = h.start_of(&sid);
+    assert_eq!(start.path, "cold", "{start:?}");
+    assert!(start.reason.contains("the restored VM exited"), "{start:?}");
+}
+
+/// A pod whose guest does not boot builds no template (it would not boot either); the next
+/// pod of the key that boots does.
+#[tokio::test]
+async fn a_pod_that_fails_to_boot_builds_no_template() {
+    needs_root!();
+    let h = Harness::with_templates(false);
+    h.hv.behave().die_while_booting = true;
+    h.manager.run_sandbox(h.pod("doomed")).await.unwrap_err();
+    // A build would have started once the failed pod gave its boot slot back.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(h.templates_settled().await.is_empty());
+    assert_eq!(h.template_boots(), 0);
+    h.assert_nothing_left();
+    let start = h.start_of(&h.run_pod("boots").await);
+    assert!(start.reason.contains("no template"), "the key was given back: {start:?}");
+    assert_eq!(h.templates_settled().await[0].state, "ready");
+    assert_eq!(h.template_boots(), 1);
+}
+
 /// Pods started together build their template once.
 #[tokio::test]
 async fn concurrent_pods_build_their_template_once() {
@@ -447,6 +501,14 @@ async fn pods_cold_boot_where_no_template_can_be_used() {
     assert!(start.path == "cold" && start.reason.contains("templates are off"), "{start:?}");
     assert_eq!(off.template_boots(), 0);
 
+    let capped = Harness::build_with(60, false, |config, dir| {
+        use_templates(config, dir);
+        config.vm.max_templates = 0;
+    });
+    let start = capped.start_of(&capped.run_pod("capped").await);
+    assert!(start.reason.contains("max_templates = 0"), "{start:?}");
+    assert_eq!(capped.template_boots(), 0);
+
     let h = Harness::with_templates(false);
     h.hv.behave().template_refusal = Some("the fake cannot snapshot this VM".into());
     let start = h.start_of(&h.run_pod("refused").await);
@@ -464,6 +526,51 @@ async fn pods_cold_boot_where_no_template_can_be_used() {
     assert_eq!(h.templates_settled().await[0].state, "ready", "rebuilt");
     assert_eq!(h.template_boots(), 2);
     assert_eq!(h.start_of(&h.run_pod("again").await).path, "template");
+}
+
+/// A restored guest whose agent never answers: after a bounded wait of its own the restored
+/// VM is stopped and cleaned up, the template discarded, and the pod cold-boots in a fresh VM
+/// and runs, its record (verbose PodSandboxStatus' `startReason`) saying why; the template is
+/// rebuilt and later pods restore again.
+#[tokio::test]
+async fn a_restored_agent_that_never_answers_falls_back_to_a_cold_boot() {
+    needs_root!();
+    // The restored agent's wait is min(boot timeout, 30 s): 2 s here.
+    let h = Harness::with_templates_and_boot_timeout(false, 2);
+    use crate::hypervisor::Hypervisor as _;
+    h.run_pod("first").await;
+    let key = h.templates_settled().await[0].key.clone();
+    h.dialer.next_agent().hang_next("Ping");
+    let stops = h.hv.behave().stops;
+    let started = std::time::Instant::now();
+    let sid = tokio::time::timeout(Duration::from_secs(20), h.manager.run_sandbox(h.pod("silent")))
+        .await
+        .expect("RunPodSandbox waited on a restored agent that never answers")
+        .expect("the pod cold-booted instead");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert_eq!(h.hv.behave().restores.len(), 1, "it was restored first");
+    let rec = h.manager.sandbox(&sid).unwrap();
+    assert_eq!(rec.state, SandboxState::Ready);
+    let start = rec.start.clone().unwrap();
+    assert_eq!(start.path, "cold", "{start:?}");
+    assert!(start.reason.contains(&key) && start.reason.contains("did not answer"), "{start:?}");
+    assert!(start.template.is_empty(), "{start:?}");
+    assert!(h.hv.is_running(rec.vm.as_ref().unwrap()), "the record holds the cold VM");
+    assert!(h.agent(&sid).sandbox().is_some_and(|s| s.mac_changes.is_empty()));
+
+    let settled = h.templates_settled().await;
+    assert_eq!(settled.len(), 1, "{settled:?}");
+    assert_eq!(settled[0].state, "ready", "rebuilt: {settled:?}");
+    assert_eq!(h.template_boots(), 2);
+    assert_eq!(h.hv.behave().stops, stops + 2, "the restored VM and the rebuild's VM stopped");
+    assert_eq!(h.hv.running(), 2, "the first pod's VM and the cold-booted one");
+    assert_eq!(h.start_of(&h.run_pod("after").await).path, "template");
+    for sid in h.manager.list_sandboxes().into_iter().map(|s| s.id) {
+        h.manager.remove_sandbox(&sid).await.unwrap();
+    }
+    h.assert_nothing_left();
+    let run_dirs = std::fs::read_dir(h.config.state.join("vms")).unwrap().count();
+    assert_eq!(run_dirs, 0, "a VM run directory was left");
 }
 
 // Pods.

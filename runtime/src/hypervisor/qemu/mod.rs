@@ -286,6 +286,11 @@ fn open_block_devices(config: &VmConfig) -> Result<Vec<std::fs::File>> {
         .collect()
 }
 
+/// Why QEMU pods cold-boot (once per handler in the log, in every pod's verbose status).
+const QEMU_TEMPLATE_REFUSAL: &str = "the qemu backend cannot snapshot a VM: its vhost-user \
+    vsock and virtio-fs devices cannot run on private copy-on-write guest memory; pods \
+    cold-boot";
+
 #[async_trait]
 impl Hypervisor for QemuHypervisor {
     fn name(&self) -> &'static str {
@@ -298,6 +303,13 @@ impl Hypervisor for QemuHypervisor {
 
     async fn start(&self, prepared: &PreparedVm, spec: &VmSpec) -> Result<VmHandle> {
         self.launch(&VmConfig::new(spec, prepared)).await
+    }
+
+    /// QEMU keeps cold boot: its vsock and virtio-fs devices are vhost-user daemons that map
+    /// guest memory shared, which a VM restored onto private copy-on-write memory cannot give
+    /// them (and QEMU's migration of them is not wired up).
+    fn template_refusal(&self, _spec: &VmSpec) -> Option<String> {
+        Some(QEMU_TEMPLATE_REFUSAL.into())
     }
 
     async fn reclaim_interrupted_start(&self, sandbox_id: &str) -> Result<()> {
