@@ -840,9 +840,9 @@ mod tests {
         let field = |name: &str| {
             status.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1))
         };
-        // CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETGID, SETUID, MKNOD, SETFCAP.
-        assert_eq!(field("CapEff:"), Some("00000000880000db"), "{status}");
-        assert_eq!(field("CapBnd:"), Some("00000000880000db"), "{status}");
+        // CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, FSETID, SETGID, SETUID, MKNOD, SETFCAP.
+        assert_eq!(field("CapEff:"), Some("00000000880000df"), "{status}");
+        assert_eq!(field("CapBnd:"), Some("00000000880000df"), "{status}");
         assert_eq!((field("NoNewPrivs:"), field("Seccomp:")), (Some("1"), Some("2")), "{status}");
         let ns = |pid: String| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
         assert_ne!(ns(server.pid.to_string()), ns("self".into()));
