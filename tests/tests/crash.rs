@@ -221,8 +221,19 @@ async fn check_after_restart(
     }
     let leases = net.allocations();
     assert!(leases.len() <= live.len(), "leaked CNI leases {leases:?} for pods {live:?}");
-    // Log writers: only running containers' logs are open, each once.
-    let open_logs = open_files_under(daemon_pid(daemon), logs);
+    // Log writers: only running containers' logs are open, each once. A container that
+    // exited just now (see the ExecSync above) may still have its writer draining the last
+    // output: it must close within seconds, or it leaked.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let open_logs = loop {
+        let open_logs = open_files_under(daemon_pid(daemon), logs);
+        let only_running = open_logs.iter().all(|p| running_logs.contains(p))
+            && open_logs.len() <= running_logs.len();
+        if only_running || Instant::now() > deadline {
+            break open_logs;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert!(
         open_logs.iter().all(|p| running_logs.contains(p)) && open_logs.len() <= running_logs.len(),
         "log writers {open_logs:?} for running containers' logs {running_logs:?}"
