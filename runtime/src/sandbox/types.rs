@@ -54,7 +54,7 @@ pub struct UserNamespace {
 const OVERFLOW_ID: u32 = 65_534;
 
 impl UserNamespace {
-    /// How the pod's virtiofsds translate file owners so that the host's ids are the
+    /// How the pod's file servers (virtiofsd or fs-serve) translate file owners so that the host's ids are the
     /// container's, as Kubernetes' idmapped volume mounts make them on runc: a host file of
     /// id `c` (in a mapping `c → g`) appears in the guest as `g`, which the container sees as
     /// `c`, and what the container's `c` writes is the host's `c`. Host ids that would
