@@ -54,12 +54,12 @@ pub struct UserNamespace {
 const OVERFLOW_ID: u32 = 65_534;
 
 impl UserNamespace {
-    /// How the pod's file servers (virtiofsd or fs-serve) translate file owners so that the host's ids are the
-    /// container's, as Kubernetes' idmapped volume mounts make them on runc: a host file of
-    /// id `c` (in a mapping `c → g`) appears in the guest as `g`, which the container sees as
-    /// `c`, and what the container's `c` writes is the host's `c`. Host ids that would
-    /// otherwise pass through into the mapped guest range (the container would see them as
-    /// its own) are squashed to the overflow id, where the ranges allow.
+    /// How the pod's file servers (virtiofsd or fs-serve) translate file owners so that the
+    /// host's ids are the container's, as Kubernetes' idmapped volume mounts make them on runc:
+    /// a host file of id `c` (in a mapping `c → g`) appears in the guest as `g`, which the
+    /// container sees as `c`, and what the container's `c` writes is the host's `c`. Host ids
+    /// that would otherwise pass through into the mapped guest range (the container would see
+    /// them as its own) are squashed to the overflow id, where the ranges allow.
     pub fn share_translation(&self) -> IdTranslations {
         IdTranslations { uids: translation(&self.uids), gids: translation(&self.gids) }
     }
