@@ -303,7 +303,7 @@ async fn wait_for_template(runtime: &mut RuntimeServiceClient<Channel>) -> Resul
 }
 
 /// Verbose PodSandboxStatus's `info` JSON.
-async fn pod_info(
+pub async fn pod_info(
     runtime: &mut RuntimeServiceClient<Channel>,
     pod: &str,
 ) -> Result<serde_json::Value> {

@@ -507,7 +507,7 @@ impl Starting {
 mod tests {
     use super::*;
     use crate::check::HostCapabilities;
-    use crate::hypervisor::{BlockDevice, SharedDir};
+    use crate::hypervisor::{BlockDevice, KillOnDrop, SharedDir};
 
     fn vm_config(run_dir: &Path) -> VmConfig {
         VmConfig {
@@ -791,6 +791,7 @@ mod tests {
 
         let template = guest("template");
         let vm = hv.launch(&template).await.unwrap();
+        let _kill = KillOnDrop(vm.processes.clone());
         wait_for_bytes(&template.console_log, 3).await;
         let snap = template.run_dir.join("snap");
         assert!(hv.snapshot(&vm, &snap).await.is_err(), "a running VM is not snapshotted");
@@ -807,6 +808,7 @@ mod tests {
         // its own fs-serve gets its translation.
         let pod = if with_share { translated(guest("pod")) } else { guest("pod") };
         let restored = hv.launch_restored(&pod, &kept).await.unwrap();
+        let _kill_restored = KillOnDrop(restored.processes.clone());
         if with_share {
             let server = assert_fs_server_is_sandboxed(&restored);
             let cmdline = std::fs::read(format!("/proc/{}/cmdline", server.pid)).unwrap();

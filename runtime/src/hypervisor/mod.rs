@@ -479,6 +479,19 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
     rest.split(' ').nth(19)?.parse().ok()
 }
 
+/// SIGKILLs a VM's processes when dropped, so that a failing test leaves no VM behind.
+#[cfg(test)]
+pub(crate) struct KillOnDrop(pub Vec<VmProcess>);
+
+#[cfg(test)]
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            signal_process(p, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 /// A process's memory from /proc/<pid>/smaps_rollup, KiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

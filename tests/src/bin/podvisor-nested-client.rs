@@ -25,6 +25,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_e2e::daemon::{container_config, cri_channel, pod_config, processes_matching};
+use podvisor_e2e::template_bench::pod_info;
 use tonic::transport::Channel;
 
 /// The daemon's metrics endpoint in L1 (tests/nested/init configures it).
@@ -217,16 +218,6 @@ async fn pod_serves(
     }
 }
 
-/// Verbose PodSandboxStatus's `info` JSON.
-async fn pod_info(
-    runtime: &mut RuntimeServiceClient<Channel>,
-    pod: &str,
-) -> Result<serde_json::Value> {
-    let request = cri::PodSandboxStatusRequest { pod_sandbox_id: pod.into(), verbose: true };
-    let info = runtime.pod_sandbox_status(request).await?.into_inner().info;
-    Ok(serde_json::from_str(info.get("info").map_or("null", String::as_str))?)
-}
-
 /// Verbose Status's `templates`.
 async fn template_states(runtime: &mut RuntimeServiceClient<Channel>) -> Result<serde_json::Value> {
     let status = runtime.status(cri::StatusRequest { verbose: true }).await?.into_inner();
@@ -283,22 +274,7 @@ async fn templates(
     let mut seen = Vec::new();
     for name in ["tpl-a", "tpl-b"] {
         let config = pod_config(name, log_dir);
-        let pod = step(&format!("run-pod-from-template-{name}"), Duration::from_secs(300), async {
-            let request = cri::RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: String::new(),
-            };
-            Ok(runtime.run_pod_sandbox(request).await?.into_inner().pod_sandbox_id)
-        })
-        .await?;
-        let info = pod_info(runtime, &pod).await?;
-        println!(
-            "NESTED-TEMPLATE-POD {name} startPath={} template={} reason={}",
-            info["startPath"], info["template"], info["startReason"]
-        );
-        if info["startPath"] != "template" || info["template"] != key.as_str() {
-            bail!("pod {name} did not start from template {key}: {info}");
-        }
+        let pod = run_from_template(runtime, name, &config, &key).await?;
         let log_name = format!("{name}.log");
         let container = step(&format!("start-container-{name}"), Duration::from_secs(180), async {
             let serve = format!(
@@ -463,22 +439,7 @@ async fn userns_pod_from_template(
     std::fs::create_dir_all(volume).context("making the userns pod's volume")?;
     std::fs::write(volume.join("from-host"), "host\n")?;
 
-    let pod = step("run-pod-from-template-userns", Duration::from_secs(300), async {
-        let request = cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        };
-        Ok(runtime.run_pod_sandbox(request).await?.into_inner().pod_sandbox_id)
-    })
-    .await?;
-    let info = pod_info(runtime, &pod).await?;
-    println!(
-        "NESTED-TEMPLATE-POD {name} startPath={} template={} reason={}",
-        info["startPath"], info["template"], info["startReason"]
-    );
-    if info["startPath"] != "template" || info["template"] != key {
-        bail!("the user-namespace pod did not start from template {key}: {info}");
-    }
+    let pod = run_from_template(runtime, name, &config, key).await?;
     let translating: Vec<_> = processes_matching("fs-serve")
         .into_iter()
         .filter(|(_, cmd)| {
@@ -539,6 +500,32 @@ async fn userns_pod_from_template(
     runtime.stop_pod_sandbox(cri::StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await?;
     runtime.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod }).await?;
     Ok(())
+}
+
+/// Runs pod `name` (`config`) and checks it started from template `key`; its id.
+async fn run_from_template(
+    runtime: &mut RuntimeServiceClient<Channel>,
+    name: &str,
+    config: &cri::PodSandboxConfig,
+    key: &str,
+) -> Result<String> {
+    let pod = step(&format!("run-pod-from-template-{name}"), Duration::from_secs(300), async {
+        let request = cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        };
+        Ok(runtime.run_pod_sandbox(request).await?.into_inner().pod_sandbox_id)
+    })
+    .await?;
+    let info = pod_info(runtime, &pod).await?;
+    println!(
+        "NESTED-TEMPLATE-POD {name} startPath={} template={} reason={}",
+        info["startPath"], info["template"], info["startReason"]
+    );
+    if info["startPath"] != "template" || info["template"] != key {
+        bail!("pod {name} did not start from template {key}: {info}");
+    }
+    Ok(pod)
 }
 
 /// Runs pod `name`, checks it cold-booted, removes it; the reason it gives.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::*;
 use crate::agent::GuestAgent;
-use crate::hypervisor::{process_alive, BlockDevice, SharedDir};
+use crate::hypervisor::{process_alive, BlockDevice, KillOnDrop, SharedDir};
 
 fn require_e2e() -> bool {
     std::env::var("PODVISOR_REQUIRE_E2E").map(|v| v == "1").unwrap_or(false)
@@ -85,17 +85,6 @@ fn busybox_initrd(dir: &Path, script: &str) -> Option<PathBuf> {
         .unwrap();
     assert!(status.success(), "cpio failed (apt-get install cpio)");
     Some(out)
-}
-
-/// SIGKILLs a VM's processes when dropped, so that a failing test leaves no VM behind.
-struct KillOnDrop(Vec<crate::hypervisor::VmProcess>);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            crate::hypervisor::signal_process(p, nix::sys::signal::Signal::SIGKILL);
-        }
-    }
 }
 
 fn vm_config(dir: &Path, kernel: PathBuf, initrd: PathBuf) -> VmConfig {
