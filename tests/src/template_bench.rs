@@ -281,16 +281,15 @@ async fn remove_pods(runtime: &mut RuntimeServiceClient<Channel>, pods: &[String
     Ok(())
 }
 
-/// Waits until the daemon's verbose Status lists a ready template (a failed build fails).
-async fn wait_for_template(runtime: &mut RuntimeServiceClient<Channel>) -> Result<()> {
+/// Waits until the daemon's verbose Status lists a ready template (a failed build fails);
+/// its key.
+pub async fn wait_for_template(runtime: &mut RuntimeServiceClient<Channel>) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {
-        let status = runtime.status(cri::StatusRequest { verbose: true }).await?.into_inner();
-        let templates: serde_json::Value =
-            serde_json::from_str(status.info.get("templates").map_or("null", String::as_str))?;
+        let templates = template_states(runtime).await?;
         let list = templates.as_array().cloned().unwrap_or_default();
-        if list.iter().any(|t| t["state"] == "ready") {
-            return Ok(());
+        if let Some(ready) = list.iter().find(|t| t["state"] == "ready") {
+            return Ok(ready["key"].as_str().unwrap_or_default().to_string());
         }
         if let Some(failed) = list.iter().find(|t| t["state"] == "failed") {
             bail!("the template build failed: {failed}");
@@ -300,6 +299,14 @@ async fn wait_for_template(runtime: &mut RuntimeServiceClient<Channel>) -> Resul
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+/// Verbose Status's `templates`.
+pub async fn template_states(
+    runtime: &mut RuntimeServiceClient<Channel>,
+) -> Result<serde_json::Value> {
+    let status = runtime.status(cri::StatusRequest { verbose: true }).await?.into_inner();
+    Ok(serde_json::from_str(status.info.get("templates").map_or("null", String::as_str))?)
 }
 
 /// Verbose PodSandboxStatus's `info` JSON.

@@ -25,7 +25,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use podvisor_e2e::daemon::{container_config, cri_channel, pod_config, processes_matching};
-use podvisor_e2e::template_bench::pod_info;
+use podvisor_e2e::template_bench::{pod_info, template_states, wait_for_template};
 use tonic::transport::Channel;
 
 /// The daemon's metrics endpoint in L1 (tests/nested/init configures it).
@@ -218,12 +218,6 @@ async fn pod_serves(
     }
 }
 
-/// Verbose Status's `templates`.
-async fn template_states(runtime: &mut RuntimeServiceClient<Channel>) -> Result<serde_json::Value> {
-    let status = runtime.status(cri::StatusRequest { verbose: true }).await?.into_inner();
-    Ok(serde_json::from_str(status.info.get("templates").map_or("null", String::as_str))?)
-}
-
 /// ExecSync `cmd` in `container`; its stdout.
 async fn exec_out(
     runtime: &mut RuntimeServiceClient<Channel>,
@@ -253,24 +247,8 @@ async fn templates(
     image: &str,
     log_dir: &Path,
 ) -> Result<()> {
-    let key = step("template-built", Duration::from_secs(600), async {
-        loop {
-            let templates = template_states(runtime).await?;
-            println!("NESTED-TEMPLATES {templates}");
-            if let Some(ready) =
-                templates.as_array().and_then(|t| t.iter().find(|t| t["state"] == "ready"))
-            {
-                return Ok(ready["key"].as_str().unwrap_or_default().to_string());
-            }
-            if let Some(failed) =
-                templates.as_array().and_then(|t| t.iter().find(|t| t["state"] == "failed"))
-            {
-                bail!("the template build failed: {failed}");
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        }
-    })
-    .await?;
+    let key = step("template-built", Duration::from_secs(600), wait_for_template(runtime)).await?;
+    println!("NESTED-TEMPLATES {}", template_states(runtime).await?);
     let mut seen = Vec::new();
     for name in ["tpl-a", "tpl-b"] {
         let config = pod_config(name, log_dir);
